@@ -1,0 +1,50 @@
+"""icemap: map uncovered glacier ice from Landsat 8/9 Collection 2 imagery, lazily and at scale.
+
+The public API is imported on first use, so ``import icemap`` stays cheap (no dask graph
+machinery, no torch) and a notebook pays only for what it touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_API = {
+    "search": "icemap.stac",
+    "Search": "icemap.stac",
+    "load": "icemap.load",
+    "ingest": "icemap.store",
+    "write_cube": "icemap.store",
+    "open_cube": "icemap.store",
+    "cube_status": "icemap.store",
+    "make_sample_region": "icemap.sample",
+    "open_sample_region": "icemap.sample",
+    "ndsi": "icemap.index",
+    "ndwi": "icemap.index",
+    "ice_mask": "icemap.index",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icemap.index import ice_mask, ndsi, ndwi
+    from icemap.load import load
+    from icemap.sample import make_sample_region, open_sample_region
+    from icemap.stac import Search, search
+    from icemap.store import cube_status, ingest, open_cube, write_cube
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'icemap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,64 @@
+"""Exceptions and warnings that icemap raises.
+
+Every error a user can reach derives from :class:`IcemapError`, so notebooks can catch them in
+one place and the CLI can turn them into one-line messages with a non-zero exit code. Each
+message names the thing that is wrong and the argument that fixes it.
+
+Warnings follow the same idea (pystac-client style): a typed hierarchy under
+:class:`IcemapWarning` lets users silence or escalate one kind with ``warnings.filterwarnings``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IcemapError",
+    "BandError",
+    "CatalogError",
+    "SearchError",
+    "EmptySearchError",
+    "LoadError",
+    "StoreError",
+    "IcemapWarning",
+    "MissingAssetWarning",
+    "StoreWarning",
+]
+
+
+class IcemapError(Exception):
+    """Base class of all errors that icemap raises on bad input or unusable data."""
+
+
+class BandError(IcemapError, ValueError):
+    """A band, sensor or QA flag name that the sensor tables do not know."""
+
+
+class CatalogError(IcemapError):
+    """A catalog, API or item file that cannot be reached or parsed."""
+
+
+class SearchError(IcemapError, ValueError):
+    """Search parameters that are invalid (bbox, datetime, cloud cover...)."""
+
+
+class EmptySearchError(IcemapError):
+    """A search that matched no item, where items are needed to go on."""
+
+
+class LoadError(IcemapError):
+    """Items that cannot be turned into a cube (no common CRS, missing assets...)."""
+
+
+class StoreError(IcemapError):
+    """A Zarr store that does not match what is being written or read."""
+
+
+class IcemapWarning(UserWarning):
+    """Base class of icemap's warnings."""
+
+
+class MissingAssetWarning(IcemapWarning):
+    """An item lacks a requested asset; its pixels become nodata."""
+
+
+class StoreWarning(IcemapWarning):
+    """Something about a store worth knowing (e.g. an incomplete time step being redone)."""

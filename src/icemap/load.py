@@ -1,0 +1,494 @@
+"""Items -> a lazy, masked, CRS-aware reflectance cube.
+
+The recipe, in order:
+
+1. **normalise** each item: find its band and QA assets through the sensor table (whatever the
+   provider calls them), rename them to common band names, state scale/offset/nodata on every
+   asset (from its ``raster:bands``, else the table), and give stackstac the ``proj:epsg`` it
+   needs (pystac >= 1.12 writes ``proj:code``);
+2. **grid**: target CRS (default: the items' most common), resolution (30 m), bounds (the
+   items' union, a lon/lat bbox or explicit bounds) snapped onto the items' own pixel grid so
+   nothing is resampled when the CRS matches;
+3. **stack** with stackstac into one float32 dask array (reflectance and QA together; uint16
+   QA values are exact in float32), read through :class:`icemap.reader.IcemapReader`;
+4. **mask**: NaN where QA_PIXEL says fill/cloud/dilated cloud/cirrus/cloud shadow, and in each
+   band where QA_RADSAT says that band saturated. Snow/ice is never masked;
+5. **mosaic** scenes of the same day and WRS path (consecutive rows) into one time step,
+   taking each pixel from the first scene that has a valid value there;
+6. **wrap** as an ``xarray.Dataset`` (``reflectance``, ``qa_pixel``) with the CRS written the
+   rioxarray way.
+
+Only metadata is touched: no pixel is read until the result is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from icemap.bands import MASK_FLAGS_DEFAULT, REFLECTIVE_BANDS, Sensor, get_sensor, qa_mask
+from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning
+from icemap.reader import OnError, resolve_signer
+from icemap.stac import item_datetime
+
+__all__ = ["load", "normalise_items", "grid_for_items", "QA_FILL"]
+
+#: QA_PIXEL value of fill pixels (bit 0 alone), also the store's fill value for ``qa_pixel``.
+QA_FILL = 1
+_QA = "qa_pixel"
+_RADSAT = "qa_radsat"
+
+
+def _item_epsg(item: Mapping[str, Any]) -> int | None:
+    props = item.get("properties", {})
+    epsg = props.get("proj:epsg")
+    if epsg is None:
+        code = props.get("proj:code")
+        if isinstance(code, str) and code.upper().startswith("EPSG:"):
+            epsg = code.split(":", 1)[1]
+    if epsg is None:
+        for asset in item.get("assets", {}).values():
+            if asset.get("proj:epsg"):
+                epsg = asset["proj:epsg"]
+                break
+    return int(epsg) if epsg is not None else None
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return dict(item)
+    to_dict = getattr(item, "to_dict", None)
+    if to_dict is None:
+        raise LoadError(f"expected STAC items (dicts or pystac.Item), got {type(item).__name__}")
+    return to_dict(include_self_link=False, transform_hrefs=False)
+
+
+def _asset_scale_offset(asset: Mapping[str, Any]) -> tuple[float | None, float | None, Any]:
+    rb = asset.get("raster:bands") or []
+    first = rb[0] if rb and isinstance(rb[0], Mapping) else {}
+    return first.get("scale"), first.get("offset"), first.get("nodata")
+
+
+def normalise_items(
+    items: Iterable[Any], sensor: Sensor, bands: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rewrite items into the plain shape stackstac reads, and collect their metadata.
+
+    Returns ``(clean_items, meta)``: clean items have assets keyed by common band name (plus
+    ``qa_pixel``/``qa_radsat`` when the sensor has them), each with ``raster:bands`` stating
+    scale, offset and nodata, and ``proj:epsg`` in the properties. ``meta`` holds per item
+    what the cube keeps: id, datetime, platform, WRS path/row, cloud cover.
+    """
+    clean: list[dict[str, Any]] = []
+    meta: list[dict[str, Any]] = []
+    missing: dict[str, list[str]] = defaultdict(list)
+    for raw in items:
+        item = _as_dict(raw)
+        iid = item.get("id", "<no id>")
+        assets = item.get("assets") or {}
+        props = dict(item.get("properties") or {})
+        new_assets: dict[str, dict[str, Any]] = {}
+        for band in bands:
+            key = sensor.find_asset(assets, band)
+            if key is None:
+                missing[band].append(iid)
+                continue
+            src = assets[key]
+            spec = sensor.band(band)
+            scale, offset, nodata = _asset_scale_offset(src)
+            new_assets[band] = _clean_asset(
+                src,
+                scale=spec.scale if scale is None else scale,
+                offset=spec.offset if offset is None else offset,
+                nodata=spec.nodata if nodata is None else nodata,
+            )
+        for qa_name, radsat in ((_QA, False), (_RADSAT, True)):
+            key = sensor.find_qa_asset(assets, radsat=radsat)
+            if key is not None:
+                # QA values are bit fields: never rescale them, and let fill come from bit 0
+                # (QA_PIXEL) rather than a nodata value, so read them without one.
+                new_assets[qa_name] = _clean_asset(assets[key], scale=1.0, offset=0.0, nodata=None)
+            elif sensor.qa_asset_keys and not radsat:
+                missing[qa_name].append(iid)
+        epsg = _item_epsg(item)
+        if epsg is not None:
+            props["proj:epsg"] = epsg
+        props.pop("proj:code", None)
+        # Per-asset grids (Earth Search) are copied onto the assets by _clean_asset; stale
+        # item-level eo:bands (USGS 0.7 items list band *indices* there) would trip stackstac.
+        props.pop("eo:bands", None)
+        clean.append(
+            {
+                "type": "Feature",
+                "stac_version": item.get("stac_version", "1.0.0"),
+                "id": iid,
+                "bbox": item.get("bbox"),
+                "geometry": item.get("geometry"),
+                "properties": props,
+                "assets": new_assets,
+                "links": [],
+            }
+        )
+        meta.append(
+            {
+                "id": iid,
+                "datetime": item_datetime(item),
+                "platform": str(props.get("platform", props.get("eo:platform", ""))).lower().replace("_", "-"),
+                "wrs_path": props.get("landsat:wrs_path"),
+                "wrs_row": props.get("landsat:wrs_row"),
+                "cloud_cover": props.get("eo:cloud_cover"),
+                "epsg": epsg,
+                "transform": props.get("proj:transform"),
+                "shape": props.get("proj:shape"),
+                "bbox": item.get("bbox"),
+            }
+        )
+    if not clean:
+        raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
+    for band, ids in missing.items():
+        if len(ids) == len(clean):
+            what = "QA_PIXEL" if band == _QA else f"band {band!r}"
+            raise LoadError(
+                f"no item has {what} (looked for assets {', '.join(_candidate_keys(sensor, band))}); "
+                f"pick other bands or pass sensor= for this collection"
+            )
+        warnings.warn(
+            f"{len(ids)} item(s) lack {band!r} and give nodata for it: {', '.join(ids[:5])}"
+            + (" ..." if len(ids) > 5 else ""),
+            MissingAssetWarning,
+            stacklevel=3,
+        )
+    return clean, meta
+
+
+def _candidate_keys(sensor: Sensor, band: str) -> tuple[str, ...]:
+    if band == _QA:
+        return sensor.qa_asset_keys
+    return sensor.band(band).asset_keys
+
+
+def _clean_asset(src: Mapping[str, Any], *, scale: float, offset: float, nodata: Any) -> dict[str, Any]:
+    rb: dict[str, Any] = {"scale": float(scale), "offset": float(offset)}
+    if nodata is not None:
+        rb["nodata"] = nodata
+    asset = {
+        "href": src["href"],
+        "type": src.get("type", "image/tiff; application=geotiff"),
+        "roles": ["data"],
+        "raster:bands": [rb],
+    }
+    for key in ("proj:epsg", "proj:shape", "proj:transform", "proj:bbox"):
+        if key in src:
+            asset[key] = src[key]
+    if "proj:code" in src and "proj:epsg" not in src:
+        code = str(src["proj:code"])
+        if code.upper().startswith("EPSG:"):
+            asset["proj:epsg"] = int(code.split(":", 1)[1])
+    return asset
+
+
+def _parse_crs(crs: Any) -> int:
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        epsg = CRS.from_user_input(crs).to_epsg()
+    except CRSError as exc:
+        raise LoadError(f"cannot understand crs={crs!r}: {exc}; use e.g. 'EPSG:32619'") from None
+    if epsg is None:
+        raise LoadError(f"crs={crs!r} has no EPSG code; icemap cubes need one (e.g. 'EPSG:32619')")
+    return epsg
+
+
+def grid_for_items(
+    meta: Sequence[Mapping[str, Any]],
+    *,
+    crs: Any = None,
+    resolution: float | tuple[float, float] = 30.0,
+    bounds: Sequence[float] | None = None,
+    bbox: Sequence[float] | None = None,
+) -> tuple[int, tuple[float, float], tuple[float, float, float, float]]:
+    """Choose ``(epsg, (res_x, res_y), (left, bottom, right, top))`` for a set of items.
+
+    Bounds from ``bbox`` or from the items are snapped outward onto the pixel grid of the items themselves (Landsat UTM
+    grids have edges at 15 m past a multiple of 30 m), so pixels are copied, not resampled,
+    when the target CRS is the items' own.
+    """
+    from rasterio.warp import transform_bounds as rio_transform_bounds
+
+    if crs is not None:
+        epsg = _parse_crs(crs)
+    else:
+        counts = Counter(m["epsg"] for m in meta if m["epsg"] is not None)
+        if not counts:
+            raise LoadError("the items state no CRS (proj:epsg/proj:code); pass crs='EPSG:NNNN'")
+        epsg = counts.most_common(1)[0][0]
+    if isinstance(resolution, (int, float)):
+        res = (float(resolution), float(resolution))
+    else:
+        res = (float(resolution[0]), float(resolution[1]))
+    if not all(math.isfinite(r) and r > 0 for r in res):
+        raise LoadError(f"resolution must be positive metres (or CRS units), got {resolution!r}")
+
+    anchor = (0.0, 0.0)
+    for m in meta:
+        t = m.get("transform")
+        if m.get("epsg") == epsg and t and len(t) >= 6:
+            anchor = (float(t[2]) % res[0], float(t[5]) % res[1])
+            break
+
+    if bounds is not None:
+        left, bottom, right, top = (float(v) for v in bounds)
+        if not (left < right and bottom < top):
+            raise LoadError(f"bounds {tuple(bounds)} are empty; order is (left, bottom, right, top)")
+        # Explicit bounds define the grid: use them as given.
+        return epsg, res, (left, bottom, right, top)
+    if bbox is not None:
+        left, bottom, right, top = rio_transform_bounds("EPSG:4326", f"EPSG:{epsg}", *bbox, densify_pts=21)
+    else:
+        boxes = []
+        for m in meta:
+            t, shape = m.get("transform"), m.get("shape")
+            if m.get("epsg") == epsg and t and shape:
+                x0, y0 = float(t[2]), float(t[5])
+                x1, y1 = x0 + float(t[0]) * shape[1], y0 + float(t[4]) * shape[0]
+                boxes.append((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+            elif m.get("bbox"):
+                b = m["bbox"]
+                boxes.append(rio_transform_bounds("EPSG:4326", f"EPSG:{epsg}", b[0], b[1], b[-2], b[-1], densify_pts=21))
+        if not boxes:
+            raise LoadError("cannot tell where the items are (no proj:transform/shape, no bbox); pass bounds=")
+        left = min(b[0] for b in boxes)
+        bottom = min(b[1] for b in boxes)
+        right = max(b[2] for b in boxes)
+        top = max(b[3] for b in boxes)
+    if not (left < right and bottom < top):
+        raise LoadError(f"empty bounds {(left, bottom, right, top)}; check bbox/bounds order (W S E N)")
+
+    def snap_down(v: float, r: float, a: float) -> float:
+        return math.floor(round((v - a) / r, 6)) * r + a
+
+    def snap_up(v: float, r: float, a: float) -> float:
+        return math.ceil(round((v - a) / r, 6)) * r + a
+
+    snapped = (
+        snap_down(left, res[0], anchor[0]),
+        snap_down(bottom, res[1], anchor[1]),
+        snap_up(right, res[0], anchor[0]),
+        snap_up(top, res[1], anchor[1]),
+    )
+    return epsg, res, snapped
+
+
+def _mosaic_kernel(block: np.ndarray, n_bands: int) -> np.ndarray:
+    """First-valid mosaic of ``(n, n_bands + 1, y, x)``: reflectance bands then QA last.
+
+    A pixel is taken from the first scene with any valid reflectance there; where none has,
+    from the first scene that is not fill (so cloud flags survive), else fill.
+    """
+    refl, qa = block[:, :n_bands], block[:, n_bands]
+    valid = ~np.isnan(refl).all(axis=1)
+    not_fill = qa != QA_FILL
+    has_valid = valid.any(axis=0)
+    idx = np.where(has_valid, valid.argmax(axis=0), not_fill.argmax(axis=0))
+    return np.take_along_axis(block, idx[None, None], axis=0)[0]
+
+
+def _group_key(m: Mapping[str, Any]) -> tuple[Any, ...]:
+    # Same UTC day and same WRS path (and platform): consecutive rows of one overpass.
+    # Items without a path are grouped by day and platform only.
+    return (m["datetime"].date(), m["platform"], m["wrs_path"])
+
+
+def load(
+    items: Iterable[Any],
+    *,
+    bands: Sequence[str] | None = None,
+    sensor: str | Sensor | None = None,
+    crs: Any = None,
+    resolution: float | tuple[float, float] = 30.0,
+    bounds: Sequence[float] | None = None,
+    bbox: Sequence[float] | None = None,
+    chunksize: int = 1024,
+    mask_flags: Sequence[str] = MASK_FLAGS_DEFAULT,
+    mask_saturated: bool = True,
+    mosaic: bool = True,
+    signer: Any = None,
+    on_error: OnError = "raise",
+) -> Any:
+    """Turn STAC items into a lazy ``xarray.Dataset`` of masked surface reflectance.
+
+    Parameters
+    ----------
+    items
+        Item dicts or ``pystac.Item`` objects, e.g. ``icemap.search(...).items()``.
+    bands
+        Common band names; default all reflective bands of the sensor.
+    sensor
+        Sensor table name or collection id; default from the items' collection.
+    crs
+        Target CRS (anything pyproj reads); default the items' most common CRS.
+    resolution
+        Pixel size in CRS units (30 m), or ``(x, y)``.
+    bounds, bbox
+        Output extent, either in the target CRS (``bounds``) or in lon/lat (``bbox``);
+        default the union of the items. Snapped onto the items' pixel grid.
+    chunksize
+        Spatial chunk edge in pixels. Each chunk holds one band of one scene, the unit a
+        worker reads from one COG, and the Zarr chunk the store writes.
+    mask_flags
+        QA_PIXEL flags that become NaN. Snow/ice is deliberately not among the defaults.
+    mask_saturated
+        Also mask, band by band, pixels that QA_RADSAT marks saturated.
+    mosaic
+        Merge scenes of the same day and WRS path into one time step.
+    signer
+        ``"planetary-computer"``, ``"module:function"`` or a module-level callable that signs
+        an href; applied by each worker when it opens a file.
+    on_error
+        ``"raise"`` stops on an unreadable asset; ``"nodata"`` warns and fills it with NaN.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``reflectance`` float32 (time, band, y, x) and ``qa_pixel`` uint16 (time, y, x), on
+        pixel-centre ``x``/``y`` coordinates, with ``spatial_ref`` holding the CRS and
+        ``item_ids`` per time step.
+    """
+    import dask.array as da
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import stackstac
+    import xarray as xr
+
+    from icemap.reader import IcemapReader
+
+    if on_error not in ("raise", "nodata"):
+        raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
+    if chunksize < 16:
+        raise LoadError(f"chunksize {chunksize} is too small; use at least 256 for throughput")
+    item_list = [_as_dict(it) for it in items]
+    if not item_list:
+        raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
+    if sensor is None:
+        sensor = item_list[0].get("collection") or "landsat-c2-l2"
+    sensor_t = get_sensor(sensor)
+    if bands is None:
+        bands = [b for b in sensor_t.band_names if b in REFLECTIVE_BANDS]
+    bands = list(sensor_t.validate_bands(bands))
+    if sensor_t.qa_bits:
+        for flag in mask_flags:
+            qa_mask(np.zeros(1, np.uint16), [flag])  # validates flag names now
+    signer_fn = resolve_signer(signer)
+
+    item_list.sort(key=lambda it: (item_datetime(it), it.get("id", "")))
+    clean, meta = normalise_items(item_list, sensor_t, bands)
+    epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
+
+    has_qa = any(_QA in it["assets"] for it in clean)
+    has_radsat = mask_saturated and any(_RADSAT in it["assets"] for it in clean)
+    assets = bands + ([_QA] if has_qa else []) + ([_RADSAT] if has_radsat else [])
+    reader = functools.partial(IcemapReader, signer=signer_fn, on_error=on_error)
+    stack = stackstac.stack(
+        clean,
+        assets=assets,
+        epsg=epsg,
+        resolution=res,
+        bounds=bnds,
+        snap_bounds=False,
+        dtype=np.dtype("float32"),
+        fill_value=np.float32(np.nan),
+        # stackstac refuses float32 rescaling (2.75e-5 is not exact in float32); scale here.
+        rescale=False,
+        chunksize=(1, 1, chunksize, chunksize),
+        sortby_date=False,
+        xy_coords="center",
+        properties=False,
+        band_coords=False,
+        reader=reader,  # type: ignore[arg-type]
+    )
+    data = stack.data  # (time, asset, y, x) float32
+    nb = len(bands)
+    scale = np.ones((len(clean), nb), dtype=np.float32)
+    offset = np.zeros((len(clean), nb), dtype=np.float32)
+    for i, it in enumerate(clean):
+        for j, band in enumerate(bands):
+            rb = it["assets"].get(band, {}).get("raster:bands", [{}])[0]
+            scale[i, j] = rb.get("scale", 1.0)
+            offset[i, j] = rb.get("offset", 0.0)
+    refl = data[:, :nb] * scale[:, :, None, None] + offset[:, :, None, None]
+    if has_qa:
+        qa_f = data[:, nb]
+        qa = da.where(da.isnan(qa_f), np.float32(QA_FILL), qa_f).astype(np.uint16)
+        bad = qa_mask(qa, mask_flags)
+        refl = da.where(bad[:, None], np.float32(np.nan), refl)
+    else:
+        qa = da.where(da.isnan(refl).all(axis=1), QA_FILL, 0).astype(np.uint16)
+    if has_radsat:
+        rs = data[:, nb + (1 if has_qa else 0)]
+        rs = da.where(da.isnan(rs), np.float32(0), rs).astype(np.uint16)
+        numbers = np.array([sensor_t.band(b).number for b in bands], dtype=np.uint16)
+        # Bit n-1 flags band n; numbers above 11 (none here) would have no bit.
+        bits = (np.uint16(1) << (numbers - 1)).astype(np.uint16)
+        sat = (rs[:, None] & bits[None, :, None, None]) != 0
+        refl = da.where(sat, np.float32(np.nan), refl)
+
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(meta):
+        groups[_group_key(m) if mosaic else (i,)].append(i)
+    order = sorted(groups.values(), key=lambda idx: (meta[idx[0]]["datetime"], idx[0]))
+    refl_steps, qa_steps = [], []
+    for idx in order:
+        if len(idx) == 1:
+            refl_steps.append(refl[idx[0]])
+            qa_steps.append(qa[idx[0]])
+            continue
+        both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
+        both = both.rechunk({0: len(idx), 1: 1})
+        merged = da.map_blocks(
+            _mosaic_kernel, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
+        ).rechunk({0: 1})
+        refl_steps.append(merged[:nb])
+        qa_steps.append(merged[nb].astype(np.uint16))
+
+    refl_out = da.stack(refl_steps)
+    qa_out = da.stack(qa_steps)
+    times = np.array(
+        [np.datetime64(meta[idx[0]]["datetime"].replace(tzinfo=None), "ns") for idx in order]
+    )
+    ids = [",".join(meta[i]["id"] for i in idx) for idx in order]
+    coords = {
+        "time": times,
+        "band": np.array(bands, dtype=str),
+        "y": stack["y"].values,
+        "x": stack["x"].values,
+        "item_ids": ("time", np.array(ids, dtype=str)),
+        "platform": ("time", np.array([meta[idx[0]]["platform"] for idx in order], dtype=str)),
+    }
+    ds = xr.Dataset(
+        {
+            "reflectance": (("time", "band", "y", "x"), refl_out, {
+                "long_name": "surface reflectance",
+                "units": "1",
+                "scale_offset_applied": "per asset raster:bands, else sensor table",
+            }),
+            "qa_pixel": (("time", "y", "x"), qa_out, {
+                "long_name": "Landsat Collection 2 QA_PIXEL bit field",
+                "flag_masked_on_load": ",".join(mask_flags),
+            }),
+        },
+        coords=coords,
+        attrs={
+            "sensor": sensor_t.name,
+            "mask_flags": list(mask_flags),
+            "mask_saturated": bool(has_radsat),
+        },
+    )
+    ds = ds.rio.write_crs(f"EPSG:{epsg}")
+    ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
+    return ds

@@ -1,0 +1,149 @@
+"""The pixel-reading seam: how a worker opens one asset.
+
+stackstac reads through a ``Reader`` (its ``reader_protocol.Reader``). icemap's reader adds two
+things to stackstac's default one:
+
+* URL signing at open time. The graph holds the plain href and a *reference* to the signing
+  function (pickled by module and name), so a signed URL or token never sits in a graph, a
+  log line or a store. Each worker signs when it opens the file, which also keeps
+  short-lived tokens fresh for long jobs.
+* A stated policy for unreadable assets: ``on_error="raise"`` stops with an error naming the
+  asset, ``on_error="nodata"`` turns it into nodata with a :class:`MissingAssetWarning`.
+
+Readers are created per asset inside tasks, never on the client, so building a graph opens
+no file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from stackstac.rio_reader import AutoParallelRioReader
+
+from icemap.errors import LoadError, MissingAssetWarning
+
+__all__ = ["IcemapReader", "resolve_signer", "redact_url", "OnError"]
+
+Signer = Callable[[str], str]
+OnError = Literal["raise", "nodata"]
+
+_SIGNER_ALIASES = {
+    "planetary-computer": "planetary_computer:sign_url",
+    "planetary_computer": "planetary_computer:sign_url",
+}
+
+
+def redact_url(url: str) -> str:
+    """Drop the query string (where SAS tokens and signatures live) from a URL for messages."""
+    parts = urlsplit(url)
+    if parts.query:
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, "<redacted>", ""))
+    return url
+
+
+def resolve_signer(signer: Signer | str | None) -> Signer | None:
+    """Turn ``signer`` into a picklable callable, or None.
+
+    ``signer`` may be a callable, ``"module:function"``, or ``"planetary-computer"``. The
+    callable must pickle *by reference* (a module-level function), because it travels to
+    workers inside the graph: a lambda or a closure holding a token would put that token in
+    the graph, so it is refused.
+    """
+    if signer is None:
+        return None
+    if isinstance(signer, str):
+        target = _SIGNER_ALIASES.get(signer, signer)
+        if ":" not in target:
+            raise LoadError(
+                f"signer {signer!r} is not 'module:function' nor one of {sorted(_SIGNER_ALIASES)}"
+            )
+        mod_name, func_name = target.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(mod_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise LoadError(
+                f"cannot import signer {target!r} ({exc}); install the package that provides it "
+                "(e.g. `pip install planetary-computer`)"
+            ) from None
+        signer = fn
+    if not callable(signer):
+        raise LoadError(f"signer must be callable or 'module:function', got {type(signer).__name__}")
+    if getattr(signer, "__name__", "") == "<lambda>" or "<locals>" in getattr(
+        signer, "__qualname__", ""
+    ):
+        raise LoadError(
+            "signer must be a module-level function (it is sent to workers by reference); "
+            "a lambda or nested function could carry credentials into the task graph"
+        )
+    try:
+        pickle.dumps(signer)
+    except Exception as exc:
+        raise LoadError(f"signer {signer!r} cannot be pickled for the workers: {exc}") from None
+    return signer
+
+
+class IcemapReader(AutoParallelRioReader):
+    """stackstac's rasterio reader with read-time signing and icemap's error policy.
+
+    Passed to stackstac as ``functools.partial(IcemapReader, signer=..., on_error=...)``.
+    """
+
+    def __init__(self, *, signer: Signer | None = None, on_error: OnError = "raise", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.signer = signer
+        self.on_error = on_error
+
+    def _open(self) -> Any:
+        plain = self.url
+        try:
+            if self.signer is not None:
+                self.url = self.signer(plain)
+            return super()._open()
+        except RuntimeError as exc:
+            reason = str(exc.__cause__ or exc).replace(self.url, redact_url(self.url))
+            if self.on_error == "nodata":
+                warnings.warn(
+                    f"asset {redact_url(plain)} is unreadable and becomes nodata: {reason}",
+                    MissingAssetWarning,
+                    stacklevel=2,
+                )
+                from stackstac.rio_reader import NodataReader
+
+                return NodataReader(dtype=self.dtype, fill_value=self.fill_value)
+            raise LoadError(
+                f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
+                "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
+            ) from None
+        finally:
+            # Only the open needs the signed URL; keep the plain one for messages and pickles.
+            self.url = plain
+
+    # stackstac's pickle state lists only its own fields; readers travel between workers.
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        return {**super().__getstate__(), "signer": self.signer, "on_error": self.on_error}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        self.__init__(**state)  # type: ignore[misc]
+
+    def read(self, window: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read(window, **kwargs)
+        except RuntimeError as exc:
+            if self.on_error == "nodata":
+                from stackstac.rio_reader import nodata_for_window
+
+                warnings.warn(
+                    f"asset {redact_url(self.url)} failed to read a window and gives nodata there: {exc.__cause__!r}",
+                    MissingAssetWarning,
+                    stacklevel=2,
+                )
+                return nodata_for_window(window, self.fill_value, self.dtype)
+            raise LoadError(
+                f"cannot read asset {redact_url(self.url)}: {exc.__cause__ or exc}. Pass "
+                "on_error='nodata' to treat unreadable assets as nodata"
+            ) from None

@@ -1,0 +1,465 @@
+"""Finding scenes: one search over STAC APIs, static catalogs and item files.
+
+:func:`search` validates its parameters at once and does no I/O; iterating the returned
+:class:`Search` (or calling :meth:`Search.items`) talks to the catalog. The same filters apply to
+every kind of source: a STAC API does them server-side (and icemap re-checks cloud cover and
+platform locally, because not every API supports the query extension), a static catalog or a
+file of items is filtered here.
+
+URL signing (e.g. Planetary Computer's SAS tokens) is *not* done here: items keep their plain
+hrefs, and the loader signs each URL only when a worker opens it, so no token ends up in a dask
+graph, a log or a store's attributes.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from icemap.errors import CatalogError, SearchError
+
+__all__ = ["Search", "search", "parse_bbox", "parse_datetime", "item_datetime"]
+
+Bbox = tuple[float, float, float, float]
+Item = dict[str, Any]
+
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def parse_bbox(bbox: Sequence[float] | str | None) -> Bbox | None:
+    """Validate a lon/lat bounding box ``(west, south, east, north)``.
+
+    Accepts a sequence of four numbers or a string ``"W,S,E,N"``. Boxes crossing the
+    antimeridian (west > east) are refused: split them into two searches.
+    """
+    if bbox is None:
+        return None
+    if isinstance(bbox, str):
+        parts = [p for p in re.split(r"[,\s]+", bbox.strip()) if p]
+    else:
+        parts = list(bbox)
+    try:
+        w, s, e, n = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise SearchError(
+            f"bbox must be four numbers WEST SOUTH EAST NORTH in degrees, got {bbox!r}"
+        ) from None
+    if not all(math.isfinite(v) for v in (w, s, e, n)):
+        raise SearchError(f"bbox values must be finite numbers, got {bbox!r}")
+    if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
+        raise SearchError(
+            f"bbox {bbox!r} is outside lon [-180, 180] / lat [-90, 90]; "
+            "give it in degrees as WEST SOUTH EAST NORTH"
+        )
+    if s >= n:
+        raise SearchError(f"bbox south ({s}) must be less than north ({n}); order is W S E N")
+    if w >= e:
+        raise SearchError(
+            f"bbox west ({w}) must be less than east ({e}); order is W S E N "
+            "(boxes across the antimeridian must be split in two)"
+        )
+    return (w, s, e, n)
+
+
+_PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
+
+
+def _parse_instant(text: str, *, end: bool) -> datetime | None:
+    text = text.strip()
+    if text in ("", ".."):
+        return None
+    m = _PARTIAL.match(text)
+    if m:
+        # A year, month or day stands for the whole period: the start of it for a range's
+        # start, the end of it for a range's end (as pystac-client does).
+        year, month, day = int(m[1]), int(m[2] or 0), int(m[3] or 0)
+        try:
+            if not end:
+                return datetime(year, month or 1, day or 1, tzinfo=timezone.utc)
+            month_e = month or 12
+            day_e = day or calendar.monthrange(year, month_e)[1]
+            return datetime(year, month_e, day_e, 23, 59, 59, 999999, tzinfo=timezone.utc)
+        except ValueError as exc:
+            raise SearchError(f"invalid date {text!r}: {exc}") from None
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SearchError(
+            f"cannot read {text!r} as a date; use ISO 8601 such as 2021-02-01, "
+            "2021-02-01T10:00:00Z, or a range START/END (either side may be '..')"
+        ) from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def parse_datetime(value: str | None) -> tuple[datetime | None, datetime | None] | None:
+    """Parse ``START/END``, a single date, or a partial date (``2021``, ``2021-02``).
+
+    Returns ``(start, end)`` in UTC, either of which may be None for an open range.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SearchError(f"datetime must be a string such as 2021-01-01/2021-12-31, got {value!r}")
+    parts = value.split("/")
+    if len(parts) == 1:
+        start, end = _parse_instant(parts[0], end=False), _parse_instant(parts[0], end=True)
+    elif len(parts) == 2:
+        start, end = _parse_instant(parts[0], end=False), _parse_instant(parts[1], end=True)
+    else:
+        raise SearchError(f"datetime {value!r} has more than one '/'; use START/END")
+    if start is None and end is None:
+        raise SearchError("datetime '../..' is open at both ends; leave it out instead")
+    if start and end and start > end:
+        raise SearchError(f"datetime range {value!r} ends before it starts")
+    return (start, end)
+
+
+def _format_range(rng: tuple[datetime | None, datetime | None]) -> str:
+    def fmt(d: datetime | None) -> str:
+        return ".." if d is None else d.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    return f"{fmt(rng[0])}/{fmt(rng[1])}"
+
+
+def item_datetime(item: Mapping[str, Any]) -> datetime:
+    """The acquisition time of an item dict (``datetime``, else ``start_datetime``), in UTC."""
+    props = item.get("properties", {})
+    text = props.get("datetime") or props.get("start_datetime")
+    if not text:
+        raise CatalogError(f"item {item.get('id')!r} has no datetime or start_datetime")
+    dt = _parse_instant(text, end=False)
+    if dt is None:  # pragma: no cover - '..' is not a valid item datetime
+        raise CatalogError(f"item {item.get('id')!r} has an open datetime")
+    return dt
+
+
+def _is_url(text: str) -> bool:
+    return urlparse(text).scheme in ("http", "https")
+
+
+@dataclass(frozen=True)
+class Search:
+    """A validated search, not yet run. Iterate it (or call :meth:`items`) to fetch items.
+
+    Build it with :func:`search`; its fields are the normalised parameters and are recorded
+    in the provenance of the cubes made from its items.
+    """
+
+    catalog: str
+    collections: tuple[str, ...] | None = None
+    bbox: Bbox | None = None
+    datetime: str | None = None
+    max_cloud: float | None = None
+    platforms: tuple[str, ...] | None = None
+    max_items: int | None = None
+    limit: int = 100
+    timeout: float = 30.0
+    retries: int = 5
+    backoff: float = 0.5
+    headers: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+
+    # -- what the search asks for, as plain data (provenance, CLI --json) ------------------
+    def parameters(self) -> dict[str, Any]:
+        """The search parameters as JSON-ready data (headers are left out: they may hold keys)."""
+        return {
+            "catalog": self.catalog,
+            "collections": list(self.collections) if self.collections else None,
+            "bbox": list(self.bbox) if self.bbox else None,
+            "datetime": self.datetime,
+            "max_cloud": self.max_cloud,
+            "platforms": list(self.platforms) if self.platforms else None,
+            "max_items": self.max_items,
+        }
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Item]:
+        if _is_url(self.catalog) and not self.catalog.endswith(".json"):
+            source = self._api_items()
+        else:
+            source = (it for it in self._static_items() if self._matches_spatiotemporal(it))
+        n = 0
+        for item in source:
+            if not self._matches_properties(item):
+                continue
+            yield item
+            n += 1
+            if self.max_items is not None and n >= self.max_items:
+                return
+
+    def items(self) -> list[Item]:
+        """Run the search and return the matching items as dicts, oldest first."""
+        return sorted(self, key=lambda it: (item_datetime(it), it.get("id", "")))
+
+    def _api_items(self) -> Iterator[Item]:
+        import requests
+        from pystac_client import Client
+        from pystac_client.exceptions import APIError
+        from pystac_client.stac_api_io import StacApiIO
+        from urllib3 import Retry
+
+        retry = Retry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            backoff_factor=self.backoff,
+            status_forcelist=_RETRY_STATUS,
+            # POST searches are idempotent reads; retry them like GETs.
+            allowed_methods=frozenset({"GET", "POST"}),
+            raise_on_status=True,
+            respect_retry_after_header=True,
+        )
+        io = StacApiIO(headers=dict(self.headers or {}), timeout=self.timeout, max_retries=retry)
+        dt = _format_range(parse_datetime(self.datetime)) if self.datetime else None
+        try:
+            client = Client.open(self.catalog, stac_io=io, timeout=self.timeout)
+            if not client.conforms_to("ITEM_SEARCH"):
+                raise CatalogError(
+                    f"{self.catalog} is a STAC catalog without item search; point --catalog at "
+                    "its catalog.json to walk it as a static catalog"
+                )
+            result = client.search(
+                collections=list(self.collections) if self.collections else None,
+                bbox=list(self.bbox) if self.bbox else None,
+                datetime=dt,
+                max_items=None,
+                limit=self.limit,
+            )
+            yield from result.items_as_dicts()
+        except (requests.RequestException, APIError) as exc:
+            raise CatalogError(
+                f"STAC API {self.catalog} failed after {self.retries} retries: "
+                f"{_short_reason(exc)}. Check the URL and your network, or raise --retries/--timeout."
+            ) from exc
+
+    def _static_items(self) -> Iterator[Item]:
+        path = self.catalog
+        if _is_url(path):
+            yield from _walk_pystac(path, self.collections)
+            return
+        p = Path(os.path.expanduser(path))
+        if not p.exists():
+            raise CatalogError(
+                f"catalog {path!r} does not exist; give a STAC API URL (https://...), a catalog.json, "
+                "an item JSON / FeatureCollection / .ndjson file, or a folder of item JSON files"
+            )
+        if p.is_dir():
+            if (p / "catalog.json").exists() or (p / "collection.json").exists():
+                target = p / "catalog.json" if (p / "catalog.json").exists() else p / "collection.json"
+                yield from _walk_pystac(str(target), self.collections)
+            else:
+                for f in sorted(p.glob("*.json")):
+                    yield from _items_from_file(f)
+            return
+        data = _read_json_or_ndjson(p)
+        if isinstance(data, Mapping) and data.get("type") in ("Catalog", "Collection"):
+            yield from _walk_pystac(str(p), self.collections)
+        else:
+            yield from _items_from_data(data, p)
+
+    # -- local filters -------------------------------------------------------------------------
+    def _matches_spatiotemporal(self, item: Item) -> bool:
+        if self.collections and item.get("collection") not in self.collections:
+            return False
+        if self.bbox is not None and not _intersects(item, self.bbox):
+            return False
+        if self.datetime is not None:
+            start, end = parse_datetime(self.datetime) or (None, None)
+            t = item_datetime(item)
+            if (start and t < start) or (end and t > end):
+                return False
+        return True
+
+    def _matches_properties(self, item: Item) -> bool:
+        props = item.get("properties", {})
+        if self.max_cloud is not None:
+            cc = props.get("eo:cloud_cover")
+            # Items that do not state their cloud cover are kept: dropping them would hide
+            # scenes silently; the QA mask handles their clouds on load.
+            if cc is not None and float(cc) > self.max_cloud:
+                return False
+        if self.platforms:
+            plat = str(props.get("platform", props.get("eo:platform", ""))).lower().replace("_", "-")
+            if plat not in self.platforms:
+                return False
+        return True
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
+
+
+def _intersects(item: Mapping[str, Any], bbox: Bbox) -> bool:
+    ib = item.get("bbox")
+    if ib is None and item.get("geometry"):
+        from shapely.geometry import shape
+
+        ib = shape(item["geometry"]).bounds
+    if ib is None:
+        return True
+    w, s, e, n = ib[0], ib[1], ib[-2], ib[-1]
+    return not (e < bbox[0] or w > bbox[2] or n < bbox[1] or s > bbox[3])
+
+
+def _read_json_or_ndjson(path: Path) -> Any:
+    try:
+        text = path.read_text()
+        if path.suffix in (".ndjson", ".jsonl", ".geojsonl"):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatalogError(f"cannot read {path}: {exc}") from exc
+
+
+def _items_from_file(path: Path) -> Iterator[Item]:
+    yield from _items_from_data(_read_json_or_ndjson(path), path)
+
+
+def _items_from_data(data: Any, source: Path) -> Iterator[Item]:
+    if isinstance(data, list):
+        features: Iterable[Any] = data
+    elif isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+    elif isinstance(data, Mapping) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        raise CatalogError(
+            f"{source} is neither a STAC item, a FeatureCollection of items, an .ndjson of items "
+            "nor a catalog/collection"
+        )
+    for feat in features:
+        if not isinstance(feat, Mapping) or feat.get("type") != "Feature":
+            raise CatalogError(f"{source} holds something that is not a STAC item: {str(feat)[:80]}")
+        yield _absolute_hrefs(dict(feat), source.parent)
+
+
+def _absolute_hrefs(item: Item, base: Path) -> Item:
+    """Resolve relative asset hrefs against the file the item came from."""
+    assets = {}
+    for key, asset in item.get("assets", {}).items():
+        asset = dict(asset)
+        href = asset.get("href", "")
+        if href and not urlparse(href).scheme and not os.path.isabs(href):
+            asset["href"] = str((base / href).resolve())
+        assets[key] = asset
+    item["assets"] = assets
+    return item
+
+
+def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]:
+    import pystac
+
+    try:
+        root = pystac.read_file(href)
+    except Exception as exc:  # pystac raises many types for unreadable/invalid JSON
+        raise CatalogError(f"cannot read STAC catalog {href}: {_short_reason(exc)}") from exc
+    if not isinstance(root, pystac.Catalog):
+        raise CatalogError(f"{href} is a STAC {type(root).__name__}, not a catalog or collection")
+    for item in root.get_items(recursive=True):
+        if collections and item.collection_id not in collections:
+            continue
+        item.make_asset_hrefs_absolute()
+        d = item.to_dict(include_self_link=False, transform_hrefs=False)
+        for asset in d.get("assets", {}).values():
+            href_ = asset.get("href", "")
+            if href_.startswith("file://"):
+                asset["href"] = href_[len("file://"):]
+        yield d
+
+
+def search(
+    catalog: str | os.PathLike[str],
+    *,
+    collections: str | Sequence[str] | None = None,
+    bbox: Sequence[float] | str | None = None,
+    datetime: str | None = None,
+    max_cloud: float | None = None,
+    platforms: str | Sequence[str] | None = None,
+    max_items: int | None = None,
+    limit: int = 100,
+    timeout: float = 30.0,
+    retries: int = 5,
+    backoff: float = 0.5,
+    headers: Mapping[str, str] | None = None,
+) -> Search:
+    """Build a search for Landsat scenes. No request is made until the result is iterated.
+
+    Parameters
+    ----------
+    catalog
+        A STAC API root URL (``https://planetarycomputer.microsoft.com/api/stac/v1``), a static
+        catalog (``catalog.json``, local or http), an item JSON, a FeatureCollection, an
+        ``.ndjson`` file of items, or a folder of item JSON files.
+    collections
+        Collection id(s), e.g. ``"landsat-c2-l2"``.
+    bbox
+        ``(west, south, east, north)`` in degrees.
+    datetime
+        ``START/END`` in ISO 8601; either side may be ``..``; partial dates such as ``2021-02``
+        stand for the whole period.
+    max_cloud
+        Keep items whose ``eo:cloud_cover`` is at most this percentage (0-100).
+    platforms
+        e.g. ``"landsat-8"``; matched case-insensitively (USGS writes ``LANDSAT_8``).
+    max_items
+        Stop after this many items.
+    limit
+        Page size asked of an API.
+    timeout, retries, backoff
+        Per-request timeout in seconds; retries of failed connections, time-outs and
+        408/429/5xx answers, GET and POST alike, waiting ``backoff * 2**n`` seconds between them.
+    headers
+        Extra HTTP headers (e.g. an API key). They are never written to a store.
+
+    Returns
+    -------
+    Search
+        Iterate it for item dicts, or call ``.items()`` for a sorted list.
+    """
+    if isinstance(collections, str):
+        collections = [collections]
+    if isinstance(platforms, str):
+        platforms = [platforms]
+    if max_cloud is not None:
+        try:
+            max_cloud = float(max_cloud)
+        except (TypeError, ValueError):
+            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud!r}") from None
+        if not 0 <= max_cloud <= 100:
+            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud}")
+    if max_items is not None and max_items < 1:
+        raise SearchError(f"max_items must be at least 1, got {max_items}")
+    if limit < 1:
+        raise SearchError(f"limit (page size) must be at least 1, got {limit}")
+    if timeout <= 0:
+        raise SearchError(f"timeout must be positive seconds, got {timeout}")
+    if retries < 0:
+        raise SearchError(f"retries must be 0 or more, got {retries}")
+    parse_datetime(datetime)  # validate now, not at iteration
+    cat = os.fspath(catalog)
+    if not cat:
+        raise SearchError("catalog is empty; give a STAC API URL or a path to a catalog or items")
+    return Search(
+        catalog=cat,
+        collections=tuple(collections) if collections else None,
+        bbox=parse_bbox(bbox),
+        datetime=datetime,
+        max_cloud=max_cloud,
+        platforms=tuple(p.lower().replace("_", "-") for p in platforms) if platforms else None,
+        max_items=max_items,
+        limit=limit,
+        timeout=float(timeout),
+        retries=int(retries),
+        backoff=float(backoff),
+        headers=dict(headers) if headers else None,
+    )

@@ -1,0 +1,395 @@
+"""Zarr cubes: layout, resumable writes, appends, and reading back.
+
+A cube store is written in three moves, so that a crash at any moment costs time, never data:
+
+1. **template**: the full layout (every array, coordinate, fill value and attribute) is written
+   without data, then the ``icemap:layout`` attribute is set last. A store without it holds no
+   finished data and is simply recreated.
+2. **region writes**, one time step at a time; after a step's pixels are written, its entry
+   in the ``complete`` array (time,) is set to 1. A step interrupted half-way keeps
+   ``complete == 0`` and is redone on the next run.
+3. **append**: dates not yet in the store are appended along ``time`` (layout first, then
+   region writes as above).
+
+:func:`open_cube` shows only complete time steps (with a :class:`~icemap.errors.StoreWarning`
+naming the others), so an interrupted store never reads back wrong values.
+
+Dask chunks are kept identical to Zarr chunks: a dask chunk that straddles two Zarr chunks
+would be written by two tasks at once, and zarr 3 silently loses one of the two writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+
+from icemap.errors import StoreError, StoreWarning
+
+__all__ = ["write_cube", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
+
+LAYOUT_ATTR = "icemap:layout"
+LAYOUT_VERSION = 1
+_COMPLETE = "complete"
+_CUBE_VARS = ("reflectance", "qa_pixel")
+_FILL = {"reflectance": np.float32(np.nan), "qa_pixel": np.uint16(1), _COMPLETE: np.uint8(0)}
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class WriteReport:
+    """What a write did: which time steps it wrote, skipped (already complete) or appended."""
+
+    path: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    appended: list[str] = field(default_factory=list)
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class CubeStatus:
+    """A store's state: every time step and whether it is complete."""
+
+    path: str
+    times: tuple[str, ...]
+    complete: tuple[bool, ...]
+    bands: tuple[str, ...]
+    shape: tuple[int, int]
+    crs: str | None
+
+    @property
+    def incomplete(self) -> tuple[str, ...]:
+        return tuple(t for t, c in zip(self.times, self.complete) if not c)
+
+
+def _fmt_time(t: Any) -> str:
+    return str(np.datetime_as_string(np.datetime64(t, "s"), unit="s")) + "Z"
+
+
+def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+    import zarr
+
+    try:
+        zarr.open_group(path, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):  # type: ignore[attr-defined]
+        return False
+    return True
+
+
+def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(path, mode="r", storage_options=storage_options).attrs)
+
+
+def _prepare(ds: Any, chunksize: int | None) -> Any:
+    """Align dask chunks to the Zarr chunks we are about to declare, and clean coordinates."""
+    missing = [v for v in _CUBE_VARS if v not in ds]
+    if missing:
+        raise StoreError(f"a cube needs variables {_CUBE_VARS}; this dataset lacks {missing}")
+    if ds.rio.crs is None:
+        raise StoreError("the cube has no CRS; load it with icemap.load or set one with ds.rio.write_crs")
+    refl = ds["reflectance"]
+    if refl.dims != ("time", "band", "y", "x"):
+        raise StoreError(f"reflectance must have dims (time, band, y, x), not {refl.dims}")
+    if chunksize is None:
+        chunks = refl.chunksizes if refl.chunks else {}
+        cy = max(chunks.get("y", (ds.sizes["y"],)))
+        cx = max(chunks.get("x", (ds.sizes["x"],)))
+    else:
+        cy = cx = int(chunksize)
+    ds = ds.chunk({"time": 1, "band": 1, "y": cy, "x": cx})
+    # Variable-length strings (numpy-backed), so appended steps may carry longer id lists
+    # than the first; zarr 3 has a stable spec for those, not for fixed-width unicode.
+    for name in ("item_ids", "platform", "band"):
+        if name in ds.coords:
+            ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values, dtype=object))})
+    ds[_COMPLETE] = ds["time"].copy(data=np.zeros(ds.sizes["time"], np.uint8)).chunk({"time": 1})
+    ds[_COMPLETE].attrs = {"long_name": "1 once every pixel of the time step is written"}
+    for name in _CUBE_VARS:
+        # Explicit encodings replace .encoding, so keep the CRS link as an attribute.
+        ds[name].attrs["grid_mapping"] = "spatial_ref"
+    return ds, (cy, cx)
+
+
+def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str, Any]]:
+    enc: dict[str, dict[str, Any]] = {
+        "reflectance": {"chunks": (1, 1, cy, cx), "_FillValue": _FILL["reflectance"]},
+        "qa_pixel": {"chunks": (1, cy, cx), "_FillValue": _FILL["qa_pixel"]},
+        _COMPLETE: {"chunks": (1,), "_FillValue": _FILL[_COMPLETE]},
+        "time": {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64", "chunks": (1024,)},
+    }
+    for name in ("item_ids", "platform"):
+        if name in ds.coords:
+            enc[name] = {"chunks": (1024,)}
+    return enc
+
+
+def _region_write(ds_step: Any, path: str, index: int, storage_options: Mapping[str, Any] | None) -> None:
+    sel = ds_step[list(_CUBE_VARS)]
+    sel = sel.drop_vars([c for c in sel.coords if "time" not in sel[c].dims])
+    region = {"time": slice(index, index + 1)}
+    sel.to_zarr(path, region=region, storage_options=storage_options, consolidated=False)
+    done = ds_step[[_COMPLETE]]
+    done = done.drop_vars([c for c in done.coords if "time" not in done[c].dims])
+    done[_COMPLETE] = done[_COMPLETE].copy(data=np.ones(1, np.uint8))
+    done.to_zarr(path, region=region, storage_options=storage_options, consolidated=False)
+
+
+def _check_compatible(existing: Any, ds: Any, path: str) -> None:
+    bands_old = [str(b) for b in existing["band"].values]
+    bands_new = [str(b) for b in ds["band"].values]
+    problems = []
+    if bands_old != bands_new:
+        problems.append(f"bands {bands_new} != stored {bands_old}")
+    for dim in ("x", "y"):
+        a, b = existing[dim].values, ds[dim].values
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-6):
+            problems.append(f"{dim} grid differs ({b.size} vs stored {a.size} pixels)")
+    crs_old = existing.rio.crs
+    if crs_old is not None and crs_old != ds.rio.crs:
+        problems.append(f"CRS {ds.rio.crs} != stored {crs_old}")
+    if problems:
+        raise StoreError(
+            f"{path} holds a cube on another grid or band set ({'; '.join(problems)}). "
+            "Write to a new --out, or repeat the first run's --bands/--crs/--resolution/--bbox"
+        )
+
+
+def write_cube(
+    ds: Any,
+    path: str | os.PathLike[str],
+    *,
+    zarr_format: Literal[2, 3] = 3,
+    chunksize: int | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Write (or finish, or extend) a cube store, one time step at a time.
+
+    Parameters
+    ----------
+    ds
+        A cube from :func:`icemap.load` (``reflectance``, ``qa_pixel``, CRS).
+    path
+        Local path or fsspec URL (``s3://...``) of the Zarr store.
+    zarr_format
+        3 (default) or 2, for readers that only know Zarr v2.
+    chunksize
+        Spatial chunk edge of the store; default the dataset's own dask chunks.
+    attrs
+        Provenance to record (JSON-serialisable). Never put credentials here.
+    storage_options
+        fsspec options for remote stores (credentials come from the environment).
+    progress
+        Called as ``progress(done, total, label)`` after each time step.
+
+    Returns
+    -------
+    WriteReport
+        Time steps written, skipped because complete, and appended.
+    """
+    import xarray as xr
+
+    path = os.fspath(path)
+    if zarr_format not in (2, 3):
+        raise StoreError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+    ds, (cy, cx) = _prepare(ds, chunksize)
+    report = WriteReport(path=path)
+    new_times = [_fmt_time(t) for t in ds["time"].values]
+    if len(set(new_times)) != len(new_times):
+        raise StoreError("the cube has repeated time steps; load with mosaic=True to merge them")
+
+    exists = _store_exists(path, storage_options)
+    if exists and _group_attrs(path, storage_options).get(LAYOUT_ATTR) is None:
+        # Interrupted before its layout was finished: no step can be complete. Start over.
+        warnings.warn(f"{path} was left unfinished before any data; recreating it", StoreWarning, stacklevel=2)
+        exists = False
+
+    if not exists:
+        enc = _encoding(ds, cy, cx, zarr_format)
+        tmpl = ds.copy()
+        tmpl.attrs = {**ds.attrs, **dict(attrs or {}), "icemap:chunks": [cy, cx]}
+        tmpl.to_zarr(path, mode="w", compute=False, encoding=enc, zarr_format=zarr_format,
+                     storage_options=storage_options, consolidated=False)
+        _set_attrs(path, {LAYOUT_ATTR: LAYOUT_VERSION}, storage_options)
+        report.created = True
+        stored_times = new_times
+        complete = [False] * len(new_times)
+    else:
+        existing = _open_raw(path, storage_options)
+        _check_compatible(existing, ds, path)
+        stored_chunks = existing.attrs.get("icemap:chunks")
+        if stored_chunks and list(stored_chunks) != [cy, cx]:
+            ds = ds.chunk({"y": stored_chunks[0], "x": stored_chunks[1]})
+            cy, cx = stored_chunks
+        stored_times = [_fmt_time(t) for t in existing["time"].values]
+        complete = [bool(c) for c in existing[_COMPLETE].values]
+        to_append = [i for i, t in enumerate(new_times) if t not in stored_times]
+        if to_append:
+            extra = ds.isel(time=to_append)
+            extra = extra.drop_vars([c for c in extra.coords if "time" not in extra[c].dims])
+            extra.attrs = {}
+            extra.to_zarr(path, append_dim="time", compute=False, storage_options=storage_options,
+                          consolidated=False)
+            stored_times += [new_times[i] for i in to_append]
+            complete += [False] * len(to_append)
+            report.appended = [new_times[i] for i in to_append]
+        if attrs:
+            _set_attrs(path, {"icemap:last_run": dict(attrs)}, storage_options)
+
+    todo = [(i, t) for i, t in enumerate(new_times) if not complete[stored_times.index(t)]]
+    report.skipped = [t for t in new_times if complete[stored_times.index(t)]]
+    for n, (i, t) in enumerate(todo, start=1):
+        _region_write(ds.isel(time=[i]), path, stored_times.index(t), storage_options)
+        report.written.append(t)
+        if progress is not None:
+            progress(n, len(todo), t)
+    return report
+
+
+def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    group.attrs.update(json.loads(json.dumps(dict(values), default=str)))
+
+
+def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
+    import xarray as xr
+
+    # Masks and flags stay integers: their fill values are values, not "missing".
+    return xr.open_zarr(
+        path,
+        storage_options=storage_options,
+        consolidated=False,
+        decode_coords="all",
+        mask_and_scale={"reflectance": True, "qa_pixel": False, _COMPLETE: False},
+    )
+
+
+def open_cube(
+    path: str | os.PathLike[str],
+    *,
+    complete_only: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Open a cube store lazily, with its CRS, time-sorted.
+
+    Parameters
+    ----------
+    path
+        The store written by :func:`write_cube` / ``icemap ingest``.
+    complete_only
+        Hide time steps whose writing was interrupted (they read as fill). A
+        :class:`~icemap.errors.StoreWarning` names them; rerun the ingest to finish them.
+    """
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    path = os.fspath(path)
+    if not _store_exists(path, storage_options):
+        raise StoreError(f"no Zarr store at {path}; create one with `icemap ingest --out {path}`")
+    ds = _open_raw(path, storage_options)
+    if LAYOUT_ATTR not in ds.attrs:
+        raise StoreError(f"{path} is not a finished icemap store (no {LAYOUT_ATTR} attribute); rerun the write")
+    if complete_only and _COMPLETE in ds:
+        done = ds[_COMPLETE].values.astype(bool)
+        if not done.all():
+            left = [_fmt_time(t) for t, d in zip(ds["time"].values, done) if not d]
+            warnings.warn(
+                f"{path}: {len(left)} time step(s) are incomplete and hidden ({', '.join(left[:4])}"
+                f"{' ...' if len(left) > 4 else ''}); rerun the same ingest to finish them",
+                StoreWarning,
+                stacklevel=2,
+            )
+            ds = ds.isel(time=np.flatnonzero(done))
+    ds = ds.sortby("time")
+    crs = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
+    if crs is not None:
+        ds = ds.rio.write_crs(crs)
+    return ds
+
+
+def cube_status(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> CubeStatus:
+    """Report every time step of a store and whether it is complete."""
+    ds = open_cube(path, complete_only=False, storage_options=storage_options)
+    return CubeStatus(
+        path=os.fspath(path),
+        times=tuple(_fmt_time(t) for t in ds["time"].values),
+        complete=tuple(bool(c) for c in ds[_COMPLETE].values),
+        bands=tuple(str(b) for b in ds["band"].values),
+        shape=(ds.sizes["y"], ds.sizes["x"]),
+        crs=ds.rio.crs.to_string() if ds.rio.crs else None,
+    )
+
+
+def ingest(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    bands: Sequence[str] | None = None,
+    crs: Any = None,
+    resolution: float = 30.0,
+    bbox: Sequence[float] | None = None,
+    chunksize: int = 1024,
+    zarr_format: Literal[2, 3] = 3,
+    signer: Any = None,
+    on_error: Literal["raise", "nodata"] = "raise",
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
+
+    Parameters
+    ----------
+    source
+        An :class:`icemap.stac.Search` (its bbox is used for the extent unless ``bbox`` is
+        given) or a list of items.
+    out
+        Path or URL of the Zarr store. Rerunning with the same arguments finishes an
+        interrupted store; running with a later date range appends the new dates.
+
+    Other parameters are those of :func:`icemap.load` and :func:`write_cube`.
+    """
+    from icemap import __version__
+    from icemap.errors import EmptySearchError
+    from icemap.load import load
+    from icemap.stac import Search
+
+    params: dict[str, Any] | None = None
+    if isinstance(source, Search):
+        params = source.parameters()
+        if bbox is None:
+            bbox = source.bbox
+        items = source.items()
+        if not items:
+            raise EmptySearchError(
+                f"the search matched no items ({json.dumps(params)}); widen --bbox/--datetime "
+                "or --max-cloud, or check --collection"
+            )
+    else:
+        items = list(source)
+    ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
+              signer=signer, on_error=on_error)
+    attrs = {
+        "icemap_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "search": params,
+        "load": {"bands": [str(b) for b in ds["band"].values], "crs": ds.rio.crs.to_string(),
+                 "resolution": resolution, "chunksize": chunksize, "on_error": on_error,
+                 "signed": signer is not None},
+        "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
+                       "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
+    }
+    return write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
+                      storage_options=storage_options, progress=progress)
