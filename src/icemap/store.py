@@ -127,6 +127,11 @@ def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str
         _COMPLETE: {"chunks": (1,), "_FillValue": _FILL[_COMPLETE]},
         "time": {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64", "chunks": (1024,)},
     }
+    if zarr_format == 3:
+        # zarr 3 keeps its own fill value (default 0) apart from the CF _FillValue attribute;
+        # state both, or unwritten qa_pixel chunks would read as 0 ("clear") instead of fill.
+        for name in ("reflectance", "qa_pixel", _COMPLETE):
+            enc[name]["fill_value"] = enc[name]["_FillValue"]
     for name in ("item_ids", "platform"):
         if name in ds.coords:
             enc[name] = {"chunks": (1024,)}
@@ -238,7 +243,8 @@ def write_cube(
         if to_append:
             extra = ds.isel(time=to_append)
             extra = extra.drop_vars([c for c in extra.coords if "time" not in extra[c].dims])
-            extra.attrs = {}
+            # to_zarr rewrites the group attributes on append: carry the stored ones over.
+            extra.attrs = dict(existing.attrs)
             extra.to_zarr(path, append_dim="time", compute=False, storage_options=storage_options,
                           consolidated=False)
             stored_times += [new_times[i] for i in to_append]

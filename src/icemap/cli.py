@@ -1,0 +1,236 @@
+"""The ``icemap`` command line: a thin layer over the Python API.
+
+Each command parses its options, calls the same functions a notebook would, and reports.
+Errors a user can cause (bad bbox, unknown band, empty search, unreadable asset) end as one
+line on stderr and exit code 1; usage errors exit 2 (click's convention); Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from icemap.errors import IcemapError
+
+app = typer.Typer(
+    name="icemap",
+    help="Map glacier ice from Landsat 8/9 Collection 2 imagery: search, ingest, map, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Catalog = Annotated[
+    str,
+    typer.Option("--catalog", "-c", help="STAC API URL, catalog.json, item file(s) folder or .ndjson."),
+]
+CollectionOpt = Annotated[
+    Optional[list[str]], typer.Option("--collection", help="Collection id (repeatable), e.g. landsat-c2-l2.")
+]
+BboxOpt = Annotated[
+    Optional[tuple[float, float, float, float]],
+    typer.Option("--bbox", help="WEST SOUTH EAST NORTH in degrees.", min=None),
+]
+DatetimeOpt = Annotated[Optional[str], typer.Option("--datetime", help="START/END (ISO 8601; '..' for open).")]
+MaxCloudOpt = Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum scene cloud cover, %.")]
+PlatformOpt = Annotated[Optional[list[str]], typer.Option("--platform", help="landsat-8 or landsat-9 (repeatable).")]
+SchedulerOpt = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", help="Dask scheduler address (tcp://...), or 'local' for a local cluster."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+
+def _console(stderr: bool = True) -> Any:
+    from rich.console import Console
+
+    # soft_wrap: never break messages mid-line when output goes to a file or a log.
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    """Accept ``--bands green --bands swir16`` and ``--bands green,swir16`` alike."""
+    if not values:
+        return None
+    out: list[str] = []
+    for v in values:
+        out.extend(p for p in v.replace(",", " ").split() if p)
+    return out
+
+
+def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
+                  max_cloud: float | None, platform: list[str] | None, max_items: int | None = None) -> Any:
+    from icemap.stac import search
+
+    return search(
+        catalog,
+        collections=_split_list(collection),
+        bbox=bbox,
+        datetime=datetime,
+        max_cloud=max_cloud,
+        platforms=_split_list(platform),
+        max_items=max_items,
+    )
+
+
+@app.command("search")
+def search_cmd(
+    catalog: Catalog,
+    collection: CollectionOpt = None,
+    bbox: BboxOpt = None,
+    datetime: DatetimeOpt = None,
+    max_cloud: MaxCloudOpt = None,
+    platform: PlatformOpt = None,
+    max_items: Annotated[Optional[int], typer.Option("--max-items", help="Stop after N items.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a GeoJSON FeatureCollection.")] = False,
+) -> None:
+    """Find scenes and list them (id, date, cloud cover, platform)."""
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items)
+    items = s.items()
+    if as_json:
+        json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    if not items:
+        raise IcemapError("the search matched no items; widen --bbox/--datetime or --max-cloud")
+    from rich.table import Table
+
+    table = Table(title=f"{len(items)} item(s)")
+    for col in ("id", "datetime", "cloud %", "platform"):
+        table.add_column(col)
+    for it in items:
+        p = it.get("properties", {})
+        cc = p.get("eo:cloud_cover")
+        table.add_row(it.get("id", "?"), str(p.get("datetime", "")), "" if cc is None else f"{cc:.1f}",
+                      str(p.get("platform", "")))
+    _console(stderr=False).print(table)
+
+
+@app.command("ingest")
+def ingest_cmd(
+    catalog: Catalog,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create, finish or extend.")],
+    collection: CollectionOpt = None,
+    bbox: BboxOpt = None,
+    datetime: DatetimeOpt = None,
+    max_cloud: MaxCloudOpt = None,
+    platform: PlatformOpt = None,
+    resolution: Annotated[float, typer.Option("--resolution", help="Pixel size in metres.")] = 30.0,
+    crs: Annotated[Optional[str], typer.Option("--crs", help="Target CRS, e.g. EPSG:32619 (default: the items').")] = None,
+    bands: Annotated[Optional[list[str]], typer.Option("--bands", help="Bands (repeatable or comma-separated).")] = None,
+    chunksize: Annotated[int, typer.Option("--chunksize", help="Spatial chunk edge, pixels.")] = 1024,
+    zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
+    on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
+    signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
+    scheduler: SchedulerOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search, load lazily and write a resumable Zarr cube. Rerun to resume or append dates."""
+    from icemap.cluster import connect
+    from icemap.store import ingest
+
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform)
+    band_list = _split_list(bands)
+    with connect(scheduler), _StepProgress(quiet, "ingest") as progress:
+        report = ingest(
+            s, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
+            zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
+            progress=progress,
+        )
+    _console().print(
+        f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "
+        f"skipped {len(report.skipped)} already complete, appended {len(report.appended)}"
+    )
+
+
+@app.command("status")
+def status_cmd(cube: Annotated[Path, typer.Argument(help="A cube or product store.")]) -> None:
+    """Show a store's time steps and which are complete."""
+    from icemap.store import cube_status
+
+    st = cube_status(cube)
+    con = _console(stderr=False)
+    con.print(f"{st.path}: {st.shape[0]}x{st.shape[1]} px, {st.crs}, bands {', '.join(st.bands)}")
+    for t, c in zip(st.times, st.complete):
+        con.print(f"  {t}  {'complete' if c else '[yellow]incomplete[/] (rerun the ingest)'}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sample region and products.")] = Path("icemap-demo"),
+    size: Annotated[int, typer.Option("--size", help="Region edge in pixels (30 m).")] = 384,
+    dates: Annotated[int, typer.Option("--dates", help="Number of acquisition dates.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the region.")] = 0,
+    threshold: Annotated[float, typer.Option("--threshold", help="NDSI threshold.")] = 0.4,
+    scheduler: SchedulerOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the main job on the embedded sample region (no network): search -> ingest -> NDSI ->
+    ice area per glacier -> quicklook."""
+    from icemap.cluster import connect
+    from icemap.demo import run_demo
+
+    with connect(scheduler), _StepProgress(quiet, "demo") as progress:
+        result = run_demo(out, size=size, n_dates=dates, seed=seed, threshold=threshold, progress=progress)
+    result.print(_console(stderr=False))
+
+
+class _StepProgress:
+    """A rich progress bar fed by ``progress(done, total, label)`` callbacks."""
+
+    def __init__(self, quiet: bool, title: str) -> None:
+        self.quiet = quiet
+        self.title = title
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=_console(), transient=False,
+        )
+        self._progress.start()
+        return self
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(self.title, total=total, label=label)
+        self._progress.update(self._task, completed=done, total=total, label=label)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``icemap`` console script."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except IcemapError as exc:
+        _console().print(f"[red]icemap: error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _console().print("icemap: interrupted; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors are click exceptions (typer vendors its own click, so match by shape).
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,111 @@
+"""Quicklook PNGs a person can judge at a glance.
+
+A SWIR1/NIR/green false-colour composite (OLI 6-5-3: ice and snow come out cyan, rock brown,
+vegetation green, water near black), the ice mask as a translucent overlay, masked pixels in
+grey, and reference outlines drawn on top. Large scenes are averaged down to ``max_size``
+pixels lazily before anything is computed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icemap.errors import IcemapError
+
+__all__ = ["quicklook", "false_colour"]
+
+_ICE_RGB = np.array([255, 0, 200], dtype=np.float32)  # magenta: unlike any natural surface here
+_OUTLINE_RGB = np.array([255, 230, 0], dtype=np.uint8)
+_NODATA_RGB = np.array([128, 128, 128], dtype=np.uint8)
+
+
+def _stretch(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out = (band - lo) / max(hi - lo, 1e-6)
+    return np.clip(np.nan_to_num(out, nan=0.0), 0, 1)
+
+
+def false_colour(frame: Any, bands: tuple[str, str, str] = ("swir16", "nir08", "green")) -> np.ndarray:
+    """RGB uint8 (y, x, 3) of one time step of reflectance, 2-98 percentile stretch per band."""
+    available = [str(b) for b in frame["band"].values]
+    bands = tuple(b if b in available else available[min(i, len(available) - 1)] for i, b in enumerate(bands))  # type: ignore[assignment]
+    rgb = np.stack([np.asarray(frame.sel(band=b).values, dtype=np.float32) for b in bands], axis=-1)
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    for i in range(3):
+        v = rgb[..., i]
+        finite = v[np.isfinite(v)]
+        lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
+        out[..., i] = (_stretch(v, float(lo), float(hi)) * 255).astype(np.uint8)
+    return out
+
+
+def _coarsen(da: Any, factor: int, how: str) -> Any:
+    if factor <= 1:
+        return da
+    c = da.coarsen(y=factor, x=factor, boundary="trim")
+    return c.mean() if how == "mean" else c.max()
+
+
+def quicklook(
+    cube: Any,
+    path: str | os.PathLike[str],
+    *,
+    ice: Any = None,
+    outlines: Any = None,
+    time: Any = -1,
+    max_size: int = 1200,
+) -> Path:
+    """Write a quicklook PNG of one time step.
+
+    Parameters
+    ----------
+    cube
+        Cube with ``reflectance`` (from :func:`icemap.open_cube`).
+    path
+        PNG file to write.
+    ice
+        Optional ice mask (time, y, x) or (y, x) to overlay.
+    outlines
+        Optional outline file or GeoDataFrame drawn in yellow.
+    time
+        Index (int) or label of the time step.
+    max_size
+        Longest edge of the picture in pixels.
+    """
+    from PIL import Image
+
+    refl = cube["reflectance"]
+    frame = refl.isel(time=time) if isinstance(time, int) else refl.sel(time=time)
+    factor = int(np.ceil(max(frame.sizes["y"], frame.sizes["x"]) / max_size))
+    small = _coarsen(frame, factor, "mean")
+    rgb = false_colour(small).astype(np.float32)
+    nodata = np.isnan(np.asarray(small.values, dtype=np.float32)).any(axis=0)
+    if ice is not None:
+        ice_t = ice.isel(time=time) if "time" in ice.dims and isinstance(time, int) else (
+            ice.sel(time=frame["time"].values) if "time" in ice.dims else ice)
+        ice_small = np.asarray(_coarsen((ice_t == 1).astype(np.float32), factor, "mean").values)
+        alpha = 0.55 * np.clip(ice_small, 0, 1)[..., None]
+        rgb = rgb * (1 - alpha) + _ICE_RGB * alpha
+    img = rgb.astype(np.uint8)
+    img[nodata] = _NODATA_RGB
+    if outlines is not None:
+        from rasterio.features import rasterize
+
+        from icemap.labels import read_outlines
+
+        gdf = read_outlines(outlines, crs=cube.rio.crs)
+        t = small.rio.transform(recalc=True) if hasattr(small, "rio") else None
+        if t is None:
+            raise IcemapError("cannot place outlines: the cube has no transform")
+        edges = rasterize(((g.boundary, 1) for g in gdf.geometry), out_shape=img.shape[:2],
+                          transform=t, all_touched=True, fill=0, dtype="uint8")
+        img[edges == 1] = _OUTLINE_RGB
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(img, mode="RGB").save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,177 @@
+"""Shared fixtures: real data from ../shared, a real STAC API on loopback, and guards.
+
+* ``shared_data`` resolves ``../shared/data`` from the repository root. Locally a test that
+  needs it is skipped when it is missing; under ``CI=true`` it fails instead, so CI can never
+  pass by silently skipping the real-data tests.
+* Every test runs with outbound network blocked (loopback stays open): tests must not depend
+  on a live service.
+* ``stac_api`` starts ``rustac serve`` (a real STAC API server, in memory) on a free loopback
+  port, serving items whose assets are COGs the tests wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def shared_path(*parts: str) -> Path:
+    """Path of a file under ../shared/data; skip (locally) or fail (CI) when missing."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        msg = f"real data {p} is missing (expected ../shared/data beside the repository)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_path()
+
+
+# -- network guard ---------------------------------------------------------------------------
+_real_connect = socket.socket.connect
+
+
+def _guarded_connect(self: socket.socket, address: Any) -> Any:
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and self.family in (socket.AF_INET, socket.AF_INET6):
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            raise ConnectionRefusedError(f"tests may not reach the network ({host})")
+    return _real_connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+
+
+# -- dask guard --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def raise_if_dask_computes() -> Iterator[None]:
+    """Fail if anything inside the block computes a dask graph (graph building must be lazy)."""
+    import dask
+
+    def refuse(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a dask graph was computed where everything should stay lazy")
+
+    with dask.config.set(scheduler=refuse):
+        yield
+
+
+# -- sample region -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sample_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small sample region (3 dates, the first split into two scenes), generated once."""
+    from icemap.sample import make_sample_region
+
+    return make_sample_region(tmp_path_factory.mktemp("region"), size=160, n_dates=3, seed=3)
+
+
+# -- STAC API on loopback -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StacServer:
+    """A running ``rustac serve`` process and what it serves."""
+
+    def __init__(self, url: str, items: list[dict[str, Any]], proc: subprocess.Popen[bytes]):
+        self.url = url
+        self.items = items
+        self.proc = proc
+
+
+def _rustac() -> str:
+    exe = shutil.which("rustac") or str(Path(sys.executable).with_name("rustac"))
+    if not Path(exe).exists():
+        pytest.fail("rustac is not installed; pip install -e '.[test]'")
+    return exe
+
+
+def serve_items(folder: Path, collection: dict[str, Any], items: list[dict[str, Any]]) -> StacServer:
+    """Start ``rustac serve`` on the given collection and items; wait until it answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "collection.json").write_text(json.dumps(collection))
+    with open(folder / "items.ndjson", "w") as f:
+        for it in items:
+            f.write(json.dumps(it) + "\n")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [_rustac(), "serve", "--addr", f"127.0.0.1:{port}", str(folder / "collection.json"),
+         str(folder / "items.ndjson")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rustac serve exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(url + "/", timeout=1) as r:
+                if r.status == 200:
+                    return StacServer(url, items, proc)
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("rustac serve did not answer within 30 s")
+
+
+def sample_items_for_api(region: Any, n_extra: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sample region's collection and items with absolute ``file://`` asset hrefs.
+
+    ``n_extra`` adds copies of the items on other dates, cloud covers and platforms (same
+    COGs), enough to exercise paging and filters.
+    """
+    from icemap.stac import search
+
+    items = search(str(region.catalog)).items()
+    out = []
+    for it in items:
+        it = json.loads(json.dumps(it))
+        for a in it["assets"].values():
+            a["href"] = Path(a["href"]).resolve().as_uri()
+        it["links"] = []
+        it["collection"] = region.collection
+        out.append(it)
+    base = out[-1]
+    for k in range(n_extra):
+        it = json.loads(json.dumps(base))
+        it["id"] = f"{base['id']}_copy{k:02d}"
+        it["properties"]["datetime"] = f"2019-{1 + k % 12:02d}-{1 + k % 27:02d}T14:30:00Z"
+        it["properties"]["eo:cloud_cover"] = float((k * 7) % 100)
+        it["properties"]["platform"] = "landsat-9" if k % 2 else "landsat-8"
+        out.append(it)
+    collection = json.loads(Path(region.root / region.collection / "collection.json").read_text())
+    collection["links"] = []
+    return collection, out
+
+
+@pytest.fixture(scope="session")
+def stac_api(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacServer]:
+    """A real STAC API (rustac) on loopback serving the sample region plus 24 extra items."""
+    collection, items = sample_items_for_api(sample_region, n_extra=24)
+    server = serve_items(tmp_path_factory.mktemp("stac-api"), collection, items)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=10)

@@ -1,0 +1,149 @@
+"""Search: parameter validation, static catalogs, real provider JSON, and a real STAC API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from icemap.errors import CatalogError, SearchError
+from icemap.stac import item_datetime, parse_datetime, search
+
+from .conftest import StacServer, shared_path
+
+
+# -- built, not run ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bbox": [1, 2, 3]}, "four numbers"),
+        ({"bbox": [10, 0, 5, 1]}, "west"),
+        ({"bbox": [0, 10, 1, 5]}, "south"),
+        ({"bbox": [0, 0, 1, 95]}, "outside"),
+        ({"datetime": "2021-13-01"}, "invalid date|cannot read"),
+        ({"datetime": "2021-05-01/2021-01-01"}, "ends before"),
+        ({"datetime": "yesterday"}, "ISO 8601"),
+        ({"max_cloud": 140}, "0-100"),
+        ({"max_items": 0}, "at least 1"),
+    ],
+)
+def test_bad_parameters_fail_when_built(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(SearchError, match=match):
+        search("/does/not/matter", **kwargs)
+
+
+def test_building_does_no_io() -> None:
+    s = search("/no/such/catalog.json", bbox="1,2,3,4", datetime="2021")
+    assert s.bbox == (1.0, 2.0, 3.0, 4.0)
+    with pytest.raises(CatalogError, match="does not exist"):
+        s.items()
+
+
+def test_partial_dates_cover_the_whole_period() -> None:
+    start, end = parse_datetime("2021-02")
+    assert (start.isoformat(), end.isoformat()) == ("2021-02-01T00:00:00+00:00", "2021-02-28T23:59:59.999999+00:00")
+    start, end = parse_datetime("../2020")
+    assert start is None and end.year == 2020 and end.month == 12
+
+
+# -- real provider JSON (local files) ----------------------------------------------------------
+@pytest.mark.shared_data
+def test_planetary_computer_page_filters_locally() -> None:
+    page = shared_path("stac_landsat_c2_l2", "extracted", "pc_items_landsat-c2-l2_page1.json")
+    raw = json.loads(page.read_text())["features"]
+    everything = search(page).items()
+    assert len(everything) == len(raw) == 10
+    cloudy_ok = search(page, max_cloud=20).items()
+    assert {i["id"] for i in cloudy_ok} == {i["id"] for i in raw if i["properties"]["eo:cloud_cover"] <= 20}
+    assert search(page, platforms="LANDSAT_9").items() == everything  # USGS spelling accepted
+    assert search(page, platforms="landsat-8").items() == []
+    # A bbox around one item's footprint finds that item (and its overlapping neighbours only).
+    target = raw[0]
+    w, s, e, n = target["bbox"]
+    hits = search(page, bbox=[w + 0.1, s + 0.1, w + 0.2, s + 0.2]).items()
+    assert target["id"] in {h["id"] for h in hits} and len(hits) < len(raw)
+
+
+@pytest.mark.shared_data
+def test_earth_search_response_collection_filter() -> None:
+    resp = shared_path("stac_landsat_c2_l2", "extracted", "earthsearch_v1_search_response_page1.json")
+    items = search(resp, collections="landsat-c2-l2").items()
+    assert [i["id"] for i in items] == ["LC08_L2SP_033032_20231008_02_T1"]
+    assert item_datetime(items[0]).isoformat().startswith("2023-10-08T17:37")
+
+
+# -- static catalog ----------------------------------------------------------------------------
+def test_static_catalog_walk(sample_region: Any) -> None:
+    items = search(sample_region.catalog, collections=sample_region.collection).items()
+    assert [i["id"] for i in items] == list(sample_region.item_ids)
+    for it in items:
+        for asset in it["assets"].values():
+            assert not asset["href"].startswith("./")
+            assert __import__("os").path.exists(asset["href"]), asset["href"]
+    assert search(sample_region.catalog, bbox=[10, 10, 11, 11]).items() == []
+    first_day = sample_region.datetimes[0][:10]
+    same_day = search(sample_region.catalog, datetime=first_day).items()
+    assert len(same_day) == 2  # the first date comes as two scenes of one path
+
+
+# -- a real STAC API on loopback -----------------------------------------------------------------
+def test_api_search_all_with_paging(stac_api: StacServer) -> None:
+    s = search(stac_api.url, collections="landsat-c2-l2", limit=5)
+    ids = [i["id"] for i in s.items()]
+    assert sorted(ids) == sorted(i["id"] for i in stac_api.items)
+    assert len(ids) > 5  # more than one page was followed
+
+
+def test_api_filters_match_local_filtering(stac_api: StacServer) -> None:
+    kwargs = dict(collections="landsat-c2-l2", datetime="2019-03-01/2019-09-30", max_cloud=50,
+                  platforms="landsat-9")
+    from_api = {i["id"] for i in search(stac_api.url, limit=7, **kwargs).items()}
+    expected = {
+        i["id"] for i in stac_api.items
+        if "2019-03-01" <= i["properties"]["datetime"][:10] <= "2019-09-30"
+        and i["properties"]["eo:cloud_cover"] <= 50 and i["properties"]["platform"] == "landsat-9"
+    }
+    assert from_api == expected and expected
+
+
+def test_api_bbox_and_max_items(stac_api: StacServer, sample_region: Any) -> None:
+    assert search(stac_api.url, bbox=[10, 10, 11, 11]).items() == []
+    inside = search(stac_api.url, bbox=sample_region.bbox, max_items=3).items()
+    assert len(inside) == 3
+
+
+def test_api_unknown_collection_is_empty(stac_api: StacServer) -> None:
+    assert search(stac_api.url, collections="sentinel-2-l2a").items() == []
+
+
+def test_unreachable_api_gives_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CatalogError, match="failed after 1 retries"):
+        search(f"http://127.0.0.1:{port}/", retries=1, backoff=0.01, timeout=2).items()
+
+
+def test_cli_search_json(stac_api: StacServer) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "icemap.cli", "search", "--catalog", stac_api.url, "--collection",
+         "landsat-c2-l2", "--datetime", "2019-01-01/2019-12-31", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    fc = json.loads(out.stdout)
+    assert fc["type"] == "FeatureCollection"
+    assert len(fc["features"]) == sum(i["properties"]["datetime"].startswith("2019") for i in stac_api.items)
+
+
+def test_cli_bad_bbox_exits_nonzero() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "icemap.cli", "search", "--catalog", "x", "--bbox", "5", "0", "1", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "west" in out.stderr and "Traceback" not in out.stderr

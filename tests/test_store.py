@@ -1,0 +1,205 @@
+"""Zarr cubes: round trips, resume after interruption, appends, formats and a real cluster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+import icemap
+from icemap.errors import StoreError, StoreWarning
+from icemap.stac import search
+
+from .conftest import StacServer
+
+
+def _items(region: Any) -> list[dict[str, Any]]:
+    return search(region.catalog).items()
+
+
+def _assert_same_cube(a: Any, b: Any) -> None:
+    assert list(a["time"].values) == list(b["time"].values)
+    np.testing.assert_array_equal(a["reflectance"].values, b["reflectance"].values)
+    np.testing.assert_array_equal(a["qa_pixel"].values, b["qa_pixel"].values)
+    assert a.rio.crs == b.rio.crs and a.rio.transform() == b.rio.transform()
+
+
+@pytest.fixture(scope="module")
+def reference(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An uninterrupted ingest of the sample region, to compare everything else with."""
+    path = tmp_path_factory.mktemp("ref") / "cube.zarr"
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    return icemap.open_cube(path).compute()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_round_trip_equals_loaded_cube(sample_region: Any, tmp_path: Path, zarr_format: int) -> None:
+    items = _items(sample_region)
+    loaded = icemap.load(items, chunksize=64)
+    report = icemap.write_cube(loaded, tmp_path / "c.zarr", zarr_format=zarr_format)
+    assert report.created and len(report.written) == loaded.sizes["time"]
+    cube = icemap.open_cube(tmp_path / "c.zarr")
+    _assert_same_cube(cube, loaded.compute())
+    assert cube["qa_pixel"].dtype == np.uint16
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert group.metadata.zarr_format == zarr_format
+    # Fill values are stated, not left to zarr's default of 0.
+    assert np.isnan(group["reflectance"].fill_value)
+    assert group["qa_pixel"].fill_value == 1
+    # Dask chunks are the Zarr chunks.
+    assert group["reflectance"].chunks == (1, 1, 64, 64)
+    assert cube["reflectance"].data.chunksize == (1, 1, 64, 64)
+
+
+def test_rerun_skips_complete_steps(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    path = tmp_path / "c.zarr"
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    before = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and "reflectance" in p.parts}
+    report = icemap.ingest(_items(sample_region), path, chunksize=64)
+    assert report.written == [] and len(report.skipped) == reference.sizes["time"]
+    after = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and "reflectance" in p.parts}
+    assert before == after
+
+
+class Boom(Exception):
+    pass
+
+
+def test_interrupted_run_reads_back_right_and_resumes(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    path = tmp_path / "c.zarr"
+
+    def stop_after_first(done: int, total: int, label: str) -> None:
+        if done == 1:
+            raise Boom()
+
+    with pytest.raises(Boom):
+        icemap.ingest(_items(sample_region), path, chunksize=64, progress=stop_after_first)
+    with pytest.warns(StoreWarning, match="2 time step"):
+        partial = icemap.open_cube(path)
+    assert partial.sizes["time"] == 1
+    _assert_same_cube(partial.compute(), reference.isel(time=[0]))
+    status = icemap.cube_status(path)
+    assert status.complete == (True, False, False)
+
+    report = icemap.ingest(_items(sample_region), path, chunksize=64)
+    assert len(report.written) == 2 and len(report.skipped) == 1
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    """A crash in the middle of a step: some chunks written, some garbage, flag not set."""
+    path = tmp_path / "c.zarr"
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    group = zarr.open_group(str(path), mode="r+")
+    group["complete"][1] = 0
+    refl = group["reflectance"]
+    refl[1, 0, :64, :64] = np.full((64, 64), 42.0, np.float32)  # a wrong, partly written step
+    with pytest.warns(StoreWarning):
+        shown = icemap.open_cube(path)
+    assert 42.0 not in shown["reflectance"].values
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def test_store_without_layout_is_recreated(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    path = tmp_path / "c.zarr"
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    group = zarr.open_group(str(path), mode="r+")
+    del group.attrs["icemap:layout"]  # as if killed while writing the template
+    with pytest.raises(StoreError, match="not a finished"):
+        icemap.open_cube(path)
+    with pytest.warns(StoreWarning, match="recreating"):
+        icemap.ingest(_items(sample_region), path, chunksize=64)
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def test_append_new_dates(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    items = _items(sample_region)
+    path = tmp_path / "c.zarr"
+    last_day = sample_region.datetimes[-1][:10]
+    early = [i for i in items if not i["properties"]["datetime"].startswith(last_day)]
+    icemap.ingest(early, path, chunksize=64)
+    assert icemap.open_cube(path).sizes["time"] == reference.sizes["time"] - 1
+    report = icemap.ingest(items, path, chunksize=64)
+    assert len(report.appended) == 1 and len(report.written) == 1
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def test_other_grid_is_refused(sample_region: Any, tmp_path: Path) -> None:
+    items = _items(sample_region)
+    path = tmp_path / "c.zarr"
+    icemap.ingest(items, path, chunksize=64)
+    with pytest.raises(StoreError, match="bands"):
+        icemap.ingest(items, path, chunksize=64, bands=["green", "swir16"])
+    with pytest.raises(StoreError, match="grid"):
+        icemap.ingest(items, path, chunksize=64, resolution=60)
+
+
+def test_open_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="icemap ingest"):
+        icemap.open_cube(tmp_path / "nothing.zarr")
+
+
+@pytest.mark.cluster
+def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    from distributed import Client
+
+    from icemap.cluster import local_cluster
+
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster):
+        icemap.ingest(_items(sample_region), tmp_path / "c.zarr", chunksize=64)
+    _assert_same_cube(icemap.open_cube(tmp_path / "c.zarr").compute(), reference)
+
+
+def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_ingest_from_api_resumes(stac_api: StacServer, sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    out = tmp_path / "api.zarr"
+    w, s, e, n = sample_region.bbox
+    args = ["ingest", "--catalog", stac_api.url, "--collection", "landsat-c2-l2",
+            "--bbox", str(w), str(s), str(e), str(n), "--datetime", "2020-01-01/..",
+            "--out", str(out), "--chunksize", "64", "--quiet"]
+    first = _icemap(*args)
+    assert first.returncode == 0, first.stderr
+    assert "wrote 3 time step(s)" in first.stderr
+    second = _icemap(*args)
+    assert second.returncode == 0 and "skipped 3" in second.stderr
+    cube = icemap.open_cube(out)
+    # The bbox grid is snapped onto the scenes' pixels, so the region's pixels are the same.
+    inner = cube.sel(x=reference["x"], y=reference["y"]).compute()
+    _assert_same_cube(inner.drop_vars("complete"), reference.drop_vars("complete"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bands", "green,swir1"], "unknown band 'swir1'"),
+        (["--datetime", "1990-01-01/1990-12-31"], "matched no items"),
+    ],
+)
+def test_cli_ingest_bad_input(sample_region: Any, tmp_path: Path, extra: list[str], message: str) -> None:
+    res = _icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "x.zarr"), "--quiet", *extra)
+    assert res.returncode == 1
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_unreadable_asset_exit_code(sample_region: Any, tmp_path: Path) -> None:
+    region = tmp_path / "region"
+    shutil.copytree(sample_region.root, region)
+    victim = next(region.rglob("*_SR_B3.TIF"))
+    victim.write_bytes(b"not a tiff at all")
+    res = _icemap("ingest", "--catalog", str(region / "catalog.json"), "--out", str(tmp_path / "x.zarr"), "--quiet")
+    assert res.returncode == 1
+    assert victim.name in res.stderr and "on_error" in res.stderr.replace("-", "_")
+    ok = _icemap("ingest", "--catalog", str(region / "catalog.json"), "--out", str(tmp_path / "y.zarr"), "--quiet",
+                 "--on-error", "nodata")
+    assert ok.returncode == 0, ok.stderr
