@@ -59,7 +59,7 @@ def run_demo(
 ) -> DemoResult:
     """Generate (or reuse) the sample region under ``out`` and run the main job on it."""
     from icemap.index import ice_mask
-    from icemap.labels import glacier_ids
+    from icemap.labels import glacier_ids, read_outlines
     from icemap.quicklook import quicklook
     from icemap.sample import make_sample_region
     from icemap.stac import search
@@ -76,14 +76,15 @@ def run_demo(
     ingest(s, cube_path, chunksize=chunksize, progress=progress)
     cube = open_cube(cube_path)
     ice = ice_mask(cube, threshold=threshold)
-    ids, table = glacier_ids(region.outlines, cube)
+    outlines = read_outlines(region.outlines, layer="glaciers")
+    ids, table = glacier_ids(outlines, cube)
     areas = ice_area_per_glacier(ice, ids, table)
     areas_csv = out / "ice_area_per_glacier.csv"
     areas.to_csv(areas_csv, index=False)
     # The least cloudy date makes the most telling picture.
     valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
     best = int(valid.argmax())
-    png = quicklook(cube, out / "quicklook.png", ice=ice, outlines=region.outlines, time=best)
+    png = quicklook(cube, out / "quicklook.png", ice=ice, outlines=outlines, time=best)
     return DemoResult(
         out=out, cube=cube_path, areas_csv=areas_csv, quicklook=png, n_items=len(items),
         n_time_steps=cube.sizes["time"], areas=areas, seconds=time.perf_counter() - start,

@@ -18,6 +18,7 @@ __all__ = [
     "EmptySearchError",
     "LoadError",
     "StoreError",
+    "SampleError",
     "IcemapWarning",
     "MissingAssetWarning",
     "StoreWarning",
@@ -50,6 +51,10 @@ class LoadError(IcemapError):
 
 class StoreError(IcemapError):
     """A Zarr store that does not match what is being written or read."""
+
+
+class SampleError(IcemapError, ValueError):
+    """Invalid arguments to the sample-region generator, or a folder it must not overwrite."""
 
 
 class IcemapWarning(UserWarning):

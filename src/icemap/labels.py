@@ -66,8 +66,8 @@ def grid_of(like: Any) -> tuple[Any, tuple[int, int], Any]:
     return like.rio.transform(recalc=True), (like.sizes["y"], like.sizes["x"]), crs
 
 
-def _burn_block(shapes: list[tuple[Any, int]], transform: Any, all_touched: bool, dtype: str,
-                block_info: dict[Any, Any] | None = None) -> np.ndarray:
+def _burn_block(block: np.ndarray, shapes: list[tuple[Any, int]], transform: Any, all_touched: bool,
+                dtype: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
     from rasterio.features import rasterize
     from rasterio.windows import Window, transform as window_transform
 
@@ -89,10 +89,11 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
     chunks: Any = "auto"
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
     if getattr(ref, "chunks", None):
-        cs = ref.chunksizes
-        chunks = (cs["y"], cs["x"])
-    shapes = [(geom, int(v)) for geom, v in zip(gdf.geometry, values)]
-    # Polygons are few compared with pixels; each block burns only those it intersects.
+        chunks = (ref.chunks[ref.dims.index("y")], ref.chunks[ref.dims.index("x")])
+    import dask
+
+    # The polygons enter the graph once, as one dependency of every block, not once per block.
+    shapes = dask.delayed([(geom, int(v)) for geom, v in zip(gdf.geometry, values)], pure=True)
     template = da.empty((h, w), chunks=chunks if chunks != "auto" else (1024, 1024), dtype=dtype)
     arr = template.map_blocks(_burn_block, shapes, transform, all_touched, dtype, dtype=dtype)
     out = xr.DataArray(arr, dims=("y", "x"), coords={"y": like["y"], "x": like["x"]})

@@ -319,6 +319,8 @@ def open_cube(
                 stacklevel=2,
             )
             ds = ds.isel(time=np.flatnonzero(done))
+    # Small per-time-step labels are read now: lazy copies only confuse chunk bookkeeping.
+    ds = ds.assign_coords({c: ds[c].load() for c in ("item_ids", "platform") if c in ds.coords})
     ds = ds.sortby("time")
     crs = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     if crs is not None:

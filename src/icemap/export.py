@@ -1,0 +1,165 @@
+"""Write products to files that other tools read: Cloud-Optimized GeoTIFFs.
+
+A Cloud-Optimized GeoTIFF (COG) is an ordinary GeoTIFF laid out so that a reader can fetch one
+tile or one overview level with a single HTTP range request: internal tiling, internal overviews
+and the image file directory at the start of the file. Every raster icemap writes (the sample
+region, ice maps, NDSI products) goes through :func:`write_cog`, so they all open the same way in
+QGIS, GDAL, rasterio, stackstac and titiler.
+
+Files are written atomically: GDAL writes a temporary file in the destination folder, which is
+renamed over the destination only once it is complete. A crash or a full disk therefore never
+leaves a truncated file under the final name, which matters because other steps (and reruns)
+treat an existing file as done.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+__all__ = ["write_cog"]
+
+#: GDAL's tile sizes must be multiples of 16.
+_TILE_MULTIPLE = 16
+
+
+def _as_affine(transform: Affine | Sequence[float]) -> Affine:
+    if isinstance(transform, Affine):
+        return transform
+    values = tuple(float(v) for v in transform)
+    # A 9-element sequence is a full 3x3 affine matrix; its last row is (0, 0, 1).
+    if len(values) not in (6, 9):
+        raise ValueError(
+            "transform must be an affine.Affine or the six numbers (a, b, c, d, e, f) "
+            f"of one (as in STAC proj:transform); got {len(values)} numbers"
+        )
+    return Affine(*values[:6])
+
+
+def _effective_blocksize(blocksize: int, height: int, width: int) -> int:
+    """Shrink the tile size for small arrays so that at least one overview level exists.
+
+    GDAL's COG driver builds overviews only until they fit in one tile; an array no larger than
+    a tile would get none, and readers that ask for a coarse level would then read it whole.
+    """
+    largest = max(height, width)
+    size = blocksize
+    while size > _TILE_MULTIPLE and size * 2 > largest:
+        size //= 2
+    return max(_TILE_MULTIPLE, size - size % _TILE_MULTIPLE)
+
+
+def write_cog(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    *,
+    transform: Affine | Sequence[float],
+    crs: str | int | CRS,
+    nodata: float | int | None = None,
+    band_names: Sequence[str] | None = None,
+    overview_resampling: Literal["average", "nearest"] = "average",
+    blocksize: int = 256,
+) -> Path:
+    """Write a 2-D or (band, y, x) array as a Cloud-Optimized GeoTIFF, atomically.
+
+    Parameters
+    ----------
+    path
+        Destination file. Its folder must exist; an existing file is replaced only once the new
+        one is complete.
+    array
+        Pixel values, shape ``(y, x)`` or ``(band, y, x)``. The dtype is kept (booleans are
+        written as uint8), so pass the dtype the file should have.
+    transform
+        Pixel-to-map affine transform: an :class:`affine.Affine` or its six numbers
+        ``(a, b, c, d, e, f)`` as in STAC ``proj:transform``.
+    crs
+        Anything :meth:`rasterio.crs.CRS.from_user_input` understands (``"EPSG:32719"``, 32719,
+        WKT, a CRS object).
+    nodata
+        Value that marks missing pixels, recorded in the file so readers mask it (and so that
+        averaged overviews ignore it). ``None`` records none.
+    band_names
+        One description per band (e.g. STAC common names), shown by GDAL and QGIS.
+    overview_resampling
+        ``"average"`` for continuous quantities (reflectance, elevation, fractions);
+        ``"nearest"`` for categories and bit fields (classes, QA bands, ids), where averaging
+        would invent values that mean something else.
+    blocksize
+        Tile size in pixels, a multiple of 16. It is reduced for arrays too small to have at
+        least one overview level otherwise (a 128 x 128 array gets 64 x 64 tiles).
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        For an array that is not 2-D or 3-D, a band-name count that does not match, an unknown
+        resampling or a tile size that GDAL cannot use.
+    """
+    path = Path(path)
+    data = np.asarray(array)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    elif data.ndim != 3:
+        raise ValueError(f"array must be 2-D (y, x) or 3-D (band, y, x), got shape {data.shape}")
+    count, height, width = data.shape
+    if count == 0 or height == 0 or width == 0:
+        raise ValueError(f"array has an empty dimension: shape {data.shape}")
+    if band_names is not None and len(band_names) != count:
+        raise ValueError(f"got {len(band_names)} band names for {count} bands")
+    if overview_resampling not in ("average", "nearest"):
+        raise ValueError(
+            f"overview_resampling must be 'average' or 'nearest', not {overview_resampling!r}"
+        )
+    if blocksize < _TILE_MULTIPLE or blocksize % _TILE_MULTIPLE:
+        raise ValueError(f"blocksize must be a positive multiple of 16, not {blocksize}")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"folder {path.parent} does not exist; create it before writing {path.name}"
+        )
+
+    profile: dict[str, Any] = {
+        "driver": "COG",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": data.dtype.name,
+        "crs": CRS.from_user_input(crs),
+        "transform": _as_affine(transform),
+        "nodata": nodata,
+        # COG creation options: DEFLATE with the predictor suited to the dtype (GDAL picks
+        # horizontal differencing for integers, floating-point prediction for floats).
+        "BLOCKSIZE": _effective_blocksize(blocksize, height, width),
+        "COMPRESS": "DEFLATE",
+        "PREDICTOR": "YES",
+        "OVERVIEW_RESAMPLING": overview_resampling.upper(),
+        "BIGTIFF": "IF_SAFER",
+    }
+    # The temporary name starts with a dot and ends in .tmp so that globbing for *.tif never
+    # picks up a half-written file, and it lives in the same folder so os.replace is atomic.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+            if band_names is not None:
+                for i, name in enumerate(band_names, start=1):
+                    dst.set_band_description(i, str(name))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
