@@ -32,7 +32,7 @@ import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
 
-__all__ = ["write_cube", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
+__all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
 
 LAYOUT_ATTR = "icemap:layout"
 LAYOUT_VERSION = 1
@@ -90,23 +90,39 @@ def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[s
     return dict(zarr.open_group(path, mode="r", storage_options=storage_options).attrs)
 
 
+def _fill_for(name: str, dtype: np.dtype) -> Any:
+    """The fill value a variable is stored with: ours where we know it, else by dtype."""
+    if name in _FILL:
+        return _FILL[name]
+    if np.issubdtype(dtype, np.floating):
+        return dtype.type(np.nan)
+    if np.issubdtype(dtype, np.unsignedinteger):
+        return np.iinfo(dtype).max
+    raise StoreError(f"variable {name!r} of dtype {dtype} has no fill value; give it a float or unsigned dtype")
+
+
+def _stepped_vars(ds: Any) -> list[str]:
+    return [v for v in ds.data_vars if v != _COMPLETE and "time" in ds[v].dims]
+
+
 def _prepare(ds: Any, chunksize: int | None) -> Any:
     """Align dask chunks to the Zarr chunks we are about to declare, and clean coordinates."""
-    missing = [v for v in _CUBE_VARS if v not in ds]
-    if missing:
-        raise StoreError(f"a cube needs variables {_CUBE_VARS}; this dataset lacks {missing}")
     if ds.rio.crs is None:
-        raise StoreError("the cube has no CRS; load it with icemap.load or set one with ds.rio.write_crs")
-    refl = ds["reflectance"]
-    if refl.dims != ("time", "band", "y", "x"):
-        raise StoreError(f"reflectance must have dims (time, band, y, x), not {refl.dims}")
+        raise StoreError("the dataset has no CRS; load it with icemap.load or set one with ds.rio.write_crs")
+    names = _stepped_vars(ds)
+    if not names:
+        raise StoreError("nothing to write: no variable has a time dimension")
+    for name in names:
+        if ds[name].dims[0] != "time" or ds[name].dims[-2:] != ("y", "x"):
+            raise StoreError(f"{name} must have dims (time, ..., y, x), not {ds[name].dims}")
+    first = ds[names[0]]
     if chunksize is None:
-        chunks = refl.chunksizes if refl.chunks else {}
+        chunks = dict(zip(first.dims, first.chunks)) if first.chunks else {}
         cy = max(chunks.get("y", (ds.sizes["y"],)))
         cx = max(chunks.get("x", (ds.sizes["x"],)))
     else:
         cy = cx = int(chunksize)
-    ds = ds.chunk({"time": 1, "band": 1, "y": cy, "x": cx})
+    ds = ds.chunk({"time": 1, "y": cy, "x": cx, **({"band": 1} if "band" in ds.dims else {})})
     # Variable-length strings (numpy-backed), so appended steps may carry longer id lists
     # than the first; zarr 3 has a stable spec for those, not for fixed-width unicode.
     for name in ("item_ids", "platform", "band"):
@@ -114,7 +130,7 @@ def _prepare(ds: Any, chunksize: int | None) -> Any:
             ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values, dtype=object))})
     ds[_COMPLETE] = ds["time"].copy(data=np.zeros(ds.sizes["time"], np.uint8)).chunk({"time": 1})
     ds[_COMPLETE].attrs = {"long_name": "1 once every pixel of the time step is written"}
-    for name in _CUBE_VARS:
+    for name in names:
         # Explicit encodings replace .encoding, so keep the CRS link as an attribute.
         ds[name].attrs["grid_mapping"] = "spatial_ref"
     return ds, (cy, cx)
@@ -122,15 +138,17 @@ def _prepare(ds: Any, chunksize: int | None) -> Any:
 
 def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str, Any]]:
     enc: dict[str, dict[str, Any]] = {
-        "reflectance": {"chunks": (1, 1, cy, cx), "_FillValue": _FILL["reflectance"]},
-        "qa_pixel": {"chunks": (1, cy, cx), "_FillValue": _FILL["qa_pixel"]},
         _COMPLETE: {"chunks": (1,), "_FillValue": _FILL[_COMPLETE]},
         "time": {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian", "dtype": "int64", "chunks": (1024,)},
     }
+    for name in _stepped_vars(ds):
+        var = ds[name]
+        chunks = tuple({"time": 1, "band": 1, "y": cy, "x": cx}.get(d, var.sizes[d]) for d in var.dims)
+        enc[name] = {"chunks": chunks, "_FillValue": _fill_for(name, var.dtype)}
     if zarr_format == 3:
         # zarr 3 keeps its own fill value (default 0) apart from the CF _FillValue attribute;
         # state both, or unwritten qa_pixel chunks would read as 0 ("clear") instead of fill.
-        for name in ("reflectance", "qa_pixel", _COMPLETE):
+        for name in [*_stepped_vars(ds), _COMPLETE]:
             enc[name]["fill_value"] = enc[name]["_FillValue"]
     for name in ("item_ids", "platform"):
         if name in ds.coords:
@@ -139,7 +157,7 @@ def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str
 
 
 def _region_write(ds_step: Any, path: str, index: int, storage_options: Mapping[str, Any] | None) -> None:
-    sel = ds_step[list(_CUBE_VARS)]
+    sel = ds_step[_stepped_vars(ds_step)]
     sel = sel.drop_vars([c for c in sel.coords if "time" not in sel[c].dims])
     region = {"time": slice(index, index + 1)}
     sel.to_zarr(path, region=region, storage_options=storage_options, consolidated=False)
@@ -150,11 +168,14 @@ def _region_write(ds_step: Any, path: str, index: int, storage_options: Mapping[
 
 
 def _check_compatible(existing: Any, ds: Any, path: str) -> None:
-    bands_old = [str(b) for b in existing["band"].values]
-    bands_new = [str(b) for b in ds["band"].values]
     problems = []
-    if bands_old != bands_new:
-        problems.append(f"bands {bands_new} != stored {bands_old}")
+    if "band" in ds.dims or "band" in existing.dims:
+        bands_old = [str(b) for b in existing["band"].values] if "band" in existing.dims else []
+        bands_new = [str(b) for b in ds["band"].values] if "band" in ds.dims else []
+        if bands_old != bands_new:
+            problems.append(f"bands {bands_new} != stored {bands_old}")
+    if set(_stepped_vars(ds)) != set(_stepped_vars(existing)):
+        problems.append(f"variables {sorted(_stepped_vars(ds))} != stored {sorted(_stepped_vars(existing))}")
     for dim in ("x", "y"):
         a, b = existing[dim].values, ds[dim].values
         if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-6):
@@ -164,8 +185,8 @@ def _check_compatible(existing: Any, ds: Any, path: str) -> None:
         problems.append(f"CRS {ds.rio.crs} != stored {crs_old}")
     if problems:
         raise StoreError(
-            f"{path} holds a cube on another grid or band set ({'; '.join(problems)}). "
-            "Write to a new --out, or repeat the first run's --bands/--crs/--resolution/--bbox"
+            f"{path} holds data on another grid, band or variable set ({'; '.join(problems)}). "
+            "Write to a new --out, or repeat the first run's options"
         )
 
 
@@ -205,6 +226,31 @@ def write_cube(
     """
     import xarray as xr
 
+    missing = [v for v in _CUBE_VARS if v not in ds]
+    if missing:
+        raise StoreError(f"a cube needs variables {_CUBE_VARS}; this dataset lacks {missing}")
+    if ds["reflectance"].dims != ("time", "band", "y", "x"):
+        raise StoreError(f"reflectance must have dims (time, band, y, x), not {ds['reflectance'].dims}")
+    return write_timesteps(ds, path, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
+                           storage_options=storage_options, progress=progress)
+
+
+def write_timesteps(
+    ds: Any,
+    path: str | os.PathLike[str],
+    *,
+    zarr_format: Literal[2, 3] = 3,
+    chunksize: int | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Write every variable with a time dimension, one time step at a time, resumably.
+
+    The machinery behind :func:`write_cube` and product stores (``ndsi``, ``ice``,
+    ``ice_probability``): template, region writes with completion flags, appends. Fill
+    values: NaN for floats, ``qa_pixel`` 1, otherwise the dtype's maximum (255 for uint8).
+    """
     path = os.fspath(path)
     if zarr_format not in (2, 3):
         raise StoreError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
@@ -273,13 +319,10 @@ def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[st
 def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
     import xarray as xr
 
-    # Masks and flags stay integers: their fill values are values, not "missing".
+    # Masks and flags stay integers: their fill values are values (fill, nodata), not
+    # "missing". Float variables are stored with NaN fill, so they read as NaN regardless.
     return xr.open_zarr(
-        path,
-        storage_options=storage_options,
-        consolidated=False,
-        decode_coords="all",
-        mask_and_scale={"reflectance": True, "qa_pixel": False, _COMPLETE: False},
+        path, storage_options=storage_options, consolidated=False, decode_coords="all", mask_and_scale=False
     )
 
 
@@ -289,7 +332,7 @@ def open_cube(
     complete_only: bool = True,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Open a cube store lazily, with its CRS, time-sorted.
+    """Open a cube (or product) store lazily, with its CRS, time-sorted.
 
     Parameters
     ----------

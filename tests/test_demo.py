@@ -1,0 +1,64 @@
+"""`icemap demo`: the main job end to end through the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import icemap
+from icemap.labels import glacier_ids
+from icemap.vector import pixel_area_m2
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--dates", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Ice area on the sample region" in res.stdout
+
+    cube = icemap.open_cube(out / "cube.zarr")
+    assert cube.sizes["time"] == 2 and cube.rio.crs.to_epsg() == 32719
+
+    areas = pd.read_csv(out / "ice_area_per_glacier.csv", parse_dates=["time"])
+    region = icemap.open_sample_region(out / "region")
+    import geopandas as gpd
+
+    outlines = gpd.read_file(region.outlines, layer="glaciers")
+    assert set(areas["glacier_id"]) == set(outlines["glacier_id"])
+    # Per-glacier areas add up to the region's ice area counted directly on the mask.
+    ice = icemap.ice_mask(cube)
+    ids = glacier_ids(outlines, cube)[0].values
+    for t, group in areas.groupby("time"):
+        mask = ice.sel(time=np.datetime64(t)).values
+        direct = ((mask == 1) & (ids > 0)).sum() * pixel_area_m2(cube) / 1e6
+        assert group["ice_area_km2"].sum() == np_approx(direct)
+    # Outline areas are the polygons' own.
+    merged = areas.drop_duplicates("glacier_id").merge(outlines[["glacier_id", "area_km2"]], on="glacier_id")
+    np.testing.assert_allclose(merged["outline_area_km2"], merged["area_km2"], rtol=1e-9)
+
+    with Image.open(out / "quicklook.png") as img:
+        assert img.mode == "RGB" and min(img.size) >= 100
+        pixels = np.asarray(img)
+    assert (pixels == [255, 230, 0]).all(axis=-1).any()  # outlines drawn
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a flat fill
+
+    # A second run reuses the region and the complete cube.
+    again = subprocess.run(
+        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--dates", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def np_approx(value: float) -> object:
+    import pytest
+
+    return pytest.approx(value, rel=1e-9, abs=1e-12)

@@ -1,0 +1,39 @@
+"""The README's two commands are what CI runs, and `import icemap` stays light."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)[:2]
+
+
+def test_ci_runs_the_readme_commands() -> None:
+    install, tests = _readme_commands()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert install.strip() in ci
+    assert tests.strip() in ci
+    assert "pytest" in tests
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, icemap; "
+        "heavy = [m for m in ('torch', 'dask', 'xarray', 'stackstac', 'rasterio', 'zarr') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_public_api_resolves_lazily() -> None:
+    import icemap
+
+    for name in icemap.__all__:
+        assert getattr(icemap, name) is not None
