@@ -71,6 +71,17 @@ def test_collection_ids_map_to_sensor() -> None:
         get_sensor("sentinel-2-l2a")
 
 
+def test_hls_tables_differ_where_sentinel2_numbers_bands_differently() -> None:
+    from icemap.bands import HLS_S30
+
+    assets = {"B8A": {"href": "x_B8A.tif"}, "B05": {"href": "x_B05.tif"}, "B11": {"href": "x_B11.tif"},
+              "B06": {"href": "x_B06.tif"}}
+    assert HLS.find_asset(assets, "nir08") == "B05" and HLS_S30.find_asset(assets, "nir08") == "B8A"
+    assert HLS.find_asset(assets, "swir16") == "B06" and HLS_S30.find_asset(assets, "swir16") == "B11"
+    assert get_sensor("HLSS30.v2.0") is HLS_S30
+    assert HLS_S30.band("green").scale == 1e-4 and HLS_S30.band("green").nodata == -9999
+
+
 def test_unknown_band_error_lists_choices() -> None:
     with pytest.raises(BandError, match="choose from coastal, blue, green"):
         LANDSAT_C2_L2.validate_bands(["green", "swir1"])

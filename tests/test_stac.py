@@ -43,6 +43,17 @@ def test_building_does_no_io() -> None:
         s.items()
 
 
+def test_file_that_is_not_stac_gives_clear_error(tmp_path: Any) -> None:
+    bad = tmp_path / "notstac.json"
+    bad.write_text('{"hello": "world"}')
+    with pytest.raises(CatalogError, match="neither a STAC item"):
+        search(bad).items()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"type": "Feature", ')
+    with pytest.raises(CatalogError, match="cannot read"):
+        search(broken).items()
+
+
 def test_partial_dates_cover_the_whole_period() -> None:
     start, end = parse_datetime("2021-02")
     assert (start.isoformat(), end.isoformat()) == ("2021-02-01T00:00:00+00:00", "2021-02-28T23:59:59.999999+00:00")

@@ -24,6 +24,8 @@ __all__ = [
     "Sensor",
     "LANDSAT_C2_L2",
     "HLS",
+    "HLS_L30",
+    "HLS_S30",
     "SENSORS",
     "QA_PIXEL",
     "QA_RADSAT_TERRAIN_OCCLUSION",
@@ -243,7 +245,7 @@ def _hls_band(name: str, asset: str, number: int, wl: float) -> Band:
 
 #: HLS v2 L30 (Landsat) reflectance: int16, scale 1e-4, fill -9999. The Fmask band uses a
 #: different bit layout from QA_PIXEL, so no QA asset is declared: HLS cubes are masked by fill only.
-HLS = Sensor(
+HLS_L30 = Sensor(
     name="hls",
     description="Harmonized Landsat Sentinel-2 (HLS v2.0) L30 surface reflectance",
     bands=(
@@ -258,8 +260,27 @@ HLS = Sensor(
     collections=("hls", "HLSL30.v2.0", "hls2-l30", "HLSL30_2.0"),
     platforms=("landsat-8", "landsat-9"),
 )
+HLS = HLS_L30
 
-SENSORS: dict[str, Sensor] = {s.name: s for s in (LANDSAT_C2_L2, HLS)}
+#: HLS v2 S30 (Sentinel-2 MSI, harmonised to Landsat): same encoding as L30, but Sentinel-2 band
+#: numbers: the narrow NIR that matches OLI band 5 is B8A, SWIR1 is B11 and SWIR2 is B12.
+HLS_S30 = Sensor(
+    name="hls-s30",
+    description="Harmonized Landsat Sentinel-2 (HLS v2.0) S30 surface reflectance",
+    bands=(
+        _hls_band("coastal", "B01", 1, 0.443),
+        _hls_band("blue", "B02", 2, 0.492),
+        _hls_band("green", "B03", 3, 0.560),
+        _hls_band("red", "B04", 4, 0.665),
+        _hls_band("nir08", "B8A", 9, 0.865),
+        _hls_band("swir16", "B11", 11, 1.614),
+        _hls_band("swir22", "B12", 12, 2.202),
+    ),
+    collections=("HLSS30.v2.0", "hls2-s30", "HLSS30_2.0"),
+    platforms=("sentinel-2a", "sentinel-2b", "sentinel-2c"),
+)
+
+SENSORS: dict[str, Sensor] = {s.name: s for s in (LANDSAT_C2_L2, HLS_L30, HLS_S30)}
 
 
 def get_sensor(name_or_collection: str | Sensor) -> Sensor:
