@@ -8,6 +8,8 @@ lazy and eager results are equal by construction, and the graph grows by one tas
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -106,33 +108,134 @@ def ndwi(cube: Any) -> Any:
     return _index(cube, "green", "nir08", "ndwi", "normalised difference water index")
 
 
-def _threshold_kernel(index: np.ndarray, threshold: float) -> np.ndarray:
-    out = np.where(index >= threshold, np.uint8(1), np.uint8(0))
-    out[np.isnan(index)] = ICE_NODATA
+def _ice_block(
+    *arrays: np.ndarray, names: tuple[str, ...], threshold: float, guards: tuple[Any, ...]
+) -> np.ndarray:
+    """apply_ufunc adapter: positional blocks -> :func:`icemap.guards.ice_kernel`'s mapping."""
+    from icemap.guards import ice_kernel
+
+    return ice_kernel(dict(zip(names, arrays)), threshold, guards)
+
+
+def _dem_inputs(dem: Any, refl: Any, need: tuple[str, ...]) -> dict[str, Any]:
+    """Elevation and/or slope on the cube grid, chunked like the cube's y/x blocks."""
+    import xarray as xr
+
+    from icemap.dem import dem_on_grid, slope_degrees
+
+    chunks = None
+    if refl.chunks is not None:
+        chunks = (refl.chunks[refl.dims.index("y")], refl.chunks[refl.dims.index("x")])
+    on_grid = (
+        isinstance(dem, xr.DataArray)
+        and dem.dims == ("y", "x")
+        and dem.sizes["y"] == refl.sizes["y"]
+        and dem.sizes["x"] == refl.sizes["x"]
+        and np.array_equal(dem["y"].values, refl["y"].values)
+        and np.array_equal(dem["x"].values, refl["x"].values)
+        and dem.rio.crs is not None
+        and dem.rio.crs == refl.rio.crs
+    )
+    if on_grid:
+        # Already on the grid (e.g. from dem_on_grid): reuse it, only align the blocks.
+        elevation = dem.astype(np.float32)
+        if chunks is not None:
+            elevation = elevation.chunk({"y": chunks[0], "x": chunks[1]})
+    else:
+        elevation = dem_on_grid(dem, refl, chunks=chunks)
+    out: dict[str, Any] = {}
+    if "elevation" in need:
+        out["elevation"] = elevation.drop_vars("spatial_ref", errors="ignore")
+    if "slope" in need:
+        out["slope"] = slope_degrees(elevation).drop_vars("spatial_ref", errors="ignore")
     return out
 
 
-def ice_mask(cube: Any, method: str = "ndsi", threshold: float | None = None) -> Any:
+def ice_mask(
+    cube: Any,
+    method: str = "ndsi",
+    threshold: float | None = None,
+    guards: Sequence[str | Any] = (),
+    dem: Any = None,
+    **guard_params: Any,
+) -> Any:
     """Map ice as uint8: 1 ice, 0 not ice, :data:`ICE_NODATA` (255) where the input is masked.
+
+    NDSI alone also flags water, cloud shadow and other dark pixels (METHOD.md); the optional
+    ``guards`` veto those pixels using absolute reflectance and terrain (see
+    :mod:`icemap.guards` for the tests, their defaults and the false positives they remove on
+    real data). The threshold and all guards run in one numpy kernel per chunk
+    (:func:`icemap.guards.ice_kernel` through ``apply_ufunc(dask="parallelized")``), so the
+    result is lazy for a lazy cube and equal to the eager result chunk for chunk.
 
     Parameters
     ----------
     cube
-        A cube from :func:`icemap.open_cube` or :func:`icemap.load`.
+        A cube from :func:`icemap.open_cube` or :func:`icemap.load`, or a reflectance DataArray
+        (time, band, y, x) with ``band`` labelled by common names.
     method
         ``"ndsi"`` (thresholded NDSI).
     threshold
         NDSI threshold; pixels with NDSI >= threshold are ice. Default 0.4.
+    guards
+        Any of ``"water"`` (needs the ``nir08`` band), ``"dark"`` and ``"dem"`` (needs
+        ``dem``), or :class:`icemap.guards.Guard` instances. Empty (the default) is plain NDSI.
+    dem
+        Elevation for the ``"dem"`` guard: a GeoTIFF/COG path, a STAC item/asset, or a
+        DataArray; warped onto the cube grid by :func:`icemap.dem.dem_on_grid` unless it is
+        already on it.
+    **guard_params
+        Parameters of the enabled guards: ``ndwi_max``, ``nir_min`` (water), ``green_min``
+        (dark), ``elevation_min_m``, ``slope_max_deg`` (dem).
+
+    Returns
+    -------
+    xarray.DataArray
+        ``ice`` (time, y, x) uint8, with the method, threshold, guards and every guard
+        parameter in its attrs, so a stored product says how it was made.
+
+    Raises
+    ------
+    IcemapError
+        For an unknown method, guard or guard parameter, a threshold outside [-1, 1], or the
+        ``"dem"`` guard without a DEM. :class:`~icemap.errors.BandError` when the cube lacks a
+        band that the NDSI or a guard needs.
     """
     import xarray as xr
+
+    from icemap.guards import guard_attrs, required_inputs, resolve_guards
 
     if method != "ndsi":
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' (the U-Net runs through icemap.predict)")
     t = DEFAULT_NDSI_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= t <= 1.0:
         raise IcemapError(f"an NDSI threshold lies in [-1, 1], got {t}")
-    index = ndsi(cube)
-    ice = xr.apply_ufunc(_threshold_kernel, index, t, dask="parallelized", output_dtypes=[np.uint8])
+    resolved = resolve_guards(guards, **guard_params)
+    need = required_inputs(resolved)
+    if any(k in ("elevation", "slope") for k in need) and dem is None:
+        raise IcemapError(
+            "the 'dem' guard needs a DEM: pass dem=<GeoTIFF/COG path, STAC item or DataArray>"
+        )
+    if dem is not None and not any(g.name == "dem" for g in resolved):
+        raise IcemapError("a DEM was given but the 'dem' guard is not enabled; add it to guards=(...)")
+
+    refl = _reflectance(cube)
+    inputs: dict[str, Any] = {"green": _band(refl, "green"), "swir16": _band(refl, "swir16")}
+    for key in need:
+        if key not in ("elevation", "slope"):
+            inputs[key] = _band(refl, key)
+    if dem is not None:
+        inputs.update(_dem_inputs(dem, refl, need))
+    names = tuple(inputs)
+    kernel = functools.partial(_ice_block, names=names, threshold=t, guards=resolved)
+    # One apply_ufunc for the threshold and every guard: one task per chunk in the graph.
+    ice = xr.apply_ufunc(
+        kernel,
+        *inputs.values(),
+        dask="parallelized",
+        output_dtypes=[np.uint8],
+        keep_attrs=False,
+    )
     ice.name = "ice"
     ice.attrs = {
         "long_name": "ice mask",
@@ -141,5 +244,10 @@ def ice_mask(cube: Any, method: str = "ndsi", threshold: float | None = None) ->
         "nodata": int(ICE_NODATA),
         "method": method,
         "threshold": t,
+        **guard_attrs(resolved),
     }
-    return _keep_grid(ice, _reflectance(cube))
+    if dem is not None and not isinstance(dem, xr.DataArray):
+        from icemap.dem import resolve_dem_href
+
+        ice.attrs["guard_dem_source"] = resolve_dem_href(dem)
+    return _keep_grid(ice, refl)
