@@ -19,6 +19,10 @@ __all__ = [
     "LoadError",
     "StoreError",
     "SampleError",
+    "ModelError",
+    "MetricsError",
+    "GridMismatchError",
+    "NoValidPixelsError",
     "IcemapWarning",
     "MissingAssetWarning",
     "StoreWarning",
@@ -51,6 +55,22 @@ class LoadError(IcemapError):
 
 class StoreError(IcemapError):
     """A Zarr store that does not match what is being written or read."""
+
+
+class MetricsError(IcemapError, ValueError):
+    """Inputs to an accuracy computation that cannot be compared (dtype, dims, arguments)."""
+
+
+class GridMismatchError(MetricsError):
+    """A reference, mask or id raster that is not on the prediction's grid."""
+
+
+class NoValidPixelsError(MetricsError):
+    """Nothing left to score: every pixel is nodata in the prediction or reference, or invalid."""
+
+
+class ModelError(IcemapError):
+    """A model, checkpoint or input channel set that cannot be used as asked."""
 
 
 class SampleError(IcemapError, ValueError):
