@@ -492,7 +492,7 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str)
 
 
 def test_write_cog_multiband_atomic(tmp_path: Path) -> None:
-    data = np.arange(3 * 100 * 120, dtype=np.float32).reshape(3, 100, 120)
+    data = np.arange(3 * 200 * 240, dtype=np.float32).reshape(3, 200, 240)  # larger than one 128-px tile
     transform = (30.0, 0.0, 15.0, 0.0, -30.0, 9015.0)
     out = write_cog(
         tmp_path / "x.tif",

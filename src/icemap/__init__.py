@@ -25,12 +25,34 @@ _API = {
     "ndsi": "icemap.index",
     "ndwi": "icemap.index",
     "ice_mask": "icemap.index",
+    "read_outlines": "icemap.labels",
+    "rasterize_outlines": "icemap.labels",
+    "glacier_ids": "icemap.labels",
+    "ice_area_per_glacier": "icemap.vector",
+    "polygonise": "icemap.vector",
+    "area_change": "icemap.vector",
+    "confusion": "icemap.metrics",
+    "scores": "icemap.metrics",
+    "evaluate": "icemap.metrics",
+    "threshold_sweep": "icemap.metrics",
+    "unsupervised_threshold": "icemap.metrics",
+    "map_ndsi": "icemap.workflow",
+    "map_cube": "icemap.workflow",
+    "write_product": "icemap.workflow",
+    "quicklook": "icemap.quicklook",
+    "export_geotiffs": "icemap.export",
 }
 
 __all__ = sorted(_API) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from icemap.export import export_geotiffs
     from icemap.index import ice_mask, ndsi, ndwi
+    from icemap.labels import glacier_ids, rasterize_outlines, read_outlines
+    from icemap.metrics import confusion, evaluate, scores, threshold_sweep, unsupervised_threshold
+    from icemap.quicklook import quicklook
+    from icemap.vector import area_change, ice_area_per_glacier, polygonise
+    from icemap.workflow import map_cube, map_ndsi, write_product
     from icemap.load import load
     from icemap.sample import make_sample_region, open_sample_region
     from icemap.stac import Search, search

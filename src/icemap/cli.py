@@ -147,6 +147,112 @@ def ingest_cmd(
     )
 
 
+@app.command("map")
+def map_cmd(
+    cube: Annotated[Path, typer.Option("--cube", help="Cube store written by `icemap ingest`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Product store (Zarr) to write or finish.")],
+    method: Annotated[str, typer.Option("--method", help="ndsi (the U-Net comes with --model).")] = "ndsi",
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4).")] = None,
+    guards: Annotated[Optional[list[str]], typer.Option("--guards", help="water, dark, dem (repeatable or comma-separated).")] = None,
+    dem: Annotated[Optional[Path], typer.Option("--dem", help="DEM GeoTIFF for the dem guard.")] = None,
+    geotiff: Annotated[Optional[Path], typer.Option("--geotiff", help="Also write COGs per date to this folder.")] = None,
+    outlines: Annotated[Optional[Path], typer.Option("--outlines", help="Also write ice outlines (.gpkg/.geojson/.parquet).")] = None,
+    quicklook: Annotated[Optional[Path], typer.Option("--quicklook", help="Also write a PNG of the clearest date.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Outlines drawn on the quicklook.")] = None,
+    zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
+    scheduler: SchedulerOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Map ice on a cube: writes `ndsi` (float32) and `ice` (uint8; 255 = nodata) per date."""
+    from icemap.cluster import connect
+    from icemap.workflow import map_cube
+
+    with connect(scheduler), _StepProgress(quiet, "map") as progress:
+        result = map_cube(
+            cube, out, method=method, threshold=threshold, guards=_split_list(guards) or (), dem=dem,
+            zarr_format=zarr_format, geotiff_dir=geotiff, outlines_path=outlines,  # type: ignore[arg-type]
+            quicklook_path=quicklook, reference=reference, progress=progress,
+        )
+    con = _console()
+    con.print(f"[bold]{out}[/]: wrote {len(result.written)} time step(s), skipped {len(result.skipped)}")
+    for label, value in (("geotiffs", f"{len(result.geotiffs)} files in {geotiff}" if geotiff else None),
+                         ("outlines", result.outlines), ("quicklook", result.quicklook)):
+        if value:
+            con.print(f"{label}: {value}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="Product store with an `ice` variable.")],
+    reference: Annotated[Path, typer.Option("--reference", help="Reference outlines (any vector format).")],
+    buffer: Annotated[float, typer.Option("--buffer", help="Grow outlines by M metres (15 = study a's extended mask).")] = 0.0,
+    all_touched: Annotated[bool, typer.Option("--all-touched", help="Burn every pixel an outline touches.")] = False,
+    time: Annotated[Optional[str], typer.Option("--time", help="Score one date (YYYY-MM-DD); default all dates pooled.")] = None,
+    per_glacier: Annotated[Optional[Path], typer.Option("--per-glacier", help="Also write per-glacier scores (CSV).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+) -> None:
+    """Score an ice product against reference outlines (F1, kappa, areas...)."""
+    from icemap.metrics import evaluate
+    from icemap.store import open_cube
+
+    product = open_cube(pred)
+    if "ice" not in product:
+        raise IcemapError(f"{pred} has no `ice` variable; write it with `icemap map`")
+    ice = product["ice"]
+    if time is not None:
+        ice = ice.sel(time=time)
+        if "time" in ice.dims and ice.sizes["time"] == 0:
+            raise IcemapError(f"{pred} has no date {time}; dates: {', '.join(str(t)[:10] for t in product['time'].values)}")
+    if per_glacier is not None:
+        result, table = evaluate(ice, reference, buffer_m=buffer, all_touched=all_touched, per_glacier=True)
+        table.reset_index().to_csv(per_glacier, index=False)
+    else:
+        result = evaluate(ice, reference, buffer_m=buffer, all_touched=all_touched)
+    _print_scores(result, as_json)
+
+
+def _print_scores(result: dict[str, Any], as_json: bool) -> None:
+    import math
+
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+    if as_json:
+        json.dump(clean, sys.stdout, default=float)
+        sys.stdout.write("\n")
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False)
+    for k, v in clean.items():
+        table.add_row(k, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+    _console(stderr=False).print(table)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    cube: Annotated[Path, typer.Option("--cube", help="Cube store.")],
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Outlines for the F1 sweep.")] = None,
+    method: Annotated[str, typer.Option("--method", help="f1 (needs --reference), otsu or valley.")] = "f1",
+    buffer: Annotated[float, typer.Option("--buffer", help="Grow outlines by M metres.")] = 0.0,
+    curve: Annotated[Optional[Path], typer.Option("--curve", help="Write the full curve as CSV.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {threshold, method, ...} as JSON.")] = False,
+) -> None:
+    """Choose an NDSI threshold: F1 sweep against outlines, or Otsu/valley on the histogram."""
+    from icemap.store import open_cube
+    from icemap.workflow import calibrate_threshold
+
+    if method not in ("f1", "otsu", "valley"):
+        raise IcemapError(f"--method must be f1, otsu or valley, not {method!r}")
+    threshold, table = calibrate_threshold(open_cube(cube), reference=reference, method=method,  # type: ignore[arg-type]
+                                           buffer_m=buffer)
+    if curve is not None:
+        table.to_csv(curve, index=False)
+    summary: dict[str, Any] = {"method": method, "threshold": float(threshold)}
+    if method == "f1":
+        row = table.iloc[(table["threshold"] - threshold).abs().argmin()]
+        summary.update({k: float(row[k]) for k in ("f1", "precision", "recall") if k in row})
+    _print_scores(summary, as_json)
+
+
 @app.command("status")
 def status_cmd(cube: Annotated[Path, typer.Argument(help="A cube or product store.")]) -> None:
     """Show a store's time steps and which are complete."""

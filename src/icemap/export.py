@@ -25,9 +25,10 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-__all__ = ["write_cog"]
+__all__ = ["write_cog", "export_geotiffs"]
 
 #: GDAL's tile sizes must be multiples of 16.
+_MIN_COG_TILE = 128
 _TILE_MULTIPLE = 16
 
 
@@ -52,9 +53,11 @@ def _effective_blocksize(blocksize: int, height: int, width: int) -> int:
     """
     largest = max(height, width)
     size = blocksize
-    while size > _TILE_MULTIPLE and size * 2 > largest:
+    # GDAL's COG driver refuses tiles under 128 px (it warns and falls back), so stop there.
+    while size > _MIN_COG_TILE and size * 2 > largest:
         size //= 2
-    return max(_TILE_MULTIPLE, size - size % _TILE_MULTIPLE)
+    size = max(_MIN_COG_TILE, size)
+    return size - size % _TILE_MULTIPLE
 
 
 def write_cog(
@@ -163,3 +166,109 @@ def write_cog(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _nodata_for(var: Any) -> float | int | None:
+    """Nodata of a product variable: its own ``nodata``/``_FillValue`` attr, else by dtype.
+
+    uint8 products are ice masks (255 = undecided, :data:`icemap.index.ICE_NODATA`), floats use
+    NaN; other integer types have no safe default, so nodata is left unset for them.
+    """
+    for key in ("nodata", "_FillValue"):
+        if key in var.attrs and var.attrs[key] is not None:
+            return var.attrs[key]
+    if var.encoding.get("_FillValue") is not None:
+        return var.encoding["_FillValue"]
+    if var.dtype == np.uint8:
+        return 255
+    if np.issubdtype(var.dtype, np.floating):
+        return float("nan")
+    return None
+
+
+def _stamp(t: Any, all_times: Sequence[Any]) -> str:
+    """``YYYY-MM-DD``, or the full time when two steps share a day (names must stay unique)."""
+    day = str(np.datetime_as_string(np.datetime64(t, "D")))
+    same_day = sum(str(np.datetime_as_string(np.datetime64(u, "D"))) == day for u in all_times)
+    if same_day == 1:
+        return day
+    return str(np.datetime_as_string(np.datetime64(t, "s"))).replace(":", "")
+
+
+def export_geotiffs(
+    product_ds: Any,
+    folder: str | os.PathLike[str],
+    variables: Sequence[str] = ("ice",),
+    *,
+    blocksize: int = 256,
+) -> list[Path]:
+    """Write one Cloud-Optimized GeoTIFF per variable and time step (``ice_2021-02-12.tif``).
+
+    Parameters
+    ----------
+    product_ds
+        An ``xarray.Dataset`` (or a named DataArray) of products on the cube grid, each
+        variable (time, y, x) or (y, x), with a CRS (``.rio.crs``).
+    folder
+        Output folder, created if missing.
+    variables
+        Variables to write. Each time step is computed on its own, so only one 2-D frame is in
+        memory at a time.
+    blocksize
+        COG tile size (see :func:`write_cog`).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, by variable then time.
+
+    Notes
+    -----
+    Nodata is recorded in each file: the variable's ``nodata`` attribute if it has one, else
+    255 for uint8 (ice masks) and NaN for floats. Integer variables get overviews by nearest
+    neighbour (they are categories: averaging 0 and 1 would invent 0.5 that reads as a class),
+    floats by averaging. A file name carries the day; two steps on one day get the full time.
+    """
+    import xarray as xr
+
+    from icemap.errors import IcemapError
+
+    if isinstance(product_ds, xr.DataArray):
+        if product_ds.name is None:
+            raise IcemapError("a DataArray to export needs a name (it becomes the file prefix)")
+        product_ds = product_ds.to_dataset()
+    if not isinstance(product_ds, xr.Dataset):
+        raise IcemapError(f"expected an xarray Dataset of products, got {type(product_ds).__name__}")
+    if isinstance(variables, str):
+        variables = (variables,)
+    missing = [v for v in variables if v not in product_ds.data_vars]
+    if missing:
+        raise IcemapError(
+            f"no variable {', '.join(map(repr, missing))} in the products; they have "
+            f"{', '.join(map(str, product_ds.data_vars))}"
+        )
+    crs = product_ds.rio.crs
+    if crs is None:
+        raise IcemapError("the products have no CRS; write one with .rio.write_crs(...)")
+    transform = product_ds.rio.transform(recalc=True)
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name in variables:
+        var = product_ds[name]
+        extra = [d for d in var.dims if d not in ("time", "y", "x")]
+        if extra or "y" not in var.dims or "x" not in var.dims:
+            raise IcemapError(f"variable {name!r} has dims {var.dims}; expected (time, y, x) or (y, x)")
+        nodata = _nodata_for(var)
+        resampling: Literal["average", "nearest"] = (
+            "nearest" if np.issubdtype(var.dtype, np.integer) or var.dtype == bool else "average"
+        )
+        times = list(var["time"].values) if "time" in var.dims else [None]
+        for i, t in enumerate(times):
+            frame = var.isel(time=i) if t is not None else var
+            frame = frame.transpose("y", "x")
+            fname = f"{name}_{_stamp(t, times)}.tif" if t is not None else f"{name}.tif"
+            paths.append(write_cog(out_dir / fname, np.asarray(frame.values), transform=transform,
+                                   crs=crs, nodata=nodata, overview_resampling=resampling,
+                                   blocksize=blocksize))
+    return paths

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from icemap.errors import IcemapError
+from icemap.errors import IcemapError, IcemapWarning
 
 __all__ = ["read_outlines", "rasterize_outlines", "glacier_ids", "grid_of"]
 
@@ -44,7 +44,7 @@ def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> 
             if path.endswith((".parquet", ".geoparquet")):
                 gdf = gpd.read_parquet(path)
             else:
-                gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+                gdf = gpd.read_file(path, layer=layer or _outline_layer(path))
         except Exception as exc:  # pyogrio/fiona raise many kinds
             raise IcemapError(f"cannot read outlines from {path}: {exc}") from None
     if gdf.crs is None:
@@ -58,6 +58,33 @@ def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> 
     return gdf
 
 
+def _outline_layer(path: str) -> str | None:
+    """The layer to read from a multi-layer file when none is named.
+
+    A layer called like an inventory (``glaciers``, ``outlines``, ``rgi``...) wins; otherwise
+    the first layer is used and a warning says how to pick another.
+    """
+    import warnings
+
+    import pyogrio
+
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+    except Exception:  # not a multi-layer container: let read_file report problems
+        return None
+    if len(layers) <= 1:
+        return None
+    for name in layers:
+        if name.lower() in ("glaciers", "glacier", "outlines", "rgi", "glims"):
+            return name
+    warnings.warn(
+        f"{path} has layers {', '.join(layers)}; reading {layers[0]!r}. Pass layer= to choose another",
+        IcemapWarning,
+        stacklevel=3,
+    )
+    return layers[0]
+
+
 def grid_of(like: Any) -> tuple[Any, tuple[int, int], Any]:
     """``(transform, (height, width), crs)`` of a cube or raster DataArray."""
     crs = like.rio.crs
@@ -66,11 +93,33 @@ def grid_of(like: Any) -> tuple[Any, tuple[int, int], Any]:
     return like.rio.transform(recalc=True), (like.sizes["y"], like.sizes["x"]), crs
 
 
+_SPURIOUS = "Dataset has no geotransform"
+
+
+def _quiet_rasterize_warning() -> None:
+    """Silence rasterio's spurious NotGeoreferencedWarning from concurrent ``rasterize`` calls.
+
+    Under threads, rasterio's in-memory datasets sometimes report "no geotransform" although the
+    burnt result is right (checked: threaded and single-threaded rasters are identical over many
+    runs). Only that message is filtered, in whichever process rasterises (workers too); the
+    filter list is checked each time because test runners and notebooks reset it.
+    """
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    for f in warnings.filters:
+        if f[0] == "ignore" and f[1] is not None and f[1].pattern == _SPURIOUS:
+            return
+    warnings.filterwarnings("ignore", message=_SPURIOUS, category=NotGeoreferencedWarning)
+
+
 def _burn_block(block: np.ndarray, shapes: list[tuple[Any, int]], transform: Any, all_touched: bool,
                 dtype: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
     from rasterio.features import rasterize
     from rasterio.windows import Window, transform as window_transform
 
+    _quiet_rasterize_warning()
     info = block_info[None]
     (y0, y1), (x0, x1) = info["array-location"]
     win = Window(x0, y0, x1 - x0, y1 - y0)

@@ -1,19 +1,42 @@
-"""Ice areas per glacier and per region.
+"""Ice areas per glacier and per region, ice outlines, and vector files.
 
 Areas are counted, not vectorised: each chunk contributes a ``bincount`` of its ice pixels by
 glacier id, and the per-chunk counts are summed, so the reduction is lazy and needs memory
 for one chunk plus one number per glacier, whatever the size of the region.
+
+Outlines (:func:`polygonise`) are the exception that needs a whole time step: a polygon may
+cross any number of chunks. They are made one time step at a time, and each polygon's area is
+its pixel count times the pixel area, so outline areas and counted areas agree exactly.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import os
+import uuid
+from pathlib import Path
+
 import numpy as np
 
 from icemap.errors import IcemapError
 
-__all__ = ["pixel_area_m2", "ice_area_per_glacier", "ice_area_km2"]
+__all__ = [
+    "pixel_area_m2",
+    "ice_area_per_glacier",
+    "ice_area_km2",
+    "polygonise",
+    "write_vector",
+    "area_change",
+    "VECTOR_FORMATS",
+]
+
+#: File suffix -> (OGR driver or "parquet", human name) for :func:`write_vector`.
+VECTOR_FORMATS: dict[str, tuple[str, str]] = {
+    ".gpkg": ("GPKG", "GeoPackage"),
+    ".geojson": ("GeoJSON", "GeoJSON"),
+    ".parquet": ("parquet", "GeoParquet"),
+}
 
 
 def pixel_area_m2(like: Any) -> float:
@@ -88,3 +111,205 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
 def ice_area_km2(ice: Any) -> Any:
     """Total ice area (km²) per time step of an ice mask, lazily (an xarray DataArray)."""
     return (ice == 1).sum(dim=("y", "x")) * (pixel_area_m2(ice) / 1e6)
+
+
+def _times(ice: Any) -> list[Any]:
+    return list(ice["time"].values) if "time" in ice.dims else [None]
+
+
+def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
+    """Ice outlines: one polygon per 4-connected patch of ice pixels, per time step.
+
+    Parameters
+    ----------
+    ice
+        uint8 ice mask (time, y, x) or (y, x) with a projected CRS: 1 ice, 0 not, 255 nodata.
+        Only value 1 becomes polygons; nodata is neither ice nor a hole filler.
+    min_area_m2
+        Drop patches smaller than this (e.g. ``2 * pixel area`` to drop single-pixel noise).
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        Columns ``time`` (NaT for a mask without time), ``pixel_count``, ``area_km2`` (= pixel
+        count x pixel area, exactly what :func:`ice_area_km2` counts) and ``geometry`` (pixel
+        edges, with holes), in the CRS of the cube.
+
+    Notes
+    -----
+    Patches are labelled with 4-connectivity, the connectivity ``rasterio.features.shapes``
+    uses, so every label is exactly one polygon and diagonal neighbours are separate outlines.
+    Each time step is computed (and held in memory, as a 2-D array) on its own.
+    """
+    import geopandas as gpd
+    import pandas as pd
+    from rasterio.features import shapes
+    from scipy import ndimage
+    from shapely.geometry import shape
+
+    px_m2 = pixel_area_m2(ice)
+    if min_area_m2 < 0:
+        raise IcemapError(f"min_area_m2 must be >= 0, got {min_area_m2}")
+    transform = ice.rio.transform(recalc=True)
+    rows: list[dict[str, Any]] = []
+    for i, t in enumerate(_times(ice)):
+        frame = np.asarray(ice.isel(time=i).values if t is not None else ice.values)
+        labels, n = ndimage.label(frame == 1)  # default structure = 4-connectivity
+        if n == 0:
+            continue
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4,
+                                  transform=transform):
+            count = int(counts[int(value)])
+            if count * px_m2 < min_area_m2:
+                continue
+            rows.append({
+                "time": pd.Timestamp(t) if t is not None else pd.NaT,
+                "pixel_count": count,
+                "area_km2": count * px_m2 / 1e6,
+                "geometry": shape(geom),
+            })
+    if not rows:
+        frame_df = pd.DataFrame({"time": pd.Series([], dtype="datetime64[ns]"),
+                                 "pixel_count": pd.Series([], dtype="int64"),
+                                 "area_km2": pd.Series([], dtype="float64")})
+        return gpd.GeoDataFrame(frame_df, geometry=gpd.GeoSeries([], crs=ice.rio.crs), crs=ice.rio.crs)
+    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ice.rio.crs)
+    gdf["time"] = pd.to_datetime(gdf["time"])
+    return gdf.sort_values(["time", "area_km2"], ascending=[True, False], ignore_index=True)
+
+
+def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
+    """Write a GeoDataFrame as GeoPackage, GeoJSON or GeoParquet by suffix, atomically.
+
+    Parameters
+    ----------
+    gdf
+        The outlines (e.g. from :func:`polygonise`).
+    path
+        Destination; ``.gpkg``, ``.geojson`` or ``.parquet`` picks the format. Its folder must
+        exist. The file is written to a temporary name in the same folder and renamed over
+        ``path`` once complete, so readers never see a half-written file and a failed write
+        leaves any previous file intact.
+    layer
+        GeoPackage layer name; default the file's stem.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    IcemapError
+        For an unknown suffix, a missing folder, or GeoParquet without pyarrow installed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VECTOR_FORMATS:
+        raise IcemapError(
+            f"cannot tell the vector format of {path.name!r}; use one of "
+            + ", ".join(f"{k} ({v[1]})" for k, v in VECTOR_FORMATS.items())
+        )
+    if not path.parent.is_dir():
+        raise IcemapError(f"folder {path.parent} does not exist; create it before writing {path.name}")
+    driver = VECTOR_FORMATS[suffix][0]
+    if driver == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise IcemapError(
+                "writing GeoParquet needs pyarrow, which is not installed; pip install pyarrow, "
+                "or write .gpkg/.geojson"
+            ) from None
+    # Same folder (os.replace is atomic only within a file system) and the real suffix after a
+    # leading dot, so drivers that look at the suffix still recognise the format.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        if driver == "parquet":
+            gdf.to_parquet(tmp)
+        elif driver == "GPKG":
+            gdf.to_file(tmp, driver=driver, layer=layer or path.stem, engine="pyogrio")
+        else:
+            gdf.to_file(tmp, driver=driver, engine="pyogrio")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for extra in ("-journal", "-wal", "-shm"):  # SQLite side files of a failed GeoPackage
+            Path(str(tmp) + extra).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _select_time(ice: Any, when: Any) -> Any:
+    """The one time label of ``ice`` that ``when`` names: an exact time, or a day ("2021-02-12")."""
+    import pandas as pd
+
+    if "time" not in ice.dims:
+        raise IcemapError("area_change needs an ice mask with a time dimension")
+    times = pd.DatetimeIndex(ice["time"].values)
+    if isinstance(when, (int, np.integer)) and not isinstance(when, bool):
+        if not -len(times) <= int(when) < len(times):
+            raise IcemapError(f"time index {when} out of range for {len(times)} time steps")
+        return times[int(when)]
+    stamp = pd.Timestamp(when)
+    exact = times[times == stamp]
+    if len(exact) == 1:
+        return exact[0]
+    same_day = times[times.normalize() == stamp.normalize()] if stamp == stamp.normalize() else exact
+    if len(same_day) == 1:
+        return same_day[0]
+    available = ", ".join(str(t)[:19] for t in times)
+    if len(same_day) > 1:
+        raise IcemapError(f"{when!r} matches {len(same_day)} time steps; give the full time ({available})")
+    raise IcemapError(f"no time step at {when!r}; the mask has {available}")
+
+
+def area_change(ice: Any, t0: Any, t1: Any, ids: Any, table: Any) -> Any:
+    """Ice area of every glacier at two dates and its change, as a pandas DataFrame.
+
+    Parameters
+    ----------
+    ice
+        uint8 ice mask (time, y, x).
+    t0, t1
+        The two time steps: a date (``"2021-02-12"``, matching the one step of that day), a full
+        time, or an integer position.
+    ids, table
+        From :func:`icemap.labels.glacier_ids` on the same grid.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per glacier: ``glacier_id``, ``time0``, ``time1``, ``area0_km2``,
+        ``area1_km2``, ``change_km2`` (area1 - area0), ``change_pct`` (relative to area0; NaN
+        where area0 is 0), ``outline_area_km2``, and ``nodata0_km2``/``nodata1_km2``: cloud or
+        fill inside the outline, where the area is a lower bound and the change is uncertain.
+        Areas come from :func:`ice_area_per_glacier`, so both tables agree exactly.
+    """
+    import pandas as pd
+
+    a, b = _select_time(ice, t0), _select_time(ice, t1)
+    steps = [a] if a == b else [a, b]
+    per = ice_area_per_glacier(ice.sel(time=steps), ids, table)
+    # ice_area_per_glacier emits the glaciers in table order for every time step, so the rows
+    # of the two steps line up by position (robust even to repeated glacier ids).
+    first = per[per["time"] == a].reset_index(drop=True)
+    second = per[per["time"] == b].reset_index(drop=True)
+    out = pd.DataFrame({
+        "glacier_id": first["glacier_id"],
+        "time0": a,
+        "time1": b,
+        "area0_km2": first["ice_area_km2"],
+        "area1_km2": second["ice_area_km2"],
+        "outline_area_km2": first["outline_area_km2"],
+        "nodata0_km2": first["nodata_area_km2"],
+        "nodata1_km2": second["nodata_area_km2"],
+    })
+    out["change_km2"] = out["area1_km2"] - out["area0_km2"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = 100.0 * out["change_km2"].to_numpy() / out["area0_km2"].to_numpy()
+    out["change_pct"] = np.where(out["area0_km2"].to_numpy() > 0, pct, np.nan)
+    cols = ["glacier_id", "time0", "time1", "area0_km2", "area1_km2", "change_km2", "change_pct",
+            "outline_area_km2", "nodata0_km2", "nodata1_km2"]
+    return out[cols].reset_index(drop=True)

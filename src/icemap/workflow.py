@@ -1,0 +1,157 @@
+"""Whole jobs built from the pipeline stages: map a cube to products, evaluate, calibrate.
+
+These are what ``icemap map``, ``icemap evaluate`` and ``icemap calibrate`` run, and what a
+notebook calls to do the same in one line. Each is a short recipe over the stage modules;
+nothing here computes pixels itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+__all__ = ["map_ndsi", "write_product", "map_cube", "MapResult", "calibrate_threshold"]
+
+
+def map_ndsi(
+    cube: Any,
+    *,
+    threshold: float | None = None,
+    guards: Sequence[str] = (),
+    dem: Any = None,
+    **guard_params: Any,
+) -> Any:
+    """The NDSI product of a cube, lazily: ``ndsi`` (float32) and ``ice`` (uint8) on (time, y, x)."""
+    import xarray as xr
+
+    from icemap.index import ice_mask, ndsi
+
+    index = ndsi(cube)
+    ice = ice_mask(cube, method="ndsi", threshold=threshold, guards=guards, dem=dem, **guard_params)
+    product = xr.Dataset({"ndsi": index, "ice": ice})
+    for name in ("item_ids", "platform"):
+        if name in cube.coords:
+            product = product.assign_coords({name: cube[name]})
+    product = product.rio.write_crs(cube.rio.crs)
+    product.attrs = {"method": "ndsi", **{k: v for k, v in ice.attrs.items() if k not in ("long_name",)}}
+    return product
+
+
+def write_product(
+    product: Any,
+    path: str | os.PathLike[str],
+    *,
+    zarr_format: Literal[2, 3] = 3,
+    chunksize: int | None = None,
+    attrs: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> Any:
+    """Write a product store resumably, one time step at a time (same rules as cubes)."""
+    from icemap import __version__
+    from icemap.store import write_timesteps
+
+    meta = {"icemap_version": __version__, **(attrs or {})}
+    return write_timesteps(product, path, zarr_format=zarr_format, chunksize=chunksize, attrs=meta,
+                           progress=progress)
+
+
+@dataclass
+class MapResult:
+    """What :func:`map_cube` wrote."""
+
+    product: Path
+    written: list[str]
+    skipped: list[str]
+    geotiffs: list[Path] = field(default_factory=list)
+    outlines: Path | None = None
+    quicklook: Path | None = None
+
+
+def map_cube(
+    cube_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "ndsi",
+    threshold: float | None = None,
+    guards: Sequence[str] = (),
+    dem: Any = None,
+    zarr_format: Literal[2, 3] = 3,
+    geotiff_dir: str | os.PathLike[str] | None = None,
+    outlines_path: str | os.PathLike[str] | None = None,
+    quicklook_path: str | os.PathLike[str] | None = None,
+    reference: Any = None,
+    progress: Any = None,
+) -> MapResult:
+    """Map a cube store to a product store, plus optional GeoTIFFs, outlines and a quicklook.
+
+    Parameters
+    ----------
+    cube_path, out
+        Input cube and output product store (Zarr; resumable like ingest).
+    method
+        ``"ndsi"``. (The U-Net path takes a model; see ``icemap.predict``.)
+    threshold, guards, dem
+        As :func:`icemap.index.ice_mask`.
+    geotiff_dir
+        Also write one COG per variable and date there.
+    outlines_path
+        Also polygonise the ice mask into outlines (.gpkg, .geojson or .parquet).
+    quicklook_path
+        Also draw a PNG of the clearest date, with ``reference`` outlines if given.
+    """
+    from icemap.errors import IcemapError
+    from icemap.store import open_cube
+
+    if method != "ndsi":
+        raise IcemapError(f"unknown method {method!r} for map_cube; use 'ndsi'")
+    cube = open_cube(cube_path)
+    product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
+    report = write_product(product, out, zarr_format=zarr_format,
+                           attrs={"source_cube": os.fspath(cube_path)}, progress=progress)
+    stored = open_cube(out)
+    result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
+    if geotiff_dir is not None:
+        from icemap.export import export_geotiffs
+
+        result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=("ice", "ndsi"))
+    if outlines_path is not None:
+        from icemap.vector import polygonise, write_vector
+
+        result.outlines = write_vector(polygonise(stored["ice"]), outlines_path)
+    if quicklook_path is not None:
+        from icemap.quicklook import quicklook
+
+        valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
+        result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
+                                     time=int(valid.argmax()))
+    return result
+
+
+def calibrate_threshold(
+    cube: Any,
+    *,
+    reference: Any = None,
+    method: Literal["f1", "otsu", "valley"] = "f1",
+    buffer_m: float = 0.0,
+) -> tuple[float, Any]:
+    """Choose an NDSI threshold: F1-maximising against outlines (study a) or from the histogram.
+
+    Returns ``(threshold, curve)`` with the curve as a pandas DataFrame.
+    """
+    from icemap.errors import IcemapError
+    from icemap.index import ndsi
+    from icemap.labels import rasterize_outlines
+    from icemap.metrics import best_threshold, threshold_sweep, unsupervised_threshold
+
+    index = ndsi(cube)
+    if method == "f1":
+        if reference is None:
+            raise IcemapError("method 'f1' needs reference outlines (--reference); or use --method otsu/valley")
+        ref = rasterize_outlines(reference, cube, buffer_m=buffer_m)
+        curve = threshold_sweep(index, ref)
+        return best_threshold(curve, "f1"), curve
+    if method in ("otsu", "valley"):
+        return unsupervised_threshold(index, method=method)
+    raise IcemapError(f"unknown calibration method {method!r}; use f1, otsu or valley")
