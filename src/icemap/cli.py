@@ -318,6 +318,10 @@ class _StepProgress:
             self._progress.stop()
 
 
+# Model commands (train, experiment) live in their own module and register on `app`.
+from icemap import cli_model  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``icemap`` console script."""
     try:

@@ -1,0 +1,166 @@
+"""Model checkpoints: weights as safetensors, everything else as JSON.
+
+A checkpoint is a folder::
+
+    MODEL_DIR/
+      model.safetensors   the weights (no pickle: safetensors holds plain tensors)
+      model.json          architecture, input channels, bands, normalisation, decision
+                          threshold, training provenance, validation metrics, icemap
+                          version, and the sha256 of the weights file
+
+Nothing is ever unpickled, so a checkpoint from an untrusted source cannot run code. The JSON
+alone (:func:`read_metadata`, no torch needed) is enough to build an inference graph; the
+weights are loaded on the workers, checked against the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icemap.errors import ModelError
+
+__all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
+           "WEIGHTS", "METADATA"]
+
+WEIGHTS = "model.safetensors"
+METADATA = "model.json"
+FORMAT_VERSION = 1
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class CheckpointMeta:
+    """What a model needs besides its weights, as plain data."""
+
+    architecture: dict[str, Any]
+    channels: list[str]
+    bands: list[str]
+    normalisation: dict[str, Any]
+    threshold: float = 0.5
+    training: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    icemap_version: str = ""
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=float)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("architecture", "channels", "bands", "normalisation") if k not in d]
+        if missing:
+            raise ModelError(f"checkpoint metadata lacks {missing}; it was not written by icemap")
+        if d.get("format_version", 1) > FORMAT_VERSION:
+            raise ModelError(
+                f"checkpoint format {d['format_version']} is newer than this icemap understands "
+                f"({FORMAT_VERSION}); upgrade icemap"
+            )
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def check_cube(self, cube: Any) -> None:
+        """Raise a clear error if the cube lacks a band the model was trained on."""
+        refl = cube["reflectance"] if "reflectance" in getattr(cube, "data_vars", {}) else cube
+        have = [str(b) for b in refl["band"].values]
+        missing = [b for b in self.bands if b not in have]
+        if missing:
+            raise ModelError(
+                f"the model needs band(s) {missing} (inputs {self.channels}) but the cube has {have}; "
+                f"ingest a cube with --bands {','.join(self.bands)} or use a model trained on these bands"
+            )
+
+
+def read_metadata(folder: str | os.PathLike[str]) -> CheckpointMeta:
+    """Read a checkpoint's JSON (cheap, no torch)."""
+    path = Path(folder) / METADATA
+    if not path.exists():
+        raise ModelError(f"no checkpoint at {folder}: {METADATA} is missing (train one with `icemap train`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"checkpoint metadata {path} is unreadable or corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"checkpoint metadata {path} is not a JSON object")
+    return CheckpointMeta.from_dict(data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
+    """Write weights then metadata (with the weights' sha256), each atomically."""
+    from safetensors.torch import save
+
+    from icemap import __version__
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state)
+    _atomic_write(out / WEIGHTS, blob)
+    meta.weights_sha256 = hashlib.sha256(blob).hexdigest()
+    meta.icemap_version = __version__
+    meta.architecture = dict(model.config.to_dict())
+    # The JSON is written last: a folder with a JSON always has the weights it describes.
+    _atomic_write(out / METADATA, meta.to_json().encode())
+    return out
+
+
+def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expected_sha256: str | None = None) -> tuple[Any, CheckpointMeta]:
+    """Rebuild the model from a checkpoint folder, in eval mode, on ``device``.
+
+    The weights file must match the sha256 in the metadata (and ``expected_sha256`` when the
+    caller pinned one, as inference graphs do), so a corrupt or swapped file is refused.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    from icemap.model.unet import UNet, UNetConfig
+
+    meta = read_metadata(folder)
+    wpath = Path(folder) / WEIGHTS
+    if not wpath.exists():
+        raise ModelError(f"checkpoint {folder} has metadata but no {WEIGHTS}")
+    blob = wpath.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    for want, what in ((meta.weights_sha256, "its metadata"), (expected_sha256, "the inference graph")):
+        if want and digest != want:
+            raise ModelError(
+                f"weights {wpath} do not match {what} (sha256 {digest[:12]}... != {want[:12]}...); "
+                "the file is corrupt or was replaced: retrain or copy the whole checkpoint folder again"
+            )
+    try:
+        state = load_bytes(blob)
+    except SafetensorError as exc:
+        raise ModelError(f"weights {wpath} are not a valid safetensors file: {exc}") from None
+    try:
+        model = UNet(UNetConfig(**meta.architecture))
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"checkpoint {folder}: weights do not fit the architecture in its metadata: {exc}") from None
+    return model.to(device).eval(), meta
