@@ -41,6 +41,7 @@ _API = {
     "write_product": "icemap.workflow",
     "quicklook": "icemap.quicklook",
     "export_geotiffs": "icemap.export",
+    "predict": "icemap.infer",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -48,6 +49,7 @@ __all__ = sorted(_API) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from icemap.export import export_geotiffs
     from icemap.index import ice_mask, ndsi, ndwi
+    from icemap.infer import predict
     from icemap.labels import glacier_ids, rasterize_outlines, read_outlines
     from icemap.metrics import confusion, evaluate, scores, threshold_sweep, unsupervised_threshold
     from icemap.quicklook import quicklook

@@ -151,8 +151,14 @@ def ingest_cmd(
 def map_cmd(
     cube: Annotated[Path, typer.Option("--cube", help="Cube store written by `icemap ingest`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Product store (Zarr) to write or finish.")],
-    method: Annotated[str, typer.Option("--method", help="ndsi (the U-Net comes with --model).")] = "ndsi",
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4).")] = None,
+    method: Annotated[str, typer.Option("--method", help="ndsi or unet (with --model).")] = "ndsi",
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4) or U-Net probability threshold (default: the model's).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="U-Net windows per forward pass.")] = 8,
+    tta: Annotated[bool, typer.Option("--tta", help="U-Net: average the 8 flips/rotations; writes ice_probability_std.")] = False,
+    halo: Annotated[Optional[int], typer.Option("--halo", help="U-Net context pixels (default: half the receptive field).")] = None,
+    tile: Annotated[int, typer.Option("--tile", help="U-Net output tile edge in pixels.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="U-Net device: auto, cpu or cuda.")] = "auto",
     guards: Annotated[Optional[list[str]], typer.Option("--guards", help="water, dark, dem (repeatable or comma-separated).")] = None,
     dem: Annotated[Optional[Path], typer.Option("--dem", help="DEM GeoTIFF for the dem guard.")] = None,
     geotiff: Annotated[Optional[Path], typer.Option("--geotiff", help="Also write COGs per date to this folder.")] = None,
@@ -163,7 +169,7 @@ def map_cmd(
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Map ice on a cube: writes `ndsi` (float32) and `ice` (uint8; 255 = nodata) per date."""
+    """Map ice on a cube: `ndsi` or `ice_probability` (float32) and `ice` (uint8; 255 = nodata) per date."""
     from icemap.cluster import connect
     from icemap.workflow import map_cube
 
@@ -171,7 +177,9 @@ def map_cmd(
         result = map_cube(
             cube, out, method=method, threshold=threshold, guards=_split_list(guards) or (), dem=dem,
             zarr_format=zarr_format, geotiff_dir=geotiff, outlines_path=outlines,  # type: ignore[arg-type]
-            quicklook_path=quicklook, reference=reference, progress=progress,
+            quicklook_path=quicklook, reference=reference, model=model,
+            predict_options={"batch_size": batch_size, "tta": tta, "halo": halo, "tile": tile, "device": device},
+            progress=progress,
         )
     con = _console()
     con.print(f"[bold]{out}[/]: wrote {len(result.written)} time step(s), skipped {len(result.skipped)}")

@@ -82,6 +82,8 @@ def map_cube(
     outlines_path: str | os.PathLike[str] | None = None,
     quicklook_path: str | os.PathLike[str] | None = None,
     reference: Any = None,
+    model: Any = None,
+    predict_options: dict[str, Any] | None = None,
     progress: Any = None,
 ) -> MapResult:
     """Map a cube store to a product store, plus optional GeoTIFFs, outlines and a quicklook.
@@ -91,9 +93,14 @@ def map_cube(
     cube_path, out
         Input cube and output product store (Zarr; resumable like ingest).
     method
-        ``"ndsi"``. (The U-Net path takes a model; see ``icemap.predict``.)
+        ``"ndsi"`` (``ndsi`` and ``ice``) or ``"unet"`` (``ice_probability`` and ``ice``,
+        plus ``ice_probability_std`` with TTA/MC dropout).
     threshold, guards, dem
-        As :func:`icemap.index.ice_mask`.
+        As :func:`icemap.index.ice_mask`; for the U-Net, ``threshold`` is the probability
+        threshold (default the model's) and ``dem`` feeds terrain inputs.
+    model, predict_options
+        The U-Net checkpoint folder and options of :func:`icemap.infer.predict`
+        (``batch_size``, ``tta``, ``halo``...).
     geotiff_dir
         Also write one COG per variable and date there.
     outlines_path
@@ -104,18 +111,37 @@ def map_cube(
     from icemap.errors import IcemapError
     from icemap.store import open_cube
 
-    if method != "ndsi":
-        raise IcemapError(f"unknown method {method!r} for map_cube; use 'ndsi'")
     cube = open_cube(cube_path)
-    product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
-    report = write_product(product, out, zarr_format=zarr_format,
-                           attrs={"source_cube": os.fspath(cube_path)}, progress=progress)
+    attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
+    if method == "ndsi":
+        if model is not None:
+            raise IcemapError("--model is for --method unet; the NDSI method takes no model")
+        product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
+    elif method == "unet":
+        if model is None:
+            raise IcemapError("--method unet needs --model MODEL_DIR (a checkpoint from `icemap train`)")
+        if guards:
+            raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
+        from icemap.infer import predict
+
+        product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
+        attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
+    else:
+        raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
+    import contextlib
+
+    from icemap.infer import keep_resources
+
+    routing = keep_resources() if product.attrs.get("gpu_resources") else contextlib.nullcontext()
+    with routing:
+        report = write_product(product, out, zarr_format=zarr_format, attrs=attrs, progress=progress)
     stored = open_cube(out)
     result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
     if geotiff_dir is not None:
         from icemap.export import export_geotiffs
 
-        result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=("ice", "ndsi"))
+        variables = [v for v in ("ice", "ndsi", "ice_probability", "ice_probability_std") if v in stored]
+        result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=variables)
     if outlines_path is not None:
         from icemap.vector import polygonise, write_vector
 

@@ -1,0 +1,419 @@
+"""U-Net inference over cubes of any size, lazily, on any Dask cluster.
+
+How a region is mapped:
+
+* **Inputs** are built lazily from the cube with the model's channel set
+  (:func:`icemap.model.inputs.build_inputs`).
+* **Halos.** Each chunk is extended by a halo taken from its neighbours (``dask.array.overlap``,
+  no padding at the array's edges). With a halo of at least half the network's receptive
+  field, every output pixel sees exactly the inputs it would see in whole-array inference,
+  so chunked and whole-array probabilities agree to float rounding and seams vanish.
+* **Alignment.** Max-pooling groups pixels in blocks of ``2**depth``; a tile that started
+  elsewhere would pool different groups. Chunk sizes and halos are therefore multiples of
+  ``2**depth``, tiles start at such multiples of the global grid, and windows are padded
+  with zeros only at the array's far end and only up to the next multiple, exactly as a
+  whole-array pass is padded.
+* **Batching.** Within a chunk, the output is cut into tiles of ``tile`` pixels, each read with
+  its own halo, and the windows go through the network ``batch_size`` at a time (grouped by
+  shape: only edge windows differ). Memory per task is bounded by ``batch_size`` windows.
+* **Nodata.** NaN inputs are filled per pixel after normalisation and restored as nodata in
+  the output; an all-nodata chunk returns at once without touching the model.
+* **The model travels by reference.** The graph holds a :class:`ModelRef` (folder path and
+  the weights' sha256), never weights: graph size does not depend on model size, and a changed
+  checkpoint has another sha256, hence other task keys. Each worker process loads the model
+  once (an in-process cache keyed by path, sha256 and device) and checks the sha256.
+* **Devices.** On a worker with CUDA, tensors go to the GPU through pinned memory and run
+  under bf16 (or fp16) autocast; on CPU, torch's intra-op threads are set so that dask's
+  threads times torch's threads do not exceed the cores. When the cluster has workers with the
+  ``GPU`` resource, the inference layer is annotated with ``resources={"GPU": 1}`` so only they
+  run it, while CPU workers keep the I/O and index work.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from icemap.errors import ModelError
+
+__all__ = ["ModelRef", "predict", "predict_array", "default_halo", "keep_resources", "ICE_NODATA"]
+
+ICE_NODATA = np.uint8(255)
+
+_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint by reference: its folder and the sha256 of its weights.
+
+    This is what the task graph carries. ``__dask_tokenize__`` makes task names depend on the
+    sha256, so a retrained model never reuses results computed with an older one.
+    """
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> ModelRef:
+        from icemap.model.checkpoint import read_metadata
+
+        meta = read_metadata(path)
+        if not meta.weights_sha256:
+            raise ModelError(f"checkpoint {path} records no weights sha256; save it again with icemap")
+        return cls(os.path.abspath(os.fspath(path)), meta.weights_sha256)
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return (self.path, self.sha256)
+
+    def load(self, device: str) -> Any:
+        """The model on ``device``, loaded once per process (thread-safe)."""
+        key = (self.path, self.sha256, device)
+        with _CACHE_LOCK:
+            model = _CACHE.get(key)
+            if model is None:
+                from icemap.model.checkpoint import load_checkpoint
+
+                model, _ = load_checkpoint(self.path, device=device, expected_sha256=self.sha256)
+                _CACHE[key] = model
+        return model
+
+
+def default_halo(depth: int, receptive_field: int) -> int:
+    """Half the receptive field, rounded up to a multiple of ``2**depth``."""
+    m = 2**depth
+    half = (receptive_field + 1) // 2
+    return -(-half // m) * m
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _set_cpu_threads() -> None:
+    """Keep dask threads x torch threads within the cores of this process's machine."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        dask_threads = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        import dask
+
+        dask_threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    want = max(1, (os.cpu_count() or 1) // max(1, int(dask_threads)))
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
+_DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
+
+
+def _transform(x: Any, k: int, flip: bool) -> Any:
+    import torch
+
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _untransform(x: Any, k: int, flip: bool) -> Any:
+    import torch
+
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return x
+
+
+def _run_batches(model: Any, windows: list[np.ndarray], device: str, batch_size: int, tta: bool,
+                 mc_samples: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Probabilities (and spreads) for same-shape windows ``(C, h, w)``, ``batch_size`` at a time."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast: Any = torch.autocast("cuda", dtype=dtype)
+    else:
+        import contextlib
+
+        autocast = contextlib.nullcontext()
+    if mc_samples:
+        # MC dropout: dropout layers sample, batch norm keeps its running statistics.
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+                m.train()
+    transforms = _DIHEDRAL if tta else [(0, False)]
+    repeats = max(1, mc_samples)
+    means: list[np.ndarray] = []
+    spreads: list[np.ndarray] = []
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(windows), batch_size):
+            batch = torch.from_numpy(np.stack(windows[start:start + batch_size]))
+            if cuda:
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            samples = []
+            for _ in range(repeats):
+                for k, flip in transforms:
+                    logits = model(_transform(batch, k, flip))
+                    samples.append(_untransform(torch.sigmoid(logits.float()), k, flip)[:, 0])
+            stack = torch.stack(samples)
+            means.extend(stack.mean(0).cpu().numpy())
+            if len(samples) > 1:
+                spreads.extend(stack.std(0, unbiased=False).cpu().numpy())
+    if mc_samples:
+        model.eval()
+    return means, (spreads if spreads else None)
+
+
+def predict_array(
+    x: np.ndarray,
+    model_ref: ModelRef,
+    norm: Any,
+    *,
+    depth: int,
+    halo: int,
+    tile: int,
+    batch_size: int = 8,
+    device: str = "auto",
+    tta: bool = False,
+    mc_samples: int = 0,
+    valid: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Ice probability for one window of inputs ``(C, H, W)``: the numpy kernel.
+
+    ``valid = (top, bottom, left, right)`` are the halo widths on each side that belong to
+    neighbours (not computed); ``None`` means the window is the whole array. The window's
+    top-left corner must lie on a multiple of ``2**depth`` of the global grid. Returns
+    ``(2, H', W')`` float32: probability and spread (NaN spread without TTA/MC) for the
+    window minus its neighbour halos.
+    """
+    from icemap.model.inputs import normalise
+
+    top, bottom, left, right = valid or (0, 0, 0, 0)
+    C, H, W = x.shape
+    oh, ow = H - top - bottom, W - left - right
+    out = np.full((2, oh, ow), np.nan, dtype=np.float32)
+    z, nodata = normalise(x, norm, channel_axis=0)
+    if nodata[top:H - bottom, left:W - right].all():
+        return out  # nothing to map: no model load, no compute
+    m = 2**depth
+    device = _device(device)
+    if device == "cpu":
+        _set_cpu_threads()
+    model = model_ref.load(device)
+
+    # Tiles of the output region, their windows with halo, clipped to the block and padded
+    # at the far end to a multiple of m (never at the near end: alignment must be kept).
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
+    for ty in range(top, H - bottom, tile):
+        for tx in range(left, W - right, tile):
+            ty1, tx1 = min(ty + tile, H - bottom), min(tx + tile, W - right)
+            wy0, wx0 = max(0, ty - halo), max(0, tx - halo)
+            wy1, wx1 = min(H, ty1 + halo), min(W, tx1 + halo)
+            shape = (-(-(wy1 - wy0) // m) * m, -(-(wx1 - wx0) // m) * m)
+            groups.setdefault(shape, []).append((ty, ty1, tx, tx1, wy0, wx0))
+    for (sh, sw), tiles in groups.items():
+        windows = []
+        for ty, ty1, tx, tx1, wy0, wx0 in tiles:
+            win = np.zeros((C, sh, sw), dtype=np.float32)
+            part = z[:, wy0:wy0 + sh, wx0:wx0 + sw]
+            win[:, :part.shape[1], :part.shape[2]] = part
+            windows.append(win)
+        probs, spreads = _run_batches(model, windows, device, batch_size, tta, mc_samples)
+        for i, (ty, ty1, tx, tx1, wy0, wx0) in enumerate(tiles):
+            out[0, ty - top:ty1 - top, tx - left:tx1 - left] = probs[i][ty - wy0:ty1 - wy0, tx - wx0:tx1 - wx0]
+            if spreads is not None:
+                out[1, ty - top:ty1 - top, tx - left:tx1 - left] = spreads[i][ty - wy0:ty1 - wy0, tx - wx0:tx1 - wx0]
+    out[:, nodata[top:H - bottom, left:W - right]] = np.nan
+    return out
+
+
+def _predict_block(block: np.ndarray, model_ref: ModelRef, norm: Any, depth: int, halo: int, tile: int,
+                   batch_size: int, device: str, tta: bool, mc_samples: int, nblocks: tuple[int, int],
+                   block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    if block.size == 0 or block_id is None:  # dask's meta probe
+        return np.empty((0, 0, 0, 0), dtype=np.float32)
+    _, by, bx = block_id[-3:] if len(block_id) >= 3 else (0, *block_id[-2:])
+    top = halo if by > 0 else 0
+    bottom = halo if by < nblocks[0] - 1 else 0
+    left = halo if bx > 0 else 0
+    right = halo if bx < nblocks[1] - 1 else 0
+    res = predict_array(block[0], model_ref, norm, depth=depth, halo=halo, tile=tile, batch_size=batch_size,
+                        device=device, tta=tta, mc_samples=mc_samples, valid=(top, bottom, left, right))
+    return res[None]  # (1 time, 2, y, x)
+
+
+def _aligned_chunks(size: int, chunk: int, halo: int, m: int) -> tuple[int, ...]:
+    """Chunk sizes along one axis: multiples of ``m`` (but the last), none smaller than ``halo``.
+
+    dask's overlap needs every chunk at least as large as the halo (it would rechunk on its
+    own otherwise); a short last chunk is merged into the one before it.
+    """
+    chunk = max(m, (chunk // m) * m, -(-halo // m) * m)
+    sizes = [chunk] * (size // chunk)
+    rest = size - sum(sizes)
+    if rest:
+        if sizes and rest < max(halo, 1):
+            sizes[-1] += rest
+        else:
+            sizes.append(rest)
+    return tuple(sizes) if sizes else (size,)
+
+
+def keep_resources() -> Any:
+    """A dask config context under which the ``GPU`` resource annotation survives optimisation.
+
+    dask's low-level linear fusion turns the graph into a plain dict and drops every layer
+    annotation, so GPU-only tasks could land on CPU workers. Compute (or ``to_zarr``) U-Net
+    products inside ``with icemap.infer.keep_resources():`` on clusters with GPU workers;
+    ``icemap map`` does this itself. Blockwise fusion still runs and keeps annotations.
+    """
+    import dask
+
+    return dask.config.set({"optimization.fuse.active": False})
+
+
+def _cluster_has_gpu() -> bool:
+    try:
+        from distributed import default_client
+    except ImportError:
+        return False
+    try:
+        client = default_client()
+    except ValueError:
+        return False
+    info = client.scheduler_info()
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info.get("workers", {}).values())
+
+
+def predict(
+    cube: Any,
+    model: str | os.PathLike[str] | ModelRef,
+    *,
+    halo: int | None = None,
+    tile: int = 256,
+    batch_size: int = 8,
+    device: Literal["auto", "cpu", "cuda"] | str = "auto",
+    threshold: float | None = None,
+    tta: bool = False,
+    mc_samples: int = 0,
+    dem: Any = None,
+    gpu_resources: bool | None = None,
+) -> Any:
+    """Lazy U-Net ice probability and ice mask on the cube grid.
+
+    Parameters
+    ----------
+    cube
+        A cube (``icemap.open_cube``) holding the bands the model needs.
+    model
+        A checkpoint folder (``icemap train --out``) or a :class:`ModelRef`.
+    halo
+        Context in pixels read from neighbouring chunks and tiles; default half the
+        receptive field (exact equality with whole-array inference). Smaller is faster, at
+        the cost of small seams. Rounded up to a multiple of ``2**depth``.
+    tile
+        Output tile edge within a chunk, rounded to a multiple of ``2**depth``.
+    batch_size
+        Windows per forward pass.
+    device
+        ``"auto"`` (CUDA where the worker has it), ``"cpu"`` or ``"cuda"``.
+    threshold
+        Probability above which a pixel is ice; default the model's own.
+    tta
+        Average over the 8 dihedral transforms; ``ice_probability_std`` gives their spread.
+    mc_samples
+        Monte-Carlo dropout samples (needs a model trained with dropout); adds to the spread.
+    dem
+        DEM for models with terrain inputs.
+    gpu_resources
+        Annotate inference tasks with the ``GPU`` resource; default: when the active
+        ``distributed`` cluster has GPU workers. Compute the result inside
+        :func:`keep_resources` so the annotation survives dask's graph optimisation.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ice_probability`` float32 (time, y, x), NaN where inputs are nodata; ``ice`` uint8
+        (1 ice, 0 not, 255 nodata); ``ice_probability_std`` with ``tta``/``mc_samples``.
+    """
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    from icemap.model.checkpoint import read_metadata
+    from icemap.model.inputs import Normalisation, build_inputs
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+    meta = read_metadata(ref.path)
+    meta.check_cube(cube)
+    depth = int(meta.architecture.get("depth", 4))
+    m = 2**depth
+    if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
+        raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
+    if mc_samples < 0 or batch_size < 1 or tile < 1:
+        raise ModelError("mc_samples must be >= 0, batch_size and tile >= 1")
+    from icemap.model.unet import UNetConfig
+
+    rf = UNetConfig(**meta.architecture).receptive_field
+    halo = default_halo(depth, rf) if halo is None else -(-max(0, int(halo)) // m) * m
+    tile = max(m, -(-int(tile) // m) * m)
+    thr = float(meta.threshold if threshold is None else threshold)
+    if not 0.0 < thr < 1.0:
+        raise ModelError(f"threshold must be a probability in (0, 1), got {thr}")
+
+    inputs = build_inputs(cube, meta.channels, dem=dem)
+    x = inputs.data
+    if not isinstance(x, da.Array):
+        x = da.from_array(np.asarray(x), chunks=(1, -1, 1024, 1024))
+    # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
+    cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
+    cx = _aligned_chunks(x.shape[3], max(x.chunks[3]), halo, m)
+    x = x.rechunk({0: 1, 1: -1, 2: cy, 3: cx})
+    nblocks = (len(cy), len(cx))
+    xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: halo, 3: halo}, boundary="none") if halo else x
+    norm = Normalisation.from_dict(meta.normalisation)
+    if gpu_resources is None:
+        gpu_resources = _cluster_has_gpu()
+    # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
+    # with its neighbours, which would drop the resource restriction on the way.
+    annotations = {"resources": {"GPU": 1}, "icemap": "unet-inference"} if gpu_resources else {}
+    with dask.annotate(**annotations):
+        both = da.map_blocks(
+            _predict_block, xo, ref, norm, depth, halo, tile, batch_size, device, tta, mc_samples, nblocks,
+            chunks=(x.chunks[0], (2,), x.chunks[2], x.chunks[3]), dtype=np.float32,
+            name=f"icemap-unet-{dask.base.tokenize(xo, ref, halo, tile, batch_size, device, tta, mc_samples)}",
+            meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+        )
+    prob = both[:, 0]
+    ice = da.where(da.isnan(prob), ICE_NODATA, (prob >= thr).astype(np.uint8)).astype(np.uint8)
+    coords = {"time": inputs["time"], "y": inputs["y"], "x": inputs["x"]}
+    out = xr.Dataset(
+        {
+            "ice_probability": (("time", "y", "x"), prob, {
+                "long_name": "U-Net ice probability", "units": "1", "model_sha256": ref.sha256,
+                "halo": halo, "tta": int(tta), "mc_samples": mc_samples}),
+            "ice": (("time", "y", "x"), ice, {
+                "long_name": "ice mask", "flag_values": [0, 1], "flag_meanings": "no_ice ice",
+                "nodata": int(ICE_NODATA), "method": "unet", "threshold": thr}),
+        },
+        coords=coords,
+    )
+    if tta or mc_samples:
+        out["ice_probability_std"] = (("time", "y", "x"), both[:, 1],
+                                      {"long_name": "spread of the ice probability over TTA/MC samples"})
+    out.attrs = {"method": "unet", "model": ref.path, "model_sha256": ref.sha256,
+                 "channels": list(meta.channels), "threshold": thr, "gpu_resources": int(bool(gpu_resources))}
+    return out.rio.write_crs(cube.rio.crs)
