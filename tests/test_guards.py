@@ -355,10 +355,13 @@ def test_kernel_semantics_on_hand_made_pixels() -> None:
     arrays = {"green": green, "nir08": nir, "swir16": swir}
     np.testing.assert_array_equal(ice_kernel(arrays, 0.4), [1, 1, 1, 1, 1, 1, 255])
     water = resolve_guards(("water",))
-    np.testing.assert_array_equal(ice_kernel(arrays, 0.4, water), [1, 0, 0, 1, 255, 255, 255])
+    # By default only the NIR test runs: the turbid lake (NIR 0.12) passes, as bare ice must.
+    np.testing.assert_array_equal(ice_kernel(arrays, 0.4, water), [1, 0, 1, 1, 255, 255, 255])
+    turbid = resolve_guards((WaterGuard(ndwi_max=0.4),))
+    np.testing.assert_array_equal(ice_kernel(arrays, 0.4, turbid), [1, 0, 0, 1, 255, 255, 255])
     both = resolve_guards(("water", "dark"))
     # A pixel the dark guard rejects is 0 even where the water guard cannot be evaluated.
-    np.testing.assert_array_equal(ice_kernel(arrays, 0.4, both), [1, 0, 0, 0, 255, 0, 255])
+    np.testing.assert_array_equal(ice_kernel(arrays, 0.4, both), [1, 0, 1, 0, 255, 0, 255])
     # Instances work as well as names, and their parameters are used.
     strict = resolve_guards((WaterGuard(nir_min=0.35, ndwi_max=None),))
     np.testing.assert_array_equal(ice_kernel(arrays, 0.4, strict)[:4], [0, 0, 0, 0])

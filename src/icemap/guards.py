@@ -128,7 +128,7 @@ class Guard:
 
 @dataclass(frozen=True)
 class WaterGuard(Guard):
-    """Open water: McFeeters' NDWI above ``ndwi_max`` or NIR below ``nir_min`` -> not ice.
+    """Open water: NIR below ``nir_min`` (and, optionally, NDWI above ``ndwi_max``) -> not ice.
 
     Water is the largest NDSI false positive (74 % of the Liverpool crop, a quarter of the water
     pixels of the ukis chips): it absorbs the SWIR completely, so its NDSI is high, but it also
@@ -137,12 +137,14 @@ class WaterGuard(Guard):
     Parameters
     ----------
     ndwi_max
-        Pixels with ``(green - nir08) / (green + nir08) > ndwi_max`` are water. Default 0.4.
-        McFeeters (1996) uses NDWI > 0 for water, but snow and ice are positive too (clean ice
-        green ~0.48 / NIR ~0.30 gives 0.23, snow ~0.1, Paul et al. 2016 spectra), so the cut is
-        raised above the ice values; open water, clear or turbid, lies at 0.4-1 (clear water
-        0.05/0.015 gives 0.54; NIR below 0 after atmospheric correction clips to 1).
-        This catches turbid proglacial lakes whose NIR is lifted above ``nir_min`` by sediment.
+        Pixels with ``(green - nir08) / (green + nir08) > ndwi_max`` are water. Default None
+        (off). McFeeters (1996) uses NDWI > 0 for water, but snow and ice are positive too;
+        textbook clean-ice spectra (green ~0.48 / NIR ~0.30) give 0.23, yet real bare summer
+        ice is darker in the NIR: on the Athabasca tongue (HLS, 2020-08-16) a 0.4 cut removed
+        9 % of the NDSI-ice pixels inside the outline (median green 0.35, NIR 0.13, NDWI ~0.45)
+        while the NIR test alone already caught every water pixel of the negative controls
+        (docs/ndsi-results.md). Set it (e.g. 0.5) for turbid lakes whose NIR is lifted above
+        ``nir_min`` by sediment, after checking bare ice keeps below it on your scenes.
     nir_min
         Pixels with NIR reflectance below ``nir_min`` are water. Default 0.11, the NIR test of
         the SNOMAP/MOD10 snow algorithm (Hall, Riggs & Salomonson 1995; Hall et al. 2002), made
@@ -159,7 +161,7 @@ class WaterGuard(Guard):
     name: ClassVar[str] = "water"
     inputs: ClassVar[tuple[str, ...]] = ("green", "nir08")
 
-    ndwi_max: float | None = 0.4
+    ndwi_max: float | None = None
     nir_min: float | None = 0.11
 
     def __post_init__(self) -> None:
