@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from icemap.errors import GridMismatchError, IcemapError, MetricsError, NoValidPixelsError
+from icemap.errors import GridMismatchError, MetricsError, NoValidPixelsError
 
 __all__ = [
     "OUTCOMES",

@@ -224,7 +224,6 @@ def write_cube(
     WriteReport
         Time steps written, skipped because complete, and appended.
     """
-    import xarray as xr
 
     missing = [v for v in _CUBE_VARS if v not in ds]
     if missing:
@@ -343,7 +342,6 @@ def open_cube(
         :class:`~icemap.errors.StoreWarning` names them; rerun the ingest to finish them.
     """
     import rioxarray  # noqa: F401
-    import xarray as xr
 
     path = os.fspath(path)
     if not _store_exists(path, storage_options):
