@@ -196,3 +196,18 @@ def test_export_geotiffs_errors(ice: Any, tmp_path: Path) -> None:
         export_geotiffs(ice.drop_vars("spatial_ref").to_dataset(), tmp_path)
     # A DataArray works directly; a 2-D one gets no date in its name.
     assert export_geotiffs(ice.isel(time=0, drop=True), tmp_path)[0].name == "ice.tif"
+
+
+def test_accessor_delegates_to_the_api(sample_region: Any) -> None:
+    """`cube.icemap.*` gives the same results as the functions it stands for."""
+    import icemap
+    from icemap.stac import search
+
+    cube = icemap.load(search(sample_region.catalog).items(), chunksize=64)
+    np.testing.assert_array_equal(cube.icemap.ndsi().values, icemap.ndsi(cube).values)
+    ice = cube.icemap.ice_mask(threshold=0.3, guards=["water"])
+    np.testing.assert_array_equal(ice.values, icemap.ice_mask(cube, threshold=0.3, guards=["water"]).values)
+    np.testing.assert_allclose(ice.icemap.area_km2().values, ((ice == 1).sum(("y", "x")) * 900 / 1e6).values)
+    per_glacier = ice.icemap.area_per_glacier(icemap.read_outlines(sample_region.outlines))
+    assert len(per_glacier) == ice.sizes["time"] * len(icemap.read_outlines(sample_region.outlines))
+    assert ice.icemap.evaluate(sample_region.outlines)["f1"] > 0

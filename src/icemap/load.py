@@ -367,6 +367,7 @@ def load(
     import xarray as xr
 
     from icemap.reader import IcemapReader
+    import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
     if on_error not in ("raise", "nodata"):
         raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")

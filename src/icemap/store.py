@@ -343,6 +343,8 @@ def open_cube(
     """
     import rioxarray  # noqa: F401
 
+    import icemap.accessor  # noqa: F401  (registers cube.icemap)
+
     path = os.fspath(path)
     if not _store_exists(path, storage_options):
         raise StoreError(f"no Zarr store at {path}; create one with `icemap ingest --out {path}`")

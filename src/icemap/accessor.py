@@ -1,0 +1,95 @@
+"""The ``.icemap`` accessor on xarray objects: the API, spelled as methods.
+
+``cube.icemap.ndsi()`` is ``icemap.ndsi(cube)``, and so on; nothing here computes anything
+of its own. It is registered when icemap hands out its first cube (``icemap.load``,
+``icemap.open_cube``) or when this module is imported, so ``import icemap`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import xarray as xr
+
+__all__ = ["CubeAccessor", "MaskAccessor"]
+
+
+@xr.register_dataset_accessor("icemap")
+class CubeAccessor:
+    """Methods on cubes (``reflectance``) and products (``ice``, ``ndsi``...)."""
+
+    def __init__(self, obj: xr.Dataset) -> None:
+        self._obj = obj
+
+    def ndsi(self) -> xr.DataArray:
+        """NDSI = (green - swir16) / (green + swir16), lazily (:func:`icemap.index.ndsi`)."""
+        from icemap.index import ndsi
+
+        return ndsi(self._obj)
+
+    def ndwi(self) -> xr.DataArray:
+        """NDWI = (green - nir08) / (green + nir08) (:func:`icemap.index.ndwi`)."""
+        from icemap.index import ndwi
+
+        return ndwi(self._obj)
+
+    def ice_mask(self, threshold: float | None = None, guards: Any = (), dem: Any = None, **params: Any) -> xr.DataArray:
+        """Thresholded NDSI with optional guards (:func:`icemap.index.ice_mask`)."""
+        from icemap.index import ice_mask
+
+        return ice_mask(self._obj, threshold=threshold, guards=guards, dem=dem, **params)
+
+    def predict(self, model: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
+        """U-Net ice probability and mask (:func:`icemap.infer.predict`)."""
+        from icemap.infer import predict
+
+        return predict(self._obj, model, **kwargs)
+
+    def quicklook(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Write a false-colour PNG (:func:`icemap.quicklook.quicklook`)."""
+        from icemap.quicklook import quicklook
+
+        return quicklook(self._obj, path, **kwargs)
+
+    def write(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Write resumably to Zarr: a cube with :func:`~icemap.store.write_cube`, else a product."""
+        from icemap.store import write_cube, write_timesteps
+
+        if "reflectance" in self._obj:
+            return write_cube(self._obj, path, **kwargs)
+        return write_timesteps(self._obj, path, **kwargs)
+
+
+@xr.register_dataarray_accessor("icemap")
+class MaskAccessor:
+    """Methods on ice masks (uint8: 1 ice, 0 not, 255 nodata)."""
+
+    def __init__(self, obj: xr.DataArray) -> None:
+        self._obj = obj
+
+    def area_km2(self) -> xr.DataArray:
+        """Ice area per time step (:func:`icemap.vector.ice_area_km2`)."""
+        from icemap.vector import ice_area_km2
+
+        return ice_area_km2(self._obj)
+
+    def area_per_glacier(self, outlines: Any) -> Any:
+        """Ice area of every glacier in ``outlines`` at every date, as a DataFrame."""
+        from icemap.labels import glacier_ids
+        from icemap.vector import ice_area_per_glacier
+
+        ids, table = glacier_ids(outlines, self._obj)
+        return ice_area_per_glacier(self._obj, ids, table)
+
+    def polygonise(self, **kwargs: Any) -> Any:
+        """Ice outlines with areas, as a GeoDataFrame (:func:`icemap.vector.polygonise`)."""
+        from icemap.vector import polygonise
+
+        return polygonise(self._obj, **kwargs)
+
+    def evaluate(self, outlines: Any, **kwargs: Any) -> Any:
+        """Scores against reference outlines (:func:`icemap.metrics.evaluate`)."""
+        from icemap.metrics import evaluate
+
+        return evaluate(self._obj, outlines, **kwargs)
