@@ -37,3 +37,11 @@ def test_public_api_resolves_lazily() -> None:
 
     for name in icemap.__all__:
         assert getattr(icemap, name) is not None
+
+
+def test_public_functions_win_over_same_named_submodules() -> None:
+    # `icemap.load` and `icemap.quicklook` are functions living in modules of the same name;
+    # importing those modules must not replace the functions on the package.
+    code = ("import icemap, icemap.load, icemap.quicklook; "
+            "assert callable(icemap.load) and callable(icemap.quicklook), (icemap.load, icemap.quicklook)")
+    subprocess.run([sys.executable, "-c", code], check=True)

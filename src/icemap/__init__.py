@@ -7,6 +7,8 @@ machinery, no torch) and a notebook pays only for what it touches.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -72,3 +74,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """The icemap package object: public functions win over same-named submodules.
+
+    ``load`` and ``quicklook`` are functions defined in submodules of the same name. The first
+    import of such a submodule (``from icemap.load import load`` inside any function) makes
+    Python bind the *module* as ``icemap.load``, after which ``icemap.load(items)`` fails with
+    "'module' object is not callable", depending on import order. The submodules remain
+    importable and reachable through ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _API.get(name) == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -27,7 +28,7 @@ from stackstac.rio_reader import AutoParallelRioReader
 
 from icemap.errors import LoadError, MissingAssetWarning
 
-__all__ = ["IcemapReader", "resolve_signer", "redact_url", "OnError"]
+__all__ = ["IcemapReader", "resolve_signer", "redact_url", "redact_text", "OnError"]
 
 Signer = Callable[[str], str]
 OnError = Literal["raise", "nodata"]
@@ -44,6 +45,31 @@ def redact_url(url: str) -> str:
     if parts.query:
         return urlunsplit((parts.scheme, parts.netloc, parts.path, "<redacted>", ""))
     return url
+
+
+# A URL's query string (where SAS tokens and signatures live), wherever it appears in a message:
+# GDAL quotes the signed URL it opened, sometimes behind /vsicurl/ and with its own quoting.
+_URL_QUERY = re.compile(r"(?P<base>\b[a-z][a-z0-9+.-]*://[^\s'\"?]*)\?[^\s'\"]*", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Replace the query string of every URL in ``text`` by ``<redacted>``."""
+    return _URL_QUERY.sub(lambda m: m.group("base") + "?<redacted>", text)
+
+
+def _warn(message: str) -> None:
+    """Emit a MissingAssetWarning where the user will see it.
+
+    On a distributed worker a plain ``warnings.warn`` only reaches the worker's stderr (a pod
+    log nobody reads); ``distributed.warn`` also forwards it to every connected client, so the
+    CLI or notebook that ran the job shows it. Outside a worker it is ``warnings.warn``.
+    """
+    try:
+        from distributed import warn
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        warnings.warn(message, MissingAssetWarning, stacklevel=3)
+    else:
+        warn(message, MissingAssetWarning, stacklevel=3)
 
 
 def resolve_signer(signer: Signer | str | None) -> Signer | None:
@@ -105,23 +131,24 @@ class IcemapReader(AutoParallelRioReader):
                 self.url = self.signer(plain)
             return super()._open()
         except RuntimeError as exc:
-            reason = str(exc.__cause__ or exc).replace(self.url, redact_url(self.url))
+            reason = redact_text(str(exc.__cause__ or exc).replace(self.url, redact_url(self.url)))
             if self.on_error == "nodata":
-                warnings.warn(
-                    f"asset {redact_url(plain)} is unreadable and becomes nodata: {reason}",
-                    MissingAssetWarning,
-                    stacklevel=2,
-                )
+                _warn(f"asset {redact_url(plain)} is unreadable and becomes nodata: {reason}")
                 from stackstac.rio_reader import NodataReader
 
                 return NodataReader(dtype=self.dtype, fill_value=self.fill_value)
-            raise LoadError(
+            error = LoadError(
                 f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
                 "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
-            ) from None
+            )
         finally:
             # Only the open needs the signed URL; keep the plain one for messages and pickles.
             self.url = plain
+        # Raised outside the except block so that it has no __context__: rasterio's
+        # CPLE_* errors in that chain cannot be unpickled, and distributed would then send the
+        # client a bare Exception instead of a LoadError (a traceback instead of a one-line
+        # CLI error). `from None` only hides the context; it still travels.
+        raise error
 
     # stackstac's pickle state lists only its own fields; readers travel between workers.
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -134,16 +161,14 @@ class IcemapReader(AutoParallelRioReader):
         try:
             return super().read(window, **kwargs)
         except RuntimeError as exc:
+            reason = redact_text(str(exc.__cause__ or exc))
             if self.on_error == "nodata":
                 from stackstac.rio_reader import nodata_for_window
 
-                warnings.warn(
-                    f"asset {redact_url(self.url)} failed to read a window and gives nodata there: {exc.__cause__!r}",
-                    MissingAssetWarning,
-                    stacklevel=2,
-                )
+                _warn(f"asset {redact_url(self.url)} failed to read a window and gives nodata there: {reason}")
                 return nodata_for_window(window, self.fill_value, self.dtype)
-            raise LoadError(
-                f"cannot read asset {redact_url(self.url)}: {exc.__cause__ or exc}. Pass "
+            error = LoadError(
+                f"cannot read asset {redact_url(self.url)}: {reason}. Pass "
                 "on_error='nodata' to treat unreadable assets as nodata"
-            ) from None
+            )
+        raise error  # outside the except block: see _open

@@ -449,6 +449,16 @@ def search(
     cat = os.fspath(catalog)
     if not cat:
         raise SearchError("catalog is empty; give a STAC API URL or a path to a catalog or items")
+    scheme = urlparse(cat).scheme.lower()
+    if scheme == "file":
+        cat = urlparse(cat).path  # file:///abs/path -> /abs/path: read as a local catalog
+    elif len(scheme) > 1 and scheme not in ("http", "https"):
+        # (one-letter "schemes" are Windows drive letters: local paths)
+        raise SearchError(
+            f"catalog {cat!r} uses the unsupported URL scheme '{scheme}://'; give an http(s):// STAC "
+            "API or catalog URL, a file:// URL or a local path (copy catalogs from object stores "
+            "to local disk, or serve them over https)"
+        )
     return Search(
         catalog=cat,
         collections=tuple(collections) if collections else None,

@@ -84,6 +84,40 @@ def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
     return True
 
 
+def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse to create a store where something else already lives.
+
+    The template is written with ``mode="w"``, which clears whatever is at ``path``: pointed by
+    mistake at a folder of other files (``--out ~/data``), it would delete them. A file, or a
+    folder (prefix) holding anything but a Zarr store, is therefore refused; an empty folder is
+    fine. A local parent that is a file gives a clear error instead of NotADirectoryError.
+    """
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"cannot write to {path}: {exc}") from None
+    if isinstance(fs, LocalFileSystem):
+        from pathlib import Path
+
+        for parent in Path(root).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise StoreError(f"cannot create {path}: {parent} is a file, not a folder; choose another --out")
+                break
+    if fs.isfile(root):
+        raise StoreError(f"{path} is a file, not a Zarr store; choose another --out (icemap never overwrites it)")
+    if fs.exists(root):
+        entries = fs.ls(root, detail=False)
+        if entries:
+            raise StoreError(
+                f"{path} already holds {len(entries)} file(s) or folder(s) and is not a Zarr store; icemap "
+                "will not overwrite it. Choose another --out, or remove it yourself if it is disposable"
+            )
+
+
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     import zarr
 
@@ -260,6 +294,8 @@ def write_timesteps(
         raise StoreError("the cube has repeated time steps; load with mosaic=True to merge them")
 
     exists = _store_exists(path, storage_options)
+    if not exists:
+        _check_target_is_free(path, storage_options)
     if exists and _group_attrs(path, storage_options).get(LAYOUT_ATTR) is None:
         # Interrupted before its layout was finished: no step can be complete. Start over.
         warnings.warn(f"{path} was left unfinished before any data; recreating it", StoreWarning, stacklevel=2)
