@@ -40,7 +40,8 @@ MaxCloudOpt = Annotated[Optional[float], typer.Option("--max-cloud", help="Maxim
 PlatformOpt = Annotated[Optional[list[str]], typer.Option("--platform", help="landsat-8 or landsat-9 (repeatable).")]
 SchedulerOpt = Annotated[
     Optional[str],
-    typer.Option("--scheduler", help="Dask scheduler address (tcp://...), or 'local' for a local cluster."),
+    typer.Option("--scheduler", help="Where to compute: local, local-cuda, auto, a scheduler address (tcp://host:8786), "
+                 "gateway, gateway+https://GATEWAY-URL or gateway://PROXY:PORT/CLUSTER (see deploy/README.md)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
@@ -113,7 +114,8 @@ def search_cmd(
 @app.command("ingest")
 def ingest_cmd(
     catalog: Catalog,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store to create, finish or extend.")],
+    # str, not Path: pathlib turns s3://bucket/x into s3:/bucket/x (a local folder named "s3:").
+    out: Annotated[str, typer.Option("--out", "-o", help="Zarr store (path or s3://, gs://, az:// URL) to create, finish or extend.")],
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
     datetime: DatetimeOpt = None,
@@ -149,8 +151,8 @@ def ingest_cmd(
 
 @app.command("map")
 def map_cmd(
-    cube: Annotated[Path, typer.Option("--cube", help="Cube store written by `icemap ingest`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Product store (Zarr) to write or finish.")],
+    cube: Annotated[str, typer.Option("--cube", help="Cube store (path or URL) written by `icemap ingest`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Product store (Zarr, path or URL) to write or finish.")],
     method: Annotated[str, typer.Option("--method", help="ndsi or unet (with --model).")] = "ndsi",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4) or U-Net probability threshold (default: the model's).")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`).")] = None,
@@ -191,7 +193,7 @@ def map_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    pred: Annotated[Path, typer.Option("--pred", help="Product store with an `ice` variable.")],
+    pred: Annotated[str, typer.Option("--pred", help="Product store (path or URL) with an `ice` variable.")],
     reference: Annotated[Path, typer.Option("--reference", help="Reference outlines (any vector format).")],
     buffer: Annotated[float, typer.Option("--buffer", help="Grow outlines by M metres (15 = study a's extended mask).")] = 0.0,
     all_touched: Annotated[bool, typer.Option("--all-touched", help="Burn every pixel an outline touches.")] = False,
@@ -237,7 +239,7 @@ def _print_scores(result: dict[str, Any], as_json: bool) -> None:
 
 @app.command("calibrate")
 def calibrate_cmd(
-    cube: Annotated[Path, typer.Option("--cube", help="Cube store.")],
+    cube: Annotated[str, typer.Option("--cube", help="Cube store (path or URL).")],
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Outlines for the F1 sweep.")] = None,
     method: Annotated[str, typer.Option("--method", help="f1 (needs --reference), otsu or valley.")] = "f1",
     buffer: Annotated[float, typer.Option("--buffer", help="Grow outlines by M metres.")] = 0.0,
@@ -262,7 +264,7 @@ def calibrate_cmd(
 
 
 @app.command("status")
-def status_cmd(cube: Annotated[Path, typer.Argument(help="A cube or product store.")]) -> None:
+def status_cmd(cube: Annotated[str, typer.Argument(help="A cube or product store (path or URL).")]) -> None:
     """Show a store's time steps and which are complete."""
     from icemap.store import cube_status
 
