@@ -158,3 +158,15 @@ def test_cli_bad_bbox_exits_nonzero() -> None:
     )
     assert out.returncode == 1
     assert "west" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_retries_and_timeout_reach_the_search() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "icemap.cli", "search", "--catalog", f"http://127.0.0.1:{port}/",
+         "--retries", "0", "--timeout", "2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1 and "failed after 0 retries" in out.stderr

@@ -44,6 +44,8 @@ SchedulerOpt = Annotated[
                  "gateway, gateway+https://GATEWAY-URL or gateway://PROXY:PORT/CLUSTER (see deploy/README.md)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of failed/timed-out/5xx STAC requests.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for each STAC request.")]
 
 
 def _console(stderr: bool = True) -> Any:
@@ -64,7 +66,8 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
-                  max_cloud: float | None, platform: list[str] | None, max_items: int | None = None) -> Any:
+                  max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
+                  retries: int = 5, timeout: float = 30.0) -> Any:
     from icemap.stac import search
 
     return search(
@@ -75,6 +78,8 @@ def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetim
         max_cloud=max_cloud,
         platforms=_split_list(platform),
         max_items=max_items,
+        retries=retries,
+        timeout=timeout,
     )
 
 
@@ -88,9 +93,11 @@ def search_cmd(
     platform: PlatformOpt = None,
     max_items: Annotated[Optional[int], typer.Option("--max-items", help="Stop after N items.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a GeoJSON FeatureCollection.")] = False,
+    retries: RetriesOpt = 5,
+    timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
-    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items)
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout)
     items = s.items()
     if as_json:
         json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
@@ -128,6 +135,8 @@ def ingest_cmd(
     zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
+    retries: RetriesOpt = 5,
+    timeout: TimeoutOpt = 30.0,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -135,7 +144,7 @@ def ingest_cmd(
     from icemap.cluster import connect
     from icemap.store import ingest
 
-    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform)
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, retries=retries, timeout=timeout)
     band_list = _split_list(bands)
     with connect(scheduler), _StepProgress(quiet, "ingest") as progress:
         report = ingest(

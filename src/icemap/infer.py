@@ -285,19 +285,6 @@ def keep_resources() -> Any:
     return dask.config.set({"optimization.fuse.active": False})
 
 
-def _cluster_has_gpu() -> bool:
-    try:
-        from distributed import default_client
-    except ImportError:
-        return False
-    try:
-        client = default_client()
-    except ValueError:
-        return False
-    info = client.scheduler_info()
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info.get("workers", {}).values())
-
-
 def predict(
     cube: Any,
     model: str | os.PathLike[str] | ModelRef,
@@ -386,7 +373,9 @@ def predict(
     xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: halo, 3: halo}, boundary="none") if halo else x
     norm = Normalisation.from_dict(meta.normalisation)
     if gpu_resources is None:
-        gpu_resources = _cluster_has_gpu()
+        from icemap.cluster import gpu_workers
+
+        gpu_resources = gpu_workers()
     # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
     # with its neighbours, which would drop the resource restriction on the way.
     annotations = {"resources": {"GPU": 1}, "icemap": "unet-inference"} if gpu_resources else {}
