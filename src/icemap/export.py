@@ -98,7 +98,7 @@ def write_cog(
         would invent values that mean something else.
     blocksize
         Tile size in pixels, a multiple of 16. It is reduced for arrays too small to have at
-        least one overview level otherwise (a 128 x 128 array gets 64 x 64 tiles).
+        least one overview level otherwise, but never below 128 (GDAL's COG minimum).
 
     Returns
     -------

@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from icemap.errors import IcemapError
+from icemap.index import ICE_NODATA, normalized_difference
 
 __all__ = [
     "Guard",
@@ -60,23 +61,6 @@ __all__ = [
     "guard_attrs",
     "ICE_NODATA",
 ]
-
-#: Value of the ice mask where it cannot be decided (same as :data:`icemap.index.ICE_NODATA`).
-ICE_NODATA = np.uint8(255)
-
-
-def _nd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Normalised difference, negatives clipped to 0 (as icemap.index.normalized_difference).
-
-    Duplicated here, not imported, so that this module has no import cycle with index.py.
-    """
-    a = np.clip(np.asarray(a, dtype=np.float32), 0, None)
-    b = np.clip(np.asarray(b, dtype=np.float32), 0, None)
-    denom = a + b
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (a - b) / denom
-    out[~(denom > 0)] = np.nan
-    return out
 
 
 def _check_number(name: str, value: float | None, lo: float, hi: float) -> None:
@@ -179,7 +163,7 @@ class WaterGuard(Guard):
         if self.nir_min is not None:
             out |= nir < np.float32(self.nir_min)  # NaN compares False: not rejected, "unknown"
         if self.ndwi_max is not None:
-            out |= _nd(arrays["green"], nir) > np.float32(self.ndwi_max)
+            out |= normalized_difference(arrays["green"], nir) > np.float32(self.ndwi_max)
         return out
 
 
@@ -376,7 +360,7 @@ def ice_kernel(
         says ice but no guard rejected the pixel and some guard's input is missing.
         A pixel one guard rejects is 0 even if another guard could not be evaluated.
     """
-    index = _nd(arrays["green"], arrays["swir16"])
+    index = normalized_difference(arrays["green"], arrays["swir16"])
     out = np.where(index >= np.float32(threshold), np.uint8(1), np.uint8(0))
     out[np.isnan(index)] = ICE_NODATA
     if guards:
