@@ -1,0 +1,953 @@
+"""Training the U-Net on chips from a cube and glacier outlines, resumably and reproducibly.
+
+The defaults follow study a (METHOD.md): Dice loss, learning rate 0.01, min-max normalisation
+fitted on the training chips, flips and rotations. Study b's set-up is one option away
+(``loss="bce", optimizer="adadelta", batch_size=8, inputs="b6_b5_b2"``). Both studies' advice
+is built in: early stopping on the validation F1 with the best validation model kept.
+
+What makes a run reproducible and resumable:
+
+* every random choice derives from ``seed``: the weights' initialisation, and per epoch the
+  shuffling, the augmentation and dropout are re-seeded from ``(seed, epoch)``. A run resumed
+  at epoch k therefore draws exactly what an uninterrupted run draws from epoch k on, and only
+  the model, optimizer and early-stopping state need to be saved;
+* on CPU, ``torch.use_deterministic_algorithms`` is switched on for the run (and restored);
+* after every epoch the state is written to ``OUT/training/``: tensors as safetensors
+  (model, best model, optimizer moments), everything else as JSON (epoch, history, optimizer
+  hyper-parameters and step counts, normalisation, split). No pickle anywhere: a state file
+  from elsewhere cannot run code.
+
+The GPU is used when present (``device="auto"``) with autocast: bfloat16 where the GPU
+supports it (no loss scaling needed), else float16 with a GradScaler. On CPU, training runs
+in float32 (CPU autocast is slower than float32 for convolutions of this size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from icemap.errors import ModelError
+from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
+from icemap.model.data import (
+    MASK_BUFFERS,
+    OVERLAP_MODES,
+    ChipDataset,
+    ChipIndex,
+    ChipSource,
+    Split,
+    fit_normalisation,
+    make_chips,
+    padded_size,
+    split_chips,
+)
+from icemap.model.inputs import Normalisation, build_inputs, normalise, required_bands, resolve_channels
+from icemap.model.unet import UNet, UNetConfig
+
+__all__ = [
+    "LOSSES",
+    "OPTIMIZERS",
+    "TrainConfig",
+    "EpochRecord",
+    "PreparedData",
+    "TrainResult",
+    "prepare_data",
+    "train",
+    "dice_loss",
+    "bce_loss",
+    "make_loss",
+    "predict_dataset",
+    "score_dataset",
+    "counts",
+    "predict_window",
+    "STATE_DIR",
+]
+
+LOSSES: tuple[str, ...] = ("dice", "bce", "dice+bce")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adadelta")
+#: Default learning rates: study a's 0.01 for Adam; Adadelta's own 1.0 (study b used Keras'
+#: Adadelta, whose lr=1.0 means "the pure Adadelta rule").
+DEFAULT_LR = {"adam": 0.01, "adadelta": 1.0}
+#: Sub-folder of a model folder that holds the resumable training state.
+STATE_DIR = "training"
+_STATE_TENSORS = "state.safetensors"
+_STATE_JSON = "state.json"
+_STATE_FORMAT = 1
+#: Thresholds tried when the decision threshold is tuned on the validation set.
+TUNE_THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+#: Settings that may change when a run is resumed (all others must match the state).
+_RESUMABLE_CHANGES = ("epochs", "patience", "device", "amp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in the checkpoint).
+
+    Parameters
+    ----------
+    inputs
+        Channel-set name (:data:`icemap.model.inputs.CHANNEL_SETS`) or comma-separated channels.
+    mask
+        ``"original"`` outlines or ``"extended"`` (grown 15 m) as labels.
+    chip_size
+        Chip edge in pixels; padded to a multiple of ``2**depth`` (e.g. 120 -> 128 at depth 4,
+        120 stays 120 at depth 3); the pad is ignored by loss and scores.
+    depth, base, batch_norm, dropout
+        U-Net architecture (:class:`~icemap.model.unet.UNetConfig`).
+    epochs
+        Maximum number of epochs (study a: 100, study b: 50).
+    batch_size
+        Chips per step (study b: 8).
+    loss
+        ``"dice"`` (study a), ``"bce"`` (study b) or ``"dice+bce"``.
+    optimizer
+        ``"adam"`` or ``"adadelta"`` (study b).
+    lr
+        Learning rate; default 0.01 for Adam (study a), 1.0 for Adadelta.
+    patience
+        Stop after this many epochs without a better validation F1 (None: never stop early).
+    augment
+        Random flips and 90-degree rotations of training chips.
+    normalisation
+        ``"minmax"`` (study a) or ``"percentile"`` (1st-99th), fitted on the training chips.
+    threshold
+        Decision threshold on the ice probability: a number (0.5 by default), or ``"tune"``
+        to pick the best F1 on the validation set among 0.05, 0.10 ... 0.95. The test set is
+        never used for choices.
+    seed
+        Seeds the weights, shuffling, augmentation and dropout.
+    split_seed
+        Seeds the Monte-Carlo split and the random chips (default: ``seed``).
+    split_iterations
+        Monte-Carlo iterations of the split (study a: 900).
+    overlap
+        Overlap handling of the chips (:func:`icemap.model.data.make_chips`).
+    n_random, n_hard_negative
+        Random and hard-negative chips added to the glacier chips.
+    min_valid
+        Minimum share of valid pixels for a chip on a date to be used.
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    amp
+        Mixed precision on the GPU (ignored on CPU).
+    """
+
+    inputs: str = "b3_b6"
+    mask: str = "original"
+    chip_size: int = 128
+    depth: int = 4
+    base: int = 16
+    batch_norm: bool = True
+    dropout: float = 0.0
+    epochs: int = 50
+    batch_size: int = 8
+    loss: str = "dice"
+    optimizer: str = "adam"
+    lr: float | None = None
+    patience: int | None = 10
+    augment: bool = True
+    normalisation: str = "minmax"
+    threshold: float | str = 0.5
+    seed: int = 0
+    split_seed: int | None = None
+    split_iterations: int = 900
+    overlap: str = "independent"
+    n_random: int = 0
+    n_hard_negative: int = 0
+    min_valid: float = 0.5
+    device: str = "auto"
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ModelError` (one clear line) for any setting that cannot work."""
+        resolve_channels(self.inputs)
+        if self.mask not in MASK_BUFFERS:
+            raise ModelError(f"mask must be one of {', '.join(MASK_BUFFERS)}, not {self.mask!r}")
+        if self.loss not in LOSSES:
+            raise ModelError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ModelError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.overlap not in OVERLAP_MODES:
+            raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {self.overlap!r}")
+        if self.normalisation not in ("minmax", "percentile"):
+            raise ModelError(f"normalisation must be 'minmax' or 'percentile', not {self.normalisation!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ModelError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        for name in ("epochs", "batch_size", "split_iterations"):
+            if int(getattr(self, name)) < 1:
+                raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.chip_size < 8:
+            raise ModelError(f"chip size must be at least 8 pixels, got {self.chip_size}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ModelError(f"learning rate must be a positive number, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise ModelError(f"patience must be >= 1 (or None), got {self.patience}")
+        if isinstance(self.threshold, str):
+            if self.threshold != "tune":
+                try:
+                    self.threshold = float(self.threshold)
+                except ValueError:
+                    raise ModelError(f"threshold must be a number in (0, 1) or 'tune', not {self.threshold!r}") from None
+        if not isinstance(self.threshold, str) and not 0.0 < float(self.threshold) < 1.0:
+            raise ModelError(f"threshold must be in (0, 1) or 'tune', got {self.threshold}")
+        try:
+            UNetConfig(in_channels=1, depth=self.depth, base=self.base, batch_norm=self.batch_norm,
+                       dropout=self.dropout)
+        except ValueError as exc:
+            raise ModelError(f"invalid U-Net settings: {exc}") from None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return resolve_channels(self.inputs)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def effective_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else int(self.split_seed)
+
+    def unet(self) -> UNetConfig:
+        return UNetConfig(in_channels=len(self.channels), depth=self.depth, base=self.base,
+                          batch_norm=self.batch_norm, dropout=self.dropout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did; passed to the callback and kept in the history."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_f1: float
+    val_precision: float
+    val_recall: float
+    seconds: float
+    improved: bool
+    lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data preparation (shared by train and experiment)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """Chips, their split and a reader: what :func:`train` needs besides its settings.
+
+    Built once by :func:`prepare_data` and shared by the runs of an experiment, so all models
+    see the same chips and the same split (as the ten models of study a did).
+    """
+
+    cube: Any
+    outlines: Any
+    index: ChipIndex
+    split: Split
+    source: ChipSource
+    cube_path: str | None = None
+    outlines_path: str | None = None
+    dem_path: str | None = None
+    chip_params: dict[str, Any] = field(default_factory=dict)
+
+    def samples(self, which: str) -> list[int]:
+        return self.split.samples(self.index, which)
+
+
+def _open(cube: Any) -> tuple[Any, str | None]:
+    if isinstance(cube, (str, os.PathLike)):
+        from icemap.store import open_cube
+
+        return open_cube(cube), os.fspath(cube)
+    return cube, None
+
+
+def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str = "independent",
+                 n_random: int = 0, n_hard_negative: int = 0, min_valid: float = 0.5,
+                 times: Sequence[int | str] | None = None, split_seed: int = 0,
+                 split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
+                 cache: bool | None = None) -> PreparedData:
+    """Cut chips, split them and set up the reader.
+
+    Parameters
+    ----------
+    cube
+        A cube store path or an opened cube.
+    outlines
+        Outline file or GeoDataFrame.
+    channels
+        When given, the cube is checked for the bands these need before anything is read, so a
+        wrong cube fails in a second with a clear message.
+
+    Other parameters are those of :func:`icemap.model.data.make_chips` and
+    :func:`icemap.model.data.split_chips`.
+    """
+    from icemap.labels import read_outlines
+
+    ds, cube_path = _open(cube)
+    refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
+    if channels is not None:
+        have = [str(b) for b in refl["band"].values]
+        missing = [b for b in required_bands(channels) if b not in have]
+        if missing:
+            raise ModelError(
+                f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; it has "
+                f"{have}. Ingest with --bands {','.join(sorted(set(have) | set(missing)))}"
+            )
+        if any(c in ("elevation", "slope") for c in channels) and dem is None:
+            raise ModelError(f"inputs {list(channels)} include terrain: pass a DEM (dem=... / --dem)")
+    outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
+    gdf = read_outlines(outlines, crs=refl.rio.crs) if outlines_path else outlines
+    index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
+                       n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed)
+    split = split_chips(index, iterations=split_iterations, seed=split_seed)
+    source = ChipSource(ds, gdf, index, dem=dem, cache=cache)
+    return PreparedData(
+        cube=ds, outlines=gdf, index=index, split=split, source=source, cube_path=cube_path,
+        outlines_path=outlines_path, dem_path=os.fspath(dem) if isinstance(dem, (str, os.PathLike)) else None,
+        chip_params=dict(index.params, split_seed=split_seed, split_iterations=split_iterations),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss over the whole batch, on valid pixels only.
+
+    Summed over the batch rather than averaged per chip: a hard-negative chip without ice would
+    otherwise have an undefined (or, smoothed, arbitrary) Dice of its own.
+    """
+    p = torch.sigmoid(logits.float()) * valid
+    t = target.float() * valid
+    inter = (p * t).sum()
+    return 1.0 - (2.0 * inter + eps) / (p.sum() + t.sum() + eps)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits (numerically stable), mean over valid pixels."""
+    per = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    v = valid.float()
+    return (per * v).sum() / v.sum().clamp_min(1.0)
+
+
+def make_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss function called ``name`` (one of :data:`LOSSES`)."""
+    if name == "dice":
+        return dice_loss
+    if name == "bce":
+        return bce_loss
+    if name == "dice+bce":
+        return lambda lg, t, v: dice_loss(lg, t, v) + bce_loss(lg, t, v)
+    raise ModelError(f"loss must be one of {', '.join(LOSSES)}, not {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: seeding, augmentation, batching, scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of a (..., H, W) tensor (k in 0..7)."""
+    if k >= 4:
+        t = torch.flip(t, dims=(-1,))
+    return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
+
+
+def _batch(ds: ChipDataset, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    items = [ds[int(i)] for i in idx]
+    return (torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items]),
+            torch.stack([c for _, _, c in items]))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, amp: bool) -> tuple[bool, torch.dtype]:
+    if device.type != "cuda" or not amp:
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def counts(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict[str, int]:
+    """Confusion counts of boolean-like ``pred`` against 0/1 ``ref`` on ``valid`` pixels."""
+    p, r, v = pred.astype(bool), ref.astype(bool), valid.astype(bool)
+    return {"tp": int((p & r & v).sum()), "fp": int((p & ~r & v).sum()),
+            "fn": int((~p & r & v).sum()), "tn": int((~p & ~r & v).sum())}
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b[k] for k in b}
+
+
+@torch.no_grad()
+def predict_dataset(model: UNet, dataset: ChipDataset, *, batch_size: int = 16,
+                    device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
+    """Ice probabilities of every chip, padding removed: (N, S, S) float32."""
+    device = torch.device(device)
+    model.eval()
+    use_amp, dtype = _autocast(device, amp)
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        x, _, _ = _batch(dataset, range(start, min(start + batch_size, len(dataset))))
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
+            logits = model(x.to(device))
+        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
+    if not out:
+        return np.zeros((0, dataset.size, dataset.size), dtype=np.float32)
+    return dataset.crop(np.concatenate(out)).astype(np.float32)
+
+
+def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, mask: str | None = None,
+                  probabilities: np.ndarray | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, float | int]:
+    """Scores (:func:`icemap.metrics.scores`) of the thresholded model on every chip, pooled.
+
+    ``mask`` scores against other labels than the dataset's (e.g. a model trained on
+    extended masks against the original outlines); pass precomputed ``probabilities`` to
+    score several thresholds or masks without running the model again.
+    """
+    from icemap.metrics import scores
+
+    probs = predict_dataset(model, dataset, device=device) if probabilities is None else probabilities
+    buffer_m = MASK_BUFFERS[mask] if mask is not None else dataset.buffer_m
+    total: dict[str, int] = {}
+    for i in range(len(dataset)):
+        _, _, valid = dataset.arrays(i)
+        y = dataset.source.labels(dataset.source.index.samples[dataset.samples[i]].window, buffer_m)
+        total = _add(total, counts(probs[i] >= threshold, y, valid))
+    return scores(total, pixel_area_m2=dataset.source.pixel_area_m2)
+
+
+def _eval(model: UNet, ds: ChipDataset, loss_fn: Callable[..., torch.Tensor], device: torch.device,
+          amp: bool, batch_size: int, threshold: float = 0.5) -> tuple[float, dict[str, int], np.ndarray]:
+    """Validation pass: mean loss, confusion counts at ``threshold``, probabilities."""
+    model.eval()
+    use_amp, dtype = _autocast(device, amp)
+    total: dict[str, int] = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    losses, weights, probs = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(ds), batch_size):
+            x, y, v = _batch(ds, range(start, min(start + batch_size, len(ds))))
+            x, y, v = x.to(device), y.to(device), v.to(device)
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
+                logits = model(x)
+            losses.append(float(loss_fn(logits, y, v)))
+            weights.append(len(x))
+            p = torch.sigmoid(logits.float())
+            pred = p >= threshold
+            total = _add(total, {"tp": int((pred & (y > 0) & v).sum()), "fp": int((pred & (y == 0) & v).sum()),
+                                 "fn": int((~pred & (y > 0) & v).sum()), "tn": int((~pred & (y == 0) & v).sum())})
+            probs.append(p[:, 0].cpu().numpy())
+    loss = float(np.average(losses, weights=weights)) if losses else float("nan")
+    return loss, total, ds.crop(np.concatenate(probs)) if probs else np.zeros((0,))
+
+
+def _f1(c: dict[str, int]) -> tuple[float, float, float]:
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return f, p, r
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state (no pickle)
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_paths(out: Path) -> tuple[Path, Path]:
+    return out / STATE_DIR / _STATE_TENSORS, out / STATE_DIR / _STATE_JSON
+
+
+def _save_state(out: Path, model: UNet, best: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                scaler: Any, info: dict[str, Any]) -> None:
+    """Write the training state: tensors (safetensors) first, then the JSON that names them."""
+    from safetensors.torch import save
+
+    tpath, jpath = _state_paths(out)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model/{k}"] = v.detach().cpu().contiguous().clone()
+    for k, v in best.items():
+        tensors[f"best/{k}"] = v.detach().cpu().contiguous().clone()
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim/{pid}/{name}"] = val.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = val
+    blob = save(tensors)
+    _atomic_write(tpath, blob)
+    info = dict(info, format=_STATE_FORMAT, tensors_sha256=hashlib.sha256(blob).hexdigest(),
+                optimizer={"param_groups": opt["param_groups"], "scalars": scalars},
+                scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else {})
+    _atomic_write(jpath, json.dumps(info, indent=1, default=float).encode())
+
+
+def _load_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    tpath, jpath = _state_paths(out)
+    if not jpath.exists():
+        return None
+    try:
+        info = json.loads(jpath.read_text())
+        blob = tpath.read_bytes()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"the training state in {jpath.parent} is unreadable ({exc}); rerun without --resume") from None
+    if info.get("format", 0) > _STATE_FORMAT:
+        raise ModelError(f"the training state in {jpath.parent} is newer than this icemap understands")
+    if hashlib.sha256(blob).hexdigest() != info.get("tensors_sha256"):
+        raise ModelError(f"the training state in {jpath.parent} is corrupt (tensor file does not match its "
+                         "JSON); rerun without --resume")
+    try:
+        return info, load(blob)
+    except SafetensorError as exc:
+        raise ModelError(f"the training state {tpath} is not a valid safetensors file: {exc}") from None
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = val
+    for pid, sc in info["optimizer"]["scalars"].items():
+        state.setdefault(int(pid), {}).update(sc)
+    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`."""
+
+    model: UNet
+    meta: CheckpointMeta
+    history: list[EpochRecord]
+    checkpoint: Path
+    data: PreparedData
+    threshold: float
+    best_epoch: int
+    stopped_early: bool
+    resumed_from: int
+    test: dict[str, Any] | None
+    seconds: float
+
+
+class _Display:
+    """Rich progress bar over epochs plus one printed line per epoch (nothing when quiet)."""
+
+    def __init__(self, quiet: bool, title: str, total: int, console: Any = None) -> None:
+        self.quiet = quiet
+        self.title = title
+        self.total = total
+        self.console = console
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Display:
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.console = self.console or Console(stderr=True, soft_wrap=True)
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
+            self._progress.start()
+            self._task = self._progress.add_task(self.title, total=self.total, info="")
+        return self
+
+    def start(self, done: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done)
+
+    def epoch(self, rec: EpochRecord, total: int) -> None:
+        if self._progress is None:
+            return
+        line = (f"epoch {rec.epoch:>3}/{total}  loss {rec.train_loss:.4f}  val loss {rec.val_loss:.4f}  "
+                f"F1 {rec.val_f1:.3f}  P {rec.val_precision:.3f}  R {rec.val_recall:.3f}  "
+                f"{rec.seconds:.1f}s{'  *' if rec.improved else ''}")
+        self._progress.console.print(line, highlight=False)
+        self._progress.update(self._task, completed=rec.epoch, info=f"best F1 so far {rec.val_f1:.3f}" if rec.improved else "")
+
+    def note(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+
+
+def train(
+    cube: Any,
+    outlines: Any,
+    out: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    dem: Any = None,
+    data: PreparedData | None = None,
+    resume: bool = False,
+    callback: Callable[[EpochRecord], Any] | None = None,
+    quiet: bool = False,
+    console: Any = None,
+    title: str | None = None,
+) -> TrainResult:
+    """Train a U-Net on a cube and outlines and write the checkpoint to ``out``.
+
+    Parameters
+    ----------
+    cube
+        Cube store path or opened cube (ignored when ``data`` is given).
+    outlines
+        Reference outlines, path or GeoDataFrame (ignored when ``data`` is given).
+    out
+        Model folder: ``model.safetensors`` + ``model.json`` (the checkpoint, with the
+        normalisation, channels, bands, threshold, provenance and validation scores) and
+        ``training/`` (resumable state, history, split).
+    config
+        :class:`TrainConfig` (defaults: study a's set-up at 128 px).
+    dem
+        DEM for the terrain channels.
+    data
+        Chips and split prepared by :func:`prepare_data` (shared by experiment runs); its chip
+        settings win over ``config``'s.
+    resume
+        Continue from ``out/training`` when a state is there (else start afresh). The
+        settings must match the state's, except ``epochs``, ``patience``, ``device``, ``amp``.
+    callback
+        Called with each :class:`EpochRecord` after the state of that epoch is saved; an
+        exception raised there stops training (and the run can be resumed).
+    quiet
+        No progress display.
+
+    Returns
+    -------
+    TrainResult
+        The best-validation model (eval mode, CPU), its metadata, the history and test scores.
+    """
+    t_start = time.perf_counter()
+    config = config or TrainConfig()
+    config.validate()
+    channels = config.channels
+    out = Path(out)
+    if data is None:
+        data = prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
+                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
+                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
+                            split_iterations=config.split_iterations, channels=channels, dem=dem)
+    else:
+        missing = [b for b in required_bands(channels) if b not in data.source.bands]
+        if missing:
+            raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
+                             f"it has {data.source.bands}")
+    train_ids, val_ids, test_ids = (data.samples(s) for s in ("train", "val", "test"))
+    if not train_ids or not val_ids:
+        raise ModelError("the split left no training or no validation chip; use a larger cube or smaller chips")
+    device = _device(config.device)
+    use_amp, amp_dtype = _autocast(device, config.amp)
+    if device.type == "cuda":
+        # cuBLAS needs this before its first call for deterministic algorithms.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
+                      resume, callback, quiet, console, title, t_start)
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: PreparedData,
+           train_ids: list[int], val_ids: list[int], test_ids: list[int], device: torch.device,
+           use_amp: bool, amp_dtype: torch.dtype, resume: bool, callback: Callable[[EpochRecord], Any] | None,
+           quiet: bool, console: Any, title: str | None, t_start: float) -> TrainResult:
+    cfg = config.to_dict()
+    split_groups = data.split.groups
+    state = _load_state(out) if resume else None
+    if state is not None:
+        info, tensors = state
+        diff = _config_diff(info["config"], cfg)
+        if diff:
+            raise ModelError(f"the training state in {out / STATE_DIR} was made with other settings "
+                             f"({'; '.join(diff)}); rerun without --resume or with the same settings")
+        if info["split_groups"] != {k: list(v) for k, v in split_groups.items()}:
+            raise ModelError(f"the training state in {out / STATE_DIR} belongs to another split (other cube, "
+                             "outlines or chip settings); rerun without --resume")
+        norm = Normalisation.from_dict(info["normalisation"])
+    else:
+        info, tensors = {}, {}
+        norm = fit_normalisation(data.source, train_ids, channels, method=config.normalisation,
+                                 seed=config.seed)
+
+    _seed_all(config.seed)
+    model = UNet(config.unet()).to(device)
+    multiple = model.config.multiple
+    mk = dict(mask=config.mask, normalisation=norm, multiple=multiple)
+    train_ds = ChipDataset(data.source, train_ids, channels, **mk)
+    val_ds = ChipDataset(data.source, val_ids, channels, **mk)
+    lr = config.learning_rate
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16) if device.type == "cuda" else None
+    loss_fn = make_loss(config.loss)
+
+    history: list[EpochRecord] = []
+    best_f1, best_epoch, since_best, start_epoch, stopped = -1.0, 0, 0, 0, False
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if state is not None:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        _restore_optimizer(optimizer, info, tensors)
+        if scaler is not None and info.get("scaler"):
+            scaler.load_state_dict(info["scaler"])
+        history = [EpochRecord(**r) for r in info["history"]]
+        best_f1, best_epoch, since_best = info["best_f1"], info["best_epoch"], info["since_best"]
+        start_epoch, stopped = info["epoch"], info.get("stopped_early", False)
+    resumed_from = start_epoch
+
+    def save(epoch: int, finished: bool) -> None:
+        _save_state(out, model, best_state, optimizer, scaler, {
+            "config": cfg, "epoch": epoch, "history": [r.to_dict() for r in history], "best_f1": best_f1,
+            "best_epoch": best_epoch, "since_best": since_best, "stopped_early": stopped, "finished": finished,
+            "normalisation": norm.to_dict(), "split_groups": split_groups,
+        })
+
+    name = title or f"train {config.inputs}/{config.mask}"
+    n_train = len(train_ds)
+    with _Display(quiet, name, config.epochs, console) as display:
+        if resumed_from:
+            display.start(resumed_from)
+            display.note(f"resumed after epoch {resumed_from} (best F1 {best_f1:.3f} at epoch {best_epoch})")
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            es = _epoch_seed(config.seed, epoch)
+            torch.manual_seed(es)  # dropout and anything else drawing from torch's global RNG
+            rng = np.random.default_rng(es)
+            order = rng.permutation(n_train)
+            ks = rng.integers(0, 8, size=n_train)
+            model.train()
+            total, seen = 0.0, 0
+            for start in range(0, n_train, config.batch_size):
+                idx = order[start:start + config.batch_size]
+                x, y, v = _batch(train_ds, idx)
+                if config.augment:
+                    x = torch.stack([_dihedral(a, int(k)) for a, k in zip(x, ks[idx])])
+                    y = torch.stack([_dihedral(a, int(k)) for a, k in zip(y, ks[idx])])
+                    v = torch.stack([_dihedral(a, int(k)) for a, k in zip(v, ks[idx])])
+                x, y, v = x.to(device), y.to(device), v.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = model(x)
+                loss = loss_fn(logits, y, v)
+                if scaler is not None and scaler.is_enabled():
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            val_loss, val_counts, _ = _eval(model, val_ds, loss_fn, device, use_amp, config.batch_size)
+            f1, p, r = _f1(val_counts)
+            improved = f1 > best_f1
+            if improved:
+                best_f1, best_epoch, since_best = f1, epoch, 0
+                best_state = {k: v_.detach().cpu().clone() for k, v_ in model.state_dict().items()}
+            else:
+                since_best += 1
+            rec = EpochRecord(epoch=epoch, train_loss=total / max(seen, 1), val_loss=val_loss, val_f1=f1,
+                              val_precision=p, val_recall=r, seconds=time.perf_counter() - t0,
+                              improved=improved, lr=float(optimizer.param_groups[0]["lr"]))
+            history.append(rec)
+            stopped = config.patience is not None and since_best >= config.patience and epoch < config.epochs
+            save(epoch, finished=stopped or epoch == config.epochs)
+            display.epoch(rec, config.epochs)
+            if callback is not None:
+                callback(rec)
+            if stopped:
+                display.note(f"early stop: no better validation F1 for {config.patience} epochs "
+                             f"(best {best_f1:.3f} at epoch {best_epoch})")
+
+    # The best validation model (study b) is the model.
+    model.load_state_dict(best_state)
+    model = model.to("cpu").eval()
+    _, val_counts, val_probs = _eval(model, val_ds, loss_fn, torch.device("cpu"), False, config.batch_size)
+    threshold, curve = _choose_threshold(config, val_ds, val_probs)
+    val_scores = score_dataset(model, val_ds, threshold, probabilities=val_probs)
+    test_scores = None
+    if test_ids:
+        test_ds = ChipDataset(data.source, test_ids, channels, **mk)
+        test_scores = score_dataset(model, test_ds, threshold)
+    seconds = time.perf_counter() - t_start
+    meta = CheckpointMeta(
+        architecture=model.config.to_dict(),
+        channels=list(channels),
+        bands=list(required_bands(channels)),
+        normalisation=norm.to_dict(),
+        threshold=float(threshold),
+        training={
+            "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
+            "config": cfg, "loss": config.loss, "optimizer": config.optimizer, "lr": config.learning_rate,
+            "epochs": config.epochs, "epochs_run": len(history), "best_epoch": best_epoch,
+            "stopped_early": stopped, "resumed_from_epoch": resumed_from,
+            "split_seed": data.chip_params.get("split_seed"), "chips": data.index.summary(),
+            "chip_params": data.chip_params, "split": data.split.report,
+            "threshold_rule": "tuned on validation F1" if config.threshold == "tune" else "fixed",
+            "threshold_curve": curve, "normalisation_fit": f"{config.normalisation} over the training chips",
+            "device": str(device), "mixed_precision": str(amp_dtype).replace("torch.", "") if use_amp else "off",
+            "history": [r.to_dict() for r in history], "test": test_scores, "seconds": round(seconds, 2),
+        },
+        validation=dict(val_scores, f1_at_0_5=_f1(val_counts)[0], best_epoch=best_epoch),
+    )
+    path = save_checkpoint(model, meta, out)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / STATE_DIR / "split.json",
+                  json.dumps({"split": data.split.to_dict(), "index": data.index.to_dict()}, default=float).encode())
+    return TrainResult(model=model, meta=meta, history=history, checkpoint=path, data=data,
+                       threshold=float(threshold), best_epoch=best_epoch, stopped_early=stopped,
+                       resumed_from=resumed_from, test=test_scores, seconds=seconds)
+
+
+def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarray) -> tuple[float, list[dict[str, float]] | None]:
+    """The decision threshold: fixed, or the best validation F1 over :data:`TUNE_THRESHOLDS`.
+
+    Tuning uses :func:`icemap.metrics.threshold_sweep` on the validation probabilities, the
+    same sweep the NDSI baseline is calibrated with, so both get the same kind of choice.
+    """
+    if config.threshold != "tune":
+        return float(config.threshold), None
+    import xarray as xr
+
+    from icemap.metrics import best_threshold, threshold_sweep
+
+    refs, idxs = [], []
+    for i in range(len(val_ds)):
+        _, y, valid = val_ds.arrays(i)
+        refs.append(np.where(valid, y, 255).astype(np.uint8))
+        idxs.append(np.where(valid, probs[i], np.nan).astype(np.float32))
+    index = xr.DataArray(np.stack(idxs), dims=("time", "y", "x"))
+    ref = xr.DataArray(np.stack(refs), dims=("time", "y", "x"))
+    curve = threshold_sweep(index, ref, thresholds=TUNE_THRESHOLDS, pixel_area_m2=val_ds.source.pixel_area_m2)
+    t = best_threshold(curve, "f1")
+    rows = [{"threshold": float(r.threshold), "f1": float(r.f1)} for r in curve.itertuples()]
+    return float(t), rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on a window (in memory)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = None, tile: int = 512,
+                   hide_channel: int | None = None, device: str = "cpu") -> np.ndarray:
+    """Ice probability for every date of a (small) cube or window, in memory.
+
+    The in-memory counterpart of the lazy, distributed inference: it evaluates a trained model
+    on a scene or chip that fits in memory (the experiment's hold-out scene, the Athabasca
+    crop). Inputs are built with :func:`build_inputs` and normalised with the checkpoint's
+    normalisation; the image is cut into ``tile`` px tiles with a halo of half the receptive
+    field (capped at 64 px), each padded to the U-Net's multiple.
+
+    Returns
+    -------
+    numpy.ndarray
+        (time, y, x) float32 probabilities, NaN where any input channel is NaN.
+    """
+    meta.check_cube(cube)
+    x = build_inputs(cube, meta.channels, dem=dem)
+    arr = np.asarray(x.values, dtype=np.float32)
+    norm = Normalisation.from_dict(meta.normalisation)
+    model = model.to(device).eval()
+    m = model.config.multiple
+    halo = min(model.config.receptive_field // 2, 64)
+    t_n, _, h, w = arr.shape
+    out = np.full((t_n, h, w), np.nan, dtype=np.float32)
+    for t in range(t_n):
+        z, nodata = normalise(arr[t], norm, channel_axis=0)
+        if hide_channel is not None:
+            z[hide_channel] = 0.0
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
+                yb, xb = min(y1 + halo, h), min(x1 + halo, w)
+                slab = z[:, ya:yb, xa:xb]
+                ph, pw = padded_size(slab.shape[1], m), padded_size(slab.shape[2], m)
+                buf = np.zeros((slab.shape[0], ph, pw), dtype=np.float32)
+                buf[:, :slab.shape[1], :slab.shape[2]] = slab
+                p = torch.sigmoid(model(torch.from_numpy(buf)[None].to(device)).float())[0, 0].cpu().numpy()
+                out[t, y0:y1, x0:x1] = p[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+        out[t][nodata] = np.nan
+    return out

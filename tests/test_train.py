@@ -1,0 +1,324 @@
+"""Training: losses, a short run that learns, exact resume, checkpoints, ablation, experiment, CLI.
+
+Everything runs on the shared 160 px sample region with a tiny U-Net (base 4, depth 2) and
+32 px chips, so the whole module takes well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from icemap.errors import IcemapError, ModelError
+from icemap.model.checkpoint import load_checkpoint, read_metadata
+from icemap.model.data import ChipDataset
+from icemap.model.inputs import Normalisation
+from icemap.model.train import (
+    STATE_DIR,
+    EpochRecord,
+    TrainConfig,
+    bce_loss,
+    dice_loss,
+    make_loss,
+    predict_dataset,
+    predict_window,
+    prepare_data,
+    score_dataset,
+    train,
+)
+from icemap.model.unet import UNet
+
+TINY = dict(inputs="b3_b6", chip_size=32, depth=2, base=4, batch_size=4, split_iterations=40, patience=None,
+            n_hard_negative=2, n_random=1, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """One torch thread: tiny convolutions gain nothing from two, and on a busy machine two
+    OpenMP threads spin against other processes (measured 10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from icemap.stac import search
+    from icemap.store import ingest
+
+    path = tmp_path_factory.mktemp("train-cube") / "cube.zarr"
+    ingest(search(str(sample_region.catalog)), path, chunksize=64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(cube_path: Path, sample_region: Any) -> Any:
+    return prepare_data(cube_path, sample_region.outlines, chip_size=32, n_hard_negative=2, n_random=1,
+                        split_seed=1, split_iterations=40, dem=sample_region.dem)
+
+
+@pytest.fixture(scope="module")
+def trained(data: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp("model") / "m"
+    return train(None, None, out, TrainConfig(**TINY, epochs=6), data=data, quiet=True)
+
+
+def test_losses() -> None:
+    t = torch.zeros(1, 1, 4, 4)
+    t[..., :2, :] = 1
+    v = torch.ones_like(t, dtype=torch.bool)
+    perfect = (t * 2 - 1) * 50
+    assert float(dice_loss(perfect, t, v)) < 1e-3
+    assert float(dice_loss(-perfect, t, v)) > 0.9
+    assert float(bce_loss(perfect, t, v)) < 1e-6
+    logits = torch.randn(2, 1, 4, 4)
+    tt = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    vv = torch.rand(2, 1, 4, 4) > 0.3
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[vv], tt[vv])
+    assert float(bce_loss(logits, tt, vv)) == pytest.approx(float(ref), rel=1e-6)
+    # Invalid pixels do not count, whatever they hold.
+    wild = logits.clone()
+    wild[~vv] = 1e4
+    assert float(bce_loss(wild, tt, vv)) == pytest.approx(float(ref), rel=1e-6)
+    assert float(dice_loss(wild, tt, vv)) == pytest.approx(float(dice_loss(logits, tt, vv)), rel=1e-6)
+    combo = make_loss("dice+bce")(logits, tt, vv)
+    assert float(combo) == pytest.approx(float(dice_loss(logits, tt, vv) + bce_loss(logits, tt, vv)))
+    with pytest.raises(ModelError, match="loss must be"):
+        make_loss("focal")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(inputs="b3_b7"), "unknown input channel"), (dict(mask="buffered"), "mask must be"),
+    (dict(loss="l2"), "loss must be"), (dict(optimizer="sgd"), "optimizer must be"),
+    (dict(threshold=1.5), "threshold"), (dict(threshold="best"), "threshold"), (dict(epochs=0), "epochs"),
+    (dict(depth=9), "U-Net"), (dict(lr=-1.0), "learning rate"), (dict(overlap="merge"), "overlap"),
+])
+def test_config_validation(bad: dict[str, Any], match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        TrainConfig(**bad)
+
+
+def test_training_learns_and_beats_an_untrained_model(trained: Any, data: Any) -> None:
+    h = trained.history
+    assert len(h) == 6 and all(isinstance(r, EpochRecord) for r in h)
+    assert h[-1].train_loss < h[0].train_loss
+    torch.manual_seed(123)
+    untrained = UNet(trained.model.config).eval()
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    val = ChipDataset(data.source, data.samples("val"), ("green", "swir16"), normalisation=norm, multiple=4)
+    f1_untrained = score_dataset(untrained, val, 0.5)["f1"]
+    f1_trained = score_dataset(trained.model, val, trained.threshold)["f1"]
+    assert f1_trained > f1_untrained + 0.1
+    assert trained.meta.validation["f1"] == pytest.approx(f1_trained)
+    assert trained.best_epoch == max(range(len(h)), key=lambda i: (h[i].val_f1, -i)) + 1
+
+
+def test_checkpoint_records_everything_and_round_trips(trained: Any, data: Any, cube_path: Path) -> None:
+    model, meta = load_checkpoint(trained.checkpoint)
+    assert meta.channels == ["green", "swir16"] and meta.bands == ["green", "swir16"]
+    assert meta.threshold == trained.threshold
+    assert meta.normalisation["method"] == "minmax" and len(meta.normalisation["lo"]) == 2
+    tr = meta.training
+    assert tr["cube"] == str(cube_path) and tr["outlines"].endswith("glaciers.gpkg")
+    assert tr["split_seed"] == 1 and tr["loss"] == "dice" and tr["optimizer"] == "adam" and tr["lr"] == 0.01
+    assert tr["epochs"] == 6 and len(tr["history"]) == 6
+    assert {"ks_area", "ks_shape", "p_area", "p_shape"} <= set(tr["split"]["sets"]["test"])
+    assert {"f1", "precision", "recall", "best_epoch"} <= set(meta.validation)
+    norm = Normalisation.from_dict(meta.normalisation)
+    ds = ChipDataset(data.source, data.samples("test"), tuple(meta.channels), normalisation=norm, multiple=4)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), trained.model(x).numpy())
+
+
+def test_training_state_is_safetensors_and_json(trained: Any) -> None:
+    from safetensors import safe_open
+
+    folder = trained.checkpoint / STATE_DIR
+    info = json.loads((folder / "state.json").read_text())
+    assert info["epoch"] == 6 and info["finished"] and info["optimizer"]["param_groups"][0]["lr"] == 0.01
+    with safe_open(str(folder / "state.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("model/") for k in keys) and any(k.startswith("optim/") for k in keys)
+    assert any(k.startswith("best/") for k in keys)
+    for p in folder.iterdir():
+        assert not p.read_bytes().startswith(b"\x80"), f"{p} looks like a pickle"
+
+
+def test_resume_continues_identically(data: Any, tmp_path: Path) -> None:
+    # With dropout: its masks come from torch's global RNG, re-seeded per epoch.
+    cfg = TrainConfig(**TINY, epochs=4, dropout=0.2)
+    full = train(None, None, tmp_path / "full", cfg, data=data, quiet=True)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(rec: EpochRecord) -> None:
+        if rec.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(None, None, tmp_path / "cut", cfg, data=data, quiet=True, callback=interrupt)
+    seen: list[int] = []
+    resumed = train(None, None, tmp_path / "cut", cfg, data=data, quiet=True, resume=True,
+                    callback=lambda r: seen.append(r.epoch))
+    assert resumed.resumed_from == 2 and seen == [3, 4]
+    a = [(r.train_loss, r.val_loss, r.val_f1) for r in full.history]
+    b = [(r.train_loss, r.val_loss, r.val_f1) for r in resumed.history]
+    assert a == b
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    # Other settings cannot resume this state.
+    with pytest.raises(ModelError, match="other settings"):
+        train(None, None, tmp_path / "cut", replace(cfg, lr=0.001), data=data, quiet=True, resume=True)
+
+
+@pytest.mark.parametrize("overrides", [dict(loss="bce", optimizer="adadelta", lr=None),
+                                       dict(loss="dice+bce", threshold="tune", augment=False)])
+def test_other_losses_and_optimizers_run(data: Any, tmp_path: Path, overrides: dict[str, Any]) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**{**TINY, **overrides}, epochs=2), data=data, quiet=True)
+    assert all(np.isfinite(r.train_loss) for r in res.history)
+    meta = read_metadata(res.checkpoint)
+    if overrides.get("threshold") == "tune":
+        assert meta.training["threshold_rule"] == "tuned on validation F1"
+        assert meta.threshold in [c["threshold"] for c in meta.training["threshold_curve"]]
+    else:
+        assert meta.training["optimizer"] == "adadelta" and meta.training["lr"] == 1.0
+
+
+def test_channel_hiding_changes_scores(trained: Any, data: Any) -> None:
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    ids = data.samples("val") + data.samples("test")
+    ch = ("green", "swir16")
+    base = score_dataset(trained.model, ChipDataset(data.source, ids, ch, normalisation=norm, multiple=4),
+                         trained.threshold)
+    for i in range(2):
+        hidden = ChipDataset(data.source, ids, ch, normalisation=norm, multiple=4, hide_channel=i)
+        s = score_dataset(trained.model, hidden, trained.threshold)
+        assert (s["tp"], s["fp"]) != (base["tp"], base["fp"])
+
+
+def test_predict_window_equals_chip_prediction(trained: Any, data: Any) -> None:
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    ids = data.samples("test")
+    ds = ChipDataset(data.source, ids, ("green", "swir16"), normalisation=norm, multiple=4)
+    chips = predict_dataset(trained.model, ds)
+    for k, s in enumerate(ids):
+        p = predict_window(trained.model, trained.meta, data.source.window(s))[0]
+        ok = ~np.isnan(p)
+        np.testing.assert_allclose(p[ok], chips[k][ok], atol=1e-5)
+
+
+def test_experiment_writes_tables(data: Any, sample_region: Any, tmp_path: Path) -> None:
+    from icemap.model.experiment import RunSpec, run_experiment
+
+    runs = [RunSpec("b3_b6", "original"), RunSpec("ndsi_dem", "extended")]
+    res = run_experiment(None, None, tmp_path, runs=runs, config=TrainConfig(**TINY, epochs=2), data=data,
+                         dem=sample_region.dem, truth=sample_region, quiet=True)
+    t3 = res.table3
+    assert list(t3["model"]) == ["NDSI (calibrated)", "NDSI 0.4", "b3_b6_original", "ndsi_dem_extended"]
+    assert {"f1", "balanced_accuracy", "precision", "recall", "ice_area_km2", "area_diff_pct"} <= set(t3.columns)
+    assert -1 <= res.ndsi_threshold <= 1
+    assert set(res.table5["model"]) == {"b3_b6_original", "ndsi_dem_extended"} and len(res.table5) == 4
+    fp = res.false_positives
+    assert {"water_fp", "cloud_shadow_fp", "snow_fp"} <= set(fp.columns) and len(fp) == 4
+    for name in ("table3", "table5", "false_positives"):
+        assert (tmp_path / f"{name}.csv").exists() and (tmp_path / f"{name}.md").read_text().startswith("# ")
+    summary = json.loads((tmp_path / "experiment.json").read_text())
+    assert summary["split"]["iterations"] == 40
+    with pytest.raises(ModelError, match="needs band"):
+        run_experiment(None, None, tmp_path / "x", runs=[RunSpec("all_bands")], data=data, quiet=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_cli_train_end_to_end(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    common = ["--cube", str(cube_path), "--reference", str(sample_region.outlines)]
+    r = _cli("train", *common, "--out", str(out), "--inputs", "b3_b6", "--mask", "extended", "--epochs", "2",
+             "--chip-size", "32", "--depth", "2", "--base", "4", "--batch-size", "4", "--split-iterations", "20",
+             "--seed", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "validation F1" in r.stdout
+    meta = read_metadata(out)
+    assert meta.training["config"]["mask"] == "extended" and meta.training["epochs_run"] == 2
+    r = _cli("train", *common, "--out", str(tmp_path / "x"), "--inputs", "b3_b7")
+    assert r.returncode == 1 and "unknown input channel" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--inputs", "all_bands"], "lacks band"),
+    (["--inputs", "ndsi_dem"], "DEM"),
+    (["--loss", "focal"], "loss must be"),
+    (["--mask", "buffered"], "mask must be"),
+    (["--threshold", "best"], "threshold"),
+])
+def test_cli_errors_are_one_line(cube_path: Path, sample_region: Any, tmp_path: Path, args: list[str], match: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from icemap.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
+              str(tmp_path / "m"), "--quiet", *args])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_paths_and_outlines_elsewhere(cube_path: Path, sample_region: Any, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import geopandas as gpd
+    from shapely.affinity import translate
+
+    from icemap.cli import main
+
+    far = gpd.read_file(sample_region.outlines, layer="glaciers")
+    far = far.set_geometry(far.geometry.apply(lambda g: translate(g, 0, 2e6)))
+    far_path = tmp_path / "far.gpkg"
+    far.to_file(far_path, layer="glaciers")
+    cases = [
+        (["--cube", str(tmp_path / "none.zarr"), "--reference", str(sample_region.outlines)], "no cube"),
+        (["--cube", str(cube_path), "--reference", str(tmp_path / "none.gpkg")], "does not exist"),
+        (["--cube", str(cube_path), "--reference", str(far_path)], "overlaps the cube"),
+    ]
+    for args, match in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *args, "--out", str(tmp_path / "m"), "--quiet", "--chip-size", "32"])
+        assert exc.value.code == 1
+        assert match in capsys.readouterr().err
+    with pytest.raises(IcemapError):
+        # The API raises the same error the CLI prints.
+        prepare_data(cube_path, far_path, chip_size=32)
+
+
+def test_cli_experiment(cube_path: Path, sample_region: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from icemap.cli import main
+
+    common = ["experiment", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--quiet",
+              "--chip-size", "32", "--depth", "2", "--base", "4", "--epochs", "1", "--split-iterations", "20",
+              "--seed", "1"]
+    main([*common, "--out", str(tmp_path / "e"), "--inputs", "b3_b6", "--masks", "original",
+          "--truth", str(sample_region.root)])
+    out = capsys.readouterr().out
+    assert "NDSI (calibrated)" in out and "b3_b6_original" in out
+    assert (tmp_path / "e" / "table3.md").exists() and (tmp_path / "e" / "false_positives.csv").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--out", str(tmp_path / "f"), "--inputs", "all_bands,ndsi_dem"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "all_bands_original needs band(s) ['lwir11']" in err and "needs a DEM" in err
