@@ -362,4 +362,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m icemap.cli` runs this file as __main__, a second copy beside `icemap.cli`; the
+    # model commands register on icemap.cli.app, so dispatch through that module.
+    from icemap.cli import main as _main
+
+    _main()

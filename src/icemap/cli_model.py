@@ -1,7 +1,169 @@
 """The ``icemap train`` and ``icemap experiment`` commands (registered on :data:`icemap.cli.app`).
 
 Kept apart from :mod:`icemap.cli` so the model commands can grow without touching the data
-commands; torch is imported only when one of them runs.
+commands; torch is imported only when one of them runs. Settings are checked (and turned
+into one-line :class:`~icemap.errors.IcemapError` messages) before any chip is read.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from icemap.cli import QuietOpt, _console, _split_list, app
+from icemap.errors import IcemapError
+
+
+# str, not Path: cubes may live on object stores (pathlib mangles s3:// URLs).
+CubeOpt = Annotated[str, typer.Option("--cube", help="Cube store (path or URL) written by `icemap ingest`.")]
+ReferenceOpt = Annotated[Path, typer.Option("--reference", help="Glacier outlines (any vector format): the labels.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on validation F1).")]
+ChipOpt = Annotated[int, typer.Option("--chip-size", help="Chip edge in px (120 study a, 128 study b); padded to 2**depth.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Chips per step.")]
+LossOpt = Annotated[str, typer.Option("--loss", help="dice (study a), bce (study b) or dice+bce.")]
+OptimOpt = Annotated[str, typer.Option("--optimizer", help="adam or adadelta (study b).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 0.01 adam, 1.0 adadelta).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of weights, shuffling, augmentation and the split.")]
+DemOpt = Annotated[Optional[Path], typer.Option("--dem", help="DEM GeoTIFF for the elevation channel.")]
+DepthOpt = Annotated[int, typer.Option("--depth", help="U-Net levels (4 in study a).")]
+BaseOpt = Annotated[int, typer.Option("--base", help="Feature maps of the first level.")]
+PatienceOpt = Annotated[int, typer.Option("--patience", help="Stop after N epochs without a better validation F1 (0 = never).")]
+ThresholdOpt = Annotated[str, typer.Option("--threshold", help="Decision threshold, or 'tune' (best validation F1).")]
+OverlapOpt = Annotated[str, typer.Option("--overlap", help="independent (study a), drop or group.")]
+HardOpt = Annotated[int, typer.Option("--hard-negatives", help="Hard-negative chips (water, shadow, snow, cloud).")]
+RandomOpt = Annotated[int, typer.Option("--random-chips", help="Random chips.")]
+IterOpt = Annotated[int, typer.Option("--split-iterations", help="Monte-Carlo iterations of the split (900 in study a).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu or cuda.")]
+
+
+def _config(**kw: Any) -> Any:
+    from icemap.model.train import TrainConfig
+
+    threshold = kw.pop("threshold")
+    kw["patience"] = kw["patience"] or None
+    return TrainConfig(threshold=threshold if threshold == "tune" else _number(threshold, "--threshold"), **kw)
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise IcemapError(f"{what} must be a number or 'tune', not {text!r}") from None
+
+
+def _check_paths(cube: str, reference: Path, dem: Path | None) -> None:
+    # Plain existence checks first: the most common mistake gets the plainest message. URLs
+    # (s3://...) are left to open_cube, which says the same for stores it cannot find.
+    if "://" not in cube and not Path(cube).exists():
+        raise IcemapError(f"no cube at {cube}; create one with `icemap ingest --out {cube}`")
+    if not reference.exists():
+        raise IcemapError(f"outline file {reference} does not exist")
+    if dem is not None and not dem.exists():
+        raise IcemapError(f"DEM file {dem} does not exist")
+
+
+@app.command("train")
+def train_cmd(
+    cube: CubeOpt,
+    reference: ReferenceOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (checkpoint + training state).")],
+    inputs: Annotated[str, typer.Option("--inputs", help="Input set (b3_b6, all_bands_dem, ndsi, b6_b5_b2, ...) or channels.")] = "b3_b6",
+    mask: Annotated[str, typer.Option("--mask", help="original or extended (outlines grown 15 m).")] = "original",
+    epochs: EpochsOpt = 50,
+    chip_size: ChipOpt = 128,
+    batch_size: BatchOpt = 8,
+    loss: LossOpt = "dice",
+    optimizer: OptimOpt = "adam",
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/training when a state is there.")] = False,
+    dem: DemOpt = None,
+    depth: DepthOpt = 4,
+    base: BaseOpt = 16,
+    dropout: Annotated[float, typer.Option("--dropout", help="Bottleneck dropout (also enables MC-dropout at inference).")] = 0.0,
+    patience: PatienceOpt = 10,
+    threshold: ThresholdOpt = "0.5",
+    overlap: OverlapOpt = "independent",
+    hard_negatives: HardOpt = 0,
+    random_chips: RandomOpt = 0,
+    split_iterations: IterOpt = 900,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a U-Net on chips of a cube labelled by glacier outlines; write a checkpoint."""
+    _check_paths(cube, reference, dem)
+    cfg = _config(inputs=inputs, mask=mask, epochs=epochs, chip_size=chip_size, batch_size=batch_size,
+                  loss=loss, optimizer=optimizer, lr=lr, seed=seed, depth=depth, base=base, dropout=dropout,
+                  patience=patience,
+                  threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
+                  split_iterations=split_iterations, device=device)
+    from icemap.model.train import train
+
+    res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console())
+    con = _console(stderr=False)
+    v = res.meta.validation
+    con.print(f"[bold]{out}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
+              f"{res.threshold:.2f}, validation F1 {v['f1']:.3f} (P {v['precision']:.3f}, R {v['recall']:.3f})",
+              highlight=False)
+    sets = res.data.split.report["sets"]
+    con.print("split (KS vs all glaciers, area/shape): " + "; ".join(
+        f"{n} {s['samples']} chips, {s['glaciers']} glaciers, KS {s['ks_area']:.2f}/{s['ks_shape']:.2f}"
+        for n, s in sets.items()), highlight=False)
+    if res.test is not None:
+        t = res.test
+        con.print(f"test F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}), "
+                  f"ice area {t['ice_area_km2']:.3f} km2 ({t['area_diff_pct']:+.1f}% vs the outlines)",
+                  highlight=False)
+
+
+@app.command("experiment")
+def experiment_cmd(
+    cube: CubeOpt,
+    reference: ReferenceOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the tables and the models.")],
+    inputs: Annotated[Optional[list[str]], typer.Option("--inputs", help="Input sets (repeatable or comma-separated); default study a's five.")] = None,
+    masks: Annotated[Optional[list[str]], typer.Option("--masks", help="original and/or extended (default both).")] = None,
+    epochs: EpochsOpt = 50,
+    chip_size: ChipOpt = 120,
+    batch_size: BatchOpt = 8,
+    loss: LossOpt = "dice",
+    optimizer: OptimOpt = "adam",
+    lr: LrOpt = None,
+    seed: SeedOpt = 0,
+    dem: DemOpt = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="Sample-region folder whose class truth gives false positives by class.")] = None,
+    depth: DepthOpt = 4,
+    base: BaseOpt = 16,
+    patience: PatienceOpt = 10,
+    threshold: ThresholdOpt = "0.5",
+    overlap: OverlapOpt = "independent",
+    hard_negatives: HardOpt = 0,
+    random_chips: RandomOpt = 0,
+    split_iterations: IterOpt = 900,
+    device: DeviceOpt = "auto",
+    fresh: Annotated[bool, typer.Option("--fresh", help="Retrain every run (default: reuse finished, resume interrupted).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Study a's grid: input sets x masks on one split; Table 3 (vs NDSI) and Table 5 (ablation)."""
+    _check_paths(cube, reference, dem)
+    cfg = _config(epochs=epochs, chip_size=chip_size, batch_size=batch_size, loss=loss, optimizer=optimizer,
+                  lr=lr, seed=seed, depth=depth, base=base, patience=patience, threshold=threshold,
+                  overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
+                  split_iterations=split_iterations, device=device)
+    from icemap.model.experiment import STUDY_A_INPUTS, default_runs, run_experiment, to_markdown
+
+    runs = default_runs(_split_list(inputs) or STUDY_A_INPUTS, _split_list(masks) or ("original", "extended"))
+    region = None
+    if truth is not None:
+        from icemap.sample import open_sample_region
+
+        region = open_sample_region(truth)
+    res = run_experiment(cube, reference, out, runs=runs, config=cfg, dem=dem, truth=region, resume=not fresh,
+                         quiet=quiet, console=_console())
+    con = _console(stderr=False)
+    cols = ["model", "threshold", "f1", "balanced_accuracy", "precision", "recall", "ice_area_km2", "area_diff_pct"]
+    con.print(to_markdown(res.table3[cols]), highlight=False, markup=False)
+    con.print(f"tables in {out} (table3, table5{', false_positives' if region else ''}); {res.seconds:.0f} s",
+              highlight=False)
