@@ -215,3 +215,18 @@ def test_cube_without_model_bands(items: list[dict[str, Any]], model_dir: Path) 
     cube = icemap.load(items, bands=["green", "nir08"])
     with pytest.raises(ModelError, match="swir16"):
         predict(cube, model_dir)
+
+
+def test_torch_threads_never_oversubscribe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from icemap.infer import _cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what distributed's nanny sets for workers
+    assert _cpu_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    import dask
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    with dask.config.set(num_workers=cores):
+        assert _cpu_threads() == 1
+    with dask.config.set(num_workers=1):
+        assert _cpu_threads() == cores

@@ -31,20 +31,36 @@ ICE_NODATA = np.uint8(255)
 DEFAULT_NDSI_THRESHOLD = 0.4
 
 
-def normalized_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def normalized_difference(a: np.ndarray, b: np.ndarray, *, rows: int = 64) -> np.ndarray:
     """``(a - b) / (a + b)`` in float32, robust to the quirks of surface reflectance.
 
     Negative reflectances (atmospheric over-correction in dark pixels) are clipped to 0
     before the ratio, so the result stays within [-1, 1]; where both are 0 the ratio is
-    undefined and NaN is returned, as for NaN inputs.
+    undefined (0/0) and NaN, as for NaN inputs.
+
+    The chunk is processed ``rows`` rows at a time with ``out=`` ufuncs into two small scratch
+    buffers: the temporaries stay in cache instead of streaming five full-size arrays through
+    memory, which made this kernel 2.7x faster per 1024x1024 chunk (docs/benchmarks.md).
     """
-    a = np.clip(np.asarray(a, dtype=np.float32), 0, None)
-    b = np.clip(np.asarray(b, dtype=np.float32), 0, None)
-    denom = a + b
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (a - b) / denom
-    out[~(denom > 0)] = np.nan
-    return out.astype(np.float32, copy=False)
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), np.float32)
+    a, b = np.broadcast_to(a, out.shape), np.broadcast_to(b, out.shape)
+    width = out.shape[-1] if out.ndim else 1
+    a2, b2, o2 = a.reshape(-1, width), b.reshape(-1, width), out.reshape(-1, width)
+    r = max(1, min(rows, a2.shape[0]))
+    ta, tb = np.empty((r, width), np.float32), np.empty((r, width), np.float32)
+    zero = np.float32(0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for i in range(0, a2.shape[0], r):
+            j = min(i + r, a2.shape[0])
+            x, y, o = ta[: j - i], tb[: j - i], o2[i:j]
+            np.maximum(a2[i:j], zero, out=x)  # NaN stays NaN (maximum propagates it)
+            np.maximum(b2[i:j], zero, out=y)
+            np.add(x, y, out=o)
+            np.subtract(x, y, out=x)
+            np.divide(x, o, out=o)  # 0 / 0 -> NaN: both bands dark or clipped
+    return out
 
 
 def _reflectance(cube: Any) -> Any:

@@ -99,19 +99,38 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _set_cpu_threads() -> None:
-    """Keep dask threads x torch threads within the cores of this process's machine."""
-    import torch
+def _cpu_threads() -> int:
+    """Torch intra-op threads for one dask thread, so the host's cores are not oversubscribed.
 
+    ``OMP_NUM_THREADS`` wins when set: distributed's nanny sets it to 1 for every worker,
+    because several workers share a host and none knows about the others (giving each torch
+    ``cores / own threads`` threads ran 2 workers x 2 threads on 2 cores, 1.9-4.3x slower:
+    docs/benchmarks.md). Otherwise (dask's threaded scheduler, a plain script) the cores this
+    process may use are shared among dask's threads.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    dask_threads = cores
     try:
         from distributed import get_worker
 
         dask_threads = get_worker().state.nthreads
     except (ImportError, ValueError):
-        import dask
+        try:
+            import dask
 
-        dask_threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
-    want = max(1, (os.cpu_count() or 1) // max(1, int(dask_threads)))
+            dask_threads = dask.config.get("num_workers", None) or cores
+        except ImportError:
+            pass
+    return max(1, cores // max(1, int(dask_threads)))
+
+
+def _set_cpu_threads() -> None:
+    import torch
+
+    want = _cpu_threads()
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
 
