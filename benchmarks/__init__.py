@@ -1,0 +1,1 @@
+"""asv benchmarks and ratio reports of icemap (see benchmarks/README.md)."""
