@@ -220,39 +220,6 @@ def parallel_ceiling(threads: int, nbytes: int = 64 * 2**20, repeat: int = 5) ->
     return best[1] / best[threads]
 
 
-def blocked_normalized_difference(a: np.ndarray, b: np.ndarray, rows: int = 64) -> np.ndarray:
-    """A prototype of a faster ``icemap.index.normalized_difference`` (same results, bit for bit).
-
-    Not used by icemap: it is here so the report can show what the kernel change suggested in
-    ``docs/benchmarks.md`` would buy. Two differences from icemap's kernel:
-
-    * it works through the chunk ``rows`` rows at a time with ``out=`` ufuncs into two small
-      scratch buffers, so its temporaries stay in the core's L2 cache instead of streaming five
-      full-size temporaries through memory;
-    * it drops the final ``out[~(denom > 0)] = nan``: after clipping, ``denom`` is never
-      negative, ``0 / 0`` already gives NaN, and NaN inputs already propagate.
-    """
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    out = np.empty(np.broadcast_shapes(a.shape, b.shape), np.float32)
-    a, b = np.broadcast_to(a, out.shape), np.broadcast_to(b, out.shape)
-    width = out.shape[-1] if out.ndim else 1
-    a2, b2, o2 = a.reshape(-1, width), b.reshape(-1, width), out.reshape(-1, width)
-    r = max(1, min(rows, a2.shape[0]))
-    ta, tb = np.empty((r, width), np.float32), np.empty((r, width), np.float32)
-    zero = np.float32(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for i in range(0, a2.shape[0], r):
-            j = min(i + r, a2.shape[0])
-            x, y, o = ta[:j - i], tb[:j - i], o2[i:j]
-            np.maximum(a2[i:j], zero, out=x)
-            np.maximum(b2[i:j], zero, out=y)
-            np.add(x, y, out=o)
-            np.subtract(x, y, out=x)
-            np.divide(x, o, out=o)
-    return out
-
-
 def section_ndsi(cfg: Config) -> list[Row]:
     import icemap
     from icemap.index import normalized_difference
@@ -277,18 +244,6 @@ def section_ndsi(cfg: Config) -> list[Row]:
     def numpy_kernel() -> Any:
         return normalized_difference(green, swir)
 
-    def proposed(n: int) -> Callable[[], Any]:
-        import xarray as xr
-
-        g_da = refl.sel(band="green", drop=True)
-        s_da = refl.sel(band="swir16", drop=True)
-
-        def run() -> Any:
-            with C.threads(n):
-                return xr.apply_ufunc(blocked_normalized_difference, g_da, s_da, dask="parallelized",
-                                      output_dtypes=[np.float32]).values
-        return run
-
     g_dask = refl.sel(band="green", drop=True).data
     s_dask = refl.sel(band="swir16", drop=True).data
 
@@ -311,12 +266,11 @@ def section_ndsi(cfg: Config) -> list[Row]:
         a, b = icemap_ndsi(ncores)(), numpy_naive()
         ok = np.isfinite(a) & np.isfinite(b) & (green >= 0) & (swir >= 0)
         max_diff = float(np.max(np.abs(a[ok] - b[ok]))) if ok.any() else 0.0
-        same_as_proposed = bool(np.array_equal(a, proposed(ncores)(), equal_nan=True))
         del a, b
         times = interleaved({
             "icemap": icemap_ndsi(ncores), "icemap_1thread": icemap_ndsi(1), "numpy": numpy_naive,
             "numpy_kernel": numpy_kernel, "icemap_ice": icemap_ice, "numpy_ice": numpy_ice,
-            "proposed": proposed(ncores), "proposed_1thread": proposed(1), "dask_floor": dask_floor,
+            "dask_floor": dask_floor,
         }, cfg.repeat)
     bw = max(copy_bandwidth(threads=1), copy_bandwidth(threads=ncores))
     ceiling = parallel_ceiling(ncores)
@@ -324,7 +278,7 @@ def section_ndsi(cfg: Config) -> list[Row]:
     limit_ice = n_px * 9 / bw  # read 2 x float32, write 1 x uint8
     mpx = n_px / 1e6
     common_numbers = {"pixels": n_px, "chunk": cfg.ndsi_chunk, "threads": ncores,
-                      "proposed_kernel_identical": same_as_proposed, "parallel_ceiling": ceiling,
+                      "parallel_ceiling": ceiling,
                       "copy_bandwidth_GBps": bw / 1e9, "max_abs_diff_vs_numpy": max_diff,
                       "times_s": times, "limit_s": {"ndsi": limit_ndsi, "ice": limit_ice}}
 
@@ -357,14 +311,7 @@ def section_ndsi(cfg: Config) -> list[Row]:
             f"normalized_difference, whole arrays: {mps(times['numpy_kernel'])}",
             f"`(g-s)/(g+s)`: {mps(times['numpy'])}",
             times["numpy"] / times["numpy_kernel"], "speed of icemap's kernel relative to the bare formula",
-            note="the kernel clips negative reflectance and sets NaN where g+s <= 0"),
-        Row("ndsi", "Suggested kernel (prototype in this script, not in icemap): same graph, blocked in-place kernel",
-            f"apply_ufunc(blocked kernel), dask {ncores} threads: {mps(times['proposed'])}",
-            f"numpy `(g-s)/(g+s)`, 1 core: {mps(times['numpy'])}",
-            times["numpy"] / times["proposed"], "speed-up over numpy",
-            note=f"{times['icemap'] / times['proposed']:.2f}x faster than icemap.ndsi today, identical output: "
-                 f"{same_as_proposed}; on 1 thread {mps(times['proposed_1thread'])}; reaches "
-                 f"{limit_ndsi / times['proposed']:.2f} of the bandwidth limit"),
+            note="the kernel clips negative reflectance (two more passes) and works in cache-sized row blocks"),
         Row("ndsi", "Ice mask (NDSI >= 0.4, uint8 with nodata) in memory",
             f"icemap.ice_mask, dask {ncores} threads: {mps(times['icemap_ice'])}",
             f"numpy, 1 core: {mps(times['numpy_ice'])}",
@@ -892,8 +839,8 @@ def section_scaling(cfg: Config) -> list[Row]:
             f"1 per worker (diagnostic patch): {pinned['seconds']:.1f} s",
             pinned["seconds"] / shipped["seconds"],
             "speed with icemap's thread setting relative to one torch thread per worker",
-            note="icemap.infer._set_cpu_threads divides the machine's cores by the worker's own threads, not by "
-                 "all threads of all workers on the host", numbers={**diag, "shipped": shipped, "pinned": pinned}))
+            note="icemap gives torch OMP_NUM_THREADS threads when set (distributed's nanny sets 1), else "
+                 "the cores divided by dask's threads", numbers={**diag, "shipped": shipped, "pinned": pinned}))
     return rows
 
 
