@@ -203,3 +203,19 @@ def test_cli_unreadable_asset_exit_code(sample_region: Any, tmp_path: Path) -> N
     ok = _icemap("ingest", "--catalog", str(region / "catalog.json"), "--out", str(tmp_path / "y.zarr"), "--quiet",
                  "--on-error", "nodata")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_interrupted_append_is_repaired(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+    """A crash between the resizes of an append leaves arrays of different lengths."""
+    items = _items(sample_region)
+    path = tmp_path / "c.zarr"
+    last_day = sample_region.datetimes[-1][:10]
+    icemap.ingest([i for i in items if not i["properties"]["datetime"].startswith(last_day)], path, chunksize=64)
+    group = zarr.open_group(str(path), mode="r+")
+    refl = group["reflectance"]
+    refl.resize((refl.shape[0] + 1, *refl.shape[1:]))  # resized, the other arrays not yet
+    with pytest.raises(StoreError, match="append of new dates was interrupted"):
+        icemap.open_cube(path)
+    with pytest.warns(StoreWarning, match="repaired an interrupted append"):
+        icemap.ingest(items, path, chunksize=64)
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)

@@ -296,6 +296,9 @@ def write_timesteps(
     exists = _store_exists(path, storage_options)
     if not exists:
         _check_target_is_free(path, storage_options)
+    elif _repair_interrupted_append(path, storage_options):
+        warnings.warn(f"{path}: repaired an interrupted append; its dates are written again", StoreWarning,
+                      stacklevel=2)
     if exists and _group_attrs(path, storage_options).get(LAYOUT_ATTR) is None:
         # Interrupted before its layout was finished: no step can be complete. Start over.
         warnings.warn(f"{path} was left unfinished before any data; recreating it", StoreWarning, stacklevel=2)
@@ -351,9 +354,52 @@ def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[st
     group.attrs.update(json.loads(json.dumps(dict(values), default=str)))
 
 
+def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, int]:
+    """Length along ``time`` of every array of a store that has a time dimension."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r", storage_options=storage_options)
+    lengths = {}
+    for name, arr in group.arrays():
+        dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+        if dims and "time" in dims:
+            lengths[name] = arr.shape[list(dims).index("time")]
+    return lengths
+
+
+def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Shrink arrays an interrupted append left longer than the others along ``time``.
+
+    xarray appends by resizing one array after another; a crash in between leaves lengths
+    that disagree. The extra rows were never marked complete, so cutting every array back to
+    the shortest length loses no finished data; the rerun appends those dates again.
+    """
+    import zarr
+
+    lengths = _time_lengths(path, storage_options)
+    if not lengths or len(set(lengths.values())) == 1:
+        return []
+    keep = min(lengths.values())
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    fixed = []
+    for name, n in lengths.items():
+        if n > keep:
+            arr = group[name]
+            dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+            axis = list(dims).index("time")
+            arr.resize(tuple(keep if i == axis else s for i, s in enumerate(arr.shape)))
+            fixed.append(name)
+    return fixed
+
+
 def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
     import xarray as xr
 
+    if len(set(_time_lengths(path, storage_options).values())) > 1:
+        raise StoreError(
+            f"{path}: an append of new dates was interrupted (arrays disagree on the number of "
+            "time steps); rerun the same ingest/map command to repair and finish it"
+        )
     # Masks and flags stay integers: their fill values are values (fill, nodata), not
     # "missing". Float variables are stored with NaN fill, so they read as NaN regardless.
     return xr.open_zarr(
