@@ -359,6 +359,20 @@ def _pixel_area(like: Any) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _reference_and_valid(main_a: Any, main_d: Any, reference: Any, valid: Any) -> tuple[Any, Any, Any]:
+    """The reference (0/1, 255 nodata) and optional validity mask, checked, as operands on main's grid."""
+    ref_a = _check_int(_as_dataarray(reference, "reference"), "reference",
+                       "rasterise outlines with icemap.labels.rasterize_outlines")
+    ref_d = _operand(main_a, main_d, ref_a, "reference")
+    valid_d = None
+    if valid is not None:
+        valid_a = _as_dataarray(valid, "valid")
+        if valid_a.dtype != bool:
+            valid_a = _check_int(valid_a, "valid", "pass a boolean mask")
+        valid_d = _operand(main_a, main_d, valid_a, "valid")
+    return ref_a, ref_d, valid_d
+
+
 def confusion(
     pred: Any,
     reference: Any,
@@ -412,15 +426,7 @@ def confusion(
     hint = "threshold an index first, e.g. icemap.ice_mask(cube, threshold=0.4)"
     pred_a = _check_int(_main(pred, "pred"), "pred", hint)
     pred_d = _dask(pred_a)
-    ref_a = _check_int(_as_dataarray(reference, "reference"), "reference",
-                       "rasterise outlines with icemap.labels.rasterize_outlines")
-    ref_d = _operand(pred_a, pred_d, ref_a, "reference")
-    valid_d = None
-    if valid is not None:
-        valid_a = _as_dataarray(valid, "valid")
-        if valid_a.dtype != bool:
-            valid_a = _check_int(valid_a, "valid", "pass a boolean mask")
-        valid_d = _operand(pred_a, pred_d, valid_a, "valid")
+    ref_a, ref_d, valid_d = _reference_and_valid(pred_a, pred_d, reference, valid)
     by_d = None
     id_values: np.ndarray | None = None
     n_ids = 0
@@ -792,15 +798,7 @@ def confusion_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid
 
     idx_a, idx_d = _index_da(index)
     shown, edges = _edges(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
-    ref_a = _check_int(_as_dataarray(reference, "reference"), "reference",
-                       "rasterise outlines with icemap.labels.rasterize_outlines")
-    ref_d = _operand(idx_a, idx_d, ref_a, "reference")
-    valid_d = None
-    if valid is not None:
-        valid_a = _as_dataarray(valid, "valid")
-        if valid_a.dtype != bool:
-            valid_a = _check_int(valid_a, "valid", "pass a boolean mask")
-        valid_d = _operand(idx_a, idx_d, valid_a, "valid")
+    ref_a, ref_d, valid_d = _reference_and_valid(idx_a, idx_d, reference, valid)
     m1 = edges.size + 1
     hist = _block_counts(_bin_kernel, idx_d, [ref_d, valid_d], 2 * m1, False, edges=edges)
     hist = hist.reshape(2, m1)  # [reference class, bin]

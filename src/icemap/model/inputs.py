@@ -17,7 +17,7 @@ import numpy as np
 
 from icemap.errors import ModelError
 
-__all__ = ["CHANNEL_SETS", "DERIVED_CHANNELS", "resolve_channels", "required_bands", "build_inputs",
+__all__ = ["CHANNEL_SETS", "DERIVED_CHANNELS", "resolve_channels", "required_bands", "check_bands", "build_inputs",
            "Normalisation", "normalise"]
 
 _ALL_BANDS = ("coastal", "blue", "green", "red", "nir08", "swir16", "swir22", "lwir11")
@@ -80,6 +80,17 @@ def needs_dem(channels: Sequence[str]) -> bool:
     return any(c in ("elevation", "slope") for c in channels)
 
 
+def check_bands(refl: Any, channels: Sequence[str]) -> None:
+    """Raise a clear error if the reflectance lacks a band the channels are built from."""
+    have = [str(b) for b in refl["band"].values]
+    missing = [b for b in required_bands(channels) if b not in have]
+    if missing:
+        raise ModelError(
+            f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; it has "
+            f"{have}. Ingest with --bands {','.join(sorted(set(have) | set(missing)))}"
+        )
+
+
 def build_inputs(cube: Any, channels: Sequence[str], *, dem: Any = None) -> Any:
     """Stack the channels as a lazy float32 DataArray (time, channel, y, x) on the cube grid.
 
@@ -98,13 +109,7 @@ def build_inputs(cube: Any, channels: Sequence[str], *, dem: Any = None) -> Any:
     from icemap.index import ndsi, ndwi
 
     refl = cube["reflectance"] if isinstance(cube, xr.Dataset) else cube
-    have = [str(b) for b in refl["band"].values]
-    missing = [b for b in required_bands(channels) if b not in have]
-    if missing:
-        raise ModelError(
-            f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; it has "
-            f"{have}. Ingest with --bands {','.join(sorted(set(have) | set(missing)))}"
-        )
+    check_bands(refl, channels)
     terrain: dict[str, Any] = {}
     if needs_dem(channels):
         if dem is None:

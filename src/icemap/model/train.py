@@ -53,7 +53,14 @@ from icemap.model.data import (
     padded_size,
     split_chips,
 )
-from icemap.model.inputs import Normalisation, build_inputs, normalise, required_bands, resolve_channels
+from icemap.model.inputs import (
+    Normalisation,
+    build_inputs,
+    check_bands,
+    normalise,
+    required_bands,
+    resolve_channels,
+)
 from icemap.model.unet import UNet, UNetConfig
 
 __all__ = [
@@ -319,13 +326,7 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     ds, cube_path = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
     if channels is not None:
-        have = [str(b) for b in refl["band"].values]
-        missing = [b for b in required_bands(channels) if b not in have]
-        if missing:
-            raise ModelError(
-                f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; it has "
-                f"{have}. Ingest with --bands {','.join(sorted(set(have) | set(missing)))}"
-            )
+        check_bands(refl, channels)
         if any(c in ("elevation", "slope") for c in channels) and dem is None:
             raise ModelError(f"inputs {list(channels)} include terrain: pass a DEM (dem=... / --dem)")
     outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
