@@ -289,7 +289,7 @@ def test_gateway_values_and_gpu_option() -> None:
 
 # -- HPC -------------------------------------------------------------------------------------------------
 def test_slurm_job_scripts_cpu_and_gpu(tmp_path: Path) -> None:
-    pytest.importorskip("dask_jobqueue")
+    import dask_jobqueue  # noqa: F401  (a test dependency: fail loudly if missing)
     env_cfg = tmp_path / "dask"
     env_cfg.mkdir()
     (env_cfg / "jobqueue.yaml").write_text((DEPLOY / "hpc" / "jobqueue.yaml").read_text())

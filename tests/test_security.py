@@ -174,7 +174,7 @@ class _Payload:
 
 @pytest.mark.parametrize("container", ["pickle", "torch.save"])
 def test_pickle_disguised_as_safetensors_is_refused_unexecuted(container: str, tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     from icemap.model.checkpoint import METADATA, WEIGHTS, CheckpointMeta, load_checkpoint, save_checkpoint, sha256_of
     from icemap.model.inputs import Normalisation
     from icemap.model.unet import UNet, UNetConfig
