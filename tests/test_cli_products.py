@@ -148,3 +148,12 @@ def test_bad_input_exit_code(args: list[str], message: str) -> None:
 def test_map_unknown_guard(cube_path: Path, tmp_path: Path) -> None:
     res = _icemap("map", "--cube", str(cube_path), "--guards", "clouds", "--out", str(tmp_path / "p.zarr"), "--quiet")
     assert res.returncode == 1 and "water" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.cluster
+def test_evaluate_on_a_cluster_equals_threads(product: dict[str, Path], sample_region: Any) -> None:
+    args = ["evaluate", "--pred", str(product["out"]), "--reference", str(sample_region.outlines), "--json"]
+    threads = _icemap(*args)
+    cluster = _icemap(*args, "--scheduler", "local?workers=2&threads=1")
+    assert threads.returncode == 0 and cluster.returncode == 0, cluster.stderr
+    assert json.loads(cluster.stdout) == json.loads(threads.stdout)

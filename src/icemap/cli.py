@@ -209,8 +209,17 @@ def evaluate_cmd(
     time: Annotated[Optional[str], typer.Option("--time", help="Score one date (YYYY-MM-DD); default all dates pooled.")] = None,
     per_glacier: Annotated[Optional[Path], typer.Option("--per-glacier", help="Also write per-glacier scores (CSV).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Score an ice product against reference outlines (F1, kappa, areas...)."""
+    from icemap.cluster import connect
+
+    with connect(scheduler):
+        _evaluate(pred, reference, buffer, all_touched, time, per_glacier, as_json)
+
+
+def _evaluate(pred: str, reference: Path, buffer: float, all_touched: bool, time: str | None,
+              per_glacier: Path | None, as_json: bool) -> None:
     from icemap.metrics import evaluate
     from icemap.store import open_cube
 
@@ -254,15 +263,18 @@ def calibrate_cmd(
     buffer: Annotated[float, typer.Option("--buffer", help="Grow outlines by M metres.")] = 0.0,
     curve: Annotated[Optional[Path], typer.Option("--curve", help="Write the full curve as CSV.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {threshold, method, ...} as JSON.")] = False,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Choose an NDSI threshold: F1 sweep against outlines, or Otsu/valley on the histogram."""
+    from icemap.cluster import connect
     from icemap.store import open_cube
     from icemap.workflow import calibrate_threshold
 
     if method not in ("f1", "otsu", "valley"):
         raise IcemapError(f"--method must be f1, otsu or valley, not {method!r}")
-    threshold, table = calibrate_threshold(open_cube(cube), reference=reference, method=method,  # type: ignore[arg-type]
-                                           buffer_m=buffer)
+    with connect(scheduler):
+        threshold, table = calibrate_threshold(open_cube(cube), reference=reference, method=method,  # type: ignore[arg-type]
+                                               buffer_m=buffer)
     if curve is not None:
         table.to_csv(curve, index=False)
     summary: dict[str, Any] = {"method": method, "threshold": float(threshold)}

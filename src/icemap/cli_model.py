@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from icemap.cli import QuietOpt, _console, _split_list, app
+from icemap.cli import QuietOpt, SchedulerOpt, _console, _split_list, app
 from icemap.errors import IcemapError
 
 
@@ -90,6 +90,7 @@ def train_cmd(
     random_chips: RandomOpt = 0,
     split_iterations: IterOpt = 900,
     device: DeviceOpt = "auto",
+    scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a U-Net on chips of a cube labelled by glacier outlines; write a checkpoint."""
@@ -101,7 +102,11 @@ def train_cmd(
                   split_iterations=split_iterations, device=device)
     from icemap.model.train import train
 
-    res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console())
+    from icemap.cluster import connect
+
+    # The cluster reads and scans the cube (chips, normalisation); torch trains in this process.
+    with connect(scheduler):
+        res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console())
     con = _console(stderr=False)
     v = res.meta.validation
     con.print(f"[bold]{out}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
@@ -144,6 +149,7 @@ def experiment_cmd(
     split_iterations: IterOpt = 900,
     device: DeviceOpt = "auto",
     fresh: Annotated[bool, typer.Option("--fresh", help="Retrain every run (default: reuse finished, resume interrupted).")] = False,
+    scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Study a's grid: input sets x masks on one split; Table 3 (vs NDSI) and Table 5 (ablation)."""
@@ -160,8 +166,11 @@ def experiment_cmd(
         from icemap.sample import open_sample_region
 
         region = open_sample_region(truth)
-    res = run_experiment(cube, reference, out, runs=runs, config=cfg, dem=dem, truth=region, resume=not fresh,
-                         quiet=quiet, console=_console())
+    from icemap.cluster import connect
+
+    with connect(scheduler):
+        res = run_experiment(cube, reference, out, runs=runs, config=cfg, dem=dem, truth=region, resume=not fresh,
+                             quiet=quiet, console=_console())
     con = _console(stderr=False)
     cols = ["model", "threshold", "f1", "balanced_accuracy", "precision", "recall", "ice_area_km2", "area_diff_pct"]
     con.print(to_markdown(res.table3[cols]), highlight=False, markup=False)
