@@ -529,37 +529,13 @@ def render_controls(c: dict[str, Any]) -> str:
 
 
 def hls_item() -> dict[str, Any]:
-    """A STAC item for the crop, as an HLS catalog would state it (EPSG code, grid, assets)."""
-    import rasterio
-    from pyproj import Transformer
+    """A STAC item for the crop. The files' custom WKT equals EPSG:32611 (data README)."""
+    from icemap.stac import item_from_files
 
-    with rasterio.open(shared(ATHABASCA, "athabasca_2020229_B03_L30.tif")) as src:
-        transform, shape, b = list(src.transform)[:6], [src.height, src.width], src.bounds
-    to_ll = Transformer.from_crs("EPSG:32611", "EPSG:4326", always_xy=True)
-    xs, ys = to_ll.transform([b.left, b.right, b.left, b.right], [b.bottom, b.bottom, b.top, b.top])
-    w, s, e, n = min(xs), min(ys), max(xs), max(ys)
-    return {
-        "type": "Feature",
-        "stac_version": "1.0.0",
-        "id": "HLS.L30.athabasca.2020229.v2.0",
-        "collection": "hls",
-        "bbox": [w, s, e, n],
-        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
-        "properties": {
-            "datetime": "2020-08-16T00:00:00Z",
-            "platform": "landsat-8",
-            # The files' WKT is a custom "UTM Zone 11, Northern Hemisphere" equal to EPSG:32611.
-            "proj:epsg": 32611,
-            "proj:transform": transform,
-            "proj:shape": shape,
-        },
-        "assets": {
-            name: {"href": str(shared(ATHABASCA, f"athabasca_2020229_{code}_L30.tif")),
-                   "type": "image/tiff; application=geotiff", "roles": ["data"]}
-            for name, code in ATHABASCA_BANDS.items()
-        },
-        "links": [],
-    }
+    return item_from_files({name: shared(ATHABASCA, f"athabasca_2020229_{code}_L30.tif")
+                            for name, code in ATHABASCA_BANDS.items()},
+                           id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
+                           collection="hls", platform="landsat-8", crs="EPSG:32611")
 
 
 def athabasca_section(workdir: Path) -> dict[str, Any]:
@@ -730,7 +706,7 @@ def render_discussion(s: dict[str, Any], c: dict[str, Any], a: dict[str, Any]) -
         return f"{v[0] / v[1]:.3f}"
 
     ath = {(r["t"], r["guards"]): r["ev"] for r in a["rows"]}
-    a0, aw = ath[(T_DEFAULT, "NDSI alone")], ath[(T_DEFAULT, "+ water")]
+    a0 = ath[(T_DEFAULT, "NDSI alone")]
     ad, awd = ath[(T_DEFAULT, "+ dark")], ath[(T_DEFAULT, "+ water + dark")]
     andwi = ath[(T_DEFAULT, "+ water with NDWI test (`ndwi_max=0.4`) + dark")]
     ndwi_label = "+ water with NDWI test (`ndwi_max=0.4`) + dark"

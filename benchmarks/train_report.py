@@ -86,12 +86,11 @@ def region_cube(root: Path, size: int, n_dates: int, seed: int) -> tuple[Any, Pa
 
 def athabasca_cube(work: Path) -> tuple[Path, Path] | None:
     """The Athabasca HLS crop as an icemap cube (as tests/test_athabasca.py builds it)."""
-    import rasterio
-    from pyproj import Transformer
 
     # Imported from their modules: once icemap.load (the module) is imported, the lazy
     # package attribute `icemap.load` is shadowed by the module itself.
     from icemap.load import load
+    from icemap.stac import item_from_files
     from icemap.store import write_cube
 
     if not ATHABASCA.exists():
@@ -100,23 +99,10 @@ def athabasca_cube(work: Path) -> tuple[Path, Path] | None:
     outline = ATHABASCA / "athabasca_outline.shp"
     if (store / "zarr.json").exists():
         return store, outline
-    band = lambda code: ATHABASCA / f"athabasca_2020229_{code}_L30.tif"  # noqa: E731
-    with rasterio.open(band("B03")) as src:
-        transform, shape, b = list(src.transform)[:6], [src.height, src.width], src.bounds
-    to_ll = Transformer.from_crs("EPSG:32611", "EPSG:4326", always_xy=True)
-    xs, ys = to_ll.transform([b.left, b.right, b.left, b.right], [b.bottom, b.bottom, b.top, b.top])
-    w, s, e, n = min(xs), min(ys), max(xs), max(ys)
-    item = {
-        "type": "Feature", "stac_version": "1.0.0", "id": "HLS.L30.athabasca.2020229.v2.0", "collection": "hls",
-        "bbox": [w, s, e, n],
-        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
-        # The files' custom WKT equals EPSG:32611 (see the data set's README).
-        "properties": {"datetime": "2020-08-16T00:00:00Z", "platform": "landsat-8", "proj:epsg": 32611,
-                       "proj:transform": transform, "proj:shape": shape},
-        "assets": {name: {"href": str(band(code)), "type": "image/tiff; application=geotiff", "roles": ["data"]}
-                   for name, code in HLS_BANDS.items()},
-        "links": [],
-    }
+    # The files' custom WKT equals EPSG:32611 (see the data set's README).
+    item = item_from_files({name: ATHABASCA / f"athabasca_2020229_{code}_L30.tif" for name, code in HLS_BANDS.items()},
+                           id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
+                           collection="hls", platform="landsat-8", crs="EPSG:32611")
     ds = load([item], sensor="hls", crs="EPSG:32611", bands=list(HLS_BANDS))
     write_cube(ds, store)
     return store, outline

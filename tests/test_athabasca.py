@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
-from pyproj import Transformer
 
 import icemap
 from icemap import metrics as m
 from icemap.labels import rasterize_outlines
+from icemap.stac import item_from_files
 
 from .conftest import shared_path
 
@@ -41,33 +41,10 @@ def read(path: Path) -> np.ndarray:
 
 
 def hls_item() -> dict[str, Any]:
-    """A STAC item for the crop, as an HLS catalog would state it (EPSG code, grid, assets)."""
-    with rasterio.open(band_path("B03")) as src:
-        transform, shape, b = list(src.transform)[:6], [src.height, src.width], src.bounds
-    to_ll = Transformer.from_crs("EPSG:32611", "EPSG:4326", always_xy=True)
-    xs, ys = to_ll.transform([b.left, b.right, b.left, b.right], [b.bottom, b.bottom, b.top, b.top])
-    w, s, e, n = min(xs), min(ys), max(xs), max(ys)
-    return {
-        "type": "Feature",
-        "stac_version": "1.0.0",
-        "id": "HLS.L30.athabasca.2020229.v2.0",
-        "collection": "hls",
-        "bbox": [w, s, e, n],
-        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
-        "properties": {
-            "datetime": "2020-08-16T00:00:00Z",
-            "platform": "landsat-8",
-            # The files' WKT is a custom "UTM Zone 11, Northern Hemisphere" equal to EPSG:32611.
-            "proj:epsg": 32611,
-            "proj:transform": transform,
-            "proj:shape": shape,
-        },
-        "assets": {
-            name: {"href": str(band_path(code)), "type": "image/tiff; application=geotiff", "roles": ["data"]}
-            for name, code in BANDS.items()
-        },
-        "links": [],
-    }
+    """A STAC item for the crop. The files' custom WKT equals EPSG:32611 (data README)."""
+    return item_from_files({name: band_path(code) for name, code in BANDS.items()},
+                           id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
+                           collection="hls", platform="landsat-8", crs="EPSG:32611")
 
 
 @pytest.fixture(scope="module")

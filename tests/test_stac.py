@@ -170,3 +170,25 @@ def test_cli_retries_and_timeout_reach_the_search() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 1 and "failed after 0 retries" in out.stderr
+
+
+@pytest.mark.shared_data
+def test_item_from_local_files_states_the_files_grid() -> None:
+    import rasterio
+
+    from icemap.stac import item_from_files
+
+    folder = shared_path("athabasca_hls_l30")
+    files = {"green": folder / "athabasca_2020229_B03_L30.tif", "swir16": folder / "athabasca_2020229_B06_L30.tif"}
+    # The crop's WKT is a custom UTM 11N with no EPSG code: the error says how to state it.
+    with pytest.raises(CatalogError, match="crs='EPSG:NNNN'"):
+        item_from_files(files, id="a", datetime="2020-08-16", collection="hls")
+    item = item_from_files(files, id="a", datetime="2020-08-16T00:00:00Z", collection="hls", crs="EPSG:32611")
+    with rasterio.open(files["green"]) as src:
+        assert item["properties"]["proj:transform"] == list(src.transform)[:6]
+        assert item["properties"]["proj:shape"] == [src.height, src.width]
+    w, s, e, n = item["bbox"]
+    assert -117.33 < w < e < -117.22 and 52.15 < s < n < 52.22  # the README's extent
+    assert search(item["assets"]["green"]["href"].rsplit("/", 1)[0] + "/nothing.json").bbox is None
+    with pytest.raises(CatalogError, match="does not exist"):
+        item_from_files({"green": folder / "missing.tif"}, id="a", datetime="2020-08-16")

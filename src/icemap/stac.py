@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from icemap.errors import CatalogError, SearchError
 
-__all__ = ["Search", "search", "parse_bbox", "parse_datetime", "item_datetime"]
+__all__ = ["Search", "search", "parse_bbox", "parse_datetime", "item_datetime", "item_from_files"]
 
 Bbox = tuple[float, float, float, float]
 Item = dict[str, Any]
@@ -375,6 +375,76 @@ def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]
             if href_.startswith("file://"):
                 asset["href"] = href_[len("file://"):]
         yield d
+
+
+def item_from_files(
+    assets: Mapping[str, str | os.PathLike[str]],
+    *,
+    id: str,
+    datetime: str,
+    collection: str = "landsat-c2-l2",
+    platform: str | None = None,
+    crs: Any = None,
+    properties: Mapping[str, Any] | None = None,
+) -> Item:
+    """A STAC item for single-band GeoTIFFs on disk that no catalog describes.
+
+    Scenes downloaded by hand, or crops shipped with papers, come without STAC metadata. This
+    states what a catalog would: the grid (``proj:*``, read from the first file's header, so no
+    pixel is read), the lon/lat footprint, and one asset per band, keyed by common band name
+    (``{"green": ".../B03.tif", ...}``), ready for :func:`icemap.load`.
+
+    Parameters
+    ----------
+    assets
+        Common band name -> file. All files must share one grid.
+    id, datetime, collection, platform
+        Item identity and acquisition time (ISO 8601); the collection picks the sensor table
+        (``"hls"`` for HLS, ``"landsat-c2-l2"`` for Collection 2 Level-2).
+    crs
+        Override the files' CRS, e.g. ``"EPSG:32611"`` for files whose WKT is a custom
+        equivalent of a UTM zone without an EPSG code.
+    properties
+        Further item properties (``eo:cloud_cover``...).
+    """
+    import rasterio
+    from pyproj import CRS, Transformer
+
+    if not assets:
+        raise CatalogError("item_from_files needs at least one band file")
+    _parse_instant(datetime, end=False)  # validate now
+    files = {name: Path(os.fspath(f)) for name, f in assets.items()}
+    for name, f in files.items():
+        if not f.exists():
+            raise CatalogError(f"file for band {name!r} does not exist: {f}")
+    with rasterio.open(next(iter(files.values()))) as src:
+        transform, shape, b, file_crs = list(src.transform)[:6], [src.height, src.width], src.bounds, src.crs
+    target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
+    epsg = target.to_epsg() if target is not None else None
+    if epsg is None:
+        raise CatalogError(
+            f"{next(iter(files.values()))} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
+            "equivalent code, e.g. EPSG:32611 for a custom 'UTM zone 11N' WKT)"
+        )
+    to_ll = Transformer.from_crs(target, "EPSG:4326", always_xy=True)
+    xs, ys = to_ll.transform([b.left, b.right, b.left, b.right], [b.bottom, b.bottom, b.top, b.top])
+    w, s, e, n = min(xs), min(ys), max(xs), max(ys)
+    props: dict[str, Any] = {"datetime": datetime, "proj:epsg": epsg, "proj:transform": transform,
+                             "proj:shape": shape, **dict(properties or {})}
+    if platform:
+        props["platform"] = platform
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "id": id,
+        "collection": collection,
+        "bbox": [w, s, e, n],
+        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
+        "properties": props,
+        "assets": {name: {"href": str(f.resolve()), "type": "image/tiff; application=geotiff", "roles": ["data"]}
+                   for name, f in files.items()},
+        "links": [],
+    }
 
 
 def search(
