@@ -309,18 +309,23 @@ def _qa_field(name: str) -> QABit:
     )
 
 
-def qa_mask(qa: np.ndarray, flags: Sequence[str] = MASK_FLAGS_DEFAULT) -> np.ndarray:
-    """True where any of ``flags`` is set in a QA_PIXEL array.
-
-    Works on numpy and dask arrays alike (only bitwise operators are used).
-    """
+def qa_flag_bits(flags: Sequence[str] = MASK_FLAGS_DEFAULT) -> int:
+    """The QA_PIXEL bits of the named flags, OR-ed into one integer (validates the names)."""
     mask_bits = 0
     for name in flags:
         f = _qa_field(name)
         if f.width != 1:
             raise BandError(f"{name!r} is a confidence field, not a flag; pass flags only")
         mask_bits |= 1 << f.bit
-    return (qa & np.uint16(mask_bits)) != 0
+    return mask_bits
+
+
+def qa_mask(qa: np.ndarray, flags: Sequence[str] = MASK_FLAGS_DEFAULT) -> np.ndarray:
+    """True where any of ``flags`` is set in a QA_PIXEL array.
+
+    Works on numpy and dask arrays alike (only bitwise operators are used).
+    """
+    return (qa & np.uint16(qa_flag_bits(flags))) != 0
 
 
 def radsat_mask(radsat: np.ndarray, bands: Sequence[int] | None = None) -> np.ndarray:

@@ -11,10 +11,11 @@ ice. Every guard is optional, because each one costs some real ice somewhere (se
 each), and the tests measure both sides on real data.
 
 The guards are declarative: frozen dataclasses holding the parameters (with the literature or
-physical reasoning for each default) plus a small numpy kernel. :func:`ice_kernel` combines the
-NDSI threshold with any set of guards in ONE pass over plain numpy arrays, which
-:func:`icemap.index.ice_mask` applies blockwise with ``xarray.apply_ufunc(dask="parallelized")``,
-so adding guards adds inputs to the one task per chunk, never extra tasks.
+physical reasoning for each default). The arithmetic lives in the kernel layer:
+:func:`icemap.kernels.ice_mask` applies the NDSI threshold and every guard's parameters in ONE
+fused pass per pixel, which :func:`icemap.index.ice_mask` applies blockwise with
+``xarray.apply_ufunc(dask="parallelized")``, so adding guards adds inputs to the one task per
+chunk, never extra tasks or temporaries.
 
 Measured in tests/test_guards.py: share of pixels that NDSI >= 0.4 calls ice, alone and with the
 default guards. The first four rows are real negative controls (no ice anywhere); the sample
@@ -47,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from icemap.errors import IcemapError
-from icemap.index import ICE_NODATA, normalized_difference
+from icemap.kernels import ICE_NODATA
 
 __all__ = [
     "Guard",
@@ -76,29 +77,20 @@ def _check_number(name: str, value: float | None, lo: float, hi: float) -> None:
 class Guard:
     """Base of all guards: a named, parametrised test that vetoes NDSI ice pixels.
 
-    Subclasses set :attr:`name` (what users pass in ``guards=``), :attr:`inputs` (the arrays the
-    kernel needs: band common names, or ``"elevation"``/``"slope"`` from the DEM) and implement
-    :meth:`reject`.
+    Subclasses set :attr:`name` (what users pass in ``guards=``) and :attr:`inputs` (the arrays
+    the kernel needs: band common names, or ``"elevation"``/``"slope"`` from the DEM); their
+    fields are keyword parameters of :func:`icemap.kernels.ice_mask`, which applies them. Where
+    an input a guard needs is missing (NaN), the guard cannot vouch for an NDSI ice pixel, which
+    therefore becomes nodata rather than ice: a guard that silently passed pixels it could not
+    test would make the mask depend on which band happened to be masked.
     """
 
     name: ClassVar[str] = ""
     inputs: ClassVar[tuple[str, ...]] = ()
 
-    def reject(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Boolean array: True where this guard says "not ice" (False where inputs are NaN)."""
-        raise NotImplementedError
-
-    def unknown(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Boolean array: True where an input the guard needs is missing (NaN).
-
-        There the guard cannot vouch for an NDSI ice pixel, which therefore becomes nodata
-        rather than ice: a guard that silently passes pixels it could not test would make the
-        mask depend on which band happened to be masked.
-        """
-        out = np.zeros(np.shape(next(iter(arrays.values()))), dtype=bool)
-        for key in self.params_inputs():
-            out |= np.isnan(arrays[key])
-        return out
+    def kernel_params(self) -> dict[str, float | None]:
+        """Keyword arguments of :func:`icemap.kernels.ice_mask` (None = criterion off)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def params_inputs(self) -> tuple[str, ...]:
         """The inputs that the active criteria (those not None) actually read."""
@@ -157,15 +149,6 @@ class WaterGuard(Guard):
     def params_inputs(self) -> tuple[str, ...]:
         return ("green", "nir08") if self.ndwi_max is not None else ("nir08",)
 
-    def reject(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        nir = np.asarray(arrays["nir08"], dtype=np.float32)
-        out = np.zeros(nir.shape, dtype=bool)
-        if self.nir_min is not None:
-            out |= nir < np.float32(self.nir_min)  # NaN compares False: not rejected, "unknown"
-        if self.ndwi_max is not None:
-            out |= normalized_difference(arrays["green"], nir) > np.float32(self.ndwi_max)
-        return out
-
 
 @dataclass(frozen=True)
 class DarkGuard(Guard):
@@ -201,9 +184,6 @@ class DarkGuard(Guard):
         if self.green_min is None:
             raise IcemapError("the dark guard needs green_min; leave the guard out to switch it off")
         _check_number("green_min", self.green_min, 0.0, 2.0)
-
-    def reject(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(arrays["green"], dtype=np.float32) < np.float32(self.green_min)
 
 
 @dataclass(frozen=True)
@@ -250,14 +230,6 @@ class DemGuard(Guard):
             out.append("slope")
         return tuple(out)
 
-    def reject(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        shape = np.shape(next(iter(arrays.values())))
-        out = np.zeros(shape, dtype=bool)
-        if self.elevation_min_m is not None:
-            out |= np.asarray(arrays["elevation"]) < np.float32(self.elevation_min_m)
-        if self.slope_max_deg is not None:
-            out |= np.asarray(arrays["slope"]) > np.float32(self.slope_max_deg)
-        return out
 
 
 #: The guards users can name, in the order ice_mask applies and reports them.
@@ -300,6 +272,11 @@ def resolve_guards(guards: Iterable[str | Guard] | str | None, **params: Any) ->
     from_names: set[str] = set()
     for g in guards:
         if isinstance(g, Guard):
+            if type(g) not in GUARDS.values():
+                raise IcemapError(
+                    f"{type(g).__name__} is not one of icemap's guards ({', '.join(GUARDS)}): guards are "
+                    "parameters of the fused ice kernel (icemap.kernels.ice_mask), not code; use those"
+                )
             obj = g
         elif isinstance(g, str) and g in GUARDS:
             obj = GUARDS[g](**{k: v for k, v in params.items() if owner[k] == g})
@@ -340,6 +317,8 @@ def ice_kernel(
     arrays: Mapping[str, np.ndarray],
     threshold: float,
     guards: Sequence[Guard] = (),
+    *,
+    ndsi_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """NDSI threshold plus guards on plain numpy arrays: uint8 1 ice, 0 not, 255 nodata.
 
@@ -352,6 +331,8 @@ def ice_kernel(
         NDSI >= threshold is ice before the guards.
     guards
         From :func:`resolve_guards`.
+    ndsi_out
+        Optional float32 buffer that receives the NDSI from the same pass.
 
     Returns
     -------
@@ -360,20 +341,16 @@ def ice_kernel(
         says ice but no guard rejected the pixel and some guard's input is missing.
         A pixel one guard rejects is 0 even if another guard could not be evaluated.
     """
-    index = normalized_difference(arrays["green"], arrays["swir16"])
-    out = np.where(index >= np.float32(threshold), np.uint8(1), np.uint8(0))
-    out[np.isnan(index)] = ICE_NODATA
-    if guards:
-        arrays = {k: np.broadcast_to(v, index.shape) for k, v in arrays.items()}
-        candidate = out == 1
-        rejected = np.zeros(index.shape, dtype=bool)
-        unknown = np.zeros(index.shape, dtype=bool)
-        for g in guards:
-            rejected |= g.reject(arrays)
-            unknown |= g.unknown(arrays)
-        out[candidate & rejected] = 0
-        out[candidate & ~rejected & unknown] = ICE_NODATA
-    return out
+    from icemap import kernels
+
+    params: dict[str, Any] = {}
+    for g in guards:
+        params.update(g.kernel_params())
+    return kernels.ice_mask(
+        arrays["green"], arrays["swir16"], threshold,
+        nir08=arrays.get("nir08"), elevation=arrays.get("elevation"), slope=arrays.get("slope"),
+        ndsi_out=ndsi_out, **params,
+    )
 
 
 def guard_attrs(guards: Sequence[Guard]) -> dict[str, Any]:

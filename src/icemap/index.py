@@ -1,6 +1,6 @@
 """Spectral indices and the NDSI ice mask.
 
-Three layers, as in flox: a numpy kernel that does the arithmetic on plain arrays, applied
+Three layers, as in flox: a kernel of :mod:`icemap.kernels` does the arithmetic on plain arrays,
 blockwise to dask arrays by ``xarray.apply_ufunc(dask="parallelized")``, wrapped by functions
 that take and return cubes. The same code path serves numpy-backed and dask-backed cubes, so
 lazy and eager results are equal by construction, and the graph grows by one task per chunk.
@@ -15,53 +15,17 @@ from typing import Any
 import numpy as np
 
 from icemap.errors import BandError, IcemapError
+from icemap.kernels import DEFAULT_NDSI_THRESHOLD, ICE_NODATA, normalized_difference
 
 __all__ = [
     "normalized_difference",
     "ndsi",
     "ndwi",
     "ice_mask",
+    "ndsi_and_ice_mask",
     "ICE_NODATA",
     "DEFAULT_NDSI_THRESHOLD",
 ]
-
-#: Value of ``ice`` where the input was nodata (cloud, fill...). 0 = no ice, 1 = ice.
-ICE_NODATA = np.uint8(255)
-#: The literature default; studies a and b found 0.2 and 0.1 best on their scenes (METHOD.md).
-DEFAULT_NDSI_THRESHOLD = 0.4
-
-
-def normalized_difference(a: np.ndarray, b: np.ndarray, *, rows: int = 64) -> np.ndarray:
-    """``(a - b) / (a + b)`` in float32, robust to the quirks of surface reflectance.
-
-    Negative reflectances (atmospheric over-correction in dark pixels) are clipped to 0
-    before the ratio, so the result stays within [-1, 1]; where both are 0 the ratio is
-    undefined (0/0) and NaN, as for NaN inputs.
-
-    The chunk is processed ``rows`` rows at a time with ``out=`` ufuncs into two small scratch
-    buffers: the temporaries stay in cache instead of streaming five full-size arrays through
-    memory, which made this kernel 2.7x faster per 1024x1024 chunk (docs/benchmarks.md).
-    """
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    out = np.empty(np.broadcast_shapes(a.shape, b.shape), np.float32)
-    a, b = np.broadcast_to(a, out.shape), np.broadcast_to(b, out.shape)
-    width = out.shape[-1] if out.ndim else 1
-    a2, b2, o2 = a.reshape(-1, width), b.reshape(-1, width), out.reshape(-1, width)
-    r = max(1, min(rows, a2.shape[0]))
-    ta, tb = np.empty((r, width), np.float32), np.empty((r, width), np.float32)
-    zero = np.float32(0)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for i in range(0, a2.shape[0], r):
-            j = min(i + r, a2.shape[0])
-            x, y, o = ta[: j - i], tb[: j - i], o2[i:j]
-            np.maximum(a2[i:j], zero, out=x)  # NaN stays NaN (maximum propagates it)
-            np.maximum(b2[i:j], zero, out=y)
-            np.add(x, y, out=o)
-            np.subtract(x, y, out=x)
-            np.divide(x, o, out=o)  # 0 / 0 -> NaN: both bands dark or clipped
-    return out
-
 
 def _reflectance(cube: Any) -> Any:
     import xarray as xr
@@ -84,7 +48,14 @@ def _band(refl: Any, name: str) -> Any:
     return refl.sel(band=name, drop=True)
 
 
-def _index(cube: Any, a: str, b: str, name: str, long_name: str) -> Any:
+#: Attributes of the index products.
+_ND_ATTRS = {
+    "ndsi": {"long_name": "normalised difference snow index", "units": "1", "valid_range": [-1.0, 1.0]},
+    "ndwi": {"long_name": "normalised difference water index", "units": "1", "valid_range": [-1.0, 1.0]},
+}
+
+
+def _index(cube: Any, a: str, b: str, name: str) -> Any:
     import xarray as xr
 
     refl = _reflectance(cube)
@@ -97,7 +68,7 @@ def _index(cube: Any, a: str, b: str, name: str, long_name: str) -> Any:
         keep_attrs=False,
     )
     out.name = name
-    out.attrs = {"long_name": long_name, "units": "1", "valid_range": [-1.0, 1.0]}
+    out.attrs = dict(_ND_ATTRS[name])
     return _keep_grid(out, refl)
 
 
@@ -116,21 +87,29 @@ def ndsi(cube: Any) -> Any:
     NaN where either band is NaN (masked) or both are zero. Snow and ice are high (> 0.4
     in the literature), but so is water: see :func:`ice_mask`'s guards.
     """
-    return _index(cube, "green", "swir16", "ndsi", "normalised difference snow index")
+    return _index(cube, "green", "swir16", "ndsi")
 
 
 def ndwi(cube: Any) -> Any:
     """McFeeters' Normalised Difference Water Index ``(green - nir08) / (green + nir08)``."""
-    return _index(cube, "green", "nir08", "ndwi", "normalised difference water index")
+    return _index(cube, "green", "nir08", "ndwi")
 
 
 def _ice_block(
-    *arrays: np.ndarray, names: tuple[str, ...], threshold: float, guards: tuple[Any, ...]
-) -> np.ndarray:
-    """apply_ufunc adapter: positional blocks -> :func:`icemap.guards.ice_kernel`'s mapping."""
+    *arrays: np.ndarray, names: tuple[str, ...], threshold: float, guards: tuple[Any, ...], with_ndsi: bool
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """apply_ufunc adapter: positional blocks -> :func:`icemap.guards.ice_kernel`'s mapping.
+
+    With ``with_ndsi`` the same pass also fills the NDSI, returned first.
+    """
     from icemap.guards import ice_kernel
 
-    return ice_kernel(dict(zip(names, arrays)), threshold, guards)
+    named = dict(zip(names, arrays))
+    if not with_ndsi:
+        return ice_kernel(named, threshold, guards)
+    index = np.empty(np.broadcast_shapes(named["green"].shape, named["swir16"].shape), np.float32)
+    ice = ice_kernel(named, threshold, guards, ndsi_out=index)
+    return index, ice
 
 
 def _dem_inputs(dem: Any, refl: Any, need: tuple[str, ...]) -> dict[str, Any]:
@@ -217,6 +196,27 @@ def ice_mask(
         ``"dem"`` guard without a DEM. :class:`~icemap.errors.BandError` when the cube lacks a
         band that the NDSI or a guard needs.
     """
+    return _ice(cube, method, threshold, guards, dem, guard_params, with_ndsi=False)
+
+
+def ndsi_and_ice_mask(
+    cube: Any,
+    threshold: float | None = None,
+    guards: Sequence[str | Any] = (),
+    dem: Any = None,
+    **guard_params: Any,
+) -> tuple[Any, Any]:
+    """:func:`ndsi` and :func:`ice_mask` from one kernel pass per chunk.
+
+    A job that writes both products would otherwise read the bands and compute the index twice
+    per chunk; here one task computes both (dask splits its two outputs without copying).
+    Parameters as :func:`ice_mask`.
+    """
+    return _ice(cube, "ndsi", threshold, guards, dem, guard_params, with_ndsi=True)
+
+
+def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str | Any], dem: Any,
+         guard_params: dict[str, Any], *, with_ndsi: bool) -> Any:
     import xarray as xr
 
     from icemap.guards import guard_attrs, required_inputs, resolve_guards
@@ -243,15 +243,17 @@ def ice_mask(
     if dem is not None:
         inputs.update(_dem_inputs(dem, refl, need))
     names = tuple(inputs)
-    kernel = functools.partial(_ice_block, names=names, threshold=t, guards=resolved)
+    kernel = functools.partial(_ice_block, names=names, threshold=t, guards=resolved, with_ndsi=with_ndsi)
     # One apply_ufunc for the threshold and every guard: one task per chunk in the graph.
-    ice = xr.apply_ufunc(
+    result = xr.apply_ufunc(
         kernel,
         *inputs.values(),
         dask="parallelized",
-        output_dtypes=[np.uint8],
+        output_core_dims=[[], []] if with_ndsi else [[]],
+        output_dtypes=[np.float32, np.uint8] if with_ndsi else [np.uint8],
         keep_attrs=False,
     )
+    index, ice = result if with_ndsi else (None, result)
     ice.name = "ice"
     ice.attrs = {
         "long_name": "ice mask",
@@ -266,4 +268,9 @@ def ice_mask(
         from icemap.dem import resolve_dem_href
 
         ice.attrs["guard_dem_source"] = resolve_dem_href(dem)
-    return _keep_grid(ice, refl)
+    ice = _keep_grid(ice, refl)
+    if not with_ndsi:
+        return ice
+    index.name = "ndsi"
+    index.attrs = dict(_ND_ATTRS["ndsi"])
+    return _keep_grid(index, refl), ice

@@ -32,15 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from icemap.bands import MASK_FLAGS_DEFAULT, REFLECTIVE_BANDS, Sensor, get_sensor, qa_mask
+from icemap import kernels
+from icemap.bands import MASK_FLAGS_DEFAULT, REFLECTIVE_BANDS, Sensor, get_sensor
 from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
 
 __all__ = ["load", "normalise_items", "grid_for_items", "QA_FILL"]
 
-#: QA_PIXEL value of fill pixels (bit 0 alone), also the store's fill value for ``qa_pixel``.
-QA_FILL = 1
+QA_FILL = kernels.QA_FILL
 _QA = "qa_pixel"
 _RADSAT = "qa_radsat"
 
@@ -286,18 +286,44 @@ def grid_for_items(
     return epsg, res, snapped
 
 
-def _mosaic_kernel(block: np.ndarray, n_bands: int) -> np.ndarray:
-    """First-valid mosaic of ``(n, n_bands + 1, y, x)``: reflectance bands then QA last.
+def _scale_and_mask(dn: Any, scale: np.ndarray, offset: np.ndarray, qa: Any, radsat: Any, sensor: Sensor,
+                    bands: Sequence[str], mask_flags: Sequence[str]) -> Any:
+    """Reflectance (time, band, y, x) from DN blocks through :func:`icemap.kernels.scale_mask`.
 
-    A pixel is taken from the first scene with any valid reflectance there; where none has,
-    from the first scene that is not fill (so cloud flags survive), else fill.
+    One task per band block, reading the DN block, the QA_PIXEL block and the QA_RADSAT block
+    of the same scene and place, and writing the masked reflectance in one pass: no rechunk of
+    the asset axis (which would copy every band into a merged block) and no float temporaries.
     """
-    refl, qa = block[:, :n_bands], block[:, n_bands]
-    valid = ~np.isnan(refl).all(axis=1)
-    not_fill = qa != QA_FILL
-    has_valid = valid.any(axis=0)
-    idx = np.where(has_valid, valid.argmax(axis=0), not_fill.argmax(axis=0))
-    return np.take_along_axis(block, idx[None, None], axis=0)[0]
+    import dask.array as da
+
+    qa_bits = int(_qa_bits(mask_flags)) if qa is not None else 0
+    per_band = []
+    for j, band in enumerate(bands):
+        number = sensor.band(band).number
+        # QA_RADSAT bit n-1 flags band n; bands without a number (or above 11) have no bit.
+        sat_bits = (1 << (int(number) - 1)) if radsat is not None and number and 1 <= number <= 11 else 0
+        sc = da.from_array(scale[:, j], chunks=1)
+        of = da.from_array(offset[:, j], chunks=1)
+        args: list[Any] = [dn[:, j], "tyx", sc, "t", of, "t"]
+        args += [qa, "tyx"] if qa is not None else [None, None]
+        args += [radsat, "tyx"] if radsat is not None and sat_bits else [None, None]
+        per_band.append(da.blockwise(
+            _scale_mask_block, "tyx", *args, qa_bits=qa_bits, sat_bits=sat_bits,
+            dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+        ))
+    return da.stack(per_band, axis=1)
+
+
+def _scale_mask_block(dn: np.ndarray, scale: np.ndarray, offset: np.ndarray, qa: np.ndarray | None,
+                      radsat: np.ndarray | None, *, qa_bits: int, sat_bits: int) -> np.ndarray:
+    return kernels.scale_mask(dn, scale, offset, qa=qa, qa_bits=qa_bits, radsat=radsat, sat_bits=sat_bits)
+
+
+def _qa_bits(flags: Sequence[str]) -> int:
+    """The QA_PIXEL bits of ``flags`` as one integer (validates the names)."""
+    from icemap.bands import qa_flag_bits
+
+    return qa_flag_bits(flags)
 
 
 def _group_key(m: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -315,7 +341,7 @@ def load(
     resolution: float | tuple[float, float] = 30.0,
     bounds: Sequence[float] | None = None,
     bbox: Sequence[float] | None = None,
-    chunksize: int = 1024,
+    chunksize: int = kernels.DEFAULT_CHUNKSIZE,
     mask_flags: Sequence[str] = MASK_FLAGS_DEFAULT,
     mask_saturated: bool = True,
     mosaic: bool = True,
@@ -383,8 +409,7 @@ def load(
         bands = [b for b in sensor_t.band_names if b in REFLECTIVE_BANDS]
     bands = list(sensor_t.validate_bands(bands))
     if sensor_t.qa_bits:
-        for flag in mask_flags:
-            qa_mask(np.zeros(1, np.uint16), [flag])  # validates flag names now
+        _qa_bits(mask_flags)  # validates flag names now, before any graph is built
     signer_fn = resolve_signer(signer)
 
     item_list.sort(key=lambda it: (item_datetime(it), it.get("id", "")))
@@ -422,22 +447,13 @@ def load(
             rb = it["assets"].get(band, {}).get("raster:bands", [{}])[0]
             scale[i, j] = rb.get("scale", 1.0)
             offset[i, j] = rb.get("offset", 0.0)
-    refl = data[:, :nb] * scale[:, :, None, None] + offset[:, :, None, None]
+    qa_f = data[:, nb] if has_qa else None
+    rs_f = data[:, nb + (1 if has_qa else 0)] if has_radsat else None
+    refl = _scale_and_mask(data[:, :nb], scale, offset, qa_f, rs_f, sensor_t, bands, mask_flags)
     if has_qa:
-        qa_f = data[:, nb]
-        qa = da.where(da.isnan(qa_f), np.float32(QA_FILL), qa_f).astype(np.uint16)
-        bad = qa_mask(qa, mask_flags)
-        refl = da.where(bad[:, None], np.float32(np.nan), refl)
+        qa = da.map_blocks(kernels.qa_to_uint16, qa_f, dtype=np.uint16)
     else:
-        qa = da.where(da.isnan(refl).all(axis=1), QA_FILL, 0).astype(np.uint16)
-    if has_radsat:
-        rs = data[:, nb + (1 if has_qa else 0)]
-        rs = da.where(da.isnan(rs), np.float32(0), rs).astype(np.uint16)
-        numbers = np.array([sensor_t.band(b).number for b in bands], dtype=np.uint16)
-        # Bit n-1 flags band n; numbers above 11 (none here) would have no bit.
-        bits = (np.uint16(1) << (numbers - 1)).astype(np.uint16)
-        sat = (rs[:, None] & bits[None, :, None, None]) != 0
-        refl = da.where(sat, np.float32(np.nan), refl)
+        qa = da.where(da.isnan(refl).all(axis=1), kernels.QA_FILL, np.uint16(0)).astype(np.uint16)
 
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(meta):
@@ -452,7 +468,7 @@ def load(
         both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
         both = both.rechunk({0: len(idx), 1: 1})
         merged = da.map_blocks(
-            _mosaic_kernel, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
+            kernels.mosaic_first_valid, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
         ).rechunk({0: 1})
         refl_steps.append(merged[:nb])
         qa_steps.append(merged[nb].astype(np.uint16))

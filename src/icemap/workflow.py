@@ -26,10 +26,10 @@ def map_ndsi(
     """The NDSI product of a cube, lazily: ``ndsi`` (float32) and ``ice`` (uint8) on (time, y, x)."""
     import xarray as xr
 
-    from icemap.index import ice_mask, ndsi
+    from icemap.index import ndsi_and_ice_mask
 
-    index = ndsi(cube)
-    ice = ice_mask(cube, method="ndsi", threshold=threshold, guards=guards, dem=dem, **guard_params)
+    # One kernel pass per chunk gives both products (the index is not computed twice).
+    index, ice = ndsi_and_ice_mask(cube, threshold=threshold, guards=guards, dem=dem, **guard_params)
     product = xr.Dataset({"ndsi": index, "ice": ice})
     for name in ("item_ids", "platform"):
         if name in cube.coords:

@@ -1,0 +1,224 @@
+"""The kernel layer equals its plain-numpy reference, bit for bit.
+
+Each reference below is the textbook numpy expression of the operation (full-size temporaries
+and all): the kernels in :mod:`icemap.kernels` are fused loops whose only job is to compute the
+same numbers faster. Inputs include the awkward values real scenes have: NaN, negative
+reflectance, zeros in both bands, exact threshold ties, broadcast (y, x) operands.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icemap import kernels as K
+
+
+def _bands(rng: np.random.Generator, shape: tuple[int, ...], nan: float = 0.05) -> np.ndarray:
+    a = rng.uniform(-0.05, 0.9, shape).astype(np.float32)
+    a[rng.random(shape) < nan] = np.nan
+    a[rng.random(shape) < 0.02] = 0.0
+    return a
+
+
+def ref_nd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.maximum(np.asarray(a, np.float32), np.float32(0))
+    b = np.maximum(np.asarray(b, np.float32), np.float32(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a - b) / (a + b)
+
+
+def ref_ice(g, s, thr, nir=None, elev=None, slope=None, nir_min=None, ndwi_max=None, green_min=None,
+            elevation_min_m=None, slope_max_deg=None) -> np.ndarray:
+    idx = ref_nd(g, s)
+    out = np.where(idx >= np.float32(thr), 1, 0).astype(np.uint8)
+    out[np.isnan(idx)] = 255
+    shape = idx.shape
+    rejected = np.zeros(shape, bool)
+    unknown = np.zeros(shape, bool)
+    if nir_min is not None or ndwi_max is not None:
+        n = np.broadcast_to(nir, shape)
+        unknown |= np.isnan(n)
+        if nir_min is not None:
+            rejected |= n < np.float32(nir_min)
+        if ndwi_max is not None:
+            rejected |= ref_nd(g, n) > np.float32(ndwi_max)
+    if green_min is not None:
+        rejected |= np.broadcast_to(g, shape) < np.float32(green_min)
+    if elevation_min_m is not None:
+        e = np.broadcast_to(elev, shape)
+        unknown |= np.isnan(e)
+        rejected |= e < np.float32(elevation_min_m)
+    if slope_max_deg is not None:
+        sl = np.broadcast_to(slope, shape)
+        unknown |= np.isnan(sl)
+        rejected |= sl > np.float32(slope_max_deg)
+    cand = out == 1
+    out[cand & rejected] = 0
+    out[cand & ~rejected & unknown] = 255
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (3, 17, 31), (2, 1, 8, 8), (0, 4)])
+def test_normalized_difference_equals_numpy(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    a, b = _bands(rng, shape), _bands(rng, shape)
+    np.testing.assert_array_equal(K.normalized_difference(a, b), ref_nd(a, b))
+
+
+def test_normalized_difference_writes_into_out_and_broadcasts() -> None:
+    rng = np.random.default_rng(1)
+    a, b = _bands(rng, (3, 40, 50)), _bands(rng, (40, 50))
+    out = np.full((3, 40, 50), 7, np.float32)
+    res = K.normalized_difference(a, b, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, ref_nd(a, b))
+    # Non-contiguous inputs (a band sliced out of a cube) give the same numbers.
+    cube = _bands(rng, (2, 4, 30, 20))
+    np.testing.assert_array_equal(K.normalized_difference(cube[:, 1], cube[:, 3]), ref_nd(cube[:, 1], cube[:, 3]))
+    with pytest.raises(ValueError, match="out must be"):
+        K.normalized_difference(a, b, out=np.empty((3, 40, 50), np.float64))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    thr=st.sampled_from([-1.0, 0.0, 0.1, 0.2, 0.4, 0.7, 1.0]),
+    nir_min=st.sampled_from([None, 0.11, 0.3]),
+    ndwi_max=st.sampled_from([None, 0.4]),
+    green_min=st.sampled_from([None, 0.15]),
+    elevation_min_m=st.sampled_from([None, 1500.0]),
+    slope_max_deg=st.sampled_from([None, 60.0]),
+    seed=st.integers(0, 1000),
+)
+def test_ice_mask_equals_numpy(thr, nir_min, ndwi_max, green_min, elevation_min_m, slope_max_deg, seed) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (2, 23, 19)
+    g, s, n = _bands(rng, shape), _bands(rng, shape), _bands(rng, shape, nan=0.1)
+    # Exact ties with the threshold: NDSI == thr must be ice (>=).
+    g[0, 0, :4], s[0, 0, :4] = np.float32(0.5), np.float32(0.5)
+    elev = rng.uniform(1000, 2500, shape[1:]).astype(np.float32)
+    elev[rng.random(shape[1:]) < 0.1] = np.nan
+    slope = rng.uniform(0, 80, shape[1:]).astype(np.float32)
+    slope[rng.random(shape[1:]) < 0.1] = np.nan
+    kw = dict(nir_min=nir_min, ndwi_max=ndwi_max, green_min=green_min, elevation_min_m=elevation_min_m,
+              slope_max_deg=slope_max_deg)
+    want = ref_ice(g, s, thr, nir=n, elev=elev, slope=slope, **kw)
+    ndsi = np.empty(shape, np.float32)
+    got = K.ice_mask(g, s, thr, nir08=n, elevation=elev, slope=slope, ndsi_out=ndsi, **kw)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ndsi, ref_nd(g, s))
+
+
+def test_ice_mask_needs_the_inputs_of_active_guards() -> None:
+    g = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="nir08"):
+        K.ice_mask(g, g, 0.4, nir_min=0.11)
+
+
+@pytest.mark.parametrize("with_qa,with_radsat", [(True, True), (True, False), (False, False)])
+def test_scale_mask_equals_numpy(with_qa: bool, with_radsat: bool) -> None:
+    rng = np.random.default_rng(3)
+    shape = (3, 20, 30)
+    dn = rng.integers(7000, 40000, shape).astype(np.float32)
+    dn[rng.random(shape) < 0.05] = np.nan
+    qa = rng.choice([21824, 21952, 22280, 1, 23888, 54596], size=shape).astype(np.float32)
+    qa[rng.random(shape) < 0.05] = np.nan
+    rs = rng.choice([0, 0, 0, 4, 8, 2048], size=shape).astype(np.float32)
+    rs[rng.random(shape) < 0.05] = np.nan
+    scale = np.array([2.75e-5, 2.75e-5, 1e-4], np.float32)
+    offset = np.array([-0.2, -0.2, -0.1], np.float32)
+    qa_bits, sat_bits = 0b11111 | (1 << 3), 4
+    want = dn * scale[:, None, None] + offset[:, None, None]
+    if with_qa:
+        q = np.where(np.isnan(qa), 1, qa).astype(np.uint16)
+        want[(q & np.uint16(qa_bits)) != 0] = np.nan
+    if with_radsat:
+        r = np.where(np.isnan(rs), 0, rs).astype(np.uint16)
+        want[(r & np.uint16(sat_bits)) != 0] = np.nan
+    got = K.scale_mask(dn, scale, offset, qa=qa if with_qa else None, qa_bits=qa_bits,
+                       radsat=rs if with_radsat else None, sat_bits=sat_bits)
+    np.testing.assert_array_equal(got, want)
+    qa16 = K.qa_to_uint16(qa)
+    np.testing.assert_array_equal(qa16, np.where(np.isnan(qa), 1, qa).astype(np.uint16))
+
+
+def ref_confusion(pred, ref, valid=None, by=None, n_ids=0):
+    pred = np.asarray(pred)
+    ref = np.broadcast_to(ref, pred.shape)
+    ok = ((pred == 0) | (pred == 1)) & ((ref == 0) | (ref == 1))
+    if valid is not None:
+        ok &= np.broadcast_to(valid, pred.shape) != 0
+    lead = pred.shape[:-2]
+    out = np.zeros((*lead, 4 * (n_ids + 1)), np.int64)
+    for li in np.ndindex(*lead):
+        for g in range(n_ids + 1):
+            sel = ok[li] if by is None else ok[li] & (np.broadcast_to(by, pred.shape)[li] == g)
+            if by is None and g > 0:
+                continue
+            for code, (r, p) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                out[li + (4 * g + code,)] = int((sel & (ref[li] == r) & (pred[li] == p)).sum())
+    return out
+
+
+@pytest.mark.parametrize("ids", [False, True])
+def test_confusion_counts_equal_numpy(ids: bool) -> None:
+    rng = np.random.default_rng(4)
+    pred = rng.choice(np.array([0, 1, 255], np.uint8), size=(3, 25, 33))
+    ref = rng.choice(np.array([0, 1, 1, 255], np.uint8), size=(25, 33))
+    valid = rng.random((25, 33)) > 0.1
+    by = rng.integers(-1, 7, (25, 33)) if ids else None
+    n = 5 if ids else 0
+    np.testing.assert_array_equal(K.confusion_counts(pred, ref, valid, by, n), ref_confusion(pred, ref, valid, by, n))
+    # Booleans and float references (NaN nodata) are accepted as 0/1 codes.
+    b = rng.random((25, 33)) > 0.5
+    f = np.where(rng.random((25, 33)) > 0.9, np.nan, rng.integers(0, 2, (25, 33))).astype(np.float32)
+    np.testing.assert_array_equal(K.confusion_counts(b, f), ref_confusion(b.astype(np.uint8), np.nan_to_num(f, nan=9)))
+
+
+def test_count_by_id_equals_bincount() -> None:
+    rng = np.random.default_rng(5)
+    ice = rng.choice(np.array([0, 1, 255], np.uint8), size=(40, 60))
+    gid = rng.integers(0, 12, (40, 60)).astype(np.int32)
+    for value in (1, 255):
+        want = np.bincount(gid[ice == value], minlength=12)[:11]
+        np.testing.assert_array_equal(K.count_by_id(ice, gid, 10, value), want)
+
+
+def test_threshold_histogram_suffix_sums_equal_thresholding() -> None:
+    rng = np.random.default_rng(6)
+    idx = _bands(rng, (2, 30, 30)) * 2 - 1
+    ref = rng.choice(np.array([0, 1, 255], np.uint8), size=(30, 30))
+    edges = np.round(np.arange(-100, 101) / 100.0, 2).astype(np.float32)
+    h = K.threshold_histogram(idx, edges, ref)
+    assert h.shape == (2, 2 * (edges.size + 1))
+    m1 = edges.size + 1
+    for t in (0, 2, 100, 140, 200):
+        for cls in (0, 1):
+            above = h[:, cls * m1 + t + 1:(cls + 1) * m1].sum()
+            want = int(((idx >= edges[t]) & (np.broadcast_to(ref, idx.shape) == cls)).sum())
+            assert above == want
+
+
+def test_mosaic_first_valid_takes_the_first_scene_with_data() -> None:
+    block = np.full((2, 3, 2, 2), np.nan, np.float32)
+    block[:, 2] = K.QA_FILL
+    block[1, :2, 0, 0] = 0.3
+    block[1, 2, 0, 0] = 21824
+    block[0, :2, 1, 1] = 0.1
+    block[0, 2, 1, 1] = 21824
+    block[1, 2, 0, 1] = 22280  # cloud flag on an otherwise masked pixel survives
+    out = K.mosaic_first_valid(block, 2)
+    assert out[0, 0, 0] == np.float32(0.3) and out[0, 1, 1] == np.float32(0.1)
+    assert out[2, 0, 1] == 22280 and out[2, 1, 0] == K.QA_FILL
+
+
+def test_kernel_layer_imports_no_dask_xarray_or_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, icemap.kernels as k; bad = [m for m in ('dask', 'xarray', 'torch') if m in sys.modules];"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
