@@ -89,6 +89,20 @@ def test_halo_sizes(items: list[dict[str, Any]], model_dir: Path) -> None:
     assert np.nanmax(np.abs(seams - expected)) > 1e-3
 
 
+def test_study_scorer_runs_the_shipped_predictor(items: list[dict[str, Any]], model_dir: Path) -> None:
+    """The experiment/report path (predict_window, in memory, a model object) gives the
+    probabilities that ``icemap.predict`` (chunked, lazy, a model by reference) writes."""
+    from icemap.model.checkpoint import load_checkpoint
+    from icemap.model.train import predict_window
+
+    cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
+    shipped = predict(cube, model_dir, tile=32)["ice_probability"].values
+    model, meta = load_checkpoint(model_dir)
+    studied = predict_window(model, meta, cube["reflectance"].load())
+    assert np.array_equal(np.isnan(studied), np.isnan(shipped))
+    np.testing.assert_allclose(studied, shipped, atol=2e-6, rtol=0)
+
+
 def test_output_grid_and_values(items: list[dict[str, Any]], model_dir: Path) -> None:
     cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
     out = predict(cube, model_dir)

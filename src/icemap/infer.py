@@ -198,7 +198,7 @@ def _run_batches(model: Any, windows: list[np.ndarray], device: str, batch_size:
 
 def predict_array(
     x: np.ndarray,
-    model_ref: ModelRef,
+    model_ref: ModelRef | Any,
     norm: Any,
     *,
     depth: int,
@@ -209,8 +209,16 @@ def predict_array(
     tta: bool = False,
     mc_samples: int = 0,
     valid: tuple[int, int, int, int] | None = None,
+    hide_channel: int | None = None,
 ) -> np.ndarray:
-    """Ice probability for one window of inputs ``(C, H, W)``: the numpy kernel.
+    """Ice probability for one window of inputs ``(C, H, W)``: icemap's one inference path.
+
+    :func:`predict` runs it on every chunk (with neighbour halos), and every in-memory scorer
+    (:func:`icemap.model.train.predict_window`, the experiment tables, the reports) runs it on
+    whole windows, so what the studies measure is what ``icemap map --method unet`` ships.
+    ``model_ref`` is a :class:`ModelRef` (loaded once per process) or, for a model still in
+    training, the ``torch.nn.Module`` itself. ``hide_channel`` zeroes one normalised input
+    channel (study a's channel-hiding experiment, Table 5).
 
     ``valid = (top, bottom, left, right)`` are the halo widths on each side that belong to
     neighbours (not computed); ``None`` means the window is the whole array. The window's
@@ -227,11 +235,16 @@ def predict_array(
     z, nodata = normalise(x, norm, channel_axis=0)
     if nodata[top:H - bottom, left:W - right].all():
         return out  # nothing to map: no model load, no compute
+    if hide_channel is not None:
+        z[hide_channel] = 0.0
     m = 2**depth
     device = _device(device)
     if device == "cpu":
         _set_cpu_threads()
-    model = model_ref.load(device)
+    if isinstance(model_ref, ModelRef):
+        model = model_ref.load(device)
+    else:
+        model = model_ref.to(device).eval()
 
     # Tiles of the output region, their windows with halo, clipped to the block and padded
     # at the far end to a multiple of m (never at the near end: alignment must be kept).

@@ -13,7 +13,8 @@ and :func:`evaluate` compute, because what they return is made of numbers.
 
 The layers:
 
-* kernels (``_confusion_kernel``, ``_bin_kernel``) on plain numpy blocks;
+* kernels (:func:`icemap.kernels.confusion_counts`, :func:`icemap.kernels.threshold_histogram`)
+  on plain numpy blocks;
 * ``_block_counts``: blockwise kernel application and the sum of per-block counts;
 * public functions taking and returning xarray/pandas objects, checking grids on the way in.
 
@@ -82,7 +83,6 @@ SCORE_KEYS: tuple[str, ...] = (
 #: on it; a finer grid costs nothing in the pass over the pixels (one bin per threshold).
 DEFAULT_THRESHOLDS: np.ndarray = np.round(np.arange(-100, 101) / 100.0, 2)
 
-_NODATA = 255
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,74 +90,22 @@ _NODATA = 255
 # ----------------------------------------------------------------------------------------------
 
 
-def _lead_shape(block: np.ndarray) -> tuple[int, ...]:
-    return block.shape[:-2]
+def _confusion_block(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None,
+                     by: np.ndarray | None, n_ids: int) -> np.ndarray:
+    """:func:`icemap.kernels.confusion_counts` of one block, shaped (*lead, 1, 1, k) for blockwise."""
+    from icemap.kernels import confusion_counts
+
+    counts = confusion_counts(pred, ref, valid, by, n_ids)
+    return counts.reshape(*counts.shape[:-1], 1, 1, counts.shape[-1])
 
 
-def _like_main(op: np.ndarray | None, main: np.ndarray) -> np.ndarray | None:
-    """Give a (y, x) operand leading size-1 axes so it broadcasts against ``main``."""
-    if op is None or op.ndim == main.ndim:
-        return op
-    return op.reshape((1,) * (main.ndim - op.ndim) + op.shape)
+def _bin_block(index: np.ndarray, ref: np.ndarray | None, valid: np.ndarray | None,
+               edges: np.ndarray) -> np.ndarray:
+    """:func:`icemap.kernels.threshold_histogram` of one block, shaped (*lead, 1, 1, k)."""
+    from icemap.kernels import threshold_histogram
 
-
-def _per_slice_bincount(code: np.ndarray, ok: np.ndarray, k: int) -> np.ndarray:
-    """Bincount ``code[ok]`` separately for every leading slice; shape (*lead, 1, 1, k)."""
-    lead = _lead_shape(code)
-    n_lead = int(np.prod(lead)) if lead else 1
-    flat = code.reshape(n_lead, -1)
-    okf = ok.reshape(n_lead, -1)
-    # One bincount for all slices: offset each slice's codes by slice * k.
-    offsets = (np.arange(n_lead, dtype=np.int64) * k)[:, None]
-    counts = np.bincount((flat + offsets)[okf], minlength=n_lead * k)
-    return counts.reshape(*lead, 1, 1, k).astype(np.int64, copy=False)
-
-
-def _confusion_kernel(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None,
-                      by: np.ndarray | None, n_ids: int) -> np.ndarray:
-    """Counts of outcome (and id) in one block: shape (*lead, 1, 1, 4 * (n_ids + 1)).
-
-    ``pred`` and ``ref`` hold 0/1 (anything else is nodata); ``by`` holds ids 0..n_ids
-    (others are dropped); ``valid`` is nonzero where a pixel may be scored.
-    """
-    ref = _like_main(ref, pred)
-    valid = _like_main(valid, pred)
-    by = _like_main(by, pred)
-    ok = ((pred == 0) | (pred == 1)) & ((ref == 0) | (ref == 1))
-    if valid is not None:
-        ok &= valid != 0
-    code = (ref == 1).astype(np.int64) * 2 + (pred == 1)
-    if by is not None:
-        ok &= (by >= 0) & (by <= n_ids)
-        code = code + by.astype(np.int64) * 4
-    ok = np.broadcast_to(ok, pred.shape)
-    code = np.broadcast_to(code, pred.shape)
-    return _per_slice_bincount(code, ok, 4 * (n_ids + 1))
-
-
-def _bin_kernel(index: np.ndarray, ref: np.ndarray | None, valid: np.ndarray | None,
-                edges: np.ndarray) -> np.ndarray:
-    """Histogram of one block of an index by reference class, on open-ended bins.
-
-    Bin ``j`` holds ``edges[j-1] <= v < edges[j]`` (bin 0: below the first edge, bin m: at or
-    above the last), i.e. ``searchsorted(edges, v, side="right")``. The comparison is done in
-    float32 like :func:`icemap.index.ice_mask`, so "bins >= k+1" are exactly the pixels with
-    ``v >= edges[k]``. Classes: without ``ref`` one class; with it, reference 0 then 1.
-    Shape (*lead, 1, 1, n_class * (m + 1)).
-    """
-    v = np.asarray(index, dtype=np.float32)
-    ok = ~np.isnan(v)
-    m1 = edges.size + 1
-    code = np.searchsorted(edges, np.where(ok, v, np.float32(0)), side="right").astype(np.int64)
-    k = m1
-    if ref is not None:
-        ref = _like_main(ref, v)
-        ok = ok & ((ref == 0) | (ref == 1))
-        code = code + (ref == 1).astype(np.int64) * m1
-        k = 2 * m1
-    if valid is not None:
-        ok = ok & (_like_main(valid, v) != 0)
-    return _per_slice_bincount(np.broadcast_to(code, v.shape), np.broadcast_to(ok, v.shape), k)
+    counts = threshold_histogram(index, edges, ref, valid)
+    return counts.reshape(*counts.shape[:-1], 1, 1, counts.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +399,7 @@ def confusion(
     elif ids is not None:
         raise MetricsError("ids only makes sense together with by=")
 
-    counts = _block_counts(_confusion_kernel, pred_d, [ref_d, valid_d, by_d], 4 * (n_ids + 1),
+    counts = _block_counts(_confusion_block, pred_d, [ref_d, valid_d, by_d], 4 * (n_ids + 1),
                            per_time, n_ids=n_ids)
     lead = list(pred_a.dims[:-2]) if per_time else []
     if by_d is not None:
@@ -800,7 +748,7 @@ def confusion_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid
     shown, edges = _edges(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     ref_a, ref_d, valid_d = _reference_and_valid(idx_a, idx_d, reference, valid)
     m1 = edges.size + 1
-    hist = _block_counts(_bin_kernel, idx_d, [ref_d, valid_d], 2 * m1, False, edges=edges)
+    hist = _block_counts(_bin_block, idx_d, [ref_d, valid_d], 2 * m1, False, edges=edges)
     hist = hist.reshape(2, m1)  # [reference class, bin]
     # at_or_above[c, k] = pixels of class c with index >= edges[k] (bins k+1 .. m).
     at_or_above = da.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
@@ -908,7 +856,7 @@ def index_histogram(index: Any, *, bins: int = 2000, range: tuple[float, float] 
             valid_a = _check_int(valid_a, "valid", "pass a boolean mask")
         valid_d = _operand(idx_a, idx_d, valid_a, "valid")
     # Searching all edges gives bins 0 (< lo) .. bins+1 (>= hi): fold the two outer ones in.
-    raw = _block_counts(_bin_kernel, idx_d, [None, valid_d], edges.size + 1, False, edges=edges)
+    raw = _block_counts(_bin_block, idx_d, [None, valid_d], edges.size + 1, False, edges=edges)
     inner = raw[1:-1]
     counts = da.concatenate([inner[:1] + raw[:1], inner[1:-1], inner[-1:] + raw[-1:]])
     left, right = edges64[:-1], edges64[1:]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from icemap.errors import IcemapError
+from icemap.kernels import ICE_NODATA
 
 __all__ = [
     "pixel_area_m2",
@@ -48,13 +49,13 @@ def pixel_area_m2(like: Any) -> float:
     return abs(t.a * t.e - t.b * t.d)
 
 
-def _count_block(ice: np.ndarray, gid: np.ndarray, n: int) -> np.ndarray:
-    sel = ice == 1
-    counts = np.bincount(gid[sel].ravel(), minlength=n + 1)[: n + 1]
-    return counts.reshape(1, 1, n + 1).astype(np.int64)
+def _count_block(ice: np.ndarray, gid: np.ndarray, n: int, value: int) -> np.ndarray:
+    from icemap.kernels import count_by_id
+
+    return count_by_id(ice, gid, n, value).reshape(1, 1, n + 1)
 
 
-def _counts(ice2d: Any, gid2d: Any, n: int) -> Any:
+def _counts(ice2d: Any, gid2d: Any, n: int, value: int = 1) -> Any:
     import dask.array as da
 
     ice_d = ice2d.data if hasattr(ice2d, "data") else ice2d
@@ -62,7 +63,7 @@ def _counts(ice2d: Any, gid2d: Any, n: int) -> Any:
     if not isinstance(ice_d, da.Array):
         ice_d = da.from_array(np.asarray(ice_d), chunks=(1024, 1024))
     gid_d = da.asarray(gid_d).rechunk(ice_d.chunks)
-    per_block = da.map_blocks(_count_block, ice_d, gid_d, n, new_axis=2,
+    per_block = da.map_blocks(_count_block, ice_d, gid_d, n, value, new_axis=2,
                               chunks=(1, 1, n + 1), dtype=np.int64)
     return per_block.sum(axis=(0, 1))
 
@@ -93,7 +94,7 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
     lazy = []
     for i in range(len(times)):
         frame = ice.isel(time=i) if "time" in ice.dims else ice
-        lazy.append((_counts(frame, ids, n), _counts((frame == 255).astype(np.uint8), ids, n)))
+        lazy.append((_counts(frame, ids, n), _counts(frame, ids, n, value=int(ICE_NODATA))))
     computed = dask.compute(*lazy)
     rows = []
     for t, (ice_counts, nodata_counts) in zip(times, computed):

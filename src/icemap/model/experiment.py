@@ -410,7 +410,7 @@ def score_scene(
     ndsi_thresholds: Mapping[str, float] | None = None,
     dem: Any = None,
     truth: Any = None,
-    tile: int = 512,
+    tile: int | None = None,
 ) -> tuple[Any, Any]:
     """Score models and NDSI thresholds on every date of a whole scene, in memory.
 

@@ -50,14 +50,12 @@ from icemap.model.data import (
     Split,
     fit_normalisation,
     make_chips,
-    padded_size,
     split_chips,
 )
 from icemap.model.inputs import (
     Normalisation,
     build_inputs,
     check_bands,
-    normalise,
     required_bands,
     resolve_channels,
 )
@@ -420,10 +418,18 @@ def _autocast(device: torch.device, amp: bool) -> tuple[bool, torch.dtype]:
 
 
 def counts(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict[str, int]:
-    """Confusion counts of boolean-like ``pred`` against 0/1 ``ref`` on ``valid`` pixels."""
-    p, r, v = pred.astype(bool), ref.astype(bool), valid.astype(bool)
-    return {"tp": int((p & r & v).sum()), "fp": int((p & ~r & v).sum()),
-            "fn": int((~p & r & v).sum()), "tn": int((~p & ~r & v).sum())}
+    """Confusion counts of boolean-like ``pred`` against 0/1 ``ref`` on ``valid`` pixels.
+
+    The same counter as :func:`icemap.metrics.confusion` (:func:`icemap.kernels.confusion_counts`),
+    pooled over every leading axis.
+    """
+    from icemap.kernels import confusion_counts
+    from icemap.metrics import OUTCOMES
+
+    p = np.asarray(pred).astype(bool)
+    r = np.broadcast_to(np.asarray(ref) != 0, p.shape)
+    c = confusion_counts(p, r, valid=np.broadcast_to(valid, p.shape)).reshape(-1, 4).sum(axis=0)
+    return {k: int(v) for k, v in zip(OUTCOMES, c)}
 
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -485,9 +491,7 @@ def _eval(model: UNet, ds: ChipDataset, loss_fn: Callable[..., torch.Tensor], de
             losses.append(float(loss_fn(logits, y, v)))
             weights.append(len(x))
             p = torch.sigmoid(logits.float())
-            pred = p >= threshold
-            total = _add(total, {"tp": int((pred & (y > 0) & v).sum()), "fp": int((pred & (y == 0) & v).sum()),
-                                 "fn": int((~pred & (y > 0) & v).sum()), "tn": int((~pred & (y == 0) & v).sum())})
+            total = _add(total, counts((p >= threshold).cpu().numpy(), (y > 0).cpu().numpy(), v.cpu().numpy()))
             probs.append(p[:, 0].cpu().numpy())
     loss = float(np.average(losses, weights=weights)) if losses else float("nan")
     return loss, total, ds.crop(np.concatenate(probs)) if probs else np.zeros((0,))
@@ -910,45 +914,34 @@ def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarra
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = None, tile: int = 512,
-                   hide_channel: int | None = None, device: str = "cpu") -> np.ndarray:
+def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = None, tile: int | None = None,
+                   hide_channel: int | None = None, device: str = "cpu", batch_size: int = 8) -> np.ndarray:
     """Ice probability for every date of a (small) cube or window, in memory.
 
-    The in-memory counterpart of the lazy, distributed inference: it evaluates a trained model
-    on a scene or chip that fits in memory (the experiment's hold-out scene, the Athabasca
-    crop). Inputs are built with :func:`build_inputs` and normalised with the checkpoint's
-    normalisation; the image is cut into ``tile`` px tiles with a halo of half the receptive
-    field (capped at 64 px), each padded to the U-Net's multiple.
+    Runs :func:`icemap.infer.predict_array`, the predictor ``icemap.predict`` runs on every
+    chunk, on the whole window: the same exact halo (half the receptive field, rounded to the
+    U-Net's multiple), the same tiling, padding and nodata rules. So the scores of the
+    experiment tables and reports are the scores of what ``icemap map --method unet`` writes
+    (tests/test_infer.py checks the two agree on a scene).
 
     Returns
     -------
     numpy.ndarray
-        (time, y, x) float32 probabilities, NaN where any input channel is NaN.
+        (time, y, x) float32 probabilities, NaN where any input channel is nodata.
     """
+    from icemap.infer import default_halo, predict_array
+    from icemap.kernels import DEFAULT_TILE
+
     meta.check_cube(cube)
     x = build_inputs(cube, meta.channels, dem=dem)
     arr = np.asarray(x.values, dtype=np.float32)
     norm = Normalisation.from_dict(meta.normalisation)
-    model = model.to(device).eval()
-    m = model.config.multiple
-    halo = min(model.config.receptive_field // 2, 64)
-    t_n, _, h, w = arr.shape
-    out = np.full((t_n, h, w), np.nan, dtype=np.float32)
-    for t in range(t_n):
-        z, nodata = normalise(arr[t], norm, channel_axis=0)
-        if hide_channel is not None:
-            z[hide_channel] = 0.0
-        for y0 in range(0, h, tile):
-            for x0 in range(0, w, tile):
-                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
-                yb, xb = min(y1 + halo, h), min(x1 + halo, w)
-                slab = z[:, ya:yb, xa:xb]
-                ph, pw = padded_size(slab.shape[1], m), padded_size(slab.shape[2], m)
-                buf = np.zeros((slab.shape[0], ph, pw), dtype=np.float32)
-                buf[:, :slab.shape[1], :slab.shape[2]] = slab
-                p = torch.sigmoid(model(torch.from_numpy(buf)[None].to(device)).float())[0, 0].cpu().numpy()
-                out[t, y0:y1, x0:x1] = p[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-        out[t][nodata] = np.nan
+    depth = model.config.depth
+    m = 2**depth
+    halo = default_halo(depth, model.config.receptive_field)
+    tile = max(m, -(-int(tile or DEFAULT_TILE) // m) * m)
+    out = np.empty((arr.shape[0], arr.shape[2], arr.shape[3]), dtype=np.float32)
+    for t in range(arr.shape[0]):
+        out[t] = predict_array(arr[t], model, norm, depth=depth, halo=halo, tile=tile, batch_size=batch_size,
+                               device=device, hide_channel=hide_channel)[0]
     return out
