@@ -9,15 +9,15 @@ regional mask never has to exist whole in memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from icemap.errors import IcemapError, IcemapWarning
+from icemap.kernels import NO_GLACIER
 
-__all__ = ["read_outlines", "rasterize_outlines", "glacier_ids", "grid_of"]
-
-NO_GLACIER = 0
+__all__ = ["read_outlines", "rasterize_outlines", "glacier_ids", "grid_of", "NO_GLACIER"]
 
 
 def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> Any:
@@ -114,36 +114,69 @@ def _quiet_rasterize_warning() -> None:
     warnings.filterwarnings("ignore", message=_SPURIOUS, category=NotGeoreferencedWarning)
 
 
-def _burn_block(block: np.ndarray, shapes: list[tuple[Any, int]], transform: Any, all_touched: bool,
-                dtype: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+def _burn_block(block: np.ndarray, shapes: Mapping[tuple[int, int], list[tuple[Any, int]]], transform: Any,
+                all_touched: bool, dtype: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
     from rasterio.features import rasterize
     from rasterio.windows import Window, transform as window_transform
 
-    _quiet_rasterize_warning()
     info = block_info[None]
     (y0, y1), (x0, x1) = info["array-location"]
-    win = Window(x0, y0, x1 - x0, y1 - y0)
     out_shape = (y1 - y0, x1 - x0)
-    if not shapes:
+    mine = shapes.get(tuple(info["chunk-location"]), [])
+    if not mine:
         return np.zeros(out_shape, dtype=dtype)
-    return rasterize(shapes, out_shape=out_shape, transform=window_transform(win, transform),
+    _quiet_rasterize_warning()
+    win = Window(x0, y0, x1 - x0, y1 - y0)
+    return rasterize(mine, out_shape=out_shape, transform=window_transform(win, transform),
                      fill=NO_GLACIER, all_touched=all_touched, dtype=dtype)
 
 
+def _shapes_per_block(gdf: Any, values: np.ndarray, transform: Any,
+                      chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> dict[tuple[int, int], list[tuple[Any, int]]]:
+    """For every block, the (geometry, value) pairs whose geometry intersects it, in file order.
+
+    A spatial index (shapely's STRtree) finds them in one bulk query, so each block burns only
+    its own few outlines instead of all of a region's (10,066 for a 4096-px sample region):
+    rasterising is then proportional to the outlines' area, not to outlines x blocks. Any pixel
+    a polygon can burn (centre inside, or touched) lies in a block whose box the polygon
+    intersects, so nothing is lost. File order is kept because later polygons overwrite earlier
+    ones where outlines overlap.
+    """
+    import shapely
+
+    geoms = np.asarray(gdf.geometry.array, dtype=object)
+    ye = np.concatenate([[0], np.cumsum(chunks[0])])
+    xe = np.concatenate([[0], np.cumsum(chunks[1])])
+    keys = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
+    corners = np.array([(transform * (xe[j], ye[i])) + (transform * (xe[j + 1], ye[i + 1])) for i, j in keys])
+    boxes = shapely.box(np.minimum(corners[:, 0], corners[:, 2]), np.minimum(corners[:, 1], corners[:, 3]),
+                        np.maximum(corners[:, 0], corners[:, 2]), np.maximum(corners[:, 1], corners[:, 3]))
+    out: dict[tuple[int, int], list[tuple[Any, int]]] = {}
+    if len(geoms):
+        b_idx, g_idx = shapely.STRtree(geoms).query(boxes, predicate="intersects")
+        order = np.lexsort((g_idx, b_idx))
+        for b, g in zip(b_idx[order], g_idx[order]):
+            out.setdefault(keys[b], []).append((geoms[g], int(values[g])))
+    return out
+
+
 def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: str) -> Any:
+    import dask
     import dask.array as da
     import xarray as xr
 
+    from icemap.kernels import DEFAULT_CHUNKSIZE
+
     transform, (h, w), _ = grid_of(like)
-    chunks: Any = "auto"
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
     if getattr(ref, "chunks", None):
         chunks = (ref.chunks[ref.dims.index("y")], ref.chunks[ref.dims.index("x")])
-    import dask
-
-    # The polygons enter the graph once, as one dependency of every block, not once per block.
-    shapes = dask.delayed([(geom, int(v)) for geom, v in zip(gdf.geometry, values)], pure=True)
-    template = da.empty((h, w), chunks=chunks if chunks != "auto" else (1024, 1024), dtype=dtype)
+    else:
+        chunks = da.core.normalize_chunks((DEFAULT_CHUNKSIZE, DEFAULT_CHUNKSIZE), (h, w))
+    # The polygons enter the graph once, as one dependency of every block (shipped once per
+    # worker), already split by block through a spatial index.
+    shapes = dask.delayed(_shapes_per_block(gdf, values, transform, chunks), pure=True)
+    template = da.empty((h, w), chunks=chunks, dtype=dtype)
     arr = template.map_blocks(_burn_block, shapes, transform, all_touched, dtype, dtype=dtype)
     out = xr.DataArray(arr, dims=("y", "x"), coords={"y": like["y"], "x": like["x"]})
     return out.rio.write_crs(like.rio.crs).rio.write_transform(transform)

@@ -673,11 +673,17 @@ def evaluate(
     if _crs_of(pred_a) is None:
         raise GridMismatchError("the prediction has no CRS, so outlines cannot be placed on it; "
                                 "compute it from a cube opened with icemap.open_cube / icemap.load")
-    reference = rasterize_outlines(outlines, pred_a, all_touched=all_touched, buffer_m=buffer_m)
     px = _pixel_area(pred_a)
     if not per_glacier:
+        reference = rasterize_outlines(outlines, pred_a, all_touched=all_touched, buffer_m=buffer_m)
         return scores(confusion(pred_a, reference, valid=valid), pixel_area_m2=px)
     ids, table = glacier_ids(outlines, pred_a, id_column=id_column)
+    if buffer_m or all_touched:
+        reference = rasterize_outlines(outlines, pred_a, all_touched=all_touched, buffer_m=buffer_m)
+    else:
+        # The same outlines by the same pixel-centre rule: the id raster already is the
+        # reference (id > 0), so the outlines are burnt once per chunk, not twice.
+        reference = (ids > 0).astype(np.uint8)
     # One pass: counts by id include id 0 (outside every outline), so their sum is the total.
     conf = confusion(pred_a, reference, valid=valid, by=ids,
                      ids=np.concatenate([[0], table["gid"].to_numpy()]))
