@@ -78,6 +78,15 @@ def test_normalized_difference_writes_into_out_and_broadcasts() -> None:
     # Non-contiguous inputs (a band sliced out of a cube) give the same numbers.
     cube = _bands(rng, (2, 4, 30, 20))
     np.testing.assert_array_equal(K.normalized_difference(cube[:, 1], cube[:, 3]), ref_nd(cube[:, 1], cube[:, 3]))
+    # out= may be a slice of a larger destination (a chunk of a preallocated cube): written in place.
+    dest = np.full((3, 60, 90), 9, np.float32)
+    K.normalized_difference(a, b, out=dest[:, 10:50, 20:70])
+    np.testing.assert_array_equal(dest[:, 10:50, 20:70], ref_nd(a, b))
+    assert (dest[:, :10] == 9).all() and (dest[:, :, 70:] == 9).all()
+    ice_dest = np.full((2, 3, 60, 90), 7, np.uint8)
+    K.ice_mask(a[1], b, 0.4, out=ice_dest[1, 2, 10:50, 20:70])
+    np.testing.assert_array_equal(ice_dest[1, 2, 10:50, 20:70], ref_ice(a[1], b, 0.4))
+    assert (ice_dest[0] == 7).all()
     with pytest.raises(ValueError, match="out must be"):
         K.normalized_difference(a, b, out=np.empty((3, 40, 50), np.float64))
 
@@ -222,3 +231,74 @@ def test_kernel_layer_imports_no_dask_xarray_or_torch() -> None:
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _cube(rng: np.random.Generator, chunks: int | None):
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    refl = _bands(rng, (2, 3, 150, 130))
+    cube = xr.Dataset(
+        {"reflectance": (("time", "band", "y", "x"), refl)},
+        coords={"band": ["green", "swir16", "nir08"], "y": 7e6 - 15 - 30 * np.arange(150),
+                "x": 5e5 + 15 + 30 * np.arange(130),
+                "time": np.array(["2021-02-01", "2022-02-01"], dtype="datetime64[ns]")},
+    ).rio.write_crs("EPSG:32633")
+    return cube.chunk({"y": chunks, "x": chunks}) if chunks else cube
+
+
+@pytest.mark.parametrize("chunks", [None, 64, 37])
+def test_index_layer_lazy_eager_and_into_agree(chunks: int | None) -> None:
+    """ndsi/ice_mask: lazy (dask) == eager (numpy) == computed into a given buffer, and equal to
+    the numpy reference; the graph runs the fused kernel once per chunk for both products."""
+    import xarray as xr
+
+    import icemap
+    from icemap.index import ndsi_and_ice_mask
+
+    from .conftest import raise_if_dask_computes
+
+    rng = np.random.default_rng(8)
+    cube = _cube(rng, chunks)
+    refl = _cube(rng := np.random.default_rng(8), None)["reflectance"].values
+    g, s, n = refl[:, 0], refl[:, 1], refl[:, 2]
+    dem = xr.DataArray(rng.uniform(0, 3000, (150, 130)).astype(np.float32), dims=("y", "x"),
+                       coords={"y": cube["y"], "x": cube["x"]}).rio.write_crs("EPSG:32633")
+    with raise_if_dask_computes():
+        lazy = icemap.ice_mask(cube, threshold=0.3, guards=("water", "dark"))
+        lazy_ndsi = icemap.ndsi(cube)
+    want = ref_ice(g, s, 0.3, nir=n, nir_min=0.11, green_min=0.15)
+    np.testing.assert_array_equal(lazy.values, want)
+    np.testing.assert_array_equal(lazy_ndsi.values, ref_nd(g, s))
+    buf = np.full(want.shape, 7, np.uint8)
+    into = icemap.ice_mask(cube, threshold=0.3, guards=("water", "dark"), out=buf)
+    assert np.shares_memory(into.values, buf) and into.rio.crs == cube.rio.crs
+    np.testing.assert_array_equal(buf, want)
+    nbuf = np.empty(want.shape, np.float32)
+    np.testing.assert_array_equal(icemap.ndsi(cube, out=nbuf).values, ref_nd(g, s))
+    # A (y, x) DEM beside (time, y, x) bands, into a buffer: broadcast without copies.
+    ebuf = np.empty(want.shape, np.uint8)
+    icemap.ice_mask(cube, threshold=0.3, guards=("dem",), dem=dem, elevation_min_m=1000.0, slope_max_deg=None,
+                    out=ebuf)
+    np.testing.assert_array_equal(ebuf, ref_ice(g, s, 0.3, elev=dem.values, elevation_min_m=1000.0))
+    with pytest.raises(icemap.errors.IcemapError, match="out= must be"):
+        icemap.ndsi(cube, out=np.empty((2, 150, 130), np.float64))
+    # Both products from one pass.
+    index, ice = ndsi_and_ice_mask(cube, threshold=0.3, guards=("water", "dark"))
+    np.testing.assert_array_equal(index.values, ref_nd(g, s))
+    np.testing.assert_array_equal(ice.values, want)
+
+
+def test_both_products_cost_one_kernel_call_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dask
+
+    import icemap.guards
+    from icemap.workflow import map_ndsi
+
+    cube = _cube(np.random.default_rng(9), 64)
+    calls = []
+    real = icemap.guards.ice_kernel
+    monkeypatch.setattr(icemap.guards, "ice_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    product = map_ndsi(cube, threshold=0.4, guards=("water",))
+    dask.compute(product["ndsi"].data, product["ice"].data, scheduler="sync")
+    assert len(calls) == product["ice"].data.npartitions == product["ndsi"].data.npartitions

@@ -3,6 +3,10 @@
 ``cube.icemap.ndsi()`` is ``icemap.ndsi(cube)``, and so on; nothing here computes anything
 of its own. It is registered when icemap hands out its first cube (``icemap.load``,
 ``icemap.open_cube``) or when this module is imported, so ``import icemap`` stays light.
+
+Every method goes through the package's public API (``icemap.<name>``), never through the stage
+modules themselves: the stages that register this accessor import it, and it imports none of
+them, so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 from typing import Any
 
 import xarray as xr
+
+import icemap
 
 __all__ = ["CubeAccessor", "MaskAccessor"]
 
@@ -24,41 +30,30 @@ class CubeAccessor:
 
     def ndsi(self) -> xr.DataArray:
         """NDSI = (green - swir16) / (green + swir16), lazily (:func:`icemap.index.ndsi`)."""
-        from icemap.index import ndsi
-
-        return ndsi(self._obj)
+        return icemap.ndsi(self._obj)
 
     def ndwi(self) -> xr.DataArray:
         """NDWI = (green - nir08) / (green + nir08) (:func:`icemap.index.ndwi`)."""
-        from icemap.index import ndwi
-
-        return ndwi(self._obj)
+        return icemap.ndwi(self._obj)
 
     def ice_mask(self, threshold: float | None = None, guards: Any = (), dem: Any = None, **params: Any) -> xr.DataArray:
         """Thresholded NDSI with optional guards (:func:`icemap.index.ice_mask`)."""
-        from icemap.index import ice_mask
-
-        return ice_mask(self._obj, threshold=threshold, guards=guards, dem=dem, **params)
+        return icemap.ice_mask(self._obj, threshold=threshold, guards=guards, dem=dem, **params)
 
     def predict(self, model: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
         """U-Net ice probability and mask (:func:`icemap.infer.predict`)."""
-        from icemap.infer import predict
-
-        return predict(self._obj, model, **kwargs)
+        return icemap.predict(self._obj, model, **kwargs)
 
     def quicklook(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Write a false-colour PNG (:func:`icemap.quicklook.quicklook`)."""
-        from icemap.quicklook import quicklook
-
-        return quicklook(self._obj, path, **kwargs)
+        return icemap.quicklook(self._obj, path, **kwargs)
 
     def write(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Write resumably to Zarr: a cube with :func:`~icemap.store.write_cube`, else a product."""
-        from icemap.store import write_cube, write_timesteps
 
         if "reflectance" in self._obj:
-            return write_cube(self._obj, path, **kwargs)
-        return write_timesteps(self._obj, path, **kwargs)
+            return icemap.write_cube(self._obj, path, **kwargs)
+        return icemap.write_timesteps(self._obj, path, **kwargs)
 
 
 @xr.register_dataarray_accessor("icemap")
@@ -70,26 +65,17 @@ class MaskAccessor:
 
     def area_km2(self) -> xr.DataArray:
         """Ice area per time step (:func:`icemap.vector.ice_area_km2`)."""
-        from icemap.vector import ice_area_km2
-
-        return ice_area_km2(self._obj)
+        return icemap.ice_area_km2(self._obj)
 
     def area_per_glacier(self, outlines: Any) -> Any:
         """Ice area of every glacier in ``outlines`` at every date, as a DataFrame."""
-        from icemap.labels import glacier_ids
-        from icemap.vector import ice_area_per_glacier
-
-        ids, table = glacier_ids(outlines, self._obj)
-        return ice_area_per_glacier(self._obj, ids, table)
+        ids, table = icemap.glacier_ids(outlines, self._obj)
+        return icemap.ice_area_per_glacier(self._obj, ids, table)
 
     def polygonise(self, **kwargs: Any) -> Any:
         """Ice outlines with areas, as a GeoDataFrame (:func:`icemap.vector.polygonise`)."""
-        from icemap.vector import polygonise
-
-        return polygonise(self._obj, **kwargs)
+        return icemap.polygonise(self._obj, **kwargs)
 
     def evaluate(self, outlines: Any, **kwargs: Any) -> Any:
         """Scores against reference outlines (:func:`icemap.metrics.evaluate`)."""
-        from icemap.metrics import evaluate
-
-        return evaluate(self._obj, outlines, **kwargs)
+        return icemap.evaluate(self._obj, outlines, **kwargs)

@@ -318,6 +318,7 @@ def ice_kernel(
     threshold: float,
     guards: Sequence[Guard] = (),
     *,
+    out: np.ndarray | None = None,
     ndsi_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """NDSI threshold plus guards on plain numpy arrays: uint8 1 ice, 0 not, 255 nodata.
@@ -331,6 +332,8 @@ def ice_kernel(
         NDSI >= threshold is ice before the guards.
     guards
         From :func:`resolve_guards`.
+    out
+        Optional uint8 buffer for the result (may be a slice of a larger array).
     ndsi_out
         Optional float32 buffer that receives the NDSI from the same pass.
 
@@ -349,7 +352,7 @@ def ice_kernel(
     return kernels.ice_mask(
         arrays["green"], arrays["swir16"], threshold,
         nir08=arrays.get("nir08"), elevation=arrays.get("elevation"), slope=arrays.get("slope"),
-        ndsi_out=ndsi_out, **params,
+        out=out, ndsi_out=ndsi_out, **params,
     )
 
 

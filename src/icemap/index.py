@@ -55,21 +55,57 @@ _ND_ATTRS = {
 }
 
 
-def _index(cube: Any, a: str, b: str, name: str) -> Any:
+def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | None = None) -> Any:
+    """The dask/xarray layer of this module's kernels: one task per chunk, or straight into ``out``.
+
+    Without ``out``: ``xarray.apply_ufunc(dask="parallelized")``, lazy for lazy cubes (one task
+    per chunk), one kernel call for in-memory cubes.
+
+    With ``out`` (a numpy array of the result's shape and dtype, e.g. a buffer reused across
+    dates or regions): computed now, each task running the kernel *into its own slice of out*.
+    Computing a dask result and then ``.values`` costs two more passes over memory that the
+    kernel does not need: every chunk is allocated (page faults on a fresh buffer) and then
+    copied by the final concatenation; here nothing is allocated and nothing is copied. Runs on
+    local threads (the destination is this process's memory), whatever scheduler is active.
+    """
+    import dask.array as da
     import xarray as xr
 
+    if out is None:
+        return xr.apply_ufunc(kernel, *inputs, dask="parallelized", output_dtypes=[dtype], keep_attrs=False)
+    arrays = xr.broadcast(*inputs)
+    template = arrays[0]
+    data = [a.transpose(*template.dims).data for a in arrays]
+    if not isinstance(out, np.ndarray) or out.shape != template.shape or out.dtype != np.dtype(dtype):
+        raise IcemapError(f"out= must be a numpy {np.dtype(dtype)} array of shape {template.shape} "
+                          f"{template.dims}, got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    lazy = [d for d in data if isinstance(d, da.Array)]
+    if not lazy:
+        kernel(*data, out=out)
+    else:
+        chunks = lazy[0].chunks
+        blocks = [d.rechunk(chunks) if isinstance(d, da.Array) else da.from_array(d, chunks=chunks) for d in data]
+
+        def into(*b: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+            where = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
+            kernel(*b, out=out[where])
+            return np.zeros((1,) * out.ndim, np.int8)
+
+        import uuid
+
+        # An explicit name: dask would otherwise hash ``out`` (the whole buffer) to name the graph.
+        done = da.map_blocks(into, *blocks, dtype=np.int8, chunks=tuple((1,) * len(c) for c in chunks),
+                             name=f"icemap-into-{uuid.uuid4().hex}", meta=np.empty((0,) * out.ndim, np.int8))
+        done.compute(scheduler="threads")
+    return xr.DataArray(out, dims=template.dims, coords=template.coords)
+
+
+def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None) -> Any:
     refl = _reflectance(cube)
-    out = xr.apply_ufunc(
-        normalized_difference,
-        _band(refl, a),
-        _band(refl, b),
-        dask="parallelized",
-        output_dtypes=[np.float32],
-        keep_attrs=False,
-    )
-    out.name = name
-    out.attrs = dict(_ND_ATTRS[name])
-    return _keep_grid(out, refl)
+    res = _apply(normalized_difference, [_band(refl, a), _band(refl, b)], np.float32, out)
+    res.name = name
+    res.attrs = dict(_ND_ATTRS[name])
+    return _keep_grid(res, refl)
 
 
 def _keep_grid(out: Any, like: Any) -> Any:
@@ -77,26 +113,32 @@ def _keep_grid(out: Any, like: Any) -> Any:
         out = out.assign_coords(spatial_ref=like["spatial_ref"])
     crs = getattr(like.rio, "crs", None) if hasattr(like, "rio") else None
     if crs is not None:
-        out = out.rio.write_crs(crs)
+        # In place on a shallow copy: rioxarray's default deep-copies the data (a full pass over
+        # an in-memory result, and a copy of a buffer the caller gave us).
+        out = out.copy(deep=False)
+        out.rio.write_crs(crs, inplace=True)
     return out
 
 
-def ndsi(cube: Any) -> Any:
+def ndsi(cube: Any, *, out: np.ndarray | None = None) -> Any:
     """Normalised Difference Snow Index ``(green - swir16) / (green + swir16)``, lazily.
 
     NaN where either band is NaN (masked) or both are zero. Snow and ice are high (> 0.4
-    in the literature), but so is water: see :func:`ice_mask`'s guards.
+    in the literature), but so is water: see :func:`ice_mask`'s guards. With ``out`` (a float32
+    numpy array of shape (time, y, x)), computed now straight into it: the fast way to get an
+    index in memory, see :func:`_apply`.
     """
-    return _index(cube, "green", "swir16", "ndsi")
+    return _index(cube, "green", "swir16", "ndsi", out)
 
 
-def ndwi(cube: Any) -> Any:
+def ndwi(cube: Any, *, out: np.ndarray | None = None) -> Any:
     """McFeeters' Normalised Difference Water Index ``(green - nir08) / (green + nir08)``."""
-    return _index(cube, "green", "nir08", "ndwi")
+    return _index(cube, "green", "nir08", "ndwi", out)
 
 
 def _ice_block(
-    *arrays: np.ndarray, names: tuple[str, ...], threshold: float, guards: tuple[Any, ...], with_ndsi: bool
+    *arrays: np.ndarray, names: tuple[str, ...], threshold: float, guards: tuple[Any, ...], with_ndsi: bool,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """apply_ufunc adapter: positional blocks -> :func:`icemap.guards.ice_kernel`'s mapping.
 
@@ -106,7 +148,7 @@ def _ice_block(
 
     named = dict(zip(names, arrays))
     if not with_ndsi:
-        return ice_kernel(named, threshold, guards)
+        return ice_kernel(named, threshold, guards, out=out)
     index = np.empty(np.broadcast_shapes(named["green"].shape, named["swir16"].shape), np.float32)
     ice = ice_kernel(named, threshold, guards, ndsi_out=index)
     return index, ice
@@ -152,6 +194,7 @@ def ice_mask(
     threshold: float | None = None,
     guards: Sequence[str | Any] = (),
     dem: Any = None,
+    out: np.ndarray | None = None,
     **guard_params: Any,
 ) -> Any:
     """Map ice as uint8: 1 ice, 0 not ice, :data:`ICE_NODATA` (255) where the input is masked.
@@ -179,6 +222,9 @@ def ice_mask(
         Elevation for the ``"dem"`` guard: a GeoTIFF/COG path, a STAC item/asset, or a
         DataArray; warped onto the cube grid by :func:`icemap.dem.dem_on_grid` unless it is
         already on it.
+    out
+        A uint8 numpy array of the result's shape (time, y, x): compute now, straight into it
+        (no allocation, no final copy; see :func:`_apply`). Default: lazy.
     **guard_params
         Parameters of the enabled guards: ``ndwi_max``, ``nir_min`` (water), ``green_min``
         (dark), ``elevation_min_m``, ``slope_max_deg`` (dem).
@@ -196,7 +242,7 @@ def ice_mask(
         ``"dem"`` guard without a DEM. :class:`~icemap.errors.BandError` when the cube lacks a
         band that the NDSI or a guard needs.
     """
-    return _ice(cube, method, threshold, guards, dem, guard_params, with_ndsi=False)
+    return _ice(cube, method, threshold, guards, dem, guard_params, with_ndsi=False, out=out)
 
 
 def ndsi_and_ice_mask(
@@ -212,11 +258,11 @@ def ndsi_and_ice_mask(
     per chunk; here one task computes both (dask splits its two outputs without copying).
     Parameters as :func:`ice_mask`.
     """
-    return _ice(cube, "ndsi", threshold, guards, dem, guard_params, with_ndsi=True)
+    return _ice(cube, "ndsi", threshold, guards, dem, guard_params, with_ndsi=True, out=None)
 
 
 def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str | Any], dem: Any,
-         guard_params: dict[str, Any], *, with_ndsi: bool) -> Any:
+         guard_params: dict[str, Any], *, with_ndsi: bool, out: np.ndarray | None) -> Any:
     import xarray as xr
 
     from icemap.guards import guard_attrs, required_inputs, resolve_guards
@@ -244,16 +290,12 @@ def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str |
         inputs.update(_dem_inputs(dem, refl, need))
     names = tuple(inputs)
     kernel = functools.partial(_ice_block, names=names, threshold=t, guards=resolved, with_ndsi=with_ndsi)
-    # One apply_ufunc for the threshold and every guard: one task per chunk in the graph.
-    result = xr.apply_ufunc(
-        kernel,
-        *inputs.values(),
-        dask="parallelized",
-        output_core_dims=[[], []] if with_ndsi else [[]],
-        output_dtypes=[np.float32, np.uint8] if with_ndsi else [np.uint8],
-        keep_attrs=False,
-    )
-    index, ice = result if with_ndsi else (None, result)
+    # One kernel for the threshold and every guard: one task per chunk in the graph.
+    if with_ndsi:
+        index, ice = xr.apply_ufunc(kernel, *inputs.values(), dask="parallelized", output_core_dims=[[], []],
+                                    output_dtypes=[np.float32, np.uint8], keep_attrs=False)
+    else:
+        index, ice = None, _apply(kernel, list(inputs.values()), np.uint8, out)
     ice.name = "ice"
     ice.attrs = {
         "long_name": "ice mask",

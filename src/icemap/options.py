@@ -1,0 +1,121 @@
+"""``icemap.set_options``: the one home of icemap's defaults, validated.
+
+As in xarray, every default that a user may want to change for a session or a block of code
+(the NDSI threshold, chunk and tile sizes, the store format...) lives here, once. Functions take
+``None`` for "not given" and look the value up with :func:`get_option` when they run; the CLI
+passes "not given" through instead of restating a default. So changing a default is one line in
+this file, and ``with icemap.set_options(chunksize=512): ...`` changes it for one block.
+
+Importing this module imports nothing heavy (it must stay cheap: ``import icemap`` reaches it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from icemap.errors import IcemapError
+
+__all__ = ["OPTIONS", "set_options", "get_option", "resolve"]
+
+
+def _positive_int(lo: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _number_in(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and lo <= v <= hi)
+
+
+# name: (default, validator, what a valid value is, why this default)
+_SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
+    "ndsi_threshold": (
+        0.4, _number_in(-1.0, 1.0), "a number in [-1, 1]",
+        "the literature's NDSI threshold; studies a and b found 0.2 and 0.1 best on their scenes "
+        "(METHOD.md), so calibrate per region with `icemap calibrate`",
+    ),
+    "chunksize": (
+        1024, _positive_int(16), "an integer >= 16",
+        "spatial chunk edge in pixels: one band of one scene per chunk is 4 MiB of float32, large "
+        "enough that per-task overhead is small, small enough for 2 GiB workers",
+    ),
+    "tile": (
+        256, _positive_int(1), "an integer >= 1",
+        "U-Net output tile edge within a chunk (rounded to the network's multiple)",
+    ),
+    "batch_size": (
+        8, _positive_int(1), "an integer >= 1",
+        "U-Net windows per forward pass: bounds the memory of one inference task",
+    ),
+    "zarr_format": (
+        3, lambda v: v in (2, 3), "2 or 3",
+        "Zarr 3 by default; 2 for readers that have not moved yet",
+    ),
+    "resolution": (
+        30.0, _number_in(1e-9, float("inf")), "a positive number of CRS units",
+        "Landsat's reflective bands are 30 m",
+    ),
+}
+
+#: The current values (read with :func:`get_option`; change with :func:`set_options`).
+OPTIONS: dict[str, Any] = {name: spec[0] for name, spec in _SPEC.items()}
+
+
+def _validate(name: str, value: Any) -> None:
+    if name not in _SPEC:
+        raise IcemapError(f"unknown icemap option {name!r}; options: {', '.join(_SPEC)}")
+    _, ok, what, _ = _SPEC[name]
+    if not ok(value):
+        raise IcemapError(f"icemap option {name} must be {what}, got {value!r}")
+
+
+class set_options:
+    """Set icemap defaults for the session, or for a ``with`` block.
+
+    Examples
+    --------
+    >>> import icemap
+    >>> with icemap.set_options(ndsi_threshold=0.2, chunksize=512):
+    ...     ice = icemap.ice_mask(cube)            # doctest: +SKIP
+    >>> icemap.set_options(zarr_format=2)          # doctest: +SKIP
+
+    Options
+    -------
+    ndsi_threshold, chunksize, tile, batch_size, zarr_format, resolution; see
+    ``icemap.options.describe()`` for each one's default and why.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name, value in kwargs.items():
+            _validate(name, value)
+        self._old = {name: OPTIONS[name] for name in kwargs}
+        OPTIONS.update(kwargs)
+
+    def __enter__(self) -> set_options:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        OPTIONS.update(self._old)
+
+
+def get_option(name: str) -> Any:
+    """The current value of one option."""
+    if name not in OPTIONS:
+        raise IcemapError(f"unknown icemap option {name!r}; options: {', '.join(_SPEC)}")
+    return OPTIONS[name]
+
+
+def resolve(name: str, value: Any) -> Any:
+    """``value`` if given (validated), else the option's current value: "not given" is None."""
+    if value is None:
+        return OPTIONS[name]
+    _validate(name, value)
+    return value
+
+
+def describe() -> dict[str, dict[str, Any]]:
+    """Every option with its current value, its default and the reason for the default."""
+    return {name: {"value": OPTIONS[name], "default": spec[0], "valid": spec[2], "why": spec[3]}
+            for name, spec in _SPEC.items()}
