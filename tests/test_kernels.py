@@ -153,6 +153,15 @@ def test_scale_mask_equals_numpy(with_qa: bool, with_radsat: bool) -> None:
     np.testing.assert_array_equal(qa16, np.where(np.isnan(qa), 1, qa).astype(np.uint16))
 
 
+def test_probability_mask_equals_numpy() -> None:
+    rng = np.random.default_rng(12)
+    p = rng.random((2, 30, 40)).astype(np.float32)
+    p[rng.random(p.shape) < 0.1] = np.nan
+    p[0, 0, :3] = np.float32(0.5)
+    want = np.where(np.isnan(p), 255, (p >= np.float32(0.5)).astype(np.uint8)).astype(np.uint8)
+    np.testing.assert_array_equal(K.probability_mask(p, 0.5), want)
+
+
 def ref_confusion(pred, ref, valid=None, by=None, n_ids=0):
     pred = np.asarray(pred)
     ref = np.broadcast_to(ref, pred.shape)

@@ -44,6 +44,10 @@ _API = {
     "quicklook": "icemap.quicklook",
     "export_geotiffs": "icemap.export",
     "predict": "icemap.infer",
+    "ice_area_km2": "icemap.vector",
+    "write_timesteps": "icemap.store",
+    "set_options": "icemap.options",
+    "get_option": "icemap.options",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -60,7 +64,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.load import load
     from icemap.sample import make_sample_region, open_sample_region
     from icemap.stac import Search, search
-    from icemap.store import cube_status, ingest, open_cube, write_cube
+    from icemap.store import cube_status, ingest, open_cube, write_cube, write_timesteps
+    from icemap.options import get_option, set_options
+    from icemap.vector import ice_area_km2
 
 
 def __getattr__(name: str) -> Any:

@@ -53,7 +53,7 @@ def run_demo(
     size: int = 384,
     n_dates: int = 3,
     seed: int = 0,
-    threshold: float = 0.4,
+    threshold: float | None = None,
     chunksize: int = 256,
     progress: Any = None,
 ) -> DemoResult:

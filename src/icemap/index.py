@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from icemap.errors import BandError, IcemapError
-from icemap.kernels import DEFAULT_NDSI_THRESHOLD, ICE_NODATA, normalized_difference
+from icemap.kernels import ICE_NODATA, normalized_difference
+from icemap.options import resolve
 
 __all__ = [
     "normalized_difference",
@@ -24,7 +25,6 @@ __all__ = [
     "ice_mask",
     "ndsi_and_ice_mask",
     "ICE_NODATA",
-    "DEFAULT_NDSI_THRESHOLD",
 ]
 
 def _reflectance(cube: Any) -> Any:
@@ -269,9 +269,9 @@ def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str |
 
     if method != "ndsi":
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' (the U-Net runs through icemap.predict)")
-    t = DEFAULT_NDSI_THRESHOLD if threshold is None else float(threshold)
-    if not -1.0 <= t <= 1.0:
-        raise IcemapError(f"an NDSI threshold lies in [-1, 1], got {t}")
+    if threshold is not None and not -1.0 <= float(threshold) <= 1.0:
+        raise IcemapError(f"an NDSI threshold lies in [-1, 1], got {threshold}")
+    t = float(resolve("ndsi_threshold", None if threshold is None else float(threshold)))
     resolved = resolve_guards(guards, **guard_params)
     need = required_inputs(resolved)
     if any(k in ("elevation", "slope") for k in need) and dem is None:

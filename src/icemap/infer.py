@@ -39,10 +39,9 @@ from typing import Any, Literal
 import numpy as np
 
 from icemap.errors import ModelError
+from icemap.kernels import ICE_NODATA, probability_mask
 
 __all__ = ["ModelRef", "predict", "predict_array", "default_halo", "keep_resources", "ICE_NODATA"]
-
-ICE_NODATA = np.uint8(255)
 
 _CACHE: dict[tuple[str, str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -322,8 +321,8 @@ def predict(
     model: str | os.PathLike[str] | ModelRef,
     *,
     halo: int | None = None,
-    tile: int = 256,
-    batch_size: int = 8,
+    tile: int | None = None,
+    batch_size: int | None = None,
     device: Literal["auto", "cpu", "cuda"] | str = "auto",
     threshold: float | None = None,
     tta: bool = False,
@@ -344,9 +343,10 @@ def predict(
         receptive field (exact equality with whole-array inference). Smaller is faster, at
         the cost of small seams. Rounded up to a multiple of ``2**depth``.
     tile
-        Output tile edge within a chunk, rounded to a multiple of ``2**depth``.
+        Output tile edge within a chunk, rounded to a multiple of ``2**depth``; default the
+        ``tile`` option.
     batch_size
-        Windows per forward pass.
+        Windows per forward pass; default the ``batch_size`` option.
     device
         ``"auto"`` (CUDA where the worker has it), ``"cpu"`` or ``"cuda"``.
     threshold
@@ -382,6 +382,10 @@ def predict(
     m = 2**depth
     if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
         raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
+    from icemap.options import get_option
+
+    tile = get_option("tile") if tile is None else tile
+    batch_size = get_option("batch_size") if batch_size is None else batch_size
     if mc_samples < 0 or batch_size < 1 or tile < 1:
         raise ModelError("mc_samples must be >= 0, batch_size and tile >= 1")
     from icemap.model.unet import UNetConfig
@@ -396,7 +400,7 @@ def predict(
     inputs = build_inputs(cube, meta.channels, dem=dem)
     x = inputs.data
     if not isinstance(x, da.Array):
-        x = da.from_array(np.asarray(x), chunks=(1, -1, 1024, 1024))
+        x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
     # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
     cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
     cx = _aligned_chunks(x.shape[3], max(x.chunks[3]), halo, m)
@@ -419,7 +423,7 @@ def predict(
             meta=np.empty((0, 0, 0, 0), dtype=np.float32),
         )
     prob = both[:, 0]
-    ice = da.where(da.isnan(prob), ICE_NODATA, (prob >= thr).astype(np.uint8)).astype(np.uint8)
+    ice = da.map_blocks(probability_mask, prob, thr, dtype=np.uint8)
     coords = {"time": inputs["time"], "y": inputs["y"], "x": inputs["x"]}
     out = xr.Dataset(
         {

@@ -27,7 +27,8 @@ Conventions shared by all kernels:
 * **Outputs.** Every kernel accepts ``out=`` and writes into it, also when it is a slice of a
   larger array: a caller that owns the destination (a preallocated array) pays no allocation.
 * **NaN** is nodata for reflectance and indices; :data:`ICE_NODATA` for ice masks;
-  :data:`QA_FILL` for QA_PIXEL.
+  :data:`QA_FILL` for QA_PIXEL. These constants live here; defaults a user may change (the
+  NDSI threshold, chunk and tile sizes) live in :mod:`icemap.options`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ __all__ = [
     "ICE_NODATA",
     "QA_FILL",
     "NO_GLACIER",
-    "DEFAULT_CHUNKSIZE",
-    "DEFAULT_TILE",
-    "DEFAULT_NDSI_THRESHOLD",
     "normalized_difference",
     "ice_mask",
+    "probability_mask",
     "scale_mask",
     "qa_to_uint16",
     "mosaic_first_valid",
@@ -65,13 +64,6 @@ ICE_NODATA = np.uint8(255)
 QA_FILL = np.uint16(1)
 #: Glacier-id raster value outside every outline.
 NO_GLACIER = 0
-#: Spatial chunk edge in pixels: one band of one scene per chunk is 4 MiB of float32, large
-#: enough that per-task overhead is < 1 % of a chunk's I/O, small enough for 2 GiB workers.
-DEFAULT_CHUNKSIZE = 1024
-#: U-Net output tile edge within a chunk (multiples of 2**depth; measured in docs/benchmarks.md).
-DEFAULT_TILE = 256
-#: The literature's NDSI threshold; studies a and b found 0.2 and 0.1 best on their scenes.
-DEFAULT_NDSI_THRESHOLD = 0.4
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy")
 # A 1x1 stand-in for optional inputs that are switched off: numba compiles one specialisation
@@ -292,6 +284,32 @@ def ice_mask(
     )
     if nd_target is not None:
         nd_target.done()
+    return target.done()
+
+
+@njit(**_JIT)
+def _prob_planes(prob, threshold, out):  # pragma: no cover - compiled
+    planes, h, w = out.shape
+    for p in range(planes):
+        for r in range(h):
+            for i in range(w):
+                v = prob[p, r, i]
+                if np.isnan(v):
+                    out[p, r, i] = 255
+                elif v >= threshold:
+                    out[p, r, i] = 1
+                else:
+                    out[p, r, i] = 0
+
+
+def probability_mask(prob: np.ndarray, threshold: float, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Ice probability -> uint8 mask: 1 where ``prob >= threshold``, 0 below, 255 where NaN."""
+    shape = np.shape(prob)
+    res = _out(out, shape, np.uint8)
+    if not res.size:
+        return res
+    target = _Target(res)
+    _prob_planes(_planes(prob, shape, np.float32), np.float32(threshold), target.array)
     return target.done()
 
 

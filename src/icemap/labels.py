@@ -165,14 +165,14 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
     import dask.array as da
     import xarray as xr
 
-    from icemap.kernels import DEFAULT_CHUNKSIZE
+    from icemap.options import get_option
 
     transform, (h, w), _ = grid_of(like)
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
     if getattr(ref, "chunks", None):
         chunks = (ref.chunks[ref.dims.index("y")], ref.chunks[ref.dims.index("x")])
     else:
-        chunks = da.core.normalize_chunks((DEFAULT_CHUNKSIZE, DEFAULT_CHUNKSIZE), (h, w))
+        chunks = da.core.normalize_chunks((get_option("chunksize"),) * 2, (h, w))
     # The polygons enter the graph once, as one dependency of every block (shipped once per
     # worker), already split by block through a spatial index.
     shapes = dask.delayed(_shapes_per_block(gdf, values, transform, chunks), pure=True)

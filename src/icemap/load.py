@@ -35,6 +35,7 @@ import numpy as np
 from icemap import kernels
 from icemap.bands import MASK_FLAGS_DEFAULT, REFLECTIVE_BANDS, Sensor, get_sensor
 from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning
+from icemap.options import get_option
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
 
@@ -210,7 +211,7 @@ def grid_for_items(
     meta: Sequence[Mapping[str, Any]],
     *,
     crs: Any = None,
-    resolution: float | tuple[float, float] = 30.0,
+    resolution: float | tuple[float, float] | None = None,
     bounds: Sequence[float] | None = None,
     bbox: Sequence[float] | None = None,
 ) -> tuple[int, tuple[float, float], tuple[float, float, float, float]]:
@@ -229,6 +230,8 @@ def grid_for_items(
         if not counts:
             raise LoadError("the items state no CRS (proj:epsg/proj:code); pass crs='EPSG:NNNN'")
         epsg = counts.most_common(1)[0][0]
+    if resolution is None:
+        resolution = get_option("resolution")
     if isinstance(resolution, (int, float)):
         res = (float(resolution), float(resolution))
     else:
@@ -338,10 +341,10 @@ def load(
     bands: Sequence[str] | None = None,
     sensor: str | Sensor | None = None,
     crs: Any = None,
-    resolution: float | tuple[float, float] = 30.0,
+    resolution: float | tuple[float, float] | None = None,
     bounds: Sequence[float] | None = None,
     bbox: Sequence[float] | None = None,
-    chunksize: int = kernels.DEFAULT_CHUNKSIZE,
+    chunksize: int | None = None,
     mask_flags: Sequence[str] = MASK_FLAGS_DEFAULT,
     mask_saturated: bool = True,
     mosaic: bool = True,
@@ -361,13 +364,14 @@ def load(
     crs
         Target CRS (anything pyproj reads); default the items' most common CRS.
     resolution
-        Pixel size in CRS units (30 m), or ``(x, y)``.
+        Pixel size in CRS units, or ``(x, y)``; default the ``resolution`` option (30 m).
     bounds, bbox
         Output extent, either in the target CRS (``bounds``) or in lon/lat (``bbox``);
         default the union of the items. Snapped onto the items' pixel grid.
     chunksize
-        Spatial chunk edge in pixels. Each chunk holds one band of one scene, the unit a
-        worker reads from one COG, and the Zarr chunk the store writes.
+        Spatial chunk edge in pixels; default the ``chunksize`` option (1024). Each chunk
+        holds one band of one scene, the unit a worker reads from one COG, and the Zarr chunk
+        the store writes.
     mask_flags
         QA_PIXEL flags that become NaN. Snow/ice is deliberately not among the defaults.
     mask_saturated
@@ -397,6 +401,8 @@ def load(
 
     if on_error not in ("raise", "nodata"):
         raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
+    if chunksize is None:
+        chunksize = get_option("chunksize")
     if chunksize < 16:
         raise LoadError(f"chunksize {chunksize} is too small; use at least 256 for throughput")
     item_list = [_as_dict(it) for it in items]

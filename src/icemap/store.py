@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
+from icemap.options import get_option
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
 
@@ -228,7 +229,7 @@ def write_cube(
     ds: Any,
     path: str | os.PathLike[str],
     *,
-    zarr_format: Literal[2, 3] = 3,
+    zarr_format: Literal[2, 3] | None = None,
     chunksize: int | None = None,
     attrs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -272,7 +273,7 @@ def write_timesteps(
     ds: Any,
     path: str | os.PathLike[str],
     *,
-    zarr_format: Literal[2, 3] = 3,
+    zarr_format: Literal[2, 3] | None = None,
     chunksize: int | None = None,
     attrs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -285,6 +286,8 @@ def write_timesteps(
     values: NaN for floats, ``qa_pixel`` 1, otherwise the dtype's maximum (255 for uint8).
     """
     path = os.fspath(path)
+    if zarr_format is None:
+        zarr_format = get_option("zarr_format")
     if zarr_format not in (2, 3):
         raise StoreError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
     ds, (cy, cx) = _prepare(ds, chunksize)
@@ -472,10 +475,10 @@ def ingest(
     *,
     bands: Sequence[str] | None = None,
     crs: Any = None,
-    resolution: float = 30.0,
+    resolution: float | None = None,
     bbox: Sequence[float] | None = None,
-    chunksize: int = 1024,
-    zarr_format: Literal[2, 3] = 3,
+    chunksize: int | None = None,
+    zarr_format: Literal[2, 3] | None = None,
     signer: Any = None,
     on_error: Literal["raise", "nodata"] = "raise",
     storage_options: Mapping[str, Any] | None = None,
@@ -512,6 +515,9 @@ def ingest(
             )
     else:
         items = list(source)
+    # Resolved here so the store records the values used, not "default".
+    resolution = get_option("resolution") if resolution is None else resolution
+    chunksize = get_option("chunksize") if chunksize is None else chunksize
     ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
               signer=signer, on_error=on_error)
     attrs = {

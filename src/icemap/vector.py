@@ -61,7 +61,9 @@ def _counts(ice2d: Any, gid2d: Any, n: int, value: int = 1) -> Any:
     ice_d = ice2d.data if hasattr(ice2d, "data") else ice2d
     gid_d = gid2d.data if hasattr(gid2d, "data") else gid2d
     if not isinstance(ice_d, da.Array):
-        ice_d = da.from_array(np.asarray(ice_d), chunks=(1024, 1024))
+        from icemap.options import get_option
+
+        ice_d = da.from_array(np.asarray(ice_d), chunks=(get_option("chunksize"),) * 2)
     gid_d = da.asarray(gid_d).rechunk(ice_d.chunks)
     per_block = da.map_blocks(_count_block, ice_d, gid_d, n, value, new_axis=2,
                               chunks=(1, 1, n + 1), dtype=np.int64)

@@ -930,7 +930,7 @@ def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = N
         (time, y, x) float32 probabilities, NaN where any input channel is nodata.
     """
     from icemap.infer import default_halo, predict_array
-    from icemap.kernels import DEFAULT_TILE
+    from icemap.options import resolve
 
     meta.check_cube(cube)
     x = build_inputs(cube, meta.channels, dem=dem)
@@ -939,7 +939,7 @@ def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = N
     depth = model.config.depth
     m = 2**depth
     halo = default_halo(depth, model.config.receptive_field)
-    tile = max(m, -(-int(tile or DEFAULT_TILE) // m) * m)
+    tile = max(m, -(-int(resolve("tile", tile)) // m) * m)
     out = np.empty((arr.shape[0], arr.shape[2], arr.shape[3]), dtype=np.float32)
     for t in range(arr.shape[0]):
         out[t] = predict_array(arr[t], model, norm, depth=depth, halo=halo, tile=tile, batch_size=batch_size,
