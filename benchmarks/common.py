@@ -87,21 +87,22 @@ def load_cube(items: Any, **kwargs: Any) -> Any:
     return load(items, **kwargs)
 
 
-def region_items(size: int, *, n_dates: int = 2, split: bool = True) -> list[dict[str, Any]]:
+def region_items(size: int, *, n_dates: int = 2, split: bool = True, seed: int = 0) -> list[dict[str, Any]]:
     """The region's STAC items as dicts, through icemap's own search of its static catalog."""
     import icemap
 
-    region = sample_region(size, n_dates=n_dates, split=split)
+    region = sample_region(size, n_dates=n_dates, split=split, seed=seed)
     return list(icemap.search(region.catalog).items())
 
 
 def cube_store(size: int, *, bands: Sequence[str] | None = None, n_dates: int = 2, split: bool = True,
-               chunksize: int = 512) -> Path:
+               chunksize: int = 512, seed: int = 0) -> Path:
     """An ingested, complete Zarr cube of the region, in the cache (written once)."""
     import icemap
 
     name = "all" if bands is None else "-".join(bands)
-    path = cache_dir() / f"cube-{size}-d{n_dates}-{'split' if split else 'single'}-{name}-c{chunksize}.zarr"
+    seed_tag = f"-s{seed}" if seed else ""
+    path = cache_dir() / f"cube-{size}-d{n_dates}-{'split' if split else 'single'}-{name}-c{chunksize}{seed_tag}.zarr"
     with quiet():
         if path.exists():
             try:
@@ -109,7 +110,7 @@ def cube_store(size: int, *, bands: Sequence[str] | None = None, n_dates: int = 
                     return path
             except Exception:  # noqa: BLE001 - unreadable or unfinished in any way: rewrite it
                 shutil.rmtree(path, ignore_errors=True)
-        cube = load_cube(region_items(size, n_dates=n_dates, split=split),
+        cube = load_cube(region_items(size, n_dates=n_dates, split=split, seed=seed),
                            bands=list(bands) if bands else None, chunksize=chunksize)
         icemap.write_cube(cube, path)
     return path
