@@ -128,13 +128,14 @@ def ingest_cmd(
     datetime: DatetimeOpt = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
-    resolution: Annotated[float, typer.Option("--resolution", help="Pixel size in metres.")] = 30.0,
+    resolution: Annotated[Optional[float], typer.Option("--resolution", help="Pixel size in metres (default: the sensor's, 30 Landsat, 20 Sentinel-2).")] = None,
     crs: Annotated[Optional[str], typer.Option("--crs", help="Target CRS, e.g. EPSG:32619 (default: the items').")] = None,
     bands: Annotated[Optional[list[str]], typer.Option("--bands", help="Bands (repeatable or comma-separated).")] = None,
     chunksize: Annotated[int, typer.Option("--chunksize", help="Spatial chunk edge, pixels.")] = 1024,
     zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
+    no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
     retries: RetriesOpt = 5,
     timeout: TimeoutOpt = 30.0,
     scheduler: SchedulerOpt = None,
@@ -150,7 +151,7 @@ def ingest_cmd(
         report = ingest(
             s, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
             zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
-            progress=progress,
+            progress=progress, qa=None if no_qa else "qa_pixel",
         )
     _console().print(
         f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "

@@ -472,7 +472,7 @@ def ingest(
     *,
     bands: Sequence[str] | None = None,
     crs: Any = None,
-    resolution: float = 30.0,
+    resolution: float | None = None,
     bbox: Sequence[float] | None = None,
     chunksize: int = 1024,
     zarr_format: Literal[2, 3] = 3,
@@ -480,6 +480,7 @@ def ingest(
     on_error: Literal["raise", "nodata"] = "raise",
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    qa: Literal["qa_pixel"] | None = "qa_pixel",
 ) -> WriteReport:
     """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
 
@@ -492,7 +493,9 @@ def ingest(
         Path or URL of the Zarr store. Rerunning with the same arguments finishes an
         interrupted store; running with a later date range appends the new dates.
 
-    Other parameters are those of :func:`icemap.load` and :func:`write_cube`.
+    Other parameters are those of :func:`icemap.load` and :func:`write_cube`; ``qa=None``
+    ingests scenes without a QA band (nothing cloud-masked; the store's ``cloud_masked``
+    attribute is 0).
     """
     from icemap import __version__
     from icemap.errors import EmptySearchError
@@ -513,13 +516,13 @@ def ingest(
     else:
         items = list(source)
     ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
-              signer=signer, on_error=on_error)
+              signer=signer, on_error=on_error, qa=qa)
     attrs = {
         "icemap_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "search": params,
         "load": {"bands": [str(b) for b in ds["band"].values], "crs": ds.rio.crs.to_string(),
-                 "resolution": resolution, "chunksize": chunksize, "on_error": on_error,
+                 "resolution": resolution, "chunksize": chunksize, "on_error": on_error, "qa": qa,
                  "signed": signer is not None},
         "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
                        "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
