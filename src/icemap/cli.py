@@ -182,6 +182,10 @@ def map_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Map ice on a cube: `ndsi` or `ice_probability` (float32) and `ice` (uint8; 255 = nodata) per date."""
+    if method == "unet":
+        from icemap.extras import require
+
+        require("ml", "icemap map --method unet")
     from icemap.cluster import connect
     from icemap.workflow import map_cube
 
@@ -359,7 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except IcemapError as exc:
-        _console().print(f"[red]icemap: error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # Escaped: messages quote things like `pip install "icemap[ml]"` that rich reads as markup.
+        _console().print(f"[red]icemap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         _console().print("icemap: interrupted; rerun the same command to resume")
