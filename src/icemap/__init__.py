@@ -93,3 +93,9 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+# Objects opened with plain xarray (xr.open_zarr) get the `.icemap` accessor when xarray was
+# imported first; otherwise icemap registers it when it first hands out a cube (or on
+# `import icemap.accessor`). Importing xarray here would make `import icemap` heavy.
+if "xarray" in sys.modules:
+    importlib.import_module("icemap.accessor")

@@ -721,7 +721,10 @@ def evaluate(
 
     from icemap.labels import check_outlines_overlap, glacier_ids, rasterize_outlines
 
-    pred_a = _as_dataarray(pred, "pred")
+    from icemap.interop import restore_mask
+
+    # A mask opened with plain xr.open_zarr is float with NaN for 255: make it uint8 again.
+    pred_a = restore_mask(_as_dataarray(pred, "pred"))
     if _crs_of(pred_a) is None:
         raise GridMismatchError("the prediction has no CRS, so outlines cannot be placed on it; "
                                 "compute it from a cube opened with icemap.open_cube / icemap.load")

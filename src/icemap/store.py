@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
+from icemap.interop import finish_store
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
 
@@ -78,7 +79,7 @@ def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
     import zarr
 
     try:
-        zarr.open_group(path, mode="r", storage_options=storage_options)
+        zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):  # type: ignore[attr-defined]
         return False
     return True
@@ -121,7 +122,7 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     import zarr
 
-    return dict(zarr.open_group(path, mode="r", storage_options=storage_options).attrs)
+    return dict(zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False).attrs)
 
 
 def _fill_for(name: str, dtype: np.dtype) -> Any:
@@ -344,13 +345,15 @@ def write_timesteps(
         report.written.append(t)
         if progress is not None:
             progress(n, len(todo), t)
+    # Last, once every step is written: plain xr.open_zarr then reads the finished state.
+    finish_store(path, storage_options)
     return report
 
 
 def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
     import zarr
 
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     group.attrs.update(json.loads(json.dumps(dict(values), default=str)))
 
 
@@ -358,7 +361,7 @@ def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[
     """Length along ``time`` of every array of a store that has a time dimension."""
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
     lengths = {}
     for name, arr in group.arrays():
         dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
@@ -380,7 +383,7 @@ def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | N
     if not lengths or len(set(lengths.values())) == 1:
         return []
     keep = min(lengths.values())
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     fixed = []
     for name, n in lengths.items():
         if n > keep:
