@@ -148,8 +148,9 @@ def normalise_items(
                 "wrs_row": props.get("landsat:wrs_row"),
                 "cloud_cover": props.get("eo:cloud_cover"),
                 "epsg": epsg,
-                "transform": props.get("proj:transform"),
-                "shape": props.get("proj:shape"),
+                # Earth Search states grids per asset only (10 m and 20 m bands differ).
+                "transform": props.get("proj:transform") or _asset_grid(new_assets, "proj:transform"),
+                "shape": props.get("proj:shape") or _asset_grid(new_assets, "proj:shape"),
                 "bbox": item.get("bbox"),
             }
         )
@@ -170,6 +171,14 @@ def normalise_items(
             stacklevel=3,
         )
     return clean, meta
+
+
+def _asset_grid(assets: Mapping[str, Mapping[str, Any]], key: str) -> Any:
+    """``proj:transform``/``proj:shape`` of the first band asset that states one (or None)."""
+    for name, asset in assets.items():
+        if name not in (_QA, _RADSAT) and asset.get(key):
+            return asset[key]
+    return None
 
 
 def _candidate_keys(sensor: Sensor, band: str) -> tuple[str, ...]:
