@@ -31,6 +31,7 @@ __all__ = [
     "match_stacked",
     "bbox_polygons",
     "project_bbox",
+    "raster_number",
 ]
 
 #: The bands each ice-mapping method cannot do without. NDSI is the default method, so a cube
@@ -153,6 +154,26 @@ def project_bbox(bbox: Sequence[float], epsg: int) -> tuple[float, float, float,
             "region, e.g. EPSG:3031 near the South Pole, EPSG:3413 in the Arctic, or the UTM zone"
         )
     return out  # type: ignore[return-value]
+
+
+def raster_number(value: Any, what: str, asset: Mapping[str, Any]) -> float | None:
+    """A ``raster:bands`` scale/offset/nodata as a float (None when absent), or a LoadError.
+
+    Catalogs get these wrong (strings, nulls, lists); a bad one would otherwise surface as a
+    numpy error while the per-band scale arrays are filled. NaN is a valid nodata.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (what != "nodata" and not math.isfinite(value)):
+        if isinstance(value, str) and what == "nodata" and value.lower() in ("nan", "inf", "-inf"):
+            return float(value)
+        raise LoadError(
+            f"asset {asset.get('href', '?')} states raster:bands {what}={value!r}, which is not a number; fix the "
+            "item's raster:bands (or drop them to use the sensor table's values)"
+        )
+    if what == "scale" and value == 0:
+        raise LoadError(f"asset {asset.get('href', '?')} states raster:bands scale=0; fix the item's raster:bands")
+    return float(value)
 
 
 def check_grid(epsg: int, res: tuple[float, float], bounds: Sequence[float]) -> tuple[int, int]:

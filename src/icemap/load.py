@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, get_sensor, qa_mask, translate_class_qa
-from icemap.checks import check_bbox_hits_footprints, project_bbox, check_grid, default_bands, match_stacked, warn_mixed_crs
+from icemap.checks import check_bbox_hits_footprints, project_bbox, raster_number, check_grid, default_bands, match_stacked, warn_mixed_crs
 from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
@@ -72,8 +72,9 @@ def _as_dict(item: Any) -> dict[str, Any]:
 
 def _asset_scale_offset(asset: Mapping[str, Any]) -> tuple[float | None, float | None, Any]:
     rb = asset.get("raster:bands") or []
-    first = rb[0] if rb and isinstance(rb[0], Mapping) else {}
-    return first.get("scale"), first.get("offset"), first.get("nodata")
+    first = rb[0] if isinstance(rb, list) and rb and isinstance(rb[0], Mapping) else {}
+    return (raster_number(first.get("scale"), "scale", asset), raster_number(first.get("offset"), "offset", asset),
+            raster_number(first.get("nodata"), "nodata", asset))
 
 
 def normalise_items(
