@@ -8,6 +8,7 @@ IcemapError that names the fix.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,39 @@ def test_outlines_that_miss_the_prediction(tmp_path: Path) -> None:
 
 def test_grid_errors_are_icemap_errors() -> None:
     assert issubclass(GridError, IcemapError) and issubclass(NoOverlapError, IcemapError)
+
+
+# -- real item metadata (graphs are built, never computed: the hrefs are remote) ---------------
+@pytest.mark.shared_data
+def test_real_antarctic_item_bbox_off_and_across_its_footprint() -> None:
+    from .conftest import raise_if_dask_computes
+
+    item = json.loads(shared_path("stac_landsat_c2_l2", "odc_stac_items",
+                                  "LC08_L2SR_081119_20200101_20200823_02_T2.json").read_text())
+    assert item["properties"]["proj:epsg"] == 3031
+    with raise_if_dask_computes():
+        # Inside the item's bbox, outside its rotated footprint: no pixel of the scene.
+        with pytest.raises(GridError, match="misses the footprints"):
+            icemap.load([item], bands=BANDS, bbox=(97.2, -81.9, 98.0, -81.7))
+        # Across the footprint's southern corner: a lazy cube on the polar grid.
+        ds = icemap.load([item], bands=BANDS, bbox=(100.5, -82.2, 102.5, -81.5))
+    assert ds.rio.crs.to_epsg() == 3031 and ds.sizes["time"] == 1 and ds.sizes["x"] > 100 and ds.sizes["y"] > 100
+    left, bottom, right, top = ds.rio.bounds()
+    w, s, e, n = transform_bounds("EPSG:4326", "EPSG:3031", 100.5, -82.2, 102.5, -81.5, densify_pts=21)
+    assert left <= w < left + 30 and right - 30 < e <= right and bottom <= s < bottom + 30 and top - 30 < n <= top
+
+
+@pytest.mark.shared_data
+def test_real_items_in_three_utm_zones_warn() -> None:
+    from .conftest import raise_if_dask_computes
+
+    page = json.loads(shared_path("stac_landsat_c2_l2", "extracted", "pc_items_landsat-c2-l2_page1.json").read_text())
+    items = page["features"]
+    zones = {it["properties"].get("proj:epsg") or it["properties"].get("proj:code") for it in items}
+    assert len(zones) == 3
+    with raise_if_dask_computes(), pytest.warns(MixedCRSWarning, match=r"3 CRSs.*x [\d,]+ px.*crs=.*bbox=") as rec:
+        ds = icemap.load(items, bands=BANDS)
+    # One warning, and the size it states is the grid the loader built.
+    (msg,) = [str(w.message) for w in rec if issubclass(w.category, MixedCRSWarning)]
+    width, height = (int(v.replace(",", "")) for v in re.search(r"([\d,]+) x ([\d,]+) px", msg).groups())  # type: ignore[union-attr]
+    assert (width, height) == (ds.sizes["x"], ds.sizes["y"])
