@@ -154,3 +154,33 @@ def test_cli_ingest_local_multiband_files(tmp_path: Path) -> None:
         bad = _cli("--files", str(a), "--datetime", "2022-02-01", *args, "--out", str(tmp_path / "x.zarr"))
         assert bad.returncode == 1 and message in bad.stderr, (args, bad.stderr)
         assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.shared_data
+def test_real_earth_search_item_and_its_planetary_computer_form() -> None:
+    """A real Earth Search S2 L2A item (baseline 05.09): offsets from raster:bands, or from the
+    baseline once the item is given Planetary Computer's keys without raster:bands."""
+    import json
+
+    from icemap.load import normalise_items
+
+    from .conftest import shared_path, raise_if_dask_computes
+
+    page = json.loads(shared_path("stac_landsat_c2_l2", "extracted", "earthsearch_v1_search_response_page1.json").read_text())
+    item = next(f for f in page["features"] if f["collection"] == "sentinel-2-l2a")
+    assert item["properties"]["s2:processing_baseline"] >= "04.00"
+    pc = json.loads(json.dumps(item))
+    pc["assets"] = {PC_KEYS[b]: {k: v for k, v in item["assets"][es].items() if k != "raster:bands"}
+                    for b, es in ES_KEYS.items()}
+    pc["assets"]["SCL"] = item["assets"]["scl"]
+    for it in (item, pc):
+        clean, meta = normalise_items([it], SENTINEL2_L2A, list(ES_KEYS))
+        for band in ES_KEYS:
+            rb = clean[0]["assets"][band]["raster:bands"][0]
+            assert (rb["scale"], rb["offset"], rb["nodata"]) == (1e-4, -0.1, 0)
+        assert "qa_pixel" in clean[0]["assets"]
+        assert meta[0]["transform"][:6] == [10, 0, 399960, 0, -10, 4500000]
+        with raise_if_dask_computes():
+            ds = icemap.load([it], bands=["green", "swir16"])
+        assert ds.rio.resolution() == (20.0, -20.0) and ds.sizes["x"] == ds.sizes["y"] == 5490
+        assert ds.rio.bounds() == (399960.0, 4390200.0, 509760.0, 4500000.0)
