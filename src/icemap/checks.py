@@ -91,13 +91,14 @@ def _footprint(item: Mapping[str, Any]) -> Any:
     Footprints that cross the antimeridian or enclose a pole (a span of more than 180 degrees
     of longitude in one ring) are left to the grid test in projected coordinates.
     """
+    from shapely.errors import GEOSException
     from shapely.geometry import box, shape
 
     geom = item.get("geometry")
     try:
         poly = shape(geom) if geom else (box(*item["bbox"][:2], *item["bbox"][-2:]) if item.get("bbox") else None)
-    except Exception:  # malformed GeoJSON: no footprint test, the grid test still applies
-        return None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, GEOSException):
+        return None  # malformed GeoJSON: no footprint test, the grid test still applies
     if poly is None or poly.is_empty:
         return None
     w, _, e, _ = poly.bounds
@@ -237,7 +238,7 @@ def match_stacked(
     too (they hold no pixel of the grid); a grid that no item reaches, or a band that vanished,
     is a :class:`~icemap.errors.GridError` rather than a broadcast error later on.
     """
-    n_time, n_band = stack.sizes["time"], stack.sizes["band"]
+    n_time = stack.sizes["time"]
     if n_time == 0:
         raise GridError(
             f"none of the {len(clean)} item(s) overlaps the grid {tuple(round(v, 3) for v in bounds)} "
