@@ -525,7 +525,8 @@ def ingest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "search": params,
         "load": {"bands": [str(b) for b in ds["band"].values], "crs": ds.rio.crs.to_string(),
-                 "resolution": resolution if resolution is not None else abs(float(ds.rio.resolution()[0])), "chunksize": chunksize, "on_error": on_error, "qa": qa,
+                 "resolution": resolution if resolution is not None else abs(float(ds.rio.resolution()[0])),
+                 "chunksize": chunksize, "on_error": on_error, "qa": qa,
                  "signed": signer is not None},
         "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
                        "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
