@@ -74,7 +74,7 @@ def region_cube(root: Path, size: int, n_dates: int, seed: int) -> tuple[Any, Pa
     """Generate (or reuse) a sample region and its 8-band cube."""
     from icemap.sample import make_sample_region
     from icemap.stac import search
-    from icemap.store import ingest
+    from icemap.workflow import ingest
 
     region = make_sample_region(root / "region", size=size, n_dates=n_dates, seed=seed)
     cube = root / "cube.zarr"

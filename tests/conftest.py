@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# -- Hypothesis profiles (tests/test_fuzz.py) --------------------------------------------------
+# "ci": fixed seed (derandomize), a few hundred cases, no per-example deadline (a case writes and
+# reads tiny GeoTIFFs; timing varies with the machine). "dev" (local default): fewer, random
+# cases. Choose one with ICEMAP_HYPOTHESIS_PROFILE=ci|dev.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HYPOTHESIS_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+                      "print_blob": True}
+settings.register_profile("ci", max_examples=300, derandomize=True, **_HYPOTHESIS_COMMON)
+settings.register_profile("dev", max_examples=60, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("ICEMAP_HYPOTHESIS_PROFILE", "ci" if IN_CI else "dev"))
+
+#: Outcomes of the fuzz cases tried in this session ("api:cube", "cli:GridError"...).
+FUZZ_TRIED: Counter[str] = Counter()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Report how many fuzz cases ran and how they ended (a suite that tried nothing proves nothing)."""
+    if FUZZ_TRIED:
+        api = sum(v for k, v in FUZZ_TRIED.items() if k.startswith("api:"))
+        cli = sum(v for k, v in FUZZ_TRIED.items() if k.startswith("cli"))
+        terminalreporter.write_line(
+            f"fuzz: {api} API and {cli} CLI cases tried (profile {settings._current_profile}); "
+            + ", ".join(f"{k}={v}" for k, v in sorted(FUZZ_TRIED.items()))
+        )
 
 
 def shared_path(*parts: str) -> Path:

@@ -68,7 +68,8 @@ def test_collection_ids_map_to_sensor() -> None:
     assert get_sensor(_usgs_items()[0]["collection"]) is LANDSAT_C2_L2
     assert get_sensor("hls") is HLS
     with pytest.raises(BandError, match="sensor="):
-        get_sensor("sentinel-2-l2a")
+        get_sensor("modis-09a1")
+    assert get_sensor("sentinel-2-l2a").name == "sentinel-2-l2a"
 
 
 def test_hls_tables_differ_where_sentinel2_numbers_bands_differently() -> None:

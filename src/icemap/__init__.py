@@ -18,7 +18,7 @@ _API = {
     "search": "icemap.stac",
     "Search": "icemap.stac",
     "load": "icemap.load",
-    "ingest": "icemap.store",
+    "ingest": "icemap.workflow",
     "write_cube": "icemap.store",
     "open_cube": "icemap.store",
     "cube_status": "icemap.store",
@@ -64,7 +64,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.load import load
     from icemap.sample import make_sample_region, open_sample_region
     from icemap.stac import Search, search
-    from icemap.store import cube_status, ingest, open_cube, write_cube, write_timesteps
+    from icemap.store import cube_status, open_cube, write_cube, write_timesteps
+    from icemap.workflow import ingest
     from icemap.options import get_option, set_options
     from icemap.vector import ice_area_km2
 
@@ -99,3 +100,9 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+# Objects opened with plain xarray (xr.open_zarr) get the `.icemap` accessor when xarray was
+# imported first; otherwise icemap registers it when it first hands out a cube (or on
+# `import icemap.accessor`). Importing xarray here would make `import icemap` heavy.
+if "xarray" in sys.modules:
+    importlib.import_module("icemap.accessor")

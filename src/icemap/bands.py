@@ -26,6 +26,9 @@ __all__ = [
     "HLS",
     "HLS_L30",
     "HLS_S30",
+    "SENTINEL2_L2A",
+    "SCL_CLASSES",
+    "OffsetRule",
     "SENSORS",
     "QA_PIXEL",
     "QA_RADSAT_TERRAIN_OCCLUSION",
@@ -35,6 +38,7 @@ __all__ = [
     "qa_mask",
     "radsat_mask",
     "encode_qa_pixel",
+    "translate_class_qa",
 ]
 
 
@@ -91,6 +95,29 @@ class QABit:
 
 
 @dataclass(frozen=True)
+class OffsetRule:
+    """A default offset that depends on an item property (a processing baseline, say).
+
+    ``offset`` applies to items whose ``property`` compares ``>= minimum`` (as strings of equal
+    width, e.g. ``"04.00"``, or as numbers); it replaces the band's table offset. An asset's own
+    ``raster:bands`` offset always wins over both.
+    """
+
+    property: str
+    minimum: str
+    offset: float
+
+    def applies(self, props: Mapping[str, Any]) -> bool:
+        value = props.get(self.property)
+        if value is None:
+            return False
+        try:
+            return float(value) >= float(self.minimum)
+        except (TypeError, ValueError):
+            return str(value) >= self.minimum
+
+
+@dataclass(frozen=True)
 class Sensor:
     """A sensor/product: its bands, QA layout and the collection names it appears under."""
 
@@ -102,6 +129,13 @@ class Sensor:
     qa_asset_keys: tuple[str, ...] = ()
     radsat_asset_keys: tuple[str, ...] = ()
     qa_bits: tuple[QABit, ...] = ()
+    #: For a QA band of classes (Sentinel-2 SCL): class value -> QA_PIXEL flags it stands for.
+    #: The loader translates classes into QA_PIXEL bits, so masking, mosaics and stores work the
+    #: same for every sensor. Empty for bit-field QA bands.
+    qa_classes: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    offset_rules: tuple[OffsetRule, ...] = ()
+    #: Native pixel size (m) of the bands NDSI uses: the default grid resolution.
+    resolution: float = 30.0
     _by_name: Mapping[str, Band] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +144,13 @@ class Sensor:
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.bands)
+
+    def default_offset(self, band: Band, props: Mapping[str, Any]) -> float:
+        """The offset of ``band`` for an item whose asset states none: rules first, then the table."""
+        for rule in self.offset_rules:
+            if rule.applies(props):
+                return rule.offset
+        return band.offset
 
     def band(self, name: str) -> Band:
         """Look a band up by common name, with an error that lists the valid names."""
@@ -280,7 +321,50 @@ HLS_S30 = Sensor(
     platforms=("sentinel-2a", "sentinel-2b", "sentinel-2c"),
 )
 
-SENSORS: dict[str, Sensor] = {s.name: s for s in (LANDSAT_C2_L2, HLS_L30, HLS_S30)}
+
+def _s2_band(name: str, es_key: str, pc_key: str, number: int, wl: float) -> Band:
+    # Earth Search v1 keys by common name (plus "-jp2" copies); Planetary Computer by band code.
+    return Band(name=name, number=number, asset_keys=(es_key, pc_key, f"{pc_key}.tif", f"{pc_key}.jp2"),
+                wavelength_um=wl, scale=1e-4, offset=0.0, nodata=0)
+
+
+#: Sentinel-2 scene classification (SCL) -> the QA_PIXEL flags each class stands for. Masked by
+#: default: no data (0) and saturated/defective (1) as fill, cloud shadow (3), cloud medium and
+#: high probability (8, 9), thin cirrus (10). Snow (11) and water (6) only set their flags, which
+#: are never masked. Dark area (2), vegetation (4), bare soil (5) and unclassified (7) are clear.
+SCL_CLASSES: dict[int, tuple[str, ...]] = {
+    0: ("fill",), 1: ("fill",), 3: ("cloud_shadow",), 6: ("water",), 8: ("cloud",), 9: ("cloud",),
+    10: ("cirrus",), 11: ("snow",),
+}
+
+#: Sentinel-2 L2A (Earth Search ``sentinel-2-l2a``, Planetary Computer ``sentinel-2-l2a``):
+#: uint16 DN, scale 1e-4, nodata 0. From processing baseline 04.00 (25 Jan 2022) the DNs carry a
+#: +1000 offset (BOA_ADD_OFFSET), i.e. reflectance = DN * 1e-4 - 0.1: taken from the asset's
+#: raster:bands when stated (Earth Search), else from ``s2:processing_baseline``. Blue, green,
+#: red and nir are 10 m; nir08, swir16, swir22 and SCL are 20 m, so the default grid is 20 m
+#: (10 m bands are resampled by nearest neighbour; pass resolution=10 to keep them).
+SENTINEL2_L2A = Sensor(
+    name="sentinel-2-l2a",
+    description="Sentinel-2 MSI Level-2A surface reflectance (Sen2Cor)",
+    bands=(
+        _s2_band("blue", "blue", "B02", 2, 0.490),
+        _s2_band("green", "green", "B03", 3, 0.560),
+        _s2_band("red", "red", "B04", 4, 0.665),
+        _s2_band("nir", "nir", "B08", 8, 0.842),
+        _s2_band("nir08", "nir08", "B8A", 9, 0.865),
+        _s2_band("swir16", "swir16", "B11", 11, 1.610),
+        _s2_band("swir22", "swir22", "B12", 12, 2.190),
+    ),
+    collections=("sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-s2-l2a-cogs"),
+    platforms=("sentinel-2a", "sentinel-2b", "sentinel-2c"),
+    qa_asset_keys=("scl", "SCL", "SCL.tif", "SCL.jp2"),
+    qa_bits=QA_PIXEL,
+    qa_classes=SCL_CLASSES,
+    offset_rules=(OffsetRule("s2:processing_baseline", "04.00", -0.1),),
+    resolution=20.0,
+)
+
+SENSORS: dict[str, Sensor] = {s.name: s for s in (LANDSAT_C2_L2, HLS_L30, HLS_S30, SENTINEL2_L2A)}
 
 
 def get_sensor(name_or_collection: str | Sensor) -> Sensor:
@@ -296,7 +380,7 @@ def get_sensor(name_or_collection: str | Sensor) -> Sensor:
     raise BandError(
         f"no sensor table for {key!r}; known sensors: {', '.join(SENSORS)} "
         f"(collections: {', '.join(c for s in SENSORS.values() for c in s.collections)}). "
-        "Pass sensor='landsat-c2-l2' or sensor='hls' explicitly."
+        "Pass sensor='landsat-c2-l2', 'hls' or 'sentinel-2-l2a' explicitly."
     )
 
 
@@ -377,3 +461,31 @@ def encode_qa_pixel(
     qa |= np.where(snow_, 3, 1).astype(np.uint16) << 12
     qa |= np.where(cirrus_, 3, 1).astype(np.uint16) << 14
     return np.where(fill_, np.uint16(1), qa).astype(np.uint16)
+
+
+def _class_lut(classes: Mapping[int, tuple[str, ...]]) -> np.ndarray:
+    """QA_PIXEL value for each class value 0-255 (float32, so NaN can pass through)."""
+    lut = np.empty(256, np.float32)
+    for value in range(256):
+        flags = classes.get(value, ())
+        lut[value] = encode_qa_pixel(**{f: True for f in flags})
+    return lut
+
+
+def translate_class_qa(stack: Any, sensor: Sensor, position: int) -> Any:
+    """Replace a class-valued QA layer (SCL) in a stacked cube by the equivalent QA_PIXEL bits.
+
+    ``stack`` is the loader's (time, asset, y, x) float32 array with the QA asset at
+    ``position``; NaN (outside the footprint) stays NaN and becomes fill later. Sensors with a
+    bit-field QA band are returned unchanged.
+    """
+    if not sensor.qa_classes:
+        return stack
+    import dask.array as da
+
+    data = stack.data
+    from icemap.kernels import lookup_classes
+
+    qa = da.map_blocks(lookup_classes, data[:, position], _class_lut(sensor.qa_classes), dtype=np.float32)
+    merged = da.concatenate([data[:, :position], qa[:, None], data[:, position + 1:]], axis=1)
+    return stack.copy(data=merged)

@@ -120,42 +120,85 @@ def search_cmd(
 
 @app.command("ingest")
 def ingest_cmd(
-    catalog: Catalog,
     # str, not Path: pathlib turns s3://bucket/x into s3:/bucket/x (a local folder named "s3:").
     out: Annotated[str, typer.Option("--out", "-o", help="Zarr store (path or s3://, gs://, az:// URL) to create, finish or extend.")],
+    catalog: Annotated[Optional[str], typer.Option("--catalog", "-c", help="STAC API URL, catalog.json, item file(s) folder or .ndjson (or use --files).")] = None,
+    files: Annotated[Optional[list[Path]], typer.Option("--files", help="Local (multi-band) GeoTIFF, one per date (repeatable), instead of --catalog; needs --band-map and --datetime.")] = None,
+    band_map: Annotated[Optional[str], typer.Option("--band-map", help="With --files: NAME=INDEX pairs, 1-based as rasterio counts, e.g. green=3,swir16=12.")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="With --files: reflectance = DN * SCALE + OFFSET (default: the sensor table's).")] = None,
+    offset: Annotated[Optional[float], typer.Option("--offset", help="With --files: see --scale.")] = None,
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
-    datetime: DatetimeOpt = None,
+    datetime: Annotated[Optional[list[str]], typer.Option("--datetime", help="START/END for a search; with --files one acquisition date per file (repeatable).")] = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
-    resolution: Annotated[float, typer.Option("--resolution", help="Pixel size in metres.")] = 30.0,
+    resolution: Annotated[Optional[float], typer.Option("--resolution", help="Pixel size in metres (default: the sensor's, 30 Landsat, 20 Sentinel-2).")] = None,
     crs: Annotated[Optional[str], typer.Option("--crs", help="Target CRS, e.g. EPSG:32619 (default: the items').")] = None,
     bands: Annotated[Optional[list[str]], typer.Option("--bands", help="Bands (repeatable or comma-separated).")] = None,
     chunksize: Annotated[int, typer.Option("--chunksize", help="Spatial chunk edge, pixels.")] = 1024,
     zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
+    no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
     retries: RetriesOpt = 5,
     timeout: TimeoutOpt = 30.0,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Search, load lazily and write a resumable Zarr cube. Rerun to resume or append dates."""
-    from icemap.cluster import connect
-    from icemap.store import ingest
+    """Search (or take local files), load lazily and write a resumable Zarr cube. Rerun to resume or append dates.
 
-    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, retries=retries, timeout=timeout)
+    Local files carry no QA band icemap can read, so they are ingested as with --no-qa.
+    """
+    from icemap.cluster import connect
+    from icemap.localfiles import parse_band_map
+    from icemap.stac import parse_bbox
+    from icemap.workflow import ingest
+
+    source: Any
+    if files:
+        source = _local_items(catalog, files, band_map, datetime, collection, scale, offset, crs)
+        no_qa = True
+        if resolution is None:  # the files' own pixel size, not the sensor's: copy, do not resample
+            t = source[0]["properties"]["proj:transform"]
+            resolution = (abs(t[0]), abs(t[4]))  # type: ignore[assignment]
+    else:
+        if catalog is None:
+            raise IcemapError("give --catalog (a STAC API, catalog or item files) or --files with --band-map")
+        if band_map or scale is not None or offset is not None:
+            raise IcemapError("--band-map, --scale and --offset go with --files; a catalog's items state their own")
+        if datetime and len(datetime) > 1:
+            raise IcemapError("give --datetime once for a search (START/END); repeat it only with --files")
+        source = _build_search(catalog, collection, bbox, datetime[0] if datetime else None, max_cloud, platform,
+                               retries=retries, timeout=timeout)
     band_list = _split_list(bands)
+    if files and band_list is None:
+        band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order
     with connect(scheduler), _StepProgress(quiet, "ingest") as progress:
         report = ingest(
-            s, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
+            source, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
             zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
-            progress=progress,
+            progress=progress, qa=None if no_qa else "qa_pixel", bbox=parse_bbox(bbox),
         )
     _console().print(
         f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "
         f"skipped {len(report.skipped)} already complete, appended {len(report.appended)}"
     )
+
+
+def _local_items(catalog: str | None, files: list[Path], band_map: str | None, datetimes: list[str] | None,
+                 collection: list[str] | None, scale: float | None, offset: float | None, crs: str | None) -> list[Any]:
+    from icemap.localfiles import items_from_local_files
+
+    if catalog is not None:
+        raise IcemapError("give either --catalog or --files, not both")
+    if not band_map:
+        raise IcemapError("--files needs --band-map NAME=INDEX,... (e.g. green=3,swir16=12; 1-based, as rasterio counts)")
+    if not datetimes:
+        raise IcemapError("--files needs one --datetime per file (the acquisition date, e.g. 2022-02-01)")
+    cols = _split_list(collection) or ["landsat-c2-l2"]
+    if len(cols) > 1:
+        raise IcemapError("give one --collection (the sensor table) with --files")
+    return items_from_local_files(files, band_map, datetimes, collection=cols[0], scale=scale, offset=offset, crs=crs)
 
 
 @app.command("map")
@@ -181,6 +224,10 @@ def map_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Map ice on a cube: `ndsi` or `ice_probability` (float32) and `ice` (uint8; 255 = nodata) per date."""
+    if method == "unet":
+        from icemap.extras import require
+
+        require("ml", "icemap map --method unet")
     from icemap.cluster import connect
     from icemap.workflow import map_cube
 
@@ -358,7 +405,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except IcemapError as exc:
-        _console().print(f"[red]icemap: error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # Escaped: messages quote things like `pip install "icemap[ml]"` that rich reads as markup.
+        _console().print(f"[red]icemap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         _console().print("icemap: interrupted; rerun the same command to resume")

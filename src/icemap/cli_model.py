@@ -14,6 +14,7 @@ import typer
 
 from icemap.cli import QuietOpt, SchedulerOpt, _console, _split_list, app
 from icemap.errors import IcemapError
+from icemap.extras import require
 
 
 # str, not Path: cubes may live on object stores (pathlib mangles s3:// URLs).
@@ -94,6 +95,7 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a U-Net on chips of a cube labelled by glacier outlines; write a checkpoint."""
+    require("ml", "icemap train")
     _check_paths(cube, reference, dem)
     cfg = _config(inputs=inputs, mask=mask, epochs=epochs, chip_size=chip_size, batch_size=batch_size,
                   loss=loss, optimizer=optimizer, lr=lr, seed=seed, depth=depth, base=base, dropout=dropout,
@@ -153,6 +155,7 @@ def experiment_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Study a's grid: input sets x masks on one split; Table 3 (vs NDSI) and Table 5 (ablation)."""
+    require("ml", "icemap experiment")
     _check_paths(cube, reference, dem)
     cfg = _config(epochs=epochs, chip_size=chip_size, batch_size=batch_size, loss=loss, optimizer=optimizer,
                   lr=lr, seed=seed, depth=depth, base=base, patience=patience, threshold=threshold,

@@ -63,7 +63,8 @@ def run_demo(
     from icemap.quicklook import quicklook
     from icemap.sample import make_sample_region
     from icemap.stac import search
-    from icemap.store import ingest, open_cube
+    from icemap.store import open_cube
+    from icemap.workflow import ingest
     from icemap.vector import ice_area_per_glacier
 
     start = time.perf_counter()

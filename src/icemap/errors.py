@@ -17,15 +17,20 @@ __all__ = [
     "SearchError",
     "EmptySearchError",
     "LoadError",
+    "GridError",
+    "MissingExtraError",
     "StoreError",
     "SampleError",
     "ModelError",
     "MetricsError",
     "GridMismatchError",
+    "NoOverlapError",
     "NoValidPixelsError",
     "IcemapWarning",
     "MissingAssetWarning",
     "StoreWarning",
+    "NoQAWarning",
+    "MixedCRSWarning",
 ]
 
 
@@ -53,6 +58,14 @@ class LoadError(IcemapError):
     """Items that cannot be turned into a cube (no common CRS, missing assets...)."""
 
 
+class GridError(LoadError):
+    """An output grid that cannot be built: a bbox that misses the items, an empty grid..."""
+
+
+class MissingExtraError(IcemapError, ImportError):
+    """An optional dependency (an extra such as ``icemap[ml]``) that a command needs is missing."""
+
+
 class StoreError(IcemapError):
     """A Zarr store that does not match what is being written or read."""
 
@@ -63,6 +76,10 @@ class MetricsError(IcemapError, ValueError):
 
 class GridMismatchError(MetricsError):
     """A reference, mask or id raster that is not on the prediction's grid."""
+
+
+class NoOverlapError(GridMismatchError):
+    """Reference outlines that do not overlap the prediction at all: nothing could be compared."""
 
 
 class NoValidPixelsError(MetricsError):
@@ -87,3 +104,11 @@ class MissingAssetWarning(IcemapWarning):
 
 class StoreWarning(IcemapWarning):
     """Something about a store worth knowing (e.g. an incomplete time step being redone)."""
+
+
+class NoQAWarning(IcemapWarning):
+    """Scenes are loaded without a QA band (``qa=None``): clouds and their shadows stay unmasked."""
+
+
+class MixedCRSWarning(IcemapWarning):
+    """Items in several CRSs were put on one grid chosen implicitly; the grid may be huge."""

@@ -368,6 +368,9 @@ def predict(
         ``ice_probability`` float32 (time, y, x), NaN where inputs are nodata; ``ice`` uint8
         (1 ice, 0 not, 255 nodata); ``ice_probability_std`` with ``tta``/``mc_samples``.
     """
+    from icemap.extras import require
+
+    require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
     import dask
     import dask.array as da
     import xarray as xr

@@ -52,6 +52,7 @@ __all__ = [
     "scale_mask",
     "qa_to_uint16",
     "mosaic_first_valid",
+    "lookup_classes",
     "confusion_counts",
     "count_by_id",
     "threshold_histogram",
@@ -405,6 +406,15 @@ def qa_to_uint16(qa: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
     target = _Target(res)
     _qa_planes(_planes(qa, shape, np.float32), target.array)
     return target.done()
+
+
+def lookup_classes(block: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Class rasters (float32 as read, e.g. Sentinel-2 SCL) -> ``lut[class]``; NaN, negative or
+    out-of-table values -> NaN. One gather per pixel; runs on the QA band only, so numpy."""
+    out = np.full(block.shape, np.nan, np.float32)
+    ok = np.isfinite(block) & (block >= 0) & (block < lut.size)
+    out[ok] = lut[block[ok].astype(np.intp)]
+    return out
 
 
 def mosaic_first_valid(block: np.ndarray, n_bands: int) -> np.ndarray:

@@ -182,6 +182,33 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
     return out.rio.write_crs(like.rio.crs).rio.write_transform(transform)
 
 
+def check_outlines_overlap(outlines: Any, like: Any) -> Any:
+    """Read outlines and refuse them when none overlaps the grid of ``like``.
+
+    Outlines of another region (Oetztal outlines on an Athabasca map) rasterise to an all-zero
+    reference, and scores against it (F1 0, reference area 0 km²) look like a result. Returns
+    the outlines (in their own CRS) for the rasterisers, so the file is read once.
+    """
+    from icemap.errors import NoOverlapError
+
+    gdf = read_outlines(outlines)
+    crs = like.rio.crs
+    left, bottom, right, top = like.rio.bounds()
+    try:
+        ow, os_, oe, on = gdf.to_crs(crs).total_bounds
+        inside = ow < right and oe > left and os_ < top and on > bottom
+    except Exception:  # outlines that cannot be projected to the grid's CRS cannot overlap it
+        inside = False
+    if not inside:
+        w, s_, e, n = gdf.total_bounds
+        raise NoOverlapError(
+            f"no reference outline overlaps the prediction: the outlines cover ({w:.6g}, {s_:.6g}, {e:.6g}, {n:.6g}) "
+            f"in {gdf.crs.to_string()}, the prediction ({left:.6g}, {bottom:.6g}, {right:.6g}, {top:.6g}) in "
+            f"{crs.to_string() if crs else 'no CRS'}; use outlines of the mapped region"
+        )
+    return gdf
+
+
 def rasterize_outlines(outlines: Any, like: Any, *, all_touched: bool = False, buffer_m: float = 0.0) -> Any:
     """A 0/1 uint8 reference mask on the grid of ``like``, lazily.
 

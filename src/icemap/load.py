@@ -6,7 +6,7 @@ The recipe, in order:
    provider calls them), rename them to common band names, state scale/offset/nodata on every
    asset (from its ``raster:bands``, else the table), and give stackstac the ``proj:epsg`` it
    needs (pystac >= 1.12 writes ``proj:code``);
-2. **grid**: target CRS (default: the items' most common), resolution (30 m), bounds (the
+2. **grid**: target CRS (default: the items' most common), resolution (the sensor's), bounds (the
    items' union, a lon/lat bbox or explicit bounds) snapped onto the items' own pixel grid so
    nothing is resampled when the CRS matches;
 3. **stack** with stackstac into one float32 dask array (reflectance and QA together; uint16
@@ -28,13 +28,14 @@ import math
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from icemap import kernels
-from icemap.bands import MASK_FLAGS_DEFAULT, REFLECTIVE_BANDS, Sensor, get_sensor
-from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning
+from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, get_sensor, translate_class_qa
+from icemap.checks import check_bbox_hits_footprints, project_bbox, raster_number, check_grid, default_bands, match_stacked, warn_mixed_crs
+from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
 from icemap.options import get_option
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
@@ -72,19 +73,21 @@ def _as_dict(item: Any) -> dict[str, Any]:
 
 def _asset_scale_offset(asset: Mapping[str, Any]) -> tuple[float | None, float | None, Any]:
     rb = asset.get("raster:bands") or []
-    first = rb[0] if rb and isinstance(rb[0], Mapping) else {}
-    return first.get("scale"), first.get("offset"), first.get("nodata")
+    first = rb[0] if isinstance(rb, list) and rb and isinstance(rb[0], Mapping) else {}
+    return (raster_number(first.get("scale"), "scale", asset), raster_number(first.get("offset"), "offset", asset),
+            raster_number(first.get("nodata"), "nodata", asset))
 
 
 def normalise_items(
-    items: Iterable[Any], sensor: Sensor, bands: Sequence[str]
+    items: Iterable[Any], sensor: Sensor, bands: Sequence[str], *, use_qa: bool = True
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rewrite items into the plain shape stackstac reads, and collect their metadata.
 
     Returns ``(clean_items, meta)``: clean items have assets keyed by common band name (plus
     ``qa_pixel``/``qa_radsat`` when the sensor has them), each with ``raster:bands`` stating
     scale, offset and nodata, and ``proj:epsg`` in the properties. ``meta`` holds per item
-    what the cube keeps: id, datetime, platform, WRS path/row, cloud cover.
+    what the cube keeps: id, datetime, platform, WRS path/row, cloud cover. With
+    ``use_qa=False`` the QA_PIXEL asset is neither looked for nor required.
     """
     clean: list[dict[str, Any]] = []
     meta: list[dict[str, Any]] = []
@@ -106,10 +109,12 @@ def normalise_items(
             new_assets[band] = _clean_asset(
                 src,
                 scale=spec.scale if scale is None else scale,
-                offset=spec.offset if offset is None else offset,
+                offset=sensor.default_offset(spec, props) if offset is None else offset,
                 nodata=spec.nodata if nodata is None else nodata,
             )
         for qa_name, radsat in ((_QA, False), (_RADSAT, True)):
+            if not (use_qa or radsat):
+                continue
             key = sensor.find_qa_asset(assets, radsat=radsat)
             if key is not None:
                 # QA values are bit fields: never rescale them, and let fill come from bit 0
@@ -145,8 +150,9 @@ def normalise_items(
                 "wrs_row": props.get("landsat:wrs_row"),
                 "cloud_cover": props.get("eo:cloud_cover"),
                 "epsg": epsg,
-                "transform": props.get("proj:transform"),
-                "shape": props.get("proj:shape"),
+                # Earth Search states grids per asset only (10 m and 20 m bands differ).
+                "transform": props.get("proj:transform") or _asset_grid(new_assets, "proj:transform"),
+                "shape": props.get("proj:shape") or _asset_grid(new_assets, "proj:shape"),
                 "bbox": item.get("bbox"),
             }
         )
@@ -157,7 +163,8 @@ def normalise_items(
             what = "QA_PIXEL" if band == _QA else f"band {band!r}"
             raise LoadError(
                 f"no item has {what} (looked for assets {', '.join(_candidate_keys(sensor, band))}); "
-                f"pick other bands or pass sensor= for this collection"
+                + ("load without cloud masking with qa=None (CLI --no-qa), or pass sensor= for this collection"
+                   if band == _QA else "pick other bands or pass sensor= for this collection")
             )
         warnings.warn(
             f"{len(ids)} item(s) lack {band!r} and give nodata for it: {', '.join(ids[:5])}"
@@ -166,6 +173,14 @@ def normalise_items(
             stacklevel=3,
         )
     return clean, meta
+
+
+def _asset_grid(assets: Mapping[str, Mapping[str, Any]], key: str) -> Any:
+    """``proj:transform``/``proj:shape`` of the first band asset that states one (or None)."""
+    for name, asset in assets.items():
+        if name not in (_QA, _RADSAT) and asset.get(key):
+            return asset[key]
+    return None
 
 
 def _candidate_keys(sensor: Sensor, band: str) -> tuple[str, ...]:
@@ -221,8 +236,6 @@ def grid_for_items(
     grids have edges at 15 m past a multiple of 30 m), so pixels are copied, not resampled,
     when the target CRS is the items' own.
     """
-    from rasterio.warp import transform_bounds as rio_transform_bounds
-
     if crs is not None:
         epsg = _parse_crs(crs)
     else:
@@ -231,7 +244,7 @@ def grid_for_items(
             raise LoadError("the items state no CRS (proj:epsg/proj:code); pass crs='EPSG:NNNN'")
         epsg = counts.most_common(1)[0][0]
     if resolution is None:
-        resolution = get_option("resolution")
+        resolution = get_option("resolution") or get_sensor("landsat-c2-l2").resolution
     if isinstance(resolution, (int, float)):
         res = (float(resolution), float(resolution))
     else:
@@ -253,7 +266,7 @@ def grid_for_items(
         # Explicit bounds define the grid: use them as given.
         return epsg, res, (left, bottom, right, top)
     if bbox is not None:
-        left, bottom, right, top = rio_transform_bounds("EPSG:4326", f"EPSG:{epsg}", *bbox, densify_pts=21)
+        left, bottom, right, top = project_bbox(bbox, epsg)
     else:
         boxes = []
         for m in meta:
@@ -264,7 +277,7 @@ def grid_for_items(
                 boxes.append((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
             elif m.get("bbox"):
                 b = m["bbox"]
-                boxes.append(rio_transform_bounds("EPSG:4326", f"EPSG:{epsg}", b[0], b[1], b[-2], b[-1], densify_pts=21))
+                boxes.append(project_bbox((b[0], b[1], b[-2], b[-1]), epsg))
         if not boxes:
             raise LoadError("cannot tell where the items are (no proj:transform/shape, no bbox); pass bounds=")
         left = min(b[0] for b in boxes)
@@ -350,6 +363,7 @@ def load(
     mosaic: bool = True,
     signer: Any = None,
     on_error: OnError = "raise",
+    qa: Literal["qa_pixel"] | None = "qa_pixel",
 ) -> Any:
     """Turn STAC items into a lazy ``xarray.Dataset`` of masked surface reflectance.
 
@@ -358,13 +372,16 @@ def load(
     items
         Item dicts or ``pystac.Item`` objects, e.g. ``icemap.search(...).items()``.
     bands
-        Common band names; default all reflective bands of the sensor.
+        Common band names; default the sensor's reflective bands that the items hold (one
+        :class:`~icemap.errors.MissingAssetWarning` names the others). Only the default method's
+        bands (NDSI: green, swir16) are required, so partial products load.
     sensor
         Sensor table name or collection id; default from the items' collection.
     crs
         Target CRS (anything pyproj reads); default the items' most common CRS.
     resolution
-        Pixel size in CRS units, or ``(x, y)``; default the ``resolution`` option (30 m).
+        Pixel size in CRS units, or ``(x, y)``; default the sensor's (30 m Landsat/HLS, 20 m
+        Sentinel-2).
     bounds, bbox
         Output extent, either in the target CRS (``bounds``) or in lon/lat (``bbox``);
         default the union of the items. Snapped onto the items' pixel grid.
@@ -383,6 +400,11 @@ def load(
         an href; applied by each worker when it opens a file.
     on_error
         ``"raise"`` stops on an unreadable asset; ``"nodata"`` warns and fills it with NaN.
+    qa
+        ``"qa_pixel"`` (default): mask with the sensor's QA band (QA_PIXEL; SCL for
+        Sentinel-2). ``None``: use no QA band, for scenes shipped without one: nothing is
+        cloud-masked (only nodata DNs become NaN), a :class:`~icemap.errors.NoQAWarning` says
+        so, and the cube records it (attribute ``cloud_masked = 0``).
 
     Returns
     -------
@@ -411,16 +433,31 @@ def load(
     if sensor is None:
         sensor = item_list[0].get("collection") or "landsat-c2-l2"
     sensor_t = get_sensor(sensor)
+    if qa not in ("qa_pixel", None):
+        raise LoadError(f"qa must be 'qa_pixel' or None (no QA band, no cloud mask), got {qa!r}")
     if bands is None:
-        bands = [b for b in sensor_t.band_names if b in REFLECTIVE_BANDS]
+        bands = default_bands(item_list, sensor_t)
     bands = list(sensor_t.validate_bands(bands))
     if sensor_t.qa_bits:
         _qa_bits(mask_flags)  # validates flag names now, before any graph is built
     signer_fn = resolve_signer(signer)
 
     item_list.sort(key=lambda it: (item_datetime(it), it.get("id", "")))
-    clean, meta = normalise_items(item_list, sensor_t, bands)
+    clean, meta = normalise_items(item_list, sensor_t, bands, use_qa=qa is not None)
+    if bbox is not None and bounds is None:
+        check_bbox_hits_footprints(item_list, bbox)
+    if resolution is None:
+        resolution = get_option("resolution") or sensor_t.resolution
     epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
+    check_grid(epsg, res, bnds)
+    warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
+    if qa is None:
+        warnings.warn(
+            f"qa=None: {len(clean)} item(s) are loaded without a QA band, so clouds, cloud shadows "
+            "and cirrus are NOT masked (only nodata DNs are); the cube records cloud_masked=0",
+            NoQAWarning,
+            stacklevel=2,
+        )
 
     has_qa = any(_QA in it["assets"] for it in clean)
     has_radsat = mask_saturated and any(_RADSAT in it["assets"] for it in clean)
@@ -444,6 +481,8 @@ def load(
         band_coords=False,
         reader=reader,  # type: ignore[arg-type]
     )
+    clean, meta = match_stacked(stack, clean, meta, assets, epsg, bnds)
+    stack = translate_class_qa(stack, sensor_t, len(bands)) if has_qa else stack
     data = stack.data  # (time, asset, y, x) float32
     nb = len(bands)
     scale = np.ones((len(clean), nb), dtype=np.float32)
@@ -510,6 +549,8 @@ def load(
             "sensor": sensor_t.name,
             "mask_flags": list(mask_flags),
             "mask_saturated": bool(has_radsat),
+            # 1 when a QA band masked clouds; 0 for qa=None or sensors without one (HLS).
+            "cloud_masked": int(has_qa),
         },
     )
     ds = ds.rio.write_crs(f"EPSG:{epsg}")

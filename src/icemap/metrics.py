@@ -667,12 +667,16 @@ def evaluate(
     """
     import dask
 
-    from icemap.labels import glacier_ids, rasterize_outlines
+    from icemap.labels import check_outlines_overlap, glacier_ids, rasterize_outlines
 
-    pred_a = _as_dataarray(pred, "pred")
+    from icemap.interop import restore_mask
+
+    # A mask opened with plain xr.open_zarr is float with NaN for 255: make it uint8 again.
+    pred_a = restore_mask(_as_dataarray(pred, "pred"))
     if _crs_of(pred_a) is None:
         raise GridMismatchError("the prediction has no CRS, so outlines cannot be placed on it; "
                                 "compute it from a cube opened with icemap.open_cube / icemap.load")
+    outlines = check_outlines_overlap(outlines, pred_a)
     px = _pixel_area(pred_a)
     if not per_glacier:
         reference = rasterize_outlines(outlines, pred_a, all_touched=all_touched, buffer_m=buffer_m)

@@ -54,8 +54,9 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         "Zarr 3 by default; 2 for readers that have not moved yet",
     ),
     "resolution": (
-        30.0, _number_in(1e-9, float("inf")), "a positive number of CRS units",
-        "Landsat's reflective bands are 30 m",
+        None, lambda v: v is None or _number_in(1e-9, float("inf"))(v), "None or a positive number of CRS units",
+        "None: each sensor's own (its table in icemap.bands: 30 m Landsat and HLS, 20 m Sentinel-2), "
+        "so pixels are copied, not resampled",
     ),
 }
 

@@ -38,8 +38,8 @@ _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 def parse_bbox(bbox: Sequence[float] | str | None) -> Bbox | None:
     """Validate a lon/lat bounding box ``(west, south, east, north)``.
 
-    Accepts a sequence of four numbers or a string ``"W,S,E,N"``. Boxes crossing the
-    antimeridian (west > east) are refused: split them into two searches.
+    Accepts a sequence of four numbers or a string ``"W,S,E,N"``. A box crossing the
+    antimeridian has west > east, as in the STAC API spec (``170,-80,-170,-70``).
     """
     if bbox is None:
         return None
@@ -62,10 +62,10 @@ def parse_bbox(bbox: Sequence[float] | str | None) -> Bbox | None:
         )
     if s >= n:
         raise SearchError(f"bbox south ({s}) must be less than north ({n}); order is W S E N")
-    if w >= e:
+    if w == e:
         raise SearchError(
-            f"bbox west ({w}) must be less than east ({e}); order is W S E N "
-            "(boxes across the antimeridian must be split in two)"
+            f"bbox west and east are both {w}: the box has no width; order is W S E N "
+            "(west > east crosses the antimeridian)"
         )
     return (w, s, e, n)
 
@@ -308,7 +308,13 @@ def _intersects(item: Mapping[str, Any], bbox: Bbox) -> bool:
     if ib is None:
         return True
     w, s, e, n = ib[0], ib[1], ib[-2], ib[-1]
-    return not (e < bbox[0] or w > bbox[2] or n < bbox[1] or s > bbox[3])
+    if n < bbox[1] or s > bbox[3]:
+        return False
+    # Longitudes as intervals; one crossing the antimeridian (west > east) is two of them.
+    def spans(a: float, b: float) -> list[tuple[float, float]]:
+        return [(a, b)] if a <= b else [(a, 180.0), (-180.0, b)]
+
+    return any(not (e1 < w0 or w1 > e0) for w0, e0 in spans(bbox[0], bbox[2]) for w1, e1 in spans(w, e))
 
 
 def _read_json_or_ndjson(path: Path) -> Any:
@@ -378,7 +384,7 @@ def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]
 
 
 def item_from_files(
-    assets: Mapping[str, str | os.PathLike[str]],
+    assets: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[str],
     *,
     id: str,
     datetime: str,
@@ -386,63 +392,123 @@ def item_from_files(
     platform: str | None = None,
     crs: Any = None,
     properties: Mapping[str, Any] | None = None,
+    band_map: Mapping[str, int] | None = None,
+    scale: float | None = None,
+    offset: float | None = None,
+    nodata: float | None = None,
 ) -> Item:
-    """A STAC item for single-band GeoTIFFs on disk that no catalog describes.
+    """A STAC item for GeoTIFFs on disk that no catalog describes.
 
-    Scenes downloaded by hand, or crops shipped with papers, come without STAC metadata. This
-    states what a catalog would: the grid (``proj:*``, read from the first file's header, so no
-    pixel is read), the lon/lat footprint, and one asset per band, keyed by common band name
-    (``{"green": ".../B03.tif", ...}``), ready for :func:`icemap.load`.
+    Scenes downloaded by hand, crops shipped with papers and Earth Engine exports come without
+    STAC metadata. This states what a catalog would: the grid (``proj:*``, read from the files'
+    headers, so no pixel is read), the lon/lat footprint, and one asset per band, keyed by
+    common band name, ready for :func:`icemap.load`.
 
     Parameters
     ----------
     assets
-        Common band name -> file. All files must share one grid.
+        Either common band name -> single-band file (``{"green": ".../B03.tif", ...}``), or
+        one multi-band file together with ``band_map``. All files must share one grid.
     id, datetime, collection, platform
         Item identity and acquisition time (ISO 8601); the collection picks the sensor table
-        (``"hls"`` for HLS, ``"landsat-c2-l2"`` for Collection 2 Level-2).
+        (``"hls"`` for HLS, ``"landsat-c2-l2"`` for Collection 2 Level-2, ``"sentinel-2-l2a"``).
     crs
         Override the files' CRS, e.g. ``"EPSG:32611"`` for files whose WKT is a custom
         equivalent of a UTM zone without an EPSG code.
     properties
         Further item properties (``eo:cloud_cover``...).
+    band_map
+        Common band name -> 1-based band index in the multi-band file, as rasterio counts
+        (``{"green": 3, "swir16": 12}`` for a 13-band Sentinel-2 export). The asset points at
+        that band through GDAL's ``vrt://`` connection string, so readers see a single band.
+    scale, offset, nodata
+        ``physical = DN * scale + offset`` and the fill DN, stated as each asset's
+        ``raster:bands``; default the sensor table's (nodata: the file's own when it has one).
     """
     import rasterio
-    from pyproj import CRS, Transformer
+    from rasterio.errors import RasterioError
+    from rasterio.warp import transform_bounds
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
 
-    if not assets:
-        raise CatalogError("item_from_files needs at least one band file")
     _parse_instant(datetime, end=False)  # validate now
-    files = {name: Path(os.fspath(f)) for name, f in assets.items()}
-    for name, f in files.items():
+    if isinstance(assets, (str, os.PathLike)):
+        if not band_map:
+            raise CatalogError("a single (multi-band) file needs band_map={'green': 3, ...} (CLI --band-map green=3,...)")
+        sources = {name: (Path(os.fspath(assets)), index) for name, index in band_map.items()}
+    else:
+        if band_map:
+            raise CatalogError("band_map goes with one multi-band file; with a file per band leave it out")
+        sources = {name: (Path(os.fspath(f)), 1) for name, f in assets.items()}
+    if not sources:
+        raise CatalogError("item_from_files needs at least one band file")
+    headers: dict[Path, tuple[Any, ...]] = {}
+    for name, (f, index) in sources.items():
         if not f.exists():
             raise CatalogError(f"file for band {name!r} does not exist: {f}")
-    with rasterio.open(next(iter(files.values()))) as src:
-        transform, shape, b, file_crs = list(src.transform)[:6], [src.height, src.width], src.bounds, src.crs
-    target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
+        if f not in headers:
+            try:
+                with rasterio.open(f) as src:
+                    headers[f] = (list(src.transform)[:6], [src.height, src.width], src.bounds, src.crs, src.count,
+                                  src.nodata)
+            except RasterioError as exc:
+                raise CatalogError(f"cannot read {f} as a raster ({exc}); is it a complete GeoTIFF?") from None
+        count = headers[f][4]
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= count:
+            raise CatalogError(f"band {name!r}: index {index!r} is not a band of {f.name}, which has bands 1..{count} "
+                               "(1-based, as rasterio counts)")
+    first = next(iter(headers))
+    transform, shape, b, file_crs, _, file_nodata = headers[first]
+    for f, (t, sh, _, c, _, _) in headers.items():
+        if (t, sh) != (transform, shape) or c != file_crs:
+            raise CatalogError(f"{f.name} and {first.name} are not on one grid (transform, shape or CRS differ); "
+                               "give files of one grid per item")
+    try:
+        target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
+    except CRSError as exc:
+        raise CatalogError(f"cannot understand crs={crs!r}: {exc}; use e.g. 'EPSG:32611'") from None
     epsg = target.to_epsg() if target is not None else None
     if epsg is None:
         raise CatalogError(
-            f"{next(iter(files.values()))} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
+            f"{first} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
             "equivalent code, e.g. EPSG:32611 for a custom 'UTM zone 11N' WKT)"
         )
-    to_ll = Transformer.from_crs(target, "EPSG:4326", always_xy=True)
-    xs, ys = to_ll.transform([b.left, b.right, b.left, b.right], [b.bottom, b.bottom, b.top, b.top])
-    w, s, e, n = min(xs), min(ys), max(xs), max(ys)
+    # Densified edges: a polar grid's footprint reaches past its corners, and GDAL reports a box
+    # across the antimeridian with west > east (STAC's convention) and one around a pole to +-90.
+    w, s, e, n = transform_bounds(target, "EPSG:4326", b.left, b.bottom, b.right, b.top, densify_pts=21)
+    if w > e:
+        geometry: dict[str, Any] = {"type": "MultiPolygon", "coordinates": [
+            [[[w, s], [180.0, s], [180.0, n], [w, n], [w, s]]], [[[-180.0, s], [e, s], [e, n], [-180.0, n], [-180.0, s]]]]}
+    else:
+        geometry = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
     props: dict[str, Any] = {"datetime": datetime, "proj:epsg": epsg, "proj:transform": transform,
                              "proj:shape": shape, **dict(properties or {})}
     if platform:
         props["platform"] = platform
+    if nodata is None:
+        nodata = file_nodata
+    out_assets: dict[str, Any] = {}
+    for name, (f, index) in sources.items():
+        path = str(f.resolve())
+        asset: dict[str, Any] = {
+            # vrt://...?bands=k: GDAL (>= 3.7) exposes band k of the file as a one-band dataset.
+            "href": f"vrt://{path}?bands={index}" if headers[f][4] > 1 else path,
+            "type": "image/tiff; application=geotiff",
+            "roles": ["data"],
+        }
+        rb = {k: float(v) for k, v in (("scale", scale), ("offset", offset), ("nodata", nodata)) if v is not None}
+        if rb:
+            asset["raster:bands"] = [rb]
+        out_assets[name] = asset
     return {
         "type": "Feature",
         "stac_version": "1.0.0",
         "id": id,
         "collection": collection,
         "bbox": [w, s, e, n],
-        "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]},
+        "geometry": geometry,
         "properties": props,
-        "assets": {name: {"href": str(f.resolve()), "type": "image/tiff; application=geotiff", "roles": ["data"]}
-                   for name, f in files.items()},
+        "assets": out_assets,
         "links": [],
     }
 

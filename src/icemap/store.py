@@ -23,17 +23,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
 from icemap.options import get_option
+from icemap.interop import finish_store
 
-__all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "ingest", "WriteReport", "CubeStatus"]
+__all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "WriteReport", "CubeStatus"]
 
 LAYOUT_ATTR = "icemap:layout"
 LAYOUT_VERSION = 1
@@ -79,7 +79,7 @@ def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
     import zarr
 
     try:
-        zarr.open_group(path, mode="r", storage_options=storage_options)
+        zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):  # type: ignore[attr-defined]
         return False
     return True
@@ -122,7 +122,7 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     import zarr
 
-    return dict(zarr.open_group(path, mode="r", storage_options=storage_options).attrs)
+    return dict(zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False).attrs)
 
 
 def _fill_for(name: str, dtype: np.dtype) -> Any:
@@ -347,13 +347,15 @@ def write_timesteps(
         report.written.append(t)
         if progress is not None:
             progress(n, len(todo), t)
+    # Last, once every step is written: plain xr.open_zarr then reads the finished state.
+    finish_store(path, storage_options)
     return report
 
 
 def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
     import zarr
 
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     group.attrs.update(json.loads(json.dumps(dict(values), default=str)))
 
 
@@ -361,7 +363,7 @@ def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[
     """Length along ``time`` of every array of a store that has a time dimension."""
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
     lengths = {}
     for name, arr in group.arrays():
         dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
@@ -383,7 +385,7 @@ def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | N
     if not lengths or len(set(lengths.values())) == 1:
         return []
     keep = min(lengths.values())
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     fixed = []
     for name, n in lengths.items():
         if n > keep:
@@ -467,68 +469,3 @@ def cube_status(path: str | os.PathLike[str], *, storage_options: Mapping[str, A
         shape=(ds.sizes["y"], ds.sizes["x"]),
         crs=ds.rio.crs.to_string() if ds.rio.crs else None,
     )
-
-
-def ingest(
-    source: Any,
-    out: str | os.PathLike[str],
-    *,
-    bands: Sequence[str] | None = None,
-    crs: Any = None,
-    resolution: float | None = None,
-    bbox: Sequence[float] | None = None,
-    chunksize: int | None = None,
-    zarr_format: Literal[2, 3] | None = None,
-    signer: Any = None,
-    on_error: Literal["raise", "nodata"] = "raise",
-    storage_options: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
-) -> WriteReport:
-    """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
-
-    Parameters
-    ----------
-    source
-        An :class:`icemap.stac.Search` (its bbox is used for the extent unless ``bbox`` is
-        given) or a list of items.
-    out
-        Path or URL of the Zarr store. Rerunning with the same arguments finishes an
-        interrupted store; running with a later date range appends the new dates.
-
-    Other parameters are those of :func:`icemap.load` and :func:`write_cube`.
-    """
-    from icemap import __version__
-    from icemap.errors import EmptySearchError
-    from icemap.load import load
-    from icemap.stac import Search
-
-    params: dict[str, Any] | None = None
-    if isinstance(source, Search):
-        params = source.parameters()
-        if bbox is None:
-            bbox = source.bbox
-        items = source.items()
-        if not items:
-            raise EmptySearchError(
-                f"the search matched no items ({json.dumps(params)}); widen --bbox/--datetime "
-                "or --max-cloud, or check --collection"
-            )
-    else:
-        items = list(source)
-    # Resolved here so the store records the values used, not "default".
-    resolution = get_option("resolution") if resolution is None else resolution
-    chunksize = get_option("chunksize") if chunksize is None else chunksize
-    ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
-              signer=signer, on_error=on_error)
-    attrs = {
-        "icemap_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "search": params,
-        "load": {"bands": [str(b) for b in ds["band"].values], "crs": ds.rio.crs.to_string(),
-                 "resolution": resolution, "chunksize": chunksize, "on_error": on_error,
-                 "signed": signer is not None},
-        "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
-                       "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
-    }
-    return write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
-                      storage_options=storage_options, progress=progress)

@@ -1,7 +1,7 @@
-"""Whole jobs built from the pipeline stages: map a cube to products, evaluate, calibrate.
+"""Whole jobs built from the pipeline stages: ingest, map a cube to products, evaluate, calibrate.
 
-These are what ``icemap map``, ``icemap evaluate`` and ``icemap calibrate`` run, and what a
-notebook calls to do the same in one line. Each is a short recipe over the stage modules;
+These are what ``icemap ingest``, ``icemap map``, ``icemap evaluate`` and ``icemap calibrate``
+run, and what a notebook calls to do the same in one line. Each is a short recipe over the stage modules;
 nothing here computes pixels itself.
 """
 
@@ -10,9 +10,87 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-__all__ = ["map_ndsi", "write_product", "map_cube", "MapResult", "calibrate_threshold"]
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Mapping
+
+    from icemap.store import Progress, WriteReport
+
+__all__ = ["ingest", "map_ndsi", "write_product", "map_cube", "MapResult", "calibrate_threshold"]
+
+
+def ingest(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    bands: Sequence[str] | None = None,
+    crs: Any = None,
+    resolution: float | None = None,
+    bbox: Sequence[float] | None = None,
+    chunksize: int | None = None,
+    zarr_format: Literal[2, 3] | None = None,
+    signer: Any = None,
+    on_error: Literal["raise", "nodata"] = "raise",
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+    qa: Literal["qa_pixel"] | None = "qa_pixel",
+) -> WriteReport:
+    """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
+
+    Parameters
+    ----------
+    source
+        An :class:`icemap.stac.Search` (its bbox is used for the extent unless ``bbox`` is
+        given) or a list of items.
+    out
+        Path or URL of the Zarr store. Rerunning with the same arguments finishes an
+        interrupted store; running with a later date range appends the new dates.
+
+    Other parameters are those of :func:`icemap.load` and :func:`write_cube`; ``qa=None``
+    ingests scenes without a QA band (nothing cloud-masked; the store's ``cloud_masked``
+    attribute is 0).
+    """
+    import json
+    from datetime import datetime, timezone
+
+    from icemap import __version__
+    from icemap.errors import EmptySearchError
+    from icemap.load import load
+    from icemap.options import get_option
+    from icemap.stac import Search
+    from icemap.store import write_cube
+
+    params: dict[str, Any] | None = None
+    if isinstance(source, Search):
+        params = source.parameters()
+        if bbox is None:
+            bbox = source.bbox
+        items = source.items()
+        if not items:
+            raise EmptySearchError(
+                f"the search matched no items ({json.dumps(params)}); widen --bbox/--datetime "
+                "or --max-cloud, or check --collection"
+            )
+    else:
+        items = list(source)
+    # Resolved here so the store records the value used, not "default".
+    chunksize = get_option("chunksize") if chunksize is None else chunksize
+    ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
+              signer=signer, on_error=on_error, qa=qa)
+    attrs = {
+        "icemap_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "search": params,
+        "load": {"bands": [str(b) for b in ds["band"].values], "crs": ds.rio.crs.to_string(),
+                 "resolution": resolution if resolution is not None else abs(float(ds.rio.resolution()[0])),
+                 "chunksize": chunksize, "on_error": on_error, "qa": qa,
+                 "signed": signer is not None},
+        "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
+                       "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
+    }
+    return write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
+                      storage_options=storage_options, progress=progress)
 
 
 def map_ndsi(
