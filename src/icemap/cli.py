@@ -14,56 +14,23 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from icemap.errors import IcemapError
-
-app = typer.Typer(
-    name="icemap",
-    help="Map glacier ice from Landsat 8/9 Collection 2 imagery: search, ingest, map, evaluate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from icemap.cli_common import (
+    BboxOpt,
+    Catalog,
+    CollectionOpt,
+    DatetimeOpt,
+    MaxCloudOpt,
+    PlatformOpt,
+    QuietOpt,
+    RetriesOpt,
+    SchedulerOpt,
+    TimeoutOpt,
+    _console,
+    _split_list,
+    _StepProgress,
+    app,
 )
-
-Catalog = Annotated[
-    str,
-    typer.Option("--catalog", "-c", help="STAC API URL, catalog.json, item file(s) folder or .ndjson."),
-]
-CollectionOpt = Annotated[
-    Optional[list[str]], typer.Option("--collection", help="Collection id (repeatable), e.g. landsat-c2-l2.")
-]
-BboxOpt = Annotated[
-    Optional[tuple[float, float, float, float]],
-    typer.Option("--bbox", help="WEST SOUTH EAST NORTH in degrees.", min=None),
-]
-DatetimeOpt = Annotated[Optional[str], typer.Option("--datetime", help="START/END (ISO 8601; '..' for open).")]
-MaxCloudOpt = Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum scene cloud cover, %.")]
-PlatformOpt = Annotated[Optional[list[str]], typer.Option("--platform", help="landsat-8 or landsat-9 (repeatable).")]
-SchedulerOpt = Annotated[
-    Optional[str],
-    typer.Option("--scheduler", help="Where to compute: local, local-cuda, auto, a scheduler address (tcp://host:8786), "
-                 "gateway, gateway+https://GATEWAY-URL or gateway://PROXY:PORT/CLUSTER (see deploy/README.md)."),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of failed/timed-out/5xx STAC requests.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for each STAC request.")]
-
-
-def _console(stderr: bool = True) -> Any:
-    from rich.console import Console
-
-    # soft_wrap: never break messages mid-line when output goes to a file or a log.
-    return Console(stderr=stderr, soft_wrap=True)
-
-
-def _split_list(values: list[str] | None) -> list[str] | None:
-    """Accept ``--bands green --bands swir16`` and ``--bands green,swir16`` alike."""
-    if not values:
-        return None
-    out: list[str] = []
-    for v in values:
-        out.extend(p for p in v.replace(",", " ").split() if p)
-    return out
-
+from icemap.errors import IcemapError
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
@@ -135,8 +102,8 @@ def ingest_cmd(
     resolution: Annotated[Optional[float], typer.Option("--resolution", help="Pixel size in metres (default: the sensor's, 30 Landsat, 20 Sentinel-2).")] = None,
     crs: Annotated[Optional[str], typer.Option("--crs", help="Target CRS, e.g. EPSG:32619 (default: the items').")] = None,
     bands: Annotated[Optional[list[str]], typer.Option("--bands", help="Bands (repeatable or comma-separated).")] = None,
-    chunksize: Annotated[int, typer.Option("--chunksize", help="Spatial chunk edge, pixels.")] = 1024,
-    zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
+    chunksize: Annotated[Optional[int], typer.Option("--chunksize", help="Spatial chunk edge, pixels (default 1024, icemap.set_options).")] = None,
+    zarr_format: Annotated[Optional[int], typer.Option("--zarr-format", help="3 (default) or 2.")] = None,
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
     no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
@@ -208,10 +175,10 @@ def map_cmd(
     method: Annotated[str, typer.Option("--method", help="ndsi or unet (with --model).")] = "ndsi",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4) or U-Net probability threshold (default: the model's).")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="U-Net windows per forward pass.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="U-Net windows per forward pass (default 8).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="U-Net: average the 8 flips/rotations; writes ice_probability_std.")] = False,
     halo: Annotated[Optional[int], typer.Option("--halo", help="U-Net context pixels (default: half the receptive field).")] = None,
-    tile: Annotated[int, typer.Option("--tile", help="U-Net output tile edge in pixels.")] = 256,
+    tile: Annotated[Optional[int], typer.Option("--tile", help="U-Net output tile edge in pixels (default 256).")] = None,
     device: Annotated[str, typer.Option("--device", help="U-Net device: auto, cpu or cuda.")] = "auto",
     guards: Annotated[Optional[list[str]], typer.Option("--guards", help="water, dark, dem (repeatable or comma-separated).")] = None,
     dem: Annotated[Optional[Path], typer.Option("--dem", help="DEM GeoTIFF for the dem guard.")] = None,
@@ -219,7 +186,7 @@ def map_cmd(
     outlines: Annotated[Optional[Path], typer.Option("--outlines", help="Also write ice outlines (.gpkg/.geojson/.parquet).")] = None,
     quicklook: Annotated[Optional[Path], typer.Option("--quicklook", help="Also write a PNG of the clearest date.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Outlines drawn on the quicklook.")] = None,
-    zarr_format: Annotated[int, typer.Option("--zarr-format", help="3 (default) or 2.")] = 3,
+    zarr_format: Annotated[Optional[int], typer.Option("--zarr-format", help="3 (default) or 2.")] = None,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -349,7 +316,7 @@ def demo_cmd(
     size: Annotated[int, typer.Option("--size", help="Region edge in pixels (30 m).")] = 384,
     dates: Annotated[int, typer.Option("--dates", help="Number of acquisition dates.")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the region.")] = 0,
-    threshold: Annotated[float, typer.Option("--threshold", help="NDSI threshold.")] = 0.4,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4).")] = None,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -363,41 +330,8 @@ def demo_cmd(
     result.print(_console(stderr=False))
 
 
-class _StepProgress:
-    """A rich progress bar fed by ``progress(done, total, label)`` callbacks."""
-
-    def __init__(self, quiet: bool, title: str) -> None:
-        self.quiet = quiet
-        self.title = title
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Any:
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=_console(), transient=False,
-        )
-        self._progress.start()
-        return self
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if self._progress is None:
-            return
-        if self._task is None:
-            self._task = self._progress.add_task(self.title, total=total, label=label)
-        self._progress.update(self._task, completed=done, total=total, label=label)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
 # Model commands (train, experiment) live in their own module and register on `app`.
-from icemap import cli_model  # noqa: E402,F401
+from icemap import cli_model  # noqa: E402,F401  (imports cli_common, never this module)
 
 
 def main(argv: list[str] | None = None) -> None:

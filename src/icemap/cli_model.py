@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from icemap.cli import QuietOpt, SchedulerOpt, _console, _split_list, app
+from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app
 from icemap.errors import IcemapError
 from icemap.extras import require
 

@@ -1,0 +1,95 @@
+"""What every ``icemap`` command shares: the typer app, option types, console, progress bar.
+
+:mod:`icemap.cli` (data commands) and :mod:`icemap.cli_model` (model commands) both register
+on :data:`app` from here, so neither imports the other's module for it (no import cycle).
+Options whose default is an icemap default (chunk size, threshold, Zarr format...) default to
+``None`` ("not given") and are resolved by the library through :mod:`icemap.options`, so the CLI
+never restates a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="icemap",
+    help="Map glacier ice from Landsat 8/9 Collection 2 imagery: search, ingest, map, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Catalog = Annotated[
+    str,
+    typer.Option("--catalog", "-c", help="STAC API URL, catalog.json, item file(s) folder or .ndjson."),
+]
+CollectionOpt = Annotated[
+    Optional[list[str]], typer.Option("--collection", help="Collection id (repeatable), e.g. landsat-c2-l2.")
+]
+BboxOpt = Annotated[
+    Optional[tuple[float, float, float, float]],
+    typer.Option("--bbox", help="WEST SOUTH EAST NORTH in degrees.", min=None),
+]
+DatetimeOpt = Annotated[Optional[str], typer.Option("--datetime", help="START/END (ISO 8601; '..' for open).")]
+MaxCloudOpt = Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum scene cloud cover, %.")]
+PlatformOpt = Annotated[Optional[list[str]], typer.Option("--platform", help="landsat-8 or landsat-9 (repeatable).")]
+SchedulerOpt = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", help="Where to compute: local, local-cuda, auto, a scheduler address (tcp://host:8786), "
+                 "gateway, gateway+https://GATEWAY-URL or gateway://PROXY:PORT/CLUSTER (see deploy/README.md)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of failed/timed-out/5xx STAC requests.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for each STAC request.")]
+
+
+def _console(stderr: bool = True) -> Any:
+    from rich.console import Console
+
+    # soft_wrap: never break messages mid-line when output goes to a file or a log.
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    """Accept ``--bands green --bands swir16`` and ``--bands green,swir16`` alike."""
+    if not values:
+        return None
+    out: list[str] = []
+    for v in values:
+        out.extend(p for p in v.replace(",", " ").split() if p)
+    return out
+
+
+class _StepProgress:
+    """A rich progress bar fed by ``progress(done, total, label)`` callbacks."""
+
+    def __init__(self, quiet: bool, title: str) -> None:
+        self.quiet = quiet
+        self.title = title
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=_console(), transient=False,
+        )
+        self._progress.start()
+        return self
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(self.title, total=total, label=label)
+        self._progress.update(self._task, completed=done, total=total, label=label)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
