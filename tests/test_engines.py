@@ -214,3 +214,17 @@ def test_mpi_recipe(sample_region: Any, model_dir: Path, local: dict[str, Path],
     assert_products_equal(tmp_path, local, ("cube", "ndsi", "unet"), gpu=True)
     print(f"mpirun -np 4 (3 commands) {elapsed:.1f} s")
 
+
+
+# -- the skip/fail policy -------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_ci", [False, True])
+def test_missing_engine_skips_locally_and_fails_under_ci(in_ci: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CI=true an engine that cannot start is a failure: CI must never pass by skipping."""
+    from . import engines
+
+    monkeypatch.setattr(engines, "IN_CI", in_ci)
+    expected = pytest.fail.Exception if in_ci else pytest.skip.Exception
+    with pytest.raises(expected, match="no-such-daemon"):
+        engines.require_executables("no-such-daemon", package="no-such-package")
+    with pytest.raises(expected, match="no_such_module"):
+        engines.require_modules("no_such_module", extra="test")
