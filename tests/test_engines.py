@@ -26,9 +26,11 @@ import pytest
 import yaml
 
 import icemap
+from icemap.cluster import connect
+from icemap.errors import IcemapError
 from icemap.stac import search
 
-from .engines import Slurm, gateway_server, loopback_env, mpi_env, run_in_session, slurm_cluster
+from .engines import Slurm, free_port, gateway_server, loopback_env, mpi_env, run_in_session, slurm_cluster
 from .test_faults import assert_stores_identical
 from .test_infer import make_model
 
@@ -192,8 +194,18 @@ def test_gateway_values_run_icemap(local: dict[str, Path], model_dir: Path, tmp_
             rc, output = run_in_session(cmd, env=env, cwd=tmp_path, timeout=150, log=tmp_path / f"{name}.log")
             times[name] = time.monotonic() - start
             assert rc == 0, f"{output[-3000:]}\n--- gateway log\n{gateway.log()}"
+            assert "Traceback" not in output, output[-3000:]  # also none from the client's finalisers
+        # A wrong password and a gateway that is not there are one-line errors, not tracebacks.
+        import dask
+        import dask_gateway  # noqa: F401  (loads the gateway section of the dask config)
+
+        with dask.config.set({"gateway.auth.type": "basic", "gateway.auth.kwargs": {"password": "wrong"}}), \
+                pytest.raises(IcemapError, match="refused the credentials"), connect(f"gateway+{gateway.url}"):
+            pass
         log = gateway.log()
-    assert log.count("Cluster") and "FileNotFoundError" not in log
+    with pytest.raises(IcemapError, match="cannot reach the dask-gateway"), connect(f"gateway+http://127.0.0.1:{free_port()}"):
+        pass
+    assert "Cluster" in log and "FileNotFoundError" not in log
     assert_products_equal(tmp_path, local, ("ndsi", "unet"), gpu=True)
     print(f"gateway start {gateway.start_s:.1f} s; ndsi {times['ndsi']:.1f} s; unet (gpu=true) {times['unet']:.1f} s")
 
