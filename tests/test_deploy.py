@@ -332,3 +332,23 @@ def test_sbatch_example_is_a_driver_job() -> None:
     assert text.startswith("#!/usr/bin/env bash") and "#SBATCH --requeue" in text
     assert "slurm_cluster.py" in text and "icemap ingest" in text and "icemap map" in text
     assert subprocess.run(["bash", "-n", str(DEPLOY / "hpc" / "icemap-region.sbatch")], check=False).returncode == 0
+
+
+def test_mpi_recipe_ranks() -> None:
+    """mpi_run.py: the last --gpu-ranks worker ranks are GPU=1 workers with one thread.
+
+    tests/test_engines.py runs the recipe under mpirun; this is the quick static half.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mpi_run", DEPLOY / "hpc" / "mpi_run.py")
+    assert spec and spec.loader
+    mpi_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mpi_run)
+    # 6 ranks: 0 scheduler, 1 client, 2-5 workers; 2 GPU ranks -> ranks 4 and 5.
+    roles = [mpi_run.worker_options(rank, 6, 2, 4) for rank in range(2, 6)]
+    assert roles == [(4, {}), (4, {}), (1, {"resources": {"GPU": 1}}), (1, {"resources": {"GPU": 1}})]
+    assert mpi_run.worker_options(3, 4, 0, 2) == (2, {})
+    text = (DEPLOY / "hpc" / "icemap-region-mpi.sbatch").read_text()
+    assert "mpirun" in text and "mpi_run.py" in text and "icemap ingest" in text and "#SBATCH --requeue" in text
+    assert subprocess.run(["bash", "-n", str(DEPLOY / "hpc" / "icemap-region-mpi.sbatch")], check=False).returncode == 0
