@@ -379,6 +379,25 @@ with open({values!r}) as f:
     _extra = yaml.safe_load(f)["gateway"]["extraConfig"]
 for _key in sorted(_extra):
     exec(compile(_extra[_key], "extraConfig." + _key, "exec"))
+
+# Loopback only: the local backend passes workers no --host, so `dask worker` would listen on
+# every interface (on Kubernetes each pod has its own). Appended to the commands the values
+# file chose, which stay what is tested.
+from dask_gateway_server.options import Options as _Options
+
+_LOOPBACK = ["--host", "127.0.0.1"]
+c.ClusterConfig.worker_cmd = [*c.ClusterConfig.worker_cmd, *_LOOPBACK]
+_options = c.Backend.cluster_options
+
+
+def _on_loopback(options, user):
+    config = dict(_options.get_configuration(dict(options), user))
+    if "worker_cmd" in config:
+        config["worker_cmd"] = [*config["worker_cmd"], *_LOOPBACK]
+    return config
+
+
+c.Backend.cluster_options = _Options(*_options.fields, handler=_on_loopback)
 """
 
 

@@ -325,6 +325,8 @@ def test_slurm_job_scripts_cpu_and_gpu(tmp_path: Path) -> None:
     assert re.search(r"--nthreads 1\s*$", gpu.strip().splitlines()[-1])
     for script in (cpu, gpu):
         assert "--nanny" in script and "distributed.cli.dask_worker" in script
+        # jobqueue.yaml's worker-extra-args reach GPU jobs too (they extend, not replace, them).
+        assert "--dashboard-address 127.0.0.1:0" in script
 
 
 def test_sbatch_example_is_a_driver_job() -> None:

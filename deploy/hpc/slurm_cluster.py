@@ -42,10 +42,20 @@ GPU_JOB_OPTIONS: dict[str, Any] = {
 
 
 def gpu_options(base: dict[str, Any], gpu_partition: str | None = None) -> dict[str, Any]:
-    """The job options of a GPU worker job: the CPU template plus :data:`GPU_JOB_OPTIONS`."""
+    """The job options of a GPU worker job: the CPU template plus :data:`GPU_JOB_OPTIONS`.
+
+    The lists are extended, not replaced: a site's ``job-extra-directives`` and
+    ``worker-extra-args`` (from ``jobqueue.yaml`` when the template does not carry them) apply to
+    GPU jobs too.
+    """
+    import dask
+
     opts = {**base, **GPU_JOB_OPTIONS}
     for key in ("job_extra_directives", "worker_extra_args"):
-        opts[key] = [*(base.get(key) or []), *GPU_JOB_OPTIONS[key]]
+        configured = base.get(key)
+        if configured is None:
+            configured = dask.config.get(f"jobqueue.slurm.{key}", None)
+        opts[key] = [*(configured or []), *GPU_JOB_OPTIONS[key]]
     if gpu_partition:
         opts["queue"] = gpu_partition
     return opts
