@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -248,43 +249,64 @@ def test_image_dask_config_removes_malloc_trim(monkeypatch: pytest.MonkeyPatch) 
 
 
 # -- dask-gateway ---------------------------------------------------------------------------------------
+def _gateway_config(values: dict[str, Any]) -> Any:
+    """The traitlets config the chart builds from ``extraConfig`` (its snippets in key order)."""
+    from traitlets.config import Config
+
+    c = Config()
+    extra = values["gateway"]["extraConfig"]
+    for key in sorted(extra):
+        exec(compile(extra[key], f"gateway-extraConfig.{key}", "exec"), {"c": c})  # noqa: S102 - our own file
+    return c
+
+
 def test_gateway_values_and_gpu_option() -> None:
+    """The values' option handler, run by dask-gateway-server's own Options as the gateway runs it.
+
+    tests/test_engines.py runs a real server with this code; this is the quick static half.
+    """
+    from dask_gateway_server.backends.local import LocalClusterConfig
+
     values = _docs(DEPLOY / "gateway" / "values.yaml")[0]
     gw = values["gateway"]
     assert gw["auth"]["type"] == "jupyterhub" and "apiToken" not in gw["auth"]["jupyterhub"]
     assert values["traefik"]["service"]["type"] == "ClusterIP"
-    # Run the config snippet the chart appends to dask_gateway_config.py, with the option
-    # classes stubbed, and call its handler as the gateway would.
-    opts_mod = types.ModuleType("dask_gateway_server.options")
-
-    class Field:
-        def __init__(self, name: str, default: Any = None, **kw: Any) -> None:
-            self.name, self.default = name, default
-
-    class Options:
-        def __init__(self, *fields: Field, handler: Any = None) -> None:
-            self.fields, self.handler = fields, handler
-
-    for cls in ("Integer", "Float", "Bool"):
-        setattr(opts_mod, cls, type(cls, (Field,), {}))
-    opts_mod.Options = Options  # type: ignore[attr-defined]
-    c = types.SimpleNamespace(Backend=types.SimpleNamespace(), KubeClusterConfig=types.SimpleNamespace())
-    code = "\n".join(gw["extraConfig"].values())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "dask_gateway_server", types.ModuleType("dask_gateway_server"))
-        mp.setitem(sys.modules, "dask_gateway_server.options", opts_mod)
-        exec(compile(code, "gateway-extraConfig", "exec"), {"c": c})  # noqa: S102 - our own config file
+    c = _gateway_config(values)
     options = c.Backend.cluster_options
-    defaults = {f.name: f.default for f in options.fields}
+    defaults = {f.field: f.default for f in options.fields}
     assert set(defaults) == {"worker_cores", "worker_memory", "gpu"} and defaults["gpu"] is False
-    cpu = options.handler(types.SimpleNamespace(**defaults))
-    gpu = options.handler(types.SimpleNamespace(**{**defaults, "gpu": True}))
+    user = types.SimpleNamespace(name="alice", groups=[], admin=False)
+    cpu = options.get_configuration({}, user)
+    gpu = options.get_configuration({"gpu": True}, user)
     assert cpu["image"] == f"ghcr.io/icemap-dev/icemap:{VERSION}" and "worker_cmd" not in cpu
     assert gpu["image"] == f"ghcr.io/icemap-dev/icemap:{VERSION}-cuda"
-    assert gpu["worker_cmd"] == ["dask-worker", "--resources", "GPU=1"] and gpu["worker_threads"] == 1
+    assert gpu["worker_cmd"] == ["dask", "worker", "--resources", "GPU=1"] and gpu["worker_threads"] == 1
     assert gpu["worker_extra_container_config"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert cpu["worker_extra_pod_config"]["serviceAccountName"] == "icemap"
     assert "tolerations" not in cpu["worker_extra_pod_config"]  # the handler must not share state
+    # The commands that distributed still installs; set on ClusterConfig, they reach the
+    # backends' subclasses (KubeClusterConfig on Kubernetes, LocalClusterConfig in the tests).
+    assert c.ClusterConfig.scheduler_cmd == ["dask", "scheduler"] and c.ClusterConfig.worker_cmd == ["dask", "worker"]
+    local = LocalClusterConfig(config=c)
+    assert local.scheduler_cmd == ["dask", "scheduler"] and local.worker_cmd == ["dask", "worker"]
+
+
+def test_gateway_commands_exist() -> None:
+    """Every command the gateway would start exists in an environment with icemap's pins.
+
+    dask-gateway-server's defaults (``dask-scheduler``, ``dask-worker``) do not since
+    distributed 2026.6, and a cluster then dies at start; the images install the same pins.
+    """
+    values = _docs(DEPLOY / "gateway" / "values.yaml")[0]
+    c = _gateway_config(values)
+    user = types.SimpleNamespace(name="alice", groups=[], admin=False)
+    gpu_cmd = c.Backend.cluster_options.get_configuration({"gpu": True}, user)["worker_cmd"]
+    bindir = str(Path(sys.executable).parent)
+    for cmd in (c.ClusterConfig.scheduler_cmd, c.ClusterConfig.worker_cmd, gpu_cmd):
+        exe = shutil.which(cmd[0], path=bindir) or shutil.which(cmd[0])
+        assert exe, f"{cmd[0]} is not installed"
+        res = subprocess.run([exe, *cmd[1:], "--help"], capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 0, (cmd, res.stderr[-2000:])
 
 
 # -- HPC -------------------------------------------------------------------------------------------------
@@ -303,6 +325,8 @@ def test_slurm_job_scripts_cpu_and_gpu(tmp_path: Path) -> None:
     assert re.search(r"--nthreads 1\s*$", gpu.strip().splitlines()[-1])
     for script in (cpu, gpu):
         assert "--nanny" in script and "distributed.cli.dask_worker" in script
+        # jobqueue.yaml's worker-extra-args reach GPU jobs too (they extend, not replace, them).
+        assert "--dashboard-address 127.0.0.1:0" in script
 
 
 def test_sbatch_example_is_a_driver_job() -> None:
@@ -310,3 +334,23 @@ def test_sbatch_example_is_a_driver_job() -> None:
     assert text.startswith("#!/usr/bin/env bash") and "#SBATCH --requeue" in text
     assert "slurm_cluster.py" in text and "icemap ingest" in text and "icemap map" in text
     assert subprocess.run(["bash", "-n", str(DEPLOY / "hpc" / "icemap-region.sbatch")], check=False).returncode == 0
+
+
+def test_mpi_recipe_ranks() -> None:
+    """mpi_run.py: the last --gpu-ranks worker ranks are GPU=1 workers with one thread.
+
+    tests/test_engines.py runs the recipe under mpirun; this is the quick static half.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mpi_run", DEPLOY / "hpc" / "mpi_run.py")
+    assert spec and spec.loader
+    mpi_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mpi_run)
+    # 6 ranks: 0 scheduler, 1 client, 2-5 workers; 2 GPU ranks -> ranks 4 and 5.
+    roles = [mpi_run.worker_options(rank, 6, 2, 4) for rank in range(2, 6)]
+    assert roles == [(4, {}), (4, {}), (1, {"resources": {"GPU": 1}}), (1, {"resources": {"GPU": 1}})]
+    assert mpi_run.worker_options(3, 4, 0, 2) == (2, {})
+    text = (DEPLOY / "hpc" / "icemap-region-mpi.sbatch").read_text()
+    assert "mpirun" in text and "mpi_run.py" in text and "icemap ingest" in text and "#SBATCH --requeue" in text
+    assert subprocess.run(["bash", "-n", str(DEPLOY / "hpc" / "icemap-region-mpi.sbatch")], check=False).returncode == 0

@@ -520,6 +520,54 @@ def _option_value(text: str) -> Any:
 
 
 @contextlib.contextmanager
+def _gateway_errors(where: str) -> Iterator[None]:
+    """Turn the gateway client's failures while setting up a cluster into one-line errors.
+
+    Only the set-up calls go through this: an ``OSError`` raised later by the job itself
+    (writing a store, say) must not be reported as an unreachable gateway.
+    """
+    cluster_error = getattr(importlib.import_module("dask_gateway"), "GatewayClusterError", ())
+    try:
+        yield
+    except cluster_error as exc:
+        raise IcemapError(
+            f"the dask-gateway at {where} could not start the cluster ({exc}); its server log says why "
+            "(often a scheduler_cmd/worker_cmd that does not exist in the image)"
+        ) from None
+    except OSError as exc:  # aiohttp's connection errors and distributed's connect timeouts
+        raise IcemapError(f"cannot reach the dask-gateway at {where} ({exc}); check the address and that it runs") from None
+    except Exception as exc:
+        status = getattr(exc, "status", None)
+        if status in (401, 403):
+            raise IcemapError(
+                f"the dask-gateway at {where} refused the credentials (HTTP {status}); set the "
+                "authentication it expects in the dask config, e.g. DASK_GATEWAY__AUTH__TYPE=basic and "
+                "DASK_GATEWAY__AUTH__KWARGS__PASSWORD, or jupyterhub with JUPYTERHUB_API_TOKEN"
+            ) from None
+        raise
+
+
+def _close_gateway(gateway: Any) -> None:
+    """Close a ``dask_gateway.Gateway`` so that its finaliser does not close it a second time.
+
+    dask-gateway 2026.3's ``Gateway.__del__`` closes again, which raises once the event loop
+    is gone (distributed 2026.x): every command printed an "Exception ignored in
+    Gateway.__del__" traceback, and in a long-lived process the exception surfaced during
+    garbage collection inside unrelated code. The finaliser skips objects without a loop runner.
+    """
+    try:
+        gateway.close()
+    finally:
+        _forget_loop(gateway)
+
+
+def _forget_loop(gateway: Any) -> None:
+    """Keep a closed ``Gateway``'s finaliser from closing it again (see :func:`_close_gateway`)."""
+    if gateway is not None and hasattr(gateway, "__dict__"):
+        vars(gateway).pop("_loop_runner", None)
+
+
+@contextlib.contextmanager
 def _gateway_client(spec: SchedulerSpec) -> Iterator[Any]:
     """A client on a dask-gateway cluster: attach to a named one, or start (and stop) one."""
     dask_gateway = _import_optional("dask_gateway", "dask-gateway", "--scheduler gateway")
@@ -536,35 +584,44 @@ def _gateway_client(spec: SchedulerSpec) -> Iterator[Any]:
         raise IcemapError(
             f"--scheduler gateway: {exc}; set DASK_GATEWAY__ADDRESS or use gateway+https://GATEWAY-URL"
         ) from None
-    with contextlib.closing(gateway):
+    where = spec.address or spec.proxy_address or "the configured address"
+    try:
         if spec.cluster_name is not None:
             # Attach only: the cluster belongs to whoever started it, so it is left running.
-            cluster = gateway.connect(spec.cluster_name, shutdown_on_close=False)
+            with _gateway_errors(where):
+                cluster = gateway.connect(spec.cluster_name, shutdown_on_close=False)
             started = False
         else:
-            options = gateway.cluster_options()
+            with _gateway_errors(where):
+                options = gateway.cluster_options()
             for key, value in opts.items():
                 try:
                     options[key] = _option_value(value)
                 except (KeyError, AttributeError, TypeError, ValueError) as exc:
                     raise IcemapError(f"--scheduler gateway: cluster option {key}={value!r} refused ({exc})") from None
-            cluster = gateway.new_cluster(options, shutdown_on_close=True)
+            with _gateway_errors(where):
+                cluster = gateway.new_cluster(options, shutdown_on_close=True)
             started = True
         try:
-            if started and adapt:
-                lo, _, hi = adapt.partition(":")
-                try:
-                    cluster.adapt(minimum=int(lo or 0), maximum=int(hi or lo))
-                except ValueError:
-                    raise IcemapError(f"--scheduler gateway: adapt={adapt!r} must be MIN:MAX worker counts") from None
-            elif started:
-                cluster.scale(workers or 2)
-            elif workers:
-                cluster.scale(workers)
-            with cluster.get_client(set_as_default=True) as client:
+            with _gateway_errors(where):
+                if started and adapt:
+                    lo, _, hi = adapt.partition(":")
+                    try:
+                        cluster.adapt(minimum=int(lo or 0), maximum=int(hi or lo))
+                    except ValueError:
+                        raise IcemapError(f"--scheduler gateway: adapt={adapt!r} must be MIN:MAX worker counts") from None
+                elif started:
+                    cluster.scale(workers or 2)
+                elif workers:
+                    cluster.scale(workers)
+                client = cluster.get_client(set_as_default=True)
+            with client:
                 yield client
         finally:
             if started:
                 cluster.shutdown()
             else:
                 cluster.close()
+            _forget_loop(getattr(cluster, "gateway", None))  # the cluster closed its own gateway
+    finally:
+        _close_gateway(gateway)
