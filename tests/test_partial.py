@@ -96,6 +96,8 @@ def test_cli_ingest_no_qa_records_it(liverpool: dict[str, Path], tmp_path: Path)
     done = subprocess.run([*cmd, "--no-qa"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("NoQAWarning") == 1
+    # One line, named by class, without Python's "file:line: ... warnings.warn(" form.
+    assert "icemap: warning (NoQAWarning): qa=None" in done.stderr and "warnings.warn(" not in done.stderr
     attrs = zarr.open_group(str(out), mode="r").attrs
     assert attrs["cloud_masked"] == 0 and attrs["load"]["qa"] is None
     cube = icemap.open_cube(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -330,12 +331,29 @@ def demo_cmd(
     result.print(_console(stderr=False))
 
 
+_default_showwarning = warnings.showwarning
+
 # Model commands (train, experiment) live in their own module and register on `app`.
 from icemap import cli_model  # noqa: E402,F401  (imports cli_common, never this module)
 
 
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """icemap's own warnings as one line, named by their class (users filter on it); others as Python prints them."""
+    from icemap.errors import IcemapWarning
+
+    if issubclass(category, IcemapWarning):
+        from rich.markup import escape
+
+        _console().print(f"[yellow]icemap: warning ({category.__name__}):[/] {escape(str(message))}",
+                         highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``icemap`` console script."""
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
     except IcemapError as exc:
