@@ -311,3 +311,15 @@ def test_both_products_cost_one_kernel_call_per_chunk(monkeypatch: pytest.Monkey
     product = map_ndsi(cube, threshold=0.4, guards=("water",))
     dask.compute(product["ndsi"].data, product["ice"].data, scheduler="sync")
     assert len(calls) == product["ice"].data.npartitions == product["ndsi"].data.npartitions
+
+
+def test_normalise_channels_equals_numpy() -> None:
+    rng = np.random.default_rng(13)
+    x = rng.uniform(-0.1, 1.0, (3, 20, 30)).astype(np.float32)
+    x[1, 2, 3] = np.nan
+    lo, hi = np.array([0.0, 0.1, -0.2], np.float32), np.array([1.0, 0.6, 0.9], np.float32)
+    z, nodata = K.normalise_channels(x, lo, hi, channel_axis=0)
+    want = (x - lo[:, None, None]) / (hi - lo)[:, None, None]
+    np.testing.assert_array_equal(nodata, np.isnan(want).any(axis=0))
+    np.testing.assert_array_equal(z, np.nan_to_num(want, nan=0.0))
+    assert z.dtype == np.float32 and z[:, 2, 3].tolist() == [z[0, 2, 3], 0.0, z[2, 2, 3]]

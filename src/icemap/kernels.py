@@ -54,6 +54,7 @@ __all__ = [
     "qa_to_uint16",
     "mosaic_first_valid",
     "lookup_classes",
+    "normalise_channels",
     "confusion_counts",
     "count_by_id",
     "threshold_histogram",
@@ -441,6 +442,22 @@ def qa_to_uint16(qa: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
     target = _Target(res)
     _qa_planes(_planes(qa, shape, np.float32), target.array)
     return target.done()
+
+
+def normalise_channels(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                       channel_axis: int = -3) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max normalise the U-Net's input channels and fill NaN with 0: ``(filled, nodata)``.
+
+    ``nodata`` is True where any channel was NaN; the predictor restores those pixels as nodata.
+    The fill is per pixel, so a pixel's value never depends on where a tile starts. Runs once
+    per inference window, next to a network that costs thousands of times more: plain numpy.
+    """
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    lo_, hi_ = np.asarray(lo, np.float32).reshape(shape), np.asarray(hi, np.float32).reshape(shape)
+    z = (x.astype(np.float32, copy=False) - lo_) / (hi_ - lo_)
+    nodata = np.isnan(z).any(axis=channel_axis)
+    return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False), nodata
 
 
 def lookup_classes(block: np.ndarray, lut: np.ndarray) -> np.ndarray:

@@ -174,9 +174,6 @@ def normalise(x: np.ndarray, norm: Normalisation, channel_axis: int = -3) -> tup
     ``nodata`` is True where any channel was NaN: those pixels are restored as nodata in the
     output. The fill is per pixel, so a pixel's value never depends on where a tile starts.
     """
-    shape = [1] * x.ndim
-    shape[channel_axis] = -1
-    lo, hi = norm.lo.reshape(shape), norm.hi.reshape(shape)
-    z = (x.astype(np.float32, copy=False) - lo) / (hi - lo)
-    nodata = np.isnan(z).any(axis=channel_axis)
-    return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False), nodata
+    from icemap.kernels import normalise_channels
+
+    return normalise_channels(x, norm.lo, norm.hi, channel_axis)
