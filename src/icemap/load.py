@@ -34,7 +34,15 @@ import numpy as np
 
 from icemap import kernels
 from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, get_sensor, translate_class_qa
-from icemap.checks import check_bbox_hits_footprints, project_bbox, raster_number, check_grid, default_bands, match_stacked, warn_mixed_crs
+from icemap.checks import (
+    check_bbox_hits_footprints,
+    check_grid,
+    default_bands,
+    match_stacked,
+    project_bbox,
+    raster_number,
+    warn_mixed_crs,
+)
 from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
 from icemap.options import get_option
 from icemap.reader import OnError, resolve_signer
