@@ -67,7 +67,7 @@ def test_asv_check_passes(tmp_path: Path) -> None:
 def test_ratio_report_smoke(tmp_path: Path) -> None:
     """The ratio report runs every section at tiny sizes and writes its JSON and Markdown."""
     md = tmp_path / "bench.md"
-    md.write_text("# Title\n\nhand-written text\n\n<!-- ratios:begin -->\nold\n<!-- ratios:end -->\n\ntail\n")
+    md.write_text("# Title\n\nhand-written text\n\n<!-- ratios:begin -->\nSTALE-TABLE\n<!-- ratios:end -->\n\ntail\n")
     js = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ratios.py"), "--smoke", "--json", str(js),
                           "--markdown", str(md)], cwd=REPO, env=_env(tmp_path / "cache"), capture_output=True,
@@ -75,14 +75,14 @@ def test_ratio_report_smoke(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(js.read_text())
     sections = {r["section"] for r in report["rows"]}
-    assert sections == {"ndsi", "ingest", "loaders", "unet", "scaling"}
+    assert sections == {"ndsi", "jobs", "ingest", "loaders", "unet", "scaling"}
     for row in report["rows"]:
         assert row["icemap"] and row["baseline"]
     ingest = next(r for r in report["rows"] if r["section"] == "ingest")
     assert ingest["numbers"]["identical"] is True  # the baseline writes the same store
     text = md.read_text()
     assert text.startswith("# Title\n\nhand-written text") and text.rstrip().endswith("tail")
-    assert "old" not in text and "| section | comparison |" in text
+    assert "STALE-TABLE" not in text and "| section | comparison |" in text
 
 
 def test_gpu_script_refuses_without_cuda_and_runs_on_cpu_when_asked(tmp_path: Path) -> None:
