@@ -139,7 +139,8 @@ def _after_restart(client: Any, killed: int) -> dict[str, Any]:
         pids = client.run(os.getpid)
         return len(pids) == 2 and killed not in pids.values()
 
-    wait_for(replaced, 60, "the nanny to restart the killed worker", interval=0.2)
+    # Bounded, but generous: a replacement worker starts a fresh interpreter, slow on a loaded host.
+    wait_for(replaced, 150, "the nanny to restart the killed worker", interval=0.2)
     return client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
 
 
