@@ -48,7 +48,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from icemap.errors import IcemapError
-from icemap.kernels import ICE_NODATA
 
 __all__ = [
     "Guard",
@@ -60,7 +59,6 @@ __all__ = [
     "required_inputs",
     "ice_kernel",
     "guard_attrs",
-    "ICE_NODATA",
 ]
 
 
