@@ -5,9 +5,9 @@ A cube store is written in three moves, so that a crash at any moment costs time
 1. **template**: the full layout (every array, coordinate, fill value and attribute) is written
    without data, then the ``icemap:layout`` attribute is set last. A store without it holds no
    finished data and is simply recreated.
-2. **region writes**, one time step at a time; after a step's pixels are written, its entry
-   in the ``complete`` array (time,) is set to 1. A step interrupted half-way keeps
-   ``complete == 0`` and is redone on the next run.
+2. **region writes** of every pending time step, in one task graph; once a step's pixels are
+   written, its entry in the ``complete`` array (time,) is set to 1 (in step order). A step
+   interrupted half-way keeps ``complete == 0`` and is redone on the next run.
 3. **append**: dates not yet in the store are appended along ``time`` (layout first, then
    region writes as above).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -191,15 +192,145 @@ def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str
     return enc
 
 
-def _region_write(ds_step: Any, path: str, index: int, storage_options: Mapping[str, Any] | None) -> None:
-    sel = ds_step[_stepped_vars(ds_step)]
-    sel = sel.drop_vars([c for c in sel.coords if "time" not in sel[c].dims])
-    region = {"time": slice(index, index + 1)}
-    sel.to_zarr(path, region=region, storage_options=storage_options, consolidated=False)
-    done = ds_step[[_COMPLETE]]
-    done = done.drop_vars([c for c in done.coords if "time" not in done[c].dims])
-    done[_COMPLETE] = done[_COMPLETE].copy(data=np.ones(1, np.uint8))
-    done.to_zarr(path, region=region, storage_options=storage_options, consolidated=False)
+# Steps flagged by tasks of a local (threaded or synchronous) scheduler, per write call: the
+# flag tasks report here and the scheduler's main thread reads it between tasks (see
+# _write_steps). Task keys cannot be used for that: optimisation may fuse the last flag into
+# the graph's final task under another name. Processes of a distributed cluster never see it.
+_LOCAL_FLAGS: dict[str, queue.SimpleQueue[int]] = {}
+
+
+def _mark_complete(written: np.ndarray, *previous: np.ndarray, flags: Any, index: int, run: str) -> np.ndarray:
+    """Set one step's ``complete`` entry: a task that runs once the step's pixels are stored
+    (``written``) and the previous step's flag is set (``previous``)."""
+    flags[index] = np.uint8(1)
+    reported = _LOCAL_FLAGS.get(run)
+    if reported is not None:
+        reported.put(index)
+    return np.ones((), np.uint8)
+
+
+def _store_block(block: np.ndarray, target: Any, index: int, block_info: Any = None) -> np.ndarray:
+    """Write one dask block of a time step into its Zarr chunk; return a 1-element token.
+
+    The token (not the block) is what the step's flag waits on, so nothing is gathered or
+    concatenated: the pixels go from the kernel's output straight into the store.
+    """
+    location = block_info[0]["array-location"]
+    target[(slice(index, index + 1), *(slice(lo, hi) for lo, hi in location[1:]))] = block
+    return np.ones((1,) * block.ndim, np.uint8)
+
+
+def _step_writes(ds: Any, group: Any, i: int, index: int) -> list[Any]:
+    """Tasks that put time step ``i`` of ``ds`` at ``index`` of the store, one per chunk.
+
+    The arrays go straight into their Zarr arrays: the template fixed every encoding (plain
+    dtypes, fill values, chunks equal to the dask chunks), so xarray's per-call encoding and
+    region checks would only repeat themselves for every step. Coordinates along ``time``
+    were written with the template or the append.
+    """
+    import uuid
+
+    writes = []
+    for name in _stepped_vars(ds):
+        arr = group[name]
+        data = ds[name].data[i:i + 1]
+        if data.dtype != arr.dtype:
+            if not np.can_cast(data.dtype, arr.dtype, casting="same_kind"):
+                raise StoreError(f"{name} is {data.dtype} but the store holds {arr.dtype}; write to a new --out")
+            data = data.astype(arr.dtype)
+        writes.append(data.map_blocks(
+            _store_block, target=arr, index=index, dtype=np.uint8, meta=np.empty((0,) * data.ndim, np.uint8),
+            chunks=tuple((1,) * len(c) for c in data.chunks),
+            # Named, not hashed: tokenizing the Zarr array would cost more than the write.
+            name=f"icemap-store-{name}-{index}-{uuid.uuid4().hex}",
+        ))
+    return writes
+
+
+def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
+                 storage_options: Mapping[str, Any] | None, progress: Progress | None) -> list[str]:
+    """Write every pending time step in one task graph; flag each step as soon as it is stored.
+
+    One graph, not one per step: the threads never idle at the end of a step waiting for its
+    last chunk while the next step's reads could run. Each step's ``complete`` flag is a task
+    that depends on that step's store tasks *and* on the previous step's flag, so flags are set
+    in step order: a run interrupted at any moment leaves every flagged step fully written, and
+    ``progress`` (called in step order, as each flag lands) can stop the run after any step.
+    """
+    import uuid
+
+    import dask
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    flags_arr = group[_COMPLETE]
+    run = uuid.uuid4().hex
+    flags: list[Any] = []
+    for i, index, _ in steps:
+        # All of a step's write tokens, summed to one 0-d task the flag can wait on.
+        written = da.stack([w.sum() for w in _step_writes(ds, group, i, index)]).sum()
+        flags.append(da.map_blocks(
+            _mark_complete, written, *flags[-1:], flags=flags_arr, index=index, run=run, dtype=np.uint8,
+            meta=np.empty((), np.uint8), name=f"icemap-complete-{index}-{uuid.uuid4().hex}",
+        ))
+    # Arrays, computed together: one optimisation pass sees that a step's products share
+    # their kernel task (NDSI and ice from one pass) and keeps it shared.
+    labels = {index: t for _, index, t in steps}
+    done: list[str] = []
+
+    def step_done(label: str) -> None:
+        done.append(label)
+        if progress is not None:
+            progress(len(done), len(steps), label)
+
+    client = _distributed_client()
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(flags)
+        by_key = {fut.key: t for fut, (_, _, t) in zip(futures, steps)}  # finalize keys, never fused
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+                step_done(by_key[fut.key])
+        except BaseException:
+            client.cancel(futures)
+            raise
+    else:
+        from dask.callbacks import Callback
+
+        reported: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+        def drain(*_: Any) -> None:
+            # Runs in the scheduler's thread after each task and before the next ones start:
+            # a progress callback that raises stops the run right after the step it was told of.
+            while not reported.empty():
+                step_done(labels[reported.get()])
+
+        _LOCAL_FLAGS[run] = reported
+        try:
+            with Callback(posttask=drain):
+                dask.compute(*flags)
+            drain()
+            # A multiprocessing scheduler runs the flags elsewhere: they are all set by now.
+            for _, _, t in steps:
+                if t not in done:
+                    step_done(t)
+        finally:
+            del _LOCAL_FLAGS[run]
+    return done
+
+
+def _distributed_client() -> Any:
+    """The distributed Client that ``compute`` would use now, or None for a local scheduler."""
+    import dask.base
+
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    if owner is None or type(owner).__module__.split(".")[0] != "distributed":
+        return None
+    return owner
 
 
 def _check_compatible(existing: Any, ds: Any, path: str) -> None:
@@ -235,7 +366,7 @@ def write_cube(
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> WriteReport:
-    """Write (or finish, or extend) a cube store, one time step at a time.
+    """Write (or finish, or extend) a cube store; each time step is flagged once written.
 
     Parameters
     ----------
@@ -279,7 +410,7 @@ def write_timesteps(
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> WriteReport:
-    """Write every variable with a time dimension, one time step at a time, resumably.
+    """Write every variable with a time dimension, resumably, each time step flagged once written.
 
     The machinery behind :func:`write_cube` and product stores (``ndsi``, ``ice``,
     ``ice_probability``): template, region writes with completion flags, appends. Fill
@@ -340,13 +471,10 @@ def write_timesteps(
         if attrs:
             _set_attrs(path, {"icemap:last_run": dict(attrs)}, storage_options)
 
-    todo = [(i, t) for i, t in enumerate(new_times) if not complete[stored_times.index(t)]]
+    todo = [(i, stored_times.index(t), t) for i, t in enumerate(new_times) if not complete[stored_times.index(t)]]
     report.skipped = [t for t in new_times if complete[stored_times.index(t)]]
-    for n, (i, t) in enumerate(todo, start=1):
-        _region_write(ds.isel(time=[i]), path, stored_times.index(t), storage_options)
-        report.written.append(t)
-        if progress is not None:
-            progress(n, len(todo), t)
+    if todo:
+        report.written = _write_steps(ds, path, todo, storage_options, progress)
     # Last, once every step is written: plain xr.open_zarr then reads the finished state.
     finish_store(path, storage_options)
     return report
