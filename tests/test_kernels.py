@@ -162,6 +162,37 @@ def test_probability_mask_equals_numpy() -> None:
     np.testing.assert_array_equal(K.probability_mask(p, 0.5), want)
 
 
+def test_qa_from_reflectance_flags_only_pixels_no_band_covers() -> None:
+    rng = np.random.default_rng(13)
+    refl = _bands(rng, (2, 3, 17, 23), nan=0.5)
+    refl[0, :, 4, 5] = np.nan
+    want = np.where(np.isnan(refl).all(axis=-3), K.QA_FILL, 0).astype(np.uint16)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(K.qa_from_reflectance(refl), want)
+    out = np.zeros((2, 17, 23), np.uint16)
+    assert K.qa_from_reflectance(refl, out=out) is out
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 9), (31, 17)])
+def test_slope_equals_numpy_gradient(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(14)
+    z = rng.normal(2000, 300, shape).astype(np.float32)
+    z[rng.random(shape) < 0.05] = np.nan
+    gy, gx = np.gradient(z.astype(np.float64), 30.0, 25.0)
+    want = np.degrees(np.arctan(np.hypot(gx, gy))).astype(np.float32)
+    # Same float64 arithmetic; libm's atan may round the last float64 bit differently from
+    # numpy's, which survives the cast to float32 at most as one float32 ulp.
+    np.testing.assert_array_max_ulp(K.slope_degrees(z, 30.0, 25.0), want, maxulp=1)
+    assert np.array_equal(np.isnan(K.slope_degrees(z, 30.0, 25.0)), np.isnan(want))
+
+
+def test_stretch_uint8_equals_numpy() -> None:
+    rng = np.random.default_rng(15)
+    band = _bands(rng, (40, 30), nan=0.1)
+    want = (np.clip(np.nan_to_num((band - np.float32(0.1)) / np.float32(0.5), nan=0.0), 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(K.stretch_uint8(band, 0.1, 0.6), want)
+
+
 def ref_confusion(pred, ref, valid=None, by=None, n_ids=0):
     pred = np.asarray(pred)
     ref = np.broadcast_to(ref, pred.shape)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from icemap import kernels
 from icemap.errors import IcemapError
 
 __all__ = ["dem_on_grid", "slope_degrees", "resolve_dem_href", "DEM_ASSET_KEYS"]
@@ -226,8 +227,7 @@ def dem_on_grid(
 def _slope_kernel(z: np.ndarray, dy: float, dx: float) -> np.ndarray:
     if z.shape[0] < 2 or z.shape[1] < 2:
         raise IcemapError(f"slope needs at least 2 x 2 pixels, got a block of {z.shape}")
-    gy, gx = np.gradient(z.astype(np.float64), dy, dx)
-    return np.degrees(np.arctan(np.hypot(gx, gy))).astype(np.float32)
+    return kernels.slope_degrees(z, dy, dx)
 
 
 def slope_degrees(dem_grid: Any) -> Any:

@@ -52,6 +52,9 @@ __all__ = [
     "probability_mask",
     "scale_mask",
     "qa_to_uint16",
+    "qa_from_reflectance",
+    "slope_degrees",
+    "stretch_uint8",
     "mosaic_first_valid",
     "lookup_classes",
     "normalise_channels",
@@ -442,6 +445,75 @@ def qa_to_uint16(qa: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
     target = _Target(res)
     _qa_planes(_planes(qa, shape, np.float32), target.array)
     return target.done()
+
+
+@njit(**_JIT)
+def _fill_qa_planes(refl, out):  # pragma: no cover - compiled
+    planes, bands, h, w = refl.shape
+    for p in range(planes):
+        for r in range(h):
+            for i in range(w):
+                fill = True
+                for b in range(bands):
+                    if not np.isnan(refl[p, b, r, i]):
+                        fill = False
+                        break
+                out[p, r, i] = np.uint16(1) if fill else np.uint16(0)
+
+
+def qa_from_reflectance(refl: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """QA_PIXEL for scenes loaded without one: :data:`QA_FILL` where every band is NaN, else 0.
+
+    ``refl`` is ``(..., band, y, x)``; the result ``(..., y, x)`` uint16. Without a QA band
+    nothing is known about clouds (0 = "clear"), but fill is still fill: a pixel no band
+    covers must not read as a clear observation. One pass, stopping at the first valid band.
+    """
+    refl = np.asarray(refl, dtype=np.float32)
+    if refl.ndim < 3:
+        raise ValueError(f"reflectance must be (..., band, y, x), got shape {refl.shape}")
+    shape = refl.shape[:-3] + refl.shape[-2:]
+    res = _out(out, shape, np.uint16)
+    if not res.size:
+        return res
+    target = _Target(res)
+    _fill_qa_planes(np.ascontiguousarray(refl).reshape(-1, *refl.shape[-3:]), target.array)
+    return target.done()
+
+
+@njit(**_JIT)
+def _slope_plane(z, dy, dx, out):  # pragma: no cover - compiled
+    h, w = z.shape
+    for r in range(h):
+        r0, r1 = (r - 1, r + 1) if 0 < r < h - 1 else ((0, 1) if r == 0 else (h - 2, h - 1))
+        sy = 2.0 * dy if 0 < r < h - 1 else dy
+        for i in range(w):
+            i0, i1 = (i - 1, i + 1) if 0 < i < w - 1 else ((0, 1) if i == 0 else (w - 2, w - 1))
+            sx = 2.0 * dx if 0 < i < w - 1 else dx
+            gy = (np.float64(z[r1, i]) - np.float64(z[r0, i])) / sy
+            gx = (np.float64(z[r, i1]) - np.float64(z[r, i0])) / sx
+            out[r, i] = np.float32(np.degrees(np.arctan(np.hypot(gx, gy))))
+
+
+def slope_degrees(z: np.ndarray, dy: float, dx: float, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Terrain slope in degrees of a ``(y, x)`` elevation grid with pixel sizes ``dy``, ``dx``.
+
+    numpy's ``np.gradient`` rule (central differences inside, one-sided at the edges, in
+    float64), then ``degrees(arctan(hypot(gx, gy)))`` as float32, in one pass instead of six
+    grid-sized temporaries. NaN elevations give NaN slopes around them.
+    """
+    z = np.asarray(z)
+    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 2:
+        raise ValueError(f"slope needs a (y, x) grid of at least 2 x 2 pixels, got shape {z.shape}")
+    res = _out(out, z.shape, np.float32)
+    _slope_plane(z, float(dy), float(dx), res)
+    return res
+
+
+def stretch_uint8(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear stretch of ``[lo, hi]`` to 0-255 (NaN -> 0, clipped): a picture, not data, made
+    once per quicklook on an averaged-down frame, so plain numpy."""
+    scaled = (np.asarray(band, np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
+    return (np.clip(np.nan_to_num(scaled, nan=0.0), 0, 1) * 255).astype(np.uint8)
 
 
 def normalise_channels(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,

@@ -506,7 +506,7 @@ def load(
     if has_qa:
         qa = da.map_blocks(kernels.qa_to_uint16, qa_f, dtype=np.uint16)
     else:
-        qa = da.where(da.isnan(refl).all(axis=1), kernels.QA_FILL, np.uint16(0)).astype(np.uint16)
+        qa = da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
 
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(meta):

@@ -15,17 +15,13 @@ from typing import Any
 import numpy as np
 
 from icemap.errors import IcemapError
+from icemap.kernels import stretch_uint8
 
 __all__ = ["quicklook", "false_colour"]
 
 _ICE_RGB = np.array([255, 0, 200], dtype=np.float32)  # magenta: unlike any natural surface here
 _OUTLINE_RGB = np.array([255, 230, 0], dtype=np.uint8)
 _NODATA_RGB = np.array([128, 128, 128], dtype=np.uint8)
-
-
-def _stretch(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    out = (band - lo) / max(hi - lo, 1e-6)
-    return np.clip(np.nan_to_num(out, nan=0.0), 0, 1)
 
 
 def false_colour(frame: Any, bands: tuple[str, str, str] = ("swir16", "nir08", "green")) -> np.ndarray:
@@ -38,7 +34,7 @@ def false_colour(frame: Any, bands: tuple[str, str, str] = ("swir16", "nir08", "
         v = rgb[..., i]
         finite = v[np.isfinite(v)]
         lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0.0, 1.0))
-        out[..., i] = (_stretch(v, float(lo), float(hi)) * 255).astype(np.uint8)
+        out[..., i] = stretch_uint8(v, float(lo), float(hi))
     return out
 
 
