@@ -92,6 +92,30 @@ def test_interrupted_run_reads_back_right_and_resumes(sample_region: Any, tmp_pa
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
+@pytest.mark.parametrize("wave", [1, 3])
+def test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order(
+        sample_region: Any, tmp_path: Path, reference: Any, wave: int) -> None:
+    """Bounded waves (one chunk, or slabs that straddle two steps) change nothing but memory:
+    same values, and each step is flagged, in order, only after all of its slabs."""
+    from icemap.store import _waves
+
+    # 2 steps x 3 rows of 2 chunks, 4 chunks a wave: two rows, then a row of each step, then one.
+    assert _waves(2, 3, 2, 4) == [[(0, 0, 2)], [(0, 2, 3), (1, 0, 1)], [(1, 1, 3)]]
+    path = tmp_path / "c.zarr"
+    seen: list[tuple[int, tuple[bool, ...]]] = []
+
+    def record(done: int, total: int, label: str) -> None:
+        flags = zarr.open_group(str(path), mode="r")["complete"][:]
+        seen.append((done, tuple(bool(f) for f in flags)))
+
+    with icemap.set_options(write_wave=wave):
+        report = icemap.ingest(_items(sample_region), path, chunksize=64, progress=record)
+    n = reference.sizes["time"]
+    assert len(report.written) == n
+    assert seen == [(k, tuple(i < k for i in range(n))) for k in range(1, n + 1)]
+    _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
 def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, reference: Any) -> None:
     """A crash in the middle of a step: some chunks written, some garbage, flag not set."""
     path = tmp_path / "c.zarr"

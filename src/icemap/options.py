@@ -49,6 +49,11 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         8, _positive_int(1), "an integer >= 1",
         "U-Net windows per forward pass: bounds the memory of one inference task",
     ),
+    "write_wave": (
+        None, lambda v: v is None or _positive_int(1)(v), "None or an integer >= 1",
+        "spatial chunks a store write keeps in flight (None: four per thread): bounds a worker's "
+        "memory whatever the area, while the threads still overlap the end of one slab with the next",
+    ),
     "zarr_format": (
         3, lambda v: v in (2, 3), "2 or 3",
         "Zarr 3 by default; 2 for readers that have not moved yet",

@@ -247,35 +247,69 @@ def _step_writes(ds: Any, group: Any, i: int, index: int) -> list[Any]:
     return writes
 
 
+def _waves(steps: int, rows: int, row_chunks: int, max_chunks: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the pending work, step by step and row of chunks by row, into waves.
+
+    Returns waves of ``(step position, first row, end row)`` slabs, each wave at most
+    ``max_chunks`` spatial chunks (but at least one row), in step order.
+    """
+    per_wave = max(1, max_chunks // max(row_chunks, 1))
+    waves: list[list[tuple[int, int, int]]] = [[]]
+    room = per_wave
+    for s in range(steps):
+        r = 0
+        while r < rows:
+            if room == 0:
+                waves.append([])
+                room = per_wave
+            take = min(room, rows - r)
+            waves[-1].append((s, r, r + take))
+            room -= take
+            r += take
+    return waves
+
+
+def _wave_chunks(ds: Any) -> int:
+    """Spatial chunks a wave may hold: the ``write_wave`` option, else four per thread."""
+    chunks = get_option("write_wave")
+    if chunks is None:
+        import dask
+
+        client = _distributed_client()
+        threads = sum(client.nthreads().values()) if client is not None else (
+            dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        chunks = 4 * int(threads)
+    return max(int(chunks), 1)
+
+
 def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
                  storage_options: Mapping[str, Any] | None, progress: Progress | None) -> list[str]:
-    """Write every pending time step in one task graph; flag each step as soon as it is stored.
+    """Write the pending time steps in waves of spatial slabs; flag each step once it is stored.
 
-    One graph, not one per step: the threads never idle at the end of a step waiting for its
-    last chunk while the next step's reads could run. Each step's ``complete`` flag is a task
-    that depends on that step's store tasks *and* on the previous step's flag, so flags are set
-    in step order: a run interrupted at any moment leaves every flagged step fully written, and
-    ``progress`` (called in step order, as each flag lands) can stop the run after any step.
+    Two things are bounded here. **Idle threads**: one graph per step would leave threads
+    waiting at the end of each step for its last chunk, so a wave spans steps (the next step's
+    reads start while the last chunks of this one are written). **Memory**: a graph of all
+    the work lets a scheduler run reads ahead of the writes that free them (distributed does
+    not hold back reads that are not root tasks, as the loader's are), so a worker's memory
+    would grow with the area; a wave holds at most a few chunks per thread (the
+    ``write_wave`` option), whatever the area.
+
+    Each step's ``complete`` flag is a task of the wave holding the step's last slab; it
+    depends on that wave's store tasks of the step *and* on the previous step's flag, so
+    flags are set in step order: a run interrupted at any moment leaves every flagged step
+    fully written, and ``progress`` (called in step order, as each flag lands) can stop the
+    run after any step.
     """
     import uuid
 
-    import dask
     import dask.array as da
     import zarr
 
     group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     flags_arr = group[_COMPLETE]
     run = uuid.uuid4().hex
-    flags: list[Any] = []
-    for i, index, _ in steps:
-        # All of a step's write tokens, summed to one 0-d task the flag can wait on.
-        written = da.stack([w.sum() for w in _step_writes(ds, group, i, index)]).sum()
-        flags.append(da.map_blocks(
-            _mark_complete, written, *flags[-1:], flags=flags_arr, index=index, run=run, dtype=np.uint8,
-            meta=np.empty((), np.uint8), name=f"icemap-complete-{index}-{uuid.uuid4().hex}",
-        ))
-    # Arrays, computed together: one optimisation pass sees that a step's products share
-    # their kernel task (NDSI and ice from one pass) and keeps it shared.
+    writes = [_step_writes(ds, group, i, index) for i, index, _ in steps]
+    y_blocks, x_blocks = writes[0][0].numblocks[-2:]
     labels = {index: t for _, index, t in steps}
     done: list[str] = []
 
@@ -284,42 +318,77 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
         if progress is not None:
             progress(len(done), len(steps), label)
 
+    for wave in _waves(len(steps), y_blocks, x_blocks, _wave_chunks(ds)):
+        targets: list[Any] = []
+        flags: list[tuple[Any, str]] = []
+        previous: list[Any] = []
+        for s, r0, r1 in wave:
+            # The slab's write tokens, summed to one 0-d task.
+            written = da.stack([w.blocks[(slice(None),) * (w.ndim - 2) + (slice(r0, r1),)].sum()
+                                for w in writes[s]]).sum()
+            if r1 < y_blocks:
+                targets.append(written)
+                continue
+            _, index, label = steps[s]
+            flag = da.map_blocks(
+                _mark_complete, written, *previous, flags=flags_arr, index=index, run=run, dtype=np.uint8,
+                meta=np.empty((), np.uint8), name=f"icemap-complete-{index}-{uuid.uuid4().hex}",
+            )
+            previous = [flag]
+            targets.append(flag)
+            flags.append((flag, label))
+        # Computed together: one optimisation pass sees that a step's products share their
+        # kernel task (NDSI and ice from one pass) and keeps it shared.
+        _compute_wave(targets, flags, run, labels, step_done)
+    return done
+
+
+def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, labels: Mapping[int, str],
+                  step_done: Callable[[str], None]) -> None:
+    """Compute one wave; call ``step_done`` for each flag, in step order, as it lands."""
+    import dask
+
     client = _distributed_client()
     if client is not None:
-        from distributed import as_completed
+        from distributed import as_completed, wait
 
-        futures = client.compute(flags)
-        by_key = {fut.key: t for fut, (_, _, t) in zip(futures, steps)}  # finalize keys, never fused
+        futures = client.compute(targets)
+        flag_keys = {fut.key: label for fut, t in zip(futures, targets) for f, label in flags if f is t}
         try:
             for fut in as_completed(futures):
                 fut.result()
-                step_done(by_key[fut.key])
+                if fut.key in flag_keys:
+                    step_done(flag_keys[fut.key])
+            wait(futures)
         except BaseException:
             client.cancel(futures)
             raise
-    else:
-        from dask.callbacks import Callback
+        return
 
-        reported: queue.SimpleQueue[int] = queue.SimpleQueue()
+    from dask.callbacks import Callback
 
-        def drain(*_: Any) -> None:
-            # Runs in the scheduler's thread after each task and before the next ones start:
-            # a progress callback that raises stops the run right after the step it was told of.
-            while not reported.empty():
-                step_done(labels[reported.get()])
+    reported: queue.SimpleQueue[int] = queue.SimpleQueue()
+    told: set[str] = set()
 
-        _LOCAL_FLAGS[run] = reported
-        try:
-            with Callback(posttask=drain):
-                dask.compute(*flags)
-            drain()
-            # A multiprocessing scheduler runs the flags elsewhere: they are all set by now.
-            for _, _, t in steps:
-                if t not in done:
-                    step_done(t)
-        finally:
-            del _LOCAL_FLAGS[run]
-    return done
+    def drain(*_: Any) -> None:
+        # Runs in the scheduler's thread after each task and before the next ones start:
+        # a progress callback that raises stops the run right after the step it was told of.
+        while not reported.empty():
+            label = labels[reported.get()]
+            told.add(label)
+            step_done(label)
+
+    _LOCAL_FLAGS[run] = reported
+    try:
+        with Callback(posttask=drain):
+            dask.compute(*targets)
+        drain()
+    finally:
+        del _LOCAL_FLAGS[run]
+    # A multiprocessing scheduler runs the flags elsewhere: they are all set by now.
+    for _, label in flags:
+        if label not in told:
+            step_done(label)
 
 
 def _distributed_client() -> Any:
