@@ -21,7 +21,7 @@ import numpy as np
 
 from icemap.errors import IcemapError
 
-__all__ = ["map_figure", "area_plot", "save_png", "png_bytes", "glacier_change"]
+__all__ = ["area_plot", "glacier_change", "map_figure", "png_bytes", "save_png"]
 
 _ICE_RGBA = (1.0, 0.0, 0.78, 0.55)  # magenta, as the quicklook: unlike any natural surface
 _NODATA_RGBA = (0.5, 0.5, 0.5, 1.0)

@@ -19,7 +19,7 @@ from typing import Any
 
 from icemap.errors import IcemapError
 
-__all__ = ["report", "render_report", "provenance"]
+__all__ = ["provenance", "render_report", "report"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:72em;
@@ -160,10 +160,10 @@ def render_report(
                   + "</tbody></table>")
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="sub">Mapped glacier ice per time step by {html.escape(str(method))}; areas per glacier with '
+        (f'<p class="sub">Mapped glacier ice per time step by {html.escape(str(method))}; areas per glacier with '
         "buffer-method uncertainty (mapped ice perimeter &times; half a pixel); region uncertainty is the sum over "
         "glaciers (errors taken as fully correlated). Where the observed fraction is below 1, cloud or fill hid "
-        "part of the glacier and its area is a lower bound.</p>",
+        "part of the glacier and its area is a lower bound.</p>"),
         "<h2>Run</h2>", _dl(summary),
         "<h2>Maps and areas</h2>", *[_img(*f) for f in figures],
         "<h2>Region per time step</h2>", _table(region, id_col=None, table_id="region-table"),
@@ -216,7 +216,7 @@ def report(
         The page written.
     """
     from icemap.figures import area_plot, map_figure, png_bytes
-    from icemap.series import _as_ice, glacier_series, region_series, write_table
+    from icemap.series import _as_ice, check_table_path, glacier_series, region_series, write_table
     from icemap.store import open_cube
 
     start = _time.perf_counter()
@@ -225,6 +225,8 @@ def report(
         raise IcemapError(f"the report is an HTML page: give --out a .html name, not {out.name!r}")
     if not out.parent.is_dir():
         raise IcemapError(f"folder {out.parent} does not exist; create it before writing {out.name}")
+    if series_out is not None:
+        check_table_path(series_out)
     cube_ds = open_cube(cube) if isinstance(cube, (str, os.PathLike)) else cube
     product = open_cube(pred) if isinstance(pred, (str, os.PathLike)) else pred
     ice = _as_ice(product)
@@ -239,8 +241,8 @@ def report(
         fig = map_figure(cube_ds, ice, time=i, outlines=reference, change=series if n > 1 else None,
                          id_column=id_column)
         figures.append((png_bytes(fig), f"map {when}",
-                        f"{when}: mapped ice (magenta) on false colour; outlines coloured by each glacier's mean "
-                        "area change over the series; grey: no data."))
+                        (f"{when}: mapped ice (magenta) on false colour; outlines coloured by each glacier's mean "
+                        "area change over the series; grey: no data.")))
     figures.append((png_bytes(area_plot(region, series, top=top)), "area versus year",
                     "Mapped ice area per time step, error bars the buffer-method uncertainty."))
     prov = provenance(cube_ds, product if hasattr(product, "data_vars") else ice, reference)

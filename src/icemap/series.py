@@ -25,8 +25,15 @@ import numpy as np
 
 from icemap.errors import IcemapError
 
-__all__ = ["glacier_series", "region_series", "glacier_counts", "write_table", "SERIES_COLUMNS",
-           "REGION_COLUMNS"]
+__all__ = [
+    "REGION_COLUMNS",
+    "SERIES_COLUMNS",
+    "check_table_path",
+    "glacier_counts",
+    "glacier_series",
+    "region_series",
+    "write_table",
+]
 
 #: Columns of :func:`glacier_series`, in order.
 SERIES_COLUMNS = ("glacier_id", "time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction",
@@ -260,18 +267,27 @@ def region_series(table: Any) -> Any:
     return out[list(REGION_COLUMNS)]
 
 
+def check_table_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path if :func:`write_table` can write it (known suffix, existing folder).
+
+    Callers check before computing, so a typo in an output name costs nothing.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise IcemapError(f"cannot tell the table format of {path.name!r}; use .csv or .parquet")
+    if not path.parent.is_dir():
+        raise IcemapError(f"folder {path.parent} does not exist; create it before writing {path.name}")
+    return path
+
+
 def write_table(table: Any, path: str | os.PathLike[str]) -> Path:
     """Write a table as CSV or Parquet by suffix, atomically (temporary file, then rename).
 
     Parquet keeps the types (datetime64 times, int years, float NaN); CSV writes ISO times and
     empty cells for NaN, which spreadsheets and ``pandas.read_csv`` read back.
     """
-    path = Path(path)
+    path = check_table_path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise IcemapError(f"cannot tell the table format of {path.name!r}; use .csv or .parquet")
-    if not path.parent.is_dir():
-        raise IcemapError(f"folder {path.parent} does not exist; create it before writing {path.name}")
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
     try:
         if suffix == ".csv":
