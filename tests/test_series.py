@@ -116,7 +116,7 @@ def test_counts_are_lazy_and_chunked_equals_whole(stores: dict[str, Path], sampl
 
 
 def _synthetic(values: np.ndarray, times: list[str]) -> xr.DataArray:
-    t, h, w = values.shape
+    _, h, w = values.shape
     da = xr.DataArray(values.astype(np.uint8), dims=("time", "y", "x"),
                       coords={"time": pd.DatetimeIndex(times), "y": 7_000_000.0 - 30.0 * (np.arange(h) + 0.5),
                               "x": 500_000.0 + 30.0 * (np.arange(w) + 0.5)}, name="ice")
