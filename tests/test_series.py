@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import rioxarray  # noqa: F401  (the .rio accessor of the synthetic masks)
 import shapely
 import xarray as xr
 
@@ -146,6 +147,7 @@ def synthetic() -> tuple[xr.DataArray, gpd.GeoDataFrame]:
 def test_rates_and_uncertainty_by_hand(synthetic: tuple[xr.DataArray, gpd.GeoDataFrame]) -> None:
     ice, outlines = synthetic
     table = glacier_series(ice, outlines)
+    pd.testing.assert_frame_equal(ice.icemap.series(outlines), table)  # the accessor spells the same call
     a = table[table["glacier_id"] == "RGI60-11.00001"].reset_index(drop=True)
     assert list(a["year"]) == [2020, 2021, 2023]
     np.testing.assert_allclose(a["area_km2"], [16 * 900 / 1e6, 9 * 900 / 1e6, 4 * 900 / 1e6])

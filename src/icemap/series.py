@@ -99,6 +99,7 @@ def glacier_counts(ice: Any, ids: Any, n_ids: int) -> Any:
 
 def _as_ice(pred_or_ice: Any) -> Any:
     """The ``ice`` DataArray of a product path, product Dataset or ice mask."""
+    import rioxarray  # noqa: F401  (registers .rio: the grid and CRS of masks built by hand)
     import xarray as xr
 
     if isinstance(pred_or_ice, (str, os.PathLike)):
