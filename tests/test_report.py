@@ -108,6 +108,14 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     # The region line carries the summed areas, one point per time step.
     line = axes[0].get_lines()[0]
     np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), table.groupby("time")["area_km2"].sum().to_numpy())
+    from icemap.figures import glacier_change
+
+    rate = glacier_change(table)  # what colours each outline: mean %/yr from first to last step
+    for gid, g in table.groupby("glacier_id"):
+        years = (g["time"].iloc[-1] - g["time"].iloc[0]).total_seconds() / (365.25 * 86400)
+        a0, a1 = g["area_km2"].iloc[0], g["area_km2"].iloc[-1]
+        want = 100 * (a1 - a0) / a0 / years if a0 > 0 else np.nan
+        np.testing.assert_allclose(rate[gid], want, rtol=1e-12, equal_nan=True)
     fig = icemap.map_figure(icemap.open_cube(run["cube"]), icemap.open_cube(run["pred"]), time=-1,
                             outlines=run["reference"], change=table)
     title = fig.get_axes()[0].get_title()
@@ -172,3 +180,17 @@ def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
     assert len(cells) == len(run["ids"]) * n_steps
     errors = [e for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
     assert not errors, errors
+
+
+def test_missing_report_extra_is_named_first(tmp_path: Path) -> None:
+    """Without matplotlib, `icemap report` says which extra to install, before any other check."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    res = subprocess.run([sys.executable, "-m", "icemap.cli", "report", "--cube", "none.zarr", "--pred", "none.zarr",
+                          "--reference", "none.gpkg", "--out", str(tmp_path / "r.html")],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 1 and 'pip install "icemap[report]"' in res.stderr and "matplotlib" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -52,13 +52,14 @@ def glacier_change(table: Any) -> Any:
     """
     import pandas as pd
 
-    def one(g: Any) -> float:
-        g = g.sort_values("time")
-        a0, a1 = float(g["area_km2"].iloc[0]), float(g["area_km2"].iloc[-1])
-        years = (g["time"].iloc[-1] - g["time"].iloc[0]) / pd.Timedelta(days=365.25)
-        return 100.0 * (a1 - a0) / a0 / years if a0 > 0 and years > 0 else float("nan")
-
-    return pd.Series({gid: one(g) for gid, g in table.groupby("glacier_id", sort=False)}, name="change_pct_per_yr")
+    t = table.sort_values("time", kind="stable")
+    g = t.groupby("glacier_id", sort=False)
+    first, last = g.first(), g.last()
+    a0, a1 = first["area_km2"].to_numpy(np.float64), last["area_km2"].to_numpy(np.float64)
+    years = ((last["time"] - first["time"]) / pd.Timedelta(days=365.25)).to_numpy(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where((a0 > 0) & (years > 0), 100.0 * (a1 - a0) / a0 / years, np.nan)
+    return pd.Series(rate, index=first.index, name="change_pct_per_yr")
 
 
 def _nice_length(span_m: float) -> float:
