@@ -159,6 +159,7 @@ def map_figure(
             norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
             table = table.assign(_rate=values)
             table.boundary.plot(ax=ax, color="#ffe600", linewidth=0.6)  # glaciers without a rate
+            handles.append(Patch(facecolor="none", edgecolor="#ffe600", label="outline, no rate (no ice at first step)"))
             has = table[np.isfinite(values)]
             if len(has):
                 has.set_geometry(has.boundary).plot(ax=ax, column="_rate", cmap="RdBu", norm=norm, linewidth=1.4)
@@ -204,28 +205,44 @@ def area_plot(region_table: Any, glacier_table: Any, *, top: int = 5) -> Any:
 
     if top < 0:
         raise IcemapError(f"top must be >= 0, got {top}")
-    fig = Figure(figsize=(10, 4.2), dpi=110, layout="constrained")
+    fig = Figure(figsize=(10, 4.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax_r, ax_g = fig.subplots(1, 2)
+    fig.suptitle("Error bars: buffer-method uncertainty. Hollow points: partly hidden by cloud or fill "
+                 "(area is a lower bound)", fontsize=8, color="#444")
     x = _decimal_year(region_table["time"])
     ax_r.errorbar(x, region_table["area_km2"], yerr=region_table["area_uncertainty_km2"], marker="o", capsize=4,
                   color="#1f4e79")
+    _mark_partial(ax_r, x, region_table)
     ax_r.set_title("Region: mapped ice area", fontsize=10)
     ax_r.set_ylabel("area (km²)")
     largest = (glacier_table.groupby("glacier_id", sort=False)["outline_area_km2"].first()
                .sort_values(ascending=False).head(top).index)
     for gid in largest:
         g = glacier_table[glacier_table["glacier_id"] == gid].sort_values("time")
-        ax_g.errorbar(_decimal_year(g["time"]), g["area_km2"], yerr=g["area_uncertainty_km2"], marker="o",
-                      capsize=3, label=str(gid))
+        gx = _decimal_year(g["time"])
+        ax_g.errorbar(gx, g["area_km2"], yerr=g["area_uncertainty_km2"], marker="o", capsize=3, label=str(gid))
+        _mark_partial(ax_g, gx, g)
     ax_g.set_title(f"The {len(largest)} largest glaciers (by outline area)", fontsize=10)
     if len(largest):
         ax_g.legend(fontsize=7)
+    years = np.arange(np.floor(x.min()), np.floor(x.max()) + 1) if len(x) else np.array([])
     for ax in (ax_r, ax_g):
         ax.set_xlabel("year")
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        # One tick per calendar year of the series, at 1 January (a step in February sits just after it).
+        ax.set_xticks(years, [str(int(y)) for y in years])
+        if len(x):
+            ax.set_xlim(years[0] - 0.1, max(x.max(), years[-1]) + 0.3)
     return fig
+
+
+def _mark_partial(ax: Any, x: np.ndarray, table: Any) -> None:
+    """Hollow markers where cloud or fill hid part of the ice: there the area is a lower bound."""
+    part = np.asarray(table["observed_fraction"], dtype=np.float64) < 0.999
+    if part.any():
+        ax.scatter(x[part], np.asarray(table["area_km2"], dtype=np.float64)[part], s=22, facecolor="white",
+                   edgecolor="black", linewidth=0.8, zorder=5, label="_partly observed")
 
 
 def _decimal_year(times: Any) -> np.ndarray:
