@@ -12,7 +12,6 @@ import html
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 import icemap
@@ -152,18 +152,24 @@ def browser() -> Iterator[Any]:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=driver_path)
     driver = None
+    started: list[Any] = []
     try:
         driver = webdriver.Chrome(service=service, options=options)
+        # chromedriver and the browser processes it started, by PID, for the teardown below.
+        started = [psutil.Process(service.process.pid)]
+        started += started[0].children(recursive=True)
         yield driver
     finally:
         try:
             if driver is not None:
                 driver.quit()
         finally:
-            proc = getattr(service, "process", None)
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            for proc in started:  # whatever quit() left running (also after a failed test)
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(started, timeout=30)
 
 
 def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
