@@ -19,7 +19,7 @@ from icemap.errors import IcemapError
 PredOpt = Annotated[str, typer.Option("--pred", help="Product store (path or URL) with an `ice` variable (`icemap map`).")]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="Glacier outlines (any vector format): the glaciers to report.")]
 IdColumnOpt = Annotated[str | None, typer.Option(
-    "--id-column", help="Outline column that identifies a glacier (default: RGIId/rgi_id/glacier_id when present).")]
+    "--id-column", help="Outline column that identifies a glacier (default: glacier_id, RGIId, rgi_id... when present).")]
 
 
 def _exists(path: Path, what: str) -> None:
@@ -39,7 +39,7 @@ def areas_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Per-glacier series: .csv or .parquet.")],
     id_column: IdColumnOpt = None,
     region_out: Annotated[Path | None, typer.Option("--region-out", help="Also write the region's series (.csv or .parquet).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw area versus year (PNG; needs icemap[report]).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw area versus year (PNG; needs the report extra: pip install icemap\\[report]).")] = None,
     top: Annotated[int, typer.Option("--top", help="Largest glaciers drawn in --plot.", min=0)] = 5,
     scheduler: SchedulerOpt = None,
 ) -> None:

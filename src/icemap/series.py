@@ -151,8 +151,9 @@ def glacier_series(
     reference
         Glacier outlines (path or GeoDataFrame) that overlap the product.
     id_column
-        Column of the outlines that identifies a glacier; default the RGI id (``RGIId``,
-        ``rgi_id``...) or ``glacier_id`` when present, else ``G00001``... in file order.
+        Column of the outlines that identifies a glacier; default the first present of
+        ``glacier_id``, ``RGIId`` (RGI 6), ``rgi_id`` (RGI 7), ``glac_id``, ``GLIMSId``, ``ID``,
+        ``id`` (:func:`icemap.labels.glacier_ids`), else ``G00001``... in file order.
     buffer_px
         Buffer width of the uncertainty in pixels (default the ``area_buffer_px`` option, 0.5).
 
