@@ -19,7 +19,7 @@ import pytest
 
 from .conftest import REPO
 
-BENCH_MODULES = ["bench_ingest", "bench_ndsi", "bench_unet", "bench_end_to_end", "bench_graph", "common",
+BENCH_MODULES = ["bench_ingest", "bench_ndsi", "bench_unet", "bench_end_to_end", "bench_graph", "bench_series", "common",
                  "ratios", "gpu_inference"]
 
 

@@ -354,3 +354,49 @@ def test_normalise_channels_equals_numpy() -> None:
     np.testing.assert_array_equal(nodata, np.isnan(want).any(axis=0))
     np.testing.assert_array_equal(z, np.nan_to_num(want, nan=0.0))
     assert z.dtype == np.float32 and z[:, 2, 3].tolist() == [z[0, 2, 3], 0.0, z[2, 2, 3]]
+
+
+def ref_glacier_stats(ice: np.ndarray, gid: np.ndarray, n_ids: int) -> np.ndarray:
+    """Textbook version: per id, counts by bincount and the perimeter of the set
+    ``ice == 1 & gid == g`` as the number of pixel sides where the padded set changes."""
+    out = np.zeros((ice.shape[0], 5, n_ids + 1), np.int64)
+    for p in range(ice.shape[0]):
+        m = ice[p]
+        out[p, 0] = np.bincount(gid.ravel(), minlength=n_ids + 1)[:n_ids + 1]
+        out[p, 1] = np.bincount(gid[m != 255], minlength=n_ids + 1)[:n_ids + 1]
+        out[p, 2] = np.bincount(gid[m == 1], minlength=n_ids + 1)[:n_ids + 1]
+        for g in range(n_ids + 1):
+            s = np.pad((m == 1) & (gid == g), 1, constant_values=False)
+            out[p, 3, g] = np.count_nonzero(s[:, 1:] != s[:, :-1])
+            out[p, 4, g] = np.count_nonzero(s[1:, :] != s[:-1, :])
+    return out
+
+
+def test_glacier_stats_equals_numpy_reference() -> None:
+    rng = np.random.default_rng(11)
+    ice = rng.choice(np.array([0, 1, 1, 255], np.uint8), size=(3, 37, 53))
+    # Blocky ids, so glaciers touch each other and the raster's edge.
+    gid = np.kron(rng.integers(0, 6, (8, 11)), np.ones((5, 5), np.int64))[:37, :53].astype(np.int32)
+    np.testing.assert_array_equal(K.glacier_stats(ice, gid, 5), ref_glacier_stats(ice, gid, 5))
+    # One (y, x) plane gives a (5, n + 1) table.
+    np.testing.assert_array_equal(K.glacier_stats(ice[1], gid, 5), ref_glacier_stats(ice[1:2], gid, 5)[0])
+
+
+def test_glacier_stats_single_pixel_and_halo_blocks_sum_to_whole() -> None:
+    ice = np.zeros((1, 4, 4), np.uint8)
+    ice[0, 1, 1] = 1
+    gid = np.ones((4, 4), np.int32)
+    # One ice pixel: 4 sides, 2 of them facing x, 2 facing y.
+    np.testing.assert_array_equal(K.glacier_stats(ice, gid, 1)[0, :, 1], [16, 16, 1, 2, 2])
+    rng = np.random.default_rng(12)
+    ice = rng.choice(np.array([0, 1, 1, 255], np.uint8), size=(2, 30, 40))
+    gid = np.kron(rng.integers(0, 4, (6, 8)), np.ones((5, 5), np.int64)).astype(np.int32)
+    whole = K.glacier_stats(ice, gid, 3)
+    # 2 x 2 blocks, each grown by a 1-pixel halo (the raster's border padded with "not ice", id 0).
+    pi = np.pad(ice, ((0, 0), (1, 1), (1, 1)), constant_values=0)
+    pg = np.pad(gid, 1, constant_values=0)
+    total = np.zeros_like(whole)
+    for y0, y1 in ((0, 13), (13, 30)):
+        for x0, x1 in ((0, 21), (21, 40)):
+            total += K.glacier_stats(pi[:, y0:y1 + 2, x0:x1 + 2], pg[y0:y1 + 2, x0:x1 + 2], 3, halo=1)
+    np.testing.assert_array_equal(total, whole)

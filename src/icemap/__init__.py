@@ -48,6 +48,11 @@ _API = {
     "write_timesteps": "icemap.store",
     "set_options": "icemap.options",
     "get_option": "icemap.options",
+    "glacier_series": "icemap.series",
+    "region_series": "icemap.series",
+    "map_figure": "icemap.figures",
+    "area_plot": "icemap.figures",
+    "report": "icemap.report",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -68,6 +73,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.workflow import ingest
     from icemap.options import get_option, set_options
     from icemap.vector import ice_area_km2
+    from icemap.series import glacier_series, region_series
+    from icemap.figures import area_plot, map_figure
+    from icemap.report import report
 
 
 def __getattr__(name: str) -> Any:
@@ -86,7 +94,7 @@ def __dir__() -> list[str]:
 class _Package(types.ModuleType):
     """The icemap package object: public functions win over same-named submodules.
 
-    ``load`` and ``quicklook`` are functions defined in submodules of the same name. The first
+    ``load``, ``quicklook`` and ``report`` are functions defined in submodules of the same name. The first
     import of such a submodule (``from icemap.load import load`` inside any function) makes
     Python bind the *module* as ``icemap.load``, after which ``icemap.load(items)`` fails with
     "'module' object is not callable", depending on import order. The submodules remain

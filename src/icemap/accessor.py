@@ -72,6 +72,10 @@ class MaskAccessor:
         ids, table = icemap.glacier_ids(outlines, self._obj)
         return icemap.ice_area_per_glacier(self._obj, ids, table)
 
+    def series(self, outlines: Any, **kwargs: Any) -> Any:
+        """Per-glacier area series with uncertainty and rates (:func:`icemap.series.glacier_series`)."""
+        return icemap.glacier_series(self._obj, outlines, **kwargs)
+
     def polygonise(self, **kwargs: Any) -> Any:
         """Ice outlines with areas, as a GeoDataFrame (:func:`icemap.vector.polygonise`)."""
         return icemap.polygonise(self._obj, **kwargs)

@@ -335,6 +335,7 @@ _default_showwarning = warnings.showwarning
 
 # Model commands (train, experiment) live in their own module and register on `app`.
 from icemap import cli_model  # noqa: E402,F401  (imports cli_common, never this module)
+from icemap import cli_report  # noqa: E402,F401  (areas, figure, report; imports cli_common only)
 
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,

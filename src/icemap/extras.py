@@ -15,7 +15,7 @@ from icemap.errors import MissingExtraError
 __all__ = ["EXTRAS", "require"]
 
 #: extra -> the modules it provides that icemap imports.
-EXTRAS: dict[str, tuple[str, ...]] = {"ml": ("torch", "safetensors")}
+EXTRAS: dict[str, tuple[str, ...]] = {"ml": ("torch", "safetensors"), "report": ("matplotlib",)}
 
 
 def require(extra: str, what: str) -> None:

@@ -60,6 +60,8 @@ __all__ = [
     "normalise_channels",
     "confusion_counts",
     "count_by_id",
+    "glacier_stats",
+    "GLACIER_STATS",
     "threshold_histogram",
 ]
 
@@ -644,6 +646,76 @@ def count_by_id(mask: np.ndarray, ids: np.ndarray, n_ids: int, value: int = 1) -
     if mask.size:
         _count_planes(_planes(mask, shape), _planes(ids, shape, np.int64), mask.dtype.type(value), int(n_ids), counts)
     return counts
+
+
+#: Rows of :func:`glacier_stats`, in order.
+GLACIER_STATS = ("pixels", "valid", "ice", "edges_x", "edges_y")
+
+
+@njit(nogil=True, cache=True)
+def _glacier_stats_planes(mask, ids, n_ids, halo, nodata, counts):  # pragma: no cover - compiled
+    planes, h, w = mask.shape
+    for p in range(planes):
+        pi = p % ids.shape[0]
+        for r in range(halo, h - halo):
+            for i in range(halo, w - halo):
+                g = ids[pi, r, i]
+                if g < 0 or g > n_ids:
+                    continue
+                counts[p, 0, g] += 1
+                v = mask[p, r, i]
+                if v == nodata:
+                    continue
+                counts[p, 1, g] += 1
+                if v != 1:
+                    continue
+                counts[p, 2, g] += 1
+                # A side of an ice pixel of glacier g is on the perimeter of that glacier's ice
+                # unless the neighbour across it is ice of the same glacier; the raster's edge
+                # counts as "not ice".
+                if i == 0 or not (mask[p, r, i - 1] == 1 and ids[pi, r, i - 1] == g):
+                    counts[p, 3, g] += 1
+                if i == w - 1 or not (mask[p, r, i + 1] == 1 and ids[pi, r, i + 1] == g):
+                    counts[p, 3, g] += 1
+                if r == 0 or not (mask[p, r - 1, i] == 1 and ids[pi, r - 1, i] == g):
+                    counts[p, 4, g] += 1
+                if r == h - 1 or not (mask[p, r + 1, i] == 1 and ids[pi, r + 1, i] == g):
+                    counts[p, 4, g] += 1
+
+
+def glacier_stats(mask: np.ndarray, ids: np.ndarray, n_ids: int, *, halo: int = 0) -> np.ndarray:
+    """Per-glacier pixel counts and ice perimeter in one pass: ``(*lead, 5, n_ids + 1)`` int64.
+
+    Rows (:data:`GLACIER_STATS`): ``pixels`` (pixels of the id: the outline's size), ``valid``
+    (of those, not :data:`ICE_NODATA`), ``ice`` (== 1), ``edges_x`` and ``edges_y``: the sides
+    between an ice pixel of glacier ``g`` and a horizontal (x) or vertical (y) neighbour that is
+    not ice of ``g`` (no ice, nodata, another glacier, or beyond the raster). ``edges_x`` sides
+    are one pixel high, ``edges_y`` sides one pixel wide, so ``edges_x * |dy| + edges_y * |dx|``
+    is the perimeter of glacier ``g``'s mapped ice, traced along pixel edges: the raster's own,
+    exact perimeter of the set it maps, which the buffer method of area uncertainty needs.
+
+    Parameters
+    ----------
+    mask
+        uint8 ice mask ``(..., y, x)``: 1 ice, 0 not, :data:`ICE_NODATA` nodata.
+    ids
+        Glacier ids ``(y, x)`` or like ``mask``: 0..n_ids (others are not counted).
+    n_ids
+        Largest id.
+    halo
+        Rows and columns on every side that are neighbours only (a dask block grown by
+        ``map_overlap``): pixels there are not counted but are looked at across the sides of
+        the pixels inside, so per-block results sum to the whole raster's exactly. Pad the
+        raster's own border with 0 (not ice) to match an unpadded whole-raster count.
+    """
+    mask = np.asarray(mask)
+    shape = mask.shape
+    lead = tuple(shape[:-2])
+    counts = np.zeros((int(np.prod(lead)) if lead else 1, len(GLACIER_STATS), int(n_ids) + 1), np.int64)
+    if mask.size:
+        _glacier_stats_planes(_planes(mask, shape, np.uint8), _planes(ids, shape, np.int64), int(n_ids),
+                              int(halo), np.uint8(ICE_NODATA), counts)
+    return counts.reshape(*lead, len(GLACIER_STATS), int(n_ids) + 1)
 
 
 def threshold_histogram(index: np.ndarray, edges: np.ndarray, ref: np.ndarray | None = None,

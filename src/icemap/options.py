@@ -58,6 +58,11 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         3, lambda v: v in (2, 3), "2 or 3",
         "Zarr 3 by default; 2 for readers that have not moved yet",
     ),
+    "area_buffer_px": (
+        0.5, _number_in(0.0, 100.0), "a number of pixels in [0, 100]",
+        "the buffer method's area uncertainty: the mapped ice perimeter times half a pixel, since "
+        "an edge pixel is misplaced by up to half its size (Granshaw and Fountain 2006; Paul et al. 2013)",
+    ),
     "resolution": (
         None, lambda v: v is None or _number_in(1e-9, float("inf"))(v), "None or a positive number of CRS units",
         "None: each sensor's own (its table in icemap.bands: 30 m Landsat and HLS, 20 m Sentinel-2), "
@@ -89,7 +94,7 @@ class set_options:
 
     Options
     -------
-    ndsi_threshold, chunksize, tile, batch_size, zarr_format, resolution; see
+    ndsi_threshold, chunksize, tile, batch_size, zarr_format, area_buffer_px, resolution; see
     ``icemap.options.describe()`` for each one's default and why.
     """
 

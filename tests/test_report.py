@@ -1,0 +1,202 @@
+"""The HTML report: self-contained, escaped, and rendered by a real headless Chromium.
+
+The browser test starts Debian's ``chromium`` through ``chromedriver`` (selenium's WebDriver
+client) and stops both by PID in teardown, also when the test fails. Without them the test
+skips locally with the reason and fails under ``CI=true`` (.ci/run installs them).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+
+import icemap
+from icemap.errors import IcemapError
+
+from .conftest import IN_CI
+
+pytest.importorskip("matplotlib", reason="the report needs icemap[report] (matplotlib)")
+
+
+def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A cube, its NDSI product, and outlines whose ids need escaping, reported through the CLI."""
+    from icemap.workflow import map_cube
+
+    folder = tmp_path_factory.mktemp("report")
+    cube = folder / "cube.zarr"
+    icemap.ingest(icemap.search(str(sample_region.catalog)).items(), cube, chunksize=64)
+    map_cube(cube, folder / "ice.zarr")
+    outlines = gpd.read_file(sample_region.outlines, layer="glaciers")
+    # RGI-style ids, one with characters that must be escaped in HTML.
+    outlines["RGIId"] = [f"RGI60-17.{i:05d}" for i in range(1, len(outlines) + 1)]
+    outlines.loc[0, "RGIId"] = "RGI60-17.<b>&1</b>"
+    ref = folder / "rgi.gpkg"
+    outlines.drop(columns=["glacier_id"]).to_file(ref, layer="glaciers")
+    out = folder / "report.html"
+    res = _icemap("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
+                  "--out", str(out), "--series-out", str(folder / "series.parquet"))
+    assert res.returncode == 0, res.stderr
+    return {"cube": cube, "pred": folder / "ice.zarr", "reference": ref, "html": out, "ids": list(outlines["RGIId"]),
+            "folder": folder, "series": folder / "series.parquet"}
+
+
+def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
+    text = run["html"].read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    # No resource from outside the file: every src is a data: URL, no stylesheet or script links.
+    assert "<script" not in text and "<link" not in text
+    srcs = re.findall(r'src="([^"]*)"', text)
+    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "url(" not in text
+    # Ids are escaped: the markup in the id shows as text, never as a <b> element.
+    assert html.escape("RGI60-17.<b>&1</b>") in text and "<b>&1</b>" not in text
+    # Provenance: method, threshold, the input items and versions.
+    product = icemap.open_cube(run["pred"])
+    for item in str(product["item_ids"].values[0]).split(","):
+        assert item in text
+    plain = html.unescape(text)
+    assert "<dt>method</dt><dd>ndsi</dd>" in text and "<dt>threshold</dt><dd>0.4</dd>" in text
+    assert f'"icemap": "{icemap.__version__}"' in plain and '"matplotlib": "' in plain
+    series = pd.read_parquet(run["series"])
+    assert set(series["glacier_id"]) == set(run["ids"])
+
+
+def test_report_refuses_bad_output_before_computing(run: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(IcemapError, match="HTML page"):
+        icemap.report(run["cube"], run["pred"], run["reference"], tmp_path / "report.pdf")
+    res = _icemap("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
+                  "--reference", str(run["reference"]), "--out", str(tmp_path / "r.html"))
+    assert res.returncode == 1 and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> None:
+    from PIL import Image
+
+    png = tmp_path / "map.png"
+    res = _icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0")
+    assert res.returncode == 0, res.stderr
+    with Image.open(png) as im:
+        assert im.format == "PNG" and min(im.size) > 400
+    table = icemap.glacier_series(run["pred"], run["reference"])
+    fig = icemap.area_plot(icemap.region_series(table), table, top=3)
+    axes = fig.get_axes()
+    assert len(axes[1].get_legend().get_texts()) == 3
+    # The region line carries the summed areas, one point per time step.
+    line = axes[0].get_lines()[0]
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), table.groupby("time")["area_km2"].sum().to_numpy())
+    from icemap.figures import glacier_change
+
+    rate = glacier_change(table)  # what colours each outline: mean %/yr from first to last step
+    for gid, g in table.groupby("glacier_id"):
+        years = (g["time"].iloc[-1] - g["time"].iloc[0]).total_seconds() / (365.25 * 86400)
+        a0, a1 = g["area_km2"].iloc[0], g["area_km2"].iloc[-1]
+        want = 100 * (a1 - a0) / a0 / years if a0 > 0 else np.nan
+        np.testing.assert_allclose(rate[gid], want, rtol=1e-12, equal_nan=True)
+    fig = icemap.map_figure(icemap.open_cube(run["cube"]), icemap.open_cube(run["pred"]), time=-1,
+                            outlines=run["reference"], change=table)
+    title = fig.get_axes()[0].get_title()
+    assert "EPSG:32719" in title and str(icemap.open_cube(run["pred"])["time"].values[-1])[:10] in title
+    assert any("%/yr" in ax.get_ylabel() for ax in fig.get_axes())  # the change colour bar
+
+
+# -- the browser --------------------------------------------------------------------------------
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"browser unavailable under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium driven by chromedriver; both stopped by PID in teardown."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _unavailable("selenium is not installed (pip install -e '.[test]')")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        _unavailable("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,2000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=driver_path)
+    driver = None
+    started: list[Any] = []
+    try:
+        driver = webdriver.Chrome(service=service, options=options)
+        # chromedriver and the browser processes it started, by PID, for the teardown below.
+        started = [psutil.Process(service.process.pid)]
+        started += started[0].children(recursive=True)
+        yield driver
+    finally:
+        try:
+            if driver is not None:
+                driver.quit()
+        finally:
+            for proc in started:  # whatever quit() left running (also after a failed test)
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(started, timeout=30)
+
+
+def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
+    browser.get(run["html"].resolve().as_uri())
+    assert browser.title.startswith("icemap report")
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+    assert len(images) == 3 and all(done and w > 0 and h > 0 for done, w, h in images), images
+    cells = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#glacier-table tbody td.id')).map(td => td.textContent);")
+    assert set(cells) == set(run["ids"])  # every glacier, the escaped one as its literal id
+    assert browser.execute_script("return document.querySelectorAll('#glacier-table b').length;") == 0
+    n_steps = icemap.open_cube(run["pred"]).sizes["time"]
+    assert len(cells) == len(run["ids"]) * n_steps
+    errors = [e for e in browser.get_log("browser") if e.get("level") in ("SEVERE", "ERROR")]
+    assert not errors, errors
+
+
+def test_missing_report_extra_is_named_first(tmp_path: Path) -> None:
+    """Without matplotlib, `icemap report` says which extra to install, before any other check."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    res = subprocess.run([sys.executable, "-m", "icemap.cli", "report", "--cube", "none.zarr", "--pred", "none.zarr",
+                          "--reference", "none.gpkg", "--out", str(tmp_path / "r.html")],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 1 and 'pip install "icemap[report]"' in res.stderr and "matplotlib" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
