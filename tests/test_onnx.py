@@ -308,6 +308,26 @@ def test_changed_onnx_file_is_refused(items: list[dict[str, Any]], imported: dic
         load_checkpoint(folder)
 
 
+def test_fixed_batch_network(native: Path, tmp_path: Path) -> None:
+    """A network exported with a fixed batch size: icemap pads its last batch."""
+    import warnings
+
+    net, meta = load_checkpoint(native)
+    path = tmp_path / "batch2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(net, (torch.rand(2, 2, 64, 64),), str(path), input_names=["x"], output_names=["y"],
+                          dynamo=False, dynamic_axes={"x": {2: "h", 3: "w"}, "y": {2: "h", 3: "w"}})
+    folder = import_onnx(path, tmp_path / "m", BANDS, normalisation=meta.normalisation)
+    assert read_metadata(folder).architecture["batch"] == 2
+    x = np.random.default_rng(3).random((2, 100, 70), dtype=np.float32)
+    norm = Normalisation.from_dict(meta.normalisation)
+    got = predict_array(x, ModelRef.from_path(folder), norm, depth=3, halo=56, tile=32, batch_size=3)[0]
+    want = predict_array(x, net, norm, depth=3, halo=56, tile=32, batch_size=3)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_probe_needs_no_tolerance(imported: dict[str, Path], native: Path) -> None:
     """The measured reach is the native U-Net's theoretical one, up to the probe block's width."""
     folder = imported["logit"]

@@ -239,8 +239,11 @@ def model_info_cmd(
         net = (f"ONNX ({a.get('producer') or 'unknown producer'}, opset {a.get('opset')}), {a.get('output_kind')} "
                f"output; multiple {a.get('multiple')} px, halo {a.get('halo')} px ({a.get('halo_source')})")
     else:
+        from icemap.infer import model_context
+
+        depth, halo = model_context(meta)
         net = ", ".join(f"{k} {v}" for k, v in a.items())
-        net = f"icemap U-Net ({net})"
+        net = f"icemap U-Net ({net}); multiple {2**depth} px, halo {halo} px (from the architecture)"
     norm = meta.normalisation
     lines = [("model", str(folder)), ("network", net), ("channels", ", ".join(meta.channels)),
              ("bands", ", ".join(meta.bands)),

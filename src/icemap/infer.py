@@ -358,7 +358,8 @@ def predict(
     cube
         A cube (``icemap.open_cube``) holding the bands the model needs.
     model
-        A checkpoint folder (``icemap train --out``) or a :class:`ModelRef`.
+        A checkpoint folder (``icemap train --out``, or ``icemap model import --out`` for a
+        network trained elsewhere: docs/models.md) or a :class:`ModelRef`.
     halo
         Context in pixels read from neighbouring chunks and tiles; default half the
         receptive field (exact equality with whole-array inference). Smaller is faster, at
