@@ -1,4 +1,4 @@
-"""The ``icemap train`` and ``icemap experiment`` commands (registered on :data:`icemap.cli.app`).
+"""The ``icemap train``, ``icemap experiment`` and ``icemap model`` commands (registered on :data:`icemap.cli.app`).
 
 Kept apart from :mod:`icemap.cli` so the model commands can grow without touching the data
 commands; torch is imported only when one of them runs. Settings are checked (and turned
@@ -179,3 +179,78 @@ def experiment_cmd(
     con.print(to_markdown(res.table3[cols]), highlight=False, markup=False)
     con.print(f"tables in {out} (table3, table5{', false_positives' if region else ''}); {res.seconds:.0f} s",
               highlight=False)
+
+
+# -- icemap model ...: import a network trained elsewhere, inspect a model folder -------------------
+model_app = typer.Typer(name="model", help="Import a network trained elsewhere (ONNX); inspect a model folder.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import")
+def model_import_cmd(
+    onnx_file: Annotated[Path, typer.Argument(help="ONNX network: input batch x bands x H x W (dynamic H, W), "
+                                                   "output batch x 1 x H x W.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (for `icemap map --model`).")],
+    bands: Annotated[str, typer.Option("--bands", help="The network's input channels in order: bands (green,swir16,...) "
+                                                       "or derived channels (ndsi, ...).")],
+    normalisation: Annotated[Optional[str], typer.Option(
+        "--normalisation", help='JSON (or a JSON file): {"lo": [...], "hi": [...]} or {"mean": [...], "std": [...]} '
+        "per band; default: reflectance as it is.")] = None,
+    halo: Annotated[Optional[int], typer.Option("--halo", help="Context px that makes tiles exact (default: measured).")] = None,
+    multiple: Annotated[Optional[int], typer.Option("--multiple", help="Power of two tile sizes must be multiples of "
+                                                                       "(default: measured).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Ice probability threshold (default 0.5).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="probability or logit (default: probability when "
+                                                                   "the network ends in a Sigmoid).")] = None,
+) -> None:
+    """Turn an ONNX network into an icemap model folder (measures its halo; checks tiles equal whole windows)."""
+    require("onnx", "icemap model import")
+    require("ml", "icemap model import")
+    from icemap.model.checkpoint import read_metadata
+    from icemap.model.onnx_import import import_onnx
+
+    folder = import_onnx(onnx_file, out, bands, normalisation=normalisation, halo=halo, multiple=multiple,
+                         threshold=threshold, output=output)
+    meta = read_metadata(folder)
+    a = meta.architecture
+    _console(stderr=False).print(
+        f"[bold]{folder}[/]: ONNX network on {','.join(meta.channels)} ({a['output_kind']} output, opset {a['opset']}); "
+        f"multiple {a['multiple']} px, halo {a['halo']} px ({'measured' if a['halo_source'] == 'probe' else 'given'}); "
+        f"tiles equal whole windows to {a['tiling_max_diff']:.1e}; sha256 {meta.weights_sha256[:12]}...",
+        highlight=False)
+
+
+@model_app.command("info")
+def model_info_cmd(
+    folder: Annotated[Path, typer.Argument(help="Model folder (icemap train or icemap model import).", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.json as JSON.")] = False,
+) -> None:
+    """Show what a model folder holds: kind, inputs, normalisation, threshold, tiling, checksum."""
+    from icemap.model.checkpoint import read_metadata
+
+    meta = read_metadata(folder)
+    con = _console(stderr=False)
+    if as_json:
+        con.print(meta.to_json(), highlight=False, markup=False)
+        return
+    a = meta.architecture
+    if meta.kind == "onnx":
+        net = (f"ONNX ({a.get('producer') or 'unknown producer'}, opset {a.get('opset')}), {a.get('output_kind')} "
+               f"output; multiple {a.get('multiple')} px, halo {a.get('halo')} px ({a.get('halo_source')})")
+    else:
+        from icemap.infer import model_context
+
+        depth, halo = model_context(meta)
+        net = ", ".join(f"{k} {v}" for k, v in a.items())
+        net = f"icemap U-Net ({net}); multiple {2**depth} px, halo {halo} px (from the architecture)"
+    norm = meta.normalisation
+    lines = [("model", str(folder)), ("network", net), ("channels", ", ".join(meta.channels)),
+             ("bands", ", ".join(meta.bands)),
+             ("normalisation", f"{norm.get('method')}: lo {norm.get('lo')}, hi {norm.get('hi')}"),
+             ("threshold", f"{meta.threshold:g}"), ("weights", f"{meta.weights_file}, sha256 {meta.weights_sha256}")]
+    if meta.validation:
+        lines.append(("validation", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in meta.validation.items())))
+    for key, value in lines:
+        con.print(f"[bold]{key}[/]: {value}", highlight=False)

@@ -1,6 +1,7 @@
 """Optional dependencies (pip extras), checked before any work starts.
 
-torch and safetensors come with ``icemap[ml]``; the NDSI path needs neither. A command that
+torch and safetensors come with ``icemap[ml]``; the NDSI path needs neither. onnx and
+onnxruntime come with ``icemap[onnx]``, for networks imported with ``icemap model import``. A command that
 will train, save or load a U-Net checks for them first, so a missing one is a one-line error at
 once rather than a traceback after an hour of training (safetensors is imported only when the
 checkpoint is saved).
@@ -15,7 +16,12 @@ from icemap.errors import MissingExtraError
 __all__ = ["EXTRAS", "require"]
 
 #: extra -> the modules it provides that icemap imports.
-EXTRAS: dict[str, tuple[str, ...]] = {"ml": ("torch", "safetensors"), "report": ("matplotlib",)}
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "ml": ("torch", "safetensors"),
+    # Imported networks (icemap model import): onnx reads and checks the file, onnxruntime runs it.
+    "onnx": ("onnx", "onnxruntime"),
+    "report": ("matplotlib",),
+}
 
 
 def require(extra: str, what: str) -> None:

@@ -27,6 +27,9 @@ How a region is mapped:
   threads times torch's threads do not exceed the cores. When the cluster has workers with the
   ``GPU`` resource, the inference layer is annotated with ``resources={"GPU": 1}`` so only they
   run it, while CPU workers keep the I/O and index work.
+* **Imported networks.** A checkpoint made by ``icemap model import`` from an ONNX file loads
+  as an :class:`~icemap.model.onnx_runner.OnnxRunner` (onnxruntime, CUDA provider on GPU
+  workers), called exactly like the U-Net: same halos, tiles, batches, TTA and routing.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 from icemap.errors import ModelError
 from icemap.kernels import ICE_NODATA, probability_mask
 
-__all__ = ["ModelRef", "predict", "predict_array", "default_halo", "keep_resources", "ICE_NODATA"]
+__all__ = ["ModelRef", "predict", "predict_array", "default_halo", "model_context", "keep_resources", "ICE_NODATA"]
 
 _CACHE: dict[tuple[str, str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -78,7 +81,9 @@ class ModelRef:
             if model is None:
                 from icemap.model.checkpoint import load_checkpoint
 
-                model, _ = load_checkpoint(self.path, device=device, expected_sha256=self.sha256)
+                # threads: an imported ONNX network's CPU session follows torch's thread policy.
+                model, _ = load_checkpoint(self.path, device=device, expected_sha256=self.sha256,
+                                           threads=_cpu_threads() if device == "cpu" else None)
                 _CACHE[key] = model
         return model
 
@@ -88,6 +93,22 @@ def default_halo(depth: int, receptive_field: int) -> int:
     m = 2**depth
     half = (receptive_field + 1) // 2
     return -(-half // m) * m
+
+
+def model_context(meta: Any) -> tuple[int, int]:
+    """``(depth, exact halo)`` of a checkpoint: tiles align on ``2**depth``, halos give exactness.
+
+    icemap's U-Net knows its receptive field from its architecture; an imported ONNX network
+    carries the multiple and halo measured (or given) at import (:mod:`icemap.model.onnx_import`).
+    """
+    arch = meta.architecture
+    depth = int(arch.get("depth", 4))
+    if meta.kind == "onnx":
+        m = 2**depth
+        return depth, -(-int(arch["halo"]) // m) * m
+    from icemap.model.unet import UNetConfig
+
+    return depth, default_halo(depth, UNetConfig(**arch).receptive_field)
 
 
 def _device(requested: str) -> str:
@@ -337,7 +358,8 @@ def predict(
     cube
         A cube (``icemap.open_cube``) holding the bands the model needs.
     model
-        A checkpoint folder (``icemap train --out``) or a :class:`ModelRef`.
+        A checkpoint folder (``icemap train --out``, or ``icemap model import --out`` for a
+        network trained elsewhere: docs/models.md) or a :class:`ModelRef`.
     halo
         Context in pixels read from neighbouring chunks and tiles; default half the
         receptive field (exact equality with whole-array inference). Smaller is faster, at
@@ -380,8 +402,10 @@ def predict(
 
     ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
     meta = read_metadata(ref.path)
+    if meta.kind == "onnx":
+        require("onnx", "an imported ONNX model")
     meta.check_cube(cube)
-    depth = int(meta.architecture.get("depth", 4))
+    depth, exact_halo = model_context(meta)
     m = 2**depth
     if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
         raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
@@ -391,10 +415,7 @@ def predict(
     batch_size = get_option("batch_size") if batch_size is None else batch_size
     if mc_samples < 0 or batch_size < 1 or tile < 1:
         raise ModelError("mc_samples must be >= 0, batch_size and tile >= 1")
-    from icemap.model.unet import UNetConfig
-
-    rf = UNetConfig(**meta.architecture).receptive_field
-    halo = default_halo(depth, rf) if halo is None else -(-max(0, int(halo)) // m) * m
+    halo = exact_halo if halo is None else -(-max(0, int(halo)) // m) * m
     tile = max(m, -(-int(tile) // m) * m)
     thr = float(meta.threshold if threshold is None else threshold)
     if not 0.0 < thr < 1.0:

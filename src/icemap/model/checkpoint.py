@@ -8,6 +8,12 @@ A checkpoint is a folder::
                           threshold, training provenance, validation metrics, icemap
                           version, and the sha256 of the weights file
 
+A network trained elsewhere and imported with ``icemap model import``
+(:mod:`icemap.model.onnx_import`) is the same folder with ``model.onnx`` (a protobuf
+message, no pickle either) in place of ``model.safetensors`` and
+``architecture = {"kind": "onnx", ...}``; :func:`load_checkpoint` returns an
+:class:`~icemap.model.onnx_runner.OnnxRunner` for it, which inference calls like a U-Net.
+
 Nothing is ever unpickled, so a checkpoint from an untrusted source cannot run code. The JSON
 alone (:func:`read_metadata`, no torch needed) is enough to build an inference graph; the
 weights are loaded on the workers, checked against the recorded sha256.
@@ -26,9 +32,10 @@ from typing import Any
 from icemap.errors import ModelError
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
-           "WEIGHTS", "METADATA"]
+           "WEIGHTS", "ONNX_WEIGHTS", "METADATA"]
 
 WEIGHTS = "model.safetensors"
+ONNX_WEIGHTS = "model.onnx"
 METADATA = "model.json"
 FORMAT_VERSION = 1
 
@@ -55,6 +62,16 @@ class CheckpointMeta:
     icemap_version: str = ""
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def kind(self) -> str:
+        """``"unet"`` (icemap's own network, safetensors) or ``"onnx"`` (an imported network)."""
+        return str(self.architecture.get("kind", "unet"))
+
+    @property
+    def weights_file(self) -> str:
+        """Name of the weights file in the checkpoint folder."""
+        return ONNX_WEIGHTS if self.kind == "onnx" else WEIGHTS
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
@@ -131,21 +148,19 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     return out
 
 
-def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expected_sha256: str | None = None) -> tuple[Any, CheckpointMeta]:
+def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expected_sha256: str | None = None,
+                    threads: int | None = None) -> tuple[Any, CheckpointMeta]:
     """Rebuild the model from a checkpoint folder, in eval mode, on ``device``.
 
     The weights file must match the sha256 in the metadata (and ``expected_sha256`` when the
-    caller pinned one, as inference graphs do), so a corrupt or swapped file is refused.
+    caller pinned one, as inference graphs do), so a corrupt or swapped file is refused. An
+    imported ONNX network comes back as an :class:`~icemap.model.onnx_runner.OnnxRunner`
+    (``threads``: its CPU intra-op threads; torch models take theirs from torch).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
-    from icemap.model.unet import UNet, UNetConfig
-
     meta = read_metadata(folder)
-    wpath = Path(folder) / WEIGHTS
+    wpath = Path(folder) / meta.weights_file
     if not wpath.exists():
-        raise ModelError(f"checkpoint {folder} has metadata but no {WEIGHTS}")
+        raise ModelError(f"checkpoint {folder} has metadata but no {meta.weights_file}")
     blob = wpath.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     for want, what in ((meta.weights_sha256, "its metadata"), (expected_sha256, "the inference graph")):
@@ -154,6 +169,18 @@ def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expe
                 f"weights {wpath} do not match {what} (sha256 {digest[:12]}... != {want[:12]}...); "
                 "the file is corrupt or was replaced: retrain or copy the whole checkpoint folder again"
             )
+    if meta.kind == "onnx":
+        from icemap.model.onnx_runner import OnnxRunner
+
+        return OnnxRunner(blob, meta.architecture, device=device, threads=threads), meta
+    if meta.kind != "unet":
+        raise ModelError(f"checkpoint {folder} holds a model of kind {meta.kind!r}, which this icemap cannot run; "
+                         "upgrade icemap")
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    from icemap.model.unet import UNet, UNetConfig
+
     try:
         state = load_bytes(blob)
     except SafetensorError as exc:
