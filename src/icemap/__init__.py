@@ -48,6 +48,8 @@ _API = {
     "write_timesteps": "icemap.store",
     "set_options": "icemap.options",
     "get_option": "icemap.options",
+    "composite": "icemap.composite",
+    "fill_gaps": "icemap.composite",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.workflow import ingest
     from icemap.options import get_option, set_options
     from icemap.vector import ice_area_km2
+    from icemap.composite import composite, fill_gaps
 
 
 def __getattr__(name: str) -> Any:
