@@ -275,6 +275,9 @@ def _halo(max_distance_px: float, smoothing_iterations: int) -> int:
 
 def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations: int) -> np.ndarray:
     """fillnodata on every (y, x) plane of a block; NaN is nodata and stays NaN out of reach."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.fill import fillnodata
 
     out = np.array(block, dtype=np.float32, copy=True)
@@ -283,8 +286,10 @@ def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations
         valid = ~np.isnan(p)
         if valid.all() or not valid.any():
             continue
-        p[...] = fillnodata(p, mask=valid.astype(np.uint8), max_search_distance=float(max_distance_px),
-                            smoothing_iterations=int(smoothing_iterations))
+        with warnings.catch_warnings():  # a bare array: GDAL's grid is not needed to fill it
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            p[...] = fillnodata(p, mask=valid.astype(np.uint8), max_search_distance=float(max_distance_px),
+                                smoothing_iterations=int(smoothing_iterations))
     return out
 
 
