@@ -153,7 +153,7 @@ def test_chunked_equals_whole_on_a_local_cluster(cube_path: Path) -> None:
     # the halos, without process start-up on a shared test machine.
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster):
-        for chunks in (48, 32):
+        for chunks in (32,):  # not a divisor of the 132-px grid: ragged edge chunks too
             got = composite(cube.chunk({"y": chunks, "x": chunks}), fill_gaps_px=6).compute()
             xr.testing.assert_identical(got, whole)
 
@@ -232,9 +232,9 @@ def test_cli_composite_then_map_beats_every_single_date(region: Any, cube_path: 
     comp, single, mapped = tmp_path / "comp.zarr", tmp_path / "single.zarr", tmp_path / "mapped.zarr"
     res = _cli("composite", "--cube", str(cube_path), "--out", str(comp), "--quiet")
     assert res.returncode == 0, res.stderr
-    for cube, out in ((cube_path, single), (comp, mapped)):
-        res = _cli("map", "--cube", str(cube), "--out", str(out), "--quiet")
-        assert res.returncode == 0, res.stderr
+    res = _cli("map", "--cube", str(comp), "--out", str(mapped), "--quiet")
+    assert res.returncode == 0, res.stderr
+    icemap.map_cube(cube_path, single)  # the single dates, as `icemap map` maps them
     cube = icemap.open_cube(cube_path)
     per_date, per_year = icemap.open_cube(single)["ice"].values, icemap.open_cube(mapped)["ice"].values
     inside = _on_cube_grid(region.glacier_ids, cube) > 0
