@@ -223,6 +223,11 @@ def test_resume_after_interruption(cube_path: Path, tmp_path: Path) -> None:
     want = composite(icemap.open_cube(cube_path)).compute()
     for name in ("reflectance", "clear_count", "source_date"):
         np.testing.assert_array_equal(stored[name].values, want[name].values)
+    # The accessor writes a composite like a product (it has no qa_pixel), with the same result.
+    again = tmp_path / "accessor.zarr"
+    icemap.open_cube(cube_path).icemap.composite().icemap.write(again)
+    xr.testing.assert_equal(icemap.open_cube(again)[["reflectance", "clear_count", "source_date"]],
+                            stored[["reflectance", "clear_count", "source_date"]])
     # Plain xarray reads the CRS and the variables.
     plain = xr.open_zarr(out)
     assert plain.rio.crs == want.rio.crs and "clear_count" in plain
