@@ -59,7 +59,7 @@ def quiet() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-def sample_region(size: int, *, n_dates: int = 2, split: bool = True, seed: int = 0) -> Any:
+def sample_region(size: int, *, n_dates: int = 2, split: bool = True, seed: int = 0, per_season: int = 1) -> Any:
     """A sample region of ``size`` x ``size`` pixels, generated once into the cache.
 
     ``split=True`` (icemap's default) delivers the first date as two scenes that must be
@@ -68,9 +68,11 @@ def sample_region(size: int, *, n_dates: int = 2, split: bool = True, seed: int 
     """
     from icemap.sample import make_sample_region
 
-    folder = cache_dir() / f"region-{size}-d{n_dates}-{'split' if split else 'single'}-s{seed}"
+    season_tag = f"-p{per_season}" if per_season != 1 else ""
+    folder = cache_dir() / f"region-{size}-d{n_dates}-{'split' if split else 'single'}-s{seed}{season_tag}"
     with _LOCK:
-        return make_sample_region(folder, size=size, n_dates=n_dates, seed=seed, split_first_date=split)
+        return make_sample_region(folder, size=size, n_dates=n_dates, seed=seed, split_first_date=split,
+                                  per_season=per_season)
 
 
 def load_cube(items: Any, **kwargs: Any) -> Any:

@@ -19,8 +19,8 @@ import pytest
 
 from .conftest import REPO
 
-BENCH_MODULES = ["bench_ingest", "bench_ndsi", "bench_unet", "bench_end_to_end", "bench_graph", "bench_series", "common",
-                 "ratios", "gpu_inference"]
+BENCH_MODULES = ["bench_ingest", "bench_ndsi", "bench_unet", "bench_end_to_end", "bench_graph", "bench_series",
+                 "bench_composite", "common", "ratios", "gpu_inference"]
 
 
 def _env(cache: Path) -> dict[str, str]:

@@ -8,6 +8,8 @@ reflectance, zeros in both bands, exact threshold ties, broadcast (y, x) operand
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -261,6 +263,64 @@ def test_mosaic_first_valid_takes_the_first_scene_with_data() -> None:
     out = K.mosaic_first_valid(block, 2)
     assert out[0, 0, 0] == np.float32(0.3) and out[0, 1, 1] == np.float32(0.1)
     assert out[2, 0, 1] == 22280 and out[2, 1, 0] == K.QA_FILL
+
+
+def ref_composite(refl: np.ndarray, ig: int, isw: int, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-array numpy: clear = NDSI defined; argmin / last / nanmedian over time."""
+    idx = ref_nd(refl[:, ig], refl[:, isw])  # (time, y, x)
+    clear = ~np.isnan(idx)
+    count = clear.sum(axis=0).astype(np.uint16)
+    nt = refl.shape[0]
+    if rule == "min-ndsi":
+        # argmin returns the first of equal minima: ties keep the earliest date.
+        chosen = np.argmin(np.where(clear, idx, np.inf), axis=0)
+    elif rule == "latest":
+        chosen = nt - 1 - np.argmax(clear[::-1], axis=0)
+    else:
+        masked = np.where(clear[:, None], refl, np.nan)
+        with warnings.catch_warnings():  # "All-NaN slice": those pixels are NaN, as wanted
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(masked, axis=0).astype(np.float32)
+        chosen = np.full(count.shape, -1)
+        return med, count, np.where(count > 0, chosen, -1).astype(np.int16)
+    comp = np.take_along_axis(refl, chosen[None, None], axis=0)[0]
+    comp = np.where(count > 0, comp, np.float32(np.nan))
+    return comp.astype(np.float32), count, np.where(count > 0, chosen, -1).astype(np.int16)
+
+
+@pytest.mark.parametrize("rule", K.COMPOSITE_RULES)
+@pytest.mark.parametrize("nt", [1, 2, 5])
+def test_composite_equals_numpy(rule: str, nt: int) -> None:
+    rng = np.random.default_rng(nt)
+    refl = _bands(rng, (nt, 4, 23, 19), nan=0.3)
+    refl[:, :, 0, :3] = np.nan  # never clear
+    refl[:, 2, 1, 0] = 0.0  # green and swir16 both 0: NDSI undefined, not clear
+    refl[:, 3, 1, 0] = -0.01
+    if nt > 1:
+        refl[:, :, 2, 2] = refl[0, :, 2, 2]  # equal NDSI on every date: the earliest wins
+        refl[-1, 1, 3, 3] = np.nan  # one band masked alone: still clear (median skips it)
+    got = K.composite(refl, 2, 3, rule)
+    want = ref_composite(refl, 2, 3, rule)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+    assert (got[1] == 0).sum() >= 3 and (got[2] == -1).sum() >= (got[1] == 0).sum()
+
+
+def test_composite_writes_into_out_and_rejects_bad_arguments() -> None:
+    refl = _bands(np.random.default_rng(0), (3, 2, 5, 6))
+    out = np.zeros((4, 5, 6), np.float32)
+    cnt = np.zeros((5, 6), np.uint16)
+    idx = np.zeros((5, 6), np.int16)
+    K.composite(refl, 0, 1, "latest", out=out[1:3], count_out=cnt, index_out=idx)
+    np.testing.assert_array_equal(out[1:3], ref_composite(refl, 0, 1, "latest")[0])
+    assert not out[0].any() and not out[3].any()
+    with pytest.raises(ValueError, match="rule"):
+        K.composite(refl, 0, 1, "max")
+    with pytest.raises(ValueError, match="band positions"):
+        K.composite(refl, 0, 2)
+    with pytest.raises(ValueError, match="time, band, y, x"):
+        K.composite(refl[0], 0, 1)
 
 
 def test_kernel_layer_imports_no_dask_xarray_or_torch() -> None:

@@ -421,6 +421,37 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert a.glacier_ids.read_bytes() == b.glacier_ids.read_bytes()
 
 
+def test_several_acquisitions_per_season(tmp_path: Path) -> None:
+    one = _tiny(tmp_path / "one", n_dates=2)
+    many = _tiny(tmp_path / "many", n_dates=2, per_season=3)
+    assert many.per_season == 3 and one.per_season == 1 and many.years == (2021, 2022)
+    dates = np.array(many.dates, dtype="datetime64[D]")
+    assert len(dates) == 6 and set(np.diff(dates)[[0, 1, 3, 4]].astype(int)) == {8}
+    platforms = [iid[:4] for iid in many.item_ids]
+    assert platforms[:3] == ["LC08", "LC09", "LC08"] and platforms[3:] == ["LC09", "LC08", "LC09"]
+    # The first acquisition of each year is the per_season=1 region's, byte for byte.
+    for first in (0, 3):
+        iid = many.item_ids[first]
+        assert iid in one.item_ids
+        for suffix in ("SR_B3", "SR_B6", "QA_PIXEL"):
+            rel = f"{iid}/{iid}_{suffix}.TIF"
+            assert (many.root / many.collection / rel).read_bytes() == (one.root / one.collection / rel).read_bytes()
+    # Clouds and snow change between the acquisitions of a season.
+    truths = [_read(many.truth(d)) for d in many.dates[:3]]
+    assert not np.array_equal(truths[0], truths[1]) and not np.array_equal(truths[1], truths[2])
+    # The yearly truth: clean glacier ice whatever covers it, on the outlines only (border pixels
+    # whose centre is outside still hold their sub-pixel share).
+    ice = _read(many.glacier_ice_fraction(2022))
+    near = ndimage.binary_dilation(_read(many.glacier_ids) > 0)
+    assert ice.max() > 0.9 and not ice[~near].any()
+    for d in many.dates[:3]:
+        assert np.all(np.nan_to_num(_read(many.ice_fraction(d))) <= ice + 1e-6)
+    with pytest.raises(IcemapError, match="per_season > 1"):
+        one.glacier_ice_fraction(2021)
+    with pytest.raises(IcemapError, match="per_season must be between"):
+        _tiny(tmp_path / "bad", per_season=7)
+
+
 def test_rerun_with_same_parameters_reuses_files(tmp_path: Path) -> None:
     first = _tiny(tmp_path / "r")
     probe = first.root / first.collection / first.item_ids[0] / f"{first.item_ids[0]}_QA_PIXEL.TIF"

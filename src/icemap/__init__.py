@@ -53,6 +53,8 @@ _API = {
     "map_figure": "icemap.figures",
     "area_plot": "icemap.figures",
     "report": "icemap.report",
+    "composite": "icemap.composite",
+    "fill_gaps": "icemap.composite",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.series import glacier_series, region_series
     from icemap.figures import area_plot, map_figure
     from icemap.report import report
+    from icemap.composite import composite, fill_gaps
 
 
 def __getattr__(name: str) -> Any:

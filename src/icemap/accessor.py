@@ -48,10 +48,19 @@ class CubeAccessor:
         """Write a false-colour PNG (:func:`icemap.quicklook.quicklook`)."""
         return icemap.quicklook(self._obj, path, **kwargs)
 
-    def write(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-        """Write resumably to Zarr: a cube with :func:`~icemap.store.write_cube`, else a product."""
+    def composite(self, out: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+        """One composite per season-year (:func:`icemap.composite.composite`)."""
+        return icemap.composite(self._obj, out, **kwargs)
 
-        if "reflectance" in self._obj:
+    def fill_gaps(self, max_distance_px: float, **kwargs: Any) -> xr.Dataset:
+        """Inverse-distance gap filling of ``reflectance`` (:func:`icemap.composite.fill_gaps`)."""
+        return icemap.fill_gaps(self._obj, max_distance_px=max_distance_px, **kwargs)
+
+    def write(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Write resumably to Zarr: a cube with :func:`~icemap.store.write_cube`, else a product
+        (a composite, which has no ``qa_pixel``, is written like a product)."""
+
+        if "reflectance" in self._obj and "clear_count" not in self._obj:
             return icemap.write_cube(self._obj, path, **kwargs)
         return icemap.write_timesteps(self._obj, path, **kwargs)
 

@@ -215,6 +215,31 @@ def map_cmd(
             con.print(f"{label}: {value}")
 
 
+@app.command("composite")
+def composite_cmd(
+    cube: Annotated[str, typer.Option("--cube", help="Cube store (path or URL) written by `icemap ingest`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Composite store (Zarr) to write or finish: one time step per season-year.")],
+    season: Annotated[Optional[str], typer.Option("--season", help="MM-DD/MM-DD, inclusive, may wrap the year end (default: end of the ablation season of the cube's hemisphere, 08-01/09-30 north, 02-01/03-31 south).")] = None,
+    rule: Annotated[Optional[str], typer.Option("--rule", help="min-ndsi (default: the clear date with the least snow), latest or median.")] = None,
+    fill_gaps: Annotated[Optional[float], typer.Option("--fill-gaps", help="Also fill remaining gaps by inverse-distance weighting within N pixels (flagged in `filled`).")] = None,
+    zarr_format: Annotated[Optional[int], typer.Option("--zarr-format", help="3 (default) or 2.")] = None,
+    scheduler: SchedulerOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """One composite per season-year (clear observations only), a cube that `icemap map` reads like any other."""
+    from icemap.cluster import connect
+    from icemap.composite import composite
+    from icemap.options import resolve
+
+    if rule is not None:
+        resolve("composite_rule", rule)  # an unknown rule is a one-line error before any work
+    with connect(scheduler), _StepProgress(quiet, "composite") as progress:
+        report = composite(cube, out, season=season, rule=rule, fill_gaps_px=fill_gaps,  # type: ignore[arg-type]
+                           zarr_format=zarr_format, progress=progress)  # type: ignore[arg-type]
+    _console().print(f"[bold]{out}[/]: wrote {len(report.written)} season-year(s), "
+                     f"skipped {len(report.skipped)} already complete")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     pred: Annotated[str, typer.Option("--pred", help="Product store (path or URL) with an `ice` variable.")],

@@ -63,6 +63,8 @@ __all__ = [
     "glacier_stats",
     "GLACIER_STATS",
     "threshold_histogram",
+    "COMPOSITE_RULES",
+    "composite",
 ]
 
 #: Ice masks: 0 no ice, 1 ice, 255 nodata (cloud, fill, undecided guard). Stored as the
@@ -556,6 +558,132 @@ def mosaic_first_valid(block: np.ndarray, n_bands: int) -> np.ndarray:
     has_valid = valid.any(axis=0)
     idx = np.where(has_valid, valid.argmax(axis=0), not_fill.argmax(axis=0))
     return np.take_along_axis(block, idx[None, None], axis=0)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Seasonal composites: one observation (or the median) of several dates per pixel
+# ----------------------------------------------------------------------------------------------
+
+#: Composite rules, in the order of their codes in the compiled kernel.
+COMPOSITE_RULES = ("min-ndsi", "latest", "median")
+
+
+@njit(**_JIT)
+def _composite_pixels(refl, ig, isw, rule, out, count, chosen, scratch):  # pragma: no cover - compiled
+    nt, nb, h, w = refl.shape
+    zero = np.float32(0)
+    nan = np.float32(np.nan)
+    for r in range(h):
+        for i in range(w):
+            n = 0
+            best = -1
+            best_v = np.float32(np.inf)
+            for k in range(nt):
+                x = refl[k, ig, r, i]
+                y = refl[k, isw, r, i]
+                if x < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
+                    x = zero
+                if y < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
+                    y = zero
+                v = (x - y) / (x + y)
+                if np.isnan(v):  # not clear: masked (NaN) or undefined NDSI
+                    continue
+                n += 1
+                if rule == 0:
+                    if best < 0 or v < best_v:  # strict: a tie keeps the earliest
+                        best = k
+                        best_v = v
+                else:
+                    best = k  # the latest clear one so far
+            count[r, i] = n
+            if n == 0:
+                chosen[r, i] = -1
+                for j in range(nb):
+                    out[j, r, i] = nan
+                continue
+            if rule != 2:
+                chosen[r, i] = best
+                for j in range(nb):
+                    out[j, r, i] = refl[best, j, r, i]
+                continue
+            # Median: per band over the clear observations with a value in that band (a band can
+            # be NaN alone, e.g. saturated); insertion sort, as nt is a handful of dates.
+            chosen[r, i] = -1
+            for j in range(nb):
+                m = 0
+                for k in range(nt):
+                    x = refl[k, ig, r, i]
+                    y = refl[k, isw, r, i]
+                    if x < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
+                        x = zero
+                    if y < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
+                        y = zero
+                    if np.isnan((x - y) / (x + y)):
+                        continue
+                    b = refl[k, j, r, i]
+                    if np.isnan(b):
+                        continue
+                    q = m
+                    while q > 0 and scratch[q - 1] > b:
+                        scratch[q] = scratch[q - 1]
+                        q -= 1
+                    scratch[q] = b
+                    m += 1
+                if m == 0:
+                    out[j, r, i] = nan
+                elif m % 2 == 1:
+                    out[j, r, i] = scratch[m // 2]
+                else:
+                    out[j, r, i] = (scratch[m // 2 - 1] + scratch[m // 2]) / np.float32(2)
+
+
+def composite(
+    reflectance: np.ndarray,
+    green: int,
+    swir16: int,
+    rule: str = "min-ndsi",
+    *,
+    out: np.ndarray | None = None,
+    count_out: np.ndarray | None = None,
+    index_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Several dates of ``(time, band, y, x)`` reflectance -> one ``(band, y, x)`` composite.
+
+    An observation is *clear* where its NDSI (``green`` and ``swir16`` are band positions) is
+    defined, exactly as :func:`normalized_difference` computes it: not masked (NaN), and not
+    both bands at or below 0. Rules:
+
+    ``"min-ndsi"``
+        The clear observation with the lowest NDSI, whole spectrum (so the bands stay one
+        observation's and an index computed on the composite is that observation's); a tie
+        keeps the earliest. The least snow a season showed: the glacier-inventory choice.
+    ``"latest"``
+        The last clear observation.
+    ``"median"``
+        Per band, the median of the clear observations that have a value in that band (the mean
+        of the two middle values for an even count, in float32, as numpy's median). The result is
+        no single observation, so the chosen index is -1 where it is defined.
+
+    Returns ``(composite float32, clear count uint16, chosen time index int16)``; the composite
+    is NaN and the index -1 where no observation is clear.
+    """
+    refl = np.asarray(reflectance, np.float32)
+    if refl.ndim != 4:
+        raise ValueError(f"reflectance must be (time, band, y, x), got shape {refl.shape}")
+    nt, nb, h, w = refl.shape
+    if rule not in COMPOSITE_RULES:
+        raise ValueError(f"rule must be one of {COMPOSITE_RULES}, got {rule!r}")
+    if not (0 <= green < nb and 0 <= swir16 < nb):
+        raise ValueError(f"band positions {green}, {swir16} outside 0..{nb - 1}")
+    if nt > np.iinfo(np.int16).max:
+        raise ValueError(f"at most {np.iinfo(np.int16).max} time steps per composite, got {nt}")
+    res = _out(out, (nb, h, w), np.float32)
+    cnt = _out(count_out, (h, w), np.uint16)
+    idx = _out(index_out, (h, w), np.int16)
+    if res.size or cnt.size:
+        _composite_pixels(refl, int(green), int(swir16), COMPOSITE_RULES.index(rule), res, cnt, idx,
+                          np.empty(max(nt, 1), np.float32))
+    return res, cnt, idx
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,40 @@ from typing import Any
 
 from icemap.errors import IcemapError
 
-__all__ = ["OPTIONS", "set_options", "get_option", "resolve"]
+__all__ = ["OPTIONS", "set_options", "get_option", "resolve", "parse_season"]
+
+
+def parse_season(text: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A season window ``"MM-DD/MM-DD"`` -> ``((month, day), (month, day))``, inclusive.
+
+    The window may wrap the year end (``"12-01/02-28"``); 02-29 is allowed (it ends February in
+    every year). The format lives here, beside the options that hold season windows, so the
+    options and :mod:`icemap.composite` read it one way.
+    """
+    import datetime as dt
+
+    parts = text.split("/") if isinstance(text, str) else []
+    out = []
+    for part in parts:
+        try:
+            m, d = (int(v) for v in part.strip().split("-"))
+            dt.date(2000, m, d)  # a leap year: 02-29 is a valid window end
+        except ValueError:
+            break
+        out.append((m, d))
+    if len(parts) != 2 or len(out) != 2:
+        raise IcemapError(
+            f"a season is MM-DD/MM-DD (first and last day, may wrap the year end: 12-01/02-28), got {text!r}"
+        )
+    return out[0], out[1]
+
+
+def _season(v: Any) -> bool:
+    try:
+        parse_season(v)
+    except IcemapError:
+        return False
+    return True
 
 
 def _positive_int(lo: int) -> Callable[[Any], bool]:
@@ -63,6 +96,20 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         "the buffer method's area uncertainty: the mapped ice perimeter times half a pixel, since "
         "an edge pixel is misplaced by up to half its size (Granshaw and Fountain 2006; Paul et al. 2013)",
     ),
+    "season_north": (
+        "08-01/09-30", _season, "a season window MM-DD/MM-DD",
+        "end of the ablation season in the northern hemisphere: least seasonal snow, so composites "
+        "of August-September show the glacier ice an inventory maps",
+    ),
+    "season_south": (
+        "02-01/03-31", _season, "a season window MM-DD/MM-DD",
+        "end of the austral ablation season (February-March), the scenes both studies of METHOD.md chose",
+    ),
+    "composite_rule": (
+        "min-ndsi", lambda v: v in ("min-ndsi", "latest", "median"), "min-ndsi, latest or median",
+        "the clear observation with the least snow (lowest NDSI), whole spectrum: seasonal snow is "
+        "what makes single dates overstate ice",
+    ),
     "resolution": (
         None, lambda v: v is None or _number_in(1e-9, float("inf"))(v), "None or a positive number of CRS units",
         "None: each sensor's own (its table in icemap.bands: 30 m Landsat and HLS, 20 m Sentinel-2), "
@@ -94,7 +141,8 @@ class set_options:
 
     Options
     -------
-    ndsi_threshold, chunksize, tile, batch_size, zarr_format, area_buffer_px, resolution; see
+    ndsi_threshold, chunksize, tile, batch_size, write_wave, zarr_format, area_buffer_px, resolution,
+    season_north, season_south, composite_rule; see
     ``icemap.options.describe()`` for each one's default and why.
     """
 

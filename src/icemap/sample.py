@@ -60,6 +60,11 @@ How the scene is built, and why:
   16-day cycles on WRS-2 path 233. With ``split_first_date`` the first date comes as two
   scenes of the same path and consecutive rows (081 and 082), 24 s apart, each covering an
   overlapping part of the grid, so a loader has to mosaic same-day scenes.
+  With ``per_season=k`` each year has k acquisitions, 8 days apart (Landsat 8 and 9 alternate on
+  the combined 8-day revisit of path 233), each with its own clouds, seasonal snow and sun, so a
+  seasonal composite (:mod:`icemap.composite`) has several looks per pixel. The glaciers do not
+  change within a season; ``truth/<YYYY>_glacier_ice_fraction.tif`` holds each year's clean
+  glacier ice whatever covers it on a date (the truth of a one-map-per-year product).
 
 Everything is deterministic for a given ``seed``; every component draws from its own random
 stream, so e.g. asking for more dates does not change the terrain or the glaciers.
@@ -196,6 +201,14 @@ _STREAM_SURFACE = 2
 _STREAM_GLACIERS = 3
 _STREAM_LAKES = 4
 _STREAM_DATE = 100
+#: Later acquisitions of a season (per_season > 1) draw from SeedSequence([seed, 100 + year, k]),
+#: so the first acquisition of each year is the one a per_season=1 region has.
+
+#: Most acquisitions per season: 6 at 8-day steps from mid-February stay within February-March,
+#: the end of the austral ablation season.
+MAX_PER_SEASON = 6
+#: Days between acquisitions of one season: Landsat 8 and 9 alternate on the 16-day cycle.
+_SEASON_STEP_DAYS = _CYCLE_DAYS // 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +265,7 @@ class SampleRegion:
     datetimes: tuple[str, ...]
     item_ids: tuple[str, ...]
     collection: str = COLLECTION_ID
+    per_season: int = 1
 
     @property
     def dates(self) -> tuple[str, ...]:
@@ -287,6 +301,27 @@ class SampleRegion:
         """
         return self.root / "truth" / f"{self._date_of(item_or_date)}_ice_fraction.tif"
 
+    @property
+    def years(self) -> tuple[int, ...]:
+        """The season years, one per group of ``per_season`` acquisitions."""
+        return tuple(sorted({int(d[:4]) for d in self.dates}))
+
+    def glacier_ice_fraction(self, year: int) -> Path:
+        """Path of a year's clean glacier ice fraction (float32, 0-1), only with ``per_season > 1``.
+
+        Unlike :meth:`ice_fraction` it does not depend on what a date sees: ice under seasonal
+        snow or cloud counts, debris-covered ice does not. It is the truth of a product that
+        maps one ice extent per year (a seasonal composite), against which each single date and
+        the composite can be scored alike.
+        """
+        path = self.root / "truth" / f"{int(year):04d}_glacier_ice_fraction.tif"
+        if self.per_season == 1 or int(year) not in self.years:
+            raise SampleError(
+                f"no yearly glacier ice truth for {year}: it is written for regions made with per_season > 1 "
+                f"(this one: per_season={self.per_season}, years {', '.join(map(str, self.years))})"
+            )
+        return path
+
 
 def make_sample_region(
     root: str | os.PathLike[str],
@@ -296,6 +331,7 @@ def make_sample_region(
     seed: int = 0,
     split_first_date: bool = True,
     overwrite: bool = False,
+    per_season: int = 1,
 ) -> SampleRegion:
     """Generate (or reuse) a procedural Landsat 8/9 C2 L2 glacier region in ``root``.
 
@@ -307,7 +343,8 @@ def make_sample_region(
         Width and height of the grid in 30 m pixels (64-4096). 256 is about 59 km2 with
         roughly 15-40 glaciers.
     n_dates
-        Number of acquisition dates (February of consecutive years from 2021).
+        Number of acquisition years (February of consecutive years from 2021); with
+        ``per_season=1`` also the number of dates.
     seed
         Seed of every random choice; the same seed gives byte-identical files.
     split_first_date
@@ -316,6 +353,10 @@ def make_sample_region(
     overwrite
         Replace a region made with other parameters (or a folder that holds other files; only
         the names a region uses are removed).
+    per_season
+        Acquisitions per year (1-6), 8 days apart from the first (Landsat 8 and 9 alternating),
+        each with its own clouds, seasonal snow and sun: what a seasonal composite combines.
+        1 (default) gives exactly the files of earlier icemap versions.
 
     Returns
     -------
@@ -335,7 +376,8 @@ def make_sample_region(
     test fixtures can call this freely. A folder left incomplete by an interrupted run is
     regenerated without needing ``overwrite``.
     """
-    params = _validate(size=size, n_dates=n_dates, seed=seed, split_first_date=split_first_date)
+    params = _validate(size=size, n_dates=n_dates, seed=seed, split_first_date=split_first_date,
+                       per_season=per_season)
     root = Path(root).expanduser().resolve()
     meta_path = root / _SAMPLE_JSON
     if root.exists() and not root.is_dir():
@@ -392,8 +434,8 @@ def open_sample_region(root: str | os.PathLike[str]) -> SampleRegion:
 # --------------------------------------------------------------------------------------------
 
 
-def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any) -> dict[str, Any]:
-    for name, value in (("size", size), ("n_dates", n_dates), ("seed", seed)):
+def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any, per_season: Any = 1) -> dict[str, Any]:
+    for name, value in (("size", size), ("n_dates", n_dates), ("seed", seed), ("per_season", per_season)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise SampleError(f"{name} must be an integer, got {value!r}")
     if not MIN_SIZE <= size <= MAX_SIZE:
@@ -405,13 +447,23 @@ def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any) -> d
         raise SampleError(f"n_dates must be at least 1, got {n_dates}")
     if seed < 0:
         raise SampleError(f"seed must be a non-negative integer, got {seed}")
-    return {
+    if not 1 <= per_season <= MAX_PER_SEASON:
+        raise SampleError(
+            f"per_season must be between 1 and {MAX_PER_SEASON} (acquisitions 8 days apart within "
+            f"February-March), got {per_season}"
+        )
+    params = {
         "size": int(size),
         "n_dates": int(n_dates),
         "seed": int(seed),
         "split_first_date": bool(split_first_date),
         "generator_version": GENERATOR_VERSION,
     }
+    # Recorded only when used: a per_season=1 region keeps the sample.json of earlier versions,
+    # so regions cached by them are reused, not regenerated.
+    if per_season != 1:
+        params["per_season"] = int(per_season)
+    return params
 
 
 def _read_meta(path: Path) -> dict[str, Any] | None:
@@ -445,6 +497,7 @@ def _region_from_meta(root: Path, meta: Mapping[str, Any]) -> SampleRegion:
             datetimes=tuple(meta["datetimes"]),
             item_ids=tuple(meta["item_ids"]),
             collection=str(meta.get("collection", COLLECTION_ID)),
+            per_season=int(meta.get("params", {}).get("per_season", 1)),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise SampleError(
@@ -924,8 +977,13 @@ class _ItemSpec:
     sun_azimuth: float
 
 
-def _acquisition_dates(n_dates: int) -> list[tuple[dt.date, str]]:
-    """February dates of consecutive years on the Landsat 8 / 9 16-day cycles of path 233."""
+def _acquisition_dates(n_dates: int, per_season: int = 1) -> list[tuple[dt.date, str, int, int]]:
+    """February dates of consecutive years on the Landsat 8 / 9 16-day cycles of path 233.
+
+    Returns ``(date, platform, year index, acquisition index within the season)``. The first
+    acquisition of year ``i`` is the same whatever ``per_season``; the later ones follow it every
+    8 days, alternating platform (the two satellites fly the same 16-day cycle 8 days apart).
+    """
     out = []
     for i in range(n_dates):
         platform = "landsat-8" if i % 2 == 0 else "landsat-9"
@@ -933,7 +991,10 @@ def _acquisition_dates(n_dates: int) -> list[tuple[dt.date, str]]:
         target = dt.date(2021 + i, 2, 12)
         first = _L8_REFERENCE + dt.timedelta(days=phase)
         k = round((target - first).days / _CYCLE_DAYS)
-        out.append((first + dt.timedelta(days=_CYCLE_DAYS * k), platform))
+        date0 = first + dt.timedelta(days=_CYCLE_DAYS * k)
+        for j in range(per_season):
+            other = "landsat-9" if platform == "landsat-8" else "landsat-8"
+            out.append((date0 + dt.timedelta(days=_SEASON_STEP_DAYS * j), platform if j % 2 == 0 else other, i, j))
     return out
 
 
@@ -1462,6 +1523,7 @@ def _generate(
     seed: int,
     split_first_date: bool,
     generator_version: int,
+    per_season: int = 1,
 ) -> dict[str, Any]:
     """Write every file of a region into ``root`` and return the content of sample.json."""
     t_start = time.perf_counter()
@@ -1497,8 +1559,17 @@ def _generate(
     items: list[tuple[str, dict[str, Any]]] = []
     datetimes: list[str] = []
 
-    for di, (date, platform) in enumerate(_acquisition_dates(n_dates)):
-        rng = _rng(seed, _STREAM_DATE + di)
+    if per_season > 1:
+        # The glaciers are the landscape's: the same every year of this generator.
+        for year in sorted({d.year for d, *_ in _acquisition_dates(n_dates, per_season)}):
+            cog(f"truth/{year:04d}_glacier_ice_fraction.tif", land.clean_ice.astype(np.float32),
+                band_names=["glacier_ice_fraction"])
+
+    for di, (date, platform, year_index, k_season) in enumerate(_acquisition_dates(n_dates, per_season)):
+        if k_season == 0:
+            rng = _rng(seed, _STREAM_DATE + year_index)
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_DATE + year_index, k_season]))
         sun_el = float(rng.uniform(55.0, 60.0))
         sun_az = float(rng.uniform(60.0, 80.0))
         specs = _date_items(date, platform, size, di == 0 and split_first_date, sun_el, sun_az)
@@ -1596,6 +1667,7 @@ def _generate(
             "seed": seed,
             "split_first_date": split_first_date,
             "generator_version": generator_version,
+            **({"per_season": per_season} if per_season != 1 else {}),
         },
         "crs": CRS,
         "transform": list(tf6),

@@ -1,0 +1,341 @@
+"""Seasonal composites: the dates of one season turned into one cube per year, and gap filling.
+
+A glacier inventory maps one ice extent per year, at the end of the ablation season, when
+seasonal snow is least. Single acquisitions fall short of that: clouds leave holes and late
+snowfalls hide the ice margin. :func:`composite` groups a cube's time steps by season-year and
+keeps, per pixel, one clear observation of the season (by default the one with the least snow,
+i.e. the lowest NDSI, with its whole spectrum), so the result is again a cube: ``reflectance``
+(time, band, y, x) with the CRS and the store conventions of :func:`icemap.ingest`, and
+``icemap map`` runs on it (NDSI or U-Net) unchanged. Per pixel it also records how many clear
+observations there were (``clear_count``) and which date was used (``source_date``).
+
+Layers, as elsewhere in icemap: the per-pixel rule is :func:`icemap.kernels.composite`; this
+module decides which blocks meet (one dask task per season-year and spatial chunk, all of that
+season's dates and bands in one block) and labels the result.
+
+Conventions chosen here:
+
+* **Season-year.** A season ``"MM-DD/MM-DD"`` is inclusive at both ends; a window that wraps
+  the year end (``"12-01/02-28"``) belongs to the year it *ends* in, so the austral summer
+  2022/23 is season 2023.
+* **Time label.** Each composite's ``time`` is the last day of its season (00:00 UTC): the
+  state of the ice at the end of the window it summarises. Two windows never share a label.
+* **Default window** by hemisphere of the cube's centre (options ``season_north``,
+  ``season_south``): the end of the ablation season.
+
+Gap filling (:func:`fill_gaps`) closes the holes that remain by inverse-distance weighting
+within a maximum distance, GDAL's ``FillNodata`` through :func:`rasterio.fill.fillnodata` (study
+a's preprocessing, METHOD.md). It runs per chunk with a halo wide enough that every pixel it
+writes sees exactly what the whole-array call sees, so chunked equals whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from icemap.errors import BandError, IcemapError
+from icemap.kernels import COMPOSITE_RULES
+from icemap.kernels import composite as composite_kernel
+from icemap.options import get_option, parse_season, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icemap.store import Progress, WriteReport
+
+__all__ = ["composite", "default_season", "fill_gaps", "season_groups", "source_dates", "write_composite"]
+
+Rule = Literal["min-ndsi", "latest", "median"]
+
+
+
+def _season_end(year: int, end: tuple[int, int]) -> dt.date:
+    m, d = end
+    if (m, d) == (2, 29) and not (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)):
+        d = 28
+    return dt.date(year, m, d)
+
+
+def season_groups(times: Any, season: str) -> dict[int, list[int]]:
+    """Time-step positions per season-year: ``{year: [i, ...]}``, years and positions ascending.
+
+    Time steps outside the window belong to no group. A wrapping window (start after end)
+    assigns December dates to the next year's season.
+    """
+    start, end = parse_season(season)
+    wraps = start > end
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(np.asarray(times, "datetime64[s]").astype(object)):
+        md = (t.month, t.day)
+        if wraps:
+            year = t.year + 1 if md >= start else (t.year if md <= end else None)
+        else:
+            year = t.year if start <= md <= end else None
+        if year is not None:
+            groups.setdefault(year, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def default_season(cube: Any) -> str:
+    """The default window for a cube: option ``season_north`` or ``season_south``, by the
+    latitude of the cube's centre (the equator counts as north)."""
+    from pyproj import Transformer
+
+    crs = cube.rio.crs
+    if crs is None:
+        raise IcemapError("the cube has no CRS, so its hemisphere is unknown; give --season MM-DD/MM-DD")
+    x = float(cube["x"].values[[0, -1]].mean())
+    y = float(cube["y"].values[[0, -1]].mean())
+    _, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+    return get_option("season_south" if lat < 0 else "season_north")
+
+
+def _band_index(cube: Any, name: str) -> int:
+    bands = [str(b) for b in cube["band"].values]
+    if name not in bands:
+        raise BandError(f"a composite needs the {name!r} band to tell clear observations and snow (the cube has "
+                        f"{', '.join(bands)}); ingest with --bands green,swir16,...")
+    return bands.index(name)
+
+
+def _block(refl: np.ndarray, ig: int, isw: int, rule: str) -> np.ndarray:
+    """One season's block (time, band, y, x) -> (band + 2, y, x) float32: composite, count, index.
+
+    Count (<= 65535) and index (-1..32767) are exact in float32, so one task returns all three
+    and the dask graph computes the kernel once per block.
+    """
+    nb = refl.shape[1]
+    out = np.empty((nb + 2, *refl.shape[2:]), np.float32)
+    _, count, idx = composite_kernel(refl, ig, isw, rule, out=out[:nb])
+    out[nb] = count
+    out[nb + 1] = idx
+    return out
+
+
+def _dates_of(idx: np.ndarray, days: np.ndarray) -> np.ndarray:
+    i = idx.astype(np.int64)
+    return np.where(i >= 0, days[np.clip(i, 0, None)], np.nan)
+
+
+def composite(
+    cube: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    season: str | None = None,
+    rule: Rule | None = None,
+    fill_gaps_px: float | None = None,
+    zarr_format: Literal[2, 3] | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """One composite per season-year of a cube, lazily; written resumably when ``out`` is given.
+
+    Parameters
+    ----------
+    cube
+        A cube (``reflectance`` (time, band, y, x) with ``green`` and ``swir16``, a CRS), or the
+        path of a cube store.
+    out
+        Zarr store to write (one time step per year, resumable as ingest's); None returns the
+        lazy dataset only.
+    season
+        ``"MM-DD/MM-DD"``, inclusive; default by hemisphere (options ``season_north`` /
+        ``season_south``: the end of the ablation season).
+    rule
+        ``"min-ndsi"`` (default, option ``composite_rule``), ``"latest"`` or ``"median"``; see
+        :func:`icemap.kernels.composite`.
+    fill_gaps_px
+        Also fill the remaining nodata by inverse-distance weighting within this many pixels
+        (:func:`fill_gaps`); adds the ``filled`` flag.
+
+    Returns
+    -------
+    xarray.Dataset or WriteReport
+        The lazy composite: ``reflectance`` (float32, NaN where no observation was clear),
+        ``clear_count`` (uint16), ``source_date`` (float64 days since 1970-01-01, NaN where none
+        and for the median rule; :func:`source_dates` gives datetime64), ``item_ids`` per year;
+        or, with ``out``, what the write did.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    if isinstance(cube, (str, os.PathLike)):
+        from icemap.store import open_cube
+
+        cube = open_cube(cube)
+    if not isinstance(cube, xr.Dataset) or "reflectance" not in cube:
+        raise IcemapError("a composite needs a cube with a 'reflectance' variable; open it with icemap.open_cube")
+    refl = cube["reflectance"]
+    if refl.dims != ("time", "band", "y", "x"):
+        raise IcemapError(f"reflectance must have dims (time, band, y, x), not {refl.dims}")
+    rule = resolve("composite_rule", rule)
+    if rule not in COMPOSITE_RULES:  # pragma: no cover - the option's validator lists the same rules
+        raise IcemapError(f"rule must be one of {', '.join(COMPOSITE_RULES)}, got {rule!r}")
+    season = default_season(cube) if season is None else season
+    parse_season(season)
+    ig, isw = _band_index(cube, "green"), _band_index(cube, "swir16")
+    groups = season_groups(cube["time"].values, season)
+    if not groups:
+        span = f"{str(cube['time'].values.min())[:10]} .. {str(cube['time'].values.max())[:10]}"
+        raise IcemapError(
+            f"no time step of the cube ({cube.sizes['time']} dates, {span}) falls in the season {season}; "
+            "give --season MM-DD/MM-DD covering some of them"
+        )
+    _, end = parse_season(season)
+    data = refl.data if isinstance(refl.data, da.Array) else da.from_array(refl.values, chunks=(1, -1, -1, -1))
+    nb = refl.sizes["band"]
+    days_all = (cube["time"].values.astype("datetime64[s]").astype(np.float64)) / 86400.0
+    comps, counts, dates = [], [], []
+    for pos in groups.values():
+        block = data[pos].rechunk({0: -1, 1: -1})
+        stacked = da.map_blocks(_block, block, ig, isw, rule, dtype=np.float32, drop_axis=0,
+                                chunks=((nb + 2,), *block.chunks[2:]),
+                                meta=np.empty((0, 0, 0), np.float32))
+        comps.append(stacked[:nb])
+        counts.append(stacked[nb].astype(np.uint16))
+        days = days_all[pos]
+        dates.append(da.map_blocks(_dates_of, stacked[nb + 1], days=days, dtype=np.float64))
+    years = list(groups)
+    ids = None
+    if "item_ids" in cube.coords:
+        ids = np.array([",".join(str(v) for v in cube["item_ids"].values[pos]) for pos in groups.values()],
+                       dtype=object)
+    times = np.array([np.datetime64(_season_end(y, end), "ns") for y in years])
+    ds = xr.Dataset(
+        {
+            "reflectance": (("time", "band", "y", "x"), da.stack(comps), {
+                k: v for k, v in refl.attrs.items() if k not in ("_FillValue", "grid_mapping", "coordinates")}),
+            "clear_count": (("time", "y", "x"), da.stack(counts),
+                            {"long_name": "clear observations in the season", "units": "1"}),
+            # Days since 1970-01-01 (float64: exact to the second), deliberately without CF time
+            # units: the store's fill rules cover floats (NaN = none), and the variable reads back
+            # the same from icemap and plain xarray. source_dates() turns it into datetime64.
+            "source_date": (("time", "y", "x"), da.stack(dates),
+                            {"long_name": "acquisition used, days since 1970-01-01 UTC (NaN: no clear "
+                                          "observation, or the median rule, whose value is no single date's)",
+                             "units": "d"}),
+        },
+        coords={"time": times, "band": cube["band"].values, "y": cube["y"], "x": cube["x"]},
+    )
+    if ids is not None:
+        ds = ds.assign_coords(item_ids=("time", ids))
+    ds = ds.rio.write_crs(cube.rio.crs)
+    meta = {
+        "rule": rule,
+        "season": season,
+        "season_years": {str(y): [str(t)[:19] + "Z" for t in cube["time"].values[pos]] for y, pos in groups.items()},
+        "time_label": "last day of the season",
+        "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("load", "search", "icemap_version")},
+    }
+    ds.attrs = {"icemap:composite": meta}
+    if fill_gaps_px is not None:
+        ds = fill_gaps(ds, max_distance_px=fill_gaps_px)
+    if out is None:
+        return ds
+    return write_composite(ds, out, zarr_format=zarr_format, progress=progress)
+
+
+def source_dates(ds: Any) -> Any:
+    """``source_date`` of a composite as datetime64 (NaT where no single date was used)."""
+    src = ds["source_date"]
+    ns = (src * 86400e9).round()
+    return ns.fillna(np.iinfo(np.int64).min).astype(np.int64).astype("datetime64[ns]").rename("source_date")
+
+
+def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Literal[2, 3] | None = None,
+                    storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
+                    ) -> WriteReport:
+    """Write a composite one year at a time with the store's resumable machinery."""
+    from icemap import __version__
+    from icemap.store import write_timesteps
+
+    attrs = {"icemap_version": __version__, "icemap:composite": ds.attrs.get("icemap:composite", {})}
+    return write_timesteps(ds, out, zarr_format=zarr_format, attrs=attrs, storage_options=storage_options,
+                           progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gap filling
+# ----------------------------------------------------------------------------------------------
+
+
+def _halo(max_distance_px: float, smoothing_iterations: int) -> int:
+    """Pixels of context a filled pixel depends on.
+
+    GDAL's FillNodata interpolates each gap pixel from valid pixels at most ``max_distance``
+    away, then smooths the filled pixels ``smoothing_iterations`` times with a 3 x 3 kernel,
+    each pass reaching one pixel further. The interpolation also reads the *filled* state of
+    nothing else, so ``ceil(max_distance) + smoothing_iterations`` plus one pixel of margin
+    (GDAL rounds distances) covers everything a pixel sees.
+    """
+    return int(np.ceil(max_distance_px)) + int(smoothing_iterations) + 1
+
+
+def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations: int) -> np.ndarray:
+    """fillnodata on every (y, x) plane of a block; NaN is nodata and stays NaN out of reach."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.fill import fillnodata
+
+    out = np.array(block, dtype=np.float32, copy=True)
+    planes = out.reshape(-1, *out.shape[-2:])
+    for p in planes:
+        valid = ~np.isnan(p)
+        if valid.all() or not valid.any():
+            continue
+        with warnings.catch_warnings():  # a bare array: GDAL's grid is not needed to fill it
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            p[...] = fillnodata(p, mask=valid.astype(np.uint8), max_search_distance=float(max_distance_px),
+                                smoothing_iterations=int(smoothing_iterations))
+    return out
+
+
+def fill_gaps(ds: Any, *, max_distance_px: float, smoothing_iterations: int = 0) -> Any:
+    """Fill reflectance nodata by inverse-distance weighting within ``max_distance_px``, lazily.
+
+    Study a filled the dark, shaded gaps of its scenes this way (METHOD.md); here it closes the
+    holes a composite has left (pixels no date saw clearly). :func:`rasterio.fill.fillnodata`
+    (GDAL's ``FillNodata``) does the interpolation: the well-kept implementation of the method
+    the study used, rather than a second one. It runs on every (time, band) plane of every chunk
+    with a halo of :func:`_halo` pixels (``dask.array.map_overlap``, no padding at the region's
+    edges), so a chunked fill equals the whole-array call. Pixels farther than
+    ``max_distance_px`` from any valid one stay NaN.
+
+    Returns the dataset with ``reflectance`` filled and ``filled`` (uint8, (time, y, x)): 1 where
+    a band of the pixel was filled, 0 elsewhere.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    if not isinstance(max_distance_px, (int, float)) or isinstance(max_distance_px, bool) or not (
+            0 < max_distance_px <= 1000):
+        raise IcemapError(f"the gap-filling distance must be 1-1000 pixels, got {max_distance_px!r}")
+    if not isinstance(smoothing_iterations, int) or smoothing_iterations < 0:
+        raise IcemapError(f"smoothing_iterations must be a non-negative integer, got {smoothing_iterations!r}")
+    refl = ds["reflectance"]
+    data = refl.data if isinstance(refl.data, da.Array) else da.from_array(refl.values)
+    depth = _halo(max_distance_px, smoothing_iterations)
+    ny, nx = data.shape[-2:]
+    # map_overlap needs chunks at least as large as the halo (except a single chunk).
+    cy = max(max(data.chunks[-2]), min(ny, depth))
+    cx = max(max(data.chunks[-1]), min(nx, depth))
+    if cy != max(data.chunks[-2]) or cx != max(data.chunks[-1]):
+        data = data.rechunk({data.ndim - 2: cy, data.ndim - 1: cx})
+    lead = {i: 0 for i in range(data.ndim - 2)}
+    filled = da.map_overlap(_fill_planes, data, depth={**lead, data.ndim - 2: depth, data.ndim - 1: depth},
+                            boundary="none", dtype=np.float32, max_distance_px=max_distance_px,
+                            smoothing_iterations=smoothing_iterations, meta=np.empty((0,) * data.ndim, np.float32))
+    flag = (da.isnan(data) & ~da.isnan(filled)).any(axis=1).astype(np.uint8)
+    out = ds.copy()
+    out["reflectance"] = refl.copy(data=filled)
+    out["filled"] = xr.DataArray(flag, dims=("time", "y", "x"),
+                                 attrs={"long_name": "1 where reflectance was filled by inverse-distance weighting",
+                                        "max_distance_px": float(max_distance_px),
+                                        "smoothing_iterations": int(smoothing_iterations)})
+    out.attrs = {**ds.attrs, "icemap:fill_gaps": {"max_distance_px": float(max_distance_px),
+                                                 "smoothing_iterations": int(smoothing_iterations),
+                                                 "method": "GDAL FillNodata (rasterio.fill.fillnodata)"}}
+    return out
