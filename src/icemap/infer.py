@@ -318,7 +318,7 @@ def keep_resources() -> Any:
 
 def predict(
     cube: Any,
-    model: str | os.PathLike[str] | ModelRef,
+    model: str | os.PathLike[str] | ModelRef | None = None,
     *,
     halo: int | None = None,
     tile: int | None = None,
@@ -337,7 +337,10 @@ def predict(
     cube
         A cube (``icemap.open_cube``) holding the bands the model needs.
     model
-        A checkpoint folder (``icemap train --out``) or a :class:`ModelRef`.
+        A checkpoint folder (``icemap train --out``) or a :class:`ModelRef`; None or
+        ``"default"`` is the model shipped with icemap (:mod:`icemap.model.default`: six common
+        bands, runs on Landsat, HLS and Sentinel-2 cubes; its real-data scores are in
+        docs/default-model.md).
     halo
         Context in pixels read from neighbouring chunks and tiles; default half the
         receptive field (exact equality with whole-array inference). Smaller is faster, at
@@ -378,7 +381,9 @@ def predict(
     from icemap.model.checkpoint import read_metadata
     from icemap.model.inputs import Normalisation, build_inputs
 
-    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+    from icemap.model.default import resolve_model
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
     meta = read_metadata(ref.path)
     meta.check_cube(cube)
     depth = int(meta.architecture.get("depth", 4))
