@@ -381,7 +381,7 @@ def predict(
     from icemap.model.checkpoint import read_metadata
     from icemap.model.inputs import Normalisation, build_inputs
 
-    from icemap.model.default import resolve_model
+    from icemap.model.packaged import resolve_model
 
     ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
     meta = read_metadata(ref.path)
