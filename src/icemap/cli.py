@@ -173,9 +173,9 @@ def _local_items(catalog: str | None, files: list[Path], band_map: str | None, d
 def map_cmd(
     cube: Annotated[str, typer.Option("--cube", help="Cube store (path or URL) written by `icemap ingest`.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Product store (Zarr, path or URL) to write or finish.")],
-    method: Annotated[str, typer.Option("--method", help="ndsi or unet (with --model).")] = "ndsi",
+    method: Annotated[str, typer.Option("--method", help="ndsi or unet (the shipped default model, or --model).")] = "ndsi",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4) or U-Net probability threshold (default: the model's).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`); default: the model shipped with icemap (docs/default-model.md).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="U-Net windows per forward pass (default 8).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="U-Net: average the 8 flips/rotations; writes ice_probability_std.")] = False,
     halo: Annotated[Optional[int], typer.Option("--halo", help="U-Net context pixels (default: half the receptive field).")] = None,

@@ -339,7 +339,7 @@ def keep_resources() -> Any:
 
 def predict(
     cube: Any,
-    model: str | os.PathLike[str] | ModelRef,
+    model: str | os.PathLike[str] | ModelRef | None = None,
     *,
     halo: int | None = None,
     tile: int | None = None,
@@ -359,7 +359,10 @@ def predict(
         A cube (``icemap.open_cube``) holding the bands the model needs.
     model
         A checkpoint folder (``icemap train --out``, or ``icemap model import --out`` for a
-        network trained elsewhere: docs/models.md) or a :class:`ModelRef`.
+        network trained elsewhere: docs/models.md) or a :class:`ModelRef`; None or
+        ``"default"`` is the model shipped with icemap (:mod:`icemap.model.default`: six common
+        bands, runs on Landsat, HLS and Sentinel-2 cubes; its real-data scores are in
+        docs/default-model.md).
     halo
         Context in pixels read from neighbouring chunks and tiles; default half the
         receptive field (exact equality with whole-array inference). Smaller is faster, at
@@ -400,7 +403,9 @@ def predict(
     from icemap.model.checkpoint import read_metadata
     from icemap.model.inputs import Normalisation, build_inputs
 
-    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+    from icemap.model.packaged import resolve_model
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
     meta = read_metadata(ref.path)
     if meta.kind == "onnx":
         require("onnx", "an imported ONNX model")

@@ -177,7 +177,8 @@ def map_cube(
         As :func:`icemap.index.ice_mask`; for the U-Net, ``threshold`` is the probability
         threshold (default the model's) and ``dem`` feeds terrain inputs.
     model, predict_options
-        The U-Net checkpoint folder and options of :func:`icemap.infer.predict`
+        The U-Net checkpoint folder (None or ``"default"``: the model shipped with icemap,
+        :mod:`icemap.model.default`) and options of :func:`icemap.infer.predict`
         (``batch_size``, ``tta``, ``halo``...).
     geotiff_dir
         Also write one COG per variable and date there.
@@ -196,8 +197,6 @@ def map_cube(
             raise IcemapError("--model is for --method unet; the NDSI method takes no model")
         product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
     elif method == "unet":
-        if model is None:
-            raise IcemapError("--method unet needs --model MODEL_DIR (a checkpoint from `icemap train`)")
         if guards:
             raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
         from icemap.infer import predict

@@ -661,6 +661,7 @@ def train(
     quiet: bool = False,
     console: Any = None,
     title: str | None = None,
+    augment_batch: Callable[[torch.Tensor, torch.Tensor, Normalisation, np.random.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a U-Net on a cube and outlines and write the checkpoint to ``out``.
 
@@ -689,6 +690,13 @@ def train(
         exception raised there stops training (and the run can be resumed).
     quiet
         No progress display.
+    augment_batch
+        Extra augmentation of each training batch after flips and rotations, called as
+        ``augment_batch(x, valid, normalisation, rng)`` with the normalised inputs ``x``
+        (B, C, H, W), their validity and the epoch's generator (so a resumed run draws what an
+        uninterrupted one draws); returns the new ``x``. The default model's spectral,
+        illumination, haze and noise augmentation (:mod:`icemap.model.default`) plugs in here.
+        It is not part of :class:`TrainConfig`: record its settings in the checkpoint yourself.
 
     Returns
     -------
@@ -723,7 +731,7 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
-                      resume, callback, quiet, console, title, t_start)
+                      resume, callback, quiet, console, title, t_start, augment_batch)
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
@@ -731,7 +739,8 @@ def train(
 def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: PreparedData,
            train_ids: list[int], val_ids: list[int], test_ids: list[int], device: torch.device,
            use_amp: bool, amp_dtype: torch.dtype, resume: bool, callback: Callable[[EpochRecord], Any] | None,
-           quiet: bool, console: Any, title: str | None, t_start: float) -> TrainResult:
+           quiet: bool, console: Any, title: str | None, t_start: float,
+           augment_batch: Callable[..., torch.Tensor] | None = None) -> TrainResult:
     cfg = config.to_dict()
     split_groups = data.split.groups
     state = _load_state(out) if resume else None
@@ -809,6 +818,8 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
                     x = torch.stack([_dihedral(a, int(k)) for a, k in zip(x, ks[idx])])
                     y = torch.stack([_dihedral(a, int(k)) for a, k in zip(y, ks[idx])])
                     v = torch.stack([_dihedral(a, int(k)) for a, k in zip(v, ks[idx])])
+                if augment_batch is not None:
+                    x = augment_batch(x, v, norm, rng)
                 x, y, v = x.to(device), y.to(device), v.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):

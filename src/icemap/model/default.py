@@ -1,0 +1,431 @@
+"""icemap's shipped default U-Net: where it lives, how it was trained, and how it is retrained.
+
+``icemap map --method unet`` without ``--model`` (and :func:`icemap.predict` without a model)
+runs the checkpoint in ``icemap/models/default`` (package data: ``model.safetensors`` in
+float16 + ``model.json``). It reads only the bands Landsat C2 L2, HLS and Sentinel-2 cubes
+all have (blue, green, red, nir08, swir16, swir22) plus NDSI and NDWI computed from them, so it
+runs on every cube icemap makes, without a DEM.
+
+Training is one command anyone can rerun (seeds, region, chips, augmentation and the weights'
+sha256 end up in ``model.json``'s ``training`` block)::
+
+    python -m icemap.model.default train --out DIR [--work DIR] [--epochs N]
+
+The data is icemap's procedural sample region (:func:`icemap.sample.make_sample_region`),
+widened where real scenes differ from it by augmenting every training batch
+(:class:`SpectralAugment`): per-band gains and offsets of the size of the differences
+between Landsat, HLS and Sentinel-2 band responses and of TOA versus surface reflectance,
+illumination changes and smooth terrain-shading fields, haze (additive path radiance, strongest
+in blue), and sensor noise. The sample region itself supplies terrain shading, lakes, seasonal
+snow, debris cover, clouds and shadows; the chips add hard negatives (water, shadow, snow,
+cloud windows) and random windows. How it scores on the real data beside NDSI is
+docs/default-model.md (:func:`real_data_scores` recomputes the table).
+
+Finding the shipped model (:func:`default_model_dir`, :func:`resolve_model`) lives in
+:mod:`icemap.model.packaged`, which :mod:`icemap.infer` imports; nothing here imports torch at
+module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icemap.model.packaged import DEFAULT_NAME, default_model_dir, resolve_model
+
+__all__ = [
+    "CHANNELS",
+    "CHIP_SETTINGS",
+    "DEFAULT_NAME",
+    "REGION",
+    "TRAIN_SETTINGS",
+    "SpectralAugment",
+    "default_model_dir",
+    "main",
+    "real_data_scores",
+    "resolve_model",
+    "scores_markdown",
+    "train_default",
+]
+
+#: Input channels: the six bands every icemap cube has, and two indices computed from them.
+CHANNELS: tuple[str, ...] = ("blue", "green", "red", "nir08", "swir16", "swir22", "ndsi", "ndwi")
+_BANDS = CHANNELS[:6]
+#: The training region (procedural; the same parameters give byte-identical files).
+REGION: dict[str, Any] = {"size": 1024, "n_dates": 4, "seed": 7}
+#: Chip settings: glacier-centred windows plus hard negatives (water, shadow, snow, cloud) and
+#: random windows, so most of what the model sees around glaciers is not ice.
+CHIP_SETTINGS: dict[str, Any] = {"chip_size": 96, "n_hard_negative": 32, "n_random": 16,
+                                 "overlap": "independent", "split_iterations": 300}
+#: The U-Net and optimisation: small (0.5 M parameters, about 1 MB in float16), Dice + BCE
+#: (BCE keeps the hard-negative chips, which have no ice, in the gradient), threshold tuned
+#: on the validation chips.
+TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience": 10, "loss": "dice+bce",
+                                  "optimizer": "adam", "lr": 0.005, "normalisation": "percentile",
+                                  "threshold": "tune", "batch_size": 8, "seed": 0, "mask": "original"}
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+#: Relative haze (path radiance) per band, ~ wavelength^-2 (Rayleigh-like, between Rayleigh's
+#: -4 and the -1 of aerosols): blue 0.48, green 0.56, red 0.655, NIR 0.865, SWIR 1.61/2.2 um.
+_HAZE_SHAPE = tuple(round((0.48 / w) ** 2, 3) for w in (0.48, 0.56, 0.655, 0.865, 1.61, 2.2))
+
+
+#: Reflectance added by suspended sediment, relative to green (turbid river and estuary
+#: spectra: highest in green and red, some NIR, almost nothing in SWIR, which water absorbs).
+_TURBID_SHAPE = (0.7, 1.0, 0.9, 0.5, 0.08, 0.04)
+
+
+@dataclass
+class SpectralAugment:
+    """Random radiometric changes of a training batch, applied in reflectance units.
+
+    Every chip draws, from the epoch's generator: a global illumination factor
+    (``illumination``, e.g. sun elevation and slope), with probability ``p_shading`` a smooth
+    multiplicative shading field (``shading``: a 4 x 4 field of factors upsampled to the chip,
+    the scale of ridges and valleys), per-band gains with standard deviation ``band_gain_sd``
+    (Landsat OLI versus HLS versus Sentinel-2 MSI band responses and TOA versus surface
+    reflectance differ by a few percent per band), per-band offsets ``band_offset_sd``, with
+    probability ``p_haze`` an additive haze of up to ``haze_max`` in blue falling off as
+    :data:`_HAZE_SHAPE`, and gaussian noise of up to ``noise_max``. With probability
+    ``p_turbid`` the chip's water (NDWI > 0.2 and NIR < 0.08: the generator's clear lakes) gets
+    suspended sediment, up to ``turbid_max`` in green with the spectrum of :data:`_TURBID_SHAPE`
+    in a smooth field: real rivers, estuaries and glacier lakes are brighter in the visible
+    and NIR than the generator's lakes, and bright water at high NDSI is NDSI's classic false
+    positive. NDSI and NDWI are
+    recomputed from the changed bands, so the indices stay consistent with them. Pixels that
+    were nodata (or padding) are left untouched.
+    """
+
+    illumination: tuple[float, float] = (0.65, 1.25)
+    p_shading: float = 0.5
+    shading: tuple[float, float] = (0.45, 1.1)
+    band_gain_sd: float = 0.06
+    band_offset_sd: float = 0.008
+    p_haze: float = 0.4
+    haze_max: float = 0.08
+    noise_max: float = 0.012
+    p_turbid: float = 0.6
+    turbid_max: float = 0.12
+    channels: tuple[str, ...] = CHANNELS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["haze_shape"] = list(_HAZE_SHAPE)
+        return d
+
+    def __call__(self, x: Any, valid: Any, norm: Any, rng: np.random.Generator) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        b, c, h, w = x.shape
+        ch = list(self.channels)
+        nb = len(_BANDS)
+        lo = torch.as_tensor(norm.lo, dtype=x.dtype).view(1, c, 1, 1)
+        span = torch.as_tensor(norm.hi - norm.lo, dtype=x.dtype).view(1, c, 1, 1)
+        refl = (x * span + lo)[:, :nb]
+        f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
+        if self.p_turbid > 0:
+            g0, n0 = refl[:, ch.index("green")].clamp_min(0), refl[:, ch.index("nir08")].clamp_min(0)
+            water = ((g0 - n0) > 0.2 * (g0 + n0)) & (n0 < 0.08)
+            amount = f(rng.uniform(0, self.turbid_max, size=(b, 1, 1, 1)) * (rng.random(size=(b, 1, 1, 1)) < self.p_turbid))
+            field = F.interpolate(f(rng.uniform(0.3, 1.0, size=(b, 1, 4, 4))), size=(h, w), mode="bilinear",
+                                  align_corners=False)
+            sediment = amount * field * torch.as_tensor(_TURBID_SHAPE).view(1, nb, 1, 1)
+            refl = refl + water[:, None].to(refl.dtype) * sediment
+        gain = f(rng.uniform(*self.illumination, size=(b, 1, 1, 1)))
+        gain = gain * f(rng.normal(1.0, self.band_gain_sd, size=(b, nb, 1, 1))).clamp(0.8, 1.2)
+        coarse = f(rng.uniform(*self.shading, size=(b, 1, 4, 4)))
+        shade = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0.3, 1.2)
+        use_shade = f(rng.random(size=(b, 1, 1, 1)) < self.p_shading)
+        shade = use_shade * shade + (1 - use_shade)
+        haze = f(rng.uniform(0, self.haze_max, size=(b, 1, 1, 1)) * (rng.random(size=(b, 1, 1, 1)) < self.p_haze))
+        haze = haze * torch.as_tensor(_HAZE_SHAPE).view(1, nb, 1, 1)
+        offset = f(rng.normal(0.0, self.band_offset_sd, size=(b, nb, 1, 1)))
+        sigma = f(rng.uniform(0, self.noise_max, size=(b, 1, 1, 1)))
+        noise = f(rng.standard_normal(size=(b, nb, h, w))) * sigma
+        new = refl * gain * shade + haze + offset + noise
+        out = [new[:, i] for i in range(nb)]
+        g, nir, swir = (new[:, ch.index(n)].clamp_min(0) for n in ("green", "nir08", "swir16"))
+        for name in ch[nb:]:
+            other = swir if name == "ndsi" else nir
+            out.append(torch.where(g + other > 0, (g - other) / (g + other).clamp_min(1e-6), torch.zeros_like(g)))
+        z = (torch.stack(out, dim=1) - lo) / span
+        return torch.where(valid.expand_as(x), z, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _region_cube(work: Path, region: dict[str, Any]) -> tuple[Path, Path]:
+    from icemap.sample import make_sample_region
+    from icemap.stac import search
+    from icemap.workflow import ingest
+
+    reg = make_sample_region(work / "region", **region)
+    cube = work / "cube.zarr"
+    s = search(str(reg.catalog), collections=reg.collection, bbox=reg.bbox)
+    ingest(s, cube, bands=list(_BANDS), chunksize=256)  # resumes: a rerun skips finished dates
+    return cube, Path(reg.outlines)
+
+
+def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] | None = None,
+                  epochs: int | None = None, region: dict[str, Any] | None = None,
+                  chips: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
+                  augment: SpectralAugment | None = None, quiet: bool = False) -> Path:
+    """Train the default model from scratch and write it (float16 weights) to ``out``.
+
+    Parameters
+    ----------
+    out
+        Model folder (``model.safetensors``, ``model.json``, ``training/``); copy the first two
+        to ``src/icemap/models/default`` to ship it.
+    work
+        Folder for the generated region and its cube (default ``out/work``); reused on reruns.
+    epochs, region, chips, settings, augment
+        Overrides of :data:`TRAIN_SETTINGS` (``epochs``), :data:`REGION`, :data:`CHIP_SETTINGS`,
+        :data:`TRAIN_SETTINGS` and the augmentation, for quick trial runs.
+    """
+    import torch
+
+    from icemap.model.checkpoint import read_metadata, save_checkpoint
+    from icemap.model.train import TrainConfig, prepare_data, train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    work = Path(work) if work is not None else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    region = dict(REGION, **(region or {}))
+    chips = dict(CHIP_SETTINGS, **(chips or {}))
+    settings = dict(TRAIN_SETTINGS, **(settings or {}))
+    if epochs is not None:
+        settings["epochs"] = int(epochs)
+    augment = augment or SpectralAugment()
+    cube, glaciers = _region_cube(work, region)
+    t_data = time.perf_counter() - t0
+    config = TrainConfig(inputs=",".join(CHANNELS), chip_size=chips["chip_size"], overlap=chips["overlap"],
+                         n_random=chips["n_random"], n_hard_negative=chips["n_hard_negative"],
+                         split_iterations=chips["split_iterations"], device="cpu", **settings)
+    data = prepare_data(cube, glaciers, chip_size=config.chip_size, overlap=config.overlap,
+                        n_random=config.n_random, n_hard_negative=config.n_hard_negative,
+                        min_valid=config.min_valid, split_seed=config.effective_split_seed,
+                        split_iterations=config.split_iterations, channels=config.channels)
+    result = train(cube, glaciers, out, config, data=data, quiet=quiet, title="default model",
+                   augment_batch=augment)
+    # Ship float16 weights: half the size, and the scores in the docs are measured on them
+    # (the loaded model runs in float32 after an exact widening of the stored halves).
+    meta = read_metadata(out)
+    meta.training.update({
+        "recipe": "python -m icemap.model.default train --out DIR",
+        "cube": "generated: make_sample_region(**region), ingested with the six common bands",
+        "outlines": "the region's glaciers.gpkg",
+        "region": region, "chip_settings": chips, "train_settings": settings,
+        "augmentation": augment.to_dict(), "weights_dtype": "float16",
+        "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "seconds_data": round(t_data, 1), "seconds_total": round(time.perf_counter() - t0, 1),
+    })
+    model = result.model.half()
+    save_checkpoint(model, meta, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-data scores
+# ----------------------------------------------------------------------------------------------
+
+_HLS = {"blue": "B02", "green": "B03", "red": "B04", "nir08": "B05", "swir16": "B06", "swir22": "B07"}
+_L8 = {"blue": "B2", "green": "B3", "red": "B4", "nir08": "B5", "swir16": "B6", "swir22": "B7"}
+#: Liverpool's water: McFeeters NDWI (green vs NIR) above 0. The crop has no ice and no snow,
+#: and land (vegetation, city) has NIR above green, so NDWI > 0 is its sea, estuary and docks.
+LIVERPOOL_WATER_NDWI = 0.0
+#: ukis chip classes (data README): 0 cloud shadow, 1 water, 3 clear land, 4 cloud.
+_UKIS_CLASSES = {"shadow": 0, "water": 1, "land": 3, "cloud": 4}
+
+
+def _athabasca(root: Path) -> Any:
+    from icemap.load import load
+    from icemap.stac import item_from_files
+
+    d = root / "athabasca_hls_l30"
+    item = item_from_files({n: d / f"athabasca_2020229_{c}_L30.tif" for n, c in _HLS.items()},
+                           id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
+                           collection="hls", platform="landsat-8", crs="EPSG:32611")
+    return load([item], sensor="hls", crs="EPSG:32611", bands=list(_HLS)).compute()
+
+
+def _liverpool(root: Path) -> Any:
+    """The Liverpool crop as a cube; its georeference is only in the MTL (data README)."""
+    import rasterio
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    d = root / "xlandsat_liverpool_l2sp"
+    stem = "LC08_L2SP_204023_20200927_20201006_02_T1"
+    bands = []
+    for code in _L8.values():
+        with rasterio.open(d / f"{stem}_SR_{code}.TIF") as src:
+            dn = src.read(1)
+        r = dn.astype(np.float32) * np.float32(2.75e-5) - np.float32(0.2)
+        bands.append(np.where(dn == 0, np.nan, r).astype(np.float32))
+    h, w = bands[0].shape
+    # MTL corner coordinates are pixel centres: UL centre (487020, 5929980), 30 m, EPSG:32630.
+    x = 487020.0 + 30.0 * np.arange(w)
+    y = 5929980.0 - 30.0 * np.arange(h)
+    da = xr.DataArray(np.stack(bands)[None], dims=("time", "band", "y", "x"),
+                      coords={"time": [np.datetime64("2020-09-27")], "band": list(_L8), "y": y, "x": x})
+    return xr.Dataset({"reflectance": da}).rio.write_crs("EPSG:32630")
+
+
+def _ukis(root: Path, name: str) -> tuple[Any, np.ndarray]:
+    """A ukis cloud chip as a cube on a dummy 30 m UTM grid (the chips have no georeference)."""
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    z = np.load(root / "ukis_csmask_cloud_chips" / f"{name}.npz")
+    img = np.moveaxis(z["img"].astype(np.float32), -1, 0)  # blue, green, red, nir, swir16, swir22
+    h, w = img.shape[1:]
+    da = xr.DataArray(img[None], dims=("time", "band", "y", "x"),
+                      coords={"time": [np.datetime64("2020-01-01")], "band": list(_BANDS),
+                              "y": 5_000_000.0 - 30.0 * np.arange(h), "x": 500_000.0 + 30.0 * np.arange(w)})
+    return xr.Dataset({"reflectance": da}).rio.write_crs("EPSG:32633"), z["msk"][..., 0]
+
+
+#: Other U-Net thresholds scored for the docs (information for users choosing --threshold;
+#: the shipped threshold was fixed on synthetic validation chips before any real-data score).
+EXTRA_THRESHOLDS: tuple[float, ...] = (0.7, 0.9)
+
+
+def _methods(model: str | os.PathLike[str]) -> dict[str, Any]:
+    """name -> function(cube) returning the (y, x) uint8 ice mask of the first date."""
+    from icemap.index import ice_mask
+    from icemap.infer import predict
+    from icemap.kernels import probability_mask
+
+    cache: dict[int, Any] = {}
+
+    def unet(cube: Any, threshold: float | None = None) -> Any:
+        # One network pass per scene; other thresholds reuse its probabilities.
+        if id(cube) not in cache:
+            cache[id(cube)] = predict(cube, model, device="cpu").isel(time=0).compute()
+        out = cache[id(cube)]
+        if threshold is None:
+            return out["ice"]
+        return out["ice"].copy(data=probability_mask(out["ice_probability"].values, threshold))
+
+    methods: dict[str, Any] = {"default U-Net": unet}
+    methods.update({f"default U-Net at {t}": (lambda c, t=t: unet(c, t)) for t in EXTRA_THRESHOLDS})
+    methods["NDSI 0.4"] = lambda c: ice_mask(c, threshold=0.4).isel(time=0).compute()
+    methods["NDSI 0.4 + guards"] = lambda c: ice_mask(c, threshold=0.4, guards=("water", "dark")).isel(time=0).compute()
+    return methods
+
+
+def real_data_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Score the default model (or ``model``), NDSI 0.4 and NDSI 0.4 + guards on the real data.
+
+    Every U-Net number goes through :func:`icemap.predict` (hence
+    :func:`icemap.infer.predict_array`), the path ``icemap map`` runs.
+
+    Returns
+    -------
+    dict
+        ``{"athabasca": {method: {f1, precision, recall, ice_area_km2, reference_area_km2}},
+        "false_positive_share": {method: {"liverpool water": share, "landsat5 water": ...}},
+        "pixels": {class: count}}``; shares are ice-flagged pixels / valid pixels of the class.
+    """
+    from icemap.metrics import evaluate
+
+    root = Path(data_root)
+    model = resolve_model(model)
+    methods = _methods(model)
+    ath = _athabasca(root)
+    outline = root / "athabasca_hls_l30" / "athabasca_outline.shp"
+    scores: dict[str, Any] = {"athabasca": {}, "false_positive_share": {}, "pixels": {}}
+    for name, fn in methods.items():
+        got = evaluate(fn(ath), outline)
+        scores["athabasca"][name] = {k: float(got[k]) for k in
+                                     ("f1", "precision", "recall", "ice_area_km2", "reference_area_km2")}
+    controls: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}
+    liv = _liverpool(root)
+    refl = liv["reflectance"].isel(time=0)
+    g, n = refl.sel(band="green").values, refl.sel(band="nir08").values
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndwi = (np.clip(g, 0, None) - np.clip(n, 0, None)) / (np.clip(g, 0, None) + np.clip(n, 0, None))
+    controls["liverpool"] = (liv, {"water": ndwi > LIVERPOOL_WATER_NDWI, "all": np.isfinite(ndwi)})
+    for chip in ("landsat5", "sentinel2"):
+        cube, msk = _ukis(root, chip)
+        controls[chip] = (cube, {c: msk == v for c, v in _UKIS_CLASSES.items() if c != "land"})
+    for name, fn in methods.items():
+        row: dict[str, float] = {}
+        for scene, (cube, classes) in controls.items():
+            ice = np.asarray(fn(cube).values)
+            ok = ice != 255
+            for cls, where in classes.items():
+                sel = where & ok
+                row[f"{scene} {cls}"] = float((ice[sel] == 1).sum() / max(int(sel.sum()), 1))
+                scores["pixels"][f"{scene} {cls}"] = int(sel.sum())
+        scores["false_positive_share"][name] = row
+    return scores
+
+
+_CONTROL_COLUMNS = ("liverpool water", "landsat5 water", "sentinel2 water", "landsat5 shadow", "sentinel2 shadow",
+                    "landsat5 cloud", "sentinel2 cloud")
+
+
+def scores_markdown(scores: dict[str, Any]) -> str:
+    """The two tables of docs/default-model.md (between the markers tests/test_default_model.py
+    reads), from :func:`real_data_scores`."""
+    lines = ["<!-- athabasca -->", "| method | F1 | precision | recall | ice km2 |", "|---|---|---|---|---|"]
+    for name, r in scores["athabasca"].items():
+        lines.append(f"| {name} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['ice_area_km2']:.2f} |")
+    lines += ["<!-- /athabasca -->", "", "<!-- controls -->",
+              "| method | " + " | ".join(_CONTROL_COLUMNS) + " |", "|---" * (len(_CONTROL_COLUMNS) + 1) + "|"]
+    for name, r in scores["false_positive_share"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.2f}" for c in _CONTROL_COLUMNS) + " |")
+    lines.append("| pixels of the class | " + " | ".join(str(scores["pixels"][c]) for c in _CONTROL_COLUMNS) + " |")
+    lines.append("<!-- /controls -->")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m icemap.model.default train --out DIR`` | ``score [--model DIR]``."""
+    p = argparse.ArgumentParser(prog="python -m icemap.model.default", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the default model from scratch")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--work", type=Path, default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    s = sub.add_parser("score", help="score a model, NDSI 0.4 and NDSI + guards on the real data")
+    s.add_argument("--model", default=None)
+    s.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data")
+    s.add_argument("--markdown", action="store_true", help="print docs/default-model.md's tables")
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        path = train_default(args.out, work=args.work, epochs=args.epochs)
+        from icemap.model.checkpoint import read_metadata
+
+        print(f"{path}: sha256 {read_metadata(path).weights_sha256}")
+    else:
+        scores = real_data_scores(args.data, args.model)
+        print(scores_markdown(scores) if args.markdown else json.dumps(scores, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

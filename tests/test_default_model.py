@@ -1,0 +1,225 @@
+"""The shipped default U-Net: package data, runs on every kind of cube, and its documented scores.
+
+The real-data scores are recomputed here on ../shared/data through ``icemap.predict`` (the path
+``icemap map`` runs) and compared with the numbers docs/default-model.md states; the targets of
+the default model (Athabasca F1 at least NDSI 0.4's + 0.02, water flagged on at most 2 % of the
+water pixels of every real control) are asserted where met, and where missed the documented
+shortfall is asserted instead, so the page cannot drift from what the model does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import tomllib
+from rasterio.transform import from_origin
+
+import icemap
+from icemap.errors import ModelError
+from icemap.model.checkpoint import METADATA, WEIGHTS, read_metadata, sha256_of
+from icemap.model.default import CHANNELS, SpectralAugment, real_data_scores
+from icemap.model.packaged import default_model_dir, resolve_model
+from icemap.stac import item_from_files, search
+
+from .conftest import REPO, SHARED_DATA, shared_path
+
+DOC = REPO / "docs" / "default-model.md"
+COMMON_BANDS = ("blue", "green", "red", "nir08", "swir16", "swir22")
+
+
+def test_default_model_is_package_data() -> None:
+    folder = default_model_dir()
+    # Resolved through importlib.resources inside the imported icemap package, wherever that
+    # is installed (a wheel install puts it in site-packages), never a source-tree path.
+    package = Path(str(files("icemap")))
+    assert folder == package / "models" / "default"
+    assert Path(icemap.__file__).parent == package
+    assert resolve_model(None) == folder and resolve_model("default") == folder
+    assert resolve_model("/some/model") == "/some/model"
+    # A wheel includes it: pyproject lists both files as package data of icemap.
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert set(config["tool"]["setuptools"]["package-data"]["icemap"]) == {
+        f"models/default/{WEIGHTS}", f"models/default/{METADATA}"}
+
+    weights = folder / WEIGHTS
+    assert weights.stat().st_size < 2 * 1024 * 1024
+    meta = read_metadata(folder)
+    assert sha256_of(weights) == meta.weights_sha256
+    assert meta.weights_sha256 in DOC.read_text()
+    # float16 weights, stated in the safetensors header.
+    raw = weights.read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and not k.endswith("num_batches_tracked")}
+    assert dtypes == {"F16"}
+    # Only bands every icemap cube has (Landsat C2 L2, HLS, Sentinel-2), no DEM.
+    assert tuple(meta.channels) == CHANNELS and set(meta.bands) == set(COMMON_BANDS)
+    # The training block records what a rerun needs.
+    for key in ("recipe", "region", "chip_settings", "train_settings", "augmentation", "config", "history"):
+        assert key in meta.training, key
+
+
+def test_augment_keeps_nodata_and_recomputes_indices() -> None:
+    import torch
+
+    from icemap.model.inputs import Normalisation
+
+    rng = np.random.default_rng(0)
+    refl = rng.uniform(0.02, 0.9, size=(3, 6, 16, 16)).astype(np.float32)
+    g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
+    raw = np.concatenate([refl, ((g - s) / (g + s))[:, None], ((g - n) / (g + n))[:, None]], axis=1)
+    norm = Normalisation([0.0] * 6 + [-1.0, -1.0], [1.0] * 6 + [1.0, 1.0])
+    z = (raw - norm.lo[None, :, None, None]) / (norm.hi - norm.lo)[None, :, None, None]
+    valid = np.ones((3, 1, 16, 16), dtype=bool)
+    valid[:, :, :4] = False
+    out = SpectralAugment()(torch.from_numpy(z), torch.from_numpy(valid), norm, np.random.default_rng(1)).numpy()
+    np.testing.assert_array_equal(out[:, :, :4], z[:, :, :4])  # nodata and padding untouched
+    assert not np.allclose(out[:, :6, 4:], z[:, :6, 4:])
+    back = out * (norm.hi - norm.lo)[None, :, None, None] + norm.lo[None, :, None, None]
+    gb, nb, sb = (np.clip(back[:, i, 4:], 0, None) for i in (1, 3, 4))
+    np.testing.assert_allclose(back[:, 6, 4:], (gb - sb) / (gb + sb), atol=1e-5)
+    np.testing.assert_allclose(back[:, 7, 4:], (gb - nb) / (gb + nb), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def landsat_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("default") / "cube.zarr"
+    icemap.ingest(search(sample_region.catalog).items(), path, bands=list(COMMON_BANDS), chunksize=64)
+    return path
+
+
+def test_cli_map_unet_without_model(landsat_cube: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unet.zarr"
+    res = subprocess.run([sys.executable, "-m", "icemap.cli", "map", "--cube", str(landsat_cube), "--method", "unet",
+                          "--out", str(out), "--quiet"], check=False, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    prod = icemap.open_cube(out)
+    assert prod.attrs["model_sha256"] == read_metadata(default_model_dir()).weights_sha256
+    assert prod.rio.crs == icemap.open_cube(landsat_cube).rio.crs
+    ice = prod["ice"].values
+    assert set(np.unique(ice)) <= {0, 1, 255} and (ice == 1).any() and (ice == 0).any()
+    # The product is what the Python API computes with the default model (one inference path).
+    direct = icemap.predict(icemap.open_cube(landsat_cube))["ice_probability"].values
+    np.testing.assert_allclose(prod["ice_probability"].values, direct, atol=2e-6, rtol=0)
+
+
+def test_cube_without_a_common_band(sample_region: Any) -> None:
+    cube = icemap.load(search(sample_region.catalog).items(), bands=["blue", "green", "red", "swir16", "swir22"])
+    with pytest.raises(ModelError, match=r"nir08.*--bands"):
+        icemap.predict(cube)
+
+
+def _ukis_s2() -> np.ndarray:
+    z = np.load(shared_path("ukis_csmask_cloud_chips", "sentinel2.npz"))
+    return np.moveaxis(z["img"][:160, :192], -1, 0).astype(np.float32)
+
+
+def test_runs_on_sentinel2_and_hls_cubes(tmp_path: Path) -> None:
+    # Sentinel-2: real MSI reflectance written as a 6-band L2A-style GeoTIFF (DN = 1e4 x
+    # reflectance), loaded through the Sentinel-2 sensor path like any S2 file.
+    img = _ukis_s2()
+    dn = np.round(img * 1e4).astype(np.uint16) + 1  # 0 is nodata in L2A
+    path = tmp_path / "s2.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=dn.shape[2], height=dn.shape[1], count=6, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500_000.0, 5_000_000.0, 20.0, 20.0), nodata=0) as dst:
+        dst.write(dn)
+    item = item_from_files(path, band_map={b: i + 1 for i, b in enumerate(COMMON_BANDS)}, id="s2",
+                           datetime="2022-02-01", collection="sentinel-2-l2a", scale=1e-4, offset=0.0)
+    with pytest.warns(icemap.errors.NoQAWarning):
+        s2 = icemap.load([item], qa=None, bands=list(COMMON_BANDS))
+    out = icemap.predict(s2)
+    assert out.rio.crs.to_epsg() == 32633
+    prob = out["ice_probability"].values
+    assert np.isfinite(prob).all() and prob.shape == (1, 160, 192)
+    # Lazy equals eager: the same cube computed first gives the same probabilities.
+    np.testing.assert_allclose(icemap.predict(s2.compute())["ice_probability"].values, prob, atol=1e-6, rtol=0)
+
+    # HLS: the real Athabasca L30 crop through the HLS sensor path; the glacier is found.
+    from icemap.model.default import _athabasca
+
+    hls = _athabasca(SHARED_DATA if SHARED_DATA.exists() else shared_path())
+    ice = icemap.predict(hls)["ice"].isel(time=0)
+    label = rasterio.open(shared_path("athabasca_hls_l30", "DERIVED_athabasca_outline_mask_30m.tif")).read(1)
+    assert ice.rio.crs.to_epsg() == 32611
+    assert (ice.values[label == 1] == 1).mean() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# The documented real-data scores
+# ----------------------------------------------------------------------------------------------
+
+#: docs/default-model.md's table, rows as written there (3 decimals; shares in percent, 2 decimals).
+METHODS = ("default U-Net", "default U-Net at 0.7", "default U-Net at 0.9", "NDSI 0.4", "NDSI 0.4 + guards")
+CONTROLS = ("liverpool water", "landsat5 water", "sentinel2 water", "landsat5 shadow", "sentinel2 shadow",
+            "landsat5 cloud", "sentinel2 cloud")
+#: Scores can move in the last digit with torch's thread count (sums in another order).
+TOL_SCORE = 0.002
+TOL_SHARE_PCT = 0.05
+
+
+def _documented() -> dict[str, dict[str, float]]:
+    """Parse the two tables of docs/default-model.md between their markers."""
+    text = DOC.read_text()
+    rows: dict[str, dict[str, float]] = {}
+    for block, cols in (("athabasca", ("f1", "precision", "recall", "ice_area_km2")), ("controls", CONTROLS)):
+        body = re.search(rf"<!-- {block} -->(.*?)<!-- /{block} -->", text, re.DOTALL)
+        assert body, f"docs/default-model.md lacks the {block} table markers"
+        for line in body.group(1).strip().splitlines()[2:]:
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], {}).update({c: float(v) for c, v in zip(cols, cells[1:])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scores() -> dict[str, Any]:
+    shared_path("athabasca_hls_l30")
+    shared_path("xlandsat_liverpool_l2sp")
+    shared_path("ukis_csmask_cloud_chips")
+    return real_data_scores(SHARED_DATA)
+
+
+@pytest.mark.shared_data
+def test_documented_scores_hold(scores: dict[str, Any]) -> None:
+    doc = _documented()
+    assert set(doc) - {"pixels of the class"} == set(scores["athabasca"]) == set(METHODS)
+    for method in METHODS:
+        got = scores["athabasca"][method]
+        for key in ("f1", "precision", "recall"):
+            assert got[key] == pytest.approx(doc[method][key], abs=TOL_SCORE), (method, key)
+        assert got["ice_area_km2"] == pytest.approx(doc[method]["ice_area_km2"], abs=0.05)
+        for control in CONTROLS:
+            share = 100 * scores["false_positive_share"][method][control]
+            assert share == pytest.approx(doc[method][control], abs=TOL_SHARE_PCT), (method, control)
+    # NDSI 0.4 is the data set's documented reference (F1 0.697, P 0.552, R 0.946).
+    assert scores["athabasca"]["NDSI 0.4"]["f1"] == pytest.approx(0.697, abs=6e-4)
+
+
+#: The targets: Athabasca F1 at least NDSI 0.4's + 0.02, and water mapped as ice on at most
+#: 2 % of the water pixels of every real control.
+F1_MARGIN = 0.02
+WATER_MAX_PCT = 2.0
+WATER = tuple(c for c in CONTROLS if c.endswith("water"))
+#: Water targets the shipped model misses (docs/default-model.md, "Targets"): the share stated there.
+MISSED_WATER: dict[str, float] = {}
+
+
+@pytest.mark.shared_data
+def test_targets(scores: dict[str, Any]) -> None:
+    unet, ndsi = scores["athabasca"]["default U-Net"], scores["athabasca"]["NDSI 0.4"]
+    assert unet["f1"] >= ndsi["f1"] + F1_MARGIN
+    doc = _documented()["default U-Net"]
+    for control in WATER:
+        share = 100 * scores["false_positive_share"]["default U-Net"][control]
+        if control in MISSED_WATER:
+            # Missed, and the page says so with this number (met after a retrain? update both).
+            assert share > WATER_MAX_PCT and doc[control] == MISSED_WATER[control], control
+        else:
+            assert share <= WATER_MAX_PCT, control
