@@ -18,14 +18,15 @@ from icemap.vector import pixel_area_m2
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--dates", "2", "--quiet"],
+        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--years", "2",
+         "--per-season", "2", "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert "Ice area on the sample region" in res.stdout
+    assert "Ice area on the sample region" in res.stdout and "One map per year" in res.stdout
 
     cube = icemap.open_cube(out / "cube.zarr")
-    assert cube.sizes["time"] == 2 and cube.rio.crs.to_epsg() == 32719
+    assert cube.sizes["time"] == 4 and cube.rio.crs.to_epsg() == 32719
 
     areas = pd.read_csv(out / "ice_area_per_glacier.csv", parse_dates=["time"])
     region = icemap.open_sample_region(out / "region")
@@ -50,9 +51,27 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert (pixels == [255, 230, 0]).all(axis=-1).any()  # outlines drawn
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a flat fill
 
+    # One map per year, with fewer gaps than any acquisition of its season.
+    yearly = icemap.open_cube(out / "composite-ice.zarr")["ice"]
+    assert yearly.sizes["time"] == 2 and yearly.rio.crs == cube.rio.crs
+    gaps = (icemap.ice_mask(cube) == 255).mean(dim=("y", "x")).values
+    for k, year_gaps in enumerate((yearly == 255).mean(dim=("y", "x")).values):
+        assert year_gaps < gaps[2 * k: 2 * k + 2].min()
+    series = pd.read_csv(out / "glacier_series.csv")
+    assert set(series["glacier_id"]) == set(outlines["glacier_id"]) and sorted(set(series["year"])) == [2021, 2022]
+    assert (series["area_uncertainty_km2"] > 0).any() and series["change_km2_per_yr"].notna().any()
+    region_tab = pd.read_csv(out / "region_series.csv")
+    np.testing.assert_allclose(region_tab["area_km2"], series.groupby("year")["area_km2"].sum().to_numpy())
+    html = (out / "report.html").read_text()
+    assert all(str(g) in html for g in outlines["glacier_id"])
+    for name in ("map.png", "area_per_year.png"):
+        with Image.open(out / name) as img:
+            assert min(img.size) >= 200
+
     # A second run reuses the region and the complete cube.
     again = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--dates", "2", "--quiet"],
+        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--years", "2",
+         "--per-season", "2", "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr

@@ -175,7 +175,7 @@ def map_cmd(
     out: Annotated[str, typer.Option("--out", "-o", help="Product store (Zarr, path or URL) to write or finish.")],
     method: Annotated[str, typer.Option("--method", help="ndsi or unet (the shipped default model, or --model).")] = "ndsi",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4) or U-Net probability threshold (default: the model's).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="U-Net checkpoint folder (from `icemap train`); default: the model shipped with icemap (docs/default-model.md).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="U-Net model folder (from `icemap train` or `icemap model import`); default: the model shipped with icemap (docs/default-model.md).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="U-Net windows per forward pass (default 8).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="U-Net: average the 8 flips/rotations; writes ice_probability_std.")] = False,
     halo: Annotated[Optional[int], typer.Option("--halo", help="U-Net context pixels (default: half the receptive field).")] = None,
@@ -340,19 +340,22 @@ def status_cmd(cube: Annotated[str, typer.Argument(help="A cube or product store
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sample region and products.")] = Path("icemap-demo"),
     size: Annotated[int, typer.Option("--size", help="Region edge in pixels (30 m).")] = 384,
-    dates: Annotated[int, typer.Option("--dates", help="Number of acquisition dates.")] = 3,
+    years: Annotated[int, typer.Option("--years", "--dates", help="Number of seasons (years) of acquisitions.")] = 3,
+    per_season: Annotated[int, typer.Option("--per-season", help="Acquisitions per season, 8 days apart (1-6).")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the region.")] = 0,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="NDSI threshold (default 0.4).")] = None,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the main job on the embedded sample region (no network): search -> ingest -> NDSI ->
-    ice area per glacier -> quicklook."""
+    ice area per glacier -> quicklook; then a seasonal composite per year -> its map -> area
+    series with uncertainties -> figures and an HTML report."""
     from icemap.cluster import connect
     from icemap.demo import run_demo
 
     with connect(scheduler), _StepProgress(quiet, "demo") as progress:
-        result = run_demo(out, size=size, n_dates=dates, seed=seed, threshold=threshold, progress=progress)
+        result = run_demo(out, size=size, n_dates=years, per_season=per_season, seed=seed, threshold=threshold,
+                          progress=progress)
     result.print(_console(stderr=False))
 
 

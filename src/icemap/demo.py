@@ -1,15 +1,18 @@
 """The main job, end to end, on the embedded sample region (``icemap demo``).
 
 It is the same sequence a user runs on real data, only pointed at a generated static catalog:
-search -> ingest to a resumable Zarr cube -> NDSI ice mask -> ice area per glacier -> quicklook.
-Nothing here is special-cased for the sample; it doubles as a smoke test of the whole chain.
+search -> ingest to a resumable Zarr cube -> NDSI ice mask per date -> ice area per glacier ->
+quicklook; then the regional view over years: a seasonal composite per year (several
+acquisitions per season, the least snowy clear one per pixel) -> its NDSI map -> per-glacier
+and regional area series with uncertainties -> figures and an HTML report. Nothing here is
+special-cased for the sample; it doubles as a smoke test of the whole chain.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,21 @@ class DemoResult:
     n_time_steps: int
     areas: Any  # pandas DataFrame per glacier and date
     seconds: float
+    composite: Path | None = None
+    composite_ice: Path | None = None
+    series_csv: Path | None = None
+    region_csv: Path | None = None
+    report: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+    region_series: Any = None  # pandas DataFrame per year
+    nodata: Any = None  # pandas DataFrame: nodata share per date and of each year's composite
+    note: str = ""
 
     def print(self, console: Any) -> None:
         from rich.table import Table
 
         per_date = self.areas.groupby("time")[["ice_area_km2", "outline_area_km2", "nodata_area_km2"]].sum()
-        table = Table(title="Ice area on the sample region (NDSI), all glaciers")
+        table = Table(title="Ice area on the sample region (NDSI), each acquisition, all glaciers")
         for col in ("date", "ice km²", "outlines km²", "difference %", "under cloud km²"):
             table.add_column(col, justify="right")
         for t, row in per_date.iterrows():
@@ -41,10 +53,42 @@ class DemoResult:
             table.add_row(str(t.date()), f"{row.ice_area_km2:.3f}", f"{row.outline_area_km2:.3f}",
                           f"{diff:+.1f}", f"{row.nodata_area_km2:.3f}")
         console.print(table)
-        console.print(
-            f"{self.n_items} scenes -> {self.n_time_steps} time steps in {self.seconds:.1f} s\n"
-            f"cube:      {self.cube}\nareas:     {self.areas_csv}\nquicklook: {self.quicklook}"
-        )
+        if self.region_series is not None:
+            years = Table(title="One map per year: seasonal composite (least snowy clear observation) + NDSI")
+            for col in ("year", "nodata % of the dates", "nodata % composite", "ice km²", "± km²",
+                        "observed %", "change %/yr"):
+                years.add_column(col, justify="right")
+            for _, row in self.region_series.iterrows():
+                dates = self.nodata[(self.nodata["year"] == row.year) & (self.nodata["kind"] == "date")]
+                comp = self.nodata[(self.nodata["year"] == row.year) & (self.nodata["kind"] == "composite")]
+                rate = "" if row.change_pct_per_yr != row.change_pct_per_yr else f"{row.change_pct_per_yr:+.1f}"
+                years.add_row(str(row.year), " / ".join(f"{100 * v:.1f}" for v in dates["nodata_share"]),
+                              f"{100 * comp['nodata_share'].iloc[0]:.1f}" if len(comp) else "",
+                              f"{row.area_km2:.3f}", f"{row.area_uncertainty_km2:.3f}",
+                              f"{100 * row.observed_fraction:.1f}", rate)
+            console.print(years)
+        lines = [f"{self.n_items} scenes -> {self.n_time_steps} time steps in {self.seconds:.1f} s",
+                 f"cube:       {self.cube}", f"areas:      {self.areas_csv}", f"quicklook:  {self.quicklook}"]
+        if self.composite is not None:
+            lines += [f"composite:  {self.composite}", f"map:        {self.composite_ice}",
+                      f"series:     {self.series_csv} (per glacier), {self.region_csv} (region)"]
+        lines += [f"figure:     {f}" for f in self.figures]
+        if self.report is not None:
+            lines.append(f"report:     {self.report}")
+        if self.note:
+            lines.append(self.note)
+        console.print("\n".join(lines))
+
+
+def _nodata_shares(ice: Any, kind: str) -> Any:
+    """Share of nodata (255) pixels of an ice mask, per time step, with the season's year."""
+    import pandas as pd
+
+    from icemap.kernels import ICE_NODATA
+
+    shares = (ice == ICE_NODATA).mean(dim=("y", "x")).values
+    times = pd.DatetimeIndex(ice["time"].values)
+    return pd.DataFrame({"time": times, "kind": kind, "nodata_share": shares})
 
 
 def run_demo(
@@ -52,25 +96,36 @@ def run_demo(
     *,
     size: int = 384,
     n_dates: int = 3,
+    per_season: int = 3,
     seed: int = 0,
     threshold: float | None = None,
     chunksize: int = 256,
     progress: Any = None,
 ) -> DemoResult:
-    """Generate (or reuse) the sample region under ``out`` and run the main job on it."""
+    """Generate (or reuse) the sample region under ``out`` and run the main job on it.
+
+    ``n_dates`` is the number of seasons (years), each with ``per_season`` acquisitions 8 days
+    apart, clouds and snow changing between them.
+    """
+    import importlib.util
+
+    import pandas as pd
+
+    from icemap.composite import composite, season_groups
     from icemap.index import ice_mask
     from icemap.labels import glacier_ids, read_outlines
     from icemap.quicklook import quicklook
     from icemap.sample import make_sample_region
+    from icemap.series import glacier_series, region_series, write_table
     from icemap.stac import search
     from icemap.store import open_cube
-    from icemap.workflow import ingest
     from icemap.vector import ice_area_per_glacier
+    from icemap.workflow import ingest, map_cube
 
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    region = make_sample_region(out / "region", size=size, n_dates=n_dates, seed=seed)
+    region = make_sample_region(out / "region", size=size, n_dates=n_dates, per_season=per_season, seed=seed)
     s = search(str(region.catalog), collections=region.collection, bbox=region.bbox)
     items = s.items()
     cube_path = out / "cube.zarr"
@@ -86,7 +141,42 @@ def run_demo(
     valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
     best = int(valid.argmax())
     png = quicklook(cube, out / "quicklook.png", ice=ice, outlines=outlines, time=best)
-    return DemoResult(
+    result = DemoResult(
         out=out, cube=cube_path, areas_csv=areas_csv, quicklook=png, n_items=len(items),
-        n_time_steps=cube.sizes["time"], areas=areas, seconds=time.perf_counter() - start,
+        n_time_steps=cube.sizes["time"], areas=areas, seconds=0.0,
     )
+
+    # One map per year: the season's clear observations composited, then mapped as any cube.
+    comp_path, comp_ice = out / "composite.zarr", out / "composite-ice.zarr"
+    composite(cube, comp_path, progress=progress)
+    map_cube(comp_path, comp_ice, threshold=threshold, progress=progress)
+    yearly = open_cube(comp_ice)["ice"]
+    season = open_cube(comp_path).attrs.get("icemap:composite", {}).get("season")
+    per_date = _nodata_shares(ice, "date")
+    years = list(per_date["time"].dt.year)
+    for year, positions in season_groups(cube["time"].values, season).items():
+        for i in positions:
+            years[i] = year
+    per_date["year"] = years
+    per_year = _nodata_shares(yearly, "composite")
+    per_year["year"] = per_year["time"].dt.year
+    result.nodata = pd.concat([per_date, per_year], ignore_index=True)
+    series = glacier_series(yearly, outlines)
+    result.region_series = region_series(series)
+    result.series_csv = write_table(series, out / "glacier_series.csv")
+    result.region_csv = write_table(result.region_series, out / "region_series.csv")
+    result.composite, result.composite_ice = comp_path, comp_ice
+
+    if importlib.util.find_spec("matplotlib") is None:
+        result.note = 'figures and the HTML report need matplotlib: pip install "icemap[report]"'
+    else:
+        from icemap.figures import area_plot, map_figure, save_png
+        from icemap.report import report
+
+        result.figures = [
+            save_png(map_figure(open_cube(comp_path), open_cube(comp_ice), time=-1, outlines=outlines), out / "map.png"),
+            save_png(area_plot(result.region_series, series), out / "area_per_year.png"),
+        ]
+        result.report = report(comp_path, comp_ice, outlines, out / "report.html", title="icemap demo: sample region")
+    result.seconds = time.perf_counter() - start
+    return result

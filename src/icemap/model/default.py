@@ -134,7 +134,9 @@ class SpectralAugment:
         lo = torch.as_tensor(norm.lo, dtype=x.dtype).view(1, c, 1, 1)
         span = torch.as_tensor(norm.hi - norm.lo, dtype=x.dtype).view(1, c, 1, 1)
         refl = (x * span + lo)[:, :nb]
-        f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
+        def f(a: Any) -> Any:
+            return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
         if self.p_turbid > 0:
             g0, n0 = refl[:, ch.index("green")].clamp_min(0), refl[:, ch.index("nir08")].clamp_min(0)
             water = ((g0 - n0) > 0.2 * (g0 + n0)) & (n0 < 0.08)
