@@ -188,6 +188,16 @@ def test_slope_equals_numpy_gradient(shape: tuple[int, int]) -> None:
     assert np.array_equal(np.isnan(K.slope_degrees(z, 30.0, 25.0)), np.isnan(want))
 
 
+def test_filled_flag_equals_numpy() -> None:
+    rng = np.random.default_rng(16)
+    before = _bands(rng, (2, 3, 12, 9), nan=0.4)
+    after = before.copy()
+    after[rng.random(after.shape) < 0.5] = 0.3  # filled here, unless it had a value
+    want = (np.isnan(before) & ~np.isnan(after)).any(axis=-3).astype(np.uint8)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(K.filled_flag(before, after), want)
+
+
 def test_stretch_uint8_equals_numpy() -> None:
     rng = np.random.default_rng(15)
     band = _bands(rng, (40, 30), nan=0.1)

@@ -41,6 +41,7 @@ import numpy as np
 from icemap.errors import BandError, IcemapError
 from icemap.kernels import COMPOSITE_RULES
 from icemap.kernels import composite as composite_kernel
+from icemap.kernels import filled_flag
 from icemap.options import get_option, parse_season, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -328,7 +329,10 @@ def fill_gaps(ds: Any, *, max_distance_px: float, smoothing_iterations: int = 0)
     filled = da.map_overlap(_fill_planes, data, depth={**lead, data.ndim - 2: depth, data.ndim - 1: depth},
                             boundary="none", dtype=np.float32, max_distance_px=max_distance_px,
                             smoothing_iterations=smoothing_iterations, meta=np.empty((0,) * data.ndim, np.float32))
-    flag = (da.isnan(data) & ~da.isnan(filled)).any(axis=1).astype(np.uint8)
+    # The flag looks at all bands of a pixel at once: one band chunk (stores chunk band by band),
+    # and the same blocks on both sides (map_overlap may have merged chunks smaller than its halo).
+    before = data.rechunk({1: -1})
+    flag = da.map_blocks(filled_flag, before, filled.rechunk(before.chunks), drop_axis=1, dtype=np.uint8)
     out = ds.copy()
     out["reflectance"] = refl.copy(data=filled)
     out["filled"] = xr.DataArray(flag, dims=("time", "y", "x"),

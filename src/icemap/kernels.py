@@ -53,6 +53,7 @@ __all__ = [
     "scale_mask",
     "qa_to_uint16",
     "qa_from_reflectance",
+    "filled_flag",
     "slope_degrees",
     "stretch_uint8",
     "mosaic_first_valid",
@@ -518,6 +519,39 @@ def stretch_uint8(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
     once per quicklook on an averaged-down frame, so plain numpy."""
     scaled = (np.asarray(band, np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
     return (np.clip(np.nan_to_num(scaled, nan=0.0), 0, 1) * 255).astype(np.uint8)
+
+
+@njit(**_JIT)
+def _filled_planes(before, after, out):  # pragma: no cover - compiled
+    planes, bands, h, w = before.shape
+    for p in range(planes):
+        for r in range(h):
+            for i in range(w):
+                hit = np.uint8(0)
+                for b in range(bands):
+                    if np.isnan(before[p, b, r, i]) and not np.isnan(after[p, b, r, i]):
+                        hit = np.uint8(1)
+                        break
+                out[p, r, i] = hit
+
+
+def filled_flag(before: np.ndarray, after: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """1 where gap filling gave any band of a pixel a value it did not have, else 0 (uint8).
+
+    ``before`` and ``after`` are ``(..., band, y, x)`` reflectance; the flag is ``(..., y, x)``.
+    """
+    before = np.asarray(before, dtype=np.float32)
+    after = np.asarray(after, dtype=np.float32)
+    if before.shape != after.shape or before.ndim < 3:
+        raise ValueError(f"before and after must be (..., band, y, x) of one shape, got {before.shape}, {after.shape}")
+    shape = before.shape[:-3] + before.shape[-2:]
+    res = _out(out, shape, np.uint8)
+    if not res.size:
+        return res
+    target = _Target(res)
+    _filled_planes(np.ascontiguousarray(before).reshape(-1, *before.shape[-3:]),
+                   np.ascontiguousarray(after).reshape(-1, *after.shape[-3:]), target.array)
+    return target.done()
 
 
 def normalise_channels(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
