@@ -84,7 +84,7 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
     ),
     "write_wave": (
         None, lambda v: v is None or _positive_int(1)(v), "None or an integer >= 1",
-        "spatial chunks a store write keeps in flight (None: four per thread): bounds a worker's "
+        "spatial chunks a store write keeps in flight (None: two per thread): bounds a worker's "
         "memory whatever the area, while the threads still overlap the end of one slab with the next",
     ),
     "zarr_format": (
