@@ -602,10 +602,21 @@ def mosaic_first_valid(block: np.ndarray, n_bands: int) -> np.ndarray:
 COMPOSITE_RULES = ("min-ndsi", "latest", "median")
 
 
+@njit(inline="always")
+def _clamped_nd(x, y):  # pragma: no cover - compiled
+    """NDSI of one observation as ``normalized_difference`` computes it (negatives clipped to 0;
+    NaN where masked or 0/0). ``x < 0`` tests, not ``max()``, so NaN stays NaN."""
+    zero = np.float32(0)
+    if x < zero:
+        x = zero
+    if y < zero:
+        y = zero
+    return (x - y) / (x + y)
+
+
 @njit(**_JIT)
 def _composite_pixels(refl, ig, isw, rule, out, count, chosen, scratch):  # pragma: no cover - compiled
     nt, nb, h, w = refl.shape
-    zero = np.float32(0)
     nan = np.float32(np.nan)
     for r in range(h):
         for i in range(w):
@@ -613,13 +624,7 @@ def _composite_pixels(refl, ig, isw, rule, out, count, chosen, scratch):  # prag
             best = -1
             best_v = np.float32(np.inf)
             for k in range(nt):
-                x = refl[k, ig, r, i]
-                y = refl[k, isw, r, i]
-                if x < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
-                    x = zero
-                if y < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
-                    y = zero
-                v = (x - y) / (x + y)
+                v = _clamped_nd(refl[k, ig, r, i], refl[k, isw, r, i])
                 if np.isnan(v):  # not clear: masked (NaN) or undefined NDSI
                     continue
                 n += 1
@@ -646,13 +651,7 @@ def _composite_pixels(refl, ig, isw, rule, out, count, chosen, scratch):  # prag
             for j in range(nb):
                 m = 0
                 for k in range(nt):
-                    x = refl[k, ig, r, i]
-                    y = refl[k, isw, r, i]
-                    if x < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
-                        x = zero
-                    if y < zero:  # noqa: PLR1730 (max() would turn NaN into 0)
-                        y = zero
-                    if np.isnan((x - y) / (x + y)):
+                    if np.isnan(_clamped_nd(refl[k, ig, r, i], refl[k, isw, r, i])):
                         continue
                     b = refl[k, j, r, i]
                     if np.isnan(b):
