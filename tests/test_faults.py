@@ -291,6 +291,7 @@ def _synthetic_cube(n_time: int = 2, size: int = 128, chunk: int = 24) -> Any:
     """A cube of distinct, NaN-free values, with dask chunks deliberately not the store's."""
     import dask.array as da
     import pandas as pd
+    import rioxarray  # noqa: F401  (.rio)
     import xarray as xr
 
     rng = np.random.default_rng(42)

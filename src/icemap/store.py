@@ -143,6 +143,8 @@ def _stepped_vars(ds: Any) -> list[str]:
 
 def _prepare(ds: Any, chunksize: int | None) -> Any:
     """Align dask chunks to the Zarr chunks we are about to declare, and clean coordinates."""
+    import rioxarray  # noqa: F401  (registers .rio: a dataset built by hand may not have it yet)
+
     if ds.rio.crs is None:
         raise StoreError("the dataset has no CRS; load it with icemap.load or set one with ds.rio.write_crs")
     names = _stepped_vars(ds)
@@ -298,7 +300,8 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
     the work lets a scheduler run reads ahead of the writes that free them (distributed does
     not hold back reads that are not root tasks, as the loader's are), so a worker's memory
     would grow with the area; a wave holds at most a few chunks per thread (the
-    ``write_wave`` option, default two per thread), whatever the area.
+    ``write_wave`` option, default two per thread), whatever the area. On a distributed
+    cluster a wave is one whole time step (see the comment below), as before the waves.
 
     Each step's ``complete`` flag is a task of the wave holding the step's last slab; it
     depends on that wave's store tasks of the step *and* on the previous step's flag, so
@@ -324,7 +327,14 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
         if progress is not None:
             progress(len(done), len(steps), label)
 
-    for wave in _waves(len(steps), y_blocks, x_blocks, _wave_chunks(ds)):
+    max_chunks = _wave_chunks(ds)
+    if _distributed_client() is not None:
+        # On a cluster a wave is one whole step: slabs of one step in successive computes share
+        # upstream tasks (a U-Net's halo reads), and a key resubmitted while the cluster was
+        # still releasing it failed on a dask-gateway worker with a KeyError. Whole steps share
+        # none, so memory is bounded by one step there, not by a slab.
+        max_chunks = y_blocks * x_blocks
+    for wave in _waves(len(steps), y_blocks, x_blocks, max_chunks):
         targets: list[Any] = []
         flags: list[tuple[Any, str]] = []
         previous: list[Any] = []
@@ -356,16 +366,15 @@ def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, la
 
     client = _distributed_client()
     if client is not None:
-        from distributed import as_completed, wait
-
         futures = client.compute(targets)
-        flag_keys = {fut.key: label for fut, t in zip(futures, targets) for f, label in flags if f is t}
+        labels_of = {id(t): label for t, label in flags}
         try:
-            for fut in as_completed(futures):
+            # In order: flags are chained, so they land in step order anyway. No default
+            # client is needed (the Client may be set through dask.config only).
+            for fut, target in zip(futures, targets):
                 fut.result()
-                if fut.key in flag_keys:
-                    step_done(flag_keys[fut.key])
-            wait(futures)
+                if id(target) in labels_of:
+                    step_done(labels_of[id(target)])
         except BaseException:
             client.cancel(futures)
             raise
