@@ -276,8 +276,8 @@ def _wave_chunks(ds: Any) -> int:
 
     Two per thread keep every thread busy while a wave's last chunks are written (measured on
     the 4096-px map job: within 2 % of one unbounded graph), and bound what reads can run ahead
-    (NDSI ingest on a 2-worker cluster, 512 -> 2048 px: peak worker memory x1.11, x1.19 with
-    four per thread, x1.37 with no waves).
+    (NDSI ingest, 512 -> 2048 px, when waves of slabs still ran on clusters too: peak worker
+    memory x1.11, x1.19 with four per thread, x1.37 with no waves).
     """
     chunks = get_option("write_wave")
     if chunks is None:
