@@ -69,6 +69,26 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def require_module(name: str, extra: str) -> Any:
+    """Import an optional dependency; skip (locally) or fail (CI, where `.[dev]` installs every
+    extra) when it is missing, so an install gap can never turn tests into silent skips."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        msg = f"{name} is missing: pip install \"icemap[{extra}]\""
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def run_icemap(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``icemap ARGS`` in a fresh interpreter, as a user runs it: output captured, never raising."""
+    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return shared_path()

@@ -29,7 +29,7 @@ from icemap.options import parse_season
 from icemap.sample import make_sample_region
 from icemap.stac import search
 
-from .conftest import raise_if_dask_computes
+from .conftest import raise_if_dask_computes, require_module
 
 PER_SEASON = 3
 
@@ -289,7 +289,7 @@ def test_cli_errors_are_one_line(cube_path: Path, tmp_path: Path, capsys: pytest
 
 
 def test_map_unet_runs_on_a_composite(cube_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("torch")
+    require_module("torch", "ml")
     from .test_infer import make_model
 
     model = make_model(tmp_path / "model")

@@ -27,14 +27,9 @@ import pytest
 import icemap
 from icemap.errors import IcemapError
 
-from .conftest import IN_CI
+from .conftest import IN_CI, require_module, run_icemap
 
-pytest.importorskip("matplotlib", reason="the report needs icemap[report] (matplotlib)")
-
-
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300,
-                          check=False)
+require_module("matplotlib", "report")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     ref = folder / "rgi.gpkg"
     outlines.drop(columns=["glacier_id"]).to_file(ref, layer="glaciers")
     out = folder / "report.html"
-    res = _icemap("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
+    res = run_icemap("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
                   "--out", str(out), "--series-out", str(folder / "series.parquet"))
     assert res.returncode == 0, res.stderr
     return {"cube": cube, "pred": folder / "ice.zarr", "reference": ref, "html": out, "ids": list(outlines["RGIId"]),
@@ -86,7 +81,7 @@ def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
 def test_report_refuses_bad_output_before_computing(run: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(IcemapError, match="HTML page"):
         icemap.report(run["cube"], run["pred"], run["reference"], tmp_path / "report.pdf")
-    res = _icemap("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
+    res = run_icemap("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
                   "--reference", str(run["reference"]), "--out", str(tmp_path / "r.html"))
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -97,7 +92,7 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     from PIL import Image
 
     png = tmp_path / "map.png"
-    res = _icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0")
+    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0")
     assert res.returncode == 0, res.stderr
     with Image.open(png) as im:
         assert im.format == "PNG" and min(im.size) > 400

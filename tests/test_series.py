@@ -7,8 +7,6 @@ perimeters from plain numpy on the whole array.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,9 @@ from icemap.errors import IcemapError, NoOverlapError
 from icemap.kernels import glacier_stats
 from icemap.series import SERIES_COLUMNS, glacier_counts, glacier_series, region_series, write_table
 
-from .conftest import raise_if_dask_computes
+from .conftest import raise_if_dask_computes, run_icemap
 
 YEAR_S = 365.25 * 86400
-
-
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300,
-                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +202,7 @@ def test_csv_and_parquet_round_trip(synthetic: tuple[xr.DataArray, gpd.GeoDataFr
 
 def test_cli_areas_writes_series_and_region(stores: dict[str, Path], sample_region: Any) -> None:
     out, region = stores["folder"] / "series.csv", stores["folder"] / "region.parquet"
-    res = _icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
                   "--out", str(out), "--region-out", str(region))
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(out, dtype={"glacier_id": str})
@@ -238,7 +231,7 @@ def test_cli_areas_bad_input_is_one_line(case: str, stores: dict[str, Path], sam
         extra, match = ["--id-column", "RGIId"], "no column 'RGIId'"
     else:
         out, match = str(tmp_path / "s.xlsx"), "use .csv or .parquet"
-    res = _icemap("areas", "--pred", pred, "--reference", ref, "--out", out, *extra)
+    res = run_icemap("areas", "--pred", pred, "--reference", ref, "--out", out, *extra)
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert match in res.stderr
