@@ -392,6 +392,10 @@ def predict(
         ``distributed`` cluster has GPU workers. Compute the result inside
         :func:`keep_resources` so the annotation survives dask's graph optimisation.
 
+    A cube already in memory is checked for values that cannot be reflectance
+    (:func:`icemap.plausibility.check_reflectance`, an
+    :class:`~icemap.errors.ImplausibleReflectanceWarning`); a lazy cube is not read here.
+
     Returns
     -------
     xarray.Dataset
@@ -434,6 +438,10 @@ def predict(
     inputs = build_inputs(cube, meta.channels, dem=dem)
     x = inputs.data
     if not isinstance(x, da.Array):
+        # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
+        from icemap.plausibility import check_reflectance
+
+        check_reflectance(cube, stacklevel=3)
         x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
     # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
     cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
