@@ -12,11 +12,11 @@ and brightest percentiles with those bounds, and warns with
 ``--scale``/``--offset`` options (``scale=``/``offset=`` in Python) that fix it.
 
 The bounds below were set on the real data in ``../shared/data`` (percentiles pooled over the
-six common bands; ``docs/plausibility.md`` has the table): correctly scaled, the darkest 1 % lies
+six common bands; docs/architecture.md, "Is it reflectance?", has the table): correctly scaled, the darkest 1 % lies
 between -0.025 (HLS Athabasca, shadows) and +0.12 (a 100 % cloudy Antarctic Landsat scene
 without cloud mask), the brightest 1 % between 0.32 (Liverpool, water and town) and 1.33
 (Landsat snow), and at most 0.7 % of the values are below -0.05. Without the -0.2 offset the
-same pixels have their darkest 1 % at 0.18-0.23; with the offset twice, 17-93 % of the values
+same pixels have their darkest 1 % at 0.18-0.32; with the offset twice, 17-93 % of the values
 are below -0.05.
 """
 
