@@ -20,7 +20,7 @@ from icemap.model.inputs import Normalisation, build_inputs
 from icemap.model.unet import UNet, UNetConfig
 from icemap.stac import search
 
-from .conftest import raise_if_dask_computes
+from .conftest import raise_if_dask_computes, shared_path
 
 
 def make_model(folder: Path, *, base: int = 4, depth: int = 3, seed: int = 0, dropout: float = 0.0) -> Path:
@@ -244,3 +244,91 @@ def test_torch_threads_never_oversubscribe(monkeypatch: pytest.MonkeyPatch) -> N
         assert _cpu_threads() == 1
     with dask.config.set(num_workers=1):
         assert _cpu_threads() == cores
+
+
+# ----------------------------------------------------------------------------------------------
+# Any cube size, any chunk layout: the same probabilities as the whole-array run
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 50), (50, 1), (40, 40), (130, 7), (7, 130), (150, 97)])
+def test_any_cube_size_equals_whole(items: list[dict[str, Any]], model_dir: Path, h: int, w: int) -> None:
+    """Cubes smaller than the halo (which dask's overlap refuses) and layouts with a small last
+    chunk map, with the whole-array run's probabilities and nodata."""
+    meta = read_metadata(model_dir)
+    halo = default_halo(meta.architecture["depth"], UNetConfig(**meta.architecture).receptive_field)
+    # Each case has an axis shorter than the halo (dask's overlap refused it) or one that
+    # splits into chunks with halos next to a single-chunk axis.
+    assert min(h, w) < halo or max(h, w) >= 2 * halo
+    base = icemap.load(items, bands=["green", "swir16"], chunksize=64)
+    # Offsets off the chunk grid: the slice's last chunk is a small remainder (e.g. 61 + 64 + 25).
+    sub = base.isel(y=slice(3, 3 + h), x=slice(21, 21 + w))
+    expected = whole_array(sub, model_dir)
+    assert expected.shape == (sub.sizes["time"], h, w) and np.isfinite(expected).any()
+    for cube in (sub, sub.chunk({"y": 37, "x": 29}), sub.compute()):
+        got = predict(cube, model_dir, tile=32, batch_size=3)["ice_probability"].values
+        assert got.shape == expected.shape
+        assert np.array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def athabasca() -> Any:
+    """The real HLS L30 Athabasca crop: 18 % of its pixels have a negative band (shadow)."""
+    from icemap.model.default import _athabasca
+
+    return _athabasca(shared_path("athabasca_hls_l30").parent)
+
+
+def _default_whole(cube: Any) -> np.ndarray:
+    """The default model on the whole window, each date in one piece (no chunks, no tiles)."""
+    from icemap.model.packaged import default_model_dir
+
+    return whole_array(cube, default_model_dir())
+
+
+def test_negative_reflectance_is_mapped(athabasca: Any) -> None:
+    """Only masked (NaN) bands make nodata: negative bands are mapped, as by the NDSI."""
+    refl = athabasca["reflectance"]
+    bands = [str(b) for b in refl["band"].values]
+    r = refl.values
+    masked = np.isnan(r).any(axis=1)
+    negative = (r < 0).any(axis=1) & ~masked
+    # Where green and nir08 (or swir16) are both <= 0 an index is 0/0: these are the pixels
+    # that used to become nodata.
+    g, n = r[:, bands.index("green")], r[:, bands.index("nir08")]
+    zero_zero = (g <= 0) & (n <= 0) & ~masked
+    assert negative.mean() > 0.1 and zero_zero.sum() > 100
+    out = icemap.predict(athabasca)
+    prob, ice = out["ice_probability"].values, out["ice"].values
+    np.testing.assert_array_equal(np.isnan(prob), masked)
+    assert set(np.unique(ice[negative]).tolist()) <= {0, 1}
+    # Every pixel the NDSI maps, the U-Net maps too.
+    ndsi_mapped = icemap.ice_mask(athabasca).values != 255
+    assert (ice[ndsi_mapped] != 255).all()
+    # The lazy, chunked run equals the whole-array run on these pixels as everywhere.
+    np.testing.assert_allclose(prob, _default_whole(athabasca), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 50), (40, 40), (130, 7)])
+def test_cli_maps_tiny_cubes(athabasca: Any, tmp_path: Path, h: int, w: int) -> None:
+    """``icemap map --method unet`` (in-process) on cubes smaller than the halo, stored in
+    small chunks with a small last one: the whole-array run's probabilities."""
+    from typer.testing import CliRunner
+
+    from icemap.cli import app
+    from icemap.store import write_cube
+
+    sub = athabasca.isel(y=slice(60, 60 + h), x=slice(70, 70 + w))
+    cube_path, out = tmp_path / "cube.zarr", tmp_path / "unet.zarr"
+    write_cube(sub, cube_path, chunksize=16)
+    result = CliRunner().invoke(app, ["map", "--cube", str(cube_path), "--method", "unet", "--out", str(out),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    prod = icemap.open_cube(out)
+    got = prod["ice_probability"].values
+    expected = _default_whole(icemap.open_cube(cube_path))
+    assert got.shape == (1, h, w) and np.isfinite(expected).any()
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+    assert prod.rio.crs.to_epsg() == 32611

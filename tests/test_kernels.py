@@ -70,6 +70,23 @@ def test_normalized_difference_equals_numpy(shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(K.normalized_difference(a, b), ref_nd(a, b))
 
 
+@pytest.mark.parametrize("undefined", [0.0, -1.0])
+def test_normalized_difference_undefined_value(undefined: float) -> None:
+    """``undefined`` replaces only the 0/0 of two clipped bands; NaN inputs stay NaN."""
+    rng = np.random.default_rng(3)
+    a, b = _bands(rng, (3, 17, 31)), _bands(rng, (3, 17, 31))
+    a[0, :4], b[0, :4] = -0.02, rng.uniform(-0.05, 0.0, (4, 31))  # both at or below 0
+    a[1, :2], b[1, :2] = np.nan, -0.01  # masked and negative
+    ref = ref_nd(a, b)
+    zero_zero = ~np.isnan(a) & ~np.isnan(b) & (np.maximum(a, 0) + np.maximum(b, 0) == 0)
+    assert zero_zero.sum() >= 4 * 31 and np.isnan(ref[zero_zero]).all()
+    ref[zero_zero] = undefined
+    got = K.normalized_difference(a, b, undefined=undefined)
+    np.testing.assert_array_equal(got, ref)
+    assert np.isnan(got[1, :2]).all()
+    np.testing.assert_array_equal(K.normalized_difference(a, b, undefined=np.nan), ref_nd(a, b))
+
+
 def test_normalized_difference_writes_into_out_and_broadcasts() -> None:
     rng = np.random.default_rng(1)
     a, b = _bands(rng, (3, 40, 50)), _bands(rng, (40, 50))

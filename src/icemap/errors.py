@@ -31,6 +31,7 @@ __all__ = [
     "StoreWarning",
     "NoQAWarning",
     "MixedCRSWarning",
+    "ImplausibleReflectanceWarning",
 ]
 
 
@@ -112,3 +113,8 @@ class NoQAWarning(IcemapWarning):
 
 class MixedCRSWarning(IcemapWarning):
     """Items in several CRSs were put on one grid chosen implicitly; the grid may be huge."""
+
+
+class ImplausibleReflectanceWarning(IcemapWarning):
+    """Reflectance whose darkest or brightest values no real scene has: a missing or doubled
+    offset, or a wrong scale (:mod:`icemap.plausibility`). Maps made from it are wrong."""

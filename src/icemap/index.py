@@ -100,9 +100,11 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
     return xr.DataArray(out, dims=template.dims, coords=template.coords)
 
 
-def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None) -> Any:
+def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
     refl = _reflectance(cube)
-    res = _apply(normalized_difference, [_band(refl, a), _band(refl, b)], np.float32, out)
+    kernel = normalized_difference if np.isnan(undefined) else functools.partial(normalized_difference,
+                                                                                  undefined=float(undefined))
+    res = _apply(kernel, [_band(refl, a), _band(refl, b)], np.float32, out)
     res.name = name
     res.attrs = dict(_ND_ATTRS[name])
     return _keep_grid(res, refl)
@@ -120,20 +122,21 @@ def _keep_grid(out: Any, like: Any) -> Any:
     return out
 
 
-def ndsi(cube: Any, *, out: np.ndarray | None = None) -> Any:
+def ndsi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
     """Normalised Difference Snow Index ``(green - swir16) / (green + swir16)``, lazily.
 
-    NaN where either band is NaN (masked) or both are zero. Snow and ice are high (> 0.4
-    in the literature), but so is water: see :func:`ice_mask`'s guards. With ``out`` (a float32
-    numpy array of shape (time, y, x)), computed now straight into it: the fast way to get an
-    index in memory, see :func:`_apply`.
+    Negative reflectances count as 0. NaN where either band is NaN (masked); ``undefined``
+    (NaN by default) where both are at or below zero, so the ratio is 0/0. Snow and ice are
+    high (> 0.4 in the literature), but so is water: see :func:`ice_mask`'s guards. With
+    ``out`` (a float32 numpy array of shape (time, y, x)), computed now straight into it: the
+    fast way to get an index in memory, see :func:`_apply`.
     """
-    return _index(cube, "green", "swir16", "ndsi", out)
+    return _index(cube, "green", "swir16", "ndsi", out, undefined)
 
 
-def ndwi(cube: Any, *, out: np.ndarray | None = None) -> Any:
-    """McFeeters' Normalised Difference Water Index ``(green - nir08) / (green + nir08)``."""
-    return _index(cube, "green", "nir08", "ndwi", out)
+def ndwi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
+    """McFeeters' Normalised Difference Water Index ``(green - nir08) / (green + nir08)``; as :func:`ndsi`."""
+    return _index(cube, "green", "nir08", "ndwi", out, undefined)
 
 
 def _ice_block(

@@ -7,7 +7,9 @@ How a region is mapped:
 * **Halos.** Each chunk is extended by a halo taken from its neighbours (``dask.array.overlap``,
   no padding at the array's edges). With a halo of at least half the network's receptive
   field, every output pixel sees exactly the inputs it would see in whole-array inference,
-  so chunked and whole-array probabilities agree to float rounding and seams vanish.
+  so chunked and whole-array probabilities agree to float rounding and seams vanish. An axis
+  held in one chunk (any cube smaller than the halo, down to 1 x 1) takes no halo: that chunk
+  is the whole axis, exactly as the whole-array run sees it.
 * **Alignment.** Max-pooling groups pixels in blocks of ``2**depth``; a tile that started
   elsewhere would pool different groups. Chunk sizes and halos are therefore multiples of
   ``2**depth``, tiles start at such multiples of the global grid, and windows are padded
@@ -17,7 +19,9 @@ How a region is mapped:
   its own halo, and the windows go through the network ``batch_size`` at a time (grouped by
   shape: only edge windows differ). Memory per task is bounded by ``batch_size`` windows.
 * **Nodata.** NaN inputs are filled per pixel after normalisation and restored as nodata in
-  the output; an all-nodata chunk returns at once without touching the model.
+  the output; an all-nodata chunk returns at once without touching the model. Negative
+  reflectance is not nodata: index channels clip it to 0 as the NDSI does, and where both of
+  an index's bands are at or below 0 the index enters as 0 (:mod:`icemap.model.inputs`).
 * **The model travels by reference.** The graph holds a :class:`ModelRef` (folder path and
   the weights' sha256), never weights: graph size does not depend on model size, and a changed
   checkpoint has another sha256, hence other task keys. Each worker process loads the model
@@ -311,7 +315,8 @@ def _aligned_chunks(size: int, chunk: int, halo: int, m: int) -> tuple[int, ...]
     """Chunk sizes along one axis: multiples of ``m`` (but the last), none smaller than ``halo``.
 
     dask's overlap needs every chunk at least as large as the halo (it would rechunk on its
-    own otherwise); a short last chunk is merged into the one before it.
+    own otherwise); a short last chunk is merged into the one before it. An axis shorter than
+    a chunk is one chunk of its own size, which :func:`predict` gives no halo.
     """
     chunk = max(m, (chunk // m) * m, -(-halo // m) * m)
     sizes = [chunk] * (size // chunk)
@@ -387,6 +392,10 @@ def predict(
         ``distributed`` cluster has GPU workers. Compute the result inside
         :func:`keep_resources` so the annotation survives dask's graph optimisation.
 
+    A cube already in memory is checked for values that cannot be reflectance
+    (:func:`icemap.plausibility.check_reflectance`, an
+    :class:`~icemap.errors.ImplausibleReflectanceWarning`); a lazy cube is not read here.
+
     Returns
     -------
     xarray.Dataset
@@ -429,13 +438,20 @@ def predict(
     inputs = build_inputs(cube, meta.channels, dem=dem)
     x = inputs.data
     if not isinstance(x, da.Array):
+        # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
+        from icemap.plausibility import check_reflectance
+
+        check_reflectance(cube, stacklevel=3)
         x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
     # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
     cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
     cx = _aligned_chunks(x.shape[3], max(x.chunks[3]), halo, m)
     x = x.rechunk({0: 1, 1: -1, 2: cy, 3: cx})
     nblocks = (len(cy), len(cx))
-    xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: halo, 3: halo}, boundary="none") if halo else x
+    # Halos only along axes cut into several chunks: a single chunk already holds the whole axis
+    # (as the whole-array run does), and dask refuses a depth larger than the axis itself.
+    hy, hx = (halo if n > 1 else 0 for n in nblocks)
+    xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: hy, 3: hx}, boundary="none") if hy or hx else x
     norm = Normalisation.from_dict(meta.normalisation)
     if gpu_resources is None:
         from icemap.cluster import gpu_workers

@@ -174,13 +174,24 @@ def _row(a, ps, rs, p, r, w):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def _nd_rows(a, aps, ars, b, bps, brs, out, ops, ors, planes, h, w):  # pragma: no cover - compiled
+def _nd_rows(a, aps, ars, b, bps, brs, out, ops, ors, planes, h, w, undefined, fill):  # pragma: no cover
     zero = np.float32(0)
     for p in range(planes):
         for r in range(h):
             ra = _row(a, aps, ars, p, r, w)
             rb = _row(b, bps, brs, p, r, w)
             ro = _row(out, ops, ors, p, r, w)
+            if fill:  # loop-invariant: the plain loop below stays as it was (and vectorises)
+                for i in range(w):
+                    x = ra[i]
+                    y = rb[i]
+                    if x < zero:
+                        x = zero
+                    if y < zero:
+                        y = zero
+                    s = x + y
+                    ro[i] = undefined if s == zero else (x - y) / s  # NaN inputs: s is NaN
+                continue
             for i in range(w):
                 x = ra[i]
                 y = rb[i]
@@ -191,12 +202,16 @@ def _nd_rows(a, aps, ars, b, bps, brs, out, ops, ors, planes, h, w):  # pragma: 
                 ro[i] = (x - y) / (x + y)  # 0/0 -> NaN (numpy error model)
 
 
-def normalized_difference(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+def normalized_difference(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None,
+                          undefined: float = np.nan) -> np.ndarray:
     """``(a - b) / (a + b)`` in float32, robust to the quirks of surface reflectance.
 
     Negative reflectances (atmospheric over-correction in dark pixels) are clipped to 0 before
     the ratio, so the result stays within [-1, 1]; where both are 0 the ratio is undefined and
-    NaN, as for NaN inputs. One pass, no temporaries; ``out`` may be a slice of a larger array.
+    ``undefined`` (NaN by default, as for NaN inputs, which stay NaN whatever ``undefined``
+    is). The U-Net's index channels pass ``undefined=0``: a deep-shadow pixel with every band
+    measured is a pixel to map, and 0 is the ratio's limit along ``a == b``, which two
+    clipped zeros are. One pass, no temporaries; ``out`` may be a slice of a larger array.
     """
     shape = np.broadcast_shapes(np.shape(a), np.shape(b))
     res = _out(out, shape, np.float32)
@@ -204,8 +219,9 @@ def normalized_difference(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | Non
         return res
     target = _Target(res)
     planes, h, w = target.array.shape
+    fill = not np.isnan(undefined)
     _nd_rows(*_rowed(_planes(a, shape, np.float32)), *_rowed(_planes(b, shape, np.float32)),
-             *_rowed(target.array), planes, h, w)
+             *_rowed(target.array), planes, h, w, np.float32(0 if not fill else undefined), fill)
     return target.done()
 
 

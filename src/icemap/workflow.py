@@ -49,7 +49,10 @@ def ingest(
 
     Other parameters are those of :func:`icemap.load` and :func:`write_cube`; ``qa=None``
     ingests scenes without a QA band (nothing cloud-masked; the store's ``cloud_masked``
-    attribute is 0).
+    attribute is 0). When the store is written, a few of its chunks are checked
+    (:func:`icemap.plausibility.check_reflectance`): values that cannot be reflectance (an
+    offset missing or doubled, a wrong scale) give an
+    :class:`~icemap.errors.ImplausibleReflectanceWarning`.
     """
     import json
     from datetime import datetime, timezone
@@ -89,8 +92,15 @@ def ingest(
         "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
                        "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
     }
-    return write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
-                      storage_options=storage_options, progress=progress)
+    report = write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
+                        storage_options=storage_options, progress=progress)
+    # A few chunks of what was written: a wrong scale or offset is said now, not by an empty map.
+    from icemap.plausibility import check_reflectance
+    from icemap.store import open_cube
+
+    check_reflectance(open_cube(out, storage_options=storage_options), where=f"the cube {os.fspath(out)}",
+                      stacklevel=3)
+    return report
 
 
 def map_ndsi(
@@ -186,25 +196,34 @@ def map_cube(
         Also polygonise the ice mask into outlines (.gpkg, .geojson or .parquet).
     quicklook_path
         Also draw a PNG of the clearest date, with ``reference`` outlines if given.
+
+    A few chunks of the cube are checked first (:func:`icemap.plausibility.check_reflectance`);
+    values that cannot be reflectance give an
+    :class:`~icemap.errors.ImplausibleReflectanceWarning` naming ``--scale``/``--offset``.
     """
     from icemap.errors import IcemapError
     from icemap.store import open_cube
 
     cube = open_cube(cube_path)
     attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
+    if method not in ("ndsi", "unet"):
+        raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
+    from icemap.plausibility import check_reflectance
+
+    # A few chunks of the cube: values that cannot be reflectance would map to nothing (or to
+    # everything) without a word; the job reads the whole cube next anyway.
+    check_reflectance(cube, where=f"the cube {os.fspath(cube_path)}", stacklevel=3)
     if method == "ndsi":
         if model is not None:
             raise IcemapError("--model is for --method unet; the NDSI method takes no model")
         product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
-    elif method == "unet":
+    else:
         if guards:
             raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
         from icemap.infer import predict
 
         product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
         attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
-    else:
-        raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
     import contextlib
 
     from icemap.infer import keep_resources

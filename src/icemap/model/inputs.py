@@ -36,6 +36,10 @@ CHANNEL_SETS: dict[str, tuple[str, ...]] = {
     "reflective_ndsi": (*_ALL_BANDS[:-1], "ndsi"),
 }
 
+#: Value of an index channel where the ratio is 0/0 (both bands clipped to 0): the ratio's limit
+#: along equal bands (see :func:`icemap.kernels.normalized_difference`).
+_UNDEFINED_INDEX = 0.0
+
 #: Channels computed from bands or a DEM, with what they need.
 DERIVED_CHANNELS: dict[str, tuple[str, ...]] = {
     "ndsi": ("green", "swir16"),
@@ -120,10 +124,13 @@ def build_inputs(cube: Any, channels: Sequence[str], *, dem: Any = None) -> Any:
         terrain = {"elevation": elevation, "slope": slope_degrees(elevation)}
     layers = []
     for c in channels:
+        # An index is 0 where both its bands are at or below 0 (deep shadow, atmospheric
+        # over-correction): the pixel is measured, so it is mapped, not nodata. Only a masked
+        # (NaN) band makes a pixel nodata; negative bands go to the network as they are.
         if c == "ndsi":
-            layer = ndsi(cube)
+            layer = ndsi(cube, undefined=_UNDEFINED_INDEX)
         elif c == "ndwi":
-            layer = ndwi(cube)
+            layer = ndwi(cube, undefined=_UNDEFINED_INDEX)
         elif c in terrain:
             layer = terrain[c].broadcast_like(refl.isel(band=0, drop=True))
         else:
