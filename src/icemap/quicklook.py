@@ -3,7 +3,9 @@
 A SWIR1/NIR/green false-colour composite (OLI 6-5-3: ice and snow come out cyan, rock brown,
 vegetation green, water near black), the ice mask as a translucent overlay, masked pixels in
 grey, and reference outlines drawn on top. Large scenes are averaged down to ``max_size``
-pixels lazily before anything is computed.
+pixels lazily before anything is computed. A footer under the picture states the acquisition
+date(s), the scene ids, the method and a legend of the colours, so a quicklook mailed or
+archived alone still says what it shows.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def quicklook(
         Index (int) or label of the time step.
     max_size
         Longest edge of the picture in pixels.
+
+    The footer names the date(s) (a composite: the range of its per-pixel ``source_date``),
+    the step's ``item_ids``, the method of ``ice`` (from its attributes) and a legend.
     """
     from PIL import Image
 
@@ -99,9 +104,65 @@ def quicklook(
         edges = rasterize(((g.boundary, 1) for g in gdf.geometry), out_shape=img.shape[:2],
                           transform=t, all_touched=True, fill=0, dtype="uint8")
         img[edges == 1] = _OUTLINE_RGB
+    legend = [("false colour SWIR1/NIR/green", None)]
+    if ice is not None:
+        legend.append(("mapped ice", tuple(int(v) for v in _ICE_RGB)))
+    if outlines is not None:
+        legend.append(("reference outline", tuple(int(v) for v in _OUTLINE_RGB)))
+    legend.append(("no data (cloud, fill)", tuple(int(v) for v in _NODATA_RGB)))
+    picture = _with_footer(Image.fromarray(img, mode="RGB"), _footer_lines(cube, frame, ice), legend)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(img, mode="RGB").save(tmp)
+    picture.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _footer_lines(cube: Any, frame: Any, ice: Any) -> list[str]:
+    """Date(s), scenes and method of one quicklook."""
+    from icemap.figures import _dates_text, method_text, source_date_range
+
+    t = frame["time"].values
+    dates = source_date_range(cube, t)
+    first = _dates_text(dates)
+    if "item_ids" in frame.coords:
+        first += f"  |  {frame['item_ids'].values}"
+    second = method_text(dict(ice.attrs)) if ice is not None else "no ice mask"
+    from icemap.figures import credit_line
+
+    return [first, f"{second}  |  {credit_line(cube, dates)}"]
+
+
+def _with_footer(img: Any, lines: list[str], legend: list[tuple[str, tuple[int, ...] | None]]) -> Any:
+    """The picture with a white footer: text lines, then colour swatches with their labels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width = max(img.width, 480)
+    size = 12 if width >= 600 else 10
+    font = ImageFont.load_default(size=size)
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def fit(text: str) -> str:
+        # Long scene lists are shortened to the width, never wrapped off the image.
+        while text and draw_probe.textlength(text, font=font) > width - 12:
+            text = text[:-4] + "..."
+        return text
+
+    line_h = size + 5
+    height = img.height + line_h * (len(lines) + 1) + 10
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    y = img.height + 5
+    for text in lines:
+        draw.text((6, y), fit(text), fill=(20, 20, 20), font=font)
+        y += line_h
+    x = 6
+    for label, rgb in legend:
+        if rgb is not None:
+            draw.rectangle((x, y + 1, x + size, y + size), fill=rgb, outline=(60, 60, 60))
+            x += size + 4
+        draw.text((x, y), label, fill=(20, 20, 20), font=font)
+        x += int(draw.textlength(label, font=font)) + 14
+    return out
