@@ -149,6 +149,7 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
 
 def test_composite_title_gives_the_range_of_source_dates() -> None:
     """A composite's title spans its pixels' dates; method, model and credit come from attributes."""
+    import rioxarray  # noqa: F401  (the .rio accessor of the hand-made cube)
     import xarray as xr
 
     rng = np.random.default_rng(0)

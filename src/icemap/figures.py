@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from icemap.errors import IcemapError
+from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
 
 __all__ = ["FIGURE_FORMATS", "OKABE_ITO", "area_plot", "credit_line", "map_figure", "method_text", "png_bytes",
            "save_figure", "save_png", "source_date_range"]
@@ -40,12 +41,6 @@ OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "p", "h")
 #: Formats :func:`save_figure` writes (matplotlib's Agg, PDF and SVG backends).
 FIGURE_FORMATS = ("png", "pdf", "svg")
-#: Providers' requested credit, by sensor name of :mod:`icemap.bands` (prefix match).
-_CREDITS = (
-    ("landsat", "Landsat Collection 2 Level-2 courtesy of the U.S. Geological Survey"),
-    ("hls", "Harmonized Landsat Sentinel-2 (HLS) courtesy of NASA EOSDIS LP DAAC"),
-    ("sentinel-2", "Contains modified Copernicus Sentinel data {years}"),
-)
 
 
 def _require() -> None:
@@ -63,73 +58,6 @@ def _pick_time(da: Any, time: Any) -> Any:
     from icemap.vector import _select_time
 
     return da.sel(time=_select_time(da, time))
-
-
-def _sensor(cube: Any) -> str | None:
-    """The cube's sensor name: its ``sensor`` attribute (ingest), else a composite's source's,
-    else the searched collection."""
-    attrs = dict(getattr(cube, "attrs", {}))
-    source = attrs.get("icemap:composite", {}).get("source_attrs", {}) if isinstance(
-        attrs.get("icemap:composite"), dict) else {}
-    for a in (attrs, source):
-        if a.get("sensor"):
-            return str(a["sensor"])
-    for a in (attrs, source):
-        cols = (a.get("search") or {}).get("collections") if isinstance(a.get("search"), dict) else None
-        if cols:
-            return str(cols[0])
-    return None
-
-
-def credit_line(cube: Any, dates: tuple[Any, Any] | None = None) -> str:
-    """The data credit a figure of this cube must carry, from the sensor in its attributes."""
-    sensor = _sensor(cube)
-    years = ""
-    if dates is not None:
-        y0, y1 = (d.year for d in dates)
-        years = f"{y0}" if y0 == y1 else f"{y0}-{y1}"
-    if sensor is None:
-        return "Imagery: source not recorded in the cube"
-    for prefix, text in _CREDITS:
-        if sensor.lower().startswith(prefix):
-            return text.format(years=years).strip()
-    return f"Imagery: {sensor}"
-
-
-def method_text(attrs: dict[str, Any]) -> str:
-    """Method and threshold or model of a product, as a figure states it."""
-    method = str(attrs.get("method", "") or "")
-    thr = attrs.get("threshold")
-    if method == "ndsi":
-        return f"NDSI, threshold {thr:g}" if isinstance(thr, (int, float)) else "NDSI"
-    if method == "unet":
-        sha = str(attrs.get("model_sha256", "") or "")
-        text = f"U-Net, model sha256 {sha[:12]}" if sha else "U-Net"
-        return text + (f", probability threshold {thr:g}" if isinstance(thr, (int, float)) else "")
-    return f"method {method}" if method else "method not recorded"
-
-
-def source_date_range(cube: Any, time: Any) -> tuple[Any, Any]:
-    """First and last acquisition date of the cube's step nearest ``time``.
-
-    A composite (a cube with ``source_date``) takes each pixel from one of its season's dates:
-    the range of those dates. A cube of single acquisitions: that step's own date, twice.
-    """
-    import pandas as pd
-
-    if "source_date" in cube:
-        days = cube["source_date"].sel(time=time, method="nearest")
-        lo, hi = (float(v) for v in (days.min(skipna=True).values, days.max(skipna=True).values))
-        if np.isfinite(lo) and np.isfinite(hi):
-            epoch = pd.Timestamp("1970-01-01")
-            return epoch + pd.Timedelta(days=lo), epoch + pd.Timedelta(days=hi)
-    when = pd.Timestamp(cube["time"].sel(time=time, method="nearest").values)
-    return when, when
-
-
-def _dates_text(dates: tuple[Any, Any]) -> str:
-    a, b = (f"{d:%Y-%m-%d}" for d in dates)
-    return f"acquired {a}" if a == b else f"acquired {a} to {b} (composite)"
 
 
 def _graticule(ax: Any, crs: Any, extent: tuple[float, float, float, float]) -> None:

@@ -19,11 +19,85 @@ import numpy as np
 from icemap.errors import IcemapError
 from icemap.kernels import stretch_uint8
 
-__all__ = ["quicklook", "false_colour"]
+__all__ = ["credit_line", "false_colour", "method_text", "quicklook", "source_date_range"]
 
 _ICE_RGB = np.array([255, 0, 200], dtype=np.float32)  # magenta: unlike any natural surface here
 _OUTLINE_RGB = np.array([255, 230, 0], dtype=np.uint8)
 _NODATA_RGB = np.array([128, 128, 128], dtype=np.uint8)
+#: Providers' requested credit, by sensor name of :mod:`icemap.bands` (prefix match).
+_CREDITS = (
+    ("landsat", "Landsat Collection 2 Level-2 courtesy of the U.S. Geological Survey"),
+    ("hls", "Harmonized Landsat Sentinel-2 (HLS) courtesy of NASA EOSDIS LP DAAC"),
+    ("sentinel-2", "Contains modified Copernicus Sentinel data {years}"),
+)
+
+
+def _sensor(cube: Any) -> str | None:
+    """The cube's sensor name: its ``sensor`` attribute (ingest), else a composite's source's,
+    else the searched collection."""
+    attrs = dict(getattr(cube, "attrs", {}))
+    source = attrs.get("icemap:composite", {}).get("source_attrs", {}) if isinstance(
+        attrs.get("icemap:composite"), dict) else {}
+    for a in (attrs, source):
+        if a.get("sensor"):
+            return str(a["sensor"])
+    for a in (attrs, source):
+        cols = (a.get("search") or {}).get("collections") if isinstance(a.get("search"), dict) else None
+        if cols:
+            return str(cols[0])
+    return None
+
+
+def credit_line(cube: Any, dates: tuple[Any, Any] | None = None) -> str:
+    """The data credit a figure of this cube must carry, from the sensor in its attributes."""
+    sensor = _sensor(cube)
+    years = ""
+    if dates is not None:
+        y0, y1 = (d.year for d in dates)
+        years = f"{y0}" if y0 == y1 else f"{y0}-{y1}"
+    if sensor is None:
+        return "Imagery: source not recorded in the cube"
+    for prefix, text in _CREDITS:
+        if sensor.lower().startswith(prefix):
+            return text.format(years=years).strip()
+    return f"Imagery: {sensor}"
+
+
+def method_text(attrs: dict[str, Any]) -> str:
+    """Method and threshold or model of a product, as a figure states it."""
+    method = str(attrs.get("method", "") or "")
+    thr = attrs.get("threshold")
+    if method == "ndsi":
+        return f"NDSI, threshold {thr:g}" if isinstance(thr, (int, float)) else "NDSI"
+    if method == "unet":
+        sha = str(attrs.get("model_sha256", "") or "")
+        text = f"U-Net, model sha256 {sha[:12]}" if sha else "U-Net"
+        return text + (f", probability threshold {thr:g}" if isinstance(thr, (int, float)) else "")
+    return f"method {method}" if method else "method not recorded"
+
+
+def source_date_range(cube: Any, time: Any) -> tuple[Any, Any]:
+    """First and last acquisition date of the cube's step nearest ``time``.
+
+    A composite (a cube with ``source_date``) takes each pixel from one of its season's dates:
+    the range of those dates. A cube of single acquisitions: that step's own date, twice.
+    """
+    import pandas as pd
+
+    if "source_date" in cube:
+        days = cube["source_date"].sel(time=time, method="nearest")
+        lo, hi = (float(v) for v in (days.min(skipna=True).values, days.max(skipna=True).values))
+        if np.isfinite(lo) and np.isfinite(hi):
+            epoch = pd.Timestamp("1970-01-01")
+            return epoch + pd.Timedelta(days=lo), epoch + pd.Timedelta(days=hi)
+    when = pd.Timestamp(cube["time"].sel(time=time, method="nearest").values)
+    return when, when
+
+
+def _dates_text(dates: tuple[Any, Any]) -> str:
+    a, b = (f"{d:%Y-%m-%d}" for d in dates)
+    return f"acquired {a}" if a == b else f"acquired {a} to {b} (composite)"
+
 
 
 def false_colour(frame: Any, bands: tuple[str, str, str] = ("swir16", "nir08", "green")) -> np.ndarray:
@@ -121,16 +195,12 @@ def quicklook(
 
 def _footer_lines(cube: Any, frame: Any, ice: Any) -> list[str]:
     """Date(s), scenes and method of one quicklook."""
-    from icemap.figures import _dates_text, method_text, source_date_range
-
     t = frame["time"].values
     dates = source_date_range(cube, t)
     first = _dates_text(dates)
     if "item_ids" in frame.coords:
         first += f"  |  {frame['item_ids'].values}"
     second = method_text(dict(ice.attrs)) if ice is not None else "no ice mask"
-    from icemap.figures import credit_line
-
     return [first, f"{second}  |  {credit_line(cube, dates)}"]
 
 
