@@ -140,7 +140,7 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     title = fig.get_axes()[0].get_title()
     when = str(product["time"].values[-1])[:10]
     assert "EPSG:32719" in title and f"acquired {when}" in title and "NDSI, threshold 0.4" in title
-    credit = [t.get_text() for t in fig.texts if t.get_gid() == "credit"]
+    credit = [t.get_text() for t in fig.findobj(lambda a: a.get_gid() == "credit")]
     assert credit == ["Landsat Collection 2 Level-2 courtesy of the U.S. Geological Survey"]
     assert any(ln.get_gid() == "graticule" for ln in fig.get_axes()[0].get_lines())
     assert any(t.get_text().endswith(("°S", "°N")) for t in fig.get_axes()[0].texts)
@@ -173,7 +173,8 @@ def test_composite_title_gives_the_range_of_source_dates() -> None:
     assert "acquired 2022-02-07 to 2022-02-15 (composite)" in title
     assert "U-Net, model sha256 0123456789ab, probability threshold 0.5" in title
     assert "product step 2022-03-31" in title  # the season's label is not an acquisition date
-    assert [t.get_text() for t in fig.texts if t.get_gid() == "credit"] == ["Contains modified Copernicus Sentinel data 2022"]
+    credit = [t.get_text() for t in fig.findobj(lambda a: a.get_gid() == "credit")]
+    assert credit == ["Contains modified Copernicus Sentinel data 2022"]
 
 
 # -- the browser --------------------------------------------------------------------------------

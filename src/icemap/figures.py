@@ -81,10 +81,10 @@ def _graticule(ax: Any, crs: Any, extent: tuple[float, float, float, float]) -> 
     for lo in np.arange(np.ceil(np.min(lon) / step) * step, np.max(lon), step):
         x, y = to_xy.transform(np.full_like(lat_s, lo), lat_s)
         ax.plot(x, y, **style)
-        xb, _ = to_xy.transform(lo, float(np.min(lat)))
-        if left < xb < right:
-            ax.text(xb, bottom, f"{abs(lo):.3f}°{'E' if lo >= 0 else 'W'}".replace(".000°", "°"), ha="center",
-                    va="bottom", gid="graticule-label", **font)
+        xb, _ = to_xy.transform(lo, float(np.max(lat)))
+        if left < xb < right:  # along the top edge: the scale bar and the credit use the bottom
+            ax.text(xb, top, f"{abs(lo):.3f}°{'E' if lo >= 0 else 'W'}".replace(".000°", "°"), ha="center",
+                    va="top", gid="graticule-label", **font)
     lon_s = np.linspace(np.min(lon), np.max(lon), 50)
     for la in np.arange(np.ceil(np.min(lat) / step) * step, np.max(lat), step):
         x, y = to_xy.transform(lon_s, np.full_like(lon_s, la))
@@ -248,8 +248,9 @@ def map_figure(
     first = title or f"Mapped ice, {_dates_text(dates)}"
     label = "" if dates[0] <= when <= dates[1] + pd.Timedelta(days=1) else f"; product step {when:%Y-%m-%d}"
     ax.set_title(f"{first}\n{method_text(attrs)}; false colour SWIR1/NIR/green; {crs_name}{label}", fontsize=9.5)
-    # A suptitle-like label at the foot: constrained layout keeps it clear of the legend.
-    fig.supxlabel(credit_line(cube, dates), fontsize=7, color="#333", x=0.01, ha="left", gid="credit")
+    # The credit sits in the map's lower left, as map attributions do: the legend is below the map.
+    ax.text(0.01, 0.01, credit_line(cube, dates), transform=ax.transAxes, fontsize=6.5, color="white", ha="left",
+            va="bottom", gid="credit", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5, "linewidth": 0})
     return fig
 
 
@@ -317,8 +318,8 @@ def area_plot(region_table: Any, glacier_table: Any, *, top: int = 5, dpi: int =
                       fontsize=7, color=c, va="center", gid="direct-label")
         _trend_line(ax_g, trend.loc[str(gid)] if str(gid) in trend.index else None, c, gx)
     ax_g.set_title(f"The {len(largest)} largest glaciers (by outline area)", fontsize=10)
-    if len(largest):
-        ax_g.legend(fontsize=7)
+    if len(largest):  # below the axes, clear of the lines (each line is also labelled at its end)
+        ax_g.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(len(largest), 3))
     years = np.arange(np.floor(x.min()), np.floor(x.max()) + 1) if len(x) else np.array([])
     for ax in (ax_r, ax_g):
         ax.set_xlabel("year")
