@@ -209,14 +209,14 @@ def polygonise(
         names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
         names[table["gid"].to_numpy()] = table["glacier_id"].astype(str).to_numpy()
     items = ice["item_ids"] if "item_ids" in ice.coords else None
+    # One value per glacier (0 outside all): shapes() then cuts patches at the outlines.
+    key = (gid_raster + 1 if gid_raster is not None else np.ones(ice.shape[-2:], np.int32)).astype(np.int32)
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(_times(ice)):
         frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
         mask = frame == 1
         if not mask.any():
             continue
-        # One value per glacier (0 outside all): shapes() then cuts patches at the outlines.
-        key = (gid_raster + 1 if gid_raster is not None else np.ones(frame.shape, np.int32)).astype(np.int32)
         source = ""
         if items is not None:
             source = str(items.values[i] if items.ndim == 1 else items.values)
