@@ -59,7 +59,7 @@ def test_map_writes_ndsi_and_ice_on_the_cube_grid(cube_path: Path, product: dict
     assert set(np.unique(prod["ice"].values)) <= {0, 1, 255}
 
 
-def test_map_side_products(cube_path: Path, product: dict[str, Path]) -> None:
+def test_map_side_products(cube_path: Path, product: dict[str, Path], sample_region: Any) -> None:
     prod = icemap.open_cube(product["out"])
     tifs = sorted(product["tif"].glob("*.tif"))
     assert len(tifs) == 2 * prod.sizes["time"]
@@ -70,8 +70,13 @@ def test_map_side_products(cube_path: Path, product: dict[str, Path]) -> None:
     outlines = read_outlines(product["outlines"])
     px = 900 / 1e6
     for t, group in outlines.groupby("time"):
-        n_ice = int((prod["ice"].sel(time=np.datetime64(t)).values == 1).sum())
+        n_ice = int((prod["ice"].sel(time=np.datetime64(t.tz_localize(None))).values == 1).sum())
         assert group["area_km2"].sum() == pytest.approx(n_ice * px)
+    # --reference gives the polygons inside an outline its glacier id; the product its provenance.
+    ref_ids = set(read_outlines(sample_region.outlines)["glacier_id"].astype(str))
+    assert outlines["glacier_id"].notna().any() and set(outlines["glacier_id"].dropna()) <= ref_ids
+    assert set(outlines["method"]) == {"ndsi"} and set(outlines["threshold"]) == {0.4}
+    assert (outlines["source_item_ids"] != "").all()
     assert product["png"].stat().st_size > 1000
 
 

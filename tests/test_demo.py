@@ -24,6 +24,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "Ice area on the sample region" in res.stdout and "One map per year" in res.stdout
+    assert "Trends over season-years" in res.stdout and "clean ice" in res.stdout
+    assert "change %/yr" not in res.stdout  # no date-to-date rates
 
     cube = icemap.open_cube(out / "cube.zarr")
     assert cube.sizes["time"] == 4 and cube.rio.crs.to_epsg() == 32719
@@ -49,6 +51,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert img.mode == "RGB" and min(img.size) >= 100
         pixels = np.asarray(img)
     assert (pixels == [255, 230, 0]).all(axis=-1).any()  # outlines drawn
+    assert (pixels == [255, 0, 200]).all(axis=-1).any()  # the legend's ice swatch (the overlay is blended)
+    assert (pixels[-10:] == 255).all(axis=-1).mean() > 0.5  # a white footer with the date and legend
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a flat fill
 
     # One map per year, with fewer gaps than any acquisition of its season.
@@ -59,9 +63,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert year_gaps < gaps[2 * k: 2 * k + 2].min()
     series = pd.read_csv(out / "glacier_series.csv")
     assert set(series["glacier_id"]) == set(outlines["glacier_id"]) and sorted(set(series["year"])) == [2021, 2022]
-    assert (series["area_uncertainty_km2"] > 0).any() and series["change_km2_per_yr"].notna().any()
+    assert (series["area_uncertainty_km2"] > 0).any() and "change_note" in series.columns
     region_tab = pd.read_csv(out / "region_series.csv")
     np.testing.assert_allclose(region_tab["area_km2"], series.groupby("year")["area_km2"].sum().to_numpy())
+    trends = pd.read_csv(out / "trends.csv", dtype={"glacier_id": str})
+    assert set(trends["glacier_id"]) == set(outlines["glacier_id"]) | {"region"}
+    assert (trends["n_years"] <= 2).all() and (trends["rate_km2_per_yr"].isna() == (trends["n_years"] < 2)).all()
     html = (out / "report.html").read_text()
     assert all(str(g) in html for g in outlines["glacier_id"])
     for name in ("map.png", "area_per_year.png"):

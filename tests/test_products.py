@@ -50,14 +50,15 @@ def test_polygonise_areas_are_pixel_counts_times_pixel_area(ice: Any) -> None:
     gdf = polygonise(ice)
     px = pixel_area_m2(ice)
     assert px == 900.0
-    assert list(gdf.columns[:4]) == ["time", "pixel_count", "area_km2", "geometry"]
+    assert list(gdf.columns) == ["glacier_id", "time", "source_item_ids", "method", "threshold", "model_sha256",
+                                 "pixel_count", "area_km2", "area_uncertainty_km2", "geometry"]
     # Per polygon: the stored area is the count times the pixel area, and the geometry agrees.
     assert (gdf["area_km2"] == gdf["pixel_count"] * px / 1e6).all()
     np.testing.assert_allclose(gdf.geometry.area, gdf["pixel_count"] * px, rtol=1e-12)
     # Per time step: the polygons hold every ice pixel exactly once.
     counts = (ice == 1).sum(dim=("y", "x")).values
     per_time = gdf.groupby("time")["pixel_count"].sum()
-    assert list(per_time.index) == list(pd.DatetimeIndex(ice["time"].values))
+    assert list(per_time.index) == list(pd.DatetimeIndex(ice["time"].values).tz_localize("UTC"))
     np.testing.assert_array_equal(per_time.to_numpy(), counts)
     np.testing.assert_allclose(gdf.groupby("time")["area_km2"].sum().to_numpy(), ice_area_km2(ice).values,
                                rtol=1e-12)
@@ -95,6 +96,60 @@ def test_polygonise_components_holes_nodata_and_min_area() -> None:
         polygonise(_mask(m).rio.write_crs("EPSG:4326"))
 
 
+def test_outlines_carry_glacier_ids_time_provenance_and_uncertainty(tmp_path: Path) -> None:
+    m = np.zeros((2, 8, 12), np.uint8)
+    m[:, 1:5, 1:9] = 1  # one patch across two glaciers' outlines and beyond them
+    m[1, 6, 10] = 1  # a pixel outside every outline, second date only
+    ice = xr.DataArray(m, dims=("time", "y", "x"), coords={
+        "time": pd.DatetimeIndex(["2021-02-12T14:30:00", "2022-02-15T14:30:00"]),
+        "item_ids": ("time", ["LC08_A,LC08_B", "LC09_C"]),
+        "y": 7_000_000.0 - 30.0 * (np.arange(8) + 0.5), "x": 500_000.0 + 30.0 * (np.arange(12) + 0.5)},
+        attrs={"method": "ndsi", "threshold": 0.3}).rio.write_crs("EPSG:32633")
+    box = _pixel_box
+    ref = gpd.GeoDataFrame({"RGIId": ["RGI60-17.00001", "RGI60-17.00002"]},
+                           geometry=[box(0, 0, 4, 6), box(4, 0, 7, 6)], crs="EPSG:32633")
+    gdf = polygonise(ice, reference=ref)
+    path = write_vector(gdf, tmp_path / "outlines.gpkg")
+    back = gpd.read_file(path)
+    assert back.crs == gdf.crs and len(back) == len(gdf) == 7
+    back["time"] = pd.to_datetime(back["time"], utc=True)
+    first = back[back["time"] == pd.Timestamp("2021-02-12T14:30:00", tz="UTC")]
+    # Cut at the outlines: 4x3 px in the first glacier, 4x3 in the second, 4x2 east of both.
+    per_id = first.groupby(first["glacier_id"].fillna("none"))["pixel_count"].sum().to_dict()
+    assert per_id == {"RGI60-17.00001": 12, "RGI60-17.00002": 12, "none": 8}
+    assert set(first["source_item_ids"]) == {"LC08_A,LC08_B"}
+    second = back[back["time"] == pd.Timestamp("2022-02-15T14:30:00", tz="UTC")]
+    assert set(second["source_item_ids"]) == {"LC09_C"} and second["glacier_id"].isna().sum() == 2
+    assert set(back["method"]) == {"ndsi"} and set(back["threshold"]) == {0.3}
+    assert set(back["model_sha256"].fillna("")) == {""}
+    # Buffer method, as in the series: perimeter along pixel sides x half a pixel.
+    np.testing.assert_allclose(back["area_uncertainty_km2"], back.geometry.length * 15 / 1e6, rtol=1e-12)
+    one = back[back["pixel_count"] == 12].iloc[0]
+    assert one["area_uncertainty_km2"] == pytest.approx((4 + 3) * 2 * 30 * 15 / 1e6)
+    # The polygons of a glacier add up to the series' area of it, date by date.
+    from icemap.series import glacier_series
+
+    series = glacier_series(ice, ref)
+    sums = back.dropna(subset=["glacier_id"]).groupby(["glacier_id", back["time"].dt.tz_localize(None)])["area_km2"].sum()
+    for row in series.itertuples():
+        assert sums.get((row.glacier_id, row.time), 0.0) == pytest.approx(row.area_km2)
+    # A model's checksum and the product's attributes win over the mask's own.
+    unet = polygonise(ice, attrs={"method": "unet", "threshold": 0.5, "model_sha256": "ab" * 32})
+    assert set(unet["model_sha256"]) == {"ab" * 32} and set(unet["method"]) == {"unet"}
+    assert unet["glacier_id"].isna().all()
+    # One step of a product (isel) keeps its date.
+    step = polygonise(ice.isel(time=1))
+    assert (step["time"] == pd.Timestamp("2022-02-15T14:30:00", tz="UTC")).all()
+    assert set(step["source_item_ids"]) == {"LC09_C"}
+
+
+def _pixel_box(col0: int, row0: int, col1: int, row1: int) -> Any:
+    """Polygon over pixel columns col0..col1-1 and rows row0..row1-1 of the grid of ``_mask``."""
+    import shapely
+
+    return shapely.box(500_000 + 30 * col0, 7_000_000 - 30 * row1, 500_000 + 30 * col1, 7_000_000 - 30 * row0)
+
+
 # -- write_vector ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
 def test_write_vector_round_trip(ice: Any, tmp_path: Path, suffix: str) -> None:
@@ -106,7 +161,7 @@ def test_write_vector_round_trip(ice: Any, tmp_path: Path, suffix: str) -> None:
     assert back.crs == gdf.crs and len(back) == len(gdf)
     np.testing.assert_array_equal(back["pixel_count"], gdf["pixel_count"])
     np.testing.assert_allclose(back["area_km2"], gdf["area_km2"], rtol=1e-12)
-    assert (pd.to_datetime(back["time"]).to_numpy() == gdf["time"].to_numpy()).all()
+    assert (pd.to_datetime(back["time"], utc=True) == gdf["time"]).all()
     assert back.geometry.geom_equals_exact(gdf.geometry, tolerance=1e-6).all()
     # Overwriting replaces the file atomically with the new content.
     write_vector(gdf.iloc[:3], path)

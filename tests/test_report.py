@@ -61,7 +61,10 @@ def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
     # No resource from outside the file: every src is a data: URL, no stylesheet or script links.
     assert "<script" not in text and "<link" not in text
     srcs = re.findall(r'src="([^"]*)"', text)
-    assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # A map per season-year, then the area plot.
+    n_years = pd.DatetimeIndex(icemap.open_cube(run["pred"])["time"].values).year.nunique()
+    assert n_years >= 2 and len(srcs) == n_years + 1
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
     for s in srcs:
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "url(" not in text
@@ -76,6 +79,9 @@ def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
     assert f'"icemap": "{icemap.__version__}"' in plain and '"matplotlib": "' in plain
     series = pd.read_parquet(run["series"])
     assert set(series["glacier_id"]) == set(run["ids"])
+    # Trends, not step-to-step rates: the trend table is there, the per-step tables have no rate.
+    assert 'id="trend-table"' in text and "rate_stderr_km2_per_yr" in text and "change_km2_per_yr" not in text
+    assert "area_uncertainty_sum_km2" in text and "area_uncertainty_rss_km2" in text
 
 
 def test_report_refuses_bad_output_before_computing(run: dict[str, Any], tmp_path: Path) -> None:
@@ -92,10 +98,23 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     from PIL import Image
 
     png = tmp_path / "map.png"
-    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0")
+    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0",
+                     "--dpi", "120")
     assert res.returncode == 0, res.stderr
     with Image.open(png) as im:
         assert im.format == "PNG" and min(im.size) > 400
+        assert tuple(round(v) for v in im.info["dpi"]) == (120, 120)  # pHYs: the size a layout program uses
+    for fmt, magic in (("pdf", b"%PDF-"), ("svg", b"<?xml")):
+        out = tmp_path / f"map.{fmt}"
+        res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(out),
+                         "--format", fmt)
+        assert res.returncode == 0, res.stderr
+        head = out.read_bytes()[:400]
+        assert head.startswith(magic) and (fmt != "svg" or b"<svg" in out.read_bytes()[:2000])
+    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(tmp_path / "m.png"),
+                     "--format", "pdf")
+    assert res.returncode == 1 and "--format" in res.stderr and not (tmp_path / "m.png").exists()
+
     table = icemap.glacier_series(run["pred"], run["reference"])
     fig = icemap.area_plot(icemap.region_series(table), table, top=3)
     axes = fig.get_axes()
@@ -103,19 +122,59 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     # The region line carries the summed areas, one point per time step.
     line = axes[0].get_lines()[0]
     np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), table.groupby("time")["area_km2"].sum().to_numpy())
-    from icemap.figures import glacier_change
+    # Colour-blind safe: Okabe-Ito colours, a different marker per glacier, its id at the line's end.
+    from matplotlib.colors import to_hex
 
-    rate = glacier_change(table)  # what colours each outline: mean %/yr from first to last step
-    for gid, g in table.groupby("glacier_id"):
-        years = (g["time"].iloc[-1] - g["time"].iloc[0]).total_seconds() / (365.25 * 86400)
-        a0, a1 = g["area_km2"].iloc[0], g["area_km2"].iloc[-1]
-        want = 100 * (a1 - a0) / a0 / years if a0 > 0 else np.nan
-        np.testing.assert_allclose(rate[gid], want, rtol=1e-12, equal_nan=True)
-    fig = icemap.map_figure(icemap.open_cube(run["cube"]), icemap.open_cube(run["pred"]), time=-1,
-                            outlines=run["reference"], change=table)
+    from icemap.figures import OKABE_ITO
+
+    glacier_lines = [c.lines[0] for c in axes[1].containers]  # each errorbar's data line
+    assert len(glacier_lines) == 3
+    assert len({ln.get_marker() for ln in glacier_lines}) == 3
+    assert {to_hex(ln.get_color()).upper() for ln in glacier_lines} <= set(OKABE_ITO)
+    labels = [t.get_text() for t in axes[1].texts if t.get_gid() == "direct-label"]
+    assert sorted(labels) == sorted(str(le.get_text()) for le in axes[1].get_legend().get_texts())
+
+    product = icemap.open_cube(run["pred"])
+    cube = icemap.open_cube(run["cube"])
+    fig = icemap.map_figure(cube, product, time=-1, outlines=run["reference"], change=table)
     title = fig.get_axes()[0].get_title()
-    assert "EPSG:32719" in title and str(icemap.open_cube(run["pred"])["time"].values[-1])[:10] in title
-    assert any("%/yr" in ax.get_ylabel() for ax in fig.get_axes())  # the change colour bar
+    when = str(product["time"].values[-1])[:10]
+    assert "EPSG:32719" in title and f"acquired {when}" in title and "NDSI, threshold 0.4" in title
+    credit = [t.get_text() for t in fig.findobj(lambda a: a.get_gid() == "credit")]
+    assert credit == ["Landsat Collection 2 Level-2 courtesy of the U.S. Geological Survey"]
+    assert any(ln.get_gid() == "graticule" for ln in fig.get_axes()[0].get_lines())
+    assert any(t.get_text().endswith(("°S", "°N")) for t in fig.get_axes()[0].texts)
+    assert any("%/yr" in ax.get_ylabel() for ax in fig.get_axes())  # the trend colour bar
+
+
+def test_composite_title_gives_the_range_of_source_dates() -> None:
+    """A composite's title spans its pixels' dates; method, model and credit come from attributes."""
+    import rioxarray  # noqa: F401  (the .rio accessor of the hand-made cube)
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    h = w = 40
+    y = 6_650_000.0 - 30.0 * (np.arange(h) + 0.5)
+    x = 406_000.0 + 30.0 * (np.arange(w) + 0.5)
+    days = np.full((1, h, w), float((pd.Timestamp("2022-02-07") - pd.Timestamp("1970-01-01")).days))
+    days[0, :, 25:] += 8.0  # the east from the second date
+    days[0, :3, :3] = np.nan  # no clear observation
+    label = pd.DatetimeIndex(["2022-03-31"])
+    cube = xr.Dataset(
+        {"reflectance": (("time", "band", "y", "x"), rng.uniform(0, 0.5, (1, 3, h, w)).astype(np.float32)),
+         "source_date": (("time", "y", "x"), days)},
+        coords={"time": label, "band": ["green", "nir08", "swir16"], "y": y, "x": x},
+        attrs={"icemap:composite": {"source_attrs": {"sensor": "sentinel-2-l2a"}}}).rio.write_crs("EPSG:32719")
+    ice = xr.DataArray(rng.integers(0, 2, (1, h, w)).astype(np.uint8), dims=("time", "y", "x"),
+                       coords={"time": label, "y": y, "x": x}, name="ice").rio.write_crs("EPSG:32719")
+    pred = xr.Dataset({"ice": ice}, attrs={"method": "unet", "threshold": 0.5, "model_sha256": "0123456789ab" + "f" * 52})
+    fig = icemap.map_figure(cube, pred, dpi=60)
+    title = fig.get_axes()[0].get_title()
+    assert "acquired 2022-02-07 to 2022-02-15 (composite)" in title
+    assert "U-Net, model sha256 0123456789ab, probability threshold 0.5" in title
+    assert "product step 2022-03-31" in title  # the season's label is not an acquisition date
+    credit = [t.get_text() for t in fig.findobj(lambda a: a.get_gid() == "credit")]
+    assert credit == ["Contains modified Copernicus Sentinel data 2022"]
 
 
 # -- the browser --------------------------------------------------------------------------------
@@ -172,7 +231,8 @@ def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
     assert browser.title.startswith("icemap report")
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
-    assert len(images) == 3 and all(done and w > 0 and h > 0 for done, w, h in images), images
+    n_years = pd.DatetimeIndex(icemap.open_cube(run["pred"])["time"].values).year.nunique()
+    assert len(images) == n_years + 1 and all(done and w > 0 and h > 0 for done, w, h in images), images
     cells = browser.execute_script(
         "return Array.from(document.querySelectorAll('#glacier-table tbody td.id')).map(td => td.textContent);")
     assert set(cells) == set(run["ids"])  # every glacier, the escaped one as its literal id

@@ -22,7 +22,8 @@ import xarray as xr
 import icemap
 from icemap.errors import IcemapError, NoOverlapError
 from icemap.kernels import glacier_stats
-from icemap.series import SERIES_COLUMNS, glacier_counts, glacier_series, region_series, write_table
+from icemap.series import (REGION_ID, SERIES_COLUMNS, TREND_COLUMNS, glacier_counts, glacier_series, region_series,
+                           trends, wls_trend, write_table)
 
 from .conftest import raise_if_dask_computes, run_icemap
 
@@ -82,14 +83,24 @@ def test_series_equals_numpy_on_the_sample_region(stores: dict[str, Path], sampl
             elif n_px == 0:
                 assert np.isnan(row["observed_fraction"])
         assert rows["outline_area_km2"].iloc[0] == pytest.approx(gl.geometry.area / 1e6)
-        dt = np.diff(times.asi8) / 1e9 / YEAR_S
-        want = np.diff(areas) / dt
-        np.testing.assert_allclose(rows["change_km2_per_yr"].to_numpy()[1:], want, rtol=1e-12, atol=1e-15)
-        assert np.isnan(rows["change_km2_per_yr"].iloc[0]) and np.isnan(rows["change_pct_per_yr"].iloc[0])
+        # A rate only against a well observed step of an earlier season-year, never within one.
+        obs = rows["observed_fraction"].to_numpy()
+        for k in range(len(times)):
+            row = rows.iloc[k]
+            earlier = [j for j in range(k) if rows["year"].iloc[j] < row["year"] and obs[j] >= 0.9]
+            if not obs[k] >= 0.9:
+                assert np.isnan(row["change_km2_per_yr"]) and row["change_note"].startswith("lower bound")
+            elif not earlier:
+                assert np.isnan(row["change_km2_per_yr"]) and row["change_note"]
+            else:
+                j = earlier[-1]
+                dt = (times[k] - times[j]).total_seconds() / YEAR_S
+                assert row["change_km2_per_yr"] == pytest.approx((areas[k] - areas[j]) / dt, rel=1e-12, abs=1e-15)
+                assert row["change_note"] == ""
     assert checked >= len(outlines)  # every glacier, at every date, was compared
-    # Something to compare: ice, partial observation and change all occur in the sample.
+    # Something to compare: ice, partial observation and both kinds of empty rate occur in the sample.
     assert (table["area_km2"] > 0).any() and (table["observed_fraction"] < 1).any()
-    assert (table["change_km2_per_yr"].abs() > 0).any()
+    assert table["change_note"].str.startswith("lower bound").any()
 
 
 def test_counts_are_lazy_and_chunked_equals_whole(stores: dict[str, Path], sample_region: Any) -> None:
@@ -148,11 +159,15 @@ def test_rates_and_uncertainty_by_hand(synthetic: tuple[xr.DataArray, gpd.GeoDat
     np.testing.assert_allclose(a["area_uncertainty_km2"], [16 * 30 * 15 / 1e6, 12 * 30 * 15 / 1e6, 8 * 30 * 15 / 1e6])
     np.testing.assert_allclose(a["change_km2_per_yr"][1:], [-7 * 900 / 1e6 / (366 / 365.25), -5 * 900 / 1e6 / (730 / 365.25)])
     np.testing.assert_allclose(a["change_pct_per_yr"][1:], [-100 * 7 / 16 / (366 / 365.25), -100 * 5 / 9 / (730 / 365.25)])
+    assert list(a["change_note"]) == ["first step", "", ""]
     assert list(a["observed_fraction"]) == [1.0, 1.0, 1.0]
     assert a["outline_area_km2"][0] == pytest.approx(36 * 900 / 1e6)
     b = table[table["glacier_id"] == "RGI60-11.00002"].reset_index(drop=True)
     np.testing.assert_allclose(b["observed_fraction"], [1.0, 0.5, 1.0])
     np.testing.assert_allclose(b["area_km2"], [16 * 900 / 1e6, 8 * 900 / 1e6, 16 * 900 / 1e6])
+    # Half under cloud: a lower bound, no rate; the next step compares with the last well observed one.
+    assert np.isnan(b["change_km2_per_yr"][1]) and b["change_note"][1] == "lower bound: observed 50% < min_observed 90%"
+    assert b["change_km2_per_yr"][2] == 0.0 and b["change_note"][2] == ""
     # The option changes the buffer width; a call's argument wins over it.
     with icemap.set_options(area_buffer_px=1.0):
         wide = glacier_series(ice, outlines)
@@ -162,13 +177,18 @@ def test_rates_and_uncertainty_by_hand(synthetic: tuple[xr.DataArray, gpd.GeoDat
 
     region = region_series(table)
     np.testing.assert_allclose(region["area_km2"], [32 * 900 / 1e6, 17 * 900 / 1e6, 20 * 900 / 1e6])
-    # Fully correlated: the region's uncertainty is the sum of the glaciers'.
-    np.testing.assert_allclose(region["area_uncertainty_km2"], table.groupby("time")["area_uncertainty_km2"].sum())
+    # Named by how errors combine: fully correlated (sum) and independent (root-sum-square).
+    by_time = table.groupby("time")["area_uncertainty_km2"]
+    np.testing.assert_allclose(region["area_uncertainty_sum_km2"], by_time.sum())
+    np.testing.assert_allclose(region["area_uncertainty_rss_km2"], by_time.apply(lambda v: np.sqrt((v ** 2).sum())))
+    assert (region["area_uncertainty_rss_km2"] < region["area_uncertainty_sum_km2"]).all()
     # Weighted by outline area (36 and 16 pixels): (36 * 1 + 16 * 0.5) / 52 at the second date.
     np.testing.assert_allclose(region["observed_fraction"], [1.0, (36 + 8) / 52, 1.0])
-    np.testing.assert_allclose(region["change_km2_per_yr"][1:], [-15 * 900 / 1e6 / (366 / 365.25),
-                                                                 3 * 900 / 1e6 / (730 / 365.25)])
-    assert np.isnan(region["change_km2_per_yr"][0])
+    np.testing.assert_allclose(region["observed_outline_area_km2"], [52 * 900 / 1e6, 44 * 900 / 1e6, 52 * 900 / 1e6])
+    # The second step is a lower bound (85% observed): the third compares with the first.
+    assert np.isnan(region["change_km2_per_yr"][0]) and np.isnan(region["change_km2_per_yr"][1])
+    assert region["change_note"][1].startswith("lower bound")
+    assert region["change_km2_per_yr"][2] == pytest.approx(-12 * 900 / 1e6 / (1096 / 365.25))
 
 
 def test_id_column_is_carried_and_checked(synthetic: tuple[xr.DataArray, gpd.GeoDataFrame], tmp_path: Path) -> None:
@@ -192,6 +212,7 @@ def test_csv_and_parquet_round_trip(synthetic: tuple[xr.DataArray, gpd.GeoDataFr
     back = pd.read_parquet(write_table(table, tmp_path / "s.parquet"))
     pd.testing.assert_frame_equal(back, table)
     csv = pd.read_csv(write_table(table, tmp_path / "s.csv"), parse_dates=["time"], dtype={"glacier_id": str})
+    csv["change_note"] = csv["change_note"].fillna("")  # an empty cell reads back as NaN
     pd.testing.assert_frame_equal(csv, table, check_dtype=False, check_exact=False, rtol=1e-12)
     with pytest.raises(IcemapError, match=r"use \.csv or \.parquet"):
         write_table(table, tmp_path / "s.xlsx")
@@ -236,3 +257,111 @@ def test_cli_areas_bad_input_is_one_line(case: str, stores: dict[str, Path], sam
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert match in res.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+# -- trends ---------------------------------------------------------------------------------------------
+def test_wls_trend_equals_numpy_polyfit_and_the_closed_form() -> None:
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 7):
+        x = np.sort(rng.choice(np.arange(1990, 2030), size=n, replace=False)).astype(float)
+        sigma = rng.uniform(0.05, 0.5, n)
+        y = 10.0 - 0.2 * (x - 2000) + rng.normal(0, 1, n) * sigma * rng.uniform(0.3, 3)
+        slope, intercept, se = wls_trend(x, y, sigma)
+        (p1, p0), cov = np.polyfit(x, y, 1, w=1 / sigma, cov="unscaled")
+        assert slope == pytest.approx(p1, rel=1e-9) and intercept == pytest.approx(p0, rel=1e-9, abs=1e-9)
+        # Closed form of the absolute-sigma slope variance: S / (S Sxx - Sx^2), w = 1 / sigma^2.
+        w = 1 / sigma**2
+        var = w.sum() / (w.sum() * (w * x * x).sum() - (w * x).sum() ** 2)
+        assert var == pytest.approx(cov[0, 0], rel=1e-6)
+        chi2 = (w * (y - p0 - p1 * x) ** 2).sum() / (n - 2) if n > 2 else 0.0
+        assert se == pytest.approx(np.sqrt(var * max(1.0, chi2)), rel=1e-6)
+    with pytest.raises(IcemapError, match="two distinct years"):
+        wls_trend([2020.0, 2020.0], [1.0, 2.0], [0.1, 0.1])
+    with pytest.raises(IcemapError, match="positive, finite"):
+        wls_trend([2020.0, 2021.0], [1.0, 2.0], [0.1, 0.0])
+
+
+@pytest.fixture
+def seasons() -> tuple[xr.DataArray, gpd.GeoDataFrame]:
+    """Two dates in the 2020 ablation season, one in each of 2021-2023 (63 N: August-September)."""
+    ice = np.zeros((5, 20, 20), np.uint8)
+    ice[0, 2:6, 2:6] = 1  # glacier A: 16, then 12 px on the second date of the same season,
+    ice[1, 2:6, 2:5] = 1
+    ice[2, 2:5, 2:5] = 1  # 9 px in 2021, 6 in 2022,
+    ice[3, 2:4, 2:5] = 1
+    ice[4, 2:4, 2:4] = 1  # and 4 in 2023 with half the outline under cloud: a lower bound
+    ice[4, 1:7, 1:4] = 255
+    ice[:, 10:14, 10:14] = 1  # glacier B: half under cloud from 2021 on
+    ice[2:, 10:12, 10:14] = 255
+    outlines = gpd.GeoDataFrame({"RGIId": ["RGI60-11.00001", "RGI60-11.00002"]},
+                                geometry=[_box(1, 1, 7, 7), _box(10, 10, 14, 14)], crs="EPSG:32633")
+    return _synthetic(ice, ["2020-08-10", "2020-08-18", "2021-08-15", "2022-08-20", "2023-08-12"]), outlines
+
+
+def test_trends_leave_out_lower_bounds_and_never_rate_within_a_season(
+        seasons: tuple[xr.DataArray, gpd.GeoDataFrame]) -> None:
+    ice, outlines = seasons
+    table = glacier_series(ice, outlines)
+    a = table[table["glacier_id"] == "RGI60-11.00001"].reset_index(drop=True)
+    assert list(a["year"]) == [2020, 2020, 2021, 2022, 2023]
+    # Second date of the 2020 season: no rate between two dates of one season, with the reason.
+    assert np.isnan(a["change_km2_per_yr"][1]) and "within a season" in a["change_note"][1]
+    # 2021 against the latest well observed date of 2020 (the second).
+    dt = (pd.Timestamp("2021-08-15") - pd.Timestamp("2020-08-18")).total_seconds() / YEAR_S
+    assert a["change_km2_per_yr"][2] == pytest.approx((9 - 12) * 900 / 1e6 / dt)
+    assert np.isnan(a["change_km2_per_yr"][4]) and a["change_note"][4].startswith("lower bound")
+
+    tr = trends(table)
+    assert tuple(tr.columns) == TREND_COLUMNS and tr["glacier_id"].iloc[-1] == REGION_ID
+    ta = tr.set_index("glacier_id").loc["RGI60-11.00001"]
+    # One area per season-year: 2020 has two fully observed dates, the later one counts.
+    rows = a.iloc[[1, 2, 3]]
+    (p1, p0), cov = np.polyfit(rows["year"].to_numpy(float), rows["area_km2"], 1,
+                               w=1 / rows["area_uncertainty_km2"], cov="unscaled")
+    assert (ta["first_year"], ta["last_year"], ta["n_years"], ta["n_lower_bound"]) == (2020, 2022, 3, 1)
+    assert ta["rate_km2_per_yr"] == pytest.approx(p1, rel=1e-9)
+    assert ta["area_fit_first_year_km2"] == pytest.approx(p0 + p1 * 2020, rel=1e-9)
+    assert ta["rate_pct_per_yr"] == pytest.approx(100 * p1 / (p0 + p1 * 2020), rel=1e-9)
+    assert ta["rate_stderr_km2_per_yr"] >= np.sqrt(cov[0, 0]) * (1 - 1e-9)
+    assert bool(ta["significant"]) == (abs(p1) > 2 * ta["rate_stderr_km2_per_yr"])
+    assert ta["reason"] == ""
+    # Glacier B: one well observed season-year -> no number, a reason.
+    tb = tr.set_index("glacier_id").loc["RGI60-11.00002"]
+    assert np.isnan(tb["rate_km2_per_yr"]) and pd.isna(tb["significant"]) and tb["n_years"] == 1
+    assert tb["n_lower_bound"] == 3 and "a trend needs 2" in tb["reason"]
+
+    # The option moves the limit: at 0.5 every year of both glaciers counts.
+    with icemap.set_options(min_observed=0.5):
+        loose = trends(glacier_series(ice, outlines)).set_index("glacier_id")
+    assert list(loose.loc[["RGI60-11.00001", "RGI60-11.00002"], "n_years"]) == [4, 4]
+    assert trends(table, min_observed=0.5).set_index("glacier_id").loc["RGI60-11.00002", "n_years"] == 4
+    with pytest.raises(IcemapError, match="min_observed must be a share in"):
+        icemap.set_options(min_observed=1.5)
+
+
+def test_region_trend_uses_the_summed_uncertainty(synthetic: tuple[xr.DataArray, gpd.GeoDataFrame]) -> None:
+    ice, outlines = synthetic
+    table = glacier_series(ice, outlines)
+    region = region_series(table)
+    ok = region[region["observed_fraction"] >= 0.9]
+    p1, _ = np.polyfit(ok["year"].to_numpy(float), ok["area_km2"], 1, w=1 / ok["area_uncertainty_sum_km2"])
+    r = trends(table).set_index("glacier_id").loc[REGION_ID]
+    assert r["n_years"] == 2 and r["n_lower_bound"] == 1
+    assert r["rate_km2_per_yr"] == pytest.approx(p1, rel=1e-9)
+
+
+def test_cli_areas_writes_trends(stores: dict[str, Path], sample_region: Any) -> None:
+    out, tr = stores["folder"] / "s2.csv", stores["folder"] / "trends.parquet"
+    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+                     "--out", str(out), "--trends", str(tr), "--min-observed", "0.5")
+    assert res.returncode == 0, res.stderr
+    back = pd.read_parquet(tr)
+    assert tuple(back.columns[:8]) == ("glacier_id", "first_year", "last_year", "n_years", "rate_km2_per_yr",
+                                       "rate_stderr_km2_per_yr", "rate_pct_per_yr", "significant")
+    want = trends(pd.read_csv(out, parse_dates=["time"], dtype={"glacier_id": str}), min_observed=0.5)
+    pd.testing.assert_frame_equal(back, want, check_dtype=False)
+    csv = stores["folder"] / "trends.csv"
+    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+                     "--out", str(out), "--trends", str(csv), "--min-observed", "2")
+    assert res.returncode == 1 and "min_observed must be" in res.stderr and not csv.exists()
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -50,6 +50,7 @@ _API = {
     "get_option": "icemap.options",
     "glacier_series": "icemap.series",
     "region_series": "icemap.series",
+    "trends": "icemap.series",
     "map_figure": "icemap.figures",
     "area_plot": "icemap.figures",
     "report": "icemap.report",
@@ -75,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.workflow import ingest
     from icemap.options import get_option, set_options
     from icemap.vector import ice_area_km2
-    from icemap.series import glacier_series, region_series
+    from icemap.series import glacier_series, region_series, trends
     from icemap.figures import area_plot, map_figure
     from icemap.report import report
     from icemap.composite import composite, fill_gaps

@@ -186,7 +186,7 @@ def map_cmd(
     geotiff: Annotated[Optional[Path], typer.Option("--geotiff", help="Also write COGs per date to this folder.")] = None,
     outlines: Annotated[Optional[Path], typer.Option("--outlines", help="Also write ice outlines (.gpkg/.geojson/.parquet).")] = None,
     quicklook: Annotated[Optional[Path], typer.Option("--quicklook", help="Also write a PNG of the clearest date.")] = None,
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="Outlines drawn on the quicklook.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Glacier outlines (RGI/GLIMS): ids of the --outlines polygons, drawn on the quicklook.")] = None,
     zarr_format: Annotated[Optional[int], typer.Option("--zarr-format", help="3 (default) or 2.")] = None,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,

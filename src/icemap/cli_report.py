@@ -39,42 +39,59 @@ def areas_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Per-glacier series: .csv or .parquet.")],
     id_column: IdColumnOpt = None,
     region_out: Annotated[Path | None, typer.Option("--region-out", help="Also write the region's series (.csv or .parquet).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw area versus year (PNG; needs the report extra: pip install icemap\\[report]).")] = None,
+    trends_out: Annotated[Path | None, typer.Option("--trends", help="Also write per-glacier and regional trends over season-years (.csv or .parquet): weighted least squares, standard error, significance.")] = None,
+    min_observed: Annotated[float | None, typer.Option("--min-observed", help="Observed share a year needs to enter a trend (default 0.9); below it the area is a lower bound.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw area versus year (.png, .pdf or .svg; needs the report extra: pip install icemap\\[report]).")] = None,
     top: Annotated[int, typer.Option("--top", help="Largest glaciers drawn in --plot.", min=0)] = 5,
     scheduler: SchedulerOpt = None,
 ) -> None:
-    """Ice area of every glacier per time step, with uncertainty, observed share and change rates."""
+    """Ice area of every glacier per time step, with uncertainty and observed share; trends over season-years."""
     if plot is not None:
         from icemap.extras import require
 
         require("report", "icemap areas --plot")
     _store_exists(pred, "product")
     _exists(reference, "outline file")
-    from icemap.series import check_table_path, glacier_series, region_series, write_table
+    from icemap.options import resolve
+    from icemap.series import REGION_ID, check_table_path, glacier_series, region_series, trends, write_table
 
-    for table_path in (out, region_out):
+    min_observed = resolve("min_observed", min_observed)  # a bad value is one line before any work
+    for table_path in (out, region_out, trends_out):
         if table_path is not None:
             check_table_path(table_path)
-    if plot is not None and not plot.parent.is_dir():
-        raise IcemapError(f"folder {plot.parent} does not exist; create it before writing {plot.name}")
+    if plot is not None:
+        if plot.suffix.lower().lstrip(".") not in ("png", "pdf", "svg"):
+            raise IcemapError(f"--plot must be a .png, .pdf or .svg file, not {plot.name!r}")
+        if not plot.parent.is_dir():
+            raise IcemapError(f"folder {plot.parent} does not exist; create it before writing {plot.name}")
     from icemap.cluster import connect
 
     with connect(scheduler):
-        table = glacier_series(pred, reference, id_column=id_column)
+        table = glacier_series(pred, reference, id_column=id_column, min_observed=min_observed)
     region = region_series(table)
+    trend = trends(table)
     write_table(table, out)
     if region_out is not None:
         write_table(region, region_out)
+    if trends_out is not None:
+        write_table(trend, trends_out)
     if plot is not None:
-        from icemap.figures import area_plot, save_png
+        from icemap.figures import area_plot, save_figure
 
-        save_png(area_plot(region, table, top=top), plot)
+        save_figure(area_plot(region, table, top=top), plot)
     con = _console(stderr=False)
     con.print(f"[bold]{out}[/]: {table['glacier_id'].nunique()} glaciers x {len(region)} time step(s)")
     for row in region.itertuples(index=False):
-        con.print(f"  {str(row.time)[:10]}  {row.area_km2:.3f} ± {row.area_uncertainty_km2:.3f} km²  "
-                  f"observed {100 * row.observed_fraction:.0f}%")
-    for label, value in (("region", region_out), ("plot", plot)):
+        con.print(f"  {str(row.time)[:10]}  {row.area_km2:.3f} km² ± {row.area_uncertainty_sum_km2:.3f} (sum) "
+                  f"± {row.area_uncertainty_rss_km2:.3f} (root-sum-square)  observed {100 * row.observed_fraction:.0f}%")
+    r = trend[trend["glacier_id"] == REGION_ID].iloc[0]
+    if r["rate_km2_per_yr"] == r["rate_km2_per_yr"]:
+        con.print(f"  trend {r['first_year']}-{r['last_year']} ({r['n_years']} season-years): "
+                  f"{r['rate_km2_per_yr']:+.4f} ± {r['rate_stderr_km2_per_yr']:.4f} km²/yr "
+                  f"({r['rate_pct_per_yr']:+.2f} %/yr), {'significant' if r['significant'] else 'not significant'} at 2 sigma")
+    else:
+        con.print(f"  no regional trend: {r['reason']}")
+    for label, value in (("region", region_out), ("trends", trends_out), ("plot", plot)):
         if value is not None:
             con.print(f"{label}: {value}")
 
@@ -83,13 +100,16 @@ def areas_cmd(
 def figure_cmd(
     cube: Annotated[str, typer.Option("--cube", help="Cube store the product was mapped from (false-colour background).")],
     pred: PredOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
-    reference: Annotated[Path | None, typer.Option("--reference", help="Outlines to draw (coloured by area change).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure to write: .png, .pdf or .svg.")],
+    reference: Annotated[Path | None, typer.Option("--reference", help="Outlines to draw (coloured by their area trend).")] = None,
     time: Annotated[str | None, typer.Option("--time", help="Date (YYYY-MM-DD) or index of the product's time step; default the last.")] = None,
     id_column: IdColumnOpt = None,
+    dpi: Annotated[int, typer.Option("--dpi", help="Resolution (dots per inch), recorded in the PNG.", min=10, max=2400)] = 300,
+    fmt: Annotated[str | None, typer.Option("--format", help="png, pdf or svg (default: from the --out suffix).")] = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
-    """A map of one time step: false colour, ice, outlines coloured by change, legend, scale bar, date, CRS."""
+    """A map of one time step: false colour, ice, outlines coloured by trend, legend, scale bar, graticule,
+    acquisition dates, method, data credit."""
     from icemap.extras import require
 
     require("report", "icemap figure")
@@ -97,12 +117,16 @@ def figure_cmd(
     _store_exists(pred, "product")
     if reference is not None:
         _exists(reference, "outline file")
-    if out.suffix.lower() != ".png":
-        raise IcemapError(f"--out must be a .png file, not {out.name!r}")
+    from icemap.figures import FIGURE_FORMATS
+
+    kind = (fmt or out.suffix.lstrip(".")).lower()
+    if kind not in FIGURE_FORMATS or out.suffix.lower().lstrip(".") != kind:
+        raise IcemapError(f"--out must be a .png, .pdf or .svg file matching --format, not {out.name!r}"
+                          + (f" with --format {fmt}" if fmt else ""))
     if not out.parent.is_dir():
         raise IcemapError(f"folder {out.parent} does not exist; create it before writing {out.name}")
     from icemap.cluster import connect
-    from icemap.figures import map_figure, save_png
+    from icemap.figures import map_figure, save_figure
     from icemap.series import glacier_series
     from icemap.store import open_cube
 
@@ -112,8 +136,9 @@ def figure_cmd(
         change = None
         if reference is not None and product.sizes.get("time", 0) > 1:
             change = glacier_series(product, reference, id_column=id_column)
-        fig = map_figure(open_cube(cube), product, time=when, outlines=reference, change=change, id_column=id_column)
-        save_png(fig, out)
+        fig = map_figure(open_cube(cube), product, time=when, outlines=reference, change=change, id_column=id_column,
+                         dpi=dpi)
+        save_figure(fig, out, dpi=dpi, format=kind)
     _console(stderr=False).print(f"[bold]{out}[/]")
 
 

@@ -228,7 +228,7 @@ def composite(
         "season": season,
         "season_years": {str(y): [str(t)[:19] + "Z" for t in cube["time"].values[pos]] for y, pos in groups.items()},
         "time_label": "last day of the season",
-        "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("load", "search", "icemap_version")},
+        "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("sensor", "load", "search", "icemap_version")},
     }
     ds.attrs = {"icemap:composite": meta}
     if fill_gaps_px is not None:

@@ -4,7 +4,8 @@ It is the same sequence a user runs on real data, only pointed at a generated st
 search -> ingest to a resumable Zarr cube -> NDSI ice mask per date -> ice area per glacier ->
 quicklook; then the regional view over years: a seasonal composite per year (several
 acquisitions per season, the least snowy clear one per pixel) -> its NDSI map -> per-glacier
-and regional area series with uncertainties -> figures and an HTML report. Nothing here is
+and regional area series with uncertainties -> trends over season-years (weighted least squares,
+well-observed years only) -> figures and an HTML report. Nothing here is
 special-cased for the sample; it doubles as a smoke test of the whole chain.
 """
 
@@ -38,6 +39,8 @@ class DemoResult:
     report: Path | None = None
     figures: list[Path] = field(default_factory=list)
     region_series: Any = None  # pandas DataFrame per year
+    trends: Any = None  # pandas DataFrame: trend per glacier and of the region
+    trends_csv: Path | None = None
     nodata: Any = None  # pandas DataFrame: nodata share per date and of each year's composite
     note: str = ""
 
@@ -46,32 +49,51 @@ class DemoResult:
 
         per_date = self.areas.groupby("time")[["ice_area_km2", "outline_area_km2", "nodata_area_km2"]].sum()
         table = Table(title="Ice area on the sample region (NDSI), each acquisition, all glaciers")
-        for col in ("date", "ice km²", "outlines km²", "difference %", "under cloud km²"):
+        for col in ("date", "ice km²", "outlines km²", "under cloud km²", "seen outlines km²",
+                    "clean ice vs seen outlines %"):
             table.add_column(col, justify="right")
         for t, row in per_date.iterrows():
-            diff = 100 * (row.ice_area_km2 - row.outline_area_km2) / row.outline_area_km2
+            # Cloud-hidden outline is neither ice nor not ice: compare with the outline area that
+            # was seen. What remains is the debris-covered ice NDSI cannot see (clean ice only).
+            seen = row.outline_area_km2 - row.nodata_area_km2
+            diff = f"{100 * (row.ice_area_km2 - seen) / seen:+.1f}" if seen > 0 else ""
             table.add_row(str(t.date()), f"{row.ice_area_km2:.3f}", f"{row.outline_area_km2:.3f}",
-                          f"{diff:+.1f}", f"{row.nodata_area_km2:.3f}")
+                          f"{row.nodata_area_km2:.3f}", f"{seen:.3f}", diff)
         console.print(table)
         if self.region_series is not None:
             years = Table(title="One map per year: seasonal composite (least snowy clear observation) + NDSI")
-            for col in ("year", "nodata % of the dates", "nodata % composite", "ice km²", "± km²",
-                        "observed %", "change %/yr"):
+            for col in ("year", "nodata % of the dates", "nodata % composite", "ice km²", "± sum km²",
+                        "± rss km²", "observed %", "clean ice vs seen outlines %"):
                 years.add_column(col, justify="right")
             for _, row in self.region_series.iterrows():
                 dates = self.nodata[(self.nodata["year"] == row.year) & (self.nodata["kind"] == "date")]
                 comp = self.nodata[(self.nodata["year"] == row.year) & (self.nodata["kind"] == "composite")]
-                rate = "" if row.change_pct_per_yr != row.change_pct_per_yr else f"{row.change_pct_per_yr:+.1f}"
+                seen = row.observed_outline_area_km2
+                diff = f"{100 * (row.area_km2 - seen) / seen:+.1f}" if seen > 0 else ""
                 years.add_row(str(row.year), " / ".join(f"{100 * v:.1f}" for v in dates["nodata_share"]),
                               f"{100 * comp['nodata_share'].iloc[0]:.1f}" if len(comp) else "",
-                              f"{row.area_km2:.3f}", f"{row.area_uncertainty_km2:.3f}",
-                              f"{100 * row.observed_fraction:.1f}", rate)
+                              f"{row.area_km2:.3f}", f"{row.area_uncertainty_sum_km2:.3f}",
+                              f"{row.area_uncertainty_rss_km2:.3f}", f"{100 * row.observed_fraction:.1f}", diff)
             console.print(years)
+        if self.trends is not None:
+            min_obs = 100 * float(self.trends.attrs.get("min_observed", 0.9))
+            tr = Table(title=f"Trends over season-years (weighted least squares, years observed >= {min_obs:.0f}%)")
+            for col in ("glacier", "season-years", "km²/yr ± 1 sigma", "%/yr", "2 sigma", "lower bounds"):
+                tr.add_column(col, justify="right", no_wrap=col == "glacier")
+            for _, row in self.trends.iterrows():
+                has = row.rate_km2_per_yr == row.rate_km2_per_yr
+                span = f"{row.first_year}-{row.last_year} ({row.n_years})" if row.n_years else "(0)"
+                rate = f"{row.rate_km2_per_yr:+.4f} ± {row.rate_stderr_km2_per_yr:.4f}" if has else "no trend"
+                pct = f"{row.rate_pct_per_yr:+.1f}" if has and row.rate_pct_per_yr == row.rate_pct_per_yr else ""
+                tr.add_row(str(row.glacier_id), span, rate, pct,
+                           ("significant" if row.significant else "n.s.") if has else "", str(row.n_lower_bound))
+            console.print(tr)
         lines = [f"{self.n_items} scenes -> {self.n_time_steps} time steps in {self.seconds:.1f} s",
                  f"cube:       {self.cube}", f"areas:      {self.areas_csv}", f"quicklook:  {self.quicklook}"]
         if self.composite is not None:
             lines += [f"composite:  {self.composite}", f"map:        {self.composite_ice}",
-                      f"series:     {self.series_csv} (per glacier), {self.region_csv} (region)"]
+                      f"series:     {self.series_csv} (per glacier), {self.region_csv} (region)",
+                      f"trends:     {self.trends_csv}"]
         lines += [f"figure:     {f}" for f in self.figures]
         if self.report is not None:
             lines.append(f"report:     {self.report}")
@@ -116,7 +138,7 @@ def run_demo(
     from icemap.labels import glacier_ids, read_outlines
     from icemap.quicklook import quicklook
     from icemap.sample import make_sample_region
-    from icemap.series import glacier_series, region_series, write_table
+    from icemap.series import glacier_series, region_series, trends, write_table
     from icemap.stac import search
     from icemap.store import open_cube
     from icemap.vector import ice_area_per_glacier
@@ -165,17 +187,20 @@ def run_demo(
     result.region_series = region_series(series)
     result.series_csv = write_table(series, out / "glacier_series.csv")
     result.region_csv = write_table(result.region_series, out / "region_series.csv")
+    result.trends = trends(series)
+    result.trends_csv = write_table(result.trends, out / "trends.csv")
     result.composite, result.composite_ice = comp_path, comp_ice
 
     if importlib.util.find_spec("matplotlib") is None:
         result.note = 'figures and the HTML report need matplotlib: pip install "icemap[report]"'
     else:
-        from icemap.figures import area_plot, map_figure, save_png
+        from icemap.figures import area_plot, credit_line, map_figure, save_png
         from icemap.report import report
 
+        comp = open_cube(comp_path)
         result.figures = [
-            save_png(map_figure(open_cube(comp_path), open_cube(comp_ice), time=-1, outlines=outlines), out / "map.png"),
-            save_png(area_plot(result.region_series, series), out / "area_per_year.png"),
+            save_png(map_figure(comp, open_cube(comp_ice), time=-1, outlines=outlines, change=series), out / "map.png"),
+            save_png(area_plot(result.region_series, series, credit=credit_line(comp)), out / "area_per_year.png"),
         ]
         result.report = report(comp_path, comp_ice, outlines, out / "report.html", title="icemap demo: sample region")
     result.seconds = time.perf_counter() - start

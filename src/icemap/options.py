@@ -96,6 +96,12 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         "the buffer method's area uncertainty: the mapped ice perimeter times half a pixel, since "
         "an edge pixel is misplaced by up to half its size (Granshaw and Fountain 2006; Paul et al. 2013)",
     ),
+    "min_observed": (
+        0.9, _number_in(0.0, 1.0), "a share in [0, 1]",
+        "a glacier's yearly area enters a trend (and a change rate) only where at least this share of "
+        "its outline was observed: below it, cloud or fill hid part of the ice and the area is a lower "
+        "bound, which would read as loss (or, after a cloudy year, as gain)",
+    ),
     "season_north": (
         "08-01/09-30", _season, "a season window MM-DD/MM-DD",
         "end of the ablation season in the northern hemisphere: least seasonal snow, so composites "
@@ -141,7 +147,7 @@ class set_options:
 
     Options
     -------
-    ndsi_threshold, chunksize, tile, batch_size, write_wave, zarr_format, area_buffer_px, resolution,
+    ndsi_threshold, chunksize, tile, batch_size, write_wave, zarr_format, area_buffer_px, min_observed, resolution,
     season_north, season_south, composite_rule; see
     ``icemap.options.describe()`` for each one's default and why.
     """

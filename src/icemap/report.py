@@ -1,4 +1,4 @@
-"""One self-contained HTML page of a run: maps, area plots, per-glacier table, provenance.
+"""One self-contained HTML page of a run: a map per year, area plots, trends, per-glacier table, provenance.
 
 The page is a single file a person can mail, archive next to the product or open from a shared
 drive years later: the figures are embedded as base64 PNG (``data:`` URLs), the CSS is inline,
@@ -95,7 +95,9 @@ def _img(png: bytes, alt: str, caption: str) -> str:
 def _fmt(v: Any, digits: int = 4) -> str:
     import math
 
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    import pandas as pd
+
+    if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
         return "&ndash;"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
@@ -118,7 +120,7 @@ def _table(df: Any, *, id_col: str | None, table_id: str) -> str:
                 cells.append(f'<td class="id">{html.escape(str(v))}</td>')
             elif c == "time":
                 cells.append(f"<td>{html.escape(str(v)[:10])}</td>")
-            elif str(c).startswith("change_"):
+            elif str(c).startswith(("change_", "rate_")) and str(c) != "change_note" and "stderr" not in str(c):
                 cells.append(_rate_cell(float(v)))
             else:
                 cells.append(f"<td>{_fmt(float(v) if isinstance(v, float) else v)}</td>")
@@ -144,8 +146,16 @@ def render_report(
     region: Any,
     figures: list[tuple[bytes, str, str]],
     prov: dict[str, Any],
+    trends: Any = None,
 ) -> str:
-    """The HTML text of a report from its computed parts (figures as ``(png, alt, caption)``)."""
+    """The HTML text of a report from its computed parts (figures as ``(png, alt, caption)``).
+
+    Per-step tables show areas, uncertainties and observed shares, not step-to-step rates: change
+    is the ``trends`` table's (weighted least squares over season-years, with its standard error).
+    """
+    per_step = [c for c in series.columns if not str(c).startswith("change_")]
+    region_cols = [c for c in region.columns if not str(c).startswith("change_")]
+    min_obs = (trends.attrs.get("min_observed") if trends is not None else None)
     steps = prov.get("time_steps", [])
     method = prov.get("method") or "unknown"
     summary = {"method": method, "threshold": prov.get("threshold"), "model": prov.get("model"),
@@ -161,13 +171,21 @@ def render_report(
     body = [
         f"<h1>{html.escape(title)}</h1>",
         (f'<p class="sub">Mapped glacier ice per time step by {html.escape(str(method))}; areas per glacier with '
-        "buffer-method uncertainty (mapped ice perimeter &times; half a pixel); region uncertainty is the sum over "
-        "glaciers (errors taken as fully correlated). Where the observed fraction is below 1, cloud or fill hid "
-        "part of the glacier and its area is a lower bound.</p>"),
+        "buffer-method uncertainty (mapped ice perimeter &times; half a pixel); the region's uncertainty is given "
+        "as the sum over glaciers (errors fully correlated, the conservative one) and as the root-sum-square "
+        "(independent errors). Where the observed fraction is below 1, cloud or fill hid part of the glacier "
+        "and its area is a lower bound.</p>"),
         "<h2>Run</h2>", _dl(summary),
         "<h2>Maps and areas</h2>", *[_img(*f) for f in figures],
-        "<h2>Region per time step</h2>", _table(region, id_col=None, table_id="region-table"),
-        "<h2>Glaciers per time step</h2>", _table(series, id_col="glacier_id", table_id="glacier-table"),
+        *(["<h2>Trends over season-years</h2>",
+           ('<p class="sub">Weighted least squares through one area per season-year (weights 1/&sigma;&sup2; from '
+            "the buffer uncertainty), using only years observed to at least "
+            f"{100 * float(min_obs or 0):.0f}% of the outline (lower bounds left out and counted); standard "
+            "error of the slope; significant where |rate| &gt; 2&sigma;. No rate is taken between dates of one "
+            "season. The region's row is weighted by the summed uncertainty.</p>"),
+           _table(trends, id_col="glacier_id", table_id="trend-table")] if trends is not None else []),
+        "<h2>Region per time step</h2>", _table(region[region_cols], id_col=None, table_id="region-table"),
+        "<h2>Glaciers per time step</h2>", _table(series[per_step], id_col="glacier_id", table_id="glacier-table"),
         "<h2>Provenance</h2>", "<h3>Input scenes</h3>", steps_html, _dl(prov_rest),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -216,7 +234,10 @@ def report(
         The page written.
     """
     from icemap.figures import area_plot, map_figure, png_bytes
-    from icemap.series import _as_ice, check_table_path, glacier_series, region_series, write_table
+    import numpy as np
+
+    from icemap.figures import credit_line
+    from icemap.series import _as_ice, check_table_path, glacier_series, region_series, trends, write_table
     from icemap.store import open_cube
 
     start = _time.perf_counter()
@@ -232,24 +253,31 @@ def report(
     ice = _as_ice(product)
     series = glacier_series(ice, reference, id_column=id_column)
     region = region_series(series)
+    trend = trends(series)
     if series_out is not None:
         write_table(series, series_out)
     figures: list[tuple[bytes, str, str]] = []
-    n = ice.sizes["time"]
-    for i in sorted({0, n - 1}):
+    # One map per season-year: its last step (a composite's only one).
+    years = series.drop_duplicates("time").set_index("time")["year"]
+    times = list(ice["time"].values)
+    last_of_year = {int(y): t for t, y in years.items()}
+    for year, t in sorted(last_of_year.items()):
+        i = times.index(np.datetime64(t, "ns"))
         when = str(ice["time"].values[i])[:10]
-        fig = map_figure(cube_ds, ice, time=i, outlines=reference, change=series if n > 1 else None,
-                         id_column=id_column)
-        figures.append((png_bytes(fig), f"map {when}",
-                        (f"{when}: mapped ice (magenta) on false colour; outlines coloured by each glacier's mean "
-                        "area change over the series; grey: no data.")))
-    figures.append((png_bytes(area_plot(region, series, top=top)), "area versus year",
-                    "Mapped ice area per time step, error bars the buffer-method uncertainty."))
+        fig = map_figure(cube_ds, product, time=i, outlines=reference, change=trend if len(last_of_year) > 1 else None,
+                         id_column=id_column, dpi=110)
+        figures.append((png_bytes(fig), f"map {year}",
+                        (f"Season-year {year} (step {when}): mapped ice (magenta) on false colour; outlines coloured by "
+                         "each glacier's trend over season-years (dashed: not significant); grey: no data.")))
+    figures.append((png_bytes(area_plot(region, series, top=top, dpi=110,
+                                        credit=credit_line(cube_ds))), "area versus year",
+                    "Mapped ice area per time step, error bars the buffer-method uncertainty; dashed: the "
+                    "weighted least-squares trend."))
     prov = provenance(cube_ds, product if hasattr(product, "data_vars") else ice, reference)
     prov["seconds"] = f"{_time.perf_counter() - start:.1f} s"
     name = Path(os.fspath(pred)).name if isinstance(pred, (str, os.PathLike)) else "product"
     text = render_report(title=title or f"icemap report: {name}", series=series, region=region,
-                         figures=figures, prov=prov)
+                         figures=figures, prov=prov, trends=trend)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.html")
     try:
         tmp.write_text(text, encoding="utf-8")

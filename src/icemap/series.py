@@ -13,6 +13,13 @@ times half a pixel. The perimeter is taken on the raster itself, as the length o
 between ice of the glacier and anything else: the exact perimeter of the set of pixels that was
 mapped (the vector outline of :func:`icemap.vector.polygonise` follows the same pixel sides), so
 no vectorisation is needed to get it.
+
+Change is computed as glaciologists publish it (:func:`trends`): a weighted least-squares line
+through one area per season-year, weights ``1 / sigma**2`` from the buffer uncertainty, using only
+the years whose outline was observed to at least ``min_observed`` (an area under cloud is a lower
+bound, not a measurement), with its standard error and a 2-sigma significance flag. Two dates of
+one season are never turned into a rate: eight days apart, their difference is cloud and snow,
+not glacier change.
 """
 
 from __future__ import annotations
@@ -27,20 +34,30 @@ from icemap.errors import IcemapError
 
 __all__ = [
     "REGION_COLUMNS",
+    "REGION_ID",
     "SERIES_COLUMNS",
+    "TREND_COLUMNS",
     "check_table_path",
     "glacier_counts",
     "glacier_series",
     "region_series",
+    "trends",
+    "wls_trend",
     "write_table",
 ]
 
 #: Columns of :func:`glacier_series`, in order.
 SERIES_COLUMNS = ("glacier_id", "time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction",
-                  "outline_area_km2", "change_km2_per_yr", "change_pct_per_yr")
+                  "outline_area_km2", "change_km2_per_yr", "change_pct_per_yr", "change_note")
 #: Columns of :func:`region_series`, in order.
-REGION_COLUMNS = ("time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction", "outline_area_km2",
-                  "n_glaciers", "change_km2_per_yr", "change_pct_per_yr")
+REGION_COLUMNS = ("time", "year", "area_km2", "area_uncertainty_sum_km2", "area_uncertainty_rss_km2",
+                  "observed_fraction", "outline_area_km2", "observed_outline_area_km2", "n_glaciers",
+                  "change_km2_per_yr", "change_pct_per_yr", "change_note")
+#: Columns of :func:`trends`, in order (the first eight are the published ones).
+TREND_COLUMNS = ("glacier_id", "first_year", "last_year", "n_years", "rate_km2_per_yr", "rate_stderr_km2_per_yr",
+                 "rate_pct_per_yr", "significant", "area_fit_first_year_km2", "n_lower_bound", "reason")
+#: ``glacier_id`` of the region's row in :func:`trends`.
+REGION_ID = "region"
 
 _SECONDS_PER_YEAR = 365.25 * 86400.0
 
@@ -122,16 +139,82 @@ def _as_ice(pred_or_ice: Any) -> Any:
     return pred_or_ice
 
 
-def _rates(area: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Change per year against the previous step (rows in time order), NaN for the first."""
-    km2 = np.full(area.shape, np.nan)
-    pct = np.full(area.shape, np.nan)
-    if area.size > 1:
-        years = np.diff(times.astype("datetime64[ns]").astype(np.int64)) / 1e9 / _SECONDS_PER_YEAR
-        with np.errstate(invalid="ignore", divide="ignore"):
-            km2[1:] = np.diff(area) / years
-            pct[1:] = np.where(area[:-1] > 0, 100.0 * km2[1:] / area[:-1], np.nan)
-    return km2, pct
+def _season_years(ice: Any, times: Any, season: str | None) -> np.ndarray:
+    """The season-year of every time step: its group in :func:`icemap.composite.season_groups`
+    (the ablation season of the grid's hemisphere by default; a wrapping window gives December
+    to the next year), else its calendar year. A composite is labelled with its season's last
+    day, so its season-year is its year."""
+    import pandas as pd
+
+    from icemap.composite import default_season, season_groups
+
+    if season is None:
+        season = default_season(ice)
+    years = pd.DatetimeIndex(times).year.to_numpy(np.int64).copy()
+    for year, positions in season_groups(np.asarray(times), season).items():
+        years[positions] = year
+    return years
+
+
+def _step_changes(area: np.ndarray, times: np.ndarray, years: np.ndarray, observed: np.ndarray,
+                  min_observed: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Change per year of each step (rows in time order) against the latest earlier step of an
+    earlier season-year that was observed to at least ``min_observed``; NaN with the reason
+    otherwise (a lower bound, the first season, or only dates of the same season before it)."""
+    n = area.size
+    km2, pct, notes = np.full(n, np.nan), np.full(n, np.nan), [""] * n
+    t_years = times.astype("datetime64[ns]").astype(np.int64) / 1e9 / _SECONDS_PER_YEAR
+    good = np.nan_to_num(observed, nan=-1.0) >= min_observed
+    for i in range(n):
+        if not good[i]:
+            shown = "no outline pixel" if np.isnan(observed[i]) else f"observed {100 * observed[i]:.0f}%"
+            notes[i] = f"lower bound: {shown} < min_observed {100 * min_observed:.0f}%"
+            continue
+        earlier = np.flatnonzero((years[:i] < years[i]) & good[:i])
+        if earlier.size:
+            j = int(earlier[-1])
+            km2[i] = (area[i] - area[j]) / (t_years[i] - t_years[j])
+            pct[i] = 100.0 * km2[i] / area[j] if area[j] > 0 else np.nan
+        elif i > 0 and (years[:i] == years[i]).all():
+            notes[i] = "same season as the earlier date(s): no rate within a season"
+        elif i > 0:
+            notes[i] = f"no earlier season observed to min_observed {100 * min_observed:.0f}%"
+        else:
+            notes[i] = "first step"
+    return km2, pct, notes
+
+
+def wls_trend(x: Any, y: Any, sigma: Any) -> tuple[float, float, float]:
+    """Weighted least-squares line ``y = a + b x`` with weights ``1 / sigma**2``.
+
+    Returns ``(slope, intercept, slope_stderr)``. The standard error propagates the given
+    uncertainties (``sigma`` is absolute, as the buffer method's is) and is inflated by the
+    square root of the reduced chi-square where the points scatter more than their
+    uncertainties say (more than two points only): the larger of what the errors claim and
+    what the data show, so a noisy series is not called significant on its error bars alone.
+
+    Raises
+    ------
+    IcemapError
+        With fewer than two distinct ``x`` or a ``sigma`` that is not positive and finite.
+    """
+    x, y, s = (np.asarray(v, dtype=np.float64) for v in (x, y, sigma))
+    if x.size < 2 or np.unique(x).size < 2:
+        raise IcemapError("a trend needs at least two distinct years")
+    if not (np.isfinite(s).all() and (s > 0).all()):
+        raise IcemapError("trend weights need positive, finite uncertainties")
+    w = 1.0 / s**2
+    sw, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+    # Centred on the weighted mean year: the same closed form, better conditioned for years ~2000.
+    xm, ym = sx / sw, sy / sw
+    sxx = (w * (x - xm) ** 2).sum()
+    slope = float((w * (x - xm) * (y - ym)).sum() / sxx)
+    intercept = float(ym - slope * xm)
+    var = 1.0 / sxx
+    if x.size > 2:
+        chi2 = float((w * (y - intercept - slope * x) ** 2).sum()) / (x.size - 2)
+        var *= max(1.0, chi2)
+    return slope, intercept, float(np.sqrt(var))
 
 
 def glacier_series(
@@ -140,6 +223,8 @@ def glacier_series(
     *,
     id_column: str | None = None,
     buffer_px: float | None = None,
+    season: str | None = None,
+    min_observed: float | None = None,
 ) -> Any:
     """Ice area of every reference glacier at every time step, with uncertainty and change rates.
 
@@ -156,20 +241,29 @@ def glacier_series(
         ``id`` (:func:`icemap.labels.glacier_ids`), else ``G00001``... in file order.
     buffer_px
         Buffer width of the uncertainty in pixels (default the ``area_buffer_px`` option, 0.5).
+    season
+        Season window ``MM-DD/MM-DD`` that groups dates into season-years (default the
+        ablation season of the grid's hemisphere, options ``season_north``/``season_south``).
+    min_observed
+        Observed share below which an area is a lower bound (default the ``min_observed``
+        option, 0.9).
 
     Returns
     -------
     pandas.DataFrame
         Long form, one row per glacier and time step, columns :data:`SERIES_COLUMNS`:
-        ``area_km2`` (ice pixels x pixel area); ``area_uncertainty_km2`` (perimeter of the
+        ``year`` (the season-year: a date's group in the season window, else its calendar
+        year); ``area_km2`` (ice pixels x pixel area); ``area_uncertainty_km2`` (perimeter of the
         glacier's mapped ice along pixel sides x ``buffer_px`` pixels); ``observed_fraction``
         (share of the outline with valid data: valid pixels over the outline's pixels, times
         the share of the outline's area on the grid, so an outline half off the image is at
         most half observed; NaN for an outline that holds no pixel centre); ``outline_area_km2``
         (the polygon's area); ``change_km2_per_yr`` and ``change_pct_per_yr`` against the
-        previous step of the same glacier over the real time between them (NaN for the first).
-        Areas under cloud or fill are not ice: where ``observed_fraction < 1`` the area and its
-        change are lower bounds.
+        latest step of an *earlier* season-year observed to ``min_observed``, over the real time
+        between them, and empty with the reason in ``change_note`` where there is none, where
+        the step itself is a lower bound, and between two dates of one season. Areas under
+        cloud or fill are not ice: where ``observed_fraction < 1`` the area is a lower bound.
+        For change over years use :func:`trends`.
 
     Raises
     ------
@@ -188,6 +282,7 @@ def glacier_series(
 
     ice = _as_ice(pred_or_ice)
     buffer_px = float(resolve("area_buffer_px", buffer_px))
+    min_observed = float(resolve("min_observed", min_observed))
     px_m2 = pixel_area_m2(ice)
     t = ice.rio.transform(recalc=True)
     dx, dy = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
@@ -216,7 +311,7 @@ def glacier_series(
     frame = pd.DataFrame({
         "glacier_id": np.tile(table["glacier_id"].astype(str).to_numpy(), n_t),
         "time": np.repeat(times.to_numpy(), n_g),
-        "year": np.repeat(times.year.to_numpy(), n_g).astype(np.int64),
+        "year": np.repeat(_season_years(ice, times, season), n_g).astype(np.int64),
         "area_km2": (icepx * px_m2 / 1e6).ravel(),
         "area_uncertainty_km2": (perimeter_m * buffer_m / 1e6).ravel(),
         "observed_fraction": observed.ravel(),
@@ -228,45 +323,171 @@ def glacier_series(
     frame = frame.sort_values(["_gid", "time"], kind="stable", ignore_index=True)
     km2 = np.full(len(frame), np.nan)
     pct = np.full(len(frame), np.nan)
+    notes = np.empty(len(frame), dtype=object)
+    cols = {c: frame[c].to_numpy() for c in ("area_km2", "time", "year", "observed_fraction")}
     for idx in frame.groupby("_gid", sort=False).indices.values():
-        km2[idx], pct[idx] = _rates(frame["area_km2"].to_numpy()[idx], frame["time"].to_numpy()[idx])
+        km2[idx], pct[idx], notes[idx] = _step_changes(
+            cols["area_km2"][idx], cols["time"][idx], cols["year"][idx], cols["observed_fraction"][idx], min_observed)
     frame["change_km2_per_yr"] = km2
     frame["change_pct_per_yr"] = pct
+    frame["change_note"] = notes.astype(str)
     frame["glacier_id"] = frame["glacier_id"].astype(str)
     frame.attrs = {"id_column": id_column or "auto", "buffer_px": buffer_px, "pixel_area_m2": px_m2,
-                   "crs": ice.rio.crs.to_string()}
+                   "min_observed": min_observed, "crs": ice.rio.crs.to_string()}
     return frame[list(SERIES_COLUMNS)]
 
 
-def region_series(table: Any) -> Any:
+def region_series(table: Any, *, min_observed: float | None = None) -> Any:
     """The region's totals per time step, from a :func:`glacier_series` table.
 
-    ``area_km2`` and ``outline_area_km2`` are sums over glaciers. ``area_uncertainty_km2`` is
-    the *sum* of the glaciers' buffer uncertainties, i.e. their errors taken as fully correlated:
-    the same sensor, date, threshold and pixel grid misplace all outlines alike, so they do not
-    cancel, and the sum is the conservative choice (the root-sum-square would assume independent
-    errors and shrink with the number of glaciers). ``observed_fraction`` is weighted by outline
-    area. Rates compare consecutive time steps over the real time between them.
+    ``area_km2`` and ``outline_area_km2`` are sums over glaciers. The uncertainty comes twice,
+    named by how the glaciers' errors combine: ``area_uncertainty_sum_km2`` takes them as fully
+    correlated (the same sensor, date, threshold and pixel grid misplace all outlines alike, so
+    they do not cancel: the conservative choice, and the one :func:`trends` weights the region
+    with), ``area_uncertainty_rss_km2`` as independent (root-sum-square, which shrinks with the
+    number of glaciers). ``observed_fraction`` is weighted by outline area and
+    ``observed_outline_area_km2`` is the outline area that was observed (the fair base for a
+    difference to the outlines: cloud-hidden outline is neither ice nor not ice). Change
+    columns follow the rules of :func:`glacier_series` on the region's totals.
     """
     import pandas as pd
 
-    missing = [c for c in ("time", "area_km2", "area_uncertainty_km2", "observed_fraction", "outline_area_km2")
+    from icemap.options import resolve
+
+    min_observed = float(resolve("min_observed", min_observed if min_observed is not None
+                                 else table.attrs.get("min_observed")))
+    missing = [c for c in ("time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction", "outline_area_km2")
                if c not in table.columns]
     if missing:
         raise IcemapError(f"not a glacier_series table: no column(s) {', '.join(missing)}")
-    t = table.assign(_w=table["outline_area_km2"].where(table["observed_fraction"].notna(), 0.0).fillna(0.0))
+    t = table.assign(_w=table["outline_area_km2"].where(table["observed_fraction"].notna(), 0.0).fillna(0.0),
+                     _var=table["area_uncertainty_km2"] ** 2,
+                     _obs=table["outline_area_km2"] * table["observed_fraction"].fillna(0.0))
     t = t.assign(_wf=t["_w"] * t["observed_fraction"].fillna(0.0))
     g = t.groupby("time", sort=True)
     out = pd.DataFrame({
+        "year": g["year"].first().astype(np.int64),
         "area_km2": g["area_km2"].sum(),
-        "area_uncertainty_km2": g["area_uncertainty_km2"].sum(),
+        "area_uncertainty_sum_km2": g["area_uncertainty_km2"].sum(),
+        "area_uncertainty_rss_km2": np.sqrt(g["_var"].sum()),
         "observed_fraction": g["_wf"].sum() / g["_w"].sum().replace(0.0, np.nan),
         "outline_area_km2": g["outline_area_km2"].sum(),
+        "observed_outline_area_km2": g["_obs"].sum(),
         "n_glaciers": g.size().astype(np.int64),
     }).reset_index()
-    out.insert(1, "year", pd.DatetimeIndex(out["time"]).year.astype(np.int64))
-    out["change_km2_per_yr"], out["change_pct_per_yr"] = _rates(out["area_km2"].to_numpy(), out["time"].to_numpy())
+    km2, pct, notes = _step_changes(out["area_km2"].to_numpy(), out["time"].to_numpy(), out["year"].to_numpy(),
+                                    out["observed_fraction"].to_numpy(np.float64), min_observed)
+    out["change_km2_per_yr"], out["change_pct_per_yr"], out["change_note"] = km2, pct, notes
+    out.attrs = {"min_observed": min_observed}
     return out[list(REGION_COLUMNS)]
+
+
+def _yearly(times: np.ndarray, years: np.ndarray, area: np.ndarray, sigma: np.ndarray, observed: np.ndarray,
+            min_observed: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One area per season-year: of the year's steps observed to ``min_observed``, the best
+    observed one (the latest among equals). Returns years, areas, sigmas and the number of
+    season-years that had only lower bounds."""
+    good = np.nan_to_num(observed, nan=-1.0) >= min_observed
+    xs, ys, ss = [], [], []
+    lower = 0
+    for year in np.unique(years):
+        sel = np.flatnonzero(years == year)
+        ok = sel[good[sel]]
+        if ok.size == 0:
+            lower += 1
+            continue
+        best = ok[np.lexsort((times[ok], observed[ok]))[-1]]
+        xs.append(float(year))
+        ys.append(float(area[best]))
+        ss.append(float(sigma[best]))
+    return np.asarray(xs), np.asarray(ys), np.asarray(ss), lower
+
+
+def _trend_row(gid: str, x: np.ndarray, y: np.ndarray, sigma: np.ndarray, lower: int, floor: float,
+               min_observed: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"glacier_id": gid, "first_year": int(x[0]) if x.size else None,
+                           "last_year": int(x[-1]) if x.size else None, "n_years": int(x.size),
+                           "rate_km2_per_yr": np.nan, "rate_stderr_km2_per_yr": np.nan, "rate_pct_per_yr": np.nan,
+                           "significant": None, "area_fit_first_year_km2": np.nan, "n_lower_bound": int(lower),
+                           "reason": ""}
+    if x.size < 2:
+        row["reason"] = (f"{x.size} season-year(s) observed to min_observed {100 * min_observed:.0f}%"
+                         f"{f' ({lower} lower bound(s) left out)' if lower else ''}; a trend needs 2")
+        return row
+    # A glacier mapped without ice has no perimeter, so no buffer uncertainty; its area is still
+    # uncertain by at least one pixel (the smallest patch the map resolves).
+    slope, intercept, stderr = wls_trend(x, y, np.maximum(sigma, floor))
+    start = intercept + slope * x[0]
+    row.update(rate_km2_per_yr=slope, rate_stderr_km2_per_yr=stderr,
+               rate_pct_per_yr=100.0 * slope / start if start > 0 else np.nan,
+               significant=bool(abs(slope) > 2.0 * stderr), area_fit_first_year_km2=start)
+    if not start > 0:
+        row["reason"] = "no ice at the first year on the fitted line: no relative rate"
+    return row
+
+
+def trends(table: Any, *, min_observed: float | None = None, region: bool = True) -> Any:
+    """Per-glacier and regional trends over season-years, by weighted least squares.
+
+    Parameters
+    ----------
+    table
+        A :func:`glacier_series` table (also one read back from CSV/Parquet).
+    min_observed
+        Observed share a year needs to enter a trend (default: the table's, else the
+        ``min_observed`` option, 0.9).
+    region
+        Also give the region's trend, as a last row with ``glacier_id`` :data:`REGION_ID`
+        (totals of :func:`region_series`, weighted by the summed, fully correlated uncertainty).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per glacier, columns :data:`TREND_COLUMNS`. For each season-year the best
+        observed step with ``observed_fraction >= min_observed`` gives the area (a season with
+        several dates is one point, never a rate); ``rate_km2_per_yr`` is the slope of the
+        weighted least-squares line through those areas with weights ``1 / sigma**2`` from the
+        buffer uncertainty (floored at one pixel, where no ice means no perimeter);
+        ``rate_stderr_km2_per_yr`` its standard error (:func:`wls_trend`); ``rate_pct_per_yr``
+        the slope relative to the line's area in ``first_year``; ``significant`` is
+        ``|rate| > 2 stderr``; ``area_fit_first_year_km2`` the line's area in ``first_year`` (with
+        the rate, the whole line). ``n_lower_bound`` counts the season-years left out as lower
+        bounds. With fewer than two qualifying years the rate is empty (NaN, ``significant``
+        NA) and ``reason`` says why.
+    """
+    import pandas as pd
+
+    from icemap.options import resolve
+
+    min_observed = float(resolve("min_observed", min_observed if min_observed is not None
+                                 else table.attrs.get("min_observed")))
+    missing = [c for c in ("glacier_id", "time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction")
+               if c not in table.columns]
+    if missing:
+        raise IcemapError(f"not a glacier_series table: no column(s) {', '.join(missing)}")
+    px_m2 = table.attrs.get("pixel_area_m2")
+    sig = table["area_uncertainty_km2"].to_numpy(np.float64)
+    floor = float(px_m2) / 1e6 if px_m2 else (float(sig[sig > 0].min()) if (sig > 0).any() else 1e-6)
+    rows = []
+    t = table.sort_values("time", kind="stable")
+    for gid, g in t.groupby("glacier_id", sort=False):
+        x, y, s, lower = _yearly(g["time"].to_numpy(), g["year"].to_numpy(np.int64), g["area_km2"].to_numpy(np.float64),
+                                 g["area_uncertainty_km2"].to_numpy(np.float64),
+                                 g["observed_fraction"].to_numpy(np.float64), min_observed)
+        rows.append(_trend_row(str(gid), x, y, s, lower, floor, min_observed))
+    if region:
+        r = region_series(table, min_observed=min_observed)
+        x, y, s, lower = _yearly(r["time"].to_numpy(), r["year"].to_numpy(np.int64), r["area_km2"].to_numpy(np.float64),
+                                 r["area_uncertainty_sum_km2"].to_numpy(np.float64),
+                                 r["observed_fraction"].to_numpy(np.float64), min_observed)
+        rows.append(_trend_row(REGION_ID, x, y, s, lower, floor, min_observed))
+    out = pd.DataFrame(rows, columns=list(TREND_COLUMNS))
+    for c in ("first_year", "last_year"):
+        out[c] = out[c].astype("Int64")
+    out["significant"] = out["significant"].astype("boolean")
+    out["reason"] = out["reason"].astype(str)
+    out.attrs = {"min_observed": min_observed}
+    return out
 
 
 def check_table_path(path: str | os.PathLike[str]) -> Path:

@@ -27,6 +27,7 @@ __all__ = [
     "ice_area_per_glacier",
     "ice_area_km2",
     "polygonise",
+    "OUTLINE_COLUMNS",
     "write_vector",
     "area_change",
     "VECTOR_FORMATS",
@@ -117,11 +118,30 @@ def ice_area_km2(ice: Any) -> Any:
 
 
 def _times(ice: Any) -> list[Any]:
-    return list(ice["time"].values) if "time" in ice.dims else [None]
+    """The time labels of a mask: one per step, the scalar ``time`` coordinate of a single step
+    (``isel(time=0)`` keeps it), or ``[None]`` for a mask that carries no time at all."""
+    if "time" in ice.dims:
+        return list(ice["time"].values)
+    if "time" in ice.coords and ice["time"].ndim == 0:
+        return [ice["time"].values]
+    return [None]
 
 
-def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
-    """Ice outlines: one polygon per 4-connected patch of ice pixels, per time step.
+#: Columns of :func:`polygonise`, in order (``geometry`` last).
+OUTLINE_COLUMNS = ("glacier_id", "time", "source_item_ids", "method", "threshold", "model_sha256",
+                   "pixel_count", "area_km2", "area_uncertainty_km2")
+
+
+def polygonise(
+    ice: Any,
+    *,
+    min_area_m2: float = 0.0,
+    reference: Any = None,
+    id_column: str | None = None,
+    buffer_px: float | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Any:
+    """Ice outlines with their provenance: one polygon per 4-connected patch of ice, per time step.
 
     Parameters
     ----------
@@ -130,55 +150,99 @@ def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
         Only value 1 becomes polygons; nodata is neither ice nor a hole filler.
     min_area_m2
         Drop patches smaller than this (e.g. ``2 * pixel area`` to drop single-pixel noise).
+    reference
+        Glacier outlines (path or GeoDataFrame, e.g. RGI or GLIMS). Patches are then cut at the
+        outlines' edges, so every polygon lies in one glacier (or in none) and carries its id:
+        the polygons of a glacier add up to the area :func:`icemap.series.glacier_series` counts.
+    id_column
+        The outlines' id column; default the same choice as the series (``glacier_id``,
+        ``RGIId``, ``rgi_id``, ``glac_id``, ``GLIMSId``, ``ID``, ``id``).
+    buffer_px
+        Buffer width of the area uncertainty in pixels (default the ``area_buffer_px`` option).
+    attrs
+        Provenance that overrides the mask's own attributes (``method``, ``threshold``,
+        ``model_sha256``), e.g. the product store's attributes.
 
     Returns
     -------
     geopandas.GeoDataFrame
-        Columns ``time`` (NaT for a mask without time), ``pixel_count``, ``area_km2`` (= pixel
-        count x pixel area, exactly what :func:`ice_area_km2` counts) and ``geometry`` (pixel
-        edges, with holes), in the CRS of the cube.
+        Columns :data:`OUTLINE_COLUMNS` and ``geometry`` (pixel edges, with holes), in the CRS
+        of the mask: ``glacier_id`` (None outside every outline or without ``reference``);
+        ``time`` in UTC (the mask's times are UTC; NaT only for a mask without any time);
+        ``source_item_ids`` (the step's ``item_ids`` coordinate: the scenes it was mapped
+        from); ``method``, ``threshold`` and ``model_sha256`` (empty for NDSI);
+        ``pixel_count``; ``area_km2`` (= pixel count x pixel area, exactly what
+        :func:`ice_area_km2` counts) and ``area_uncertainty_km2`` (the buffer method, as in the
+        series: the polygon's perimeter, which follows pixel sides, times ``buffer_px`` pixels).
 
     Notes
     -----
-    Patches are labelled with 4-connectivity, the connectivity ``rasterio.features.shapes``
-    uses, so every label is exactly one polygon and diagonal neighbours are separate outlines.
-    Each time step is computed (and held in memory, as a 2-D array) on its own.
+    Patches are 4-connected, the connectivity ``rasterio.features.shapes`` uses, so diagonal
+    neighbours are separate outlines. Each time step is computed (and held in memory, as a 2-D
+    array) on its own.
     """
     import geopandas as gpd
     import pandas as pd
     from rasterio.features import shapes
-    from scipy import ndimage
     from shapely.geometry import shape
+
+    from icemap.options import resolve
 
     px_m2 = pixel_area_m2(ice)
     if min_area_m2 < 0:
         raise IcemapError(f"min_area_m2 must be >= 0, got {min_area_m2}")
+    buffer_px = float(resolve("area_buffer_px", buffer_px))
     transform = ice.rio.transform(recalc=True)
+    dx, dy = float(np.hypot(transform.a, transform.d)), float(np.hypot(transform.b, transform.e))
+    buffer_m = buffer_px * 0.5 * (dx + dy)
+    meta = {**ice.attrs, **(attrs or {})}
+    method = str(meta.get("method", ""))
+    threshold = float(meta["threshold"]) if meta.get("threshold") is not None else np.nan
+    sha = str(meta.get("model_sha256", "") or "")
+    gid_raster: np.ndarray | None = None
+    names: np.ndarray | None = None
+    if reference is not None:
+        from icemap.labels import glacier_ids
+
+        ids, table = glacier_ids(reference, ice, id_column=id_column)
+        gid_raster = np.asarray(ids.values, dtype=np.int32)
+        names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
+        names[table["gid"].to_numpy()] = table["glacier_id"].astype(str).to_numpy()
+    items = ice["item_ids"] if "item_ids" in ice.coords else None
+    # One value per glacier (0 outside all): shapes() then cuts patches at the outlines.
+    key = (gid_raster + 1 if gid_raster is not None else np.ones(ice.shape[-2:], np.int32)).astype(np.int32)
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(_times(ice)):
-        frame = np.asarray(ice.isel(time=i).values if t is not None else ice.values)
-        labels, n = ndimage.label(frame == 1)  # default structure = 4-connectivity
-        if n == 0:
+        frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
+        mask = frame == 1
+        if not mask.any():
             continue
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4,
-                                  transform=transform):
-            count = int(counts[int(value)])
+        source = ""
+        if items is not None:
+            source = str(items.values[i] if items.ndim == 1 else items.values)
+        when = pd.Timestamp(t).tz_localize("UTC") if t is not None else pd.NaT
+        for geom, value in shapes(key, mask=mask, connectivity=4, transform=transform):
+            poly = shape(geom)
+            # Pixel-edge polygons: their area is a whole number of pixels.
+            count = int(round(poly.area / px_m2))
             if count * px_m2 < min_area_m2:
                 continue
             rows.append({
-                "time": pd.Timestamp(t) if t is not None else pd.NaT,
-                "pixel_count": count,
-                "area_km2": count * px_m2 / 1e6,
-                "geometry": shape(geom),
+                "glacier_id": names[int(value) - 1] if names is not None else None,
+                "time": when, "source_item_ids": source, "method": method, "threshold": threshold,
+                "model_sha256": sha, "pixel_count": count, "area_km2": count * px_m2 / 1e6,
+                "area_uncertainty_km2": poly.length * buffer_m / 1e6, "geometry": poly,
             })
     if not rows:
-        frame_df = pd.DataFrame({"time": pd.Series([], dtype="datetime64[ns]"),
-                                 "pixel_count": pd.Series([], dtype="int64"),
-                                 "area_km2": pd.Series([], dtype="float64")})
-        return gpd.GeoDataFrame(frame_df, geometry=gpd.GeoSeries([], crs=ice.rio.crs), crs=ice.rio.crs)
+        empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTLINE_COLUMNS})
+        empty["time"] = pd.Series([], dtype="datetime64[ns, UTC]")
+        empty["threshold"] = pd.Series([], dtype="float64")
+        empty["pixel_count"] = pd.Series([], dtype="int64")
+        for c in ("area_km2", "area_uncertainty_km2"):
+            empty[c] = pd.Series([], dtype="float64")
+        return gpd.GeoDataFrame(empty, geometry=gpd.GeoSeries([], crs=ice.rio.crs), crs=ice.rio.crs)
     gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ice.rio.crs)
-    gdf["time"] = pd.to_datetime(gdf["time"])
+    gdf["time"] = pd.to_datetime(gdf["time"], utc=True)
     return gdf.sort_values(["time", "area_km2"], ascending=[True, False], ignore_index=True)
 
 

@@ -193,7 +193,8 @@ def map_cube(
     geotiff_dir
         Also write one COG per variable and date there.
     outlines_path
-        Also polygonise the ice mask into outlines (.gpkg, .geojson or .parquet).
+        Also polygonise the ice mask into outlines (.gpkg, .geojson or .parquet), with glacier
+        ids from ``reference`` (:func:`icemap.vector.polygonise`).
     quicklook_path
         Also draw a PNG of the clearest date, with ``reference`` outlines if given.
 
@@ -241,7 +242,10 @@ def map_cube(
     if outlines_path is not None:
         from icemap.vector import polygonise, write_vector
 
-        result.outlines = write_vector(polygonise(stored["ice"]), outlines_path)
+        # The product's provenance (method, threshold, model checksum) and, with reference
+        # outlines, each polygon's glacier id travel with the outlines into QGIS or an inventory.
+        result.outlines = write_vector(polygonise(stored["ice"], reference=reference, attrs=dict(stored.attrs)),
+                                       outlines_path)
     if quicklook_path is not None:
         from icemap.quicklook import quicklook
 
