@@ -31,6 +31,7 @@ __all__ = [
     "StoreWarning",
     "NoQAWarning",
     "MixedCRSWarning",
+    "ModelNoBetterWarning",
 ]
 
 
@@ -112,3 +113,8 @@ class NoQAWarning(IcemapWarning):
 
 class MixedCRSWarning(IcemapWarning):
     """Items in several CRSs were put on one grid chosen implicitly; the grid may be huge."""
+
+
+class ModelNoBetterWarning(IcemapWarning):
+    """A trained model scores no better on its validation outlines than NDSI or than calling
+    every pixel ice: it has collapsed or not learnt, and should not be used as it is."""
