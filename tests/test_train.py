@@ -322,3 +322,162 @@ def test_cli_experiment(cube_path: Path, sample_region: Any, tmp_path: Path, cap
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "all_bands_original needs band(s) ['lwir11']" in err and "needs a DEM" in err
+
+
+# -- fine-tuning, baselines, early stopping, spectral augmentation --------------------------------
+INIT = dict(chip_size=32, batch_size=4, split_iterations=40, patience=None, n_hard_negative=2, n_random=1, seed=1,
+            init="default")
+
+
+def test_init_default_fine_tunes_with_the_models_inputs_and_normalisation(data: Any, tmp_path: Path) -> None:
+    from icemap.model.default import default_model_dir
+
+    start = read_metadata(default_model_dir())
+    res = train(None, None, tmp_path / "ft", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
+    meta = read_metadata(res.checkpoint)
+    # The starting model's channels, architecture and normalisation (not refitted on these chips).
+    assert meta.channels == start.channels and meta.architecture == start.architecture
+    assert meta.normalisation == start.normalisation
+    init = meta.training["init"]
+    assert init["model"] == "default" and init["weights_sha256"] == start.weights_sha256
+    assert meta.training["lr"] == pytest.approx(0.001)  # a tenth of Adam's 0.01 when fine-tuning
+    # The starting model competes as epoch 0: the result is never worse on validation.
+    assert meta.validation["f1_at_0_5"] >= init["start_val_f1"]
+    default_model, _ = load_checkpoint(default_model_dir())
+    same = all(torch.equal(v, default_model.state_dict()[k]) for k, v in res.model.state_dict().items())
+    assert same == (res.best_epoch == 0)
+    # Rerun: the same weights, byte for byte (CPU training is deterministic).
+    again = train(None, None, tmp_path / "ft2", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
+    assert again.meta.weights_sha256 == res.meta.weights_sha256
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(inputs="ndsi"), "reads the inputs"), (dict(depth=2), "has depth 4"),
+    (dict(init="/nonexistent/model"), "no checkpoint"),
+])
+def test_init_conflicts_are_clear_errors(data: Any, tmp_path: Path, bad: dict[str, Any], match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        train(None, None, tmp_path / "m", TrainConfig(**{**INIT, **bad}, epochs=1), data=data, quiet=True)
+
+
+def test_validation_baselines_count_the_models_pixels(trained: Any, data: Any) -> None:
+    import icemap
+    from icemap.model.train import validation_baselines
+
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    val = ChipDataset(data.source, data.samples("val"), ("green", "swir16"), normalisation=norm, multiple=4)
+    base = validation_baselines(val)
+    # Same pixels as the model's validation scores.
+    assert base["all_ice"]["n_pixels"] == trained.meta.validation["n_pixels"] == base["ndsi"]["n_pixels"]
+    assert base["all_ice"]["recall"] == 1.0 and base["all_ice"]["tn"] == 0
+    # NDSI against a plain numpy reference on the same chips.
+    for t in (0.4, 0.2):
+        want = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+        for i, s in enumerate(val.samples):
+            refl = data.source.window(s)
+            g, sw = (refl.sel(band=b).values[0].astype(np.float32) for b in ("green", "swir16"))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ice = (g - sw) / (g + sw) >= np.float32(t)
+            _, y, valid = val.arrays(i)
+            for k, (p, r) in {"tp": (1, 1), "fp": (1, 0), "fn": (0, 1), "tn": (0, 0)}.items():
+                want[k] += int(((ice == p) & ((y == 1) == r) & valid).sum())
+        with icemap.set_options(ndsi_threshold=t):
+            got = validation_baselines(val)["ndsi"]
+        assert got["threshold"] == t and {k: got[k] for k in want} == want
+    rec = trained.meta.training["baselines"]
+    assert rec["all_ice"]["f1"] == trained.meta.validation["all_ice_f1"]
+    assert set(rec["no_better_than"]) <= {"all_ice", "ndsi"}
+
+
+def _collapsed_eval(model: Any, ds: Any, loss_fn: Any, device: Any, amp: bool, batch_size: int,
+                    threshold: float = 0.5) -> Any:
+    """A validation pass of a model that calls everything ice (what a collapsed run does)."""
+    total = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    probs = []
+    for i in range(len(ds)):
+        _, y, valid = ds.arrays(i)
+        total["tp"] += int((y[valid] == 1).sum())
+        total["fp"] += int((y[valid] == 0).sum())
+        probs.append(np.ones(y.shape, dtype=np.float32))
+    return 0.5, total, np.stack(probs)
+
+
+def test_early_stopping_never_keeps_a_collapsed_model(data: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from icemap.errors import ModelNoBetterWarning
+    from icemap.model import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_eval", _collapsed_eval)
+    cfg = TrainConfig(**{**TINY, "patience": 1}, epochs=3)
+    # No epoch beats "everything is ice", so patience does not stop the run...
+    with pytest.warns(ModelNoBetterWarning, match=r"no better than calling everything ice \(F1 0\.\d+\)"):
+        res = train(None, None, tmp_path / "m", cfg, data=data, quiet=True)
+    assert len(res.history) == 3 and not res.stopped_early
+    assert "all_ice" in res.no_better_than
+    assert read_metadata(res.checkpoint).training["baselines"]["no_better_than"] == res.no_better_than
+    # ... and --strict makes it an error (the checkpoint stays for inspection).
+    with pytest.raises(ModelError, match="not learnt to map ice"):
+        train(None, None, tmp_path / "s", cfg, data=data, quiet=True, strict=True)
+    assert (tmp_path / "s" / "model.json").exists()
+
+
+def test_early_stopping_still_stops_a_learning_model(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**{**TINY, "patience": 1}, epochs=8), data=data, quiet=True)
+    best = max(r.val_f1 for r in res.history)
+    if res.stopped_early:
+        assert best > res.meta.validation["all_ice_f1"]
+    else:
+        assert len(res.history) == 8
+
+
+def test_spectral_augment_on_any_band_channels() -> None:
+    from icemap.model.augment import SpectralAugment, check_augment_channels
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(0.05, 0.9, size=(3, 3, 16, 16)).astype(np.float32))
+    g, s = x[:, 0], x[:, 1]
+    x[:, 2] = (g - s) / (g + s)
+    valid = torch.from_numpy(rng.random((3, 1, 16, 16)) > 0.2)
+    norm = Normalisation(lo=[0, 0, -1], hi=[1, 1, 1], method="minmax")
+    z = x.clone()
+    z[:, 2] = (x[:, 2] + 1) / 2
+    out = SpectralAugment(channels=("green", "swir16", "ndsi"))(z, valid, norm, np.random.default_rng(1))
+    v = valid.expand_as(z)
+    assert torch.equal(out[~v], z[~v]) and not torch.equal(out[v], z[v])
+    # NDSI is recomputed from the changed bands.
+    g2, s2 = out[:, 0].clamp_min(0), out[:, 1].clamp_min(0)
+    nd = (out[:, 2] * 2 - 1)[valid[:, 0]]
+    np.testing.assert_allclose(nd.numpy(), ((g2 - s2) / (g2 + s2))[valid[:, 0]].numpy(), atol=1e-5)
+    for bad in (("elevation",), ("green", "ndsi"), ("green", "swir16", "slope")):
+        with pytest.raises(ModelError, match="spectral augmentation"):
+            check_augment_channels(bad)
+
+
+def test_spectral_augment_option_is_recorded(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**TINY, epochs=1, spectral_augment=True), data=data,
+                quiet=True)
+    aug = read_metadata(res.checkpoint).training["augmentation"]
+    assert aug["flips"] and aug["batch"]["class"] == "SpectralAugment"
+    assert aug["batch"]["channels"] == ["green", "swir16"]
+    with pytest.raises(ModelError, match="spectral augmentation"):
+        train(None, None, tmp_path / "x", TrainConfig(**{**TINY, "inputs": "ndsi_dem"}, epochs=1,
+                                                      spectral_augment=True), data=data, quiet=True)
+
+
+def test_cli_train_init_default_prints_baselines(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out", str(out),
+             "--init", "default", "--augment", "spectral", "--epochs", "1", "--chip-size", "32",
+             "--split-iterations", "20", "--seed", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "started from default" in r.stdout
+    meta = read_metadata(out)
+    b = meta.training["baselines"]
+    assert (f"NDSI 0.4 F1 {b['ndsi']['f1']:.3f}, everything-is-ice F1 {b['all_ice']['f1']:.3f}" in r.stdout)
+    assert ("ModelNoBetterWarning" in r.stderr) == bool(b["no_better_than"])
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
+             str(tmp_path / "x"), "--init", "default", "--inputs", "green,swir16,ndsi", "--quiet")
+    assert r.returncode == 1 and "reads the inputs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
+             str(tmp_path / "y"), "--augment", "colour", "--quiet")
+    assert r.returncode == 1 and "--augment must be one of" in r.stderr
