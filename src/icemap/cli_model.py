@@ -113,6 +113,12 @@ def train_cmd(
     patience: PatienceOpt = 10,
     threshold: ThresholdOpt = "0.5",
     overlap: OverlapOpt = "independent",
+    chips: Annotated[str, typer.Option(
+        "--chips", help="outline (one chip per outline) or grid (chips edge to edge over the outlines: every "
+        "labelled pixel is used).")] = "outline",
+    split: Annotated[str, typer.Option(
+        "--split", help="glacier (whole glaciers held out for validation/test) or location (places held out: "
+        "splits a region with one or two large glaciers).")] = "glacier",
     hard_negatives: HardOpt = 0,
     random_chips: RandomOpt = 0,
     split_iterations: IterOpt = 900,
@@ -127,7 +133,8 @@ def train_cmd(
                   loss=loss, optimizer=optimizer, lr=lr, seed=seed, depth=depth, base=base, dropout=dropout,
                   patience=patience,
                   threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
-                  split_iterations=split_iterations, device=device, init=init, augment=augment)
+                  split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
+                  split=split)
     import warnings
 
     from icemap.cluster import connect
@@ -155,12 +162,12 @@ def train_cmd(
         line += f", NDSI {b['ndsi']['threshold']:g} F1 {b['ndsi']['f1']:.3f}"
     line += f", everything-is-ice F1 {b['all_ice']['f1']:.3f}"
     con.print(line, highlight=False)
-    if res.no_better_than:
-        names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
-        _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
-                         f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
-                         "as it is (try --init default, --augment spectral, more --epochs, another --seed, "
-                         "more labelled glaciers)", highlight=False)
+    params = res.data.index.params
+    if params.get("labelled_pixels"):
+        con.print(f"chips ({params['layout']}): {len(res.data.index.windows)} windows, "
+                  f"{len(res.data.index.samples)} chip-dates; {params['labelled_pixels_in_chips']} of "
+                  f"{params['labelled_pixels']} labelled pixels ({100 * params['label_coverage']:.1f} %) are in a chip",
+                  highlight=False)
     sets = res.data.split.report["sets"]
     con.print("split (KS vs all glaciers, area/shape): " + "; ".join(
         f"{n} {s['samples']} chips, {s['glaciers']} glaciers, KS {s['ks_area']:.2f}/{s['ks_shape']:.2f}"
@@ -170,6 +177,12 @@ def train_cmd(
         con.print(f"test F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}), "
                   f"ice area {t['ice_area_km2']:.3f} km2 ({t['area_diff_pct']:+.1f}% vs the outlines)",
                   highlight=False)
+    if res.no_better_than:
+        names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
+        _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
+                         f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
+                         "as it is (try --init default, --augment spectral, more --epochs, another --seed, "
+                         "more labelled glaciers)", highlight=False)
 
 
 @app.command("experiment")

@@ -40,6 +40,8 @@ __all__ = [
     "HARD_NEGATIVE_CATEGORIES",
     "SETS",
     "OVERLAP_MODES",
+    "CHIP_LAYOUTS",
+    "GROUPINGS",
     "Window",
     "Sample",
     "ChipIndex",
@@ -64,6 +66,12 @@ HARD_NEGATIVE_CATEGORIES: tuple[str, ...] = ("water", "shadow", "snow", "cloud")
 
 #: Overlap handling of :func:`make_chips`.
 OVERLAP_MODES: tuple[str, ...] = ("drop", "independent", "group")
+
+#: Chip layouts of :func:`make_chips`: one window per outline, or a grid over the labels.
+CHIP_LAYOUTS: tuple[str, ...] = ("outline", "grid")
+
+#: How :func:`make_chips` groups windows (a group goes to one set as a whole).
+GROUPINGS: tuple[str, ...] = ("glacier", "location")
 
 #: The three sets of a split.
 SETS: tuple[str, str, str] = ("train", "val", "test")
@@ -152,7 +160,8 @@ class Window:
     y0, x0, size
         Top-left pixel and edge length.
     kind
-        ``"glacier"`` (centred on ``centre_gid``), ``"hard_negative"`` or ``"random"``.
+        ``"glacier"`` (centred on ``centre_gid``), ``"grid"`` (a cell of the grid over the
+        labels), ``"hard_negative"`` or ``"random"``.
     category
         The hard-negative category (``water``, ``shadow``, ``snow``, ``cloud``) or ``None``.
     centre_gid
@@ -414,8 +423,10 @@ def make_chips(
     times: Sequence[int | str] | None = None,
     seed: int = 0,
     scan: CubeScan | None = None,
+    layout: str = "outline",
+    group_by: str = "glacier",
 ) -> ChipIndex:
-    """Cut chip windows from a cube: glacier-centred, hard-negative and random.
+    """Cut chip windows from a cube: glacier-centred (or a grid), hard-negative and random.
 
     Parameters
     ----------
@@ -453,6 +464,19 @@ def make_chips(
         Seed of the random windows.
     scan
         A :func:`scan_cube` result to reuse (it is computed otherwise).
+    layout
+        ``"outline"``: one window centred on each outline (study a), so parts of glaciers
+        larger than a chip, and glaciers dropped by the overlap rule, are never seen.
+        ``"grid"``: windows edge to edge over the bounding box of the outlines (clamped to the
+        cube), so every labelled pixel is in a window; ``overlap`` then only matters for the
+        hard-negative and random windows. The index's ``params`` report the labelled pixels
+        and the share of them inside some window (``label_coverage``) for either layout.
+    group_by
+        ``"glacier"`` (the default): windows that touch the same glacier are one group, so a
+        glacier is in one set as a whole (validation on glaciers the model has not seen).
+        ``"location"``: windows are grouped only where they share pixels, so the parts of one
+        large glacier can be in different sets; the way to split a region with one or two
+        glaciers (validation on places the model has not seen, not on other glaciers).
 
     Returns
     -------
@@ -469,6 +493,10 @@ def make_chips(
 
     if overlap not in OVERLAP_MODES:
         raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {overlap!r}")
+    if layout not in CHIP_LAYOUTS:
+        raise ModelError(f"chip layout must be one of {', '.join(CHIP_LAYOUTS)}, not {layout!r}")
+    if group_by not in GROUPINGS:
+        raise ModelError(f"split grouping must be one of {', '.join(GROUPINGS)}, not {group_by!r}")
     if size < 8:
         raise ModelError(f"chip size must be at least 8 pixels, got {size}")
     if not 0.0 <= min_valid <= 1.0:
@@ -506,9 +534,9 @@ def make_chips(
         whole = [int(gids[i]) for i in hit if wbox.contains(geoms[i])]
         return tuple(sorted(int(gids[i]) for i in hit)), tuple(sorted(whole))
 
-    # 1. Glacier-centred windows (one per glacier, centred on its bounding box).
+    # 1. Glacier-centred windows (one per glacier, centred on its bounding box), or a grid.
     cands = []
-    for i, geom in enumerate(geoms):
+    for i, geom in enumerate(geoms if layout == "outline" else ()):
         minx, miny, maxx, maxy = geom.bounds
         col, row = inv * ((minx + maxx) / 2, (miny + maxy) / 2)
         y0, x0 = _clamp(row - size / 2, size, h), _clamp(col - size / 2, size, w)
@@ -536,6 +564,18 @@ def make_chips(
 
     for c in cands:
         keep(c)
+    if layout == "grid":
+        for y0, x0 in _grid_origins(inside, inv, size, h, w):
+            touched, whole = contents(y0, x0)
+            if not touched:
+                continue
+            win = Window(y0, x0, size, "grid", None, None, touched, whole)
+            # Grid windows are kept whatever the overlap rule (they tile the labels by
+            # construction); only dates with too few valid pixels leave them out.
+            if (scan.valid_fraction(y0, x0, size)[tidx] >= min_valid).any():
+                windows.append(win)
+                kept.append((y0, x0, size))
+                claimed.update(touched)
     if not windows:
         raise ModelError(
             f"no glacier window has a date with at least {min_valid:.0%} valid pixels; lower "
@@ -585,16 +625,18 @@ def make_chips(
         touched, whole = contents(y0, x0)
         added += keep(Window(y0, x0, size, "random", None, None, touched, whole))
 
-    # Groups: windows sharing a glacier, and overlapping windows in "group" mode.
+    # Groups: windows sharing a glacier (group_by="glacier"), and overlapping windows in
+    # "group" mode or when grouping by location (where shared pixels are what must not leak).
     uf = _UnionFind(len(windows))
     first: dict[int, int] = {}
     for i, win in enumerate(windows):
         for g in win.gids:
             if g in first:
-                uf.union(first[g], i)
+                if group_by == "glacier":
+                    uf.union(first[g], i)
             else:
                 first[g] = i
-    if overlap == "group" and windows:
+    if (overlap == "group" or group_by == "location" or layout == "grid") and windows:
         from shapely.geometry import box as _box
 
         boxes = [_box(w_.x0, w_.y0, w_.x0 + w_.size, w_.y0 + w_.size) for w_ in windows]
@@ -613,6 +655,7 @@ def make_chips(
         for t in tidx:
             if frac[t] >= min_valid:
                 samples.append(Sample(i, t, round(float(frac[t]), 4)))
+    labelled, covered = _label_coverage(inside, transform, (h, w), [windows[i] for i in sorted({s.window for s in samples})])
     used = {g for win in windows for g in win.gids}
     glaciers = inside[inside["gid"].isin(used)].reset_index(drop=True)
     glaciers["group"] = [windows[first[int(g)]].group for g in glaciers["gid"]]
@@ -622,8 +665,45 @@ def make_chips(
         times=[labels[t] for t in tidx],
         params={"size": size, "overlap": overlap, "n_random": n_random, "n_hard_negative": n_hard_negative,
                 "min_valid": min_valid, "min_negative_pixels": min_negative_pixels, "seed": seed,
-                "scan_cell": scan.cell},
+                "scan_cell": scan.cell, "layout": layout, "group_by": group_by, "labelled_pixels": labelled,
+                "labelled_pixels_in_chips": covered,
+                "label_coverage": round(covered / labelled, 4) if labelled else None},
     )
+
+
+def _grid_origins(outlines: Any, inv: Any, size: int, h: int, w: int) -> list[tuple[int, int]]:
+    """Top-left pixels of windows edge to edge over the outlines' bounding box (in the cube).
+
+    The last row and column are clamped to the cube, so they may overlap their neighbours
+    (such windows are grouped together, so no pixel is in two sets).
+    """
+    minx, miny, maxx, maxy = outlines.total_bounds
+    cols, rows = zip(*(inv * (x, y) for x in (minx, maxx) for y in (miny, maxy)))
+    r0, r1 = max(int(math.floor(min(rows))), 0), min(int(math.ceil(max(rows))), h)
+    c0, c1 = max(int(math.floor(min(cols))), 0), min(int(math.ceil(max(cols))), w)
+    ys = sorted({_clamp(y, size, h) for y in range(r0, max(r1, r0 + 1), size)})
+    xs = sorted({_clamp(x, size, w) for x in range(c0, max(c1, c0 + 1), size)})
+    return [(y, x) for y in ys for x in xs]
+
+
+def _label_coverage(outlines: Any, transform: Any, shape: tuple[int, int], windows: Sequence[Window]) -> tuple[int, int]:
+    """Labelled pixels of the cube (pixel-centre rule) and how many of them lie in a window.
+
+    One uint8 raster of the cube's size: a few MB for a large cube, and it answers the
+    question a user must be able to ask (how much of my labels did training see?).
+    """
+    from rasterio.features import rasterize
+
+    from icemap.labels import _quiet_rasterize_warning
+
+    _quiet_rasterize_warning()
+    lab = rasterize([(g, 1) for g in outlines.geometry], out_shape=shape, transform=transform, fill=0,
+                    all_touched=False, dtype="uint8")
+    total = int(lab.sum())
+    seen = np.zeros(shape, dtype=bool)
+    for win in windows:
+        seen[win.y0:win.y0 + win.size, win.x0:win.x0 + win.size] = True
+    return total, int(lab[seen].sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -750,10 +830,15 @@ def split_chips(
             whole[w.group].update(w.whole)
     with_ice = [g for g in groups if members[g]]
     empty = [g for g in groups if not members[g]]
+    by_location = index.params.get("group_by") == "location"
     if len(with_ice) < 3:
+        how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
+               "split by location instead (--split location, which lets the parts of one large glacier go to "
+               "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
+               "(--chip-size) or a larger cube")
         raise ModelError(
             f"only {len(with_ice)} independent chip group(s) hold glaciers; a train/val/test split "
-            "needs at least 3: use smaller chips, a larger cube, or overlap='drop'"
+            f"needs at least 3 (one each): {how}"
         )
     n_val = max(1, int(round(fractions[1] * len(with_ice))))
     n_test = max(1, int(round(fractions[2] * len(with_ice))))
@@ -762,6 +847,8 @@ def split_chips(
     all_gids = sorted(g for m in members.values() for g in m)
     all_area = np.array([area[g] for g in all_gids])
     all_shape = np.array([shape[g] for g in all_gids])
+    if by_location:
+        return _location_split(index, with_ice, empty, area, all_area, all_shape, n_val, n_test, fractions, seed)
     dist_area = _fit_best(all_area, _AREA_DISTS, positive=True)
     dist_shape = _fit_best(all_shape, _SHAPE_DISTS, positive=False)
     la = np.log(all_area)
@@ -852,6 +939,42 @@ def split_chips(
             "glaciers": len(gids),
             "glacier_area_km2": round(float(sum(area[g] for g in gids)), 4),
             **ks[name],
+        }
+    return Split(groups=sets, report=report)
+
+
+def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], area: dict[int, float], all_area: np.ndarray, all_shape: np.ndarray, n_val: int, n_test: int,
+                    fractions: tuple[float, float, float], seed: int) -> Split:
+    """Groups of places (``group_by="location"``) dealt to the sets at random, seeded.
+
+    No stratification by glacier area and shape: with a handful of glaciers split into parts
+    there is no distribution to match; what is held out is places the model has not seen.
+    """
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    order = [int(g) for g in rng.permutation(np.asarray(with_ice))]
+    sets = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
+    neg_rng = np.random.default_rng([seed, 1])
+    for g in empty:
+        sets[SETS[int(neg_rng.choice(3, p=np.asarray(fractions) / sum(fractions)))]].append(int(g))
+    sets = {k: sorted(v) for k, v in sets.items()}
+    report: dict[str, Any] = {"seed": seed, "method": "location (random groups of places)",
+                              "fractions": list(fractions), "n_glaciers": int(all_area.size), "sets": {}}
+    shape_of = dict(zip(index.glaciers["gid"].astype(int), index.glaciers["shape_factor"].astype(float)))
+    for name in SETS:
+        gids = sorted(index.glaciers_of(sets[name]))
+        samples = index.samples_of(sets[name])
+        a = np.array([area[g] for g in gids])
+        sh = np.array([shape_of[g] for g in gids])
+        ka = stats.ks_2samp(a, all_area) if a.size else None
+        ks = stats.ks_2samp(sh, all_shape) if sh.size else None
+        report["sets"][name] = {
+            "groups": len(sets[name]), "windows": len({index.samples[i].window for i in samples}),
+            "samples": len(samples), "glaciers": len(gids),
+            "glacier_area_km2": round(float(a.sum()), 4) if a.size else 0.0,
+            "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
+            "ks_shape": float(ks.statistic) if ks else 1.0, "p_shape": float(ks.pvalue) if ks else 0.0,
         }
     return Split(groups=sets, report=report)
 

@@ -44,6 +44,8 @@ from icemap.errors import ModelError, ModelNoBetterWarning
 from icemap.model.augment import SpectralAugment
 from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
 from icemap.model.data import (
+    CHIP_LAYOUTS,
+    GROUPINGS,
     MASK_BUFFERS,
     OVERLAP_MODES,
     ChipDataset,
@@ -165,6 +167,13 @@ class TrainConfig:
         Monte-Carlo iterations of the split (study a: 900).
     overlap
         Overlap handling of the chips (:func:`icemap.model.data.make_chips`).
+    chips
+        ``"outline"`` (one chip per outline, study a) or ``"grid"`` (chips edge to edge over
+        the outlines, so every labelled pixel is trained on or validated on).
+    split
+        ``"glacier"``: whole glaciers go to one set (validation on unseen glaciers);
+        ``"location"``: chips are grouped by place only, so a region with one or two large
+        glaciers can be split (validation on unseen parts of them).
     n_random, n_hard_negative
         Random and hard-negative chips added to the glacier chips.
     min_valid
@@ -197,6 +206,8 @@ class TrainConfig:
     split_seed: int | None = None
     split_iterations: int = 900
     overlap: str = "independent"
+    chips: str = "outline"
+    split: str = "glacier"
     n_random: int = 0
     n_hard_negative: int = 0
     min_valid: float = 0.5
@@ -217,6 +228,10 @@ class TrainConfig:
             raise ModelError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.overlap not in OVERLAP_MODES:
             raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {self.overlap!r}")
+        if self.chips not in CHIP_LAYOUTS:
+            raise ModelError(f"chips must be one of {', '.join(CHIP_LAYOUTS)}, not {self.chips!r}")
+        if self.split not in GROUPINGS:
+            raise ModelError(f"split must be one of {', '.join(GROUPINGS)}, not {self.split!r}")
         if self.normalisation not in ("minmax", "percentile"):
             raise ModelError(f"normalisation must be 'minmax' or 'percentile', not {self.normalisation!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -329,7 +344,7 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
                  n_random: int = 0, n_hard_negative: int = 0, min_valid: float = 0.5,
                  times: Sequence[int | str] | None = None, split_seed: int = 0,
                  split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
-                 cache: bool | None = None) -> PreparedData:
+                 cache: bool | None = None, layout: str = "outline", group_by: str = "glacier") -> PreparedData:
     """Cut chips, split them and set up the reader.
 
     Parameters
@@ -356,7 +371,8 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
     gdf = read_outlines(outlines, crs=refl.rio.crs) if outlines_path else outlines
     index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
-                       n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed)
+                       n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed,
+                       layout=layout, group_by=group_by)
     split = split_chips(index, iterations=split_iterations, seed=split_seed)
     source = ChipSource(ds, gdf, index, dem=dem, cache=cache)
     return PreparedData(
@@ -723,7 +739,7 @@ def _no_better(out: Path, model_scores: dict[str, Any], baselines: dict[str, dic
     msg = (f"the model in {out} scores validation F1 {float(model_scores['f1']):.3f}, no better than "
            f"{' or '.join(parts)} on the same {int(model_scores['n_pixels'])} validation pixels: it has not "
            "learnt to map ice here. Do not map with it as it is; try --init default, --augment spectral, more "
-           "--epochs, other --seed values (--restarts) or more labelled glaciers")
+           "--epochs, another --seed or more labelled glaciers")
     if strict:
         raise ModelError(msg + " (the checkpoint is kept for inspection)")
     warnings.warn(msg, ModelNoBetterWarning, stacklevel=4)  # the caller of train()
@@ -892,7 +908,8 @@ def train(
         data = prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
                             n_random=config.n_random, n_hard_negative=config.n_hard_negative,
                             min_valid=config.min_valid, split_seed=config.effective_split_seed,
-                            split_iterations=config.split_iterations, channels=channels, dem=dem)
+                            split_iterations=config.split_iterations, channels=channels, dem=dem,
+                            layout=config.chips, group_by=config.split)
     else:
         missing = [b for b in required_bands(channels) if b not in data.source.bands]
         if missing:
