@@ -481,3 +481,19 @@ def test_cli_train_init_default_prints_baselines(cube_path: Path, sample_region:
     r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
              str(tmp_path / "y"), "--augment", "colour", "--quiet")
     assert r.returncode == 1 and "--augment must be one of" in r.stderr
+
+
+def test_restarts_keep_the_best_validation_seed(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**TINY, epochs=1, restarts=2), data=data, quiet=True)
+    runs = res.meta.training["restarts"]
+    assert [r["seed"] for r in runs] == [1, 2]
+    best = max(runs, key=lambda r: (r["val_f1"], -r["seed"]))
+    assert res.meta.training["chosen_seed"] == best["seed"] == res.meta.training["config"]["seed"]
+    assert res.meta.validation["f1"] == pytest.approx(best["val_f1"])
+    # The kept model is the chosen run's, byte for byte; every run stays for inspection.
+    chosen = read_metadata(tmp_path / "m" / "restarts" / f"seed-{best['seed']}")
+    assert read_metadata(tmp_path / "m").weights_sha256 == chosen.weights_sha256
+    assert all((tmp_path / "m" / "restarts" / f"seed-{r['seed']}" / "model.json").exists() for r in runs)
+    # Same chips and split for every run.
+    other = read_metadata(tmp_path / "m" / "restarts" / f"seed-{3 - best['seed']}")
+    assert other.training["split"] == chosen.training["split"]

@@ -94,6 +94,9 @@ def train_cmd(
     augment: Annotated[str, typer.Option(
         "--augment", help="flips (flips and rotations), spectral (also the default model's band gains, "
         "illumination, haze, noise...) or none.")] = "flips",
+    restarts: Annotated[int, typer.Option(
+        "--restarts", help="Train N models (seeds SEED, SEED+1, ...) on the same chips and split; keep the best "
+        "validation F1.")] = 1,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Fail (non-zero exit) when the model is no better than NDSI or everything-is-ice "
         "on validation, instead of warning.")] = False,
@@ -134,7 +137,7 @@ def train_cmd(
                   patience=patience,
                   threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
                   split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
-                  split=split)
+                  split=split, restarts=restarts)
     import warnings
 
     from icemap.cluster import connect
@@ -156,6 +159,10 @@ def train_cmd(
     con.print(f"[bold]{out}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
               f"{res.threshold:.2f}, validation F1 {v['f1']:.3f} (P {v['precision']:.3f}, R {v['recall']:.3f})",
               highlight=False)
+    if res.meta.training.get("restarts"):
+        con.print("restarts (seed: validation F1): " + ", ".join(
+            f"{r['seed']}: {r['val_f1']:.3f}" for r in res.meta.training["restarts"])
+            + f"; kept seed {res.meta.training['chosen_seed']}", highlight=False)
     b = res.baselines
     line = f"same validation pixels: model F1 {v['f1']:.3f}"
     if "ndsi" in b:

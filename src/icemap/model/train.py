@@ -161,6 +161,10 @@ class TrainConfig:
         never used for choices.
     seed
         Seeds the weights, shuffling, augmentation and dropout.
+    restarts
+        Train this many models, with seeds ``seed``, ``seed + 1``, ... on the same chips and
+        split, and keep the one with the best validation F1 (some seeds collapse; the others
+        are kept in ``OUT/restarts/seed-N`` for inspection).
     split_seed
         Seeds the Monte-Carlo split and the random chips (default: ``seed``).
     split_iterations
@@ -203,6 +207,7 @@ class TrainConfig:
     normalisation: str = "minmax"
     threshold: float | str = 0.5
     seed: int = 0
+    restarts: int = 1
     split_seed: int | None = None
     split_iterations: int = 900
     overlap: str = "independent"
@@ -236,7 +241,7 @@ class TrainConfig:
             raise ModelError(f"normalisation must be 'minmax' or 'percentile', not {self.normalisation!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ModelError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("epochs", "batch_size", "split_iterations"):
+        for name in ("epochs", "batch_size", "split_iterations", "restarts"):
             if int(getattr(self, name)) < 1:
                 raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.chip_size < 8:
@@ -739,7 +744,7 @@ def _no_better(out: Path, model_scores: dict[str, Any], baselines: dict[str, dic
     msg = (f"the model in {out} scores validation F1 {float(model_scores['f1']):.3f}, no better than "
            f"{' or '.join(parts)} on the same {int(model_scores['n_pixels'])} validation pixels: it has not "
            "learnt to map ice here. Do not map with it as it is; try --init default, --augment spectral, more "
-           "--epochs, another --seed or more labelled glaciers")
+           "--epochs, other seeds (--seed, --restarts N) or more labelled glaciers")
     if strict:
         raise ModelError(msg + " (the checkpoint is kept for inspection)")
     warnings.warn(msg, ModelNoBetterWarning, stacklevel=4)  # the caller of train()
@@ -915,6 +920,10 @@ def train(
         if missing:
             raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
                              f"it has {data.source.bands}")
+    if config.restarts > 1:
+        return _train_restarts(config, out, data, dem=dem, resume=resume, callback=callback, quiet=quiet,
+                               console=console, title=title, augment_batch=augment_batch, strict=strict,
+                               t_start=t_start)
     train_ids, val_ids, test_ids = (data.samples(s) for s in ("train", "val", "test"))
     if not train_ids or not val_ids:
         raise ModelError("the split left no training or no validation chip; use a larger cube or smaller chips")
@@ -1128,6 +1137,41 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
                        threshold=float(threshold), best_epoch=best_epoch, stopped_early=stopped,
                        resumed_from=resumed_from, test=test_scores, seconds=seconds, baselines=baselines,
                        no_better_than=verdict)
+
+
+def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: Any, resume: bool,
+                    callback: Callable[[EpochRecord], Any] | None, quiet: bool, console: Any, title: str | None,
+                    augment_batch: Any, strict: bool, t_start: float) -> TrainResult:
+    """``config.restarts`` runs on the same chips and split; the best validation F1 is the model.
+
+    Each run is an ordinary :func:`train` run into ``out/restarts/seed-N`` (resumable on its
+    own); the chosen one's checkpoint is written to ``out`` with every run's score in
+    ``training.restarts``. Ties go to the lowest seed, so the choice is reproducible.
+    """
+    runs: list[TrainResult] = []
+    for k in range(config.restarts):
+        cfg = replace(config, seed=config.seed + k, split_seed=config.effective_split_seed, restarts=1)
+        name = f"{title or 'train'} (restart {k + 1}/{config.restarts}, seed {cfg.seed})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModelNoBetterWarning)  # judged once, on the chosen run
+            runs.append(train(None, None, out / "restarts" / f"seed-{cfg.seed}", cfg, dem=dem, data=data,
+                              resume=resume, callback=callback, quiet=quiet, console=console, title=name,
+                              augment_batch=augment_batch))
+
+    def score(r: TrainResult) -> float:
+        f1 = float(r.meta.validation["f1"])
+        return f1 if math.isfinite(f1) else -1.0
+
+    best = max(runs, key=lambda r: (score(r), -runs.index(r)))
+    meta = best.meta
+    meta.training = dict(meta.training, restarts=[
+        {"seed": int(r.meta.training["config"]["seed"]), "val_f1": score(r), "best_epoch": r.best_epoch,
+         "no_better_than": r.no_better_than, "folder": str(r.checkpoint)} for r in runs],
+        chosen_seed=int(meta.training["config"]["seed"]), seconds=round(time.perf_counter() - t_start, 2))
+    path = save_checkpoint(best.model, meta, out)
+    if best.no_better_than:
+        _no_better(out, meta.validation, best.baselines, best.no_better_than, strict)
+    return replace(best, checkpoint=path, seconds=time.perf_counter() - t_start)
 
 
 def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarray) -> tuple[float, list[dict[str, float]] | None]:
