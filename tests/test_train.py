@@ -497,3 +497,37 @@ def test_restarts_keep_the_best_validation_seed(data: Any, tmp_path: Path) -> No
     # Same chips and split for every run.
     other = read_metadata(tmp_path / "m" / "restarts" / f"seed-{3 - best['seed']}")
     assert other.training["split"] == chosen.training["split"]
+
+
+def test_labels_per_year_pick_each_dates_outlines(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.affinity import translate
+
+    from icemap.labels import rasterize_outlines
+    from icemap.store import open_cube
+
+    gdf = gpd.read_file(sample_region.outlines, layer="glaciers")
+    moved = gdf.set_geometry(gdf.geometry.apply(lambda g: translate(g, 300, 0)))
+    yearly = pd.concat([gdf.assign(year=2021), moved.assign(year=2022)], ignore_index=True)
+    path = tmp_path / "yearly.gpkg"
+    yearly.to_file(path, layer="glaciers")
+    d = prepare_data(cube_path, path, chip_size=32, split_seed=1, split_iterations=20, label_time="year",
+                     layout="grid", group_by="location")
+    refl = open_cube(cube_path)["reflectance"]
+    dates = [str(t)[:10] for t in refl["time"].values]
+    assert d.index.params["label_match"] == "year"
+    assert d.index.params["dates_without_labels"] == [t for t in dates if t[:4] not in ("2021", "2022")]
+    assert {dates[s.time][:4] for s in d.index.samples} <= {"2021", "2022"}
+    truth = {y: np.asarray(rasterize_outlines(yearly[yearly.year == int(y)], refl).values) for y in ("2021", "2022")}
+    for i, s in enumerate(d.index.samples):
+        w = d.index.windows[s.window]
+        want = truth[dates[s.time][:4]][w.y0:w.y0 + w.size, w.x0:w.x0 + w.size] > 0
+        np.testing.assert_array_equal(d.source.sample_labels(i) > 0, want)
+    with pytest.raises(ModelError, match="no column 'date'"):
+        prepare_data(cube_path, path, chip_size=32, split_iterations=20, label_time="date", layout="grid",
+                     group_by="location")
+    path2 = tmp_path / "old.gpkg"
+    gdf.assign(year=1999).to_file(path2, layer="glaciers")
+    with pytest.raises(ModelError, match="no cube date .* has outlines of its year"):
+        prepare_data(cube_path, path2, chip_size=32, split_iterations=20, label_time="year")

@@ -122,6 +122,9 @@ def train_cmd(
     split: Annotated[str, typer.Option(
         "--split", help="glacier (whole glaciers held out for validation/test) or location (places held out: "
         "splits a region with one or two large glaciers).")] = "glacier",
+    label_time: Annotated[Optional[str], typer.Option(
+        "--label-time", help="Column of the outlines with each outline's year or date: each cube date is "
+        "labelled by the outlines of its year/date (yearly outlines in one file).")] = None,
     hard_negatives: HardOpt = 0,
     random_chips: RandomOpt = 0,
     split_iterations: IterOpt = 900,
@@ -137,7 +140,8 @@ def train_cmd(
                   patience=patience,
                   threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
                   split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
-                  split=split, restarts=restarts)
+                  split=split, restarts=restarts,
+                  label_time=label_time)
     import warnings
 
     from icemap.cluster import connect
@@ -175,6 +179,10 @@ def train_cmd(
                   f"{len(res.data.index.samples)} chip-dates; {params['labelled_pixels_in_chips']} of "
                   f"{params['labelled_pixels']} labelled pixels ({100 * params['label_coverage']:.1f} %) are in a chip",
                   highlight=False)
+    if params.get("label_time"):
+        skipped = params.get("dates_without_labels") or []
+        con.print(f"labels per {params['label_match']} from column {params['label_time']}"
+                  + (f"; dates without outlines left out: {', '.join(skipped)}" if skipped else ""), highlight=False)
     sets = res.data.split.report["sets"]
     con.print("split (KS vs all glaciers, area/shape): " + "; ".join(
         f"{n} {s['samples']} chips, {s['glaciers']} glaciers, KS {s['ks_area']:.2f}/{s['ks_shape']:.2f}"

@@ -1014,10 +1014,15 @@ class ChipSource:
         or ``None`` (default: when the windows of all samples together take less than
         ``cache_limit_mb``; the channel arrays of each input set used add about as much
         again). Without a cache every read goes back to the store, one window at a time.
+    label_time
+        A column of the outlines with each outline's year (e.g. 2019) or date
+        (``YYYY-MM-DD``): a sample on a cube date is then labelled only by the outlines of
+        that year (or date), so one file of yearly outlines labels a multi-year cube
+        (:func:`label_keys`). ``None``: every outline labels every date.
     """
 
     def __init__(self, cube: Any, outlines: Any, index: ChipIndex, *, dem: Any = None,
-                 cache: bool | None = None, cache_limit_mb: float = 1024.0) -> None:
+                 cache: bool | None = None, cache_limit_mb: float = 1024.0, label_time: str | None = None) -> None:
         from shapely import STRtree
 
         from icemap.labels import read_outlines
@@ -1031,13 +1036,19 @@ class ChipSource:
         self.bands = [str(b) for b in self.refl["band"].values]
         gdf = read_outlines(outlines, crs=self.refl.rio.crs)
         self._geoms = list(gdf.geometry)
+        self.label_time = label_time
+        self._keys: list[str] | None = None
+        self._date_keys: list[str | None] = []
+        if label_time is not None:
+            self._keys, mode = label_keys(gdf, label_time)
+            self._date_keys = [(d[:4] if mode == "year" else d) for d in _time_labels(self.refl)]
         self._trees: dict[float, tuple[Any, list[Any]]] = {0.0: (STRtree(self._geoms), self._geoms)}
         self.dem = dem
         self._elevation: Any = None
         per_sample = len(self.bands) * index.params["size"] ** 2 * 4
         self.cache = (len(index.samples) * per_sample < cache_limit_mb * 2**20) if cache is None else bool(cache)
         self._windows: dict[int, Any] = {}
-        self._labels: dict[tuple[int, float], np.ndarray] = {}
+        self._labels: dict[tuple[int, float, str | None], np.ndarray] = {}
         self._elev_cache: dict[int, Any] = {}
         self._inputs: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
         self._valid: dict[int, np.ndarray] = {}
@@ -1126,26 +1137,35 @@ class ChipSource:
         self._valid[sample] = v  # 1 byte per pixel: always kept
         return v
 
-    def labels(self, window_id: int, buffer_m: float = 0.0) -> np.ndarray:
+    def sample_labels(self, sample: int, buffer_m: float = 0.0) -> np.ndarray:
+        """The labels of a sample: its window's, from the outlines of its date with ``label_time``."""
+        s = self.index.samples[sample]
+        key = self._date_keys[s.time] if self._keys is not None else None
+        return self.labels(s.window, buffer_m, key=key)
+
+    def labels(self, window_id: int, buffer_m: float = 0.0, *, key: str | None = None) -> np.ndarray:
         """The outlines burnt on a window (uint8 0/1), pixel-centre rule, grown by ``buffer_m``.
 
         Equal, pixel for pixel, to the same window of :func:`icemap.labels.rasterize_outlines`
         (same polygons, buffer and rule), but only the polygons that touch the window are burnt.
+        ``key`` (a year or date, with ``label_time``) burns only the outlines of that year or date.
         """
         from rasterio.features import rasterize
         from rasterio.windows import Window as RioWindow
         from rasterio.windows import transform as window_transform
         from shapely import STRtree
 
-        key = (window_id, float(buffer_m))
-        if key in self._labels:
-            return self._labels[key]
+        cache_key = (window_id, float(buffer_m), key)
+        if cache_key in self._labels:
+            return self._labels[cache_key]
         if float(buffer_m) not in self._trees:
             grown = [g.buffer(buffer_m) for g in self._geoms]
             self._trees[float(buffer_m)] = (STRtree(grown), grown)
         tree, geoms = self._trees[float(buffer_m)]
         w = self.index.windows[window_id]
         hit = tree.query(_window_box(self.transform, w.y0, w.x0, w.size), predicate="intersects")
+        if key is not None and self._keys is not None:
+            hit = [i for i in hit if self._keys[int(i)] == key]
         out = np.zeros((w.size, w.size), dtype=np.uint8)
         if len(hit):
             from icemap.labels import _quiet_rasterize_warning
@@ -1155,7 +1175,7 @@ class ChipSource:
                             transform=window_transform(RioWindow(w.x0, w.y0, w.size, w.size), self.transform),
                             fill=0, all_touched=False, dtype="uint8")
         out.setflags(write=False)
-        self._labels[key] = out  # small (1 byte per pixel): always cached
+        self._labels[cache_key] = out  # small (1 byte per pixel): always cached
         return out
 
     def truth(self, sample: int, path: Any) -> np.ndarray:
@@ -1175,6 +1195,31 @@ class ChipSource:
                 raise ModelError(f"{path} is not on the cube's pixel grid; reproject it first")
             win = win.round_offsets().round_lengths()
             return src.read(1, window=win, boundless=True, fill_value=255)
+
+
+def label_keys(outlines: Any, column: str) -> tuple[list[str], str]:
+    """Each outline's year or date from ``column``, as strings, and the mode (``year``/``date``).
+
+    A column of integers (or of 4-digit strings) is years, matched to a cube date's year; any
+    other values are read as dates (``YYYY-MM-DD``, datetimes) and matched to the cube date
+    exactly. An empty or unparsable value is an error that names the row.
+    """
+    import pandas as pd
+
+    if column not in outlines.columns:
+        have = ", ".join(c for c in outlines.columns if c != "geometry")
+        raise ModelError(f"the outlines have no column {column!r} (for the label dates); columns: {have}")
+    values = outlines[column]
+    text = [str(v).strip() for v in values]
+    if all(t.isdigit() and len(t) == 4 for t in text) or pd.api.types.is_integer_dtype(values):
+        return [t.zfill(4) for t in text], "year"
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(pd.Timestamp(v).strftime("%Y-%m-%d"))
+        except (ValueError, TypeError):
+            raise ModelError(f"outline {i}: {column} = {v!r} is neither a year nor a date (YYYY-MM-DD)") from None
+    return out, "date"
 
 
 def fit_normalisation(source: ChipSource, samples: Sequence[int], channels: Sequence[str], *,
@@ -1286,7 +1331,7 @@ class ChipDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         if self.hide_channel is not None:
             x[self.hide_channel] = 0.0
         valid = self.source.valid(s) & ~nodata
-        y = self.source.labels(self.source.index.samples[s].window, self.buffer_m)
+        y = self.source.sample_labels(s, self.buffer_m)
         out = (x, np.where(valid, y, 0).astype(np.uint8), valid)
         if self.cache:
             self._arrays[i] = out

@@ -178,6 +178,9 @@ class TrainConfig:
         ``"glacier"``: whole glaciers go to one set (validation on unseen glaciers);
         ``"location"``: chips are grouped by place only, so a region with one or two large
         glaciers can be split (validation on unseen parts of them).
+    label_time
+        Column of the outlines with each outline's year or date: each cube date is labelled
+        by the outlines of its year/date only (:func:`prepare_data`).
     n_random, n_hard_negative
         Random and hard-negative chips added to the glacier chips.
     min_valid
@@ -213,6 +216,7 @@ class TrainConfig:
     overlap: str = "independent"
     chips: str = "outline"
     split: str = "glacier"
+    label_time: str | None = None
     n_random: int = 0
     n_hard_negative: int = 0
     min_valid: float = 0.5
@@ -349,7 +353,8 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
                  n_random: int = 0, n_hard_negative: int = 0, min_valid: float = 0.5,
                  times: Sequence[int | str] | None = None, split_seed: int = 0,
                  split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
-                 cache: bool | None = None, layout: str = "outline", group_by: str = "glacier") -> PreparedData:
+                 cache: bool | None = None, layout: str = "outline", group_by: str = "glacier",
+                 label_time: str | None = None) -> PreparedData:
     """Cut chips, split them and set up the reader.
 
     Parameters
@@ -361,6 +366,10 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     channels
         When given, the cube is checked for the bands these need before anything is read, so a
         wrong cube fails in a second with a clear message.
+    label_time
+        A column of the outlines with each outline's year or date: every cube date is labelled
+        by the outlines of its year (or date) only, and dates without any are left out (listed
+        in ``index.params["dates_without_labels"]``). See :func:`icemap.model.data.label_keys`.
 
     Other parameters are those of :func:`icemap.model.data.make_chips` and
     :func:`icemap.model.data.split_chips`.
@@ -378,13 +387,38 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
                        n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed,
                        layout=layout, group_by=group_by)
+    if label_time is not None:
+        index = _samples_with_labels(index, gdf, refl, label_time)
     split = split_chips(index, iterations=split_iterations, seed=split_seed)
-    source = ChipSource(ds, gdf, index, dem=dem, cache=cache)
+    source = ChipSource(ds, gdf, index, dem=dem, cache=cache, label_time=label_time)
     return PreparedData(
         cube=ds, outlines=gdf, index=index, split=split, source=source, cube_path=cube_path,
         outlines_path=outlines_path, dem_path=os.fspath(dem) if isinstance(dem, (str, os.PathLike)) else None,
         chip_params=dict(index.params, split_seed=split_seed, split_iterations=split_iterations),
     )
+
+
+def _samples_with_labels(index: ChipIndex, outlines: Any, refl: Any, column: str) -> ChipIndex:
+    """Keep the samples whose date has outlines of its year/date in ``column``.
+
+    A date without outlines would otherwise be labelled "no ice" everywhere, a wrong label, not
+    a missing one.
+    """
+    from icemap.model.data import _time_labels, label_keys
+
+    keys, mode = label_keys(outlines, column)
+    have = set(keys)
+    dates = _time_labels(refl)
+    key_of = [(d[:4] if mode == "year" else d) for d in dates]
+    kept = [s for s in index.samples if key_of[s.time] in have]
+    used = sorted({dates[s.time] for s in index.samples})
+    dropped = sorted({dates[s.time] for s in index.samples if key_of[s.time] not in have})
+    if not kept:
+        raise ModelError(f"no cube date ({', '.join(used)}) has outlines of its {mode} in column {column!r} "
+                         f"(it holds {', '.join(sorted(have)[:10])}); ingest dates that match the outlines or "
+                         "leave --label-time out")
+    return replace(index, samples=kept, params=dict(index.params, label_time=column, label_match=mode,
+                                                    dates_without_labels=dropped))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +551,7 @@ def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, 
     total: dict[str, int] = {}
     for i in range(len(dataset)):
         _, _, valid = dataset.arrays(i)
-        y = dataset.source.labels(dataset.source.index.samples[dataset.samples[i]].window, buffer_m)
+        y = dataset.source.sample_labels(dataset.samples[i], buffer_m)
         total = _add(total, counts(probs[i] >= threshold, y, valid))
     return scores(total, pixel_area_m2=dataset.source.pixel_area_m2)
 
@@ -914,7 +948,7 @@ def train(
                             n_random=config.n_random, n_hard_negative=config.n_hard_negative,
                             min_valid=config.min_valid, split_seed=config.effective_split_seed,
                             split_iterations=config.split_iterations, channels=channels, dem=dem,
-                            layout=config.chips, group_by=config.split)
+                            layout=config.chips, group_by=config.split, label_time=config.label_time)
     else:
         missing = [b for b in required_bands(channels) if b not in data.source.bands]
         if missing:
