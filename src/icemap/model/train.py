@@ -861,6 +861,9 @@ class _Display:
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    # A setting missing from a state written before it existed had its default value then.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k)]
 
