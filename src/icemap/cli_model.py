@@ -196,7 +196,7 @@ def train_cmd(
         names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
         _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
                          f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
-                         "as it is (try --init default, --augment spectral, more --epochs, another --seed, "
+                         "as it is (try --init default, --augment spectral, more --epochs, --restarts N or another --seed, "
                          "more labelled glaciers)", highlight=False)
 
 
