@@ -513,7 +513,7 @@ def test_labels_per_year_pick_each_dates_outlines(cube_path: Path, sample_region
     path = tmp_path / "yearly.gpkg"
     yearly.to_file(path, layer="glaciers")
     d = prepare_data(cube_path, path, chip_size=32, split_seed=1, split_iterations=20, label_time="year",
-                     layout="grid", group_by="location")
+                     layout="grid", split="location")
     refl = open_cube(cube_path)["reflectance"]
     dates = [str(t)[:10] for t in refl["time"].values]
     assert d.index.params["label_match"] == "year"
@@ -526,8 +526,24 @@ def test_labels_per_year_pick_each_dates_outlines(cube_path: Path, sample_region
         np.testing.assert_array_equal(d.source.sample_labels(i) > 0, want)
     with pytest.raises(ModelError, match="no column 'date'"):
         prepare_data(cube_path, path, chip_size=32, split_iterations=20, label_time="date", layout="grid",
-                     group_by="location")
+                     split="location")
     path2 = tmp_path / "old.gpkg"
     gdf.assign(year=1999).to_file(path2, layer="glaciers")
     with pytest.raises(ModelError, match="no cube date .* has outlines of its year"):
         prepare_data(cube_path, path2, chip_size=32, split_iterations=20, label_time="year")
+
+
+def test_split_by_year_holds_out_the_latest_years(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    from icemap.store import open_cube
+
+    d = prepare_data(cube_path, sample_region.outlines, chip_size=32, split="year")
+    dates = [str(t)[:10] for t in open_cube(cube_path)["reflectance"]["time"].values]
+    years = sorted({t[:4] for t in dates})
+    assert len(years) == 3  # the sample region: one date per year
+    got = {name: {dates[d.index.samples[i].time][:4] for i in d.samples(name)} for name in ("train", "val", "test")}
+    assert got == {"train": {years[0]}, "val": {years[1]}, "test": {years[2]}}
+    assert sum(len(d.samples(n)) for n in ("train", "val", "test")) == len(d.index.samples)
+    res = train(None, None, tmp_path / "m", TrainConfig(**{**TINY, "split": "year"}, epochs=1), data=d, quiet=True)
+    assert res.meta.training["split"]["method"].startswith("year")
+    with pytest.raises(ModelError, match="split must be one of"):
+        prepare_data(cube_path, sample_region.outlines, chip_size=32, split="area")

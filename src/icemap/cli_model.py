@@ -121,7 +121,8 @@ def train_cmd(
         "labelled pixel is used).")] = "outline",
     split: Annotated[str, typer.Option(
         "--split", help="glacier (whole glaciers held out for validation/test) or location (places held out: "
-        "splits a region with one or two large glaciers).")] = "glacier",
+        "splits a region with one or two large glaciers) or year (latest year = test, the one before = "
+        "validation).")] = "glacier",
     label_time: Annotated[Optional[str], typer.Option(
         "--label-time", help="Column of the outlines with each outline's year or date: each cube date is "
         "labelled by the outlines of its year/date (yearly outlines in one file).")] = None,

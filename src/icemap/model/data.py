@@ -52,6 +52,7 @@ __all__ = [
     "scan_cube",
     "make_chips",
     "split_chips",
+    "split_by_year",
     "ChipSource",
     "ChipDataset",
     "fit_normalisation",
@@ -713,14 +714,21 @@ def _label_coverage(outlines: Any, transform: Any, shape: tuple[int, int], windo
 
 @dataclass
 class Split:
-    """Groups per set (``train``, ``val``, ``test``) and the KS report of the chosen split."""
+    """Groups per set (``train``, ``val``, ``test``) and the KS report of the chosen split.
+
+    A split by year (:func:`split_by_year`) holds its samples per set in ``sample_sets`` (the
+    same window is in several sets, on different dates) and its years in ``groups``.
+    """
 
     groups: dict[str, list[int]]
     report: dict[str, Any]
+    sample_sets: dict[str, list[int]] | None = None
 
     def samples(self, index: ChipIndex, which: str) -> list[int]:
         if which not in SETS:
             raise ModelError(f"a split has sets {SETS}, not {which!r}")
+        if self.sample_sets is not None:
+            return list(self.sample_sets[which])
         return index.samples_of(self.groups[which])
 
     def set_of(self, group: int) -> str:
@@ -730,7 +738,38 @@ class Split:
         raise KeyError(group)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, "report": self.report}
+        d: dict[str, Any] = {"groups": self.groups, "report": self.report}
+        if self.sample_sets is not None:
+            d["sample_sets"] = self.sample_sets
+        return d
+
+
+def split_by_year(index: ChipIndex, dates: Sequence[str]) -> Split:
+    """Hold out the latest year(s): test = the last year, validation = the one before.
+
+    With two years there is no test set (validation = the last year). ``dates`` are the cube's
+    dates (``YYYY-MM-DD``) by time index. The question this answers is "does a model trained on
+    earlier years map a later one?", which a split by glacier or place cannot; the same places
+    are in every set.
+    """
+    years = sorted({str(dates[s.time])[:4] for s in index.samples})
+    if len(years) < 2:
+        raise ModelError(f"a split by year needs dates in at least 2 years; the chips have {years or 'none'}: "
+                         "ingest more years or use --split glacier or location")
+    held = {"test": years[-1], "val": years[-2]} if len(years) >= 3 else {"val": years[-1]}
+    year_set = {y: name for name, y in held.items()}
+    sample_sets: dict[str, list[int]] = {name: [] for name in SETS}
+    for i, smp in enumerate(index.samples):
+        sample_sets[year_set.get(str(dates[smp.time])[:4], "train")].append(i)
+    groups = {name: [int(y) for y in years if year_set.get(y, "train") == name] for name in SETS}
+    report: dict[str, Any] = {"method": "year (latest years held out)", "years": groups, "sets": {}}
+    for name in SETS:
+        ids = sample_sets[name]
+        windows = {index.samples[i].window for i in ids}
+        gids = {g for w in windows for g in index.windows[w].gids}
+        report["sets"][name] = {"groups": len(groups[name]), "windows": len(windows), "samples": len(ids),
+                                "glaciers": len(gids), "ks_area": float("nan"), "ks_shape": float("nan")}
+    return Split(groups=groups, report=report, sample_sets=sample_sets)
 
 
 # Candidate distributions (scipy.stats names). Study a tried 93 and kept the power log-normal

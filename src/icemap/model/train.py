@@ -54,6 +54,7 @@ from icemap.model.data import (
     Split,
     fit_normalisation,
     make_chips,
+    split_by_year,
     split_chips,
 )
 from icemap.model.inputs import (
@@ -90,6 +91,8 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adadelta")
 #: Default learning rates: study a's 0.01 for Adam; Adadelta's own 1.0 (study b used Keras'
 #: Adadelta, whose lr=1.0 means "the pure Adadelta rule").
 DEFAULT_LR = {"adam": 0.01, "adadelta": 1.0}
+#: How chips are split into train/validation/test (:func:`prepare_data`).
+SPLITS: tuple[str, ...] = GROUPINGS + ("year",)
 #: With ``init`` (fine-tuning) and no ``lr``, the default learning rate is multiplied by this.
 FINE_TUNE_LR_FACTOR = 0.1
 #: The architecture fields a fine-tune takes from its starting model.
@@ -177,7 +180,9 @@ class TrainConfig:
     split
         ``"glacier"``: whole glaciers go to one set (validation on unseen glaciers);
         ``"location"``: chips are grouped by place only, so a region with one or two large
-        glaciers can be split (validation on unseen parts of them).
+        glaciers can be split (validation on unseen parts of them); ``"year"``: the latest
+        year is the test set and the one before it the validation set
+        (:func:`icemap.model.data.split_by_year`; with two years, no test set).
     label_time
         Column of the outlines with each outline's year or date: each cube date is labelled
         by the outlines of its year/date only (:func:`prepare_data`).
@@ -239,8 +244,8 @@ class TrainConfig:
             raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {self.overlap!r}")
         if self.chips not in CHIP_LAYOUTS:
             raise ModelError(f"chips must be one of {', '.join(CHIP_LAYOUTS)}, not {self.chips!r}")
-        if self.split not in GROUPINGS:
-            raise ModelError(f"split must be one of {', '.join(GROUPINGS)}, not {self.split!r}")
+        if self.split not in SPLITS:
+            raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if self.normalisation not in ("minmax", "percentile"):
             raise ModelError(f"normalisation must be 'minmax' or 'percentile', not {self.normalisation!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -353,7 +358,7 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
                  n_random: int = 0, n_hard_negative: int = 0, min_valid: float = 0.5,
                  times: Sequence[int | str] | None = None, split_seed: int = 0,
                  split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
-                 cache: bool | None = None, layout: str = "outline", group_by: str = "glacier",
+                 cache: bool | None = None, layout: str = "outline", split: str = "glacier",
                  label_time: str | None = None) -> PreparedData:
     """Cut chips, split them and set up the reader.
 
@@ -376,6 +381,8 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     """
     from icemap.labels import read_outlines
 
+    if split not in SPLITS:
+        raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     ds, cube_path = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
     if channels is not None:
@@ -386,13 +393,18 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     gdf = read_outlines(outlines, crs=refl.rio.crs) if outlines_path else outlines
     index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
                        n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed,
-                       layout=layout, group_by=group_by)
+                       layout=layout, group_by="glacier" if split == "glacier" else "location")
     if label_time is not None:
         index = _samples_with_labels(index, gdf, refl, label_time)
-    split = split_chips(index, iterations=split_iterations, seed=split_seed)
+    if split == "year":
+        from icemap.model.data import _time_labels
+
+        chosen = split_by_year(index, _time_labels(refl))
+    else:
+        chosen = split_chips(index, iterations=split_iterations, seed=split_seed)
     source = ChipSource(ds, gdf, index, dem=dem, cache=cache, label_time=label_time)
     return PreparedData(
-        cube=ds, outlines=gdf, index=index, split=split, source=source, cube_path=cube_path,
+        cube=ds, outlines=gdf, index=index, split=chosen, source=source, cube_path=cube_path,
         outlines_path=outlines_path, dem_path=os.fspath(dem) if isinstance(dem, (str, os.PathLike)) else None,
         chip_params=dict(index.params, split_seed=split_seed, split_iterations=split_iterations),
     )
@@ -951,7 +963,7 @@ def train(
                             n_random=config.n_random, n_hard_negative=config.n_hard_negative,
                             min_valid=config.min_valid, split_seed=config.effective_split_seed,
                             split_iterations=config.split_iterations, channels=channels, dem=dem,
-                            layout=config.chips, group_by=config.split, label_time=config.label_time)
+                            layout=config.chips, split=config.split, label_time=config.label_time)
     else:
         missing = [b for b in required_bands(channels) if b not in data.source.bands]
         if missing:
