@@ -250,3 +250,59 @@ def test_scan_counts_valid_pixels(cube: Any, sample_region: Any) -> None:
     valid = cube["reflectance"].notnull().all("band").values
     np.testing.assert_array_equal(scan.layer("valid").sum(axis=(1, 2)), valid.sum(axis=(1, 2)))
     assert set(scan.layers) == {"valid", *HARD_NEGATIVE_CATEGORIES}
+
+
+def _labels_on_cube(cube: Any, outlines: Any) -> np.ndarray:
+    from icemap.labels import rasterize_outlines
+
+    return np.asarray(rasterize_outlines(outlines, cube["reflectance"]).values)
+
+
+def test_grid_chips_cover_every_labelled_pixel(cube: Any, sample_region: Any) -> None:
+    lab = _labels_on_cube(cube, sample_region.outlines) > 0
+    grid = make_chips(cube, sample_region.outlines, size=32, layout="grid")
+    per_outline = make_chips(cube, sample_region.outlines, size=32)
+    for idx in (grid, per_outline):
+        seen = np.zeros(lab.shape, dtype=bool)
+        for w in {idx.samples[s].window for s in range(len(idx.samples))}:
+            win = idx.windows[w]
+            seen[win.y0:win.y0 + win.size, win.x0:win.x0 + win.size] = True
+        # The reported coverage is the coverage of the labels rasterised independently.
+        assert idx.params["labelled_pixels"] == int(lab.sum())
+        assert idx.params["labelled_pixels_in_chips"] == int((lab & seen).sum())
+    assert grid.params["label_coverage"] == 1.0 and grid.params["layout"] == "grid"
+    assert per_outline.params["label_coverage"] < 1.0  # one chip per outline leaves labels out
+    assert {w.kind for w in grid.windows} == {"grid"}
+    # Windows that share pixels (the clamped last row/column) are one group.
+    ws = grid.windows
+    for i, a in enumerate(ws):
+        for b in ws[i + 1:]:
+            if a.overlaps(b) or set(a.gids) & set(b.gids):
+                assert a.group == b.group
+
+
+def test_location_split_holds_out_places_of_one_large_glacier(cube: Any, sample_region: Any) -> None:
+    import geopandas as gpd
+    from shapely.ops import unary_union
+
+    gdf = gpd.read_file(sample_region.outlines, layer="glaciers")
+    # One glacier: the outlines dissolved into a single polygon (its convex hull).
+    one = gpd.GeoDataFrame({"glacier_id": ["G1"]}, geometry=[unary_union(list(gdf.geometry)).convex_hull],
+                           crs=gdf.crs)
+    by_glacier = make_chips(cube, one, size=32, layout="grid")
+    with pytest.raises(ModelError, match=r"at least 3 \(one each\).*--split location"):
+        split_chips(by_glacier, iterations=5)
+    idx = make_chips(cube, one, size=32, layout="grid", group_by="location")
+    a, b = split_chips(idx, seed=2), split_chips(idx, seed=2)
+    assert a.groups == b.groups and all(a.groups[s] for s in ("train", "val", "test"))
+    assert a.report["method"].startswith("location")
+    # No pixel is in two sets.
+    owner = np.full(idx.shape, "", dtype=object)
+    for name, groups in a.groups.items():
+        for s in idx.samples_of(groups):
+            w = idx.windows[idx.samples[s].window]
+            block = owner[w.y0:w.y0 + w.size, w.x0:w.x0 + w.size]
+            assert set(np.unique(block)) <= {"", name}
+            block[:] = name
+    with pytest.raises(ModelError, match="chip layout"):
+        make_chips(cube, one, size=32, layout="tiles")

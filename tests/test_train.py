@@ -322,3 +322,228 @@ def test_cli_experiment(cube_path: Path, sample_region: Any, tmp_path: Path, cap
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "all_bands_original needs band(s) ['lwir11']" in err and "needs a DEM" in err
+
+
+# -- fine-tuning, baselines, early stopping, spectral augmentation --------------------------------
+INIT = dict(chip_size=32, batch_size=4, split_iterations=40, patience=None, n_hard_negative=2, n_random=1, seed=1,
+            init="default")
+
+
+def test_init_default_fine_tunes_with_the_models_inputs_and_normalisation(data: Any, tmp_path: Path) -> None:
+    from icemap.model.default import default_model_dir
+
+    start = read_metadata(default_model_dir())
+    res = train(None, None, tmp_path / "ft", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
+    meta = read_metadata(res.checkpoint)
+    # The starting model's channels, architecture and normalisation (not refitted on these chips).
+    assert meta.channels == start.channels and meta.architecture == start.architecture
+    assert meta.normalisation == start.normalisation
+    init = meta.training["init"]
+    assert init["model"] == "default" and init["weights_sha256"] == start.weights_sha256
+    assert meta.training["lr"] == pytest.approx(0.001)  # a tenth of Adam's 0.01 when fine-tuning
+    # The starting model competes as epoch 0: the result is never worse on validation.
+    assert meta.validation["f1_at_0_5"] >= init["start_val_f1"]
+    default_model, _ = load_checkpoint(default_model_dir())
+    same = all(torch.equal(v, default_model.state_dict()[k]) for k, v in res.model.state_dict().items())
+    assert same == (res.best_epoch == 0)
+    # Rerun: the same weights, byte for byte (CPU training is deterministic).
+    again = train(None, None, tmp_path / "ft2", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
+    assert again.meta.weights_sha256 == res.meta.weights_sha256
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(inputs="ndsi"), "reads the inputs"), (dict(depth=2), "has depth 4"),
+    (dict(init="/nonexistent/model"), "no checkpoint"),
+])
+def test_init_conflicts_are_clear_errors(data: Any, tmp_path: Path, bad: dict[str, Any], match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        train(None, None, tmp_path / "m", TrainConfig(**{**INIT, **bad}, epochs=1), data=data, quiet=True)
+
+
+def test_validation_baselines_count_the_models_pixels(trained: Any, data: Any) -> None:
+    import icemap
+    from icemap.model.train import validation_baselines
+
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    val = ChipDataset(data.source, data.samples("val"), ("green", "swir16"), normalisation=norm, multiple=4)
+    base = validation_baselines(val)
+    # Same pixels as the model's validation scores.
+    assert base["all_ice"]["n_pixels"] == trained.meta.validation["n_pixels"] == base["ndsi"]["n_pixels"]
+    assert base["all_ice"]["recall"] == 1.0 and base["all_ice"]["tn"] == 0
+    # NDSI against a plain numpy reference on the same chips.
+    for t in (0.4, 0.2):
+        want = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+        for i, s in enumerate(val.samples):
+            refl = data.source.window(s)
+            g, sw = (refl.sel(band=b).values[0].astype(np.float32) for b in ("green", "swir16"))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ice = (g - sw) / (g + sw) >= np.float32(t)
+            _, y, valid = val.arrays(i)
+            for k, (p, r) in {"tp": (1, 1), "fp": (1, 0), "fn": (0, 1), "tn": (0, 0)}.items():
+                want[k] += int(((ice == p) & ((y == 1) == r) & valid).sum())
+        with icemap.set_options(ndsi_threshold=t):
+            got = validation_baselines(val)["ndsi"]
+        assert got["threshold"] == t and {k: got[k] for k in want} == want
+    rec = trained.meta.training["baselines"]
+    assert rec["all_ice"]["f1"] == trained.meta.validation["all_ice_f1"]
+    assert set(rec["no_better_than"]) <= {"all_ice", "ndsi"}
+
+
+def _collapsed_eval(model: Any, ds: Any, loss_fn: Any, device: Any, amp: bool, batch_size: int,
+                    threshold: float = 0.5) -> Any:
+    """A validation pass of a model that calls everything ice (what a collapsed run does)."""
+    total = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    probs = []
+    for i in range(len(ds)):
+        _, y, valid = ds.arrays(i)
+        total["tp"] += int((y[valid] == 1).sum())
+        total["fp"] += int((y[valid] == 0).sum())
+        probs.append(np.ones(y.shape, dtype=np.float32))
+    return 0.5, total, np.stack(probs)
+
+
+def test_early_stopping_never_keeps_a_collapsed_model(data: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from icemap.errors import ModelNoBetterWarning
+    from icemap.model import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_eval", _collapsed_eval)
+    cfg = TrainConfig(**{**TINY, "patience": 1}, epochs=3)
+    # No epoch beats "everything is ice", so patience does not stop the run...
+    with pytest.warns(ModelNoBetterWarning, match=r"no better than calling everything ice \(F1 0\.\d+\)"):
+        res = train(None, None, tmp_path / "m", cfg, data=data, quiet=True)
+    assert len(res.history) == 3 and not res.stopped_early
+    assert "all_ice" in res.no_better_than
+    assert read_metadata(res.checkpoint).training["baselines"]["no_better_than"] == res.no_better_than
+    # ... and --strict makes it an error (the checkpoint stays for inspection).
+    with pytest.raises(ModelError, match="not learnt to map ice"):
+        train(None, None, tmp_path / "s", cfg, data=data, quiet=True, strict=True)
+    assert (tmp_path / "s" / "model.json").exists()
+
+
+def test_early_stopping_still_stops_a_learning_model(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**{**TINY, "patience": 1}, epochs=8), data=data, quiet=True)
+    best = max(r.val_f1 for r in res.history)
+    if res.stopped_early:
+        assert best > res.meta.validation["all_ice_f1"]
+    else:
+        assert len(res.history) == 8
+
+
+def test_spectral_augment_on_any_band_channels() -> None:
+    from icemap.model.augment import SpectralAugment, check_augment_channels
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(0.05, 0.9, size=(3, 3, 16, 16)).astype(np.float32))
+    g, s = x[:, 0], x[:, 1]
+    x[:, 2] = (g - s) / (g + s)
+    valid = torch.from_numpy(rng.random((3, 1, 16, 16)) > 0.2)
+    norm = Normalisation(lo=[0, 0, -1], hi=[1, 1, 1], method="minmax")
+    z = x.clone()
+    z[:, 2] = (x[:, 2] + 1) / 2
+    out = SpectralAugment(channels=("green", "swir16", "ndsi"))(z, valid, norm, np.random.default_rng(1))
+    v = valid.expand_as(z)
+    assert torch.equal(out[~v], z[~v]) and not torch.equal(out[v], z[v])
+    # NDSI is recomputed from the changed bands.
+    g2, s2 = out[:, 0].clamp_min(0), out[:, 1].clamp_min(0)
+    nd = (out[:, 2] * 2 - 1)[valid[:, 0]]
+    np.testing.assert_allclose(nd.numpy(), ((g2 - s2) / (g2 + s2))[valid[:, 0]].numpy(), atol=1e-5)
+    for bad in (("elevation",), ("green", "ndsi"), ("green", "swir16", "slope")):
+        with pytest.raises(ModelError, match="spectral augmentation"):
+            check_augment_channels(bad)
+
+
+def test_spectral_augment_option_is_recorded(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**TINY, epochs=1, spectral_augment=True), data=data,
+                quiet=True)
+    aug = read_metadata(res.checkpoint).training["augmentation"]
+    assert aug["flips"] and aug["batch"]["class"] == "SpectralAugment"
+    assert aug["batch"]["channels"] == ["green", "swir16"]
+    with pytest.raises(ModelError, match="spectral augmentation"):
+        train(None, None, tmp_path / "x", TrainConfig(**{**TINY, "inputs": "ndsi_dem"}, epochs=1,
+                                                      spectral_augment=True), data=data, quiet=True)
+
+
+def test_cli_train_init_default_prints_baselines(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out", str(out),
+             "--init", "default", "--augment", "spectral", "--epochs", "1", "--chip-size", "32",
+             "--split-iterations", "20", "--seed", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "started from default" in r.stdout
+    meta = read_metadata(out)
+    b = meta.training["baselines"]
+    assert (f"NDSI 0.4 F1 {b['ndsi']['f1']:.3f}, everything-is-ice F1 {b['all_ice']['f1']:.3f}" in r.stdout)
+    assert ("ModelNoBetterWarning" in r.stderr) == bool(b["no_better_than"])
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
+             str(tmp_path / "x"), "--init", "default", "--inputs", "green,swir16,ndsi", "--quiet")
+    assert r.returncode == 1 and "reads the inputs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("train", "--cube", str(cube_path), "--reference", str(sample_region.outlines), "--out",
+             str(tmp_path / "y"), "--augment", "colour", "--quiet")
+    assert r.returncode == 1 and "--augment must be one of" in r.stderr
+
+
+def test_restarts_keep_the_best_validation_seed(data: Any, tmp_path: Path) -> None:
+    res = train(None, None, tmp_path / "m", TrainConfig(**TINY, epochs=1, restarts=2), data=data, quiet=True)
+    runs = res.meta.training["restarts"]
+    assert [r["seed"] for r in runs] == [1, 2]
+    best = max(runs, key=lambda r: (r["val_f1"], -r["seed"]))
+    assert res.meta.training["chosen_seed"] == best["seed"] == res.meta.training["config"]["seed"]
+    assert res.meta.validation["f1"] == pytest.approx(best["val_f1"])
+    # The kept model is the chosen run's, byte for byte; every run stays for inspection.
+    chosen = read_metadata(tmp_path / "m" / "restarts" / f"seed-{best['seed']}")
+    assert read_metadata(tmp_path / "m").weights_sha256 == chosen.weights_sha256
+    assert all((tmp_path / "m" / "restarts" / f"seed-{r['seed']}" / "model.json").exists() for r in runs)
+    # Same chips and split for every run.
+    other = read_metadata(tmp_path / "m" / "restarts" / f"seed-{3 - best['seed']}")
+    assert other.training["split"] == chosen.training["split"]
+
+
+def test_labels_per_year_pick_each_dates_outlines(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.affinity import translate
+
+    from icemap.labels import rasterize_outlines
+    from icemap.store import open_cube
+
+    gdf = gpd.read_file(sample_region.outlines, layer="glaciers")
+    moved = gdf.set_geometry(gdf.geometry.apply(lambda g: translate(g, 300, 0)))
+    yearly = pd.concat([gdf.assign(year=2021), moved.assign(year=2022)], ignore_index=True)
+    path = tmp_path / "yearly.gpkg"
+    yearly.to_file(path, layer="glaciers")
+    d = prepare_data(cube_path, path, chip_size=32, split_seed=1, split_iterations=20, label_time="year",
+                     layout="grid", split="location")
+    refl = open_cube(cube_path)["reflectance"]
+    dates = [str(t)[:10] for t in refl["time"].values]
+    assert d.index.params["label_match"] == "year"
+    assert d.index.params["dates_without_labels"] == [t for t in dates if t[:4] not in ("2021", "2022")]
+    assert {dates[s.time][:4] for s in d.index.samples} <= {"2021", "2022"}
+    truth = {y: np.asarray(rasterize_outlines(yearly[yearly.year == int(y)], refl).values) for y in ("2021", "2022")}
+    for i, s in enumerate(d.index.samples):
+        w = d.index.windows[s.window]
+        want = truth[dates[s.time][:4]][w.y0:w.y0 + w.size, w.x0:w.x0 + w.size] > 0
+        np.testing.assert_array_equal(d.source.sample_labels(i) > 0, want)
+    with pytest.raises(ModelError, match="no column 'date'"):
+        prepare_data(cube_path, path, chip_size=32, split_iterations=20, label_time="date", layout="grid",
+                     split="location")
+    path2 = tmp_path / "old.gpkg"
+    gdf.assign(year=1999).to_file(path2, layer="glaciers")
+    with pytest.raises(ModelError, match="no cube date .* has outlines of its year"):
+        prepare_data(cube_path, path2, chip_size=32, split_iterations=20, label_time="year")
+
+
+def test_split_by_year_holds_out_the_latest_years(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
+    from icemap.store import open_cube
+
+    d = prepare_data(cube_path, sample_region.outlines, chip_size=32, split="year")
+    dates = [str(t)[:10] for t in open_cube(cube_path)["reflectance"]["time"].values]
+    years = sorted({t[:4] for t in dates})
+    assert len(years) == 3  # the sample region: one date per year
+    got = {name: {dates[d.index.samples[i].time][:4] for i in d.samples(name)} for name in ("train", "val", "test")}
+    assert got == {"train": {years[0]}, "val": {years[1]}, "test": {years[2]}}
+    assert sum(len(d.samples(n)) for n in ("train", "val", "test")) == len(d.index.samples)
+    res = train(None, None, tmp_path / "m", TrainConfig(**{**TINY, "split": "year"}, epochs=1), data=d, quiet=True)
+    assert res.meta.training["split"]["method"].startswith("year")
+    with pytest.raises(ModelError, match="split must be one of"):
+        prepare_data(cube_path, sample_region.outlines, chip_size=32, split="area")

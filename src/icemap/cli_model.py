@@ -39,11 +39,26 @@ IterOpt = Annotated[int, typer.Option("--split-iterations", help="Monte-Carlo it
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu or cuda.")]
 
 
+#: ``--augment`` values: what each turns on (flips/rotations, the default model's radiometric
+#: augmentation).
+AUGMENT_CHOICES: dict[str, dict[str, bool]] = {
+    "none": {"augment": False, "spectral_augment": False},
+    "flips": {"augment": True, "spectral_augment": False},
+    "spectral": {"augment": True, "spectral_augment": True},
+}
+
+
 def _config(**kw: Any) -> Any:
     from icemap.model.train import TrainConfig
 
     threshold = kw.pop("threshold")
     kw["patience"] = kw["patience"] or None
+    augment = kw.pop("augment", "flips")
+    if augment not in AUGMENT_CHOICES:
+        raise IcemapError(f"--augment must be one of {', '.join(AUGMENT_CHOICES)}, not {augment!r}")
+    kw.update(AUGMENT_CHOICES[augment])
+    if kw.get("inputs") is None:
+        kw.pop("inputs", None)  # the TrainConfig default, or the --init model's inputs
     return TrainConfig(threshold=threshold if threshold == "tune" else _number(threshold, "--threshold"), **kw)
 
 
@@ -70,7 +85,21 @@ def train_cmd(
     cube: CubeOpt,
     reference: ReferenceOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (checkpoint + training state).")],
-    inputs: Annotated[str, typer.Option("--inputs", help="Input set (b3_b6, all_bands_dem, ndsi, b6_b5_b2, ...) or channels.")] = "b3_b6",
+    inputs: Annotated[Optional[str], typer.Option(
+        "--inputs", help="Input set (b3_b6, all_bands_dem, ndsi, b6_b5_b2, ...) or channels "
+        "[default: b3_b6, or the --init model's]", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", help="Fine-tune from a model: 'default' (the shipped one) or a model folder; its weights, "
+        "inputs, architecture and normalisation are used (default learning rate a tenth).")] = None,
+    augment: Annotated[str, typer.Option(
+        "--augment", help="flips (flips and rotations), spectral (also the default model's band gains, "
+        "illumination, haze, noise...) or none.")] = "flips",
+    restarts: Annotated[int, typer.Option(
+        "--restarts", help="Train N models (seeds SEED, SEED+1, ...) on the same chips and split; keep the best "
+        "validation F1.")] = 1,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Fail (non-zero exit) when the model is no better than NDSI or everything-is-ice "
+        "on validation, instead of warning.")] = False,
     mask: Annotated[str, typer.Option("--mask", help="original or extended (outlines grown 15 m).")] = "original",
     epochs: EpochsOpt = 50,
     chip_size: ChipOpt = 128,
@@ -87,6 +116,16 @@ def train_cmd(
     patience: PatienceOpt = 10,
     threshold: ThresholdOpt = "0.5",
     overlap: OverlapOpt = "independent",
+    chips: Annotated[str, typer.Option(
+        "--chips", help="outline (one chip per outline) or grid (chips edge to edge over the outlines: every "
+        "labelled pixel is used).")] = "outline",
+    split: Annotated[str, typer.Option(
+        "--split", help="glacier (whole glaciers held out for validation/test) or location (places held out: "
+        "splits a region with one or two large glaciers) or year (latest year = test, the one before = "
+        "validation).")] = "glacier",
+    label_time: Annotated[Optional[str], typer.Option(
+        "--label-time", help="Column of the outlines with each outline's year or date: each cube date is "
+        "labelled by the outlines of its year/date (yearly outlines in one file).")] = None,
     hard_negatives: HardOpt = 0,
     random_chips: RandomOpt = 0,
     split_iterations: IterOpt = 900,
@@ -101,19 +140,50 @@ def train_cmd(
                   loss=loss, optimizer=optimizer, lr=lr, seed=seed, depth=depth, base=base, dropout=dropout,
                   patience=patience,
                   threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
-                  split_iterations=split_iterations, device=device)
-    from icemap.model.train import train
+                  split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
+                  split=split, restarts=restarts,
+                  label_time=label_time)
+    import warnings
 
     from icemap.cluster import connect
+    from icemap.errors import ModelNoBetterWarning
+    from icemap.model.train import train
 
     # The cluster reads and scans the cube (chips, normalisation); torch trains in this process.
-    with connect(scheduler):
-        res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console())
+    # The no-better warning is printed below, beside the scores it is about.
+    with connect(scheduler), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModelNoBetterWarning)
+        res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console(),
+                    strict=strict)
     con = _console(stderr=False)
     v = res.meta.validation
+    start = res.meta.training.get("init")
+    if start:
+        con.print(f"started from {start['model']} (validation F1 {start['start_val_f1']:.3f} before training)"
+                  if start.get("start_val_f1") is not None else f"started from {start['model']}", highlight=False)
     con.print(f"[bold]{out}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
               f"{res.threshold:.2f}, validation F1 {v['f1']:.3f} (P {v['precision']:.3f}, R {v['recall']:.3f})",
               highlight=False)
+    if res.meta.training.get("restarts"):
+        con.print("restarts (seed: validation F1): " + ", ".join(
+            f"{r['seed']}: {r['val_f1']:.3f}" for r in res.meta.training["restarts"])
+            + f"; kept seed {res.meta.training['chosen_seed']}", highlight=False)
+    b = res.baselines
+    line = f"same validation pixels: model F1 {v['f1']:.3f}"
+    if "ndsi" in b:
+        line += f", NDSI {b['ndsi']['threshold']:g} F1 {b['ndsi']['f1']:.3f}"
+    line += f", everything-is-ice F1 {b['all_ice']['f1']:.3f}"
+    con.print(line, highlight=False)
+    params = res.data.index.params
+    if params.get("labelled_pixels"):
+        con.print(f"chips ({params['layout']}): {len(res.data.index.windows)} windows, "
+                  f"{len(res.data.index.samples)} chip-dates; {params['labelled_pixels_in_chips']} of "
+                  f"{params['labelled_pixels']} labelled pixels ({100 * params['label_coverage']:.1f} %) are in a chip",
+                  highlight=False)
+    if params.get("label_time"):
+        skipped = params.get("dates_without_labels") or []
+        con.print(f"labels per {params['label_match']} from column {params['label_time']}"
+                  + (f"; dates without outlines left out: {', '.join(skipped)}" if skipped else ""), highlight=False)
     sets = res.data.split.report["sets"]
     con.print("split (KS vs all glaciers, area/shape): " + "; ".join(
         f"{n} {s['samples']} chips, {s['glaciers']} glaciers, KS {s['ks_area']:.2f}/{s['ks_shape']:.2f}"
@@ -123,6 +193,12 @@ def train_cmd(
         con.print(f"test F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}), "
                   f"ice area {t['ice_area_km2']:.3f} km2 ({t['area_diff_pct']:+.1f}% vs the outlines)",
                   highlight=False)
+    if res.no_better_than:
+        names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
+        _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
+                         f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
+                         "as it is (try --init default, --augment spectral, more --epochs, --restarts N or another --seed, "
+                         "more labelled glaciers)", highlight=False)
 
 
 @app.command("experiment")

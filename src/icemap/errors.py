@@ -32,6 +32,7 @@ __all__ = [
     "NoQAWarning",
     "MixedCRSWarning",
     "ImplausibleReflectanceWarning",
+    "ModelNoBetterWarning",
 ]
 
 
@@ -118,3 +119,6 @@ class MixedCRSWarning(IcemapWarning):
 class ImplausibleReflectanceWarning(IcemapWarning):
     """Reflectance whose darkest or brightest values no real scene has: a missing or doubled
     offset, or a wrong scale (:mod:`icemap.plausibility`). Maps made from it are wrong."""
+class ModelNoBetterWarning(IcemapWarning):
+    """A trained model scores no better on its validation outlines than NDSI or than calling
+    every pixel ice: it has collapsed or not learnt, and should not be used as it is."""

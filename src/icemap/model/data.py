@@ -40,6 +40,8 @@ __all__ = [
     "HARD_NEGATIVE_CATEGORIES",
     "SETS",
     "OVERLAP_MODES",
+    "CHIP_LAYOUTS",
+    "GROUPINGS",
     "Window",
     "Sample",
     "ChipIndex",
@@ -50,6 +52,7 @@ __all__ = [
     "scan_cube",
     "make_chips",
     "split_chips",
+    "split_by_year",
     "ChipSource",
     "ChipDataset",
     "fit_normalisation",
@@ -64,6 +67,12 @@ HARD_NEGATIVE_CATEGORIES: tuple[str, ...] = ("water", "shadow", "snow", "cloud")
 
 #: Overlap handling of :func:`make_chips`.
 OVERLAP_MODES: tuple[str, ...] = ("drop", "independent", "group")
+
+#: Chip layouts of :func:`make_chips`: one window per outline, or a grid over the labels.
+CHIP_LAYOUTS: tuple[str, ...] = ("outline", "grid")
+
+#: How :func:`make_chips` groups windows (a group goes to one set as a whole).
+GROUPINGS: tuple[str, ...] = ("glacier", "location")
 
 #: The three sets of a split.
 SETS: tuple[str, str, str] = ("train", "val", "test")
@@ -152,7 +161,8 @@ class Window:
     y0, x0, size
         Top-left pixel and edge length.
     kind
-        ``"glacier"`` (centred on ``centre_gid``), ``"hard_negative"`` or ``"random"``.
+        ``"glacier"`` (centred on ``centre_gid``), ``"grid"`` (a cell of the grid over the
+        labels), ``"hard_negative"`` or ``"random"``.
     category
         The hard-negative category (``water``, ``shadow``, ``snow``, ``cloud``) or ``None``.
     centre_gid
@@ -414,8 +424,10 @@ def make_chips(
     times: Sequence[int | str] | None = None,
     seed: int = 0,
     scan: CubeScan | None = None,
+    layout: str = "outline",
+    group_by: str = "glacier",
 ) -> ChipIndex:
-    """Cut chip windows from a cube: glacier-centred, hard-negative and random.
+    """Cut chip windows from a cube: glacier-centred (or a grid), hard-negative and random.
 
     Parameters
     ----------
@@ -453,6 +465,19 @@ def make_chips(
         Seed of the random windows.
     scan
         A :func:`scan_cube` result to reuse (it is computed otherwise).
+    layout
+        ``"outline"``: one window centred on each outline (study a), so parts of glaciers
+        larger than a chip, and glaciers dropped by the overlap rule, are never seen.
+        ``"grid"``: windows edge to edge over the bounding box of the outlines (clamped to the
+        cube), so every labelled pixel is in a window; ``overlap`` then only matters for the
+        hard-negative and random windows. The index's ``params`` report the labelled pixels
+        and the share of them inside some window (``label_coverage``) for either layout.
+    group_by
+        ``"glacier"`` (the default): windows that touch the same glacier are one group, so a
+        glacier is in one set as a whole (validation on glaciers the model has not seen).
+        ``"location"``: windows are grouped only where they share pixels, so the parts of one
+        large glacier can be in different sets; the way to split a region with one or two
+        glaciers (validation on places the model has not seen, not on other glaciers).
 
     Returns
     -------
@@ -469,6 +494,10 @@ def make_chips(
 
     if overlap not in OVERLAP_MODES:
         raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {overlap!r}")
+    if layout not in CHIP_LAYOUTS:
+        raise ModelError(f"chip layout must be one of {', '.join(CHIP_LAYOUTS)}, not {layout!r}")
+    if group_by not in GROUPINGS:
+        raise ModelError(f"split grouping must be one of {', '.join(GROUPINGS)}, not {group_by!r}")
     if size < 8:
         raise ModelError(f"chip size must be at least 8 pixels, got {size}")
     if not 0.0 <= min_valid <= 1.0:
@@ -506,9 +535,9 @@ def make_chips(
         whole = [int(gids[i]) for i in hit if wbox.contains(geoms[i])]
         return tuple(sorted(int(gids[i]) for i in hit)), tuple(sorted(whole))
 
-    # 1. Glacier-centred windows (one per glacier, centred on its bounding box).
+    # 1. Glacier-centred windows (one per glacier, centred on its bounding box), or a grid.
     cands = []
-    for i, geom in enumerate(geoms):
+    for i, geom in enumerate(geoms if layout == "outline" else ()):
         minx, miny, maxx, maxy = geom.bounds
         col, row = inv * ((minx + maxx) / 2, (miny + maxy) / 2)
         y0, x0 = _clamp(row - size / 2, size, h), _clamp(col - size / 2, size, w)
@@ -536,6 +565,18 @@ def make_chips(
 
     for c in cands:
         keep(c)
+    if layout == "grid":
+        for y0, x0 in _grid_origins(inside, inv, size, h, w):
+            touched, whole = contents(y0, x0)
+            if not touched:
+                continue
+            win = Window(y0, x0, size, "grid", None, None, touched, whole)
+            # Grid windows are kept whatever the overlap rule (they tile the labels by
+            # construction); only dates with too few valid pixels leave them out.
+            if (scan.valid_fraction(y0, x0, size)[tidx] >= min_valid).any():
+                windows.append(win)
+                kept.append((y0, x0, size))
+                claimed.update(touched)
     if not windows:
         raise ModelError(
             f"no glacier window has a date with at least {min_valid:.0%} valid pixels; lower "
@@ -585,16 +626,18 @@ def make_chips(
         touched, whole = contents(y0, x0)
         added += keep(Window(y0, x0, size, "random", None, None, touched, whole))
 
-    # Groups: windows sharing a glacier, and overlapping windows in "group" mode.
+    # Groups: windows sharing a glacier (group_by="glacier"), and overlapping windows in
+    # "group" mode or when grouping by location (where shared pixels are what must not leak).
     uf = _UnionFind(len(windows))
     first: dict[int, int] = {}
     for i, win in enumerate(windows):
         for g in win.gids:
             if g in first:
-                uf.union(first[g], i)
+                if group_by == "glacier":
+                    uf.union(first[g], i)
             else:
                 first[g] = i
-    if overlap == "group" and windows:
+    if (overlap == "group" or group_by == "location" or layout == "grid") and windows:
         from shapely.geometry import box as _box
 
         boxes = [_box(w_.x0, w_.y0, w_.x0 + w_.size, w_.y0 + w_.size) for w_ in windows]
@@ -613,6 +656,7 @@ def make_chips(
         for t in tidx:
             if frac[t] >= min_valid:
                 samples.append(Sample(i, t, round(float(frac[t]), 4)))
+    labelled, covered = _label_coverage(inside, transform, (h, w), [windows[i] for i in sorted({s.window for s in samples})])
     used = {g for win in windows for g in win.gids}
     glaciers = inside[inside["gid"].isin(used)].reset_index(drop=True)
     glaciers["group"] = [windows[first[int(g)]].group for g in glaciers["gid"]]
@@ -622,8 +666,45 @@ def make_chips(
         times=[labels[t] for t in tidx],
         params={"size": size, "overlap": overlap, "n_random": n_random, "n_hard_negative": n_hard_negative,
                 "min_valid": min_valid, "min_negative_pixels": min_negative_pixels, "seed": seed,
-                "scan_cell": scan.cell},
+                "scan_cell": scan.cell, "layout": layout, "group_by": group_by, "labelled_pixels": labelled,
+                "labelled_pixels_in_chips": covered,
+                "label_coverage": round(covered / labelled, 4) if labelled else None},
     )
+
+
+def _grid_origins(outlines: Any, inv: Any, size: int, h: int, w: int) -> list[tuple[int, int]]:
+    """Top-left pixels of windows edge to edge over the outlines' bounding box (in the cube).
+
+    The last row and column are clamped to the cube, so they may overlap their neighbours
+    (such windows are grouped together, so no pixel is in two sets).
+    """
+    minx, miny, maxx, maxy = outlines.total_bounds
+    cols, rows = zip(*(inv * (x, y) for x in (minx, maxx) for y in (miny, maxy)))
+    r0, r1 = max(int(math.floor(min(rows))), 0), min(int(math.ceil(max(rows))), h)
+    c0, c1 = max(int(math.floor(min(cols))), 0), min(int(math.ceil(max(cols))), w)
+    ys = sorted({_clamp(y, size, h) for y in range(r0, max(r1, r0 + 1), size)})
+    xs = sorted({_clamp(x, size, w) for x in range(c0, max(c1, c0 + 1), size)})
+    return [(y, x) for y in ys for x in xs]
+
+
+def _label_coverage(outlines: Any, transform: Any, shape: tuple[int, int], windows: Sequence[Window]) -> tuple[int, int]:
+    """Labelled pixels of the cube (pixel-centre rule) and how many of them lie in a window.
+
+    One uint8 raster of the cube's size: a few MB for a large cube, and it answers the
+    question a user must be able to ask (how much of my labels did training see?).
+    """
+    from rasterio.features import rasterize
+
+    from icemap.labels import _quiet_rasterize_warning
+
+    _quiet_rasterize_warning()
+    lab = rasterize([(g, 1) for g in outlines.geometry], out_shape=shape, transform=transform, fill=0,
+                    all_touched=False, dtype="uint8")
+    total = int(lab.sum())
+    seen = np.zeros(shape, dtype=bool)
+    for win in windows:
+        seen[win.y0:win.y0 + win.size, win.x0:win.x0 + win.size] = True
+    return total, int(lab[seen].sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,14 +714,21 @@ def make_chips(
 
 @dataclass
 class Split:
-    """Groups per set (``train``, ``val``, ``test``) and the KS report of the chosen split."""
+    """Groups per set (``train``, ``val``, ``test``) and the KS report of the chosen split.
+
+    A split by year (:func:`split_by_year`) holds its samples per set in ``sample_sets`` (the
+    same window is in several sets, on different dates) and its years in ``groups``.
+    """
 
     groups: dict[str, list[int]]
     report: dict[str, Any]
+    sample_sets: dict[str, list[int]] | None = None
 
     def samples(self, index: ChipIndex, which: str) -> list[int]:
         if which not in SETS:
             raise ModelError(f"a split has sets {SETS}, not {which!r}")
+        if self.sample_sets is not None:
+            return list(self.sample_sets[which])
         return index.samples_of(self.groups[which])
 
     def set_of(self, group: int) -> str:
@@ -650,7 +738,38 @@ class Split:
         raise KeyError(group)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, "report": self.report}
+        d: dict[str, Any] = {"groups": self.groups, "report": self.report}
+        if self.sample_sets is not None:
+            d["sample_sets"] = self.sample_sets
+        return d
+
+
+def split_by_year(index: ChipIndex, dates: Sequence[str]) -> Split:
+    """Hold out the latest year(s): test = the last year, validation = the one before.
+
+    With two years there is no test set (validation = the last year). ``dates`` are the cube's
+    dates (``YYYY-MM-DD``) by time index. The question this answers is "does a model trained on
+    earlier years map a later one?", which a split by glacier or place cannot; the same places
+    are in every set.
+    """
+    years = sorted({str(dates[s.time])[:4] for s in index.samples})
+    if len(years) < 2:
+        raise ModelError(f"a split by year needs dates in at least 2 years; the chips have {years or 'none'}: "
+                         "ingest more years or use --split glacier or location")
+    held = {"test": years[-1], "val": years[-2]} if len(years) >= 3 else {"val": years[-1]}
+    year_set = {y: name for name, y in held.items()}
+    sample_sets: dict[str, list[int]] = {name: [] for name in SETS}
+    for i, smp in enumerate(index.samples):
+        sample_sets[year_set.get(str(dates[smp.time])[:4], "train")].append(i)
+    groups = {name: [int(y) for y in years if year_set.get(y, "train") == name] for name in SETS}
+    report: dict[str, Any] = {"method": "year (latest years held out)", "years": groups, "sets": {}}
+    for name in SETS:
+        ids = sample_sets[name]
+        windows = {index.samples[i].window for i in ids}
+        gids = {g for w in windows for g in index.windows[w].gids}
+        report["sets"][name] = {"groups": len(groups[name]), "windows": len(windows), "samples": len(ids),
+                                "glaciers": len(gids), "ks_area": float("nan"), "ks_shape": float("nan")}
+    return Split(groups=groups, report=report, sample_sets=sample_sets)
 
 
 # Candidate distributions (scipy.stats names). Study a tried 93 and kept the power log-normal
@@ -750,10 +869,15 @@ def split_chips(
             whole[w.group].update(w.whole)
     with_ice = [g for g in groups if members[g]]
     empty = [g for g in groups if not members[g]]
+    by_location = index.params.get("group_by") == "location"
     if len(with_ice) < 3:
+        how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
+               "split by location instead (--split location, which lets the parts of one large glacier go to "
+               "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
+               "(--chip-size) or a larger cube")
         raise ModelError(
             f"only {len(with_ice)} independent chip group(s) hold glaciers; a train/val/test split "
-            "needs at least 3: use smaller chips, a larger cube, or overlap='drop'"
+            f"needs at least 3 (one each): {how}"
         )
     n_val = max(1, int(round(fractions[1] * len(with_ice))))
     n_test = max(1, int(round(fractions[2] * len(with_ice))))
@@ -762,6 +886,8 @@ def split_chips(
     all_gids = sorted(g for m in members.values() for g in m)
     all_area = np.array([area[g] for g in all_gids])
     all_shape = np.array([shape[g] for g in all_gids])
+    if by_location:
+        return _location_split(index, with_ice, empty, area, all_area, all_shape, n_val, n_test, fractions, seed)
     dist_area = _fit_best(all_area, _AREA_DISTS, positive=True)
     dist_shape = _fit_best(all_shape, _SHAPE_DISTS, positive=False)
     la = np.log(all_area)
@@ -856,6 +982,42 @@ def split_chips(
     return Split(groups=sets, report=report)
 
 
+def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], area: dict[int, float], all_area: np.ndarray, all_shape: np.ndarray, n_val: int, n_test: int,
+                    fractions: tuple[float, float, float], seed: int) -> Split:
+    """Groups of places (``group_by="location"``) dealt to the sets at random, seeded.
+
+    No stratification by glacier area and shape: with a handful of glaciers split into parts
+    there is no distribution to match; what is held out is places the model has not seen.
+    """
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    order = [int(g) for g in rng.permutation(np.asarray(with_ice))]
+    sets = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
+    neg_rng = np.random.default_rng([seed, 1])
+    for g in empty:
+        sets[SETS[int(neg_rng.choice(3, p=np.asarray(fractions) / sum(fractions)))]].append(int(g))
+    sets = {k: sorted(v) for k, v in sets.items()}
+    report: dict[str, Any] = {"seed": seed, "method": "location (random groups of places)",
+                              "fractions": list(fractions), "n_glaciers": int(all_area.size), "sets": {}}
+    shape_of = dict(zip(index.glaciers["gid"].astype(int), index.glaciers["shape_factor"].astype(float)))
+    for name in SETS:
+        gids = sorted(index.glaciers_of(sets[name]))
+        samples = index.samples_of(sets[name])
+        a = np.array([area[g] for g in gids])
+        sh = np.array([shape_of[g] for g in gids])
+        ka = stats.ks_2samp(a, all_area) if a.size else None
+        ks = stats.ks_2samp(sh, all_shape) if sh.size else None
+        report["sets"][name] = {
+            "groups": len(sets[name]), "windows": len({index.samples[i].window for i in samples}),
+            "samples": len(samples), "glaciers": len(gids),
+            "glacier_area_km2": round(float(a.sum()), 4) if a.size else 0.0,
+            "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
+            "ks_shape": float(ks.statistic) if ks else 1.0, "p_shape": float(ks.pvalue) if ks else 0.0,
+        }
+    return Split(groups=sets, report=report)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading chips
 # ----------------------------------------------------------------------------------------------
@@ -891,10 +1053,15 @@ class ChipSource:
         or ``None`` (default: when the windows of all samples together take less than
         ``cache_limit_mb``; the channel arrays of each input set used add about as much
         again). Without a cache every read goes back to the store, one window at a time.
+    label_time
+        A column of the outlines with each outline's year (e.g. 2019) or date
+        (``YYYY-MM-DD``): a sample on a cube date is then labelled only by the outlines of
+        that year (or date), so one file of yearly outlines labels a multi-year cube
+        (:func:`label_keys`). ``None``: every outline labels every date.
     """
 
     def __init__(self, cube: Any, outlines: Any, index: ChipIndex, *, dem: Any = None,
-                 cache: bool | None = None, cache_limit_mb: float = 1024.0) -> None:
+                 cache: bool | None = None, cache_limit_mb: float = 1024.0, label_time: str | None = None) -> None:
         from shapely import STRtree
 
         from icemap.labels import read_outlines
@@ -908,13 +1075,19 @@ class ChipSource:
         self.bands = [str(b) for b in self.refl["band"].values]
         gdf = read_outlines(outlines, crs=self.refl.rio.crs)
         self._geoms = list(gdf.geometry)
+        self.label_time = label_time
+        self._keys: list[str] | None = None
+        self._date_keys: list[str | None] = []
+        if label_time is not None:
+            self._keys, mode = label_keys(gdf, label_time)
+            self._date_keys = [(d[:4] if mode == "year" else d) for d in _time_labels(self.refl)]
         self._trees: dict[float, tuple[Any, list[Any]]] = {0.0: (STRtree(self._geoms), self._geoms)}
         self.dem = dem
         self._elevation: Any = None
         per_sample = len(self.bands) * index.params["size"] ** 2 * 4
         self.cache = (len(index.samples) * per_sample < cache_limit_mb * 2**20) if cache is None else bool(cache)
         self._windows: dict[int, Any] = {}
-        self._labels: dict[tuple[int, float], np.ndarray] = {}
+        self._labels: dict[tuple[int, float, str | None], np.ndarray] = {}
         self._elev_cache: dict[int, Any] = {}
         self._inputs: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
         self._valid: dict[int, np.ndarray] = {}
@@ -1003,26 +1176,35 @@ class ChipSource:
         self._valid[sample] = v  # 1 byte per pixel: always kept
         return v
 
-    def labels(self, window_id: int, buffer_m: float = 0.0) -> np.ndarray:
+    def sample_labels(self, sample: int, buffer_m: float = 0.0) -> np.ndarray:
+        """The labels of a sample: its window's, from the outlines of its date with ``label_time``."""
+        s = self.index.samples[sample]
+        key = self._date_keys[s.time] if self._keys is not None else None
+        return self.labels(s.window, buffer_m, key=key)
+
+    def labels(self, window_id: int, buffer_m: float = 0.0, *, key: str | None = None) -> np.ndarray:
         """The outlines burnt on a window (uint8 0/1), pixel-centre rule, grown by ``buffer_m``.
 
         Equal, pixel for pixel, to the same window of :func:`icemap.labels.rasterize_outlines`
         (same polygons, buffer and rule), but only the polygons that touch the window are burnt.
+        ``key`` (a year or date, with ``label_time``) burns only the outlines of that year or date.
         """
         from rasterio.features import rasterize
         from rasterio.windows import Window as RioWindow
         from rasterio.windows import transform as window_transform
         from shapely import STRtree
 
-        key = (window_id, float(buffer_m))
-        if key in self._labels:
-            return self._labels[key]
+        cache_key = (window_id, float(buffer_m), key)
+        if cache_key in self._labels:
+            return self._labels[cache_key]
         if float(buffer_m) not in self._trees:
             grown = [g.buffer(buffer_m) for g in self._geoms]
             self._trees[float(buffer_m)] = (STRtree(grown), grown)
         tree, geoms = self._trees[float(buffer_m)]
         w = self.index.windows[window_id]
         hit = tree.query(_window_box(self.transform, w.y0, w.x0, w.size), predicate="intersects")
+        if key is not None and self._keys is not None:
+            hit = [i for i in hit if self._keys[int(i)] == key]
         out = np.zeros((w.size, w.size), dtype=np.uint8)
         if len(hit):
             from icemap.labels import _quiet_rasterize_warning
@@ -1032,7 +1214,7 @@ class ChipSource:
                             transform=window_transform(RioWindow(w.x0, w.y0, w.size, w.size), self.transform),
                             fill=0, all_touched=False, dtype="uint8")
         out.setflags(write=False)
-        self._labels[key] = out  # small (1 byte per pixel): always cached
+        self._labels[cache_key] = out  # small (1 byte per pixel): always cached
         return out
 
     def truth(self, sample: int, path: Any) -> np.ndarray:
@@ -1052,6 +1234,31 @@ class ChipSource:
                 raise ModelError(f"{path} is not on the cube's pixel grid; reproject it first")
             win = win.round_offsets().round_lengths()
             return src.read(1, window=win, boundless=True, fill_value=255)
+
+
+def label_keys(outlines: Any, column: str) -> tuple[list[str], str]:
+    """Each outline's year or date from ``column``, as strings, and the mode (``year``/``date``).
+
+    A column of integers (or of 4-digit strings) is years, matched to a cube date's year; any
+    other values are read as dates (``YYYY-MM-DD``, datetimes) and matched to the cube date
+    exactly. An empty or unparsable value is an error that names the row.
+    """
+    import pandas as pd
+
+    if column not in outlines.columns:
+        have = ", ".join(c for c in outlines.columns if c != "geometry")
+        raise ModelError(f"the outlines have no column {column!r} (for the label dates); columns: {have}")
+    values = outlines[column]
+    text = [str(v).strip() for v in values]
+    if all(t.isdigit() and len(t) == 4 for t in text) or pd.api.types.is_integer_dtype(values):
+        return [t.zfill(4) for t in text], "year"
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(pd.Timestamp(v).strftime("%Y-%m-%d"))
+        except (ValueError, TypeError):
+            raise ModelError(f"outline {i}: {column} = {v!r} is neither a year nor a date (YYYY-MM-DD)") from None
+    return out, "date"
 
 
 def fit_normalisation(source: ChipSource, samples: Sequence[int], channels: Sequence[str], *,
@@ -1163,7 +1370,7 @@ class ChipDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         if self.hide_channel is not None:
             x[self.hide_channel] = 0.0
         valid = self.source.valid(s) & ~nodata
-        y = self.source.labels(self.source.index.samples[s].window, self.buffer_m)
+        y = self.source.sample_labels(s, self.buffer_m)
         out = (x, np.where(valid, y, 0).astype(np.uint8), valid)
         if self.cache:
             self._arrays[i] = out

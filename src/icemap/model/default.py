@@ -33,12 +33,12 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from icemap.model.augment import SpectralAugment
 from icemap.model.packaged import DEFAULT_NAME, default_model_dir, resolve_model
 
 __all__ = [
@@ -76,94 +76,8 @@ TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience
 # Augmentation
 # ----------------------------------------------------------------------------------------------
 
-#: Relative haze (path radiance) per band, ~ wavelength^-2 (Rayleigh-like, between Rayleigh's
-#: -4 and the -1 of aerosols): blue 0.48, green 0.56, red 0.655, NIR 0.865, SWIR 1.61/2.2 um.
-_HAZE_SHAPE = tuple(round((0.48 / w) ** 2, 3) for w in (0.48, 0.56, 0.655, 0.865, 1.61, 2.2))
-
-
-#: Reflectance added by suspended sediment, relative to green (turbid river and estuary
-#: spectra: highest in green and red, some NIR, almost nothing in SWIR, which water absorbs).
-_TURBID_SHAPE = (0.7, 1.0, 0.9, 0.5, 0.08, 0.04)
-
-
-@dataclass
-class SpectralAugment:
-    """Random radiometric changes of a training batch, applied in reflectance units.
-
-    Every chip draws, from the epoch's generator: a global illumination factor
-    (``illumination``, e.g. sun elevation and slope), with probability ``p_shading`` a smooth
-    multiplicative shading field (``shading``: a 4 x 4 field of factors upsampled to the chip,
-    the scale of ridges and valleys), per-band gains with standard deviation ``band_gain_sd``
-    (Landsat OLI versus HLS versus Sentinel-2 MSI band responses and TOA versus surface
-    reflectance differ by a few percent per band), per-band offsets ``band_offset_sd``, with
-    probability ``p_haze`` an additive haze of up to ``haze_max`` in blue falling off as
-    :data:`_HAZE_SHAPE`, and gaussian noise of up to ``noise_max``. With probability
-    ``p_turbid`` the chip's water (NDWI > 0.2 and NIR < 0.08: the generator's clear lakes) gets
-    suspended sediment, up to ``turbid_max`` in green with the spectrum of :data:`_TURBID_SHAPE`
-    in a smooth field: real rivers, estuaries and glacier lakes are brighter in the visible
-    and NIR than the generator's lakes, and bright water at high NDSI is NDSI's classic false
-    positive. NDSI and NDWI are
-    recomputed from the changed bands, so the indices stay consistent with them. Pixels that
-    were nodata (or padding) are left untouched.
-    """
-
-    illumination: tuple[float, float] = (0.65, 1.25)
-    p_shading: float = 0.5
-    shading: tuple[float, float] = (0.45, 1.1)
-    band_gain_sd: float = 0.06
-    band_offset_sd: float = 0.008
-    p_haze: float = 0.4
-    haze_max: float = 0.08
-    noise_max: float = 0.012
-    p_turbid: float = 0.6
-    turbid_max: float = 0.12
-    channels: tuple[str, ...] = CHANNELS
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["haze_shape"] = list(_HAZE_SHAPE)
-        return d
-
-    def __call__(self, x: Any, valid: Any, norm: Any, rng: np.random.Generator) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        b, c, h, w = x.shape
-        ch = list(self.channels)
-        nb = len(_BANDS)
-        lo = torch.as_tensor(norm.lo, dtype=x.dtype).view(1, c, 1, 1)
-        span = torch.as_tensor(norm.hi - norm.lo, dtype=x.dtype).view(1, c, 1, 1)
-        refl = (x * span + lo)[:, :nb]
-        def f(a: Any) -> Any:
-            return torch.as_tensor(np.asarray(a, dtype=np.float32))
-
-        if self.p_turbid > 0:
-            g0, n0 = refl[:, ch.index("green")].clamp_min(0), refl[:, ch.index("nir08")].clamp_min(0)
-            water = ((g0 - n0) > 0.2 * (g0 + n0)) & (n0 < 0.08)
-            amount = f(rng.uniform(0, self.turbid_max, size=(b, 1, 1, 1)) * (rng.random(size=(b, 1, 1, 1)) < self.p_turbid))
-            field = F.interpolate(f(rng.uniform(0.3, 1.0, size=(b, 1, 4, 4))), size=(h, w), mode="bilinear",
-                                  align_corners=False)
-            sediment = amount * field * torch.as_tensor(_TURBID_SHAPE).view(1, nb, 1, 1)
-            refl = refl + water[:, None].to(refl.dtype) * sediment
-        gain = f(rng.uniform(*self.illumination, size=(b, 1, 1, 1)))
-        gain = gain * f(rng.normal(1.0, self.band_gain_sd, size=(b, nb, 1, 1))).clamp(0.8, 1.2)
-        coarse = f(rng.uniform(*self.shading, size=(b, 1, 4, 4)))
-        shade = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).clamp(0.3, 1.2)
-        use_shade = f(rng.random(size=(b, 1, 1, 1)) < self.p_shading)
-        shade = use_shade * shade + (1 - use_shade)
-        haze = f(rng.uniform(0, self.haze_max, size=(b, 1, 1, 1)) * (rng.random(size=(b, 1, 1, 1)) < self.p_haze))
-        haze = haze * torch.as_tensor(_HAZE_SHAPE).view(1, nb, 1, 1)
-        offset = f(rng.normal(0.0, self.band_offset_sd, size=(b, nb, 1, 1)))
-        sigma = f(rng.uniform(0, self.noise_max, size=(b, 1, 1, 1)))
-        noise = f(rng.standard_normal(size=(b, nb, h, w))) * sigma
-        new = refl * gain * shade + haze + offset + noise
-        out = [new[:, i] for i in range(nb)]
-        g, nir, swir = (new[:, ch.index(n)].clamp_min(0) for n in ("green", "nir08", "swir16"))
-        for name in ch[nb:]:
-            other = swir if name == "ndsi" else nir
-            out.append(torch.where(g + other > 0, (g - other) / (g + other).clamp_min(1e-6), torch.zeros_like(g)))
-        z = (torch.stack(out, dim=1) - lo) / span
-        return torch.where(valid.expand_as(x), z, x)
+# SpectralAugment lives in icemap.model.augment (``icemap train --augment spectral`` uses it too);
+# it is re-exported here, where the default model's recipe names it.
 
 
 # ----------------------------------------------------------------------------------------------

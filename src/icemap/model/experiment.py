@@ -157,7 +157,7 @@ def _ndsi_chips(data: PreparedData, samples: Sequence[int]) -> tuple[np.ndarray,
     nd, ref, ok = [], [], []
     for s in samples:
         nd.append(src.inputs(s, ("ndsi",))[0])
-        ref.append(src.labels(src.index.samples[s].window, 0.0))
+        ref.append(src.sample_labels(s, 0.0))
         ok.append(src.valid(s))
     return np.stack(nd), np.stack(ref), np.stack(ok)
 
@@ -299,8 +299,8 @@ def run_experiment(
     dates = [str(np.datetime_as_string(t, unit="D")) for t in src.refl["time"].values]
 
     # Labels and valid pixels of the test chips, shared by every row.
-    ref_orig = [src.labels(src.index.samples[s].window, 0.0) for s in test_ids]
-    ref_ext = [src.labels(src.index.samples[s].window, MASK_BUFFERS["extended"]) for s in test_ids]
+    ref_orig = [src.sample_labels(s, 0.0) for s in test_ids]
+    ref_ext = [src.sample_labels(s, MASK_BUFFERS["extended"]) for s in test_ids]
     valid = [src.valid(s) for s in test_ids]
     truths = None
     if truth is not None:

@@ -30,8 +30,9 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from icemap.errors import ModelError
+from icemap.errors import ModelError, ModelNoBetterWarning
+from icemap.model.augment import SpectralAugment
 from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
 from icemap.model.data import (
+    CHIP_LAYOUTS,
+    GROUPINGS,
     MASK_BUFFERS,
     OVERLAP_MODES,
     ChipDataset,
@@ -50,6 +54,7 @@ from icemap.model.data import (
     Split,
     fit_normalisation,
     make_chips,
+    split_by_year,
     split_chips,
 )
 from icemap.model.inputs import (
@@ -77,6 +82,7 @@ __all__ = [
     "score_dataset",
     "counts",
     "predict_window",
+    "validation_baselines",
     "STATE_DIR",
 ]
 
@@ -85,6 +91,12 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adadelta")
 #: Default learning rates: study a's 0.01 for Adam; Adadelta's own 1.0 (study b used Keras'
 #: Adadelta, whose lr=1.0 means "the pure Adadelta rule").
 DEFAULT_LR = {"adam": 0.01, "adadelta": 1.0}
+#: How chips are split into train/validation/test (:func:`prepare_data`).
+SPLITS: tuple[str, ...] = GROUPINGS + ("year",)
+#: With ``init`` (fine-tuning) and no ``lr``, the default learning rate is multiplied by this.
+FINE_TUNE_LR_FACTOR = 0.1
+#: The architecture fields a fine-tune takes from its starting model.
+_ARCH_FIELDS = ("depth", "base", "batch_norm", "dropout")
 #: Sub-folder of a model folder that holds the resumable training state.
 STATE_DIR = "training"
 _STATE_TENSORS = "state.safetensors"
@@ -130,6 +142,20 @@ class TrainConfig:
         Stop after this many epochs without a better validation F1 (None: never stop early).
     augment
         Random flips and 90-degree rotations of training chips.
+    spectral_augment
+        Also the default model's radiometric augmentation
+        (:class:`icemap.model.augment.SpectralAugment`: band gains and offsets, illumination,
+        shading, haze, turbid water, noise) on every training batch, so a model trained or
+        fine-tuned on one region and sensor holds on others. Needs band inputs (and ndsi/ndwi).
+    init
+        Start from a model's weights instead of random ones: ``"default"`` (the shipped model)
+        or a model folder written by ``icemap train``. The run then takes that model's input
+        channels, architecture and normalisation (the normalisation is not refitted, so the
+        weights see the inputs they were trained on); ``inputs``, ``depth``, ``base``,
+        ``batch_norm`` and ``dropout`` left at their defaults follow the model, set to other
+        values they are an error. The learning rate defaults to a tenth of the optimizer's
+        (a fine-tune, not a new start), and the starting model competes in early stopping,
+        so a fine-tune never ends worse on validation than the model it started from.
     normalisation
         ``"minmax"`` (study a) or ``"percentile"`` (1st-99th), fitted on the training chips.
     threshold
@@ -138,12 +164,28 @@ class TrainConfig:
         never used for choices.
     seed
         Seeds the weights, shuffling, augmentation and dropout.
+    restarts
+        Train this many models, with seeds ``seed``, ``seed + 1``, ... on the same chips and
+        split, and keep the one with the best validation F1 (some seeds collapse; the others
+        are kept in ``OUT/restarts/seed-N`` for inspection).
     split_seed
         Seeds the Monte-Carlo split and the random chips (default: ``seed``).
     split_iterations
         Monte-Carlo iterations of the split (study a: 900).
     overlap
         Overlap handling of the chips (:func:`icemap.model.data.make_chips`).
+    chips
+        ``"outline"`` (one chip per outline, study a) or ``"grid"`` (chips edge to edge over
+        the outlines, so every labelled pixel is trained on or validated on).
+    split
+        ``"glacier"``: whole glaciers go to one set (validation on unseen glaciers);
+        ``"location"``: chips are grouped by place only, so a region with one or two large
+        glaciers can be split (validation on unseen parts of them); ``"year"``: the latest
+        year is the test set and the one before it the validation set
+        (:func:`icemap.model.data.split_by_year`; with two years, no test set).
+    label_time
+        Column of the outlines with each outline's year or date: each cube date is labelled
+        by the outlines of its year/date only (:func:`prepare_data`).
     n_random, n_hard_negative
         Random and hard-negative chips added to the glacier chips.
     min_valid
@@ -168,12 +210,18 @@ class TrainConfig:
     lr: float | None = None
     patience: int | None = 10
     augment: bool = True
+    spectral_augment: bool = False
+    init: str | None = None
     normalisation: str = "minmax"
     threshold: float | str = 0.5
     seed: int = 0
+    restarts: int = 1
     split_seed: int | None = None
     split_iterations: int = 900
     overlap: str = "independent"
+    chips: str = "outline"
+    split: str = "glacier"
+    label_time: str | None = None
     n_random: int = 0
     n_hard_negative: int = 0
     min_valid: float = 0.5
@@ -194,11 +242,15 @@ class TrainConfig:
             raise ModelError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.overlap not in OVERLAP_MODES:
             raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {self.overlap!r}")
+        if self.chips not in CHIP_LAYOUTS:
+            raise ModelError(f"chips must be one of {', '.join(CHIP_LAYOUTS)}, not {self.chips!r}")
+        if self.split not in SPLITS:
+            raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if self.normalisation not in ("minmax", "percentile"):
             raise ModelError(f"normalisation must be 'minmax' or 'percentile', not {self.normalisation!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ModelError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("epochs", "batch_size", "split_iterations"):
+        for name in ("epochs", "batch_size", "split_iterations", "restarts"):
             if int(getattr(self, name)) < 1:
                 raise ModelError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.chip_size < 8:
@@ -227,7 +279,10 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
+        if self.lr is not None:
+            return float(self.lr)
+        # Fine-tuning at a from-scratch rate throws away much of what the weights knew.
+        return DEFAULT_LR[self.optimizer] * (FINE_TUNE_LR_FACTOR if self.init is not None else 1.0)
 
     @property
     def effective_split_seed(self) -> int:
@@ -303,7 +358,8 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
                  n_random: int = 0, n_hard_negative: int = 0, min_valid: float = 0.5,
                  times: Sequence[int | str] | None = None, split_seed: int = 0,
                  split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
-                 cache: bool | None = None) -> PreparedData:
+                 cache: bool | None = None, layout: str = "outline", split: str = "glacier",
+                 label_time: str | None = None) -> PreparedData:
     """Cut chips, split them and set up the reader.
 
     Parameters
@@ -315,12 +371,18 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     channels
         When given, the cube is checked for the bands these need before anything is read, so a
         wrong cube fails in a second with a clear message.
+    label_time
+        A column of the outlines with each outline's year or date: every cube date is labelled
+        by the outlines of its year (or date) only, and dates without any are left out (listed
+        in ``index.params["dates_without_labels"]``). See :func:`icemap.model.data.label_keys`.
 
     Other parameters are those of :func:`icemap.model.data.make_chips` and
     :func:`icemap.model.data.split_chips`.
     """
     from icemap.labels import read_outlines
 
+    if split not in SPLITS:
+        raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     ds, cube_path = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
     if channels is not None:
@@ -330,14 +392,45 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
     gdf = read_outlines(outlines, crs=refl.rio.crs) if outlines_path else outlines
     index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
-                       n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed)
-    split = split_chips(index, iterations=split_iterations, seed=split_seed)
-    source = ChipSource(ds, gdf, index, dem=dem, cache=cache)
+                       n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed,
+                       layout=layout, group_by="glacier" if split == "glacier" else "location")
+    if label_time is not None:
+        index = _samples_with_labels(index, gdf, refl, label_time)
+    if split == "year":
+        from icemap.model.data import _time_labels
+
+        chosen = split_by_year(index, _time_labels(refl))
+    else:
+        chosen = split_chips(index, iterations=split_iterations, seed=split_seed)
+    source = ChipSource(ds, gdf, index, dem=dem, cache=cache, label_time=label_time)
     return PreparedData(
-        cube=ds, outlines=gdf, index=index, split=split, source=source, cube_path=cube_path,
+        cube=ds, outlines=gdf, index=index, split=chosen, source=source, cube_path=cube_path,
         outlines_path=outlines_path, dem_path=os.fspath(dem) if isinstance(dem, (str, os.PathLike)) else None,
         chip_params=dict(index.params, split_seed=split_seed, split_iterations=split_iterations),
     )
+
+
+def _samples_with_labels(index: ChipIndex, outlines: Any, refl: Any, column: str) -> ChipIndex:
+    """Keep the samples whose date has outlines of its year/date in ``column``.
+
+    A date without outlines would otherwise be labelled "no ice" everywhere, a wrong label, not
+    a missing one.
+    """
+    from icemap.model.data import _time_labels, label_keys
+
+    keys, mode = label_keys(outlines, column)
+    have = set(keys)
+    dates = _time_labels(refl)
+    key_of = [(d[:4] if mode == "year" else d) for d in dates]
+    kept = [s for s in index.samples if key_of[s.time] in have]
+    used = sorted({dates[s.time] for s in index.samples})
+    dropped = sorted({dates[s.time] for s in index.samples if key_of[s.time] not in have})
+    if not kept:
+        raise ModelError(f"no cube date ({', '.join(used)}) has outlines of its {mode} in column {column!r} "
+                         f"(it holds {', '.join(sorted(have)[:10])}); ingest dates that match the outlines or "
+                         "leave --label-time out")
+    return replace(index, samples=kept, params=dict(index.params, label_time=column, label_match=mode,
+                                                    dates_without_labels=dropped))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +563,7 @@ def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, 
     total: dict[str, int] = {}
     for i in range(len(dataset)):
         _, _, valid = dataset.arrays(i)
-        y = dataset.source.labels(dataset.source.index.samples[dataset.samples[i]].window, buffer_m)
+        y = dataset.source.sample_labels(dataset.samples[i], buffer_m)
         total = _add(total, counts(probs[i] >= threshold, y, valid))
     return scores(total, pixel_area_m2=dataset.source.pixel_area_m2)
 
@@ -576,6 +669,140 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, info: dict[str, Any], t
     optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Starting model (fine-tuning), baselines and the verdict
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StartModel:
+    """The model a fine-tune starts from (``TrainConfig.init``)."""
+
+    name: str
+    folder: str
+    model: UNet
+    meta: CheckpointMeta
+
+    def record(self, start_f1: float | None) -> dict[str, Any]:
+        return {"model": self.name, "folder": self.folder, "weights_sha256": self.meta.weights_sha256,
+                "channels": list(self.meta.channels), "normalisation": "taken from the starting model",
+                "start_val_f1": start_f1}
+
+
+def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
+    """Load ``config.init`` and take its channels and architecture into the config.
+
+    Settings left at their defaults follow the model; a setting given another value than the
+    model's is an error, since the weights cannot be loaded into another network.
+    """
+    if config.init is None:
+        return config, None
+    from icemap.model.checkpoint import load_checkpoint, read_metadata
+    from icemap.model.packaged import resolve_model
+
+    folder = resolve_model(config.init)
+    meta = read_metadata(folder)
+    if meta.kind != "unet":
+        raise ModelError(f"init model {config.init} is an imported {meta.kind} network, which icemap train cannot "
+                         "fine-tune; start from 'default' or a folder written by icemap train")
+    model, meta = load_checkpoint(folder)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    arch = meta.architecture
+    wanted = resolve_channels(config.inputs)
+    if config.inputs != defaults["inputs"] and wanted != tuple(meta.channels):
+        raise ModelError(f"init model {config.init} reads the inputs {','.join(meta.channels)}, not {config.inputs}; "
+                         "leave --inputs out to fine-tune it (its inputs are used)")
+    for name in _ARCH_FIELDS:
+        value = getattr(config, name)
+        if value != defaults[name] and value != arch.get(name):
+            raise ModelError(f"init model {config.init} has {name} {arch.get(name)!r}, not {value!r}; leave "
+                             f"--{name.replace('_', '-')} out to fine-tune it")
+    config = replace(config, inputs=",".join(meta.channels), **{k: arch[k] for k in _ARCH_FIELDS if k in arch})
+    return config, _StartModel(os.fspath(config.init), os.fspath(folder), model, meta)
+
+
+def _all_ice_f1(ds: ChipDataset) -> float:
+    """F1 of calling every valid pixel of ``ds`` ice (2 P / (2 P + N))."""
+    pos = neg = 0
+    for i in range(len(ds)):
+        _, y, valid = ds.arrays(i)
+        p = int(np.count_nonzero(y[valid]))
+        pos, neg = pos + p, neg + int(np.count_nonzero(valid)) - p
+    return 2 * pos / (2 * pos + neg) if pos + neg else 0.0
+
+
+def validation_baselines(ds: ChipDataset, *, ndsi_threshold: float | None = None) -> dict[str, dict[str, Any]]:
+    """Scores of two baselines on the same pixels and labels as a model's validation scores.
+
+    A trained model must beat both, or it has learnt nothing the user could not have had
+    without it: ``"all_ice"`` calls every valid pixel ice (what a collapsed model does),
+    ``"ndsi"`` is the NDSI threshold (the option ``ndsi_threshold`` unless given;
+    :func:`icemap.kernels.ice_mask`, the kernel ``icemap map`` runs) on the chips' green and
+    SWIR1 reflectance; pixels where NDSI is undefined count as not ice, so the pixel set
+    stays the model's. ``"ndsi"`` is left out when the cube lacks green or SWIR1.
+
+    Returns
+    -------
+    dict
+        ``{"all_ice": scores, "ndsi": scores + {"threshold": t}}``
+        (:func:`icemap.metrics.scores`).
+    """
+    from icemap.kernels import ice_mask
+    from icemap.metrics import scores
+    from icemap.options import resolve
+
+    t = float(resolve("ndsi_threshold", ndsi_threshold))
+    src = ds.source
+    has_ndsi = {"green", "swir16"} <= set(src.bands)
+    all_ice: dict[str, int] = {}
+    ndsi: dict[str, int] = {}
+    for i in range(len(ds)):
+        _, y, valid = ds.arrays(i)
+        all_ice = _add(all_ice, counts(np.ones(y.shape, dtype=bool), y, valid))
+        if has_ndsi:
+            refl = src.window(ds.samples[i])
+            g = np.asarray(refl.sel(band="green").values[0], dtype=np.float32)
+            sw = np.asarray(refl.sel(band="swir16").values[0], dtype=np.float32)
+            ndsi = _add(ndsi, counts(ice_mask(g, sw, t) == 1, y, valid))
+    out: dict[str, dict[str, Any]] = {"all_ice": scores(all_ice, pixel_area_m2=src.pixel_area_m2)}
+    if has_ndsi:
+        out["ndsi"] = dict(scores(ndsi, pixel_area_m2=src.pixel_area_m2), threshold=t)
+    return out
+
+
+def _verdict(model_scores: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> list[str]:
+    """The baselines the model does not beat on validation F1 (a NaN model F1 beats none)."""
+    f1 = float(model_scores["f1"])
+    return [name for name, b in baselines.items()
+            if math.isfinite(float(b["f1"])) and not (math.isfinite(f1) and f1 > float(b["f1"]))]
+
+
+_BASELINE_NAMES = {"all_ice": "calling everything ice", "ndsi": "NDSI"}
+
+
+def _no_better(out: Path, model_scores: dict[str, Any], baselines: dict[str, dict[str, Any]], verdict: list[str],
+               strict: bool) -> None:
+    parts = []
+    for name in verdict:
+        label = _BASELINE_NAMES[name] + (f" at {baselines[name]['threshold']:g}" if name == "ndsi" else "")
+        parts.append(f"{label} (F1 {float(baselines[name]['f1']):.3f})")
+    msg = (f"the model in {out} scores validation F1 {float(model_scores['f1']):.3f}, no better than "
+           f"{' or '.join(parts)} on the same {int(model_scores['n_pixels'])} validation pixels: it has not "
+           "learnt to map ice here. Do not map with it as it is; try --init default, --augment spectral, more "
+           "--epochs, other seeds (--seed, --restarts N) or more labelled glaciers")
+    if strict:
+        raise ModelError(msg + " (the checkpoint is kept for inspection)")
+    warnings.warn(msg, ModelNoBetterWarning, stacklevel=4)  # the caller of train()
+
+
+def _augment_record(augment_batch: Any) -> Any:
+    if augment_batch is None:
+        return None
+    if hasattr(augment_batch, "to_dict"):
+        return {"class": type(augment_batch).__name__, **augment_batch.to_dict()}
+    return {"class": getattr(augment_batch, "__qualname__", type(augment_batch).__name__)}
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -596,6 +823,8 @@ class TrainResult:
     resumed_from: int
     test: dict[str, Any] | None
     seconds: float
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    no_better_than: list[str] = field(default_factory=list)
 
 
 class _Display:
@@ -644,6 +873,9 @@ class _Display:
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    # A setting missing from a state written before it existed had its default value then.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in _RESUMABLE_CHANGES and a.get(k) != b.get(k)]
 
@@ -662,6 +894,7 @@ def train(
     console: Any = None,
     title: str | None = None,
     augment_batch: Callable[[torch.Tensor, torch.Tensor, Normalisation, np.random.Generator], torch.Tensor] | None = None,
+    strict: bool = False,
 ) -> TrainResult:
     """Train a U-Net on a cube and outlines and write the checkpoint to ``out``.
 
@@ -697,27 +930,49 @@ def train(
         uninterrupted one draws); returns the new ``x``. The default model's spectral,
         illumination, haze and noise augmentation (:mod:`icemap.model.default`) plugs in here.
         It is not part of :class:`TrainConfig`: record its settings in the checkpoint yourself.
+        ``config.spectral_augment`` plugs in :class:`~icemap.model.augment.SpectralAugment`
+        when this is not given.
+    strict
+        When the model scores no better on the validation outlines than NDSI or than calling
+        everything ice (:func:`validation_baselines`), raise :class:`ModelError` instead of
+        warning (:class:`~icemap.errors.ModelNoBetterWarning`). The checkpoint is written
+        either way, with the comparison in ``model.json``, so it can be inspected.
 
     Returns
     -------
     TrainResult
         The best-validation model (eval mode, CPU), its metadata, the history and test scores.
+
+    Raises
+    ------
+    ModelError
+        Settings that cannot work, a starting model (``config.init``) that cannot be
+        fine-tuned, no training or validation chip, or (``strict``) a model no better than
+        the baselines.
     """
     t_start = time.perf_counter()
     config = config or TrainConfig()
     config.validate()
+    config, init_from = _start_model(config)
     channels = config.channels
+    if config.spectral_augment and augment_batch is None:
+        augment_batch = SpectralAugment(channels=channels)  # checks the channels before any read
     out = Path(out)
     if data is None:
         data = prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
                             n_random=config.n_random, n_hard_negative=config.n_hard_negative,
                             min_valid=config.min_valid, split_seed=config.effective_split_seed,
-                            split_iterations=config.split_iterations, channels=channels, dem=dem)
+                            split_iterations=config.split_iterations, channels=channels, dem=dem,
+                            layout=config.chips, split=config.split, label_time=config.label_time)
     else:
         missing = [b for b in required_bands(channels) if b not in data.source.bands]
         if missing:
             raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
                              f"it has {data.source.bands}")
+    if config.restarts > 1:
+        return _train_restarts(config, out, data, dem=dem, resume=resume, callback=callback, quiet=quiet,
+                               console=console, title=title, augment_batch=augment_batch, strict=strict,
+                               t_start=t_start)
     train_ids, val_ids, test_ids = (data.samples(s) for s in ("train", "val", "test"))
     if not train_ids or not val_ids:
         raise ModelError("the split left no training or no validation chip; use a larger cube or smaller chips")
@@ -731,7 +986,7 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
-                      resume, callback, quiet, console, title, t_start, augment_batch)
+                      resume, callback, quiet, console, title, t_start, augment_batch, init_from, strict)
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
@@ -740,7 +995,8 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
            train_ids: list[int], val_ids: list[int], test_ids: list[int], device: torch.device,
            use_amp: bool, amp_dtype: torch.dtype, resume: bool, callback: Callable[[EpochRecord], Any] | None,
            quiet: bool, console: Any, title: str | None, t_start: float,
-           augment_batch: Callable[..., torch.Tensor] | None = None) -> TrainResult:
+           augment_batch: Callable[..., torch.Tensor] | None = None, init_from: _StartModel | None = None,
+           strict: bool = False) -> TrainResult:
     cfg = config.to_dict()
     split_groups = data.split.groups
     state = _load_state(out) if resume else None
@@ -754,6 +1010,10 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
             raise ModelError(f"the training state in {out / STATE_DIR} belongs to another split (other cube, "
                              "outlines or chip settings); rerun without --resume")
         norm = Normalisation.from_dict(info["normalisation"])
+    elif init_from is not None:
+        # The starting model's normalisation, not a refit: its weights expect these inputs.
+        info, tensors = {}, {}
+        norm = Normalisation.from_dict(init_from.meta.normalisation)
     else:
         info, tensors = {}, {}
         norm = fit_normalisation(data.source, train_ids, channels, method=config.normalisation,
@@ -761,6 +1021,8 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
 
     _seed_all(config.seed)
     model = UNet(config.unet()).to(device)
+    if init_from is not None:
+        model.load_state_dict(init_from.model.state_dict())
     multiple = model.config.multiple
     mk = dict(mask=config.mask, normalisation=norm, multiple=multiple)
     train_ds = ChipDataset(data.source, train_ids, channels, **mk)
@@ -776,6 +1038,16 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
     history: list[EpochRecord] = []
     best_f1, best_epoch, since_best, start_epoch, stopped = -1.0, 0, 0, 0, False
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # "Everything is ice" on the validation pixels: a model no better than that has learnt
+    # nothing, so early stopping waits until the best model beats it (a collapsed first epoch
+    # that calls everything ice must not be kept because nothing beat it for `patience` epochs).
+    trivial_f1 = _all_ice_f1(val_ds)
+    start_f1: float | None = None
+    if init_from is not None and state is None:
+        # The starting model is epoch 0 and competes: a fine-tune that only makes the model
+        # worse on validation keeps the weights it started from.
+        _, c0, _ = _eval(model, val_ds, loss_fn, device, use_amp, config.batch_size)
+        start_f1 = best_f1 = _f1(c0)[0]
     if state is not None:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
         best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
@@ -785,13 +1057,15 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
         history = [EpochRecord(**r) for r in info["history"]]
         best_f1, best_epoch, since_best = info["best_f1"], info["best_epoch"], info["since_best"]
         start_epoch, stopped = info["epoch"], info.get("stopped_early", False)
+        start_f1 = info.get("start_f1")
     resumed_from = start_epoch
+    waited = False
 
     def save(epoch: int, finished: bool) -> None:
         _save_state(out, model, best_state, optimizer, scaler, {
             "config": cfg, "epoch": epoch, "history": [r.to_dict() for r in history], "best_f1": best_f1,
             "best_epoch": best_epoch, "since_best": since_best, "stopped_early": stopped, "finished": finished,
-            "normalisation": norm.to_dict(), "split_groups": split_groups,
+            "normalisation": norm.to_dict(), "split_groups": split_groups, "start_f1": start_f1,
         })
 
     name = title or f"train {config.inputs}/{config.mask}"
@@ -846,7 +1120,8 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
                               val_precision=p, val_recall=r, seconds=time.perf_counter() - t0,
                               improved=improved, lr=float(optimizer.param_groups[0]["lr"]))
             history.append(rec)
-            stopped = config.patience is not None and since_best >= config.patience and epoch < config.epochs
+            patient = config.patience is not None and since_best >= config.patience and epoch < config.epochs
+            stopped = patient and best_f1 > trivial_f1
             save(epoch, finished=stopped or epoch == config.epochs)
             display.epoch(rec, config.epochs)
             if callback is not None:
@@ -854,6 +1129,10 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
             if stopped:
                 display.note(f"early stop: no better validation F1 for {config.patience} epochs "
                              f"(best {best_f1:.3f} at epoch {best_epoch})")
+            elif patient and not waited:
+                waited = True
+                display.note(f"no early stop: the best validation F1 {best_f1:.3f} is no better than calling "
+                             f"everything ice ({trivial_f1:.3f}); training goes on")
 
     # The best validation model (study b) is the model.
     model.load_state_dict(best_state)
@@ -865,6 +1144,8 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
     if test_ids:
         test_ds = ChipDataset(data.source, test_ids, channels, **mk)
         test_scores = score_dataset(model, test_ds, threshold)
+    baselines = validation_baselines(val_ds)
+    verdict = _verdict(val_scores, baselines)
     seconds = time.perf_counter() - t_start
     meta = CheckpointMeta(
         architecture=model.config.to_dict(),
@@ -883,16 +1164,63 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
             "threshold_curve": curve, "normalisation_fit": f"{config.normalisation} over the training chips",
             "device": str(device), "mixed_precision": str(amp_dtype).replace("torch.", "") if use_amp else "off",
             "history": [r.to_dict() for r in history], "test": test_scores, "seconds": round(seconds, 2),
+            "init": init_from.record(start_f1) if init_from is not None else None,
+            "augmentation": {"flips": bool(config.augment),
+                             "batch": _augment_record(augment_batch)},
+            "baselines": dict(baselines, model={k: val_scores[k] for k in ("f1", "precision", "recall")},
+                              no_better_than=verdict),
         },
-        validation=dict(val_scores, f1_at_0_5=_f1(val_counts)[0], best_epoch=best_epoch),
+        validation=dict(val_scores, f1_at_0_5=_f1(val_counts)[0], best_epoch=best_epoch,
+                        ndsi_f1=baselines["ndsi"]["f1"] if "ndsi" in baselines else None,
+                        all_ice_f1=baselines["all_ice"]["f1"]),
     )
+    if init_from is not None:
+        meta.training["normalisation_fit"] = f"taken from the starting model ({config.init})"
     path = save_checkpoint(model, meta, out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(out / STATE_DIR / "split.json",
                   json.dumps({"split": data.split.to_dict(), "index": data.index.to_dict()}, default=float).encode())
+    if verdict:
+        _no_better(out, val_scores, baselines, verdict, strict)
     return TrainResult(model=model, meta=meta, history=history, checkpoint=path, data=data,
                        threshold=float(threshold), best_epoch=best_epoch, stopped_early=stopped,
-                       resumed_from=resumed_from, test=test_scores, seconds=seconds)
+                       resumed_from=resumed_from, test=test_scores, seconds=seconds, baselines=baselines,
+                       no_better_than=verdict)
+
+
+def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: Any, resume: bool,
+                    callback: Callable[[EpochRecord], Any] | None, quiet: bool, console: Any, title: str | None,
+                    augment_batch: Any, strict: bool, t_start: float) -> TrainResult:
+    """``config.restarts`` runs on the same chips and split; the best validation F1 is the model.
+
+    Each run is an ordinary :func:`train` run into ``out/restarts/seed-N`` (resumable on its
+    own); the chosen one's checkpoint is written to ``out`` with every run's score in
+    ``training.restarts``. Ties go to the lowest seed, so the choice is reproducible.
+    """
+    runs: list[TrainResult] = []
+    for k in range(config.restarts):
+        cfg = replace(config, seed=config.seed + k, split_seed=config.effective_split_seed, restarts=1)
+        name = f"{title or 'train'} (restart {k + 1}/{config.restarts}, seed {cfg.seed})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModelNoBetterWarning)  # judged once, on the chosen run
+            runs.append(train(None, None, out / "restarts" / f"seed-{cfg.seed}", cfg, dem=dem, data=data,
+                              resume=resume, callback=callback, quiet=quiet, console=console, title=name,
+                              augment_batch=augment_batch))
+
+    def score(r: TrainResult) -> float:
+        f1 = float(r.meta.validation["f1"])
+        return f1 if math.isfinite(f1) else -1.0
+
+    best = max(runs, key=lambda r: (score(r), -runs.index(r)))
+    meta = best.meta
+    meta.training = dict(meta.training, restarts=[
+        {"seed": int(r.meta.training["config"]["seed"]), "val_f1": score(r), "best_epoch": r.best_epoch,
+         "no_better_than": r.no_better_than, "folder": str(r.checkpoint)} for r in runs],
+        chosen_seed=int(meta.training["config"]["seed"]), seconds=round(time.perf_counter() - t_start, 2))
+    path = save_checkpoint(best.model, meta, out)
+    if best.no_better_than:
+        _no_better(out, meta.validation, best.baselines, best.no_better_than, strict)
+    return replace(best, checkpoint=path, seconds=time.perf_counter() - t_start)
 
 
 def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarray) -> tuple[float, list[dict[str, float]] | None]:
