@@ -234,8 +234,9 @@ def map_cube(
 
     from icemap.store import check_not_input
 
-    check_not_input(out, {"--cube": cube_path, "--geotiff": geotiff_dir, "--outlines": outlines_path,
-                          "--quicklook": quicklook_path})
+    for output in (out, geotiff_dir, outlines_path, quicklook_path):
+        if output is not None:
+            check_not_input(output, {"--cube": cube_path, "--dem": dem, "--reference": reference})
     cube = open_cube(cube_path)
     attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
     if method == "ndsi":
