@@ -188,6 +188,9 @@ def test_composite_year_whose_dates_changed_is_computed_again(items: list[dict[s
     assert list(stored["item_ids"].values) == list(fresh["item_ids"].values)
     years = stored.attrs["icemap:composite"]["season_years"]
     assert years["2022"] == ["2022-02-07T14:30:00Z", "2022-02-15T14:30:00Z"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still consolidated after the record changed: plain xarray opens it quietly
+        assert xr.open_zarr(comp).sizes["time"] == 2
 
 
 # -- 3. two writers cannot interleave ------------------------------------------------------------
@@ -241,6 +244,26 @@ def test_relative_paths_are_made_absolute(items: list[dict[str, Any]], tmp_path:
     _same_store(tmp_path / "rel.zarr", cube)
     assert np.array_equal(opened["reflectance"].values, icemap.open_cube(cube)["reflectance"].values,
                           equal_nan=True)
+
+
+@pytest.mark.cluster
+def test_relative_out_lands_where_the_command_ran_not_in_the_workers_folder(
+        items: list[dict[str, Any]], tmp_path: Path, cube: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dask
+    from distributed import Client
+
+    from icemap.cluster import local_cluster
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    with local_cluster(n_workers=1, threads_per_worker=2, processes=True) as cluster, Client(cluster) as client:
+        client.run(os.chdir, str(elsewhere))  # workers started in another folder
+        with dask.config.set(scheduler=client):
+            report = icemap.ingest(items, "rel.zarr", chunksize=32)
+    assert len(report.written) == 4 and list(elsewhere.iterdir()) == []
+    _same_store(here / "rel.zarr", cube)
 
 
 # -- 4. interrupts -------------------------------------------------------------------------------

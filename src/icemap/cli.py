@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(argv: list[str] | None, received: list[int]) -> None:
     import signal
 
+    from icemap import cli_common
+
+    cli_common._ACTIVE = None  # an earlier in-process command's store is not this one's
     try:
         # Typer turns KeyboardInterrupt into a return value of 130 when not standalone.
         code = app(args=argv, standalone_mode=False)

@@ -258,6 +258,7 @@ def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Litera
     from icemap import __version__
     from icemap.store import write_timesteps
 
+    from icemap.interop import finish_store
     from icemap.store import _fmt_time, _group_attrs, _set_attrs
 
     meta = dict(ds.attrs.get("icemap:composite", {}))
@@ -276,7 +277,9 @@ def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Litera
         # The record of each year's dates follows the years computed again or appended.
         stored = _group_attrs(report.path, storage_options).get("icemap:composite", {})
         merged = {**stored.get("season_years", {}), **years}
-        _set_attrs(report.path, {"icemap:composite": {**stored, "season_years": merged}}, storage_options)
+        if merged != stored.get("season_years"):
+            _set_attrs(report.path, {"icemap:composite": {**stored, "season_years": merged}}, storage_options)
+            finish_store(report.path, storage_options)  # the root metadata changed: consolidate again
     return report
 
 

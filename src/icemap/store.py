@@ -295,7 +295,11 @@ def _store_lock(path: str, storage_options: Mapping[str, Any] | None) -> Iterato
             _check_parents(path, root)
             os.makedirs(parent, exist_ok=True)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path}: {exc.strerror} ({lock}); choose a folder you can write to "
+                                 "as --out") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

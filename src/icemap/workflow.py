@@ -258,7 +258,7 @@ def map_cube(
 
     routing = keep_resources() if product.attrs.get("gpu_resources") else contextlib.nullcontext()
     pixel_options = {k: v for k, v in (predict_options or {}).items()
-                     if k in ("tta", "halo", "tile", "mc_samples") and v not in (None, False, 0)}
+                     if k in ("tta", "halo", "mc_samples") and v not in (None, False, 0)}
     settings = product_settings(product, source_cube=os.path.abspath(cube_path) if "://" not in os.fspath(
         cube_path) else os.fspath(cube_path), **pixel_options)
     if dem is not None and not hasattr(dem, "dims"):
