@@ -220,8 +220,9 @@ def _clear_unfinished(path: str, storage_options: Mapping[str, Any] | None) -> N
         foreign.append(name)
     if foreign:
         raise StoreError(
-            f"{path} was left unfinished before any data, but holds {len(foreign)} entr(y/ies) icemap did not write "
-            f"({', '.join(sorted(foreign)[:4])}); icemap leaves it as it is. Move those away, or choose another --out"
+            f"{path} was left unfinished before any data, but holds {len(foreign)} file(s) or folder(s) icemap "
+            f"did not write ({', '.join(sorted(foreign)[:4])}); icemap leaves it as it is. Move those away, or "
+            "choose another --out"
         )
     for entry in entries:
         fs.rm(entry, recursive=True)
