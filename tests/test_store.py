@@ -131,16 +131,45 @@ def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, referen
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
-def test_store_without_layout_is_recreated(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_unfinished_store_of_icemap_is_started_again(sample_region: Any, tmp_path: Path, reference: Any) -> None:
     path = tmp_path / "c.zarr"
     icemap.ingest(_items(sample_region), path, chunksize=64)
     group = zarr.open_group(str(path), mode="r+")
     del group.attrs["icemap:layout"]  # as if killed while writing the template
+    assert "icemap:store" in group.attrs  # the marker, written first
     with pytest.raises(StoreError, match="not a finished"):
         icemap.open_cube(path)
-    with pytest.warns(StoreWarning, match="recreating"):
+    with pytest.warns(StoreWarning, match="starting it again"):
         icemap.ingest(_items(sample_region), path, chunksize=64)
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_unfinished_store_with_a_user_file_is_left_alone(sample_region: Any, tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    icemap.ingest(_items(sample_region), path, chunksize=64)
+    group = zarr.open_group(str(path), mode="r+")
+    del group.attrs["icemap:layout"]
+    (path / "notes.txt").write_text("mine")
+    before = _tree(path)
+    with pytest.raises(StoreError, match="notes.txt"):
+        icemap.ingest(_items(sample_region), path, chunksize=64)
+    assert _tree(path) == before
+
+
+def test_foreign_zarr_store_is_never_touched(sample_region: Any, tmp_path: Path) -> None:
+    """A Zarr store icemap did not write (no marker) is refused, byte for byte unchanged."""
+    import xarray as xr
+
+    path = tmp_path / "theirs.zarr"
+    xr.Dataset({"a": (("t", "y"), np.arange(6.0).reshape(2, 3))}).to_zarr(path, consolidated=False)
+    before = _tree(path)
+    with pytest.raises(StoreError, match="did not create"):
+        icemap.ingest(_items(sample_region), path, chunksize=64)
+    assert _tree(path) == before
 
 
 def test_append_new_dates(sample_region: Any, tmp_path: Path, reference: Any) -> None:

@@ -2,7 +2,8 @@
 
 Each command parses its options, calls the same functions a notebook would, and reports.
 Errors a user can cause (bad bbox, unknown band, empty search, unreadable asset) end as one
-line on stderr and exit code 1; usage errors exit 2 (click's convention); Ctrl-C exits 130.
+line on stderr and exit code 1; usage errors exit 2 (click's convention); Ctrl-C exits 130 and
+SIGTERM 143, with one line saying which steps of the store are complete.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def ingest_cmd(
     band_list = _split_list(bands)
     if files and band_list is None:
         band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order
-    with connect(scheduler), _StepProgress(quiet, "ingest") as progress:
+    with connect(scheduler), _StepProgress(quiet, "ingest", out=str(out)) as progress:
         report = ingest(
             source, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
             zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
@@ -199,7 +200,7 @@ def map_cmd(
     from icemap.cluster import connect
     from icemap.workflow import map_cube
 
-    with connect(scheduler), _StepProgress(quiet, "map") as progress:
+    with connect(scheduler), _StepProgress(quiet, "map", out=str(out)) as progress:
         result = map_cube(
             cube, out, method=method, threshold=threshold, guards=_split_list(guards) or (), dem=dem,
             zarr_format=zarr_format, geotiff_dir=geotiff, outlines_path=outlines,  # type: ignore[arg-type]
@@ -233,7 +234,7 @@ def composite_cmd(
 
     if rule is not None:
         resolve("composite_rule", rule)  # an unknown rule is a one-line error before any work
-    with connect(scheduler), _StepProgress(quiet, "composite") as progress:
+    with connect(scheduler), _StepProgress(quiet, "composite", out=str(out)) as progress:
         report = composite(cube, out, season=season, rule=rule, fill_gaps_px=fill_gaps,  # type: ignore[arg-type]
                            zarr_format=zarr_format, progress=progress)  # type: ignore[arg-type]
     _console().print(f"[bold]{out}[/]: wrote {len(report.written)} season-year(s), "
@@ -380,11 +381,55 @@ def _show_warning(message: Any, category: type[Warning], filename: str, lineno: 
         _default_showwarning(message, category, filename, lineno, file, line)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so the same unwinding runs."""
+
+
+def _interrupted(signum: int) -> None:
+    """One line saying which steps are complete and that a rerun resumes; exit 128 + signal."""
+    import signal
+
+    from icemap.cli_common import interrupted_line
+
+    _console().print(interrupted_line(signal.Signals(signum).name), highlight=False, markup=False, soft_wrap=True)
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``icemap`` console script."""
+    import signal
+
     warnings.showwarning = _show_warning
+    received: list[int] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise _Terminated()
+
     try:
-        app(args=argv, standalone_mode=False)
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # pragma: no cover - not the main thread (main() called from a thread)
+        previous = None
+    try:
+        _dispatch(argv, received)
+    finally:
+        if previous is not None:  # main() called in-process (tests, notebooks) gives SIGTERM back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(argv: list[str] | None, received: list[int]) -> None:
+    import signal
+
+    from icemap import cli_common
+
+    cli_common._ACTIVE = None  # an earlier in-process command's store is not this one's
+    try:
+        # Typer turns KeyboardInterrupt into a return value of 130 when not standalone.
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            _interrupted(received[-1] if received else signal.SIGINT)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except IcemapError as exc:
         from rich.markup import escape
 
@@ -392,15 +437,14 @@ def main(argv: list[str] | None = None) -> None:
         _console().print(f"[red]icemap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        _console().print("icemap: interrupted; rerun the same command to resume")
-        sys.exit(130)
+        _interrupted(received[-1] if received else signal.SIGINT)
     except Exception as exc:
         # Usage errors are click exceptions (typer vendors its own click, so match by shape).
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
-            sys.exit(130)
+            _interrupted(received[-1] if received else signal.SIGINT)
         raise
 
 

@@ -63,17 +63,25 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 class _StepProgress:
-    """A rich progress bar fed by ``progress(done, total, label)`` callbacks."""
+    """A rich progress bar fed by ``progress(done, total, label)`` callbacks.
 
-    def __init__(self, quiet: bool, title: str) -> None:
+    It also remembers which store the command writes (``out``) and which steps it has
+    finished, so an interrupted command can say where it stopped (:func:`interrupted_line`).
+    """
+
+    def __init__(self, quiet: bool, title: str, out: str | None = None) -> None:
         self.quiet = quiet
         self.title = title
+        self.out = out
+        self.done: list[str] = []
         self._progress: Any = None
         self._task: Any = None
 
     def __enter__(self) -> Any:
+        global _ACTIVE
+        _ACTIVE = self
         if self.quiet:
-            return None
+            return self
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
@@ -84,6 +92,7 @@ class _StepProgress:
         return self
 
     def __call__(self, done: int, total: int, label: str) -> None:
+        self.done.append(label)
         if self._progress is None:
             return
         if self._task is None:
@@ -93,3 +102,34 @@ class _StepProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+#: The write under way (kept after it ends, so an interrupt during its unwinding still finds it).
+_ACTIVE: _StepProgress | None = None
+
+
+def interrupted_line(signal_name: str) -> str:
+    """One line for an interrupted command: which steps of its store are complete, and how to resume.
+
+    The store's own flags are read (they, not the progress bar, decide what a rerun redoes);
+    if it cannot be read, the steps this run finished are named instead.
+    """
+    active = _ACTIVE
+    if active is None or active.out is None:
+        return f"icemap: interrupted ({signal_name}); nothing was being written; rerun the same command"
+    try:
+        import warnings
+
+        from icemap.store import cube_status
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            status = cube_status(active.out)
+        complete = [t for t, c in zip(status.times, status.complete) if c]
+        total = len(status.times)
+    except Exception:  # noqa: BLE001 - a store interrupted before its layout has no status yet
+        complete, total = list(active.done), None
+    shown = ", ".join(complete[:4]) + (" ..." if len(complete) > 4 else "")
+    of = f" of {total}" if total is not None else ""
+    return (f"icemap: interrupted ({signal_name}) during {active.title}: {active.out} has {len(complete)}{of} "
+            f"step(s) complete{f' ({shown})' if complete else ''}; rerun the same command to resume")

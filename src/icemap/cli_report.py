@@ -9,7 +9,7 @@ a computation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,6 +32,15 @@ def _store_exists(path: str, what: str) -> None:
         raise IcemapError(f"{what} {path!r} does not exist; write it with `icemap {'map' if what == 'product' else 'ingest'}`")
 
 
+def _outputs_are_not_inputs(outputs: list[Path | None], inputs: dict[str, Any]) -> None:
+    """An output given the path of an input (``--out`` = ``--reference``) would overwrite it: refused."""
+    from icemap.store import check_not_input
+
+    for output in outputs:
+        if output is not None:
+            check_not_input(output, inputs)
+
+
 @app.command("areas")
 def areas_cmd(
     pred: PredOpt,
@@ -52,6 +61,7 @@ def areas_cmd(
         require("report", "icemap areas --plot")
     _store_exists(pred, "product")
     _exists(reference, "outline file")
+    _outputs_are_not_inputs([out, region_out, plot, trends_out], {"--pred": pred, "--reference": reference})
     from icemap.options import resolve
     from icemap.series import REGION_ID, check_table_path, glacier_series, region_series, trends, write_table
 
@@ -117,6 +127,7 @@ def figure_cmd(
     _store_exists(pred, "product")
     if reference is not None:
         _exists(reference, "outline file")
+    _outputs_are_not_inputs([out], {"--cube": cube, "--pred": pred, "--reference": reference})
     from icemap.figures import FIGURE_FORMATS
 
     kind = (fmt or out.suffix.lstrip(".")).lower()
@@ -161,6 +172,7 @@ def report_cmd(
     _store_exists(cube, "cube")
     _store_exists(pred, "product")
     _exists(reference, "outline file")
+    _outputs_are_not_inputs([out, series_out], {"--cube": cube, "--pred": pred, "--reference": reference})
     from icemap.cluster import connect
     from icemap.report import report
 

@@ -162,9 +162,13 @@ def composite(
     import dask.array as da
     import xarray as xr
 
+    source = None
     if isinstance(cube, (str, os.PathLike)):
-        from icemap.store import open_cube
+        from icemap.store import check_not_input, open_cube
 
+        if out is not None:
+            check_not_input(out, {"--cube": cube})
+        source = os.fspath(cube)
         cube = open_cube(cube)
     if not isinstance(cube, xr.Dataset) or "reflectance" not in cube:
         raise IcemapError("a composite needs a cube with a 'reflectance' variable; open it with icemap.open_cube")
@@ -230,6 +234,8 @@ def composite(
         "time_label": "last day of the season",
         "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("sensor", "load", "search", "icemap_version")},
     }
+    if source is not None:
+        meta["source_cube"] = os.path.abspath(source) if "://" not in source else source
     ds.attrs = {"icemap:composite": meta}
     if fill_gaps_px is not None:
         ds = fill_gaps(ds, max_distance_px=fill_gaps_px)
@@ -252,9 +258,29 @@ def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Litera
     from icemap import __version__
     from icemap.store import write_timesteps
 
-    attrs = {"icemap_version": __version__, "icemap:composite": ds.attrs.get("icemap:composite", {})}
-    return write_timesteps(ds, out, zarr_format=zarr_format, attrs=attrs, storage_options=storage_options,
-                           progress=progress)
+    from icemap.interop import finish_store
+    from icemap.store import _fmt_time, _group_attrs, _set_attrs
+
+    meta = dict(ds.attrs.get("icemap:composite", {}))
+    attrs = {"icemap_version": __version__, "icemap:composite": meta}
+    # One product per store: the rule, the window, the gap filling and the cube it came from.
+    # A year is computed again when its dates change (the cube gained an acquisition).
+    settings = {"rule": meta.get("rule"), "season": meta.get("season"), "source_cube": meta.get("source_cube"),
+                "fill_gaps": ds.attrs.get("icemap:fill_gaps"),
+                "bands": [str(b) for b in ds["band"].values] if "band" in ds.coords else None}
+    years = meta.get("season_years", {})
+    step_inputs = {_fmt_time(t): years.get(str(np.datetime64(t, "Y").astype(int) + 1970))
+                   for t in ds["time"].values}
+    report = write_timesteps(ds, out, zarr_format=zarr_format, attrs=attrs, storage_options=storage_options,
+                             progress=progress, settings=settings, step_inputs=step_inputs)
+    if not report.created:
+        # The record of each year's dates follows the years computed again or appended.
+        stored = _group_attrs(report.path, storage_options).get("icemap:composite", {})
+        merged = {**stored.get("season_years", {}), **years}
+        if merged != stored.get("season_years"):
+            _set_attrs(report.path, {"icemap:composite": {**stored, "season_years": merged}}, storage_options)
+            finish_store(report.path, storage_options)  # the root metadata changed: consolidate again
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

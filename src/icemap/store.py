@@ -2,9 +2,11 @@
 
 A cube store is written in three moves, so that a crash at any moment costs time, never data:
 
-1. **template**: the full layout (every array, coordinate, fill value and attribute) is written
-   without data, then the ``icemap:layout`` attribute is set last. A store without it holds no
-   finished data and is simply recreated.
+1. **template**: first an empty group whose ``icemap:store`` attribute (the *marker*) says that
+   icemap created it; then the full layout (every array, coordinate, fill value and attribute,
+   with the ``icemap:settings`` record) without data; then the ``icemap:layout`` attribute, set
+   last. A store with the marker but without the layout holds no finished data and is started
+   again; icemap removes nothing else (see :func:`_check_owned`).
 2. **region writes** of every pending time step, in one task graph; once a step's pixels are
    written, its entry in the ``complete`` array (time,) is set to 1 (in step order). A step
    interrupted half-way keeps ``complete == 0`` and is redone on the next run.
@@ -14,17 +16,22 @@ A cube store is written in three moves, so that a crash at any moment costs time
 :func:`open_cube` shows only complete time steps (with a :class:`~icemap.errors.StoreWarning`
 naming the others), so an interrupted store never reads back wrong values.
 
+Every write holds a lock beside the store (``<store>.icemap-lock``, with the writer's PID), so two
+writers never interleave; local paths are made absolute before any graph is built, and after a
+write the completion flags are read back from the store.
+
 Dask chunks are kept identical to Zarr chunks: a dask chunk that straddles two Zarr chunks
 would be written by two tasks at once, and zarr 3 silently loses one of the two writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,9 +41,21 @@ from icemap.errors import StoreError, StoreWarning
 from icemap.options import get_option
 from icemap.interop import finish_store
 
-__all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "WriteReport", "CubeStatus"]
+__all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "check_not_input", "WriteReport",
+           "CubeStatus"]
 
 LAYOUT_ATTR = "icemap:layout"
+#: Written first into every store icemap creates: the proof that icemap may start it again.
+MARKER_ATTR = "icemap:store"
+#: The settings that decide a store's pixels; a write with other settings is refused.
+SETTINGS_ATTR = "icemap:settings"
+#: Per time step, the inputs it was computed from (a composite year's dates); a step whose
+#: inputs changed is computed again.
+INPUTS_ATTR = "icemap:step_inputs"
+LOCK_SUFFIX = ".icemap-lock"
+# Root entries of a Zarr group (v2 and v3); anything else in a store folder is not ours.
+_ZARR_ROOT_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
+_ZARR_NODE_FILES = ("zarr.json", ".zarray", ".zgroup")
 LAYOUT_VERSION = 1
 _COMPLETE = "complete"
 _CUBE_VARS = ("reflectance", "qa_pixel")
@@ -102,13 +121,7 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
     except (ImportError, ValueError) as exc:
         raise StoreError(f"cannot write to {path}: {exc}") from None
     if isinstance(fs, LocalFileSystem):
-        from pathlib import Path
-
-        for parent in Path(root).parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise StoreError(f"cannot create {path}: {parent} is a file, not a folder; choose another --out")
-                break
+        _check_parents(path, root)
     if fs.isfile(root):
         raise StoreError(f"{path} is a file, not a Zarr store; choose another --out (icemap never overwrites it)")
     if fs.exists(root):
@@ -118,6 +131,221 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
                 f"{path} already holds {len(entries)} file(s) or folder(s) and is not a Zarr store; icemap "
                 "will not overwrite it. Choose another --out, or remove it yourself if it is disposable"
             )
+
+
+def _check_parents(path: str, root: str) -> None:
+    """A local parent that is a file gives a clear error instead of NotADirectoryError."""
+    from pathlib import Path
+
+    for parent in Path(root).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"cannot create {path}: {parent} is a file, not a folder; choose another --out")
+            break
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (URLs unchanged).
+
+    Done before any graph is built: a task holding a relative path resolves it in the
+    worker's folder, so a distributed worker started elsewhere would write (or read) another
+    store, or none, while the client reports success.
+    """
+    if path.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(path[len("file://"):]))
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def check_not_input(out: str | os.PathLike[str], inputs: Mapping[str, Any]) -> None:
+    """Refuse an output path that is one of the command's inputs (or inside one, or holds one).
+
+    Writing a product over its own cube, or a table over the outlines it was computed from,
+    would destroy the input. ``inputs`` maps option names (``"--cube"``) to paths; None
+    values are skipped.
+    """
+    from pathlib import Path
+
+    def key(p: Any) -> tuple[str, ...]:
+        text = os.fspath(p)
+        if _is_local(text):
+            text = text[len("file://"):] if text.startswith("file://") else text
+            return Path(os.path.abspath(os.path.expanduser(text))).resolve().parts
+        return tuple(text.rstrip("/").split("/"))
+
+    mine = key(out)
+    for name, value in inputs.items():
+        if value is None or not isinstance(value, (str, os.PathLike)):
+            continue
+        theirs = key(value)
+        shorter = min(len(mine), len(theirs))
+        if mine[:shorter] == theirs[:shorter]:
+            how = "is" if len(mine) == len(theirs) else ("is inside" if len(mine) > len(theirs) else "holds")
+            raise StoreError(f"the output {os.fspath(out)} {how} the {name} input {os.fspath(value)}; "
+                             "writing there would destroy it: choose another output path")
+
+
+def _check_owned(path: str, attrs: Mapping[str, Any]) -> None:
+    """Refuse to touch a Zarr store that icemap did not create (no marker, no layout)."""
+    if MARKER_ATTR not in attrs and LAYOUT_ATTR not in attrs:
+        raise StoreError(
+            f"{path} is a Zarr store that icemap did not create; icemap will neither change nor remove it. "
+            "Choose another --out, or delete it yourself if it is disposable"
+        )
+
+
+def _clear_unfinished(path: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Empty a store that icemap created but whose layout was never finished.
+
+    Only a store that holds nothing but Zarr nodes is cleared (root metadata files, and
+    folders that are Zarr arrays or groups); a file someone put there stops it, and the
+    store is left exactly as it is.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    entries = fs.ls(root, detail=False)
+    foreign = []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name in _ZARR_ROOT_FILES:
+            continue
+        if fs.isdir(entry) and any(fs.exists(f"{entry.rstrip('/')}/{f}") for f in _ZARR_NODE_FILES):
+            continue
+        foreign.append(name)
+    if foreign:
+        raise StoreError(
+            f"{path} was left unfinished before any data, but holds {len(foreign)} file(s) or folder(s) icemap "
+            f"did not write ({', '.join(sorted(foreign)[:4])}); icemap leaves it as it is. Move those away, or "
+            "choose another --out"
+        )
+    for entry in entries:
+        fs.rm(entry, recursive=True)
+
+
+def _create_marked_group(path: str, zarr_format: int, storage_options: Mapping[str, Any] | None) -> None:
+    """Write the empty group with the marker: the first thing written into a new store."""
+    import zarr
+
+    from icemap import __version__
+
+    zarr.open_group(path, mode="a", zarr_format=zarr_format, storage_options=storage_options,  # type: ignore[arg-type]
+                    use_consolidated=False, attributes={MARKER_ATTR: {"created_by": "icemap",
+                                                                      "icemap_version": __version__}})
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_settings(path: str, stored: Mapping[str, Any] | None, settings: Mapping[str, Any]) -> None:
+    """Refuse a write whose pixel-deciding settings differ from the store's record."""
+    if stored is None:
+        return
+    new = _jsonable(dict(settings))
+    diffs = [f"{k} {json.dumps(new.get(k))} (stored: {json.dumps(stored.get(k))})"
+             for k in sorted(set(new) | set(stored)) if new.get(k) != stored.get(k)]
+    if diffs:
+        raise StoreError(
+            f"{path} was written with other settings: {'; '.join(diffs)}. A store holds one product; write to "
+            "another --out, or delete the store to start it again with these settings"
+        )
+
+
+def _lock_holder(lock: str, fs: Any) -> str:
+    try:
+        info = json.loads(fs.cat_file(lock))
+        return f"PID {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
+    except Exception:  # noqa: BLE001 - the lock's text is informative only
+        return "another process"
+
+
+@contextlib.contextmanager
+def _store_lock(path: str, storage_options: Mapping[str, Any] | None) -> Iterator[None]:
+    """Hold ``<store>.icemap-lock`` while writing, so two writers never interleave.
+
+    Locally the lock is an ``flock`` on that file: the kernel releases it when its process
+    dies, so a lock left by a killed run (its file, with a dead PID) is simply taken over. On
+    other filesystems (object stores have no locks) the file is created if absent and taken
+    over when its PID is dead on this host; that is a best effort, not atomic.
+    """
+    import socket
+    from datetime import datetime, timezone
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    lock = root.rstrip("/") + LOCK_SUFFIX
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
+    busy = (f"another icemap process ({{holder}}) is writing {path}; wait for it to finish, or if it is gone, "
+            f"delete {lock}")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None  # type: ignore[assignment]
+    if isinstance(fs, LocalFileSystem) and fcntl is not None:
+        parent = os.path.dirname(lock)
+        if not os.path.isdir(parent):
+            _check_parents(path, root)
+            os.makedirs(parent, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot write {path}: {exc.strerror} ({lock}); choose a folder you can write to "
+                                 "as --out") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise StoreError(busy.format(holder=_lock_holder(lock, fs))) from None
+            # The file may have been removed (by its releasing holder) between open and flock.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, record)
+            yield
+        finally:
+            os.unlink(lock)
+            os.close(fd)
+        return
+    if fs.exists(lock):
+        try:
+            info = json.loads(fs.cat_file(lock))
+        except Exception:  # noqa: BLE001
+            info = {}
+        if info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1))):
+            raise StoreError(busy.format(holder=_lock_holder(lock, fs)))
+    fs.pipe_file(lock, record)
+    try:
+        yield
+    finally:
+        fs.rm(lock)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -449,6 +677,7 @@ def write_cube(
     attrs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> WriteReport:
     """Write (or finish, or extend) a cube store; each time step is flagged once written.
 
@@ -468,6 +697,9 @@ def write_cube(
         fsspec options for remote stores (credentials come from the environment).
     progress
         Called as ``progress(done, total, label)`` after each time step.
+    settings
+        The options that decide the pixels (bands, resolution, QA use...): recorded in the
+        store; a rerun or append with other settings is refused (see :func:`write_timesteps`).
 
     Returns
     -------
@@ -481,7 +713,7 @@ def write_cube(
     if ds["reflectance"].dims != ("time", "band", "y", "x"):
         raise StoreError(f"reflectance must have dims (time, band, y, x), not {ds['reflectance'].dims}")
     return write_timesteps(ds, path, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
-                           storage_options=storage_options, progress=progress)
+                           storage_options=storage_options, progress=progress, settings=settings)
 
 
 def write_timesteps(
@@ -493,14 +725,22 @@ def write_timesteps(
     attrs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    settings: Mapping[str, Any] | None = None,
+    step_inputs: Mapping[str, Any] | None = None,
 ) -> WriteReport:
     """Write every variable with a time dimension, resumably, each time step flagged once written.
 
     The machinery behind :func:`write_cube` and product stores (``ndsi``, ``ice``,
     ``ice_probability``): template, region writes with completion flags, appends. Fill
     values: NaN for floats, ``qa_pixel`` 1, otherwise the dtype's maximum (255 for uint8).
+
+    ``settings`` (JSON-serialisable) are the options that decide the pixels (threshold, rule,
+    model checksum...): recorded in a new store (attribute ``icemap:settings``), compared with
+    the record on a rerun or append, and a difference is a :class:`StoreError` naming the
+    options. ``step_inputs`` maps time labels (``YYYY-MM-DDTHH:MM:SSZ``) to what each step is
+    computed from; a complete step whose inputs changed is computed again.
     """
-    path = os.fspath(path)
+    path = _absolute(os.fspath(path))
     if zarr_format is None:
         zarr_format = get_option("zarr_format")
     if zarr_format not in (2, 3):
@@ -511,26 +751,57 @@ def write_timesteps(
     if len(set(new_times)) != len(new_times):
         raise StoreError("the cube has repeated time steps; load with mosaic=True to merge them")
 
-    exists = _store_exists(path, storage_options)
-    if not exists:
-        _check_target_is_free(path, storage_options)
-    elif _repair_interrupted_append(path, storage_options):
-        warnings.warn(f"{path}: repaired an interrupted append; its dates are written again", StoreWarning,
-                      stacklevel=2)
-    if exists and _group_attrs(path, storage_options).get(LAYOUT_ATTR) is None:
-        # Interrupted before its layout was finished: no step can be complete. Start over.
-        warnings.warn(f"{path} was left unfinished before any data; recreating it", StoreWarning, stacklevel=2)
-        exists = False
+    with _store_lock(path, storage_options):
+        _write_locked(ds, path, report, new_times, cy, cx, zarr_format, attrs, settings, step_inputs,
+                      storage_options, progress)
+    return report
 
+
+def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str], cy: int, cx: int,
+                  zarr_format: int, attrs: Mapping[str, Any] | None, settings: Mapping[str, Any] | None,
+                  step_inputs: Mapping[str, Any] | None, storage_options: Mapping[str, Any] | None,
+                  progress: Progress | None) -> None:
+    """The body of :func:`write_timesteps`, run while the store's lock is held."""
+    import zarr
+
+    exists = _store_exists(path, storage_options)
+    if exists:
+        # Nothing is changed in a store before it is known to be icemap's.
+        stored_attrs = _group_attrs(path, storage_options)
+        _check_owned(path, stored_attrs)
+        if stored_attrs.get(LAYOUT_ATTR) is None:
+            # Created by icemap, interrupted before its layout was finished: no step can be
+            # complete. Cleared (only if it holds nothing but Zarr nodes) and started over.
+            _clear_unfinished(path, storage_options)
+            warnings.warn(f"{path} was left unfinished before any data; starting it again", StoreWarning,
+                          stacklevel=3)
+            exists = False
+        else:
+            if settings is not None:
+                _check_settings(path, stored_attrs.get(SETTINGS_ATTR), settings)
+            if _repair_interrupted_append(path, storage_options):
+                warnings.warn(f"{path}: repaired an interrupted append; its dates are written again", StoreWarning,
+                              stacklevel=3)
+    else:
+        _check_target_is_free(path, storage_options)
+
+    inputs = _jsonable(dict(step_inputs or {}))
     if not exists:
+        _create_marked_group(path, zarr_format, storage_options)
         enc = _encoding(ds, cy, cx, zarr_format)
         tmpl = ds.copy()
-        tmpl.attrs = {**ds.attrs, **dict(attrs or {}), "icemap:chunks": [cy, cx]}
-        tmpl.to_zarr(path, mode="w", compute=False, encoding=enc, zarr_format=zarr_format,
+        tmpl.attrs = {**ds.attrs, **dict(attrs or {}), "icemap:chunks": [cy, cx],
+                      MARKER_ATTR: _group_attrs(path, storage_options)[MARKER_ATTR]}
+        if settings is not None:
+            tmpl.attrs[SETTINGS_ATTR] = _jsonable(dict(settings))
+        if inputs:
+            tmpl.attrs[INPUTS_ATTR] = inputs
+        # mode "a": the group with the marker exists already and must stay.
+        tmpl.to_zarr(path, mode="a", compute=False, encoding=enc, zarr_format=zarr_format,
                      storage_options=storage_options, consolidated=False)
         _set_attrs(path, {LAYOUT_ATTR: LAYOUT_VERSION}, storage_options)
         report.created = True
-        stored_times = new_times
+        stored_times = list(new_times)
         complete = [False] * len(new_times)
     else:
         existing = _open_raw(path, storage_options)
@@ -541,12 +812,16 @@ def write_timesteps(
             cy, cx = stored_chunks
         stored_times = [_fmt_time(t) for t in existing["time"].values]
         complete = [bool(c) for c in existing[_COMPLETE].values]
+        if settings is not None and SETTINGS_ATTR not in existing.attrs:
+            _set_attrs(path, {SETTINGS_ATTR: dict(settings)}, storage_options)  # a store from before the record
+        if inputs:
+            _reset_changed_steps(path, ds, existing, new_times, stored_times, complete, inputs, storage_options)
         to_append = [i for i, t in enumerate(new_times) if t not in stored_times]
         if to_append:
             extra = ds.isel(time=to_append)
             extra = extra.drop_vars([c for c in extra.coords if "time" not in extra[c].dims])
             # to_zarr rewrites the group attributes on append: carry the stored ones over.
-            extra.attrs = dict(existing.attrs)
+            extra.attrs = _group_attrs(path, storage_options)
             extra.to_zarr(path, append_dim="time", compute=False, storage_options=storage_options,
                           consolidated=False)
             stored_times += [new_times[i] for i in to_append]
@@ -559,9 +834,44 @@ def write_timesteps(
     report.skipped = [t for t in new_times if complete[stored_times.index(t)]]
     if todo:
         report.written = _write_steps(ds, path, todo, storage_options, progress)
+        # Read back: a step reported written but not flagged in the store was written somewhere
+        # else (a worker that resolves the path in another folder or on another machine).
+        flags = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)[_COMPLETE][:]
+        lost = [t for _, index, t in todo if not flags[index]]
+        if lost:
+            raise StoreError(
+                f"{path}: {len(lost)} time step(s) were computed but are not flagged complete in the store "
+                f"({', '.join(lost[:4])}{' ...' if len(lost) > 4 else ''}); the workers wrote them elsewhere. "
+                "Give a path or URL that every worker reaches (a shared filesystem, or s3://...)"
+            )
+    if inputs:
+        _set_attrs(path, {INPUTS_ATTR: {**_group_attrs(path, storage_options).get(INPUTS_ATTR, {}), **inputs}},
+                   storage_options)
     # Last, once every step is written: plain xr.open_zarr then reads the finished state.
     finish_store(path, storage_options)
-    return report
+
+
+def _reset_changed_steps(path: str, ds: Any, existing: Any, new_times: list[str], stored_times: list[str],
+                         complete: list[bool], inputs: Mapping[str, Any],
+                         storage_options: Mapping[str, Any] | None) -> None:
+    """Mark complete steps whose inputs changed (a composite year that gained dates) as pending.
+
+    Their per-step labels (``item_ids``, ``platform``) are rewritten now; the pixels are
+    written again by the run, and the inputs record is updated once they are.
+    """
+    import zarr
+
+    before = existing.attrs.get(INPUTS_ATTR, {})
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    for i, t in enumerate(new_times):
+        if t in stored_times and t in inputs and before.get(t) != inputs[t]:
+            index = stored_times.index(t)
+            if complete[index]:
+                group[_COMPLETE][index] = 0
+                complete[index] = False
+            for name in ("item_ids", "platform"):
+                if name in ds.coords and name in group and ds[name].dims == ("time",):
+                    group[name][index] = ds[name].values[i]
 
 
 def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
@@ -644,7 +954,8 @@ def open_cube(
 
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
-    path = os.fspath(path)
+    # Absolute: the lazy reads may run on workers started in another folder.
+    path = _absolute(os.fspath(path))
     if not _store_exists(path, storage_options):
         raise StoreError(f"no Zarr store at {path}; create one with `icemap ingest --out {path}`")
     ds = _open_raw(path, storage_options)
@@ -677,7 +988,7 @@ def cube_status(path: str | os.PathLike[str], *, storage_options: Mapping[str, A
         path=os.fspath(path),
         times=tuple(_fmt_time(t) for t in ds["time"].values),
         complete=tuple(bool(c) for c in ds[_COMPLETE].values),
-        bands=tuple(str(b) for b in ds["band"].values),
+        bands=tuple(str(b) for b in ds["band"].values) if "band" in ds.coords else (),  # products have none
         shape=(ds.sizes["y"], ds.sizes["x"]),
         crs=ds.rio.crs.to_string() if ds.rio.crs else None,
     )

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from icemap.store import Progress, WriteReport
 
-__all__ = ["ingest", "map_ndsi", "write_product", "map_cube", "MapResult", "calibrate_threshold"]
+__all__ = ["ingest", "map_ndsi", "write_product", "product_settings", "map_cube", "MapResult", "calibrate_threshold"]
 
 
 def ingest(
@@ -92,8 +92,14 @@ def ingest(
         "conventions": "reflectance = DN * scale + offset per asset raster:bands; NaN where QA_PIXEL "
                        "flags fill/cloud/dilated cloud/cirrus/cloud shadow or QA_RADSAT saturation",
     }
+    # What decides the pixels (a rerun or an append with other values is refused); the chunk
+    # size and on_error do not (a rerun with --on-error nodata after a failed read is fine).
+    settings = {"bands": attrs["load"]["bands"], "crs": attrs["load"]["crs"],
+                "resolution": [abs(float(r)) for r in ds.rio.resolution()], "qa": qa,
+                "grid": {"shape": [int(ds.sizes["y"]), int(ds.sizes["x"])],
+                         "origin": [float(ds.rio.transform().c), float(ds.rio.transform().f)]}}
     report = write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
-                        storage_options=storage_options, progress=progress)
+                        storage_options=storage_options, progress=progress, settings=settings)
     # A few chunks of what was written: a wrong scale or offset is said now, not by an empty map.
     from icemap.plausibility import check_reflectance
     from icemap.store import open_cube
@@ -135,14 +141,50 @@ def write_product(
     chunksize: int | None = None,
     attrs: dict[str, Any] | None = None,
     progress: Any = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Write a product store resumably, one time step at a time (same rules as cubes)."""
+    """Write a product store resumably, one time step at a time (same rules as cubes).
+
+    ``settings`` default to the product's own record of how it was computed (method,
+    threshold, guards, model checksum...); a rerun with others is refused.
+    """
     from icemap import __version__
     from icemap.store import write_timesteps
 
     meta = {"icemap_version": __version__, **(attrs or {})}
+    if settings is None:
+        settings = product_settings(product)
     return write_timesteps(product, path, zarr_format=zarr_format, chunksize=chunksize, attrs=meta,
-                           progress=progress)
+                           progress=progress, settings=settings)
+
+
+def product_settings(product: Any, **extra: Any) -> dict[str, Any]:
+    """The settings that decide a product's pixels, from the attributes its mapper set.
+
+    The ice mask's attributes (method, threshold, every guard and its parameters, the DEM
+    source) and the product's (model and checksum, channels); labels and display-only
+    attributes are left out.
+    """
+    skip = {"long_name", "flag_values", "flag_meanings", "nodata", "gpu_resources", "model"}
+    settings: dict[str, Any] = {k: v for k, v in product.attrs.items() if k not in skip and not k.startswith("icemap")}
+    if "ice" in product:
+        settings.update({k: v for k, v in product["ice"].attrs.items() if k not in skip})
+    settings.update(extra)
+    return settings
+
+
+def _file_sha256(path: Any) -> str | None:
+    """Checksum of a local file (a DEM), so a rerun with another file of the same name is caught."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, TypeError):
+        return None
+    return digest.hexdigest()
 
 
 @dataclass
@@ -203,8 +245,11 @@ def map_cube(
     :class:`~icemap.errors.ImplausibleReflectanceWarning` naming ``--scale``/``--offset``.
     """
     from icemap.errors import IcemapError
-    from icemap.store import open_cube
+    from icemap.store import check_not_input, open_cube
 
+    for output in (out, geotiff_dir, outlines_path, quicklook_path):
+        if output is not None:
+            check_not_input(output, {"--cube": cube_path, "--dem": dem, "--reference": reference})
     cube = open_cube(cube_path)
     attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
     if method not in ("ndsi", "unet"):
@@ -230,8 +275,15 @@ def map_cube(
     from icemap.infer import keep_resources
 
     routing = keep_resources() if product.attrs.get("gpu_resources") else contextlib.nullcontext()
+    pixel_options = {k: v for k, v in (predict_options or {}).items()
+                     if k in ("tta", "halo", "mc_samples") and v not in (None, False, 0)}
+    settings = product_settings(product, source_cube=os.path.abspath(cube_path) if "://" not in os.fspath(
+        cube_path) else os.fspath(cube_path), **pixel_options)
+    if dem is not None and not hasattr(dem, "dims"):
+        settings["dem_sha256"] = _file_sha256(dem)
     with routing:
-        report = write_product(product, out, zarr_format=zarr_format, attrs=attrs, progress=progress)
+        report = write_product(product, out, zarr_format=zarr_format, attrs=attrs, progress=progress,
+                               settings=settings)
     stored = open_cube(out)
     result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
     if geotiff_dir is not None:
