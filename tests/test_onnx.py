@@ -104,7 +104,7 @@ def imported(native: Path, onnx_files: dict[str, Path], tmp_path_factory: pytest
 
 @pytest.fixture(scope="module")
 def items(sample_region: Any) -> list[dict[str, Any]]:
-    return search(sample_region.catalog).items()
+    return search(sample_region.catalog).item_dicts()
 
 
 def test_imported_folder_holds_no_pickle_and_records_the_network(imported: dict[str, Path], native: Path,

@@ -9,7 +9,7 @@ a computation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +30,17 @@ def _exists(path: Path, what: str) -> None:
 def _store_exists(path: str, what: str) -> None:
     if "://" not in path and not Path(path).exists():
         raise IcemapError(f"{what} {path!r} does not exist; write it with `icemap {'map' if what == 'product' else 'ingest'}`")
+
+
+def _describe_tables(pred: str, tables: list[tuple[Path, Any]]) -> None:
+    """STAC Items of the area tables, derived from the product store's Item, and their Collection."""
+    from icemap.describe import describe_table, item_path, write_collection
+
+    source = item_path(pred)
+    link = source if Path(source).exists() else pred
+    for path, table in tables:
+        describe_table(path, table, derived_from=[link], bbox_of=pred)
+    write_collection(tables[0][0], [p for p, _ in tables], description=f"icemap areas of {Path(pred).name}")
 
 
 @app.command("areas")
@@ -65,6 +76,7 @@ def areas_cmd(
     write_table(table, out)
     if region_out is not None:
         write_table(region, region_out)
+    _describe_tables(pred, [(out, table), *([(region_out, region)] if region_out is not None else [])])
     if plot is not None:
         from icemap.figures import area_plot, save_png
 

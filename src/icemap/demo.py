@@ -127,7 +127,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     region = make_sample_region(out / "region", size=size, n_dates=n_dates, per_season=per_season, seed=seed)
     s = search(str(region.catalog), collections=region.collection, bbox=region.bbox)
-    items = s.items()
+    items = s.item_dicts()
     cube_path = out / "cube.zarr"
     ingest(s, cube_path, chunksize=chunksize, progress=progress)
     cube = open_cube(cube_path)

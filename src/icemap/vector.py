@@ -113,11 +113,20 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
 
 def ice_area_km2(ice: Any) -> Any:
     """Total ice area (km²) per time step of an ice mask, lazily (an xarray DataArray)."""
-    return (ice == 1).sum(dim=("y", "x")) * (pixel_area_m2(ice) / 1e6)
+    # A new quantity: none of the mask's attributes (flags, nodata, threshold) describe it.
+    area = (ice == 1).sum(dim=("y", "x"), keep_attrs=False) * (pixel_area_m2(ice) / 1e6)
+    area.attrs = {"long_name": "ice area", "units": "km2"}
+    return area.rename("ice_area")
 
 
 def _times(ice: Any) -> list[Any]:
-    return list(ice["time"].values) if "time" in ice.dims else [None]
+    """The time of every frame: the ``time`` dimension, or one date kept as a scalar coordinate
+    (``ice.isel(time=0)``), else None."""
+    if "time" in ice.dims:
+        return list(ice["time"].values)
+    if "time" in ice.coords and ice["time"].ndim == 0:
+        return [ice["time"].values]
+    return [None]
 
 
 def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
@@ -134,7 +143,8 @@ def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
     Returns
     -------
     geopandas.GeoDataFrame
-        Columns ``time`` (NaT for a mask without time), ``pixel_count``, ``area_km2`` (= pixel
+        Columns ``time`` (a single date's scalar ``time`` coordinate is kept; NaT for a mask
+        without time), ``pixel_count``, ``area_km2`` (= pixel
         count x pixel area, exactly what :func:`ice_area_km2` counts) and ``geometry`` (pixel
         edges, with holes), in the CRS of the cube.
 
@@ -156,7 +166,7 @@ def polygonise(ice: Any, *, min_area_m2: float = 0.0) -> Any:
     transform = ice.rio.transform(recalc=True)
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(_times(ice)):
-        frame = np.asarray(ice.isel(time=i).values if t is not None else ice.values)
+        frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
         labels, n = ndimage.label(frame == 1)  # default structure = 4-connectivity
         if n == 0:
             continue
