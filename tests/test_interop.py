@@ -79,6 +79,9 @@ def test_consolidated_metadata_follows_appends_and_resumes(sample_region: Any, t
     assert (path / ".zmetadata").exists() and _plain_open(path)[str(path)]["times"] == 1
     icemap.write_cube(cube, path, zarr_format=2)  # appends the other dates
     assert _plain_open(path)[str(path)]["times"] == cube.sizes["time"]
+    # The append kept the attributes netCDF cannot hold as JSON text.
+    group_attrs = zarr.open_group(str(path), mode="r").attrs
+    assert isinstance(group_attrs["mask_flags"], str) and "mask_flags" in group_attrs["icemap:json"]
     # An interrupted step is still found (icemap does not trust the consolidated view).
     zarr.open_group(str(path), mode="r+")["complete"][1] = 0
     with pytest.warns(icemap.errors.StoreWarning, match="incomplete"):
@@ -156,6 +159,7 @@ def test_opened_stores_go_to_netcdf_and_back(stores: dict[str, Path], tmp_path: 
 
     from icemap.interop import decode_attrs
 
+    restored = 0
     for name, path in stores.items():
         ds = xr.open_zarr(path)
         # scipy writes netCDF3, which has no unsigned integers: store those as int32 there (a
@@ -167,11 +171,16 @@ def test_opened_stores_go_to_netcdf_and_back(stores: dict[str, Path], tmp_path: 
             for var in ds.data_vars:
                 np.testing.assert_array_equal(back[var].values, ds[var].values, err_msg=f"{name} {var}")
             # The attributes icemap stored as JSON text come back as they were.
-            ours, decoded = icemap.open_cube(path).attrs, decode_attrs(back.attrs)
-            as_json = back.attrs["icemap:json"].split(",")
-            assert as_json and all(decoded[k] == ours[k] for k in as_json), name
-        if name.startswith("comp"):
-            assert isinstance(decoded["icemap:composite"], dict)
+            ours = icemap.open_cube(path)
+            for var in [None, *ds.data_vars]:
+                attrs, want = (back.attrs, ours.attrs) if var is None else (back[var].attrs, ours[var].attrs)
+                as_json = [k for k in str(attrs.get("icemap:json", "")).split(",") if k]
+                decoded = decode_attrs(attrs)
+                assert all(decoded[k] == want[k] for k in as_json), (name, var)
+                restored += len(as_json)
+            if name.startswith("comp"):
+                assert isinstance(decode_attrs(back.attrs)["icemap:composite"], dict)
+    assert restored >= 6  # e.g. the cube's mask_flags and mask_saturated, the mask's guards
 
 
 def test_store_attributes_round_trip_through_json_text(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def items(sample_region: Any) -> list[dict[str, Any]]:
 def test_imported_folder_holds_no_pickle_and_records_the_network(imported: dict[str, Path], native: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     for kind, folder in imported.items():
-        assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+        assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.stac.json"]
         meta = read_metadata(folder)
         assert meta.kind == "onnx" and meta.weights_file == "model.onnx"
         assert meta.architecture["output_kind"] == kind  # detected from the graph's last op
@@ -345,7 +345,7 @@ def test_dynamo_export_as_the_docs_show(native: Path, tmp_path: Path) -> None:
     path = export(net, tmp_path / "unet.onnx", dynamo=True)
     assert (tmp_path / "unet.onnx.data").exists()
     folder = import_onnx(path, tmp_path / "model", BANDS, normalisation=meta.normalisation)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.stac.json"]
     (tmp_path / "unet.onnx.data").unlink()  # the folder needs nothing beside it
     x = np.random.default_rng(0).random((2, 75, 90), dtype=np.float32)
     norm = Normalisation.from_dict(meta.normalisation)

@@ -14,7 +14,8 @@ import referencing.exceptions
 import xarray as xr
 
 import icemap
-from icemap.describe import COG, ZARR, collection_path, item_path, resolve_store
+from icemap.describe import COG, ZARR, collection_path, item_path
+from icemap.interop import resolve_store
 
 from .conftest import run_icemap
 from .stacschemas import validate
@@ -140,3 +141,33 @@ def test_validation_is_real_and_offline(run: dict[str, Path]) -> None:
     unknown = {**item, "stac_extensions": [*item["stac_extensions"], "https://example.com/ext/v1.0.0/schema.json"]}
     with pytest.raises(referencing.exceptions.NoSuchResource):  # bundled schemas only, never a download
         validate(unknown)
+
+
+def test_model_folder_item_with_mlm(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from icemap.describe import MODEL_ITEM, describe_model
+    from icemap.errors import ModelError
+    from icemap.model.packaged import default_model_dir
+
+    folder = tmp_path / "default-model"
+    shutil.copytree(default_model_dir(), folder)
+    item = describe_model(folder)
+    assert _load(folder / MODEL_ITEM) == item
+    used = validate(item)
+    assert any("mlm/v1.5.2" in u for u in used) and any("file/v2.1.0" in u for u in used)
+    meta = _load(folder / "model.json")
+    props = item["properties"]
+    (inp,) = props["mlm:input"]
+    assert inp["bands"] == meta["channels"]
+    assert [(s["minimum"], s["maximum"]) for s in inp["value_scaling"]] == list(
+        zip(meta["normalisation"]["lo"], meta["normalisation"]["hi"]))
+    assert props["mlm:output"][0]["name"] == "ice_probability" and props["icemap:threshold"] == meta["threshold"]
+    weights = item["assets"]["weights"]
+    assert "mlm:model" in weights["roles"] and props["mlm:framework"] == "PyTorch"
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert weights["file:checksum"] == "1220" + digest == "1220" + meta["weights_sha256"]
+    assert [b["name"] for b in weights["raster:bands"]] == meta["channels"]
+    with pytest.raises(ModelError, match="model.json"):
+        describe_model(tmp_path)

@@ -241,7 +241,8 @@ def composite(
         return ds
     report = write_composite(ds, out, zarr_format=zarr_format, progress=progress)
     if source is not None:
-        from icemap.describe import item_path, resolve_store
+        from icemap.describe import item_path
+        from icemap.interop import resolve_store
         from icemap.workflow import _exists, describe_run
 
         store = resolve_store(source)

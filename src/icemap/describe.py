@@ -25,8 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from icemap.interop import ZARR
+
 __all__ = [
     "EXTENSIONS",
+    "MODEL_ITEM",
+    "describe_model",
     "MEDIA_TYPES",
     "collection_path",
     "describe_cog",
@@ -34,7 +38,6 @@ __all__ = [
     "describe_table",
     "describe_vector",
     "item_path",
-    "resolve_store",
     "write_collection",
 ]
 
@@ -45,7 +48,6 @@ EXTENSIONS = {
     "processing": "https://stac-extensions.github.io/processing/v1.2.0/schema.json",
 }
 
-ZARR = "application/vnd+zarr"
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
 
 #: Media type of an asset, by file suffix.
@@ -436,29 +438,94 @@ def write_collection(main: str | os.PathLike[str], products: Sequence[str | os.P
     return out
 
 
-def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """The Zarr store a STAC Item (``*.json``) describes, by its ``application/vnd+zarr`` asset;
-    any other path is returned unchanged."""
-    from icemap.errors import StoreError
+#: Schemas of a model folder's Item (the machine-learning model extension, and file for checksums).
+MODEL_EXTENSIONS = {
+    "mlm": "https://stac-extensions.github.io/mlm/v1.5.2/schema.json",
+    "file": "https://stac-extensions.github.io/file/v2.1.0/schema.json",
+    "raster": EXTENSIONS["raster"],
+}
 
-    if not path.rstrip("/").lower().endswith(".json"):
-        return path
-    import fsspec
+#: Name of a model folder's Item, inside the folder (it travels with the folder).
+MODEL_ITEM = "model.stac.json"
 
+
+def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dict[str, Any]:
+    """The STAC Item of a model folder (``model.json`` and its weights), with the MLM extension.
+
+    It states what a user of the model elsewhere needs: the input channels in order (bands and
+    the indices computed from them), the per-channel min-max normalisation, the output (ice
+    probability, thresholded at the model's threshold), the framework and the weights' sha256
+    (``file:checksum``, a multihash). Written to ``<folder>/model.stac.json``. The model has no
+    footprint (geometry null); ``datetime`` is when its weights were written.
+    """
+    import re
+
+    import pystac
+
+    from icemap.errors import ModelError
+
+    root = Path(folder)
     try:
-        with fsspec.open(path, "r", **dict(storage_options or {})) as f:
-            item = json.load(f)
+        meta = json.loads((root / "model.json").read_text())
     except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read the STAC Item {path}: {exc}") from None
-    assets = item.get("assets") if isinstance(item, dict) else None
-    zarr_assets = [a for a in (assets or {}).values()
-                   if isinstance(a, dict) and str(a.get("type", "")).startswith(ZARR) and a.get("href")]
-    if not zarr_assets:
-        raise StoreError(f"{path} is not a STAC Item with a Zarr asset (type {ZARR}); give the cube's Item "
-                         "written by icemap, or the store itself")
-    href = str(zarr_assets[0]["href"])
-    if _is_url(href) or os.path.isabs(href):
-        return href
-    if _is_url(path):
-        return path.rsplit("/", 1)[0] + "/" + href.removeprefix("./")
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), href))
+        raise ModelError(f"{folder} is not a model folder (model.json unreadable: {exc})") from None
+    arch = meta.get("architecture", {})
+    onnx = arch.get("kind") == "onnx"
+    weights = root / ("model.onnx" if onnx else "model.safetensors")
+    if not weights.exists():
+        raise ModelError(f"{folder} has no weights file {weights.name}")
+    channels = [str(c) for c in meta.get("channels", [])]
+    norm = meta.get("normalisation", {})
+    lo, hi = norm.get("lo", []), norm.get("hi", [])
+    scaling = ([{"type": "min-max", "minimum": float(a), "maximum": float(b)} for a, b in zip(lo, hi)]
+               if len(lo) == len(channels) == len(hi) else None)
+    name = re.sub(r"[^a-zA-Z0-9_.\- ]", "-", root.resolve().name).strip("-_. ") or "model"
+    if not name[0].isalpha():
+        name = f"model-{name}"
+    threshold = float(meta.get("threshold", 0.5))
+    spectral = [c for c in channels if c in meta.get("bands", channels)]
+    props: dict[str, Any] = {
+        "mlm:name": name,
+        "mlm:architecture": "ONNX network (imported)" if onnx else "U-Net",
+        "mlm:tasks": ["semantic-segmentation"],
+        "mlm:framework": "ONNX" if onnx else "PyTorch",
+        "mlm:input": [{
+            "name": "reflectance and indices",
+            "bands": channels,
+            "input": {"shape": [-1, len(channels), -1, -1], "dim_order": ["batch", "bands", "height", "width"],
+                      "data_type": "float32"},
+            "value_scaling": scaling,
+            "description": (f"surface reflectance of {', '.join(spectral)} (STAC common names) and the indices "
+                            f"{', '.join(c for c in channels if c not in spectral) or 'none'}, in this order; "
+                            f"min-max normalisation ({norm.get('method', 'minmax')} of the training data); "
+                            "NaN pixels filled with 0 after normalisation"),
+        }],
+        "mlm:output": [{
+            "name": "ice_probability",
+            "tasks": ["semantic-segmentation"],
+            "result": {"shape": [-1, 1, -1, -1], "dim_order": ["batch", "channel", "height", "width"],
+                       "data_type": "float32"},
+            "description": f"probability of uncovered glacier ice; ice where it is at least {threshold}",
+        }],
+        "icemap:threshold": threshold,
+        "icemap:normalisation": norm,
+    }
+    if meta.get("validation"):
+        props["icemap:validation"] = meta["validation"]
+    sha = str(meta.get("weights_sha256", ""))
+    when = datetime.fromtimestamp(weights.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)
+    item = pystac.Item(id=name, geometry=None, bbox=None, datetime=when, properties=props,
+                       stac_extensions=list(MODEL_EXTENSIONS.values()))
+    weights_extra: dict[str, Any] = {"mlm:artifact_type": "onnx" if onnx else "safetensors.torch.save_file",
+                                     "file:size": weights.stat().st_size,
+                                     # MLM (v1.5) names the input bands through raster:bands of the
+                                     # model asset: one per input channel, in order.
+                                     "raster:bands": [{"name": c, "data_type": "float32"} for c in channels]}
+    if sha:
+        weights_extra["file:checksum"] = "1220" + sha  # multihash: sha2-256, 32 bytes
+    item.add_asset("weights", pystac.Asset(f"./{weights.name}", media_type="application/octet-stream",
+                                           roles=["mlm:model", "mlm:weights", "data"], title="model weights",
+                                           extra_fields=weights_extra))
+    item.add_asset("metadata", pystac.Asset("./model.json", media_type="application/json", roles=["metadata"],
+                                            title="icemap model metadata (channels, normalisation, threshold)"))
+    return _finish(item, str(root / MODEL_ITEM), write)

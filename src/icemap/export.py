@@ -236,7 +236,8 @@ def export_geotiffs(
         COG tile size (see :func:`write_cog`).
     describe
         Also write each file's STAC Item beside it (``ice_2021-02-12.tif.json``,
-        :func:`icemap.describe.describe_cog`).
+        :func:`icemap.describe.describe_cog`). A frame without a time (a 2-D product) gets
+        none: a STAC Item needs a date.
     derived_from
         What the products came from (e.g. the product store's Item), linked from each Item.
 
@@ -282,6 +283,7 @@ def export_geotiffs(
     out_dir = Path(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    dated: list[Path] = []
     for name in variables:
         var = product_ds[name]
         extra = [d for d in var.dims if d not in ("time", "y", "x")]
@@ -297,6 +299,8 @@ def export_geotiffs(
             frame = var.isel(time=i) if t is not None else var
             frame = frame.transpose("y", "x")
             fname = f"{name}_{_stamp(t, times)}.tif" if t is not None else f"{name}.tif"
+            if t is not None:
+                dated.append(out_dir / fname)
             paths.append(write_cog(out_dir / fname, np.asarray(frame.values), transform=transform,
                                    crs=crs, nodata=nodata, overview_resampling=resampling,
                                    blocksize=blocksize, tags=_cog_tags(product_ds, name, t, i),
@@ -304,7 +308,7 @@ def export_geotiffs(
     if describe:
         from icemap.describe import describe_cog
 
-        for p in paths:
+        for p in dated:
             describe_cog(p, derived_from=derived_from)
     return paths
 

@@ -29,13 +29,17 @@ strings, their names listed in the ``icemap:json`` attribute (:func:`encode_attr
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "restore_mask"]
+__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "resolve_store", "restore_mask"]
+
+#: Media type of a Zarr store (STAC asset ``type``).
+ZARR = "application/vnd+zarr"
 
 #: The CF conventions the stores follow.
 CONVENTIONS = "CF-1.8"
@@ -161,3 +165,35 @@ def decode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
             except ValueError:  # written by someone else: leave the text as it is
                 pass
     return out
+
+
+def _url(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The Zarr store a STAC Item (``*.json``) describes, by its ``application/vnd+zarr`` asset;
+    any other path is returned unchanged."""
+    from icemap.errors import StoreError
+
+    if not path.rstrip("/").lower().endswith(".json"):
+        return path
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", **dict(storage_options or {})) as f:
+            item = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read the STAC Item {path}: {exc}") from None
+    assets = item.get("assets") if isinstance(item, dict) else None
+    zarr_assets = [a for a in (assets or {}).values()
+                   if isinstance(a, dict) and str(a.get("type", "")).startswith(ZARR) and a.get("href")]
+    if not zarr_assets:
+        raise StoreError(f"{path} is not a STAC Item with a Zarr asset (type {ZARR}); give the cube's Item "
+                         "written by icemap, or the store itself")
+    href = str(zarr_assets[0]["href"])
+    if _url(href) or os.path.isabs(href):
+        return href
+    if _url(path):
+        return path.rsplit("/", 1)[0] + "/" + href.removeprefix("./")
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), href))

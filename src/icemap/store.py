@@ -32,7 +32,7 @@ import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
 from icemap.options import get_option
-from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store
+from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store, resolve_store
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "WriteReport", "CubeStatus"]
 
@@ -558,7 +558,7 @@ def write_timesteps(
             extra = ds.isel(time=to_append)
             extra = extra.drop_vars([c for c in extra.coords if "time" not in extra[c].dims])
             # to_zarr rewrites the group attributes on append: carry the stored ones over.
-            extra.attrs = dict(existing.attrs)
+            extra.attrs = encode_attrs(dict(existing.attrs))
             extra.to_zarr(path, append_dim="time", compute=False, storage_options=storage_options,
                           consolidated=False)
             stored_times += [new_times[i] for i in to_append]
@@ -671,8 +671,6 @@ def open_cube(
     import rioxarray  # noqa: F401
 
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
-
-    from icemap.describe import resolve_store
 
     # A cube's STAC Item (cube.zarr.json) stands for the store its Zarr asset points at.
     path = resolve_store(os.fspath(path), storage_options)

@@ -270,7 +270,8 @@ def map_cube(
         valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
         result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
                                      time=int(valid.argmax()))
-    from icemap.describe import item_path, resolve_store
+    from icemap.describe import item_path
+    from icemap.interop import resolve_store
 
     source = resolve_store(os.fspath(cube_path))
     source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
