@@ -76,12 +76,13 @@ def test_store_items_describe_grid_bands_and_lineage(run: dict[str, Path], sampl
     asset = item["assets"]["data"]
     assert asset["type"] == ZARR
     bands = asset["raster:bands"]
-    assert [b["name"] for b in bands] == [f"reflectance:{b}" for b in cube["band"].values] + ["qa_pixel"]
-    assert bands[0]["data_type"] == "float32" and bands[0]["nodata"] == "nan" and bands[-1]["data_type"] == "uint16"
+    assert [b["name"] for b in bands] == ["qa_pixel"] + [f"reflectance:{b}" for b in cube["band"].values]
+    assert bands[0] == {"name": "qa_pixel", "data_type": "uint16", "nodata": 1}
+    assert bands[1]["data_type"] == "float32" and bands[1]["nodata"] == "nan" and bands[1]["unit"] == "1"
     # derived_from: the input scenes' own Items.
-    inputs = {lk["href"] for lk in item["links"] if lk["rel"] == "derived_from"}
-    expected = {it.get_self_href() for it in icemap.search(sample_region.catalog).items()}
-    assert inputs == expected and all(Path(h).exists() for h in inputs)
+    inputs = {_follow(item_path(run["cube"]), lk["href"]) for lk in item["links"] if lk["rel"] == "derived_from"}
+    expected = {Path(it.get_self_href()).resolve() for it in icemap.search(sample_region.catalog).items()}
+    assert inputs == expected and all(h.exists() for h in inputs)
     # The product is derived from the cube's Item; its COGs and outlines from the product's.
     ice = _load(item_path(run["ice"]))
     assert [_follow(item_path(run["ice"]), lk["href"]) for lk in ice["links"] if lk["rel"] == "derived_from"] == [

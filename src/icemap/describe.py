@@ -273,7 +273,7 @@ def describe_store(
     if sources:
         props["icemap:source_items"] = sources
     bands = []
-    for name in ds.data_vars:
+    for name in sorted(map(str, ds.data_vars)):  # in name order: a store does not keep variable order
         var = ds[name]
         if name == "complete" or not {"y", "x"} <= set(var.dims):
             continue
