@@ -104,7 +104,7 @@ def test_static_catalog_walk(sample_region: Any) -> None:
 # -- a real STAC API on loopback -----------------------------------------------------------------
 def test_api_search_all_with_paging(stac_api: StacServer) -> None:
     s = search(stac_api.url, collections="landsat-c2-l2", limit=5)
-    ids = [i["id"] for i in s.items()]
+    ids = [i.id for i in s.items()]  # pystac Items, over every page
     assert sorted(ids) == sorted(i["id"] for i in stac_api.items)
     assert len(ids) > 5  # more than one page was followed
 
