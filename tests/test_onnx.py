@@ -28,6 +28,7 @@ from icemap.model.onnx_runner import OnnxRunner
 from icemap.model.unet import UNetConfig
 from icemap.stac import search
 
+from .stacschemas import validate as validate_stac
 from .test_infer import make_model
 
 BANDS = ["green", "swir16"]
@@ -111,6 +112,11 @@ def test_imported_folder_holds_no_pickle_and_records_the_network(imported: dict[
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     for kind, folder in imported.items():
         assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.stac.json"]
+        # The folder's STAC Item (MLM) names the imported network and validates offline.
+        item = json.loads((folder / "model.stac.json").read_text())
+        validate_stac(item)
+        assert item["properties"]["mlm:framework"] == "ONNX"
+        assert item["assets"]["weights"]["mlm:artifact_type"] == "onnx"
         meta = read_metadata(folder)
         assert meta.kind == "onnx" and meta.weights_file == "model.onnx"
         assert meta.architecture["output_kind"] == kind  # detected from the graph's last op
