@@ -148,7 +148,7 @@ def run_demo(
 
     # One map per year: the season's clear observations composited, then mapped as any cube.
     comp_path, comp_ice = out / "composite.zarr", out / "composite-ice.zarr"
-    composite(cube, comp_path, progress=progress)
+    composite(cube_path, comp_path, progress=progress)  # from the store: its STAC Item links the cube
     map_cube(comp_path, comp_ice, threshold=threshold, progress=progress)
     yearly = open_cube(comp_ice)["ice"]
     season = open_cube(comp_path).attrs.get("icemap:composite", {}).get("season")
