@@ -157,13 +157,13 @@ def _links(item: Any, derived_from: Sequence[str | os.PathLike[str]], at: str) -
         item.add_link(pystac.Link("derived_from", _href(src, at), media_type=media))
 
 
-def _dump(d: Mapping[str, Any], at: str) -> None:
+def _dump(d: Mapping[str, Any], at: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write JSON to ``at`` (local path or fsspec URL), atomically where local."""
     text = json.dumps(d, indent=2, default=str) + "\n"
     if _is_url(at):
         import fsspec
 
-        with fsspec.open(at, "w") as f:
+        with fsspec.open(at, "w", **dict(storage_options or {})) as f:
             f.write(text)
         return
     tmp = f"{at}.{os.getpid()}.tmp"
@@ -172,10 +172,10 @@ def _dump(d: Mapping[str, Any], at: str) -> None:
     os.replace(tmp, at)
 
 
-def _finish(item: Any, at: str, write: bool) -> dict[str, Any]:
+def _finish(item: Any, at: str, write: bool, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     d = item.to_dict(include_self_link=False, transform_hrefs=False)
     if write:
-        _dump(d, at)
+        _dump(d, at, storage_options)
     return d
 
 
@@ -290,7 +290,7 @@ def describe_store(
     item.add_asset("data", pystac.Asset(_href(path, at), media_type=ZARR, roles=["data"], title=title,
                                         extra_fields={"raster:bands": bands}))
     _links(item, derived_from, at)
-    return _finish(item, at, write)
+    return _finish(item, at, write, storage_options)
 
 
 def describe_cog(path: str | os.PathLike[str], *, derived_from: Sequence[str | os.PathLike[str]] = (),
