@@ -94,7 +94,7 @@ def region_items(size: int, *, n_dates: int = 2, split: bool = True, seed: int =
     import icemap
 
     region = sample_region(size, n_dates=n_dates, split=split, seed=seed)
-    return list(icemap.search(region.catalog).items())
+    return list(icemap.search(region.catalog).item_dicts())
 
 
 def cube_store(size: int, *, bands: Sequence[str] | None = None, n_dates: int = 2, split: bool = True,

@@ -147,7 +147,7 @@ def sample_section(workdir: Path, size: int, seed: int) -> dict[str, Any]:
 
     code = CLASS_CODES
     region = make_sample_region(workdir / "region", size=size, n_dates=3, seed=seed)
-    items = icemap.search(str(region.catalog)).items()
+    items = icemap.search(str(region.catalog)).item_dicts()
     # The default pipeline: QA_PIXEL masks fill, cloud, dilated cloud, cirrus and cloud shadow.
     ds = icemap.load(items, bands=["green", "nir08", "swir16"], chunksize=256)
     store = workdir / "sample_cube.zarr"

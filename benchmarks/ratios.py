@@ -863,7 +863,7 @@ def ndsi_job(size: int, chunk: int, workdir: Path) -> float:
 
     region = C.sample_region(size)
     t0 = time.perf_counter()
-    items = icemap.search(region.catalog).items()
+    items = icemap.search(region.catalog).item_dicts()
     icemap.write_cube(C.load_cube(items, bands=list(C.NDSI_BANDS), chunksize=chunk), workdir / "cube.zarr")
     icemap.write_product(icemap.map_ndsi(icemap.open_cube(workdir / "cube.zarr")), workdir / "ndsi.zarr")
     return time.perf_counter() - t0

@@ -192,7 +192,7 @@ def sample_items_for_api(region: Any, n_extra: int = 0) -> tuple[dict[str, Any],
     """
     from icemap.stac import search
 
-    items = search(str(region.catalog)).items()
+    items = search(str(region.catalog)).item_dicts()
     out = []
     for it in items:
         it = json.loads(json.dumps(it))

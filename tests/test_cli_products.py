@@ -30,7 +30,7 @@ def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cube") / "cube.zarr"
-    icemap.ingest(search(sample_region.catalog).items(), path, chunksize=64)
+    icemap.ingest(search(sample_region.catalog).item_dicts(), path, chunksize=64)
     return path
 
 

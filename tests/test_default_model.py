@@ -92,7 +92,7 @@ def test_augment_keeps_nodata_and_recomputes_indices() -> None:
 @pytest.fixture(scope="module")
 def landsat_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("default") / "cube.zarr"
-    icemap.ingest(search(sample_region.catalog).items(), path, bands=list(COMMON_BANDS), chunksize=64)
+    icemap.ingest(search(sample_region.catalog).item_dicts(), path, bands=list(COMMON_BANDS), chunksize=64)
     return path
 
 
@@ -112,7 +112,7 @@ def test_cli_map_unet_without_model(landsat_cube: Path, tmp_path: Path) -> None:
 
 
 def test_cube_without_a_common_band(sample_region: Any) -> None:
-    cube = icemap.load(search(sample_region.catalog).items(), bands=["blue", "green", "red", "swir16", "swir22"])
+    cube = icemap.load(search(sample_region.catalog).item_dicts(), bands=["blue", "green", "red", "swir16", "swir22"])
     with pytest.raises(ModelError, match=r"nir08.*--bands"):
         icemap.predict(cube)
 

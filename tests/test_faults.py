@@ -216,11 +216,11 @@ def test_client_killed_mid_ingest_resumes(sample_region: Any, reference_cube: Pa
 
 # -- an unreliable STAC API ---------------------------------------------------------------------------
 def test_search_survives_timeouts_resets_and_5xx(stac_api: StacServer) -> None:
-    direct = search(stac_api.url, limit=7).items()
+    direct = search(stac_api.url, limit=7).item_dicts()
     schedule = ["timeout", 503, "ok", "reset", 502, "ok", 429, 500, "ok", 504, "ok"]
     with FaultProxy(stac_api.url, schedule, hang_s=2.0, max_requests=200, max_seconds=90) as proxy:
         start = time.monotonic()
-        items = search(proxy.url, limit=7, timeout=0.5, retries=4, backoff=0.01).items()
+        items = search(proxy.url, limit=7, timeout=0.5, retries=4, backoff=0.01).item_dicts()
         elapsed = time.monotonic() - start
     assert [i["id"] for i in items] == [i["id"] for i in direct]
     # Faults were really injected, of every kind, and really retried.

@@ -94,8 +94,8 @@ def test_bbox_across_the_antimeridian(tmp_path: Path) -> None:
     assert_cube_is_files(ds, files)
     # ... and the search filter keeps the item for that bbox, drops it for one beside it.
     (tmp_path / "items.json").write_text(json.dumps(item))
-    assert [it["id"] for it in search(tmp_path / "items.json", bbox=bbox).items()] == ["fiji"]
-    assert search(tmp_path / "items.json", bbox=(170.0, s, 175.0, n)).items() == []
+    assert [it["id"] for it in search(tmp_path / "items.json", bbox=bbox).item_dicts()] == ["fiji"]
+    assert search(tmp_path / "items.json", bbox=(170.0, s, 175.0, n)).item_dicts() == []
 
 
 def test_bbox_off_the_real_footprint(tmp_path: Path) -> None:

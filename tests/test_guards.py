@@ -198,7 +198,7 @@ def sample_cube(sample_region: Any) -> Any:
     """The sample region masked for fill only: QA would hide most cloud shadow from the guards."""
     from icemap.stac import search
 
-    items = search(str(sample_region.catalog)).items()
+    items = search(str(sample_region.catalog)).item_dicts()
     return icemap.load(items, mask_flags=("fill",), chunksize=64, bands=["green", "nir08", "swir16"])
 
 
@@ -270,7 +270,7 @@ def test_guards_lazy_equal_eager_on_real_data(chunks: int) -> None:
 def test_dem_guard_chunked_equals_whole_and_is_lazy(sample_region: Any) -> None:
     from icemap.stac import search
 
-    items = search(str(sample_region.catalog)).items()
+    items = search(str(sample_region.catalog)).item_dicts()
     kw = {"guards": ("water", "dark", "dem"), "dem": sample_region.dem, "elevation_min_m": 4200.0,
           "slope_max_deg": 35.0}
     small = icemap.load(items, chunksize=48, bands=["green", "nir08", "swir16"])
@@ -335,7 +335,7 @@ def test_guard_errors_are_clear(sample_cube: Any, kwargs: dict[str, Any], messag
 def test_water_guard_needs_nir_band(sample_region: Any) -> None:
     from icemap.stac import search
 
-    cube = icemap.load(search(str(sample_region.catalog)).items(), bands=["green", "swir16"])
+    cube = icemap.load(search(str(sample_region.catalog)).item_dicts(), bands=["green", "swir16"])
     icemap.ice_mask(cube)  # plain NDSI needs only green and swir16
     with pytest.raises(BandError, match="nir08"):
         icemap.ice_mask(cube, guards=("water",))

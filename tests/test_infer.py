@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def items(sample_region: Any) -> list[dict[str, Any]]:
-    return search(sample_region.catalog).items()
+    return search(sample_region.catalog).item_dicts()
 
 
 def whole_array(cube: Any, model_dir: Path) -> np.ndarray:

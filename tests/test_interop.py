@@ -16,7 +16,7 @@ import zarr
 
 import icemap
 
-from .conftest import REPO
+from .conftest import REPO, require_module, run_icemap
 
 # Runs in a fresh interpreter that never imports icemap: what a user with plain xarray sees.
 PLAIN = """
@@ -55,6 +55,8 @@ def stores(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
         paths[f"ice{fmt}"] = tmp / f"ice{fmt}.zarr"
         ice = icemap.ice_mask(icemap.open_cube(paths[f"cube{fmt}"])).to_dataset(name="ice")
         icemap.write_product(ice, paths[f"ice{fmt}"], zarr_format=fmt)
+        paths[f"comp{fmt}"] = tmp / f"comp{fmt}.zarr"
+        icemap.composite(icemap.open_cube(paths[f"cube{fmt}"]), paths[f"comp{fmt}"], zarr_format=fmt)
     return paths
 
 
@@ -77,6 +79,9 @@ def test_consolidated_metadata_follows_appends_and_resumes(sample_region: Any, t
     assert (path / ".zmetadata").exists() and _plain_open(path)[str(path)]["times"] == 1
     icemap.write_cube(cube, path, zarr_format=2)  # appends the other dates
     assert _plain_open(path)[str(path)]["times"] == cube.sizes["time"]
+    # The append kept the attributes netCDF cannot hold as JSON text.
+    group_attrs = zarr.open_group(str(path), mode="r").attrs
+    assert isinstance(group_attrs["mask_flags"], str) and "mask_flags" in group_attrs["icemap:json"]
     # An interrupted step is still found (icemap does not trust the consolidated view).
     zarr.open_group(str(path), mode="r+")["complete"][1] = 0
     with pytest.warns(icemap.errors.StoreWarning, match="incomplete"):
@@ -96,14 +101,15 @@ def test_evaluate_and_accessor_take_plain_xarray_objects(stores: dict[str, Path]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain = xr.open_zarr(stores["ice3"])["ice"]
-    assert plain.dtype.kind == "f"  # CF decoding turned 255 into NaN
+    assert plain.dtype == np.uint8  # no CF _FillValue on masks: plain xarray keeps them integer
     ours = icemap.open_cube(stores["ice3"])["ice"]
     expected = icemap.evaluate(ours, outlines)
     assert icemap.evaluate(plain, outlines) == expected
     assert plain.icemap.evaluate(outlines) == expected
     from icemap.interop import restore_mask
 
-    np.testing.assert_array_equal(restore_mask(plain).values, ours.values)
+    # A mask of an older store (CF-decoded to float with NaN) is turned back.
+    np.testing.assert_array_equal(restore_mask(plain.where(plain != 255)).values, ours.values)
 
 
 def test_accessor_registered_when_xarray_came_first() -> None:
@@ -111,3 +117,147 @@ def test_accessor_registered_when_xarray_came_first() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           check=True).stdout.strip() == "True"
+
+
+# -- CF metadata, dtypes and netCDF ---------------------------------------------------------------
+def test_plain_xarray_reads_cf_metadata_and_integer_flags(stores: dict[str, Path]) -> None:
+    import xarray as xr
+
+    from icemap.composite import source_dates
+
+    for name, path in stores.items():
+        ds = xr.open_zarr(path)
+        assert ds.attrs["Conventions"] == "CF-1.8", name
+        for dim in ("x", "y"):
+            assert ds[dim].attrs["units"] == "m" and ds[dim].attrs["standard_name"] == f"projection_{dim}_coordinate"
+        ours = icemap.open_cube(path)
+        # Flags and masks stay integer (no CF _FillValue), with the values icemap reads.
+        for var in ("qa_pixel", "ice", "clear_count", "complete"):
+            if var in ds:
+                assert ds[var].dtype == ours[var].dtype and ds[var].dtype.kind == "u", (name, var)
+                np.testing.assert_array_equal(ds[var].values, ours[var].values)
+        if "ice" in ds:
+            assert list(ds["ice"].attrs["flag_values"]) == [0, 1, 255]
+            assert ds["ice"].attrs["flag_meanings"].split() == ["no_ice", "ice", "no_data"]
+            assert set(np.unique(ds["ice"].values)) <= {0, 1, 255}
+        if "qa_pixel" in ds:
+            assert "cloud" in ds["qa_pixel"].attrs["flag_meanings"].split()
+            # Bitwise QA tests work on what plain xarray returns.
+            assert ((ds["qa_pixel"] & 1) == (ours["qa_pixel"] & 1)).all()
+        if "source_date" in ds:
+            # CF time: decodes as datetime64 (NaT where no observation), equal to icemap's reading.
+            assert np.issubdtype(ds["source_date"].dtype, np.datetime64)
+            got, want = ds["source_date"].values, source_dates(ours).values
+            np.testing.assert_array_equal(np.isnat(got), np.isnat(want))
+            assert np.abs(got[~np.isnat(got)] - want[~np.isnat(want)]).max() <= np.timedelta64(1, "s")
+            assert (~np.isnat(got)).any()
+            np.testing.assert_array_equal(source_dates(ds).values, got)
+
+
+def test_opened_stores_go_to_netcdf_and_back(stores: dict[str, Path], tmp_path: Path) -> None:
+    import xarray as xr
+
+    from icemap.interop import decode_attrs
+
+    restored = 0
+    for name, path in stores.items():
+        ds = xr.open_zarr(path)
+        # scipy writes netCDF3, which has no unsigned integers: store those as int32 there (a
+        # netCDF4 engine writes them as they are).
+        enc = {v: {"dtype": "int32"} for v in ds.data_vars if ds[v].dtype.kind == "u"}
+        nc = tmp_path / f"{name}.nc"
+        ds.to_netcdf(nc, engine="scipy", encoding=enc)
+        with xr.open_dataset(nc, engine="scipy") as back:
+            for var in ds.data_vars:
+                np.testing.assert_array_equal(back[var].values, ds[var].values, err_msg=f"{name} {var}")
+            # The attributes icemap stored as JSON text come back as they were.
+            ours = icemap.open_cube(path)
+            for var in [None, *ds.data_vars]:
+                attrs, want = (back.attrs, ours.attrs) if var is None else (back[var].attrs, ours[var].attrs)
+                as_json = [k for k in str(attrs.get("icemap:json", "")).split(",") if k]
+                decoded = decode_attrs(attrs)
+                assert all(decoded[k] == want[k] for k in as_json), (name, var)
+                restored += len(as_json)
+            if name.startswith("comp"):
+                assert isinstance(decode_attrs(back.attrs)["icemap:composite"], dict)
+    assert restored >= 6  # e.g. the cube's mask_flags and mask_saturated, the mask's guards
+
+
+def test_store_attributes_round_trip_through_json_text(tmp_path: Path) -> None:
+    from icemap.interop import decode_attrs, encode_attrs
+
+    attrs = {"search": {"bbox": [1.0, 2.0, 3.0, 4.0], "max_cloud": None}, "signed": False, "guards": [],
+             "bands": ["green", "swir16"], "threshold": 0.4, "flag_values": [0, 1, 255], "text": "{not json"}
+    enc = encode_attrs(attrs)
+    assert all(isinstance(v, (str, int, float)) or (isinstance(v, list) and v and
+                                                    all(isinstance(x, (int, float)) for x in v))
+               for v in enc.values())
+    assert enc["text"] == "{not json" and decode_attrs(enc) == attrs
+
+
+# -- COGs -----------------------------------------------------------------------------------------
+def test_cog_tags_and_colour_table(stores: dict[str, Path], tmp_path: Path) -> None:
+    import rasterio
+
+    product = icemap.open_cube(stores["ice3"])
+    paths = icemap.export_geotiffs(product, tmp_path, variables=["ice"])
+    assert len(paths) == product.sizes["time"]
+    for i, p in enumerate(paths):
+        with rasterio.open(p) as src:
+            tags = src.tags()
+            t = np.datetime64(product["time"].values[i], "s").astype(object)
+            assert tags["datetime"] == t.strftime("%Y-%m-%dT%H:%M:%SZ")
+            assert tags["TIFFTAG_DATETIME"] == t.strftime("%Y:%m:%d %H:%M:%S")
+            assert tags["method"] == product["ice"].attrs["method"]
+            assert float(tags["threshold"]) == product["ice"].attrs["threshold"]
+            assert tags["source_items"] == str(product["item_ids"].values[i])
+            assert src.descriptions == (product["ice"].attrs["long_name"],)
+            cmap = src.colormap(1)
+            assert cmap[1] != cmap[0] and cmap[255][3] == 0  # ice and no ice differ; nodata transparent
+
+
+# -- API corrections ------------------------------------------------------------------------------
+def test_area_has_its_own_attributes_and_one_date_keeps_its_time(stores: dict[str, Path]) -> None:
+    ice = icemap.open_cube(stores["ice3"])["ice"]
+    area = ice.icemap.area_km2()
+    assert area.attrs == {"long_name": "ice area", "units": "km2"}
+    one = ice.isel(time=1)
+    gdf = icemap.polygonise(one)
+    assert len(gdf) and (gdf["time"] == ice["time"].values[1]).all()
+    np.testing.assert_allclose(gdf["area_km2"].sum(), float(one.icemap.area_km2()))
+
+
+def test_accessor_predict_uses_the_default_model(sample_region: Any) -> None:
+    from icemap.errors import ModelError
+
+    cube = icemap.load(icemap.search(sample_region.catalog).items(), bands=["green", "swir16"])
+    # Both refuse the same way: the default model's bands are missing (no model was demanded).
+    with pytest.raises(ModelError) as direct:
+        icemap.predict(cube)
+    with pytest.raises(ModelError) as via_accessor:
+        cube.icemap.predict()
+    assert str(via_accessor.value) == str(direct.value)
+
+
+def test_version_option() -> None:
+    out = run_icemap("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"icemap {icemap.__version__}"
+
+
+def test_search_items_are_pystac_items_that_odc_and_stackstac_load(sample_region: Any) -> None:
+    import pystac
+
+    s = icemap.search(sample_region.catalog)
+    items = s.items()
+    dicts = s.item_dicts()
+    assert items and all(isinstance(it, pystac.Item) for it in items)
+    assert [it.id for it in items] == [d["id"] for d in dicts]
+    ours = icemap.load(items, bands=["green"])
+    assert ours.sizes["time"] == icemap.load(dicts, bands=["green"]).sizes["time"]
+    odc_stac = require_module("odc.stac", "bench")
+    loaded = odc_stac.load(items, bands=["green"], chunks={})
+    assert loaded.sizes["time"] == len(items) and loaded.odc.geobox.crs.epsg == ours.rio.crs.to_epsg()
+    import stackstac
+
+    stack = stackstac.stack(items, assets=["green"])
+    assert stack.sizes["time"] == len(items) and int(stack.attrs["crs"].split(":")[1]) == ours.rio.crs.to_epsg()

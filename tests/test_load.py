@@ -83,7 +83,7 @@ def test_antarctic_scene_is_almost_all_cloud() -> None:
 
 
 def test_load_is_lazy(sample_region: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     opened: list[str] = []
     real_open = rasterio.open
     monkeypatch.setattr(rasterio, "open", lambda *a, **k: opened.append(str(a[0])) or real_open(*a, **k))
@@ -95,7 +95,7 @@ def test_load_is_lazy(sample_region: Any, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_chunked_equals_whole(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     small = icemap.load(items, chunksize=48).compute()
     whole = icemap.load(items, chunksize=4096).compute()
     assert small["reflectance"].equals(whole["reflectance"])
@@ -103,7 +103,7 @@ def test_chunked_equals_whole(sample_region: Any) -> None:
 
 
 def test_grid_is_native_and_snapped(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     ds = icemap.load(items)
     t = ds.rio.transform()
     assert (t.c, t.f) == (sample_region.transform[2], sample_region.transform[5])
@@ -117,7 +117,7 @@ def test_grid_is_native_and_snapped(sample_region: Any) -> None:
 
 
 def test_same_day_same_path_is_mosaicked(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     assert len(items) == len(sample_region.datetimes) + 1
     ds = icemap.load(items, bands=["green"], chunksize=64)
     assert ds.sizes["time"] == len(sample_region.datetimes)
@@ -135,7 +135,7 @@ def test_same_day_same_path_is_mosaicked(sample_region: Any) -> None:
 @pytest.mark.parametrize("key", ["proj:epsg", "proj:code"])
 def test_items_with_either_projection_key_load(sample_region: Any, key: str) -> None:
     # pystac >= 1.12 rewrites proj:epsg to proj:code; stackstac 0.5 reads only proj:epsg.
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     epsg = int(sample_region.crs.split(":")[1])
     for it in items:
         it["properties"].pop("proj:epsg", None)
@@ -147,7 +147,7 @@ def test_items_with_either_projection_key_load(sample_region: Any, key: str) -> 
 
 
 def test_missing_band_warns_and_gives_nodata(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     del items[-1]["assets"]["swir22"]
     with pytest.warns(MissingAssetWarning, match=items[-1]["id"]):
         ds = icemap.load(items, bands=["green", "swir22"])
@@ -159,7 +159,7 @@ def test_missing_band_warns_and_gives_nodata(sample_region: Any) -> None:
 
 
 def test_unreadable_asset_error_or_nodata(sample_region: Any, tmp_path: Path) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     bad = tmp_path / "corrupt_SR_B3.TIF"
     bad.write_bytes(b"II*\x00 this is not a tiff")
     items[-1]["assets"]["green"]["href"] = str(bad)
@@ -185,7 +185,7 @@ def sign_for_test(href: str) -> str:
 def test_signing_happens_at_read_time_only(sample_region: Any, tmp_path: Path) -> None:
     global SIGNED_DIR
     SIGNED_DIR = tmp_path / "token-S3CR3T"
-    items = search(sample_region.catalog).items()[-1:]
+    items = search(sample_region.catalog).item_dicts()[-1:]
     SIGNED_DIR.mkdir()
     for asset in items[0]["assets"].values():
         shutil.copy(asset["href"], SIGNED_DIR / Path(asset["href"]).name)
@@ -210,7 +210,7 @@ def test_bad_arguments() -> None:
 
 
 def test_pickled_graph_is_small(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     ds = icemap.load(items, chunksize=64)
     size = len(pickle.dumps(dict(ds["reflectance"].data.__dask_graph__())))
     n_chunks = ds["reflectance"].data.npartitions

@@ -175,7 +175,7 @@ def test_errors_are_clear() -> None:
 
 
 def test_grid_mismatch_on_georeferenced_rasters(sample_region: Any) -> None:
-    ds = icemap.load(search(sample_region.catalog).items(), bands=["green", "swir16"], chunksize=64)
+    ds = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "swir16"], chunksize=64)
     ice = icemap.ice_mask(ds).isel(time=0)
     ref = rasterize_outlines(read_outlines(sample_region.outlines, layer="glaciers"), ice)
     m.confusion(ice, ref)  # same grid: fine
@@ -242,7 +242,7 @@ def test_normalized_difference_is_in_range_or_nan(a: np.ndarray, b: np.ndarray) 
 
 # -- laziness ------------------------------------------------------------------------------------
 def test_building_counts_is_lazy(sample_region: Any) -> None:
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     outlines = read_outlines(sample_region.outlines, layer="glaciers")
     with raise_if_dask_computes():
         ds = icemap.load(items, bands=["green", "swir16"], chunksize=64)
@@ -302,7 +302,7 @@ def test_reference_blocks_are_released_early(per_time: bool) -> None:
 
 # -- threshold calibration ---------------------------------------------------------------------
 def test_sweep_equals_ice_mask_plus_confusion(sample_region: Any) -> None:
-    ds = icemap.load(search(sample_region.catalog).items(), bands=["green", "swir16"], chunksize=64)
+    ds = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "swir16"], chunksize=64)
     with rasterio.open(sample_region.truth(sample_region.dates[0])) as f:
         cls = f.read(1)
     ref = np.where(cls == ICE, 1, 0).astype(np.uint8)
@@ -371,7 +371,7 @@ def test_valley_needs_two_peaks() -> None:
 # -- the sample region: NDSI at 0.4 against the generator's truth ---------------------------
 @pytest.fixture(scope="module")
 def region_ice(sample_region: Any) -> Any:
-    ds = icemap.load(search(sample_region.catalog).items(), bands=["green", "swir16"], chunksize=64)
+    ds = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "swir16"], chunksize=64)
     ice = icemap.ice_mask(ds, threshold=0.4).compute()
     classes, fractions = [], []
     for d in sample_region.dates:

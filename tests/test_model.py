@@ -75,7 +75,7 @@ def test_inputs_from_cube(sample_region: Any) -> None:
     import icemap
     from icemap.stac import search
 
-    cube = icemap.load(search(sample_region.catalog).items(), chunksize=64)
+    cube = icemap.load(search(sample_region.catalog).item_dicts(), chunksize=64)
     x = build_inputs(cube, resolve_channels("reflective_ndsi"))
     assert x.dims == ("time", "channel", "y", "x") and x.dtype == np.float32
     np.testing.assert_array_equal(x.sel(channel="ndsi").values, icemap.ndsi(cube).values)
@@ -155,6 +155,6 @@ def test_model_bands_checked_against_cube(tmp_path: Path, sample_region: Any) ->
 
     _, folder = _save(tmp_path)
     meta = read_metadata(folder)
-    cube = icemap.load(search(sample_region.catalog).items(), bands=["green", "nir08"])
+    cube = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "nir08"])
     with pytest.raises(ModelError, match=r"needs band\(s\) \['swir16'\]"):
         meta.check_cube(cube)

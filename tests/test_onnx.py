@@ -28,6 +28,7 @@ from icemap.model.onnx_runner import OnnxRunner
 from icemap.model.unet import UNetConfig
 from icemap.stac import search
 
+from .stacschemas import validate as validate_stac
 from .test_infer import make_model
 
 BANDS = ["green", "swir16"]
@@ -104,13 +105,18 @@ def imported(native: Path, onnx_files: dict[str, Path], tmp_path_factory: pytest
 
 @pytest.fixture(scope="module")
 def items(sample_region: Any) -> list[dict[str, Any]]:
-    return search(sample_region.catalog).items()
+    return search(sample_region.catalog).item_dicts()
 
 
 def test_imported_folder_holds_no_pickle_and_records_the_network(imported: dict[str, Path], native: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     for kind, folder in imported.items():
-        assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+        assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.stac.json"]
+        # The folder's STAC Item (MLM) names the imported network and validates offline.
+        item = json.loads((folder / "model.stac.json").read_text())
+        validate_stac(item)
+        assert item["properties"]["mlm:framework"] == "ONNX"
+        assert item["assets"]["weights"]["mlm:artifact_type"] == "onnx"
         meta = read_metadata(folder)
         assert meta.kind == "onnx" and meta.weights_file == "model.onnx"
         assert meta.architecture["output_kind"] == kind  # detected from the graph's last op
@@ -345,7 +351,7 @@ def test_dynamo_export_as_the_docs_show(native: Path, tmp_path: Path) -> None:
     path = export(net, tmp_path / "unet.onnx", dynamo=True)
     assert (tmp_path / "unet.onnx.data").exists()
     folder = import_onnx(path, tmp_path / "model", BANDS, normalisation=meta.normalisation)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.stac.json"]
     (tmp_path / "unet.onnx.data").unlink()  # the folder needs nothing beside it
     x = np.random.default_rng(0).random((2, 75, 90), dtype=np.float32)
     norm = Normalisation.from_dict(meta.normalisation)

@@ -24,12 +24,12 @@ def test_defaults_are_described_and_validated() -> None:
 
 
 def test_context_manager_restores_and_functions_follow(sample_region) -> None:
-    cube = icemap.load(icemap.search(sample_region.catalog).items(), bands=["green", "swir16"])
+    cube = icemap.load(icemap.search(sample_region.catalog).item_dicts(), bands=["green", "swir16"])
     default = icemap.ice_mask(cube)
     assert default.attrs["threshold"] == 0.4
     with icemap.set_options(ndsi_threshold=0.2, chunksize=64):
         lowered = icemap.ice_mask(cube)
-        small = icemap.load(icemap.search(sample_region.catalog).items(), bands=["green", "swir16"])
+        small = icemap.load(icemap.search(sample_region.catalog).item_dicts(), bands=["green", "swir16"])
         assert lowered.attrs["threshold"] == 0.2
         assert max(small["reflectance"].chunks[-1]) == 64
     assert get_option("ndsi_threshold") == 0.4 and get_option("chunksize") == 1024

@@ -27,7 +27,7 @@ HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 def cube(sample_region: Any) -> Any:
     from icemap.stac import search
 
-    items = search(str(sample_region.catalog)).items()
+    items = search(str(sample_region.catalog)).item_dicts()
     return icemap.load(items, chunksize=64, bands=["green", "nir08", "swir16"])
 
 
@@ -258,7 +258,7 @@ def test_accessor_delegates_to_the_api(sample_region: Any) -> None:
     import icemap
     from icemap.stac import search
 
-    cube = icemap.load(search(sample_region.catalog).items(), chunksize=64)
+    cube = icemap.load(search(sample_region.catalog).item_dicts(), chunksize=64)
     np.testing.assert_array_equal(cube.icemap.ndsi().values, icemap.ndsi(cube).values)
     ice = cube.icemap.ice_mask(threshold=0.3, guards=["water"])
     np.testing.assert_array_equal(ice.values, icemap.ice_mask(cube, threshold=0.3, guards=["water"]).values)

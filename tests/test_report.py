@@ -39,7 +39,7 @@ def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
     folder = tmp_path_factory.mktemp("report")
     cube = folder / "cube.zarr"
-    icemap.ingest(icemap.search(str(sample_region.catalog)).items(), cube, chunksize=64)
+    icemap.ingest(icemap.search(str(sample_region.catalog)).item_dicts(), cube, chunksize=64)
     map_cube(cube, folder / "ice.zarr")
     outlines = gpd.read_file(sample_region.outlines, layer="glaciers")
     # RGI-style ids, one with characters that must be escaped in HTML.

@@ -55,7 +55,7 @@ def _store_metadata(path: Path) -> str:
 def blob_items(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """The sample COGs in one 'container' folder, and items pointing at their public URLs."""
     folder = tmp_path_factory.mktemp("blobs")
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     for it in items:
         for asset in it["assets"].values():
             src = Path(asset["href"])
@@ -201,7 +201,7 @@ def test_pickle_disguised_as_safetensors_is_refused_unexecuted(container: str, t
 # -- paths and URLs ----------------------------------------------------------------------------------
 @pytest.fixture()
 def items(sample_region: Any) -> list[dict[str, Any]]:
-    return search(sample_region.catalog).items()
+    return search(sample_region.catalog).item_dicts()
 
 
 def test_out_on_a_folder_of_other_files_is_refused(items: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -246,7 +246,7 @@ def test_unsupported_catalog_schemes(catalog: str) -> None:
 
 
 def test_file_url_catalog_is_a_local_path(sample_region: Any) -> None:
-    assert search(Path(sample_region.catalog).as_uri()).items() == search(sample_region.catalog).items()
+    assert search(Path(sample_region.catalog).as_uri()).item_dicts() == search(sample_region.catalog).item_dicts()
 
 
 def test_scheduler_strings_are_validated() -> None:

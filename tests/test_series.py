@@ -37,7 +37,7 @@ def stores(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
     folder = tmp_path_factory.mktemp("series")
     cube = folder / "cube.zarr"
-    icemap.ingest(icemap.search(str(sample_region.catalog)).items(), cube, chunksize=64,
+    icemap.ingest(icemap.search(str(sample_region.catalog)).item_dicts(), cube, chunksize=64,
                   bands=["green", "nir08", "swir16"])
     map_cube(cube, folder / "ice.zarr")
     return {"cube": cube, "pred": folder / "ice.zarr", "folder": folder}

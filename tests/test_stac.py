@@ -47,11 +47,11 @@ def test_file_that_is_not_stac_gives_clear_error(tmp_path: Any) -> None:
     bad = tmp_path / "notstac.json"
     bad.write_text('{"hello": "world"}')
     with pytest.raises(CatalogError, match="neither a STAC item"):
-        search(bad).items()
+        search(bad).item_dicts()
     broken = tmp_path / "broken.json"
     broken.write_text('{"type": "Feature", ')
     with pytest.raises(CatalogError, match="cannot read"):
-        search(broken).items()
+        search(broken).item_dicts()
 
 
 def test_partial_dates_cover_the_whole_period() -> None:
@@ -66,45 +66,45 @@ def test_partial_dates_cover_the_whole_period() -> None:
 def test_planetary_computer_page_filters_locally() -> None:
     page = shared_path("stac_landsat_c2_l2", "extracted", "pc_items_landsat-c2-l2_page1.json")
     raw = json.loads(page.read_text())["features"]
-    everything = search(page).items()
+    everything = search(page).item_dicts()
     assert len(everything) == len(raw) == 10
-    cloudy_ok = search(page, max_cloud=20).items()
+    cloudy_ok = search(page, max_cloud=20).item_dicts()
     assert {i["id"] for i in cloudy_ok} == {i["id"] for i in raw if i["properties"]["eo:cloud_cover"] <= 20}
-    assert search(page, platforms="LANDSAT_9").items() == everything  # USGS spelling accepted
-    assert search(page, platforms="landsat-8").items() == []
+    assert search(page, platforms="LANDSAT_9").item_dicts() == everything  # USGS spelling accepted
+    assert search(page, platforms="landsat-8").item_dicts() == []
     # A bbox around one item's footprint finds that item (and its overlapping neighbours only).
     target = raw[0]
     w, s, e, n = target["bbox"]
-    hits = search(page, bbox=[w + 0.1, s + 0.1, w + 0.2, s + 0.2]).items()
+    hits = search(page, bbox=[w + 0.1, s + 0.1, w + 0.2, s + 0.2]).item_dicts()
     assert target["id"] in {h["id"] for h in hits} and len(hits) < len(raw)
 
 
 @pytest.mark.shared_data
 def test_earth_search_response_collection_filter() -> None:
     resp = shared_path("stac_landsat_c2_l2", "extracted", "earthsearch_v1_search_response_page1.json")
-    items = search(resp, collections="landsat-c2-l2").items()
+    items = search(resp, collections="landsat-c2-l2").item_dicts()
     assert [i["id"] for i in items] == ["LC08_L2SP_033032_20231008_02_T1"]
     assert item_datetime(items[0]).isoformat().startswith("2023-10-08T17:37")
 
 
 # -- static catalog ----------------------------------------------------------------------------
 def test_static_catalog_walk(sample_region: Any) -> None:
-    items = search(sample_region.catalog, collections=sample_region.collection).items()
+    items = search(sample_region.catalog, collections=sample_region.collection).item_dicts()
     assert [i["id"] for i in items] == list(sample_region.item_ids)
     for it in items:
         for asset in it["assets"].values():
             assert not asset["href"].startswith("./")
             assert __import__("os").path.exists(asset["href"]), asset["href"]
-    assert search(sample_region.catalog, bbox=[10, 10, 11, 11]).items() == []
+    assert search(sample_region.catalog, bbox=[10, 10, 11, 11]).item_dicts() == []
     first_day = sample_region.datetimes[0][:10]
-    same_day = search(sample_region.catalog, datetime=first_day).items()
+    same_day = search(sample_region.catalog, datetime=first_day).item_dicts()
     assert len(same_day) == 2  # the first date comes as two scenes of one path
 
 
 # -- a real STAC API on loopback -----------------------------------------------------------------
 def test_api_search_all_with_paging(stac_api: StacServer) -> None:
     s = search(stac_api.url, collections="landsat-c2-l2", limit=5)
-    ids = [i["id"] for i in s.items()]
+    ids = [i.id for i in s.items()]  # pystac Items, over every page
     assert sorted(ids) == sorted(i["id"] for i in stac_api.items)
     assert len(ids) > 5  # more than one page was followed
 
@@ -112,7 +112,7 @@ def test_api_search_all_with_paging(stac_api: StacServer) -> None:
 def test_api_filters_match_local_filtering(stac_api: StacServer) -> None:
     kwargs = dict(collections="landsat-c2-l2", datetime="2019-03-01/2019-09-30", max_cloud=50,
                   platforms="landsat-9")
-    from_api = {i["id"] for i in search(stac_api.url, limit=7, **kwargs).items()}
+    from_api = {i["id"] for i in search(stac_api.url, limit=7, **kwargs).item_dicts()}
     expected = {
         i["id"] for i in stac_api.items
         if "2019-03-01" <= i["properties"]["datetime"][:10] <= "2019-09-30"
@@ -122,13 +122,13 @@ def test_api_filters_match_local_filtering(stac_api: StacServer) -> None:
 
 
 def test_api_bbox_and_max_items(stac_api: StacServer, sample_region: Any) -> None:
-    assert search(stac_api.url, bbox=[10, 10, 11, 11]).items() == []
-    inside = search(stac_api.url, bbox=sample_region.bbox, max_items=3).items()
+    assert search(stac_api.url, bbox=[10, 10, 11, 11]).item_dicts() == []
+    inside = search(stac_api.url, bbox=sample_region.bbox, max_items=3).item_dicts()
     assert len(inside) == 3
 
 
 def test_api_unknown_collection_is_empty(stac_api: StacServer) -> None:
-    assert search(stac_api.url, collections="sentinel-2-l2a").items() == []
+    assert search(stac_api.url, collections="sentinel-2-l2a").item_dicts() == []
 
 
 def test_unreachable_api_gives_clear_error() -> None:
@@ -136,7 +136,7 @@ def test_unreachable_api_gives_clear_error() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(CatalogError, match="failed after 1 retries"):
-        search(f"http://127.0.0.1:{port}/", retries=1, backoff=0.01, timeout=2).items()
+        search(f"http://127.0.0.1:{port}/", retries=1, backoff=0.01, timeout=2).item_dicts()
 
 
 def test_cli_search_json(stac_api: StacServer) -> None:

@@ -36,7 +36,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def items(region: Any) -> list[dict[str, Any]]:
-    return search(region.catalog).items()
+    return search(region.catalog).item_dicts()
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,9 @@ class CubeAccessor:
         """Thresholded NDSI with optional guards (:func:`icemap.index.ice_mask`)."""
         return icemap.ice_mask(self._obj, threshold=threshold, guards=guards, dem=dem, **params)
 
-    def predict(self, model: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
-        """U-Net ice probability and mask (:func:`icemap.infer.predict`)."""
+    def predict(self, model: str | os.PathLike[str] | None = None, **kwargs: Any) -> xr.Dataset:
+        """U-Net ice probability and mask (:func:`icemap.infer.predict`); ``model=None`` is the
+        model shipped with icemap, as for :func:`icemap.predict`."""
         return icemap.predict(self._obj, model, **kwargs)
 
     def quicklook(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -67,7 +67,7 @@ def search_cmd(
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
     s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout)
-    items = s.items()
+    items = s.item_dicts()
     if as_json:
         json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
         sys.stdout.write("\n")

@@ -21,6 +21,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from icemap import __version__
+
+        typer.echo(f"icemap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print icemap's version and exit.")] = False,
+) -> None:
+    """Map glacier ice from Landsat 8/9 Collection 2 imagery: search, ingest, map, evaluate."""
+
+
 Catalog = Annotated[
     str,
     typer.Option("--catalog", "-c", help="STAC API URL, catalog.json, item file(s) folder or .ndjson."),

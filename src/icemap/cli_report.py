@@ -41,6 +41,17 @@ def _outputs_are_not_inputs(outputs: list[Path | None], inputs: dict[str, Any]) 
             check_not_input(output, inputs)
 
 
+def _describe_tables(pred: str, tables: list[tuple[Path, Any]]) -> None:
+    """STAC Items of the area tables, derived from the product store's Item, and their Collection."""
+    from icemap.describe import describe_table, item_path, write_collection
+
+    source = item_path(pred)
+    link = source if Path(source).exists() else pred
+    for path, table in tables:
+        describe_table(path, table, derived_from=[link], bbox_of=pred)
+    write_collection(tables[0][0], [p for p, _ in tables], description=f"icemap areas of {Path(pred).name}")
+
+
 @app.command("areas")
 def areas_cmd(
     pred: PredOpt,
@@ -85,6 +96,8 @@ def areas_cmd(
         write_table(region, region_out)
     if trends_out is not None:
         write_table(trend, trends_out)
+    _describe_tables(pred, [(out, table), *([(region_out, region)] if region_out is not None else []),
+                            *([(trends_out, trend)] if trends_out is not None else [])])
     if plot is not None:
         from icemap.figures import area_plot, save_figure
 

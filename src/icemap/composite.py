@@ -155,7 +155,7 @@ def composite(
     -------
     xarray.Dataset or WriteReport
         The lazy composite: ``reflectance`` (float32, NaN where no observation was clear),
-        ``clear_count`` (uint16), ``source_date`` (float64 days since 1970-01-01, NaN where none
+        ``clear_count`` (uint16), ``source_date`` (float64 days since 1970-01-01 with CF time units, NaN where none
         and for the median rule; :func:`source_dates` gives datetime64), ``item_ids`` per year;
         or, with ``out``, what the write did.
     """
@@ -214,13 +214,15 @@ def composite(
                 k: v for k, v in refl.attrs.items() if k not in ("_FillValue", "grid_mapping", "coordinates")}),
             "clear_count": (("time", "y", "x"), da.stack(counts),
                             {"long_name": "clear observations in the season", "units": "1"}),
-            # Days since 1970-01-01 (float64: exact to the second), deliberately without CF time
-            # units: the store's fill rules cover floats (NaN = none), and the variable reads back
-            # the same from icemap and plain xarray. source_dates() turns it into datetime64.
+            # Days since 1970-01-01 (float64: exact to the second, NaN = none) with CF time
+            # units: plain xarray decodes it to datetime64 (NaT where none), icemap's readers
+            # keep the number (the store's fill rules cover floats). source_dates() gives
+            # datetime64 from either.
             "source_date": (("time", "y", "x"), da.stack(dates),
-                            {"long_name": "acquisition used, days since 1970-01-01 UTC (NaN: no clear "
-                                          "observation, or the median rule, whose value is no single date's)",
-                             "units": "d"}),
+                            {"long_name": "acquisition used (NaN/NaT: no clear observation, or the median "
+                                          "rule, whose value is no single date's)",
+                             "standard_name": "time", "units": "days since 1970-01-01 00:00:00",
+                             "calendar": "proleptic_gregorian"}),
         },
         coords={"time": times, "band": cube["band"].values, "y": cube["y"], "x": cube["x"]},
     )
@@ -241,12 +243,28 @@ def composite(
         ds = fill_gaps(ds, max_distance_px=fill_gaps_px)
     if out is None:
         return ds
-    return write_composite(ds, out, zarr_format=zarr_format, progress=progress)
+    report = write_composite(ds, out, zarr_format=zarr_format, progress=progress)
+    if source is not None:
+        from icemap.describe import item_path
+        from icemap.interop import resolve_store
+        from icemap.workflow import _exists, describe_run
+
+        store = resolve_store(source)
+        link = source if source.endswith(".json") else item_path(store)
+        describe_run(out, derived_from=[link if _exists(link) else store],
+                     description=f"icemap composite of {os.path.basename(store.rstrip('/'))}")
+    else:
+        from icemap.workflow import describe_run
+
+        describe_run(out, derived_from=[], description="icemap composite")
+    return report
 
 
 def source_dates(ds: Any) -> Any:
     """``source_date`` of a composite as datetime64 (NaT where no single date was used)."""
     src = ds["source_date"]
+    if np.issubdtype(src.dtype, np.datetime64):  # decoded by plain xarray (CF time units)
+        return src.astype("datetime64[ns]").rename("source_date")
     ns = (src * 86400e9).round()
     return ns.fillna(np.iinfo(np.int64).min).astype(np.int64).astype("datetime64[ns]").rename("source_date")
 

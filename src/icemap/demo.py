@@ -149,7 +149,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     region = make_sample_region(out / "region", size=size, n_dates=n_dates, per_season=per_season, seed=seed)
     s = search(str(region.catalog), collections=region.collection, bbox=region.bbox)
-    items = s.items()
+    items = s.item_dicts()
     cube_path = out / "cube.zarr"
     ingest(s, cube_path, chunksize=chunksize, progress=progress)
     cube = open_cube(cube_path)
@@ -170,7 +170,7 @@ def run_demo(
 
     # One map per year: the season's clear observations composited, then mapped as any cube.
     comp_path, comp_ice = out / "composite.zarr", out / "composite-ice.zarr"
-    composite(cube, comp_path, progress=progress)
+    composite(cube_path, comp_path, progress=progress)  # from the store: its STAC Item links the cube
     map_cube(comp_path, comp_ice, threshold=threshold, progress=progress)
     yearly = open_cube(comp_ice)["ice"]
     season = open_cube(comp_path).attrs.get("icemap:composite", {}).get("season")

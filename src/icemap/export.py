@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,12 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-__all__ = ["write_cog", "export_geotiffs"]
+__all__ = ["write_cog", "export_geotiffs", "ICE_COLORMAP"]
+
+#: Colour table of ice-mask COGs (uint8): QGIS and GDAL show the classes without styling.
+#: 0 no ice (grey), 1 ice (blue), 255 nodata (transparent).
+ICE_COLORMAP: dict[int, tuple[int, int, int, int]] = {
+    0: (200, 200, 200, 255), 1: (0, 114, 178, 255), 255: (0, 0, 0, 0)}
 
 #: GDAL's tile sizes must be multiples of 16.
 _MIN_COG_TILE = 128
@@ -70,6 +75,8 @@ def write_cog(
     band_names: Sequence[str] | None = None,
     overview_resampling: Literal["average", "nearest"] = "average",
     blocksize: int = 256,
+    tags: Mapping[str, Any] | None = None,
+    colormap: Mapping[int, tuple[int, int, int, int]] | None = None,
 ) -> Path:
     """Write a 2-D or (band, y, x) array as a Cloud-Optimized GeoTIFF, atomically.
 
@@ -99,6 +106,11 @@ def write_cog(
     blocksize
         Tile size in pixels, a multiple of 16. It is reduced for arrays too small to have at
         least one overview level otherwise, but never below 128 (GDAL's COG minimum).
+    tags
+        Dataset metadata (GDAL tags), e.g. ``TIFFTAG_DATETIME`` and provenance; values are
+        written as text.
+    colormap
+        Colour table of band 1 (``{value: (r, g, b, alpha)}``), for single-band uint8 rasters.
 
     Returns
     -------
@@ -161,6 +173,10 @@ def write_cog(
             if band_names is not None:
                 for i, name in enumerate(band_names, start=1):
                     dst.set_band_description(i, str(name))
+            if tags:
+                dst.update_tags(**{str(k): str(v) for k, v in tags.items()})
+            if colormap is not None:
+                dst.write_colormap(1, dict(colormap))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -201,6 +217,8 @@ def export_geotiffs(
     variables: Sequence[str] = ("ice",),
     *,
     blocksize: int = 256,
+    describe: bool = True,
+    derived_from: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Path]:
     """Write one Cloud-Optimized GeoTIFF per variable and time step (``ice_2021-02-12.tif``).
 
@@ -216,6 +234,12 @@ def export_geotiffs(
         memory at a time.
     blocksize
         COG tile size (see :func:`write_cog`).
+    describe
+        Also write each file's STAC Item beside it (``ice_2021-02-12.tif.json``,
+        :func:`icemap.describe.describe_cog`). A frame without a time (a 2-D product) gets
+        none: a STAC Item needs a date.
+    derived_from
+        What the products came from (e.g. the product store's Item), linked from each Item.
 
     Returns
     -------
@@ -228,6 +252,11 @@ def export_geotiffs(
     255 for uint8 (ice masks) and NaN for floats. Integer variables get overviews by nearest
     neighbour (they are categories: averaging 0 and 1 would invent 0.5 that reads as a class),
     floats by averaging. A file name carries the day; two steps on one day get the full time.
+
+    Each file carries GDAL tags: ``TIFFTAG_DATETIME`` and ``datetime`` (the time step, UTC),
+    ``method``, ``threshold`` or ``model`` and ``model_sha256``, ``source_items`` (the item ids
+    of the step), ``variable`` and ``icemap_version``; the band description is the variable's
+    ``long_name``. An ice mask (uint8) also gets a colour table (:data:`ICE_COLORMAP`).
     """
     import xarray as xr
 
@@ -254,6 +283,7 @@ def export_geotiffs(
     out_dir = Path(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    dated: list[Path] = []
     for name in variables:
         var = product_ds[name]
         extra = [d for d in var.dims if d not in ("time", "y", "x")]
@@ -264,11 +294,39 @@ def export_geotiffs(
             "nearest" if np.issubdtype(var.dtype, np.integer) or var.dtype == bool else "average"
         )
         times = list(var["time"].values) if "time" in var.dims else [None]
+        colormap = ICE_COLORMAP if name == "ice" and var.dtype == np.uint8 else None
         for i, t in enumerate(times):
             frame = var.isel(time=i) if t is not None else var
             frame = frame.transpose("y", "x")
             fname = f"{name}_{_stamp(t, times)}.tif" if t is not None else f"{name}.tif"
+            if t is not None:
+                dated.append(out_dir / fname)
             paths.append(write_cog(out_dir / fname, np.asarray(frame.values), transform=transform,
                                    crs=crs, nodata=nodata, overview_resampling=resampling,
-                                   blocksize=blocksize))
+                                   blocksize=blocksize, tags=_cog_tags(product_ds, name, t, i),
+                                   band_names=[str(var.attrs.get("long_name", name))], colormap=colormap))
+    if describe:
+        from icemap.describe import describe_cog
+
+        for p in dated:
+            describe_cog(p, derived_from=derived_from)
     return paths
+
+
+def _cog_tags(ds: Any, name: str, t: Any, i: int) -> dict[str, str]:
+    """Provenance of one exported frame, as GDAL tags: date, method, threshold or model, items."""
+    from icemap import __version__
+
+    var = ds[name]
+    tags: dict[str, str] = {"variable": name, "icemap_version": __version__}
+    if t is not None:
+        stamp = np.datetime64(t, "s").astype(object)
+        tags["TIFFTAG_DATETIME"] = stamp.strftime("%Y:%m:%d %H:%M:%S")
+        tags["datetime"] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    for key in ("method", "threshold", "model", "model_sha256", "rule", "season"):
+        value = var.attrs.get(key, ds.attrs.get(key))
+        if value is not None:
+            tags[key] = str(value)
+    if "item_ids" in ds.coords and t is not None and "time" in ds["item_ids"].dims:
+        tags["source_items"] = str(ds["item_ids"].values[i])
+    return tags

@@ -13,19 +13,51 @@ Users open stores with ``xr.open_zarr(path)`` first. Two things make that work c
   returned ``spatial_ref`` as a data variable and rioxarray found no CRS. A dataset-level
   ``coordinates`` attribute (CF) names it, which xarray decodes by default.
 
-Plain xarray also decodes CF fill values: an ``ice`` mask (uint8, 255 = nodata) comes back as
-float with NaN; :func:`restore_mask` turns it back for icemap's functions.
+CF metadata is added to every store when it is written (:func:`cf_attrs`): ``Conventions``,
+units and standard names on ``x``/``y``, ``flag_values``/``flag_meanings`` (or ``flag_masks``)
+on the flag and mask variables. Integer variables (``qa_pixel``, ``ice``, ``clear_count``,
+``complete``, ``filled``) carry no CF ``_FillValue``: CF decoding would turn them into float
+with NaN (and break bitwise QA tests), although their "fill" is a value with a meaning
+(255 = nodata is one of the mask's flags). They stay integers in a plain ``xr.open_zarr``.
+:func:`restore_mask` still turns a mask of an older store (float with NaN) back.
+
+Attributes netCDF cannot hold (dicts, booleans, None, lists of strings) are stored as JSON
+strings, their names listed in the ``icemap:json`` attribute (:func:`encode_attrs`), so that
+``to_netcdf`` works on an opened store; icemap's readers decode them back (:func:`decode_attrs`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["finish_store", "restore_mask"]
+__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "resolve_store", "restore_mask"]
+
+#: Media type of a Zarr store (STAC asset ``type``).
+ZARR = "application/vnd+zarr"
+
+#: The CF conventions the stores follow.
+CONVENTIONS = "CF-1.8"
+
+#: Attribute listing the attributes stored as JSON text (comma-separated).
+JSON_ATTR = "icemap:json"
+
+# Landsat Collection 2 QA_PIXEL bits 0-7 (USGS LSDS-1619); higher bits are confidence pairs.
+_QA_BITS = ("fill", "dilated_cloud", "cirrus", "cloud", "cloud_shadow", "snow", "clear", "water")
+
+#: CF flag attributes of icemap's flag and mask variables (nodata is a flag of its own: these
+#: variables carry no _FillValue, so plain readers keep them integer).
+_FLAGS: dict[str, dict[str, Any]] = {
+    "ice": {"flag_values": [0, 1, 255], "flag_meanings": "no_ice ice no_data"},
+    "complete": {"flag_values": [0, 1], "flag_meanings": "incomplete complete"},
+    "filled": {"flag_values": [0, 1], "flag_meanings": "observed filled"},
+    "qa_pixel": {"flag_masks": [1 << i for i in range(len(_QA_BITS))], "flag_meanings": " ".join(_QA_BITS)},
+}
 
 #: Coordinates that must come back as coordinates under ``decode_coords=True``.
 _GLOBAL_COORDS = ("spatial_ref",)
@@ -58,3 +90,110 @@ def restore_mask(a: Any) -> Any:
     out = a.fillna(255).astype(np.uint8)
     out.attrs = attrs
     return out
+
+
+def cf_attrs(ds: Any) -> Any:
+    """``ds`` with the CF attributes of a store: ``Conventions``, ``x``/``y`` and flag variables.
+
+    ``x``/``y`` get ``units`` and ``standard_name`` from the CRS (``projection_x_coordinate``
+    in metres for a projected CRS, longitude/latitude in degrees otherwise), which QGIS,
+    GDAL and cf-xarray read.
+    """
+    ds = ds.copy()
+    crs = ds.rio.crs
+    if crs is not None and not crs.is_geographic:
+        unit = (crs.linear_units or "metre").lower()
+        units = "m" if unit in ("metre", "meter", "m") else unit
+        for dim, axis in (("x", "X"), ("y", "Y")):
+            if dim in ds.coords:
+                ds[dim].attrs.update({"standard_name": f"projection_{dim}_coordinate", "units": units,
+                                      "axis": axis, "long_name": f"{dim} coordinate of projection"})
+    elif crs is not None:
+        for dim, name, units, axis in (("x", "longitude", "degrees_east", "X"), ("y", "latitude", "degrees_north", "Y")):
+            if dim in ds.coords:
+                ds[dim].attrs.update({"standard_name": name, "units": units, "axis": axis, "long_name": name})
+    if "time" in ds.coords:
+        ds["time"].attrs.update({"standard_name": "time", "axis": "T"})
+    for name, flags in _FLAGS.items():
+        if name in ds.data_vars and np.issubdtype(ds[name].dtype, np.integer):
+            ds[name].attrs.update(flags)
+    ds.attrs = {**ds.attrs, "Conventions": CONVENTIONS}
+    return ds
+
+
+def _needs_json(value: Any) -> bool:
+    if isinstance(value, (dict, bool, np.bool_)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return not value or not all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) for v in value)
+    return False
+
+
+def encode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes that netCDF (and every Zarr reader) can hold: the others as JSON text.
+
+    Their names are listed in ``icemap:json`` so that :func:`decode_attrs` restores exactly
+    those; a string attribute that merely looks like JSON is left alone.
+    """
+    out: dict[str, Any] = {}
+    encoded = [str(k) for k in attrs.get(JSON_ATTR, "").split(",") if k] if isinstance(attrs.get(JSON_ATTR), str) else []
+    for key, value in attrs.items():
+        if key == JSON_ATTR:
+            continue
+        if _needs_json(value):
+            out[key] = json.dumps(value, default=str)
+            encoded.append(key)
+        else:
+            out[key] = value
+    encoded = [k for k in dict.fromkeys(encoded) if k in out]
+    if encoded:
+        out[JSON_ATTR] = ",".join(encoded)
+    return out
+
+
+def decode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Undo :func:`encode_attrs`: the attributes named in ``icemap:json`` as Python values."""
+    out = dict(attrs)
+    names = out.pop(JSON_ATTR, None)
+    if not isinstance(names, str):
+        return out
+    for key in names.split(","):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = json.loads(out[key])
+            except ValueError:  # written by someone else: leave the text as it is
+                pass
+    return out
+
+
+def _url(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The Zarr store a STAC Item (``*.json``) describes, by its ``application/vnd+zarr`` asset;
+    any other path is returned unchanged."""
+    from icemap.errors import StoreError
+
+    if not path.rstrip("/").lower().endswith(".json"):
+        return path
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", **dict(storage_options or {})) as f:
+            item = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read the STAC Item {path}: {exc}") from None
+    assets = item.get("assets") if isinstance(item, dict) else None
+    zarr_assets = [a for a in (assets or {}).values()
+                   if isinstance(a, dict) and str(a.get("type", "")).startswith(ZARR) and a.get("href")]
+    if not zarr_assets:
+        raise StoreError(f"{path} is not a STAC Item with a Zarr asset (type {ZARR}); give the cube's Item "
+                         "written by icemap, or the store itself")
+    href = str(zarr_assets[0]["href"])
+    if _url(href) or os.path.isabs(href):
+        return href
+    if _url(path):
+        return path.rsplit("/", 1)[0] + "/" + href.removeprefix("./")
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), href))

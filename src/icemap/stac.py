@@ -195,8 +195,31 @@ class Search:
             if self.max_items is not None and n >= self.max_items:
                 return
 
-    def items(self) -> list[Item]:
-        """Run the search and return the matching items as dicts, oldest first."""
+    def items(self) -> list[Any]:
+        """Run the search and return the matching items as ``pystac.Item`` objects, oldest first.
+
+        pystac Items are what the ecosystem takes (``odc.stac.load``, ``stackstac.stack``,
+        ``pystac.ItemCollection``); :func:`icemap.load` takes them too.
+        """
+        import pystac
+
+        out = []
+        for d in self.item_dicts():
+            try:
+                item = pystac.Item.from_dict(d, preserve_dict=True)
+            except (KeyError, TypeError, ValueError, pystac.STACError) as exc:
+                raise CatalogError(f"item {d.get('id')!r} from {self.catalog} is not a valid STAC item: {exc}") from None
+            # pystac migrates projection v1 to v2 (proj:epsg -> proj:code); stackstac (0.5) reads
+            # only proj:epsg, so keep it beside the code (extra fields are valid STAC).
+            for fields in (item.properties, *(a.extra_fields for a in item.assets.values())):
+                code = fields.get("proj:code")
+                if isinstance(code, str) and code.upper().startswith("EPSG:") and "proj:epsg" not in fields:
+                    fields["proj:epsg"] = int(code.split(":", 1)[1])
+            out.append(item)
+        return out
+
+    def item_dicts(self) -> list[Item]:
+        """Run the search and return the matching items as plain dicts (GeoJSON), oldest first."""
         return sorted(self, key=lambda it: (item_datetime(it), it.get("id", "")))
 
     def _api_items(self) -> Iterator[Item]:
@@ -375,7 +398,9 @@ def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]
         if collections and item.collection_id not in collections:
             continue
         item.make_asset_hrefs_absolute()
-        d = item.to_dict(include_self_link=False, transform_hrefs=False)
+        # The self link (the Item's absolute href) lets products link back to their inputs
+        # (STAC derived_from).
+        d = item.to_dict(include_self_link=True, transform_hrefs=False)
         for asset in d.get("assets", {}).values():
             href_ = asset.get("href", "")
             if href_.startswith("file://"):
@@ -560,7 +585,8 @@ def search(
     Returns
     -------
     Search
-        Iterate it for item dicts, or call ``.items()`` for a sorted list.
+        Iterate it for item dicts, or call ``.items()`` for a sorted list of ``pystac.Item``
+        (``.item_dicts()`` for the same as dicts).
     """
     if isinstance(collections, str):
         collections = [collections]

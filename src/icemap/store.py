@@ -39,7 +39,7 @@ import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
 from icemap.options import get_option
-from icemap.interop import finish_store
+from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store, resolve_store
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "check_not_input", "WriteReport",
            "CubeStatus"]
@@ -351,7 +351,7 @@ def _pid_alive(pid: int) -> bool:
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     import zarr
 
-    return dict(zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False).attrs)
+    return decode_attrs(zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False).attrs)
 
 
 def _fill_for(name: str, dtype: np.dtype) -> Any:
@@ -399,6 +399,11 @@ def _prepare(ds: Any, chunksize: int | None) -> Any:
     for name in names:
         # Explicit encodings replace .encoding, so keep the CRS link as an attribute.
         ds[name].attrs["grid_mapping"] = "spatial_ref"
+    ds = cf_attrs(ds)
+    # Attributes netCDF cannot hold become JSON text, so an opened store can go to_netcdf.
+    for name in ds.variables:
+        ds[name].attrs = encode_attrs(ds[name].attrs)
+    ds.attrs = encode_attrs(ds.attrs)
     return ds, (cy, cx)
 
 
@@ -411,11 +416,18 @@ def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str
         var = ds[name]
         chunks = tuple({"time": 1, "band": 1, "y": cy, "x": cx}.get(d, var.sizes[d]) for d in var.dims)
         enc[name] = {"chunks": chunks, "_FillValue": _fill_for(name, var.dtype)}
-    if zarr_format == 3:
-        # zarr 3 keeps its own fill value (default 0) apart from the CF _FillValue attribute;
-        # state both, or unwritten qa_pixel chunks would read as 0 ("clear") instead of fill.
-        for name in [*_stepped_vars(ds), _COMPLETE]:
-            enc[name]["fill_value"] = enc[name]["_FillValue"]
+    for name in [*_stepped_vars(ds), _COMPLETE]:
+        fill = enc[name]["_FillValue"]
+        if zarr_format == 3:
+            # zarr 3 keeps its own fill value (default 0) apart from the CF _FillValue attribute;
+            # state it, or unwritten qa_pixel chunks would read as 0 ("clear") instead of fill.
+            enc[name]["fill_value"] = fill
+        if not np.issubdtype(np.asarray(fill).dtype, np.floating):
+            # Integer flags and masks carry no CF _FillValue: plain xarray would decode them to
+            # float with NaN. Their fill is a value with a meaning (a flag), and only time steps
+            # never completed (hidden by open_cube) can hold unwritten chunks. Zarr v2 has no
+            # fill value apart from _FillValue, so unwritten chunks of such a step read as 0.
+            enc[name]["_FillValue"] = None
     for name in ("item_ids", "platform"):
         if name in ds.coords:
             enc[name] = {"chunks": (1024,)}
@@ -790,12 +802,13 @@ def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str],
         _create_marked_group(path, zarr_format, storage_options)
         enc = _encoding(ds, cy, cx, zarr_format)
         tmpl = ds.copy()
-        tmpl.attrs = {**ds.attrs, **dict(attrs or {}), "icemap:chunks": [cy, cx],
+        tmpl.attrs = {**decode_attrs(ds.attrs), **dict(attrs or {}), "icemap:chunks": [cy, cx],
                       MARKER_ATTR: _group_attrs(path, storage_options)[MARKER_ATTR]}
         if settings is not None:
             tmpl.attrs[SETTINGS_ATTR] = _jsonable(dict(settings))
         if inputs:
             tmpl.attrs[INPUTS_ATTR] = inputs
+        tmpl.attrs = encode_attrs(tmpl.attrs)
         # mode "a": the group with the marker exists already and must stay.
         tmpl.to_zarr(path, mode="a", compute=False, encoding=enc, zarr_format=zarr_format,
                      storage_options=storage_options, consolidated=False)
@@ -821,7 +834,7 @@ def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str],
             extra = ds.isel(time=to_append)
             extra = extra.drop_vars([c for c in extra.coords if "time" not in extra[c].dims])
             # to_zarr rewrites the group attributes on append: carry the stored ones over.
-            extra.attrs = _group_attrs(path, storage_options)
+            extra.attrs = encode_attrs(_group_attrs(path, storage_options))
             extra.to_zarr(path, append_dim="time", compute=False, storage_options=storage_options,
                           consolidated=False)
             stored_times += [new_times[i] for i in to_append]
@@ -878,7 +891,12 @@ def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[st
     import zarr
 
     group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
-    group.attrs.update(json.loads(json.dumps(dict(values), default=str)))
+    new = encode_attrs(json.loads(json.dumps(dict(values), default=str)))
+    listed = [k for k in str(group.attrs.get(JSON_ATTR, "")).split(",") if k and k not in values]
+    listed += [k for k in new.pop(JSON_ATTR, "").split(",") if k]
+    if listed:
+        new[JSON_ATTR] = ",".join(listed)
+    group.attrs.update(new)
 
 
 def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, int]:
@@ -929,9 +947,19 @@ def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
         )
     # Masks and flags stay integers: their fill values are values (fill, nodata), not
     # "missing". Float variables are stored with NaN fill, so they read as NaN regardless.
-    return xr.open_zarr(
-        path, storage_options=storage_options, consolidated=False, decode_coords="all", mask_and_scale=False
+    # Times are decoded on coordinates only: a data variable with CF time units (a composite's
+    # source_date, float days) stays the number icemap computes with (see source_dates).
+    ds = xr.open_zarr(
+        path, storage_options=storage_options, consolidated=False, decode_coords="all", mask_and_scale=False,
+        decode_times=False,
     )
+    times = [c for c in ds.coords if "since" in str(ds[c].attrs.get("units", ""))]
+    if times:
+        ds = ds.assign_coords(xr.decode_cf(ds[times].reset_coords(), mask_and_scale=False).variables)
+    ds.attrs = decode_attrs(ds.attrs)
+    for name in ds.variables:
+        ds[name].attrs = decode_attrs(ds[name].attrs)
+    return ds
 
 
 def open_cube(
@@ -945,7 +973,8 @@ def open_cube(
     Parameters
     ----------
     path
-        The store written by :func:`write_cube` / ``icemap ingest``.
+        The store written by :func:`write_cube` / ``icemap ingest``, or its STAC Item
+        (``cube.zarr.json``, :mod:`icemap.describe`), whose Zarr asset is opened.
     complete_only
         Hide time steps whose writing was interrupted (they read as fill). A
         :class:`~icemap.errors.StoreWarning` names them; rerun the ingest to finish them.
@@ -954,8 +983,9 @@ def open_cube(
 
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
-    # Absolute: the lazy reads may run on workers started in another folder.
-    path = _absolute(os.fspath(path))
+    # Absolute: the lazy reads may run on workers started in another folder. A cube's STAC
+    # Item (cube.zarr.json) stands for the store its Zarr asset points at.
+    path = _absolute(resolve_store(os.fspath(path), storage_options))
     if not _store_exists(path, storage_options):
         raise StoreError(f"no Zarr store at {path}; create one with `icemap ingest --out {path}`")
     ds = _open_raw(path, storage_options)

@@ -114,7 +114,10 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
 
 def ice_area_km2(ice: Any) -> Any:
     """Total ice area (km²) per time step of an ice mask, lazily (an xarray DataArray)."""
-    return (ice == 1).sum(dim=("y", "x")) * (pixel_area_m2(ice) / 1e6)
+    # A new quantity: none of the mask's attributes (flags, nodata, threshold) describe it.
+    area = (ice == 1).sum(dim=("y", "x"), keep_attrs=False) * (pixel_area_m2(ice) / 1e6)
+    area.attrs = {"long_name": "ice area", "units": "km2"}
+    return area.rename("ice_area")
 
 
 def _times(ice: Any) -> list[Any]:

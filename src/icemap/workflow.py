@@ -69,7 +69,7 @@ def ingest(
         params = source.parameters()
         if bbox is None:
             bbox = source.bbox
-        items = source.items()
+        items = source.item_dicts()
         if not items:
             raise EmptySearchError(
                 f"the search matched no items ({json.dumps(params)}); widen --bbox/--datetime "
@@ -106,7 +106,44 @@ def ingest(
 
     check_reflectance(open_cube(out, storage_options=storage_options), where=f"the cube {os.fspath(out)}",
                       stacklevel=3)
+    describe_run(out, derived_from=_self_hrefs(items), description="icemap ingest: a cube of surface reflectance",
+                 storage_options=storage_options)
     return report
+
+
+def _self_hrefs(items: Sequence[Any]) -> list[str]:
+    """The hrefs of the input Items that have one (a self link), for ``derived_from`` links."""
+    hrefs = []
+    for it in items:
+        if hasattr(it, "get_self_href"):
+            href = it.get_self_href()
+        else:
+            href = next((lk.get("href") for lk in it.get("links", []) if lk.get("rel") == "self"), None)
+        if href:
+            hrefs.append(str(href))
+    return hrefs
+
+
+def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], description: str,
+                 others: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+                 storage_options: Any = None) -> None:
+    """Write the STAC Items of a run's products and its Collection (:mod:`icemap.describe`).
+
+    ``main`` is the run's store, described with links to ``derived_from``; ``others`` are
+    ``(kind, path)`` of the files written beside it (``cog``, ``vector``), each derived from the
+    store. A run writing to an object store gets the store's Item only.
+    """
+    from icemap.describe import describe_cog, describe_store, describe_vector, item_path, write_collection
+
+    describe_store(main, derived_from=derived_from, storage_options=storage_options)
+    if "://" in os.fspath(main):
+        return
+    for kind, path in others:
+        if kind == "cog":
+            describe_cog(path, derived_from=[item_path(main)])
+        else:
+            describe_vector(path, derived_from=[item_path(main)], times=_store_times(main))
+    write_collection(main, [main, *(p for _, p in others)], description=description)
 
 
 def map_ndsi(
@@ -286,11 +323,13 @@ def map_cube(
                                settings=settings)
     stored = open_cube(out)
     result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
+    others: list[tuple[str, Any]] = []
     if geotiff_dir is not None:
         from icemap.export import export_geotiffs
 
         variables = [v for v in ("ice", "ndsi", "ice_probability", "ice_probability_std") if v in stored]
-        result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=variables)
+        result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=variables, describe=False)
+        others += [("cog", p) for p in result.geotiffs]
     if outlines_path is not None:
         from icemap.vector import polygonise, write_vector
 
@@ -298,13 +337,37 @@ def map_cube(
         # outlines, each polygon's glacier id travel with the outlines into QGIS or an inventory.
         result.outlines = write_vector(polygonise(stored["ice"], reference=reference, attrs=dict(stored.attrs)),
                                        outlines_path)
+        others.append(("vector", result.outlines))
     if quicklook_path is not None:
         from icemap.quicklook import quicklook
 
         valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
         result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
                                      time=int(valid.argmax()))
+    from icemap.describe import item_path
+    from icemap.interop import resolve_store
+
+    source = resolve_store(os.fspath(cube_path))
+    source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
+    describe_run(out, derived_from=[source_item if _exists(source_item) else source],
+                 description=f"icemap map ({method}): ice maps of {Path(source).name}", others=others)
     return result
+
+
+def _store_times(path: str | os.PathLike[str]) -> list[Any]:
+    from icemap.store import open_cube
+
+    return list(open_cube(path)["time"].values)
+
+
+def _exists(path: str) -> bool:
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        return bool(fs.exists(root))
+    except (ImportError, ValueError, OSError):
+        return False
 
 
 def calibrate_threshold(

@@ -145,6 +145,9 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     meta.architecture = dict(model.config.to_dict())
     # The JSON is written last: a folder with a JSON always has the weights it describes.
     _atomic_write(out / METADATA, meta.to_json().encode())
+    from icemap.describe import describe_model
+
+    describe_model(out)  # its STAC Item (MLM extension), model.stac.json
     return out
 
 

@@ -414,4 +414,7 @@ def import_onnx(
     _atomic_write(dest / ONNX_WEIGHTS, data)
     # The JSON last, as save_checkpoint does: a folder with a JSON has the network it describes.
     _atomic_write(dest / METADATA, meta.to_json().encode())
+    from icemap.describe import describe_model
+
+    describe_model(dest)  # its STAC Item (MLM extension), model.stac.json
     return dest
