@@ -390,7 +390,7 @@ class _Read:
     clean: list[dict[str, Any]]
     meta: list[dict[str, Any]]
     assets: dict[str, Any]
-    #: Per band: the value meaning "not read" in its integer DNs, or None (float32 with NaN).
+    #: Per band: the DN value that means "not read" (masked in the kernel), or None.
     nodata: list[float | None]
     y: np.ndarray
     x: np.ndarray
@@ -431,19 +431,34 @@ def _read_stackstac(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sen
     stack = translate_class_qa(stack, sensor, nb) if has_qa else stack
     data = stack.data
     arrays = {name: data[:, k] for k, name in enumerate(assets)}
-    return _Read(clean, meta, arrays, [None] * nb, stack["y"].values, stack["x"].values)
+    return _Read(clean, meta, arrays, [_band_nodata(clean, b) for b in bands], stack["y"].values, stack["x"].values)
 
 
-def _odc_band_dtype(sensor: Sensor, band: str, nodata: list[Any]) -> tuple[str, float | None]:
-    """(dtype, nodata) odc-stac reads a band with: the table's integer type where one nodata
-    value (not NaN) marks "not read" in every item, else float32 with NaN."""
-    values = {float(v) for v in nodata if v is not None}
-    if len(values) == 1 and len(nodata) == sum(v is not None for v in nodata):
-        value = values.pop()
-        dtype = np.dtype(sensor.band(band).dtype)
-        if math.isfinite(value) and dtype.kind in "iu" and np.can_cast(np.min_scalar_type(value), dtype):
-            return dtype.name, value
-    return "float32", None
+def _band_nodata(clean: Sequence[Mapping[str, Any]], band: str) -> float | None:
+    """The one finite nodata value every item states for ``band`` (raster:bands, else the
+    sensor table), or None where they disagree or state NaN/none.
+
+    Both engines mask it in the kernel: files often lack a nodata tag (the sample region's, many
+    exports), and a DN 0 read as a valid reflectance of -0.2 would then win a mosaic.
+    """
+    values = [it["assets"][band]["raster:bands"][0].get("nodata") for it in clean if band in it["assets"]]
+    if not values or any(v is None for v in values):
+        return None
+    distinct = {float(v) for v in values}
+    if len(distinct) != 1:
+        return None
+    value = distinct.pop()
+    return value if math.isfinite(value) else None
+
+
+def _odc_band_dtype(sensor: Sensor, band: str, nodata: float | None) -> str:
+    """The type odc-stac reads a band in: the table's integer type where ``nodata`` fits it (and
+    marks "not read"), else float32 with NaN."""
+    dtype = np.dtype(sensor.band(band).dtype)
+    if nodata is not None and dtype.kind in "iu" and nodata.is_integer() \
+            and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max:
+        return dtype.name
+    return "float32"
 
 
 def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: Sensor, bands: list[str],
@@ -470,8 +485,9 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
 
     read_as: dict[str, tuple[str, float | None]] = {}
     for band in bands:
-        nd = [it["assets"][band]["raster:bands"][0].get("nodata") for it in clean if band in it["assets"]]
-        read_as[band] = _odc_band_dtype(sensor, band, nd)
+        nodata = _band_nodata(clean, band)
+        dtype = _odc_band_dtype(sensor, band, nodata)
+        read_as[band] = (dtype, nodata if dtype != "float32" else None)
     if _QA in assets:
         read_as[_QA] = ("float32", math.nan) if sensor.qa_classes else ("uint16", float(QA_FILL))
     if _RADSAT in assets:
@@ -486,6 +502,8 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
         d["properties"] = props
         new_assets = {}
         for name, asset in it["assets"].items():
+            if name not in read_as:
+                continue  # QA_RADSAT when saturation is not masked
             a = dict(asset)
             if a.get("proj:epsg") is not None:
                 a["proj:code"] = f"EPSG:{a.pop('proj:epsg')}"
@@ -506,11 +524,17 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
         # mapping trips its own chunk resolution).
         chunks={"time": 1, "y": chunksize, "x": chunksize},
         resampling="nearest",
+        # Never overviews: they hold averaged DNs (and averaged QA bit fields, which mean
+        # nothing); a coarser grid takes the nearest full-resolution pixel, as stackstac does.
+        use_overviews=False,
         driver=IcemapDriver(signer, on_error),
         fail_on_error=True,
     )
     arrays = {name: ds[name].data for name in assets}
-    return _Read(clean, meta, arrays, [read_as[b][1] for b in bands], ds["y"].values, ds["x"].values)
+    if _QA in arrays:
+        arrays[_QA] = class_qa_to_bits(arrays[_QA], sensor)
+    nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
+    return _Read(clean, meta, arrays, nodata, ds["y"].values, ds["x"].values)
 
 
 _PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"

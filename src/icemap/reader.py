@@ -38,10 +38,11 @@ Signer = Callable[[str], str]
 OnError = Literal["raise", "nodata"]
 
 #: GDAL settings every read runs with: retry an HTTP request that failed with a transient
-#: status (429, 500, 502, 503, 504) or a dropped connection up to 5 times, 1 s apart and longer
-#: (GDAL backs off), instead of failing a whole job on one hiccup of an object store. Local
-#: files are unaffected. Users' own GDAL settings (rasterio.Env, environment) win over these.
-GDAL_RETRY: dict[str, str] = {"GDAL_HTTP_MAX_RETRY": "5", "GDAL_HTTP_RETRY_DELAY": "1"}
+#: status (429, 500, 502, 503, 504) or a dropped connection up to 10 times, 0.5 s apart and
+#: longer (GDAL backs off), instead of failing a whole job on one hiccup of an object store
+#: (odc-stac's own cloud defaults, applied here to both engines and whatever else the user set).
+#: Local files are unaffected. The user's own values (``rasterio.Env``) win over these.
+GDAL_RETRY: dict[str, str] = {"GDAL_HTTP_MAX_RETRY": "10", "GDAL_HTTP_RETRY_DELAY": "0.5"}
 
 _SIGNER_ALIASES = {
     "planetary-computer": "planetary_computer:sign_url",
