@@ -154,6 +154,32 @@ def test_real_liverpool_crop_without_nodata_tags_same_cube(liverpool: dict[str, 
     assert_same_cube(*load_both([_liverpool_item(liverpool)], bands=["green", "swir16"], qa=None))
 
 
+@pytest.mark.stackstac
+def test_cli_ingest_engines_write_the_same_store(sample_region: Any, tmp_path: Path) -> None:
+    from .conftest import run_icemap
+
+    cubes = []
+    for engine in ("odc-stac", "stackstac"):
+        out = tmp_path / f"{engine}.zarr"
+        done = run_icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--bands", "green,swir16",
+                          "--engine", engine, "--quiet")
+        assert done.returncode == 0, done.stderr
+        cubes.append(icemap.open_cube(out).compute())
+    a, b = cubes
+    for name in ("reflectance", "qa_pixel"):
+        assert a[name].equals(b[name])
+    assert a.rio.transform() == b.rio.transform() and list(a["item_ids"].values) == list(b["item_ids"].values)
+
+
+def test_cli_unknown_engine_is_one_line(sample_region: Any, tmp_path: Path) -> None:
+    from .conftest import run_icemap
+
+    done = run_icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "c.zarr"),
+                      "--engine", "gdal")
+    assert done.returncode != 0 and "engine must be auto, odc-stac or stackstac" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "c.zarr").exists()
+
+
 # -- odc-stac's own behaviour -----------------------------------------------------------------------
 def test_dns_are_read_as_native_integers(sample_region: Any) -> None:
     from icemap.bands import get_sensor

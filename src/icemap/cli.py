@@ -108,6 +108,7 @@ def ingest_cmd(
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
     no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="Loader engine: auto (odc-stac), odc-stac or stackstac (pip install \"icemap[stackstac]\"); both give the same cube.")] = None,
     retries: RetriesOpt = 5,
     timeout: TimeoutOpt = 30.0,
     scheduler: SchedulerOpt = None,
@@ -122,6 +123,10 @@ def ingest_cmd(
     from icemap.stac import parse_bbox
     from icemap.workflow import ingest
 
+    if engine is not None:
+        from icemap.load import resolve_engine
+
+        resolve_engine(engine)  # an unknown engine or a missing extra stops before the search
     source: Any
     if files:
         source = _local_items(catalog, files, band_map, datetime, collection, scale, offset, crs)
@@ -146,6 +151,7 @@ def ingest_cmd(
             source, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
             zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
             progress=progress, qa=None if no_qa else "qa_pixel", bbox=parse_bbox(bbox),
+            engine=engine,  # type: ignore[arg-type]
         )
     _console().print(
         f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "

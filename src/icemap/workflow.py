@@ -35,6 +35,7 @@ def ingest(
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     qa: Literal["qa_pixel"] | None = "qa_pixel",
+    engine: Literal["auto", "odc-stac", "stackstac"] | None = None,
 ) -> WriteReport:
     """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
 
@@ -49,7 +50,8 @@ def ingest(
 
     Other parameters are those of :func:`icemap.load` and :func:`write_cube`; ``qa=None``
     ingests scenes without a QA band (nothing cloud-masked; the store's ``cloud_masked``
-    attribute is 0).
+    attribute is 0). ``engine`` picks the loader engine; both give the same cube, so the store
+    does not depend on it (and a rerun may use the other).
     """
     import json
     from datetime import datetime, timezone
@@ -77,7 +79,7 @@ def ingest(
     # Resolved here so the store records the value used, not "default".
     chunksize = get_option("chunksize") if chunksize is None else chunksize
     ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
-              signer=signer, on_error=on_error, qa=qa)
+              signer=signer, on_error=on_error, qa=qa, engine=engine)
     attrs = {
         "icemap_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
