@@ -20,6 +20,7 @@ from icemap.cli_common import (
     Catalog,
     CollectionOpt,
     DatetimeOpt,
+    IntersectsOpt,
     MaxCloudOpt,
     PlatformOpt,
     QuietOpt,
@@ -35,7 +36,7 @@ from icemap.errors import IcemapError
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
-                  retries: int = 5, timeout: float = 30.0) -> Any:
+                  retries: int = 5, timeout: float = 30.0, intersects: Path | None = None) -> Any:
     from icemap.stac import search
 
     return search(
@@ -48,6 +49,7 @@ def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetim
         max_items=max_items,
         retries=retries,
         timeout=timeout,
+        intersects=intersects,
     )
 
 
@@ -56,6 +58,7 @@ def search_cmd(
     catalog: Catalog,
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
+    intersects: IntersectsOpt = None,
     datetime: DatetimeOpt = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
@@ -65,7 +68,8 @@ def search_cmd(
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
-    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout)
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout,
+                      intersects=intersects)
     items = s.items()
     if as_json:
         json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
@@ -97,6 +101,7 @@ def ingest_cmd(
     offset: Annotated[Optional[float], typer.Option("--offset", help="With --files: see --scale.")] = None,
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
+    intersects: IntersectsOpt = None,
     datetime: Annotated[Optional[list[str]], typer.Option("--datetime", help="START/END for a search; with --files one acquisition date per file (repeatable).")] = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
@@ -129,6 +134,8 @@ def ingest_cmd(
         resolve_engine(engine)  # an unknown engine or a missing extra stops before the search
     source: Any
     if files:
+        if intersects is not None:
+            raise IcemapError("--intersects selects items of a --catalog; local --files are taken as they are")
         source = _local_items(catalog, files, band_map, datetime, collection, scale, offset, crs)
         no_qa = True
         if resolution is None:  # the files' own pixel size, not the sensor's: copy, do not resample
@@ -142,7 +149,7 @@ def ingest_cmd(
         if datetime and len(datetime) > 1:
             raise IcemapError("give --datetime once for a search (START/END); repeat it only with --files")
         source = _build_search(catalog, collection, bbox, datetime[0] if datetime else None, max_cloud, platform,
-                               retries=retries, timeout=timeout)
+                               retries=retries, timeout=timeout, intersects=intersects)
     band_list = _split_list(bands)
     if files and band_list is None:
         band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order

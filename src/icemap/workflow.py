@@ -67,7 +67,7 @@ def ingest(
     if isinstance(source, Search):
         params = source.parameters()
         if bbox is None:
-            bbox = source.bbox
+            bbox = source.extent  # its bbox, or the bounds of its intersects geometry
         items = source.items()
         if not items:
             raise EmptySearchError(
