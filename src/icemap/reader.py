@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from icemap.errors import LoadError, MissingAssetWarning
 
-__all__ = ["IcemapReader", "resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY",
+__all__ = ["resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY",
            "unreadable_error", "warn_unreadable"]
 
 Signer = Callable[[str], str]
@@ -138,12 +138,3 @@ def unreadable_error(plain: str, reason: str) -> LoadError:
         f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
         "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
     )
-
-
-def __getattr__(name: str) -> Any:
-    # The stackstac reader lives beside stackstac's import: stackstac is an optional extra.
-    if name == "IcemapReader":
-        from icemap.reader_stackstac import IcemapReader
-
-        return IcemapReader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
