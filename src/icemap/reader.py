@@ -26,7 +26,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from icemap.errors import LoadError, MissingAssetWarning
