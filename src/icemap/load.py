@@ -475,6 +475,7 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
     import pystac
     from affine import Affine
     from odc.geo.geobox import GeoBox
+    from odc.geo.xr import xr_coords
 
     from icemap.reader_odc import IcemapDriver
 
@@ -514,27 +515,52 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
         d["assets"] = new_assets
         items.append(pystac.Item.from_dict(d, preserve_dict=False))
 
-    ds = odc.stac.load(
-        items,
-        bands=assets,
-        geobox=geobox,
-        groupby="id",  # one time step per item, in the order given
-        preserve_original_order=True,
-        # Each band's type comes from its raster:bands data_type above (odc-stac 0.5's dtype=
-        # mapping trips its own chunk resolution).
-        chunks={"time": 1, "y": chunksize, "x": chunksize},
-        resampling="nearest",
-        # Never overviews: they hold averaged DNs (and averaged QA bit fields, which mean
-        # nothing); a coarser grid takes the nearest full-resolution pixel, as stackstac does.
-        use_overviews=False,
-        driver=IcemapDriver(signer, on_error),
-        fail_on_error=True,
-    )
-    arrays = {name: ds[name].data for name in assets}
+    def odc_load(selected: list[Any], names: list[str]) -> Any:
+        return odc.stac.load(
+            selected,
+            bands=names,
+            geobox=geobox,
+            groupby="id",  # one time step per item, in the order given
+            preserve_original_order=True,
+            # Each band's type comes from its raster:bands data_type above (odc-stac 0.5's dtype=
+            # mapping trips its own chunk resolution).
+            chunks={"time": 1, "y": chunksize, "x": chunksize},
+            resampling="nearest",
+            # Never overviews: they hold averaged DNs (and averaged QA bit fields, which mean
+            # nothing); a coarser grid takes the nearest full-resolution pixel, as stackstac does.
+            use_overviews=False,
+            driver=IcemapDriver(signer, on_error),
+            fail_on_error=True,
+        )
+
+    import dask.array as da
+
+    if all(name in it["assets"] for it in clean for name in assets):
+        ds = odc_load(items, list(assets))
+        arrays = {name: ds[name].data for name in assets}
+    else:
+        # odc-stac learns a collection's bands from its first item: with an asset missing from
+        # some items, each asset is read from the items that hold it, and the others get a
+        # step of fill (nodata), as stackstac gives them.
+        arrays = {}
+        for name in assets:
+            idx = [i for i, it in enumerate(clean) if name in it["assets"]]
+            dtype, nodata = read_as[name]
+            fill = math.nan if nodata is None else nodata
+            if not idx:  # only items outside the grid held it
+                arrays[name] = da.full((len(clean), height, width), fill, dtype=dtype,
+                                       chunks=(1, chunksize, chunksize))
+                continue
+            part = odc_load([items[i] for i in idx], [name])
+            pos = {i: k for k, i in enumerate(idx)}
+            blank = da.full((1, height, width), fill, dtype=dtype, chunks=(1, chunksize, chunksize))
+            arrays[name] = da.concatenate(
+                [part[name].data[pos[i]:pos[i] + 1] if i in pos else blank for i in range(len(clean))], axis=0)
     if _QA in arrays:
         arrays[_QA] = class_qa_to_bits(arrays[_QA], sensor)
     nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
-    return _Read(clean, meta, arrays, nodata, ds["y"].values, ds["x"].values)
+    coords = xr_coords(geobox)  # pixel centres, as odc-stac labels its arrays
+    return _Read(clean, meta, arrays, nodata, coords["y"].values, coords["x"].values)
 
 
 _PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
