@@ -89,6 +89,31 @@ def run_icemap(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
                           timeout=timeout, check=False)
 
 
+# -- the stackstac engine (an extra that pins pandas < 3) ------------------------------------------
+#: Which environment the suite runs in. ``.ci/run`` sets ``ICEMAP_TEST_ENV=stackstac`` for its
+#: second, small environment (``.[test,stackstac]``), where it runs ``pytest -m stackstac``.
+TEST_ENV = os.environ.get("ICEMAP_TEST_ENV", "main")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``stackstac`` compare the two loader engines and need stackstac.
+
+    * In the stackstac environment (``ICEMAP_TEST_ENV=stackstac``) a missing stackstac fails them:
+      that environment exists to run them.
+    * In the main environment (``.[dev]``: pandas 3, no stackstac, by design) they skip, in CI too,
+      and say where they run instead. Where stackstac is installed they run everywhere.
+    """
+    if item.get_closest_marker("stackstac") is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("stackstac") is not None:
+        return
+    if TEST_ENV == "stackstac":
+        pytest.fail('stackstac is missing in the stackstac test environment: pip install -e ".[test,stackstac]"')
+    pytest.skip('needs stackstac (pip install "icemap[stackstac]"); CI runs it in .ci/run\'s stackstac environment')
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return shared_path()

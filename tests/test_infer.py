@@ -198,7 +198,10 @@ def test_gpu_workers_take_the_inference_tasks(items: list[dict[str, Any]], model
             with get_task_stream(client) as ts, keep_resources():
                 out["ice_probability"].values
             ran_on = {t["worker"] for t in ts.data if "icemap-unet" in str(t["key"])}
-            loaded_on = {t["worker"] for t in ts.data if "stackstac" in str(t["key"]) or "fetch_raster" in str(t["key"])}
+            # Reading tasks: odc-stac's are named after the band ("green-<token>"), stackstac's
+            # "fetch_raster..." / "stackstac-...".
+            read_keys = ("stackstac", "fetch_raster", "('green-", "('swir16-")
+            loaded_on = {t["worker"] for t in ts.data if any(k in str(t["key"]) for k in read_keys)}
             assert ran_on == set(gpu_addr)
             assert loaded_on  # reading ran too (on either worker)
         finally:

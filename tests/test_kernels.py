@@ -172,6 +172,26 @@ def test_scale_mask_equals_numpy(with_qa: bool, with_radsat: bool) -> None:
     np.testing.assert_array_equal(qa16, np.where(np.isnan(qa), 1, qa).astype(np.uint16))
 
 
+@pytest.mark.parametrize("dtype,nodata", [(np.uint16, 0), (np.int16, -9999)])
+def test_scale_mask_native_integers_equal_the_float_path(dtype: type, nodata: int) -> None:
+    # odc-stac hands over DNs as read (uint16 Landsat/Sentinel-2, int16 HLS) with nodata where
+    # nothing was read; stackstac hands over float32 with NaN there. Both give one reflectance.
+    rng = np.random.default_rng(5)
+    shape = (2, 17, 29)
+    dn = rng.integers(1, 30000, shape).astype(dtype)
+    dn[rng.random(shape) < 0.1] = nodata
+    qa = rng.choice([21824, 22280, 1, 23888], size=shape).astype(np.uint16)
+    rs = rng.choice([0, 0, 4, 8], size=shape).astype(np.uint16)
+    scale, offset = np.float32(2.75e-5), np.float32(-0.2)
+    as_float = np.where(dn == nodata, np.nan, dn).astype(np.float32)
+    want = K.scale_mask(as_float, scale, offset, qa=qa.astype(np.float32), qa_bits=0b11111,
+                        radsat=rs.astype(np.float32), sat_bits=4)
+    got = K.scale_mask(dn, scale, offset, qa=qa, qa_bits=0b11111, radsat=rs, sat_bits=4,
+                       nodata=np.array([nodata, nodata]))
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[dn == nodata]).all()
+
+
 def test_probability_mask_equals_numpy() -> None:
     rng = np.random.default_rng(12)
     p = rng.random((2, 30, 40)).astype(np.float32)

@@ -192,3 +192,170 @@ def test_item_from_local_files_states_the_files_grid() -> None:
     assert search(item["assets"]["green"]["href"].rsplit("/", 1)[0] + "/nothing.json").bbox is None
     with pytest.raises(CatalogError, match="does not exist"):
         item_from_files({"green": folder / "missing.tif"}, id="a", datetime="2020-08-16")
+
+
+# -- server-side filters, by conformance class; intersects ---------------------------------------
+def test_rustac_has_no_filter_extension_so_icemap_filters_locally(stac_api: StacServer) -> None:
+    from pystac_client import Client
+    from pystac_client.conformance import ConformanceClasses
+
+    from icemap.stac import property_filters
+
+    client = Client.open(stac_api.url)
+    assert client.conforms_to("ITEM_SEARCH")
+    assert not client.conforms_to(ConformanceClasses.FILTER) and not client.conforms_to(ConformanceClasses.QUERY)
+    # rustac's in-memory API answers a filter it does not support with no items at all: sending
+    # one to it would lose every scene, hence the conformance check.
+    from pystac_client.warnings import DoesNotConformTo
+
+    with pytest.warns(DoesNotConformTo, match="FILTER"):
+        sent = list(client.search(collections=["landsat-c2-l2"], filter={"op": "<=", "args": [
+            {"property": "eo:cloud_cover"}, 100]}, filter_lang="cql2-json").items_as_dicts())
+    assert sent == []
+    assert property_filters(50, ("landsat-9",), cql2=False, query=False) == {}
+    found = search(stac_api.url, max_cloud=50, platforms="landsat-9").item_dicts()
+    assert found and all(i["properties"]["eo:cloud_cover"] <= 50 for i in found)
+
+
+class _Cql2Api:
+    """A small STAC API on loopback that implements CQL2-JSON filters or the query extension.
+
+    rustac's in-memory server has neither; this one advertises one of them, evaluates the subset
+    icemap sends (and, or, isNull, <=, in; query ``in``) over its items, and records each search
+    body, so the test sees what icemap asked the server to do.
+    """
+
+    def __init__(self, items: list[dict[str, Any]], conformance: str) -> None:
+        import http.server
+        import threading
+
+        self.items, self.bodies = items, []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, doc: Any) -> None:
+                data = json.dumps(doc).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                root = f"http://127.0.0.1:{self.server.server_address[1]}"
+                conforms = ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search",
+                            conformance]
+                self._send({"type": "Catalog", "id": "t", "description": "t", "stac_version": "1.0.0",
+                            "conformsTo": conforms,
+                            "links": [{"rel": "self", "href": root + "/"}, {"rel": "root", "href": root + "/"},
+                                      {"rel": "search", "href": root + "/search", "method": "POST",
+                                       "type": "application/geo+json"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.bodies.append(body)
+                self._send({"type": "FeatureCollection", "features": [i for i in api.items if api.matches(i, body)],
+                            "links": []})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    @staticmethod
+    def _eval(expr: dict[str, Any], props: dict[str, Any]) -> bool:
+        op, args = expr["op"], expr["args"]
+        value = (lambda a: props.get(a["property"]) if isinstance(a, dict) and "property" in a else a)
+        if op == "and":
+            return all(_Cql2Api._eval(a, props) for a in args)
+        if op == "or":
+            return any(_Cql2Api._eval(a, props) for a in args)
+        if op == "isNull":
+            return value(args[0]) is None
+        if op == "<=":
+            v = value(args[0])
+            return v is not None and v <= value(args[1])
+        if op == "in":
+            return value(args[0]) in value(args[1])
+        raise ValueError(op)
+
+    def matches(self, item: dict[str, Any], body: dict[str, Any]) -> bool:
+        props = item["properties"]
+        if "filter" in body and not self._eval(body["filter"], props):
+            return False
+        for prop, cond in (body.get("query") or {}).items():
+            if "in" in cond and props.get(prop) not in cond["in"]:
+                return False
+        return True
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("conformance,sent", [
+    ("https://api.stacspec.org/v1.0.0-rc.2/item-search#filter", "filter"),
+    ("https://api.stacspec.org/v1.0.0/item-search#query", "query"),
+])
+def test_api_filters_cloud_and_platform_where_it_conforms(stac_api: StacServer, conformance: str, sent: str) -> None:
+    items = [json.loads(json.dumps(i)) for i in stac_api.items]
+    items[0]["properties"].pop("eo:cloud_cover", None)  # kept: icemap keeps items that do not state it
+    items[1]["properties"]["platform"] = "LANDSAT_9"  # USGS spelling, matched server-side too
+    api = _Cql2Api(items, conformance)
+    try:
+        found = {i["id"] for i in search(api.url, max_cloud=40, platforms="landsat-9").item_dicts()}
+    finally:
+        api.stop()
+    expected = {
+        i["id"] for i in items
+        if (i["properties"].get("eo:cloud_cover") is None or i["properties"]["eo:cloud_cover"] <= 40)
+        and i["properties"]["platform"].lower().replace("_", "-") == "landsat-9"
+    }
+    assert found == expected and items[1]["id"] in expected
+    assert len(api.bodies) == 1 and sent in api.bodies[0]
+    other = "query" if sent == "filter" else "filter"
+    assert other not in api.bodies[0]
+    if sent == "filter":
+        assert api.bodies[0]["filter-lang"] == "cql2-json"
+
+
+def _polygon(w: float, s: float, e: float, n: float) -> dict[str, Any]:
+    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+
+
+def test_intersects_geometry_api_and_static_catalog(stac_api: StacServer, sample_region: Any, tmp_path: Any) -> None:
+    from shapely.geometry import shape
+
+    w, s, e, n = sample_region.bbox
+    # A triangle in the south-west corner: the north scene of the split first date misses it.
+    tri = {"type": "Polygon", "coordinates": [[[w, s], [w + (e - w) * 0.3, s], [w, s + (n - s) * 0.3], [w, s]]]}
+    for source in (stac_api.url, sample_region.catalog):
+        everything = {i["id"] for i in search(source).item_dicts()}
+        hits = search(source, intersects=tri).item_dicts()
+        ids = {i["id"] for i in hits}
+        assert ids and ids < everything
+        assert all(shape(i["geometry"]).intersects(shape(tri)) for i in hits)
+        assert search(source, intersects=shape(_polygon(10, 10, 11, 11))).item_dicts() == []
+    region_ids = {i["id"] for i in search(sample_region.catalog, intersects=tri).item_dicts()}
+    api_ids = {i["id"] for i in search(stac_api.url, intersects=tri, collections="landsat-c2-l2").item_dicts()}
+    assert region_ids <= api_ids  # the API also holds copies of the last scene on other dates
+    s1 = search(sample_region.catalog, intersects={"type": "Feature", "geometry": tri, "properties": {}})
+    assert s1.extent == shape(tri).bounds and s1.parameters()["intersects"]["type"] == "Polygon"
+    with pytest.raises(SearchError, match="bbox or intersects, not both"):
+        search(stac_api.url, bbox=sample_region.bbox, intersects=tri)
+    with pytest.raises(SearchError, match="outside lon"):
+        search(stac_api.url, intersects=_polygon(400_000, 6_000_000, 410_000, 6_010_000))
+    path = tmp_path / "area.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": tri,
+                                                                           "properties": {}}]}))
+    out = subprocess.run([sys.executable, "-m", "icemap.cli", "search", "--catalog", str(sample_region.catalog),
+                          "--intersects", str(path), "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert {f["id"] for f in json.loads(out.stdout)["features"]} == region_ids
+    bad = subprocess.run([sys.executable, "-m", "icemap.cli", "search", "--catalog", str(sample_region.catalog),
+                          "--intersects", str(tmp_path / "missing.geojson")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -39,6 +39,7 @@ __all__ = [
     "radsat_mask",
     "encode_qa_pixel",
     "translate_class_qa",
+    "class_qa_to_bits",
 ]
 
 
@@ -472,10 +473,25 @@ def _class_lut(classes: Mapping[int, tuple[str, ...]]) -> np.ndarray:
     return lut
 
 
+def class_qa_to_bits(qa: Any, sensor: Sensor) -> Any:
+    """A class-valued QA layer (SCL) as a dask array as the equivalent QA_PIXEL bits (float32).
+
+    NaN (nothing read) stays NaN and becomes fill later. Sensors with a bit-field QA band get
+    ``qa`` back unchanged.
+    """
+    if not sensor.qa_classes:
+        return qa
+    import dask.array as da
+
+    from icemap.kernels import lookup_classes
+
+    return da.map_blocks(lookup_classes, qa, _class_lut(sensor.qa_classes), dtype=np.float32)
+
+
 def translate_class_qa(stack: Any, sensor: Sensor, position: int) -> Any:
     """Replace a class-valued QA layer (SCL) in a stacked cube by the equivalent QA_PIXEL bits.
 
-    ``stack`` is the loader's (time, asset, y, x) float32 array with the QA asset at
+    ``stack`` is stackstac's (time, asset, y, x) float32 array with the QA asset at
     ``position``; NaN (outside the footprint) stays NaN and becomes fill later. Sensors with a
     bit-field QA band are returned unchanged.
     """
@@ -484,8 +500,6 @@ def translate_class_qa(stack: Any, sensor: Sensor, position: int) -> Any:
     import dask.array as da
 
     data = stack.data
-    from icemap.kernels import lookup_classes
-
-    qa = da.map_blocks(lookup_classes, data[:, position], _class_lut(sensor.qa_classes), dtype=np.float32)
+    qa = class_qa_to_bits(data[:, position], sensor)
     merged = da.concatenate([data[:, :position], qa[:, None], data[:, position + 1:]], axis=1)
     return stack.copy(data=merged)

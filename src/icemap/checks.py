@@ -1,7 +1,7 @@
 """Checks on items and grids made before (and right after) a cube is stacked.
 
-:func:`icemap.load` builds its grid from item metadata and hands it to stackstac. Several real
-inputs used to fall through to a raw numpy/dask error there: stackstac silently drops items and
+:func:`icemap.load` builds its grid from item metadata and hands it to a loader engine (odc-stac
+or stackstac). Several real inputs used to fall through to a raw numpy/dask error there: stackstac silently drops items and
 bands whose assets lie outside the requested bounds, and the loader's per-item scale arrays
 then no longer match the stack (``operands could not be broadcast together with shapes
 (0, 0, 4735, 4605) (2, 7, 1, 1)``). The functions here turn each such case into an
@@ -29,6 +29,7 @@ __all__ = [
     "check_grid",
     "warn_mixed_crs",
     "match_stacked",
+    "keep_overlapping",
     "bbox_polygons",
     "project_bbox",
     "raster_number",
@@ -265,4 +266,46 @@ def match_stacked(
             pos += 1
     if len(keep) != n_time:
         raise GridError("cannot match the stacked items to the input items; give every item a unique id")
+    return [clean[i] for i in keep], [meta[i] for i in keep]
+
+
+def item_extent(m: Mapping[str, Any], epsg: int) -> tuple[float, float, float, float] | None:
+    """An item's extent in ``EPSG:epsg``: its raster grid where stated in that CRS, else its
+    lon/lat bbox projected (None when it states neither)."""
+    t, shape = m.get("transform"), m.get("shape")
+    if m.get("epsg") == epsg and t and shape and len(t) >= 6:
+        x0, y0 = float(t[2]), float(t[5])
+        x1, y1 = x0 + float(t[0]) * shape[1], y0 + float(t[4]) * shape[0]
+        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+    b = m.get("bbox")
+    if b:
+        try:
+            return project_bbox((b[0], b[1], b[-2], b[-1]), epsg)
+        except GridError:
+            return None
+    return None
+
+
+def keep_overlapping(
+    clean: list[dict[str, Any]], meta: list[dict[str, Any]], epsg: int, bounds: Sequence[float],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drop the items that hold no pixel of the grid (strictly outside ``bounds``).
+
+    The rule stackstac applies on its own (:func:`match_stacked` follows it), stated here for
+    the odc-stac engine, which would otherwise give such items an all-nodata time step: both
+    engines give the same time steps. Items whose extent is unknown are kept.
+    """
+    left, bottom, right, top = (float(v) for v in bounds)
+    keep = []
+    for i, m in enumerate(meta):
+        ext = item_extent(m, epsg)
+        if ext is None or (max(ext[0], left) < min(ext[2], right) and max(ext[1], bottom) < min(ext[3], top)):
+            keep.append(i)
+    if not keep:
+        raise GridError(
+            f"none of the {len(clean)} item(s) overlaps the grid {tuple(round(v, 3) for v in bounds)} "
+            f"(EPSG:{epsg}); move or widen bbox=/bounds= (CLI --bbox), or leave them out to use the items' extent"
+        )
+    if len(keep) == len(clean):
+        return clean, meta
     return [clean[i] for i in keep], [meta[i] for i in keep]

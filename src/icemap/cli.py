@@ -21,6 +21,7 @@ from icemap.cli_common import (
     Catalog,
     CollectionOpt,
     DatetimeOpt,
+    IntersectsOpt,
     MaxCloudOpt,
     PlatformOpt,
     QuietOpt,
@@ -36,7 +37,7 @@ from icemap.errors import IcemapError
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
-                  retries: int = 5, timeout: float = 30.0) -> Any:
+                  retries: int = 5, timeout: float = 30.0, intersects: Path | None = None) -> Any:
     from icemap.stac import search
 
     return search(
@@ -49,6 +50,7 @@ def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetim
         max_items=max_items,
         retries=retries,
         timeout=timeout,
+        intersects=intersects,
     )
 
 
@@ -57,6 +59,7 @@ def search_cmd(
     catalog: Catalog,
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
+    intersects: IntersectsOpt = None,
     datetime: DatetimeOpt = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
@@ -66,7 +69,8 @@ def search_cmd(
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
-    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout)
+    s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout,
+                      intersects=intersects)
     items = s.item_dicts()
     if as_json:
         json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
@@ -98,6 +102,7 @@ def ingest_cmd(
     offset: Annotated[Optional[float], typer.Option("--offset", help="With --files: see --scale.")] = None,
     collection: CollectionOpt = None,
     bbox: BboxOpt = None,
+    intersects: IntersectsOpt = None,
     datetime: Annotated[Optional[list[str]], typer.Option("--datetime", help="START/END for a search; with --files one acquisition date per file (repeatable).")] = None,
     max_cloud: MaxCloudOpt = None,
     platform: PlatformOpt = None,
@@ -109,6 +114,7 @@ def ingest_cmd(
     on_error: Annotated[str, typer.Option("--on-error", help="Unreadable asset: raise or nodata.")] = "raise",
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
     no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="Loader engine: auto (odc-stac), odc-stac or stackstac (pip install \"icemap[stackstac]\"); both give the same cube.")] = None,
     retries: RetriesOpt = 5,
     timeout: TimeoutOpt = 30.0,
     scheduler: SchedulerOpt = None,
@@ -123,8 +129,14 @@ def ingest_cmd(
     from icemap.stac import parse_bbox
     from icemap.workflow import ingest
 
+    if engine is not None:
+        from icemap.load import resolve_engine
+
+        resolve_engine(engine)  # an unknown engine or a missing extra stops before the search
     source: Any
     if files:
+        if intersects is not None:
+            raise IcemapError("--intersects selects items of a --catalog; local --files are taken as they are")
         source = _local_items(catalog, files, band_map, datetime, collection, scale, offset, crs)
         no_qa = True
         if resolution is None:  # the files' own pixel size, not the sensor's: copy, do not resample
@@ -138,7 +150,7 @@ def ingest_cmd(
         if datetime and len(datetime) > 1:
             raise IcemapError("give --datetime once for a search (START/END); repeat it only with --files")
         source = _build_search(catalog, collection, bbox, datetime[0] if datetime else None, max_cloud, platform,
-                               retries=retries, timeout=timeout)
+                               retries=retries, timeout=timeout, intersects=intersects)
     band_list = _split_list(bands)
     if files and band_list is None:
         band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order
@@ -147,6 +159,7 @@ def ingest_cmd(
             source, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
             zarr_format=zarr_format, signer=signer, on_error=on_error,  # type: ignore[arg-type]
             progress=progress, qa=None if no_qa else "qa_pixel", bbox=parse_bbox(bbox),
+            engine=engine,  # type: ignore[arg-type]
         )
     _console().print(
         f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "

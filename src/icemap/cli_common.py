@@ -9,6 +9,7 @@ never restates a default.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -43,6 +44,10 @@ Catalog = Annotated[
 ]
 CollectionOpt = Annotated[
     Optional[list[str]], typer.Option("--collection", help="Collection id (repeatable), e.g. landsat-c2-l2.")
+]
+IntersectsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--intersects", help="GeoJSON file (lon/lat) of the area, instead of --bbox: items meeting it."),
 ]
 BboxOpt = Annotated[
     Optional[tuple[float, float, float, float]],

@@ -21,6 +21,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     # Imported networks (icemap model import): onnx reads and checks the file, onnxruntime runs it.
     "onnx": ("onnx", "onnxruntime"),
     "report": ("matplotlib",),
+    # The stackstac loader engine (icemap.load(engine="stackstac")); stackstac pins pandas < 3.
+    "stackstac": ("stackstac",),
 }
 
 

@@ -380,8 +380,10 @@ def probability_mask(prob: np.ndarray, threshold: float, *, out: np.ndarray | No
 
 
 @njit(**_JIT)
-def _scale_mask_planes(dn, qa, radsat, scale, offset, qa_bits, sat_bits, has_qa, has_radsat,
-                       out):  # pragma: no cover - compiled
+def _scale_mask_planes(dn, qa, radsat, scale, offset, nodata, qa_bits, sat_bits, has_qa, has_radsat,
+                       has_nodata, out):  # pragma: no cover - compiled
+    # Compiled once per input dtype: float32 DNs (NaN = not read) and native integer DNs
+    # (``nodata`` = not read). ``x != x`` is NaN for floats and never true for integers.
     planes, h, w = out.shape
     nan = np.float32(np.nan)
     for p in range(planes):
@@ -389,21 +391,22 @@ def _scale_mask_planes(dn, qa, radsat, scale, offset, qa_bits, sat_bits, has_qa,
         pr = p % radsat.shape[0]
         sc = scale[p % scale.shape[0]]
         of = offset[p % offset.shape[0]]
+        nd = nodata[p % nodata.shape[0]]
         for r in range(h):
             for i in range(w):
-                v = dn[p, r, i]
-                if np.isnan(v):
+                v = np.float32(dn[p, r, i])
+                if v != v or (has_nodata and v == nd):
                     out[p, r, i] = nan
                     continue
                 if has_qa:
                     q = qa[pq, r, i]
-                    bits = np.uint16(1) if np.isnan(q) else np.uint16(q)  # unread QA is fill
+                    bits = np.uint16(1) if q != q else np.uint16(q)  # unread QA is fill
                     if bits & qa_bits:
                         out[p, r, i] = nan
                         continue
                 if has_radsat:
                     q = radsat[pr, r, i]
-                    if not np.isnan(q) and (np.uint16(q) & sat_bits):
+                    if q == q and (np.uint16(q) & sat_bits):
                         out[p, r, i] = nan
                         continue
                 out[p, r, i] = v * sc + of
@@ -418,15 +421,19 @@ def scale_mask(
     qa_bits: int = 0,
     radsat: np.ndarray | None = None,
     sat_bits: int = 0,
+    nodata: np.ndarray | float | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Digital numbers (float32, NaN = not read) -> reflectance ``dn * scale + offset``, masked.
+    """Digital numbers -> reflectance ``dn * scale + offset``, masked.
 
-    NaN where ``dn`` is NaN, where ``qa`` (QA_PIXEL as read, float32; NaN counts as fill) has any
-    of ``qa_bits``, or where ``radsat`` (QA_RADSAT) has any of ``sat_bits`` (the bit of this
-    band). ``scale``/``offset`` are scalars or one value per item along the first axis of
+    ``dn`` is float32 with NaN where nothing was read (stackstac's float stack), or the DNs in
+    their native integer type (odc-stac reads them so: half the bytes through every task), with
+    ``nodata`` the value that means "not read" (a scalar or one value per item). NaN where ``dn``
+    is NaN or ``nodata``, where ``qa`` (QA_PIXEL as read, integer or float32; NaN counts as fill)
+    has any of ``qa_bits``, or where ``radsat`` (QA_RADSAT) has any of ``sat_bits`` (the bit of
+    this band). ``scale``/``offset`` are scalars or one value per item along the first axis of
     ``dn`` (``(items, y, x)``). Float32 throughout, so a stored cube equals
-    ``DN * scale + offset`` computed in float32.
+    ``DN * scale + offset`` computed in float32 whatever the DNs' type.
     """
     shape = np.shape(dn)
     res = _out(out, shape, np.float32)
@@ -434,17 +441,26 @@ def scale_mask(
         return res
     sc = np.ascontiguousarray(np.asarray(scale, np.float32).reshape(-1))
     of = np.ascontiguousarray(np.asarray(offset, np.float32).reshape(-1))
-    planes = _planes(dn, shape, np.float32)
-    if sc.size not in (1, planes.shape[0]) or of.size != sc.size:
-        raise ValueError(f"scale/offset need 1 or {planes.shape[0]} values (one per item), got {sc.size}/{of.size}")
+    nd = np.ascontiguousarray(np.asarray(np.nan if nodata is None else nodata, np.float32).reshape(-1))
+    planes = _planes(dn, shape, None if _native(dn) else np.float32)
+    if sc.size not in (1, planes.shape[0]) or of.size != sc.size or nd.size not in (1, planes.shape[0]):
+        raise ValueError(f"scale/offset/nodata need 1 or {planes.shape[0]} values (one per item), "
+                         f"got {sc.size}/{of.size}/{nd.size}")
     target = _Target(res)
     _scale_mask_planes(
         planes,
-        _NO_F32 if qa is None else _planes(qa, shape, np.float32),
-        _NO_F32 if radsat is None else _planes(radsat, shape, np.float32),
-        sc, of, np.uint16(qa_bits), np.uint16(sat_bits), qa is not None, radsat is not None, target.array,
+        _NO_F32 if qa is None else _planes(qa, shape, None if _native(qa) else np.float32),
+        _NO_F32 if radsat is None else _planes(radsat, shape, None if _native(radsat) else np.float32),
+        sc, of, nd, np.uint16(qa_bits), np.uint16(sat_bits), qa is not None, radsat is not None,
+        nodata is not None, target.array,
     )
     return target.done()
+
+
+def _native(a: Any) -> bool:
+    """Whether a kernel reads ``a`` as it is: unsigned/signed integers up to 16 bits, or float32."""
+    dt = np.asarray(a).dtype
+    return dt in (np.uint8, np.uint16, np.int16, np.float32)
 
 
 @njit(**_JIT)

@@ -4,14 +4,17 @@ The recipe, in order:
 
 1. **normalise** each item: find its band and QA assets through the sensor table (whatever the
    provider calls them), rename them to common band names, state scale/offset/nodata on every
-   asset (from its ``raster:bands``, else the table), and give stackstac the ``proj:epsg`` it
-   needs (pystac >= 1.12 writes ``proj:code``);
+   asset (from its ``raster:bands``, else the table), and state ``proj:epsg`` (pystac >= 1.12
+   writes ``proj:code``; stackstac reads only the former);
 2. **grid**: target CRS (default: the items' most common), resolution (the sensor's), bounds (the
    items' union, a lon/lat bbox or explicit bounds) snapped onto the items' own pixel grid so
    nothing is resampled when the CRS matches;
-3. **stack** with stackstac into one float32 dask array (reflectance and QA together; uint16
-   QA values are exact in float32), read through :class:`icemap.reader.IcemapReader`;
-4. **mask**: NaN where QA_PIXEL says fill/cloud/dilated cloud/cirrus/cloud shadow, and in each
+3. **read** with a loader engine onto that grid, one dask array per asset and item: odc-stac
+   (the default) reads DNs in their native integer type through icemap's reader driver
+   (:class:`icemap.reader_odc.IcemapDriver`); stackstac (the ``icemap[stackstac]`` extra) stacks
+   them as float32 through :class:`icemap.reader_stackstac.IcemapReader`. Both sign URLs when a
+   worker opens a file and apply the same unreadable-asset policy; both give the same cube;
+4. **scale and mask** in the kernel layer (:func:`icemap.kernels.scale_mask`): NaN where QA_PIXEL says fill/cloud/dilated cloud/cirrus/cloud shadow, and in each
    band where QA_RADSAT says that band saturated. Snow/ice is never masked;
 5. **mosaic** scenes of the same day and WRS path (consecutive rows) into one time step,
    taking each pixel from the first scene that has a valid value there;
@@ -28,27 +31,33 @@ import math
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from icemap import kernels
-from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, get_sensor, translate_class_qa
+from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, class_qa_to_bits, get_sensor, translate_class_qa
 from icemap.checks import (
     check_bbox_hits_footprints,
     check_grid,
     default_bands,
+    keep_overlapping,
     match_stacked,
     project_bbox,
     raster_number,
     warn_mixed_crs,
 )
 from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
-from icemap.options import get_option
+from icemap.options import get_option, resolve
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
 
-__all__ = ["load", "normalise_items", "grid_for_items", "QA_FILL"]
+__all__ = ["load", "normalise_items", "grid_for_items", "resolve_engine", "ENGINES", "QA_FILL"]
+
+#: The loader engines ``icemap.load(engine=...)`` accepts; ``"auto"`` picks odc-stac.
+ENGINES = ("auto", "odc-stac", "stackstac")
+Engine = Literal["auto", "odc-stac", "stackstac"]
 
 QA_FILL = kernels.QA_FILL
 _QA = "qa_pixel"
@@ -310,13 +319,15 @@ def grid_for_items(
     return epsg, res, snapped
 
 
-def _scale_and_mask(dn: Any, scale: np.ndarray, offset: np.ndarray, qa: Any, radsat: Any, sensor: Sensor,
-                    bands: Sequence[str], mask_flags: Sequence[str]) -> Any:
-    """Reflectance (time, band, y, x) from DN blocks through :func:`icemap.kernels.scale_mask`.
+def _scale_and_mask(dn: Sequence[Any], nodata: Sequence[float | None], scale: np.ndarray, offset: np.ndarray,
+                    qa: Any, radsat: Any, sensor: Sensor, bands: Sequence[str], mask_flags: Sequence[str]) -> Any:
+    """Reflectance (time, band, y, x) from per-band DN arrays through :func:`icemap.kernels.scale_mask`.
 
     One task per band block, reading the DN block, the QA_PIXEL block and the QA_RADSAT block
     of the same scene and place, and writing the masked reflectance in one pass: no rechunk of
     the asset axis (which would copy every band into a merged block) and no float temporaries.
+    ``dn[j]`` is float32 with NaN where nothing was read (``nodata[j]`` None), or integers as
+    read with ``nodata[j]`` there.
     """
     import dask.array as da
 
@@ -328,19 +339,20 @@ def _scale_and_mask(dn: Any, scale: np.ndarray, offset: np.ndarray, qa: Any, rad
         sat_bits = (1 << (int(number) - 1)) if radsat is not None and number and 1 <= number <= 11 else 0
         sc = da.from_array(scale[:, j], chunks=1)
         of = da.from_array(offset[:, j], chunks=1)
-        args: list[Any] = [dn[:, j], "tyx", sc, "t", of, "t"]
+        args: list[Any] = [dn[j], "tyx", sc, "t", of, "t"]
         args += [qa, "tyx"] if qa is not None else [None, None]
         args += [radsat, "tyx"] if radsat is not None and sat_bits else [None, None]
         per_band.append(da.blockwise(
-            _scale_mask_block, "tyx", *args, qa_bits=qa_bits, sat_bits=sat_bits,
+            _scale_mask_block, "tyx", *args, qa_bits=qa_bits, sat_bits=sat_bits, nodata=nodata[j],
             dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
         ))
     return da.stack(per_band, axis=1)
 
 
 def _scale_mask_block(dn: np.ndarray, scale: np.ndarray, offset: np.ndarray, qa: np.ndarray | None,
-                      radsat: np.ndarray | None, *, qa_bits: int, sat_bits: int) -> np.ndarray:
-    return kernels.scale_mask(dn, scale, offset, qa=qa, qa_bits=qa_bits, radsat=radsat, sat_bits=sat_bits)
+                      radsat: np.ndarray | None, *, qa_bits: int, sat_bits: int, nodata: float | None) -> np.ndarray:
+    return kernels.scale_mask(dn, scale, offset, qa=qa, qa_bits=qa_bits, radsat=radsat, sat_bits=sat_bits,
+                              nodata=nodata)
 
 
 def _qa_bits(flags: Sequence[str]) -> int:
@@ -354,6 +366,205 @@ def _group_key(m: Mapping[str, Any]) -> tuple[Any, ...]:
     # Same UTC day and same WRS path (and platform): consecutive rows of one overpass.
     # Items without a path are grouped by day and platform only.
     return (m["datetime"].date(), m["platform"], m["wrs_path"])
+
+
+def resolve_engine(engine: str | None) -> Literal["odc-stac", "stackstac"]:
+    """The loader engine to use: ``engine``, else the ``engine`` option; ``"auto"`` is odc-stac.
+
+    stackstac comes with the ``icemap[stackstac]`` extra (it pins pandas < 3): choosing it
+    without it installed is a :class:`~icemap.errors.MissingExtraError` naming the extra.
+    """
+    name = resolve("engine", engine)
+    if name == "stackstac":
+        from icemap.extras import require
+
+        require("stackstac", "engine='stackstac' (CLI --engine stackstac)")
+        return "stackstac"
+    return "odc-stac"
+
+
+@dataclass
+class _Read:
+    """What an engine read: per-asset lazy arrays (time, y, x) on the grid, for the items kept."""
+
+    clean: list[dict[str, Any]]
+    meta: list[dict[str, Any]]
+    assets: dict[str, Any]
+    #: Per band: the DN value that means "not read" (masked in the kernel), or None.
+    nodata: list[float | None]
+    y: np.ndarray
+    x: np.ndarray
+
+
+def _read_stackstac(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: Sensor, bands: list[str],
+                    assets: list[str], epsg: int, res: tuple[float, float], bnds: tuple[float, float, float, float],
+                    chunksize: int, signer: Any, on_error: OnError) -> _Read:
+    """stackstac: one float32 stack of every asset (NaN where nothing was read)."""
+    import stackstac
+
+    from icemap.reader import GDAL_RETRY
+    from icemap.reader_stackstac import IcemapReader
+
+    reader = functools.partial(IcemapReader, signer=signer, on_error=on_error)
+    stack = stackstac.stack(
+        clean,
+        assets=assets,
+        epsg=epsg,
+        resolution=res,
+        bounds=bnds,
+        snap_bounds=False,
+        dtype=np.dtype("float32"),
+        fill_value=np.float32(np.nan),
+        # stackstac refuses float32 rescaling (2.75e-5 is not exact in float32); scale here.
+        rescale=False,
+        chunksize=(1, 1, chunksize, chunksize),
+        sortby_date=False,
+        xy_coords="center",
+        properties=False,
+        band_coords=False,
+        reader=reader,  # type: ignore[arg-type]
+        gdal_env=stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_RETRY),
+    )
+    clean, meta = match_stacked(stack, clean, meta, assets, epsg, bnds)
+    nb = len(bands)
+    has_qa = _QA in assets
+    stack = translate_class_qa(stack, sensor, nb) if has_qa else stack
+    data = stack.data
+    arrays = {name: data[:, k] for k, name in enumerate(assets)}
+    return _Read(clean, meta, arrays, [_band_nodata(clean, b) for b in bands], stack["y"].values, stack["x"].values)
+
+
+def _band_nodata(clean: Sequence[Mapping[str, Any]], band: str) -> float | None:
+    """The one finite nodata value every item states for ``band`` (raster:bands, else the
+    sensor table), or None where they disagree or state NaN/none.
+
+    Both engines mask it in the kernel: files often lack a nodata tag (the sample region's, many
+    exports), and a DN 0 read as a valid reflectance of -0.2 would then win a mosaic.
+    """
+    values = [it["assets"][band]["raster:bands"][0].get("nodata") for it in clean if band in it["assets"]]
+    if not values or any(v is None for v in values):
+        return None
+    distinct = {float(v) for v in values}
+    if len(distinct) != 1:
+        return None
+    value = distinct.pop()
+    return value if math.isfinite(value) else None
+
+
+def _odc_band_dtype(sensor: Sensor, band: str, nodata: float | None) -> str:
+    """The type odc-stac reads a band in: the table's integer type where ``nodata`` fits it (and
+    marks "not read"), else float32 with NaN."""
+    dtype = np.dtype(sensor.band(band).dtype)
+    if nodata is not None and dtype.kind in "iu" and nodata.is_integer() \
+            and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max:
+        return dtype.name
+    return "float32"
+
+
+def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: Sensor, bands: list[str],
+              assets: list[str], epsg: int, res: tuple[float, float], bnds: tuple[float, float, float, float],
+              chunksize: int, signer: Any, on_error: OnError) -> _Read:
+    """odc-stac: one dask array per asset, DNs in their native integer type, through icemap's driver.
+
+    Items are grouped by index (one time step each, in icemap's order: mosaics are icemap's),
+    onto exactly icemap's grid (an explicit GeoBox, so odc-stac's own anchoring never applies).
+    QA_PIXEL is read as uint16 with :data:`QA_FILL` where nothing was read, QA_RADSAT as uint16
+    with 0 (no saturation), a class-valued QA band (SCL) as float32 with NaN, as stackstac does.
+    """
+    import odc.stac
+    import pystac
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+    from odc.geo.xr import xr_coords
+
+    from icemap.reader_odc import IcemapDriver
+
+    clean, meta = keep_overlapping(clean, meta, epsg, bnds)
+    width, height = check_grid(epsg, res, bnds)
+    left, _, _, top = bnds
+    geobox = GeoBox((height, width), Affine(res[0], 0.0, left, 0.0, -res[1], top), f"EPSG:{epsg}")
+
+    read_as: dict[str, tuple[str, float | None]] = {}
+    for band in bands:
+        nodata = _band_nodata(clean, band)
+        dtype = _odc_band_dtype(sensor, band, nodata)
+        read_as[band] = (dtype, nodata if dtype != "float32" else None)
+    if _QA in assets:
+        read_as[_QA] = ("float32", math.nan) if sensor.qa_classes else ("uint16", float(QA_FILL))
+    if _RADSAT in assets:
+        read_as[_RADSAT] = ("uint16", 0.0)
+
+    items = []
+    for it in clean:
+        d = dict(it, stac_extensions=[_PROJ_EXT, _RASTER_EXT])
+        props = dict(d["properties"])
+        if props.get("proj:epsg") is not None:
+            props["proj:code"] = f"EPSG:{props.pop('proj:epsg')}"
+        d["properties"] = props
+        new_assets = {}
+        for name, asset in it["assets"].items():
+            if name not in read_as:
+                continue  # QA_RADSAT when saturation is not masked
+            a = dict(asset)
+            if a.get("proj:epsg") is not None:
+                a["proj:code"] = f"EPSG:{a.pop('proj:epsg')}"
+            dtype, nodata = read_as[name]
+            # odc-stac fills what it does not read with the asset's nodata, in this type.
+            a["raster:bands"] = [{"data_type": dtype, "nodata": nodata if nodata is not None else "nan"}]
+            new_assets[name] = a
+        d["assets"] = new_assets
+        items.append(pystac.Item.from_dict(d, preserve_dict=False))
+
+    def odc_load(selected: list[Any], names: list[str]) -> Any:
+        return odc.stac.load(
+            selected,
+            bands=names,
+            geobox=geobox,
+            groupby="id",  # one time step per item, in the order given
+            preserve_original_order=True,
+            # Each band's type comes from its raster:bands data_type above (odc-stac 0.5's dtype=
+            # mapping trips its own chunk resolution).
+            chunks={"time": 1, "y": chunksize, "x": chunksize},
+            resampling="nearest",
+            # Never overviews: they hold averaged DNs (and averaged QA bit fields, which mean
+            # nothing); a coarser grid takes the nearest full-resolution pixel, as stackstac does.
+            use_overviews=False,
+            driver=IcemapDriver(signer, on_error),
+            fail_on_error=True,
+        )
+
+    import dask.array as da
+
+    if all(name in it["assets"] for it in clean for name in assets):
+        ds = odc_load(items, list(assets))
+        arrays = {name: ds[name].data for name in assets}
+    else:
+        # odc-stac learns a collection's bands from its first item: with an asset missing from
+        # some items, each asset is read from the items that hold it, and the others get a
+        # step of fill (nodata), as stackstac gives them.
+        arrays = {}
+        for name in assets:
+            idx = [i for i, it in enumerate(clean) if name in it["assets"]]
+            dtype, nodata = read_as[name]
+            fill = math.nan if nodata is None else nodata
+            if not idx:  # only items outside the grid held it
+                arrays[name] = da.full((len(clean), height, width), fill, dtype=dtype,
+                                       chunks=(1, chunksize, chunksize))
+                continue
+            part = odc_load([items[i] for i in idx], [name])
+            pos = {i: k for k, i in enumerate(idx)}
+            blank = da.full((1, height, width), fill, dtype=dtype, chunks=(1, chunksize, chunksize))
+            arrays[name] = da.concatenate(
+                [part[name].data[pos[i]:pos[i] + 1] if i in pos else blank for i in range(len(clean))], axis=0)
+    if _QA in arrays:
+        arrays[_QA] = class_qa_to_bits(arrays[_QA], sensor)
+    nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
+    coords = xr_coords(geobox)  # pixel centres, as odc-stac labels its arrays
+    return _Read(clean, meta, arrays, nodata, coords["y"].values, coords["x"].values)
+
+
+_PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+_RASTER_EXT = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
 
 
 def load(
@@ -372,6 +583,7 @@ def load(
     signer: Any = None,
     on_error: OnError = "raise",
     qa: Literal["qa_pixel"] | None = "qa_pixel",
+    engine: Engine | None = None,
 ) -> Any:
     """Turn STAC items into a lazy ``xarray.Dataset`` of masked surface reflectance.
 
@@ -413,6 +625,10 @@ def load(
         Sentinel-2). ``None``: use no QA band, for scenes shipped without one: nothing is
         cloud-masked (only nodata DNs become NaN), a :class:`~icemap.errors.NoQAWarning` says
         so, and the cube records it (attribute ``cloud_masked = 0``).
+    engine
+        The loader engine that reads the pixels: ``"odc-stac"``, ``"stackstac"`` (needs the
+        ``icemap[stackstac]`` extra) or ``"auto"`` (odc-stac); default the ``engine`` option.
+        Both give the same cube: values, QA, grid, time steps and attributes.
 
     Returns
     -------
@@ -423,14 +639,13 @@ def load(
     """
     import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import stackstac
     import xarray as xr
 
-    from icemap.reader import IcemapReader
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
     if on_error not in ("raise", "nodata"):
         raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
+    engine_name = resolve_engine(engine)
     if chunksize is None:
         chunksize = get_option("chunksize")
     if chunksize < 16:
@@ -470,28 +685,9 @@ def load(
     has_qa = any(_QA in it["assets"] for it in clean)
     has_radsat = mask_saturated and any(_RADSAT in it["assets"] for it in clean)
     assets = bands + ([_QA] if has_qa else []) + ([_RADSAT] if has_radsat else [])
-    reader = functools.partial(IcemapReader, signer=signer_fn, on_error=on_error)
-    stack = stackstac.stack(
-        clean,
-        assets=assets,
-        epsg=epsg,
-        resolution=res,
-        bounds=bnds,
-        snap_bounds=False,
-        dtype=np.dtype("float32"),
-        fill_value=np.float32(np.nan),
-        # stackstac refuses float32 rescaling (2.75e-5 is not exact in float32); scale here.
-        rescale=False,
-        chunksize=(1, 1, chunksize, chunksize),
-        sortby_date=False,
-        xy_coords="center",
-        properties=False,
-        band_coords=False,
-        reader=reader,  # type: ignore[arg-type]
-    )
-    clean, meta = match_stacked(stack, clean, meta, assets, epsg, bnds)
-    stack = translate_class_qa(stack, sensor_t, len(bands)) if has_qa else stack
-    data = stack.data  # (time, asset, y, x) float32
+    stacker = _read_stackstac if engine_name == "stackstac" else _read_odc
+    read = stacker(clean, meta, sensor_t, bands, assets, epsg, res, bnds, chunksize, signer_fn, on_error)
+    clean, meta = read.clean, read.meta
     nb = len(bands)
     scale = np.ones((len(clean), nb), dtype=np.float32)
     offset = np.zeros((len(clean), nb), dtype=np.float32)
@@ -500,13 +696,15 @@ def load(
             rb = it["assets"].get(band, {}).get("raster:bands", [{}])[0]
             scale[i, j] = rb.get("scale", 1.0)
             offset[i, j] = rb.get("offset", 0.0)
-    qa_f = data[:, nb] if has_qa else None
-    rs_f = data[:, nb + (1 if has_qa else 0)] if has_radsat else None
-    refl = _scale_and_mask(data[:, :nb], scale, offset, qa_f, rs_f, sensor_t, bands, mask_flags)
-    if has_qa:
-        qa = da.map_blocks(kernels.qa_to_uint16, qa_f, dtype=np.uint16)
-    else:
+    qa_raw = read.assets.get(_QA)
+    refl = _scale_and_mask([read.assets[b] for b in bands], read.nodata, scale, offset, qa_raw,
+                           read.assets.get(_RADSAT), sensor_t, bands, mask_flags)
+    if qa_raw is None:
         qa = da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
+    elif qa_raw.dtype == np.uint16:
+        qa = qa_raw  # read as uint16 with QA_FILL where nothing was read
+    else:
+        qa = da.map_blocks(kernels.qa_to_uint16, qa_raw, dtype=np.uint16)
 
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(meta):
@@ -535,8 +733,8 @@ def load(
     coords = {
         "time": times,
         "band": np.array(bands, dtype=str),
-        "y": stack["y"].values,
-        "x": stack["x"].values,
+        "y": read.y,
+        "x": read.x,
         "item_ids": ("time", np.array(ids, dtype=str)),
         "platform": ("time", np.array([meta[idx[0]]["platform"] for idx in order], dtype=str)),
     }

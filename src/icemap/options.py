@@ -116,6 +116,12 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         "the clear observation with the least snow (lowest NDSI), whole spectrum: seasonal snow is "
         "what makes single dates overstate ice",
     ),
+    "engine": (
+        "auto", lambda v: v in ("auto", "odc-stac", "stackstac"), "auto, odc-stac or stackstac",
+        "the loader engine icemap.load reads pixels with; auto is odc-stac (maintained, reads any "
+        "pystac item as it is, installs beside pandas 3); stackstac is the icemap[stackstac] extra. "
+        "Both give the same cube",
+    ),
     "resolution": (
         None, lambda v: v is None or _number_in(1e-9, float("inf"))(v), "None or a positive number of CRS units",
         "None: each sensor's own (its table in icemap.bands: 30 m Landsat and HLS, 20 m Sentinel-2), "
@@ -148,7 +154,7 @@ class set_options:
     Options
     -------
     ndsi_threshold, chunksize, tile, batch_size, write_wave, zarr_format, area_buffer_px, min_observed, resolution,
-    season_north, season_south, composite_rule; see
+    season_north, season_south, composite_rule, engine; see
     ``icemap.options.describe()`` for each one's default and why.
     """
 

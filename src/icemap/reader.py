@@ -1,7 +1,9 @@
-"""The pixel-reading seam: how a worker opens one asset.
+"""The pixel-reading seam: how a worker opens one asset, whichever engine stacks the cube.
 
-stackstac reads through a ``Reader`` (its ``reader_protocol.Reader``). icemap's reader adds two
-things to stackstac's default one:
+Both loader engines read through icemap's own code: odc-stac through the reader driver
+:class:`icemap.reader_odc.IcemapDriver`, stackstac (the ``icemap[stackstac]`` extra) through
+:class:`icemap.reader_stackstac.IcemapReader`. Both add the same things to the engine's default
+reader, from the helpers here:
 
 * URL signing at open time. The graph holds the plain href and a *reference* to the signing
   function (pickled by module and name), so a signed URL or token never sits in a graph, a
@@ -9,6 +11,9 @@ things to stackstac's default one:
   short-lived tokens fresh for long jobs.
 * A stated policy for unreadable assets: ``on_error="raise"`` stops with an error naming the
   asset, ``on_error="nodata"`` turns it into nodata with a :class:`MissingAssetWarning`.
+
+* Retries of transient HTTP errors (GDAL's ``GDAL_HTTP_MAX_RETRY``/``GDAL_HTTP_RETRY_DELAY``,
+  :data:`GDAL_RETRY`), set in the GDAL environment each worker reads in.
 
 Readers are created per asset inside tasks, never on the client, so building a graph opens
 no file.
@@ -21,17 +26,23 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
-
-from stackstac.rio_reader import AutoParallelRioReader
 
 from icemap.errors import LoadError, MissingAssetWarning
 
-__all__ = ["IcemapReader", "resolve_signer", "redact_url", "redact_text", "OnError"]
+__all__ = ["resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY",
+           "unreadable_error", "warn_unreadable"]
 
 Signer = Callable[[str], str]
 OnError = Literal["raise", "nodata"]
+
+#: GDAL settings every read runs with: retry an HTTP request that failed with a transient
+#: status (429, 500, 502, 503, 504) or a dropped connection up to 10 times, 0.5 s apart and
+#: longer (GDAL backs off), instead of failing a whole job on one hiccup of an object store
+#: (odc-stac's own cloud defaults, applied here to both engines and whatever else the user set).
+#: Local files are unaffected. The user's own values (``rasterio.Env``) win over these.
+GDAL_RETRY: dict[str, str] = {"GDAL_HTTP_MAX_RETRY": "10", "GDAL_HTTP_RETRY_DELAY": "0.5"}
 
 _SIGNER_ALIASES = {
     "planetary-computer": "planetary_computer:sign_url",
@@ -113,62 +124,17 @@ def resolve_signer(signer: Signer | str | None) -> Signer | None:
     return signer
 
 
-class IcemapReader(AutoParallelRioReader):
-    """stackstac's rasterio reader with read-time signing and icemap's error policy.
+def warn_unreadable(plain: str, reason: str, *, window: bool = False) -> None:
+    """The ``on_error="nodata"`` warning for one asset (an open or a window read that failed)."""
+    if window:
+        _warn(f"asset {redact_url(plain)} failed to read a window and gives nodata there: {reason}")
+    else:
+        _warn(f"asset {redact_url(plain)} is unreadable and becomes nodata: {reason}")
 
-    Passed to stackstac as ``functools.partial(IcemapReader, signer=..., on_error=...)``.
-    """
 
-    def __init__(self, *, signer: Signer | None = None, on_error: OnError = "raise", **kwargs: Any):
-        super().__init__(**kwargs)
-        self.signer = signer
-        self.on_error = on_error
-
-    def _open(self) -> Any:
-        plain = self.url
-        try:
-            if self.signer is not None:
-                self.url = self.signer(plain)
-            return super()._open()
-        except RuntimeError as exc:
-            reason = redact_text(str(exc.__cause__ or exc).replace(self.url, redact_url(self.url)))
-            if self.on_error == "nodata":
-                _warn(f"asset {redact_url(plain)} is unreadable and becomes nodata: {reason}")
-                from stackstac.rio_reader import NodataReader
-
-                return NodataReader(dtype=self.dtype, fill_value=self.fill_value)
-            error = LoadError(
-                f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
-                "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
-            )
-        finally:
-            # Only the open needs the signed URL; keep the plain one for messages and pickles.
-            self.url = plain
-        # Raised outside the except block so that it has no __context__: rasterio's
-        # CPLE_* errors in that chain cannot be unpickled, and distributed would then send the
-        # client a bare Exception instead of a LoadError (a traceback instead of a one-line
-        # CLI error). `from None` only hides the context; it still travels.
-        raise error
-
-    # stackstac's pickle state lists only its own fields; readers travel between workers.
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
-        return {**super().__getstate__(), "signer": self.signer, "on_error": self.on_error}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
-        self.__init__(**state)  # type: ignore[misc]
-
-    def read(self, window: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read(window, **kwargs)
-        except RuntimeError as exc:
-            reason = redact_text(str(exc.__cause__ or exc))
-            if self.on_error == "nodata":
-                from stackstac.rio_reader import nodata_for_window
-
-                _warn(f"asset {redact_url(self.url)} failed to read a window and gives nodata there: {reason}")
-                return nodata_for_window(window, self.fill_value, self.dtype)
-            error = LoadError(
-                f"cannot read asset {redact_url(self.url)}: {reason}. Pass "
-                "on_error='nodata' to treat unreadable assets as nodata"
-            )
-        raise error  # outside the except block: see _open
+def unreadable_error(plain: str, reason: str) -> LoadError:
+    """The ``on_error="raise"`` error for one asset, naming the way out."""
+    return LoadError(
+        f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
+        "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
+    )

@@ -2,9 +2,12 @@
 
 :func:`search` validates its parameters at once and does no I/O; iterating the returned
 :class:`Search` (or calling :meth:`Search.items`) talks to the catalog. The same filters apply to
-every kind of source: a STAC API does them server-side (and icemap re-checks cloud cover and
-platform locally, because not every API supports the query extension), a static catalog or a
-file of items is filtered here.
+every kind of source. A STAC API filters collections, datetime and the area (``bbox`` or an
+``intersects`` geometry) itself, and cloud cover and platform too where its conformance classes
+say it can: CQL2 ``filter`` first, else the ``query`` extension (checked with pystac-client on
+the API's landing page). Where it cannot (a plain item-search API such as rustac's in-memory
+server, which would answer such a request with no items at all), they are filtered here, as
+for static catalogs and item files; icemap re-checks them here in every case.
 
 URL signing (e.g. Planetary Computer's SAS tokens) is *not* done here: items keep their plain
 hrefs, and the loader signs each URL only when a worker opens it, so no token ends up in a dask
@@ -27,7 +30,8 @@ from urllib.parse import urlparse
 
 from icemap.errors import CatalogError, SearchError
 
-__all__ = ["Search", "search", "parse_bbox", "parse_datetime", "item_datetime", "item_from_files"]
+__all__ = ["Search", "search", "parse_bbox", "parse_intersects", "parse_datetime", "item_datetime", "item_from_files",
+           "property_filters"]
 
 Bbox = tuple[float, float, float, float]
 Item = dict[str, Any]
@@ -161,6 +165,8 @@ class Search:
     max_cloud: float | None = None
     platforms: tuple[str, ...] | None = None
     max_items: int | None = None
+    #: A lon/lat GeoJSON geometry the items must intersect (instead of ``bbox``).
+    intersects: Mapping[str, Any] | None = field(default=None, compare=False)
     limit: int = 100
     timeout: float = 30.0
     retries: int = 5
@@ -178,7 +184,18 @@ class Search:
             "max_cloud": self.max_cloud,
             "platforms": list(self.platforms) if self.platforms else None,
             "max_items": self.max_items,
+            **({"intersects": dict(self.intersects)} if self.intersects is not None else {}),
         }
+
+    @property
+    def extent(self) -> Bbox | None:
+        """The lon/lat box a cube of this search covers: ``bbox``, or the bounds of ``intersects``."""
+        if self.bbox is not None or self.intersects is None:
+            return self.bbox
+        from shapely.geometry import shape
+
+        w, s, e, n = shape(self.intersects).bounds
+        return (w, s, e, n)
 
     # -- I/O ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Item]:
@@ -250,12 +267,21 @@ class Search:
                     f"{self.catalog} is a STAC catalog without item search; point --catalog at "
                     "its catalog.json to walk it as a static catalog"
                 )
+            from pystac_client.conformance import ConformanceClasses
+
+            server_side = property_filters(
+                self.max_cloud, self.platforms,
+                cql2=client.conforms_to(ConformanceClasses.FILTER),
+                query=client.conforms_to(ConformanceClasses.QUERY),
+            )
             result = client.search(
                 collections=list(self.collections) if self.collections else None,
                 bbox=list(self.bbox) if self.bbox else None,
+                intersects=dict(self.intersects) if self.intersects is not None else None,
                 datetime=dt,
                 max_items=None,
                 limit=self.limit,
+                **server_side,
             )
             yield from result.items_as_dicts()
         except (requests.RequestException, APIError) as exc:
@@ -295,6 +321,8 @@ class Search:
             return False
         if self.bbox is not None and not _intersects(item, self.bbox):
             return False
+        if self.intersects is not None and not _intersects_geometry(item, self.intersects):
+            return False
         if self.datetime is not None:
             start, end = parse_datetime(self.datetime) or (None, None)
             t = item_datetime(item)
@@ -315,6 +343,108 @@ class Search:
             if plat not in self.platforms:
                 return False
         return True
+
+
+def _platform_spellings(platforms: Sequence[str]) -> list[str]:
+    """The spellings providers use for each platform (``landsat-8``, USGS ``LANDSAT_8``...):
+    an API compares strings exactly, icemap case- and separator-insensitively."""
+    out: list[str] = []
+    for p in platforms:
+        for v in (p, p.upper(), p.replace("-", "_"), p.upper().replace("-", "_"), p.title()):
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def property_filters(max_cloud: float | None, platforms: Sequence[str] | None, *, cql2: bool,
+                     query: bool) -> dict[str, Any]:
+    """The server-side form of ``max_cloud`` and ``platforms`` for an API's conformance classes.
+
+    ``cql2`` (the API conforms to item-search#filter): a CQL2-JSON ``filter``; items without
+    ``eo:cloud_cover`` are kept (``isNull``), as icemap keeps them locally. ``query`` (the
+    query extension): a ``query`` object; it cannot test for a missing property, so there cloud
+    cover is left to the local filter, which keeps such items. Neither: ``{}`` (all local).
+    """
+    if max_cloud is None and not platforms:
+        return {}
+    if cql2:
+        args: list[Any] = []
+        if max_cloud is not None:
+            cc = {"property": "eo:cloud_cover"}
+            args.append({"op": "or", "args": [{"op": "isNull", "args": [cc]}, {"op": "<=", "args": [cc, max_cloud]}]})
+        if platforms:
+            args.append({"op": "in", "args": [{"property": "platform"}, _platform_spellings(platforms)]})
+        return {"filter": args[0] if len(args) == 1 else {"op": "and", "args": args}, "filter_lang": "cql2-json"}
+    if query and platforms:
+        return {"query": {"platform": {"in": _platform_spellings(platforms)}}}
+    return {}
+
+
+def parse_intersects(geometry: Any) -> dict[str, Any] | None:
+    """A lon/lat area as a GeoJSON geometry dict, validated.
+
+    Accepts a GeoJSON geometry, Feature or FeatureCollection (dict), anything with
+    ``__geo_interface__`` (a shapely geometry), or a path to a GeoJSON file. Several features are
+    merged into one (multi)geometry.
+    """
+    if geometry is None:
+        return None
+    from shapely.errors import GEOSException
+    from shapely.geometry import mapping, shape
+    from shapely.ops import unary_union
+
+    source = "intersects"
+    if isinstance(geometry, (str, os.PathLike)):
+        path = Path(os.path.expanduser(os.fspath(geometry)))
+        source = str(path)
+        if not path.is_file():
+            raise SearchError(f"intersects file {path} does not exist; give a GeoJSON file (lon/lat)")
+        try:
+            geometry = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SearchError(f"cannot read {path} as GeoJSON: {exc}") from None
+    if hasattr(geometry, "__geo_interface__"):
+        geometry = geometry.__geo_interface__
+    if not isinstance(geometry, Mapping):
+        raise SearchError(f"intersects must be a GeoJSON geometry, Feature(Collection), shapely geometry or file, "
+                          f"got {type(geometry).__name__}")
+    kind = geometry.get("type")
+    try:
+        if kind == "FeatureCollection":
+            geoms = [shape(f["geometry"]) for f in geometry.get("features") or [] if f.get("geometry")]
+            geom = unary_union(geoms) if geoms else None
+        elif kind == "Feature":
+            geom = shape(geometry["geometry"]) if geometry.get("geometry") else None
+        else:
+            geom = shape(geometry)
+    except (KeyError, TypeError, ValueError, AttributeError, GEOSException) as exc:
+        raise SearchError(f"{source} is not a valid GeoJSON geometry ({exc})") from None
+    if geom is None or geom.is_empty:
+        raise SearchError(f"{source} holds no geometry; give a polygon of the area in lon/lat")
+    w, s, e, n = geom.bounds
+    if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
+        raise SearchError(f"{source} has coordinates outside lon [-180, 180] / lat [-90, 90]; GeoJSON is lon/lat "
+                          "(reproject it to EPSG:4326)")
+    if not geom.is_valid:
+        geom = geom.buffer(0)
+    return dict(mapping(geom))
+
+
+def _intersects_geometry(item: Mapping[str, Any], geometry: Mapping[str, Any]) -> bool:
+    """Whether an item's footprint (its geometry, else its bbox) meets a lon/lat geometry."""
+    from shapely.geometry import box, shape
+
+    area = shape(geometry)
+    try:
+        if item.get("geometry"):
+            return bool(shape(item["geometry"]).intersects(area))
+    except (TypeError, ValueError, AttributeError):
+        pass
+    ib = item.get("bbox")
+    if ib is None:
+        return True  # nothing to test: kept, as for bbox
+    w, s, e, n = ib[0], ib[1], ib[-2], ib[-1]
+    return any(box(*b).intersects(area) for b in ([(w, s, e, n)] if w <= e else [(w, s, 180, n), (-180, s, e, n)]))
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -552,6 +682,7 @@ def search(
     retries: int = 5,
     backoff: float = 0.5,
     headers: Mapping[str, str] | None = None,
+    intersects: Any = None,
 ) -> Search:
     """Build a search for Landsat scenes. No request is made until the result is iterated.
 
@@ -565,11 +696,17 @@ def search(
         Collection id(s), e.g. ``"landsat-c2-l2"``.
     bbox
         ``(west, south, east, north)`` in degrees.
+    intersects
+        Instead of ``bbox``: the area as a lon/lat geometry (GeoJSON dict, Feature or
+        FeatureCollection, a shapely geometry, or a GeoJSON file path). Items whose footprint
+        meets it are found; a cube ingested from the search covers its bounds.
     datetime
         ``START/END`` in ISO 8601; either side may be ``..``; partial dates such as ``2021-02``
         stand for the whole period.
     max_cloud
-        Keep items whose ``eo:cloud_cover`` is at most this percentage (0-100).
+        Keep items whose ``eo:cloud_cover`` is at most this percentage (0-100); items that do
+        not state it are kept. Sent to an API that supports CQL2 filters (see
+        :func:`property_filters`); filtered here otherwise.
     platforms
         e.g. ``"landsat-8"``; matched case-insensitively (USGS writes ``LANDSAT_8``).
     max_items
@@ -608,6 +745,9 @@ def search(
     if retries < 0:
         raise SearchError(f"retries must be 0 or more, got {retries}")
     parse_datetime(datetime)  # validate now, not at iteration
+    area = parse_intersects(intersects)
+    if area is not None and bbox is not None:
+        raise SearchError("give bbox or intersects, not both (a STAC API accepts one of them)")
     cat = os.fspath(catalog)
     if not cat:
         raise SearchError("catalog is empty; give a STAC API URL or a path to a catalog or items")
@@ -629,6 +769,7 @@ def search(
         max_cloud=max_cloud,
         platforms=tuple(p.lower().replace("_", "-") for p in platforms) if platforms else None,
         max_items=max_items,
+        intersects=area,
         limit=limit,
         timeout=float(timeout),
         retries=int(retries),

@@ -35,6 +35,7 @@ def ingest(
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     qa: Literal["qa_pixel"] | None = "qa_pixel",
+    engine: Literal["auto", "odc-stac", "stackstac"] | None = None,
 ) -> WriteReport:
     """Search (or take items), load lazily, and write a resumable cube: the whole ingest.
 
@@ -52,7 +53,8 @@ def ingest(
     attribute is 0). When the store is written, a few of its chunks are checked
     (:func:`icemap.plausibility.check_reflectance`): values that cannot be reflectance (an
     offset missing or doubled, a wrong scale) give an
-    :class:`~icemap.errors.ImplausibleReflectanceWarning`.
+    :class:`~icemap.errors.ImplausibleReflectanceWarning`. ``engine`` picks the loader engine; both give
+    the same cube, so the store does not depend on it (and a rerun may use the other).
     """
     import json
     from datetime import datetime, timezone
@@ -68,7 +70,7 @@ def ingest(
     if isinstance(source, Search):
         params = source.parameters()
         if bbox is None:
-            bbox = source.bbox
+            bbox = source.extent  # its bbox, or the bounds of its intersects geometry
         items = source.item_dicts()
         if not items:
             raise EmptySearchError(
@@ -80,7 +82,7 @@ def ingest(
     # Resolved here so the store records the value used, not "default".
     chunksize = get_option("chunksize") if chunksize is None else chunksize
     ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
-              signer=signer, on_error=on_error, qa=qa)
+              signer=signer, on_error=on_error, qa=qa, engine=engine)
     attrs = {
         "icemap_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
