@@ -286,3 +286,15 @@ def test_driver_defaults_retry_and_pickles_by_reference() -> None:
     assert b"sign_for_test" in blob and len(blob) < 500
     back = pickle.loads(blob)
     assert back.signer is sign_for_test and back.on_error == "nodata"
+
+
+@pytest.mark.stackstac
+def test_plain_stackstac_stacks_search_items(sample_region: Any) -> None:
+    """``icemap.search(...).items()`` are pystac Items that plain ``stackstac.stack`` accepts
+    (icemap keeps ``proj:epsg`` beside pystac's ``proj:code``, the only key stackstac 0.5 reads)."""
+    import stackstac
+
+    items = search(sample_region.catalog).items()
+    ours = icemap.load(items, bands=["green"])
+    stack = stackstac.stack(items, assets=["green"])
+    assert stack.sizes["time"] == len(items) and int(stack.attrs["crs"].split(":")[1]) == ours.rio.crs.to_epsg()
