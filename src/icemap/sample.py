@@ -66,6 +66,17 @@ How the scene is built, and why:
   change within a season; ``truth/<YYYY>_glacier_ice_fraction.tif`` holds each year's clean
   glacier ice whatever covers it on a date (the truth of a one-map-per-year product).
 
+- **Seasonal surface** (``surface="seasonal"``, for training models that must hold on real
+  scenes). The classic surface gives glaciers bare ice with the same snow patches as the ground,
+  and textbook spectra; real glaciers are snow-covered above a snowline for much of the year,
+  and every inventory counts that snow as glacier. The seasonal surface draws, per date, a
+  glacier snowline (a quantile of the glaciers' elevations, so it moves between dates and
+  years) with firn just above it and bare ice below, a higher snowline for the ground, and on
+  about one date in four fresh snow on glacier and ground alike; its class spectra are the
+  medians of real hand-labelled Landsat 8/9 and Sentinel-2 pixels (``_REAL_SPECTRA``). The
+  outlines, the labels a model learns, are the same: snow on the glacier is glacier, snow off
+  it is not.
+
 Everything is deterministic for a given ``seed``; every component draws from its own random
 stream, so e.g. asking for more dates does not change the terrain or the glaciers.
 """
