@@ -220,3 +220,40 @@ def test_seasonal_simulator_renders_the_real_spectra() -> None:
         np.testing.assert_allclose(med[5:], real[5:], atol=0.01, rtol=tolerance[k], err_msg=k)
         nd = float(np.median(normalized_difference(px[2], px[5])))
         assert nd == pytest.approx(float(normalized_difference(np.float32(real[2]), np.float32(real[5]))), abs=0.03)
+
+
+# -- the page's real-pixel table ----------------------------------------------------------------
+
+
+def _doc_points() -> dict[tuple[str, str], list[str]]:
+    """docs/default-model.md's points table: (point set, method) -> cells."""
+    import re
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "default-model.md").read_text()
+    body = re.search(r"<!-- points -->(.*?)<!-- /points -->", text, re.DOTALL)
+    assert body, "docs/default-model.md lacks the points table markers"
+    rows = {}
+    for line in body.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def test_docs_point_table_is_what_icemap_computes(shares: dict[str, Any],
+                                                  unet_sample: dict[str, dict[str, float]]) -> None:
+    """The NDSI and guard rows are recomputed exactly; the U-Net rows (a full run takes minutes)
+    against every 12th point, within 0.08."""
+    rows = _doc_points()
+    for name in POINT_FILES:
+        for method, row in shares[name].items():
+            cells = rows[(name, method)]
+            for cls, share in row.items():
+                cell = next(c for c in cells if c.startswith("not snow: ")) if cls == "not snow" else \
+                    cells[list(POINT_FILES["landsat"][3].values()).index(cls)]
+                assert float(cell.replace("not snow: ", "").split(" (")[0]) == pytest.approx(100 * share, abs=0.051)
+    for name, row in unet_sample.items():
+        cells = rows[(name, "default U-Net")]
+        for i, cls in enumerate(POINT_FILES[name][3].values()):
+            assert float(cells[i].split(" (")[0]) == pytest.approx(100 * row[cls], abs=8.0), (name, cls)

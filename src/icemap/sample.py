@@ -218,6 +218,9 @@ _SEASONAL_SPECTRA: dict[str, tuple[float, ...]] = {
 }
 #: Share of the "seasonal" dates with fresh snow that covers glacier and ground alike.
 _P_FRESH_SNOW = 0.25
+#: How much higher than the glacier snowline the ground's snowline lies in the melt season (m):
+#: bare ground warms and loses its snow earlier than a glacier's accumulation area.
+_GROUND_SNOWLINE_M = (100.0, 500.0)
 
 #: Hydrothermally altered (iron-oxide) rock: relative change per band at full alteration.
 _ALTERATION_TINT = (-0.25, -0.20, 0.05, 0.40, 0.25, 0.15, 0.10)
@@ -1539,7 +1542,7 @@ def _seasonal_snow(
     else:
         z_line = float(np.quantile(z_glacier, rng.uniform(0.05, 0.95)))
         snow_glacier = _ramp((zj - z_line) / 30.0)
-        z_ground = z_line + float(rng.uniform(100.0, 500.0))
+        z_ground = z_line + float(rng.uniform(*_GROUND_SNOWLINE_M))
         snow_ground = np.maximum(_ramp((zj - z_ground) / 30.0), patches)
         clean = _ramp((zj - z_line) / float(rng.uniform(30.0, 200.0)))
         factor = float(rng.uniform(0.75, 1.15))

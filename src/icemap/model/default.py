@@ -50,6 +50,10 @@ __all__ = [
     "SpectralAugment",
     "default_model_dir",
     "main",
+    "point_scores",
+    "point_spectra",
+    "point_unet_probability",
+    "points_markdown",
     "real_data_scores",
     "resolve_model",
     "scores_markdown",
@@ -516,6 +520,23 @@ def scores_markdown(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def points_markdown(points: dict[str, Any]) -> str:
+    """The real-pixel table of docs/default-model.md (between ``<!-- points -->`` markers), from
+    :func:`point_scores`: percent of each class called ice, per point set and method."""
+    lines = ["<!-- points -->", "| point set | method | " + " | ".join(
+        f"{c} (n)" for c in _TRAINING_CLASSES.values()) + " |", "|---|---" + "|---" * len(_TRAINING_CLASSES) + "|"]
+    for name in POINT_FILES:
+        for method, row in points[name].items():
+            n = points["pixels"][name][method]
+            cells = [f"{100 * row[c]:.1f} ({n[c]})" if c in row else "" for c in _TRAINING_CLASSES.values()]
+            if "not snow" in row:  # validation sets: snow / not snow
+                cells = [f"{100 * row['snow']:.1f} ({n['snow']})", "", "", f"not snow: {100 * row['not snow']:.1f} "
+                         f"({n['not snow']})", ""]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    lines.append("<!-- /points -->")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -533,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--model", default=None)
     s.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data")
     s.add_argument("--markdown", action="store_true", help="print docs/default-model.md's tables")
+    s.add_argument("--points", action="store_true",
+                   help="also score the hand-labelled real pixels (rgi_benchmark_glacier_spectra)")
     args = p.parse_args(argv)
     if args.cmd == "train":
         path = train_default(args.out, work=args.work, epochs=args.epochs)
@@ -541,7 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: sha256 {read_metadata(path).weights_sha256}")
     else:
         scores = real_data_scores(args.data, args.model)
-        print(scores_markdown(scores) if args.markdown else json.dumps(scores, indent=2))
+        if args.points:
+            scores["points"] = point_scores(args.data, args.model)
+        if args.markdown:
+            print(scores_markdown(scores))
+            if args.points:
+                print("\n" + points_markdown(scores["points"]))
+        else:
+            print(json.dumps(scores, indent=2))
     return 0
 
 
