@@ -316,7 +316,7 @@ def _ukis(root: Path, name: str) -> tuple[Any, np.ndarray]:
 #: has no B12 (swir22), so the U-Net, which reads it, is not scored there.
 _TRAINING_CLASSES = {1: "snow", 2: "shadowed snow", 3: "ice", 4: "rock/debris", 5: "water"}
 _VALIDATION_CLASSES = {1: "snow", 0: "not snow"}
-POINT_FILES: dict[str, tuple[str, tuple[str, ...], float, dict[int, str]]] = {
+POINT_FILES: dict[str, tuple[str, tuple[str | None, ...], float, dict[int, str]]] = {
     "landsat": ("Landsat_training_data.csv", ("SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"), -0.2,
                 _TRAINING_CLASSES),
     "sentinel2": ("Sentinel-2_SR_training_data.csv", ("B2", "B3", "B4", "B8A", "B11", "B12"), 0.0,
@@ -340,9 +340,15 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
     """
     import csv
 
+    from icemap.errors import IcemapError
+
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, (fname, cols, offset, _) in POINT_FILES.items():
-        with open(Path(data_root) / "rgi_benchmark_glacier_spectra" / fname, newline="") as f:
+        path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
+        if not path.is_file():
+            raise IcemapError(f"{path} is missing; pass the folder that holds rgi_benchmark_glacier_spectra/ "
+                              "(score --data DIR)")
+        with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
 
         def num(r: dict[str, str], c: str | None) -> float:
@@ -379,8 +385,14 @@ def point_unet_probability(refl: np.ndarray, model: str | os.PathLike[str] | Non
     from icemap.model.checkpoint import read_metadata
     from icemap.model.inputs import Normalisation, normalise
 
+    from icemap.errors import ModelError
+
     folder = resolve_model(model)
-    norm = Normalisation.from_dict(read_metadata(folder).normalisation)
+    meta = read_metadata(folder)
+    if tuple(meta.channels) != CHANNELS:
+        raise ModelError(f"model {folder} reads {list(meta.channels)}; the point fields are built for the default "
+                         f"model's inputs {list(CHANNELS)}")
+    norm = Normalisation.from_dict(meta.normalisation)
     z, nodata = normalise(_point_channels(refl)[:, :, None, None], norm, channel_axis=1)
     net = ModelRef.from_path(folder).load("cpu")
     c = POINT_FIELD // 2
