@@ -257,3 +257,10 @@ def test_docs_point_table_is_what_icemap_computes(shares: dict[str, Any],
         cells = rows[(name, "default U-Net")]
         for i, cls in enumerate(POINT_FILES[name][3].values()):
             assert float(cells[i].split(" (")[0]) == pytest.approx(100 * row[cls], abs=8.0), (name, cls)
+
+
+def test_point_spectra_without_the_data_says_where(tmp_path: Any) -> None:
+    from icemap.errors import IcemapError
+
+    with pytest.raises(IcemapError, match="rgi_benchmark_glacier_spectra.*--data"):
+        point_spectra(tmp_path)
