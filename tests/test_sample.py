@@ -452,6 +452,33 @@ def test_several_acquisitions_per_season(tmp_path: Path) -> None:
         _tiny(tmp_path / "bad", per_season=7)
 
 
+def test_seasonal_surface(tmp_path: Path) -> None:
+    """surface="seasonal": a snowline that moves between dates, snow-covered accumulation areas
+    above bare ice, a date of fresh snow on glacier and ground alike, and the same outlines
+    (labels) as the classic surface, whose files it leaves alone."""
+    classic = _tiny(tmp_path / "classic", size=128, seed=7)
+    region = _tiny(tmp_path / "seasonal", size=128, seed=7, n_dates=6, surface="seasonal")
+    assert json.loads((region.root / "sample.json").read_text())["params"]["surface"] == "seasonal"
+    assert "surface" not in json.loads((classic.root / "sample.json").read_text())["params"]
+    assert region.glacier_ids.read_bytes() == classic.glacier_ids.read_bytes()
+    glacier = _read(region.glacier_ids) > 0
+    dem = _read(region.dem)
+    snow, ice = CLASS_CODES["snow"], CLASS_CODES["ice"]
+    on, off, melt = [], [], 0
+    for d in region.dates:
+        truth = _read(region.truth(d))
+        on.append(float((truth[glacier] == snow).mean()))
+        off.append(float((truth[~glacier] == snow).mean()))
+        if on[-1] > 3 * off[-1] and (truth[glacier] == ice).sum() > 50:
+            melt += 1
+            # Melt season: snow above the snowline, bare ice below it.
+            assert np.median(dem[glacier & (truth == snow)]) > np.median(dem[glacier & (truth == ice)])
+    assert max(on) - min(on) > 0.3, on  # the snowline moves between dates and years
+    assert melt >= 2 and max(off) > 0.3, (on, off)  # melt-season dates and a fresh-snow date
+    with pytest.raises(IcemapError, match="surface must be one of"):
+        _tiny(tmp_path / "bad", surface="summer")
+
+
 def test_rerun_with_same_parameters_reuses_files(tmp_path: Path) -> None:
     first = _tiny(tmp_path / "r")
     probe = first.root / first.collection / first.item_ids[0] / f"{first.item_ids[0]}_QA_PIXEL.TIF"

@@ -66,6 +66,17 @@ How the scene is built, and why:
   change within a season; ``truth/<YYYY>_glacier_ice_fraction.tif`` holds each year's clean
   glacier ice whatever covers it on a date (the truth of a one-map-per-year product).
 
+- **Seasonal surface** (``surface="seasonal"``, for training models that must hold on real
+  scenes). The classic surface gives glaciers bare ice with the same snow patches as the ground,
+  and textbook spectra; real glaciers are snow-covered above a snowline for much of the year,
+  and every inventory counts that snow as glacier. The seasonal surface draws, per date, a
+  glacier snowline (a quantile of the glaciers' elevations, so it moves between dates and
+  years) with firn just above it and bare ice below, a higher snowline for the ground, and on
+  about one date in four fresh snow on glacier and ground alike; its class spectra are the
+  medians of real hand-labelled Landsat 8/9 and Sentinel-2 pixels (``_REAL_SPECTRA``). The
+  outlines, the labels a model learns, are the same: snow on the glacier is glacier, snow off
+  it is not.
+
 Everything is deterministic for a given ``seed``; every component draws from its own random
 stream, so e.g. asking for more dates does not change the terrain or the glaciers.
 """
@@ -175,6 +186,42 @@ _SPECTRA: dict[str, tuple[float, ...]] = {
     "vegetation": (0.03, 0.04, 0.08, 0.05, 0.35, 0.20, 0.10),
     "cloud": (0.70, 0.70, 0.72, 0.72, 0.72, 0.42, 0.28),
 }
+#: Surface models of :func:`make_sample_region` (``surface=``).
+SURFACES = ("classic", "seasonal")
+
+# The spectra of the "seasonal" surface: per-class medians of real hand-labelled pixels at four
+# benchmark glaciers (Gulkana, Wolverine, South Cascade, Sperry; June-August 2021), pooled over
+# Landsat 8/9 C2 L2 (corrected by Collection 2's -0.2 offset) and Sentinel-2 L2A SR
+# (../shared/data/rgi_benchmark_glacier_spectra: snow 9596 points, ice 2747, rock/debris 6593,
+# water 272; coastal = OLI B1 / MSI B1). tests/test_real_pixels.py recomputes them from the file.
+# Real snow is much darker than the textbook spectrum above (green 0.72 against 0.89: summer
+# snow is wet, old and dusty), real ice darker in the NIR (0.21 against 0.30), and both nearly
+# black in the SWIR (0.01-0.02), which is what moves NDSI to 0.9 and above.
+_REAL_SPECTRA: dict[str, tuple[float, ...]] = {
+    "ice": (0.294, 0.317, 0.338, 0.327, 0.212, 0.011, 0.011),
+    "snow": (0.602, 0.692, 0.724, 0.745, 0.629, 0.018, 0.016),
+    "rock": (0.094, 0.109, 0.143, 0.156, 0.181, 0.226, 0.219),
+    "water": (0.058, 0.085, 0.149, 0.104, 0.021, 0.009, 0.008),
+}
+#: Firn (last years' snow at the top of the ablation zone): halfway between real snow and ice.
+_FIRN = tuple(round(0.5 * (a + b), 3) for a, b in zip(_REAL_SPECTRA["snow"], _REAL_SPECTRA["ice"]))
+_SEASONAL_SPECTRA: dict[str, tuple[float, ...]] = {
+    **_SPECTRA,
+    "ice": _REAL_SPECTRA["ice"],
+    "snow": _REAL_SPECTRA["snow"],
+    "firn": _FIRN,
+    "rock": _REAL_SPECTRA["rock"],
+    # The real rock/debris class holds both; debris is the darker end of it.
+    "debris": tuple(round(0.85 * v, 3) for v in _REAL_SPECTRA["rock"]),
+    # The real water points are glacier-fed lakes and rivers, i.e. turbid.
+    "water_turbid": _REAL_SPECTRA["water"],
+}
+#: Share of the "seasonal" dates with fresh snow that covers glacier and ground alike.
+_P_FRESH_SNOW = 0.25
+#: How much higher than the glacier snowline the ground's snowline lies in the melt season (m):
+#: bare ground warms and loses its snow earlier than a glacier's accumulation area.
+_GROUND_SNOWLINE_M = (100.0, 500.0)
+
 #: Hydrothermally altered (iron-oxide) rock: relative change per band at full alteration.
 _ALTERATION_TINT = (-0.25, -0.20, 0.05, 0.40, 0.25, 0.15, 0.10)
 
@@ -332,6 +379,7 @@ def make_sample_region(
     split_first_date: bool = True,
     overwrite: bool = False,
     per_season: int = 1,
+    surface: str = "classic",
 ) -> SampleRegion:
     """Generate (or reuse) a procedural Landsat 8/9 C2 L2 glacier region in ``root``.
 
@@ -357,6 +405,19 @@ def make_sample_region(
         Acquisitions per year (1-6), 8 days apart from the first (Landsat 8 and 9 alternating),
         each with its own clouds, seasonal snow and sun: what a seasonal composite combines.
         1 (default) gives exactly the files of earlier icemap versions.
+    surface
+        ``"classic"`` (default, the files of earlier icemap versions): textbook spectra, bare
+        glaciers with the same patchy seasonal snow as the ground around them. ``"seasonal"``:
+        glaciers as they look through a real melt season, for training models that must hold
+        on real scenes. Each date has a snowline that moves between dates and years: above it
+        the glacier is snow-covered (its accumulation area, with a band of firn at the
+        snowline), below it bare ice, with debris on some tongues; the ground's snow melts
+        earlier (its snowline lies higher) apart from shaded patches; on about one date in
+        four fresh snow covers glacier and ground alike down to some elevation. Class spectra
+        are medians of real hand-labelled Landsat 8/9 and Sentinel-2 pixels (see
+        ``_REAL_SPECTRA``), with a per-date and per-pixel spread. The outlines (the labels)
+        are the same in both: the glacier as inventories draw it, so snow on the glacier is
+        glacier and snow off it is not.
 
     Returns
     -------
@@ -377,7 +438,7 @@ def make_sample_region(
     regenerated without needing ``overwrite``.
     """
     params = _validate(size=size, n_dates=n_dates, seed=seed, split_first_date=split_first_date,
-                       per_season=per_season)
+                       per_season=per_season, surface=surface)
     root = Path(root).expanduser().resolve()
     meta_path = root / _SAMPLE_JSON
     if root.exists() and not root.is_dir():
@@ -434,7 +495,8 @@ def open_sample_region(root: str | os.PathLike[str]) -> SampleRegion:
 # --------------------------------------------------------------------------------------------
 
 
-def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any, per_season: Any = 1) -> dict[str, Any]:
+def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any, per_season: Any = 1,
+              surface: Any = "classic") -> dict[str, Any]:
     for name, value in (("size", size), ("n_dates", n_dates), ("seed", seed), ("per_season", per_season)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise SampleError(f"{name} must be an integer, got {value!r}")
@@ -463,6 +525,10 @@ def _validate(*, size: Any, n_dates: Any, seed: Any, split_first_date: Any, per_
     # so regions cached by them are reused, not regenerated.
     if per_season != 1:
         params["per_season"] = int(per_season)
+    if surface not in SURFACES:
+        raise SampleError(f"surface must be one of {', '.join(map(repr, SURFACES))}, got {surface!r}")
+    if surface != "classic":
+        params["surface"] = surface
     return params
 
 
@@ -1316,6 +1382,12 @@ class _Scene:
     truth: np.ndarray
     ice_fraction: np.ndarray
     qa: dict[str, np.ndarray]  # encode_qa_pixel keyword -> layer (without fill)
+    surface: str = "classic"
+    #: "seasonal" only: share of the visible snow that is clean snow (the rest is firn), and the
+    #: per-pixel brightness of snow and ice (the date's factor times a smooth field).
+    snow_clean: np.ndarray | None = None
+    snow_factor: np.ndarray | None = None
+    ice_factor: np.ndarray | None = None
 
 
 #: Order of the stack whose arg-max is the truth class (ties go to the earlier class).
@@ -1328,6 +1400,7 @@ def _render_scene(
     sun_elevation: float,
     sun_azimuth: float,
     covered: np.ndarray,
+    surface: str = "classic",
 ) -> _Scene:
     shape = land.shape
     size = shape[0]
@@ -1372,14 +1445,23 @@ def _render_scene(
     del opacity
     cloud_brightness = np.clip(0.92 + 0.06 * _noise(rng, shape, 150.0), 0.8, 1.05)
 
-    open_ice = land.clean_ice * (1.0 - snow)
+    seasonal: dict[str, np.ndarray] = {}
+    if surface == "seasonal":
+        snow_glacier, snow_ground, seasonal = _seasonal_snow(land, rng, snow)
+    else:
+        snow_glacier = snow_ground = snow
+    open_ice = land.clean_ice * (1.0 - snow_glacier)
+    if surface == "seasonal":
+        glacier_snow = (land.clean_ice + land.debris) * snow_glacier + land.land * snow_ground
+    else:
+        glacier_snow = snow * (1.0 - land.water)
     visible = {
-        "rock": land.land * (1.0 - snow) * (1.0 - land.vegetation),
+        "rock": land.land * (1.0 - snow_ground) * (1.0 - land.vegetation),
         "ice": open_ice,
-        "snow": snow * (1.0 - land.water),
+        "snow": glacier_snow,
         "water": land.water,
-        "debris": land.debris * (1.0 - snow),
-        "vegetation": land.land * (1.0 - snow) * land.vegetation,
+        "debris": land.debris * (1.0 - snow_glacier),
+        "vegetation": land.land * (1.0 - snow_ground) * land.vegetation,
     }
     codes = np.array([CLASS_CODES[k] for k in _SURFACE_CLASSES], dtype=np.uint8)
     truth = codes[np.argmax(np.stack([visible[k] for k in _SURFACE_CLASSES]), axis=0)]
@@ -1421,19 +1503,74 @@ def _render_scene(
         truth=truth,
         ice_fraction=ice_fraction,
         qa=qa,
+        surface=surface,
+        **seasonal,
     )
+
+
+def _ramp(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def _seasonal_snow(
+    land: _Landscape, rng: np.random.Generator, patches: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Snow of one date of the "seasonal" surface: (on glaciers, on the ground, spectra fields).
+
+    A date is either in the melt season (probability ``1 - _P_FRESH_SNOW``) or just after a
+    snowfall. In the melt season the glacier snowline lies at a random quantile (5-95 %) of the
+    glaciers' elevations, so the accumulation area (snow above it) covers 5-95 % of the glacier
+    area and the snowline moves between dates and years; a band of firn (30-200 m of height)
+    lies just above it. The ground's snow melts earlier: its snowline lies 100-500 m higher,
+    plus the shaded patches of the classic surface (``patches``). After a snowfall, fresh
+    (brighter) snow covers glacier and ground alike above an elevation anywhere from the
+    valley floors to mid-slopes. Snowlines are not contours: a smooth 40 m field shifts them.
+    """
+    shape = land.shape
+    on_glacier = land.glacier_ids > 0
+    dry = land.water < 0.5
+    z = land.dem
+    z_glacier = z[on_glacier] if on_glacier.any() else z[dry] if dry.any() else z.ravel()
+    jitter = (40.0 * _noise(rng, shape, 300.0)).astype(np.float32)
+    zj = z + jitter
+    if rng.uniform() < _P_FRESH_SNOW:
+        z_line = float(np.quantile(z[dry] if dry.any() else z, rng.uniform(0.05, 0.6)))
+        snow_glacier = _ramp((zj - z_line) / 30.0)
+        snow_ground = snow_glacier
+        clean = np.ones(shape, np.float32)
+        factor = float(rng.uniform(1.0, 1.25))
+    else:
+        z_line = float(np.quantile(z_glacier, rng.uniform(0.05, 0.95)))
+        snow_glacier = _ramp((zj - z_line) / 30.0)
+        z_ground = z_line + float(rng.uniform(*_GROUND_SNOWLINE_M))
+        snow_ground = np.maximum(_ramp((zj - z_ground) / 30.0), patches)
+        clean = _ramp((zj - z_line) / float(rng.uniform(30.0, 200.0)))
+        factor = float(rng.uniform(0.75, 1.15))
+    snow_factor = factor * np.clip(1.0 + 0.08 * _noise(rng, shape, 200.0), 0.8, 1.2)
+    # Bare ice: from clean blue ice to dusty, cryoconite-rich ice, per date.
+    ice_factor = float(rng.uniform(0.75, 1.3))
+    fields = {"snow_clean": clean, "snow_factor": snow_factor.astype(np.float32),
+              "ice_factor": np.full(shape, ice_factor, np.float32)}
+    return snow_glacier, snow_ground, fields
 
 
 def _reflectance(
     land: _Landscape, scene: _Scene, band_index: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Surface reflectance of one OLI band: mixed spectra, light, cloud, sensor noise."""
-    sp = {k: np.float32(v[band_index]) for k, v in _SPECTRA.items()}
+    seasonal = scene.surface == "seasonal"
+    sp = {k: np.float32(v[band_index]) for k, v in (_SEASONAL_SPECTRA if seasonal else _SPECTRA).items()}
     vis = scene.visible
     tint = np.float32(_ALTERATION_TINT[band_index])
+    if seasonal:
+        ice = sp["ice"] * land.ice_brightness * scene.ice_factor
+        snow = (sp["snow"] * scene.snow_clean + sp["firn"] * (1.0 - scene.snow_clean)) * scene.snow_factor
+    else:
+        ice = sp["ice"] * land.ice_brightness
+        snow = sp["snow"] * np.float32(scene.snow_brightness)
     surface = (
-        vis["ice"] * (sp["ice"] * land.ice_brightness)
-        + vis["snow"] * (sp["snow"] * np.float32(scene.snow_brightness))
+        vis["ice"] * ice
+        + vis["snow"] * snow
         + land.turbid * sp["water_turbid"]
         + land.clear * sp["water_clear"]
         + vis["debris"] * (sp["debris"] * land.rock_brightness)
@@ -1524,6 +1661,7 @@ def _generate(
     split_first_date: bool,
     generator_version: int,
     per_season: int = 1,
+    surface: str = "classic",
 ) -> dict[str, Any]:
     """Write every file of a region into ``root`` and return the content of sample.json."""
     t_start = time.perf_counter()
@@ -1575,7 +1713,7 @@ def _generate(
         specs = _date_items(date, platform, size, di == 0 and split_first_date, sun_el, sun_az)
         datetimes.append(_iso(specs[0].datetime))
         masks = [_footprint_mask(s.footprint_px, shape) for s in specs]
-        scene = _render_scene(land, rng, sun_el, sun_az, np.logical_or.reduce(masks))
+        scene = _render_scene(land, rng, sun_el, sun_az, np.logical_or.reduce(masks), surface=surface)
 
         day = f"{date:%Y-%m-%d}"
         cog(
@@ -1668,6 +1806,7 @@ def _generate(
             "split_first_date": split_first_date,
             "generator_version": generator_version,
             **({"per_season": per_season} if per_season != 1 else {}),
+            **({"surface": surface} if surface != "classic" else {}),
         },
         "crs": CRS,
         "transform": list(tf6),

@@ -50,6 +50,10 @@ __all__ = [
     "SpectralAugment",
     "default_model_dir",
     "main",
+    "point_scores",
+    "point_spectra",
+    "point_unet_probability",
+    "points_markdown",
     "real_data_scores",
     "resolve_model",
     "scores_markdown",
@@ -218,6 +222,134 @@ def _ukis(root: Path, name: str) -> tuple[Any, np.ndarray]:
     return xr.Dataset({"reflectance": da}).rio.write_crs("EPSG:32633"), z["msk"][..., 0]
 
 
+#: The hand-labelled point spectra (rgi_benchmark_glacier_spectra): name -> (file, band columns
+#: in the order of the six common bands, offset to add, classes). The Landsat files store
+#: DN * 2.75e-5 without Collection 2's -0.2 offset; Sentinel-2 SR (2019-2021, before baseline
+#: 04.00) has none. The training files (four glaciers) label snow, shadowed snow, ice, rock/debris
+#: and water; the validation files (two other glaciers) snow / not snow, and the Sentinel-2 one
+#: has no B12 (swir22), so the U-Net, which reads it, is not scored there.
+_TRAINING_CLASSES = {1: "snow", 2: "shadowed snow", 3: "ice", 4: "rock/debris", 5: "water"}
+_VALIDATION_CLASSES = {1: "snow", 0: "not snow"}
+POINT_FILES: dict[str, tuple[str, tuple[str | None, ...], float, dict[int, str]]] = {
+    "landsat": ("Landsat_training_data.csv", ("SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"), -0.2,
+                _TRAINING_CLASSES),
+    "sentinel2": ("Sentinel-2_SR_training_data.csv", ("B2", "B3", "B4", "B8A", "B11", "B12"), 0.0,
+                  _TRAINING_CLASSES),
+    "landsat validation": ("Landsat_manually_classified_points.csv",
+                           ("SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"), -0.2, _VALIDATION_CLASSES),
+    "sentinel2 validation": ("Sentinel-2_SR_manually_classified_points.csv", ("B2", "B3", "B4", "B8A", "B11", None),
+                             0.0, _VALIDATION_CLASSES),
+}
+#: Side of the uniform field a point's spectrum fills for the U-Net: a whole-array pass on a
+#: 32 x 32 cube (a multiple of 2**depth, so nothing is padded).
+POINT_FIELD = 32
+
+
+def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The real labelled pixels as reflectance: ``{set: (refl (N, 6), class (N,))}``.
+
+    Bands are the six common bands (:data:`CHANNELS`' first six), corrected to surface
+    reflectance as the data README says (Landsat - 0.2); a band a file lacks (or a blank cell)
+    is NaN. Sets and classes are :data:`POINT_FILES`.
+    """
+    import csv
+
+    from icemap.errors import IcemapError
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (fname, cols, offset, _) in POINT_FILES.items():
+        path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
+        if not path.is_file():
+            raise IcemapError(f"{path} is missing; pass the folder that holds rgi_benchmark_glacier_spectra/ "
+                              "(score --data DIR)")
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+
+        def num(r: dict[str, str], c: str | None) -> float:
+            v = r.get(c, "") if c else ""
+            return float(v) if v not in ("", "nan", "NaN") else np.nan
+
+        refl = np.array([[num(r, c) for c in cols] for r in rows], dtype=np.float32) + np.float32(offset)
+        cls = np.array([int(float(r["class"])) for r in rows], dtype=np.int16)
+        out[name] = (refl, cls)
+    return out
+
+
+def _point_channels(refl: np.ndarray) -> np.ndarray:
+    """``(N, 6)`` reflectance -> ``(N, 8)`` model channels (NDSI and NDWI as the cube path
+    computes them: :func:`icemap.kernels.normalized_difference` on the bands)."""
+    from icemap.kernels import normalized_difference
+
+    g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
+    return np.concatenate([refl, normalized_difference(g, s)[:, None], normalized_difference(g, n)[:, None]],
+                          axis=1).astype(np.float32)
+
+
+def point_unet_probability(refl: np.ndarray, model: str | os.PathLike[str] | None = None,
+                           batch_size: int = 64) -> np.ndarray:
+    """The U-Net's ice probability for a uniform ``POINT_FIELD``-pixel field of each spectrum.
+
+    A point has no spatial context; a uniform field is the U-Net's answer for "a wide area of
+    this surface", through the same normalisation and network batches as
+    :func:`icemap.infer.predict_array` (the centre pixel is returned). NaN where an input
+    channel is undefined (a missing band, or NDSI/NDWI of two non-positive bands), as the
+    cube path leaves such pixels nodata.
+    """
+    from icemap.infer import ModelRef, _run_batches
+    from icemap.model.checkpoint import read_metadata
+    from icemap.model.inputs import Normalisation, normalise
+
+    from icemap.errors import ModelError
+
+    folder = resolve_model(model)
+    meta = read_metadata(folder)
+    if tuple(meta.channels) != CHANNELS:
+        raise ModelError(f"model {folder} reads {list(meta.channels)}; the point fields are built for the default "
+                         f"model's inputs {list(CHANNELS)}")
+    norm = Normalisation.from_dict(meta.normalisation)
+    z, nodata = normalise(_point_channels(refl)[:, :, None, None], norm, channel_axis=1)
+    net = ModelRef.from_path(folder).load("cpu")
+    c = POINT_FIELD // 2
+    windows = [np.broadcast_to(z[i], (z.shape[1], POINT_FIELD, POINT_FIELD)).copy() for i in range(len(z))]
+    probs, _ = _run_batches(net, windows, "cpu", batch_size, False, 0)
+    p = np.array([pr[c, c] for pr in probs], dtype=np.float32)
+    p[nodata[:, 0, 0]] = np.nan
+    return p
+
+
+def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+                 unet: bool = True) -> dict[str, Any]:
+    """Share of each real class called ice by NDSI 0.4, NDSI 0.4 + guards and the U-Net.
+
+    Returns ``{set: {method: {class name: share}}, "pixels": {set: {method: {class: n}}}}``:
+    the share of the class's points a method calls ice, of those it can decide (NDSI needs
+    green and swir16; the U-Net all six bands). The U-Net row is the default model (or
+    ``model``) at its threshold on uniform fields (:func:`point_unet_probability`);
+    ``unet=False`` leaves it out.
+    """
+    from icemap.guards import DarkGuard, WaterGuard
+    from icemap.kernels import ice_mask
+    from icemap.model.checkpoint import read_metadata
+
+    guards = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
+    threshold = read_metadata(resolve_model(model)).threshold if unet else None
+    out: dict[str, Any] = {"pixels": {}}
+    for name, (refl, cls) in point_spectra(data_root).items():
+        classes = POINT_FILES[name][3]
+        g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
+        calls: dict[str, np.ndarray] = {"NDSI 0.4": ice_mask(g, s, 0.4),
+                                        "NDSI 0.4 + guards": ice_mask(g, s, 0.4, nir08=n, **guards)}
+        if unet and np.isfinite(refl).all(axis=1).any():
+            p = point_unet_probability(refl, model)
+            calls["default U-Net"] = np.where(np.isfinite(p), (p >= threshold).astype(np.uint8), np.uint8(255))
+        out[name], out["pixels"][name] = {}, {}
+        for method, mask in calls.items():
+            ok = mask != 255
+            out[name][method] = {c: float((mask[(cls == k) & ok] == 1).mean()) for k, c in classes.items()}
+            out["pixels"][name][method] = {c: int(((cls == k) & ok).sum()) for k, c in classes.items()}
+    return out
+
+
 #: Other U-Net thresholds scored for the docs (information for users choosing --threshold;
 #: the shipped threshold was fixed on synthetic validation chips before any real-data score).
 EXTRA_THRESHOLDS: tuple[float, ...] = (0.7, 0.9)
@@ -314,6 +446,23 @@ def scores_markdown(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def points_markdown(points: dict[str, Any]) -> str:
+    """The real-pixel table of docs/default-model.md (between ``<!-- points -->`` markers), from
+    :func:`point_scores`: percent of each class called ice, per point set and method."""
+    lines = ["<!-- points -->", "| point set | method | " + " | ".join(
+        f"{c} (n)" for c in _TRAINING_CLASSES.values()) + " |", "|---|---" + "|---" * len(_TRAINING_CLASSES) + "|"]
+    for name in POINT_FILES:
+        for method, row in points[name].items():
+            n = points["pixels"][name][method]
+            cells = [f"{100 * row[c]:.1f} ({n[c]})" if c in row else "" for c in _TRAINING_CLASSES.values()]
+            if "not snow" in row:  # validation sets: snow / not snow
+                cells = [f"{100 * row['snow']:.1f} ({n['snow']})", "", "", f"not snow: {100 * row['not snow']:.1f} "
+                         f"({n['not snow']})", ""]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    lines.append("<!-- /points -->")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--model", default=None)
     s.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[4] / "shared" / "data")
     s.add_argument("--markdown", action="store_true", help="print docs/default-model.md's tables")
+    s.add_argument("--points", action="store_true",
+                   help="also score the hand-labelled real pixels (rgi_benchmark_glacier_spectra)")
     args = p.parse_args(argv)
     if args.cmd == "train":
         path = train_default(args.out, work=args.work, epochs=args.epochs)
@@ -339,7 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: sha256 {read_metadata(path).weights_sha256}")
     else:
         scores = real_data_scores(args.data, args.model)
-        print(scores_markdown(scores) if args.markdown else json.dumps(scores, indent=2))
+        if args.points:
+            scores["points"] = point_scores(args.data, args.model)
+        if args.markdown:
+            print(scores_markdown(scores))
+            if args.points:
+                print("\n" + points_markdown(scores["points"]))
+        else:
+            print(json.dumps(scores, indent=2))
     return 0
 
 
