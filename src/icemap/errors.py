@@ -31,6 +31,7 @@ __all__ = [
     "StoreWarning",
     "NoQAWarning",
     "MixedCRSWarning",
+    "InvalidOutlineWarning",
 ]
 
 
@@ -112,3 +113,7 @@ class NoQAWarning(IcemapWarning):
 
 class MixedCRSWarning(IcemapWarning):
     """Items in several CRSs were put on one grid chosen implicitly; the grid may be huge."""
+
+
+class InvalidOutlineWarning(IcemapWarning):
+    """Outlines that were invalid (self-intersecting, bow-tie rings) and were repaired with shapely's make_valid."""

@@ -43,7 +43,7 @@ from icemap.checks import (
     raster_number,
     warn_mixed_crs,
 )
-from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
+from icemap.errors import EmptySearchError, GridError, LoadError, MissingAssetWarning, NoQAWarning
 from icemap.options import get_option
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
@@ -134,6 +134,9 @@ def normalise_items(
         if epsg is not None:
             props["proj:epsg"] = epsg
         props.pop("proj:code", None)
+        # One datetime form for stackstac, in UTC: items mixing "2022-02-01" and
+        # "2022-02-05T10:00:00+05:00" would otherwise give it naive and aware times to compare.
+        props["datetime"] = item_datetime(item).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # Per-asset grids (Earth Search) are copied onto the assets by _clean_asset; stale
         # item-level eo:bands (USGS 0.7 items list band *indices* there) would trip stackstac.
         props.pop("eo:bands", None)
@@ -230,6 +233,10 @@ def _parse_crs(crs: Any) -> int:
     return epsg
 
 
+#: How much finer than the items' own pixels a grid may be, per axis.
+_MAX_OVERSAMPLING = 16.0
+
+
 def grid_for_items(
     meta: Sequence[Mapping[str, Any]],
     *,
@@ -259,6 +266,16 @@ def grid_for_items(
         res = (float(resolution[0]), float(resolution[1]))
     if not all(math.isfinite(r) and r > 0 for r in res):
         raise LoadError(f"resolution must be positive metres (or CRS units), got {resolution!r}")
+
+    native = [abs(float(m["transform"][0])) for m in meta
+              if m.get("epsg") == epsg and m.get("transform") and len(m["transform"]) >= 6 and m["transform"][0]]
+    if native and min(res) < min(native) / _MAX_OVERSAMPLING:
+        # Each pixel cut into more than 256 copies of itself maps nothing new; it only multiplies
+        # memory (a typo such as 0.03 for 30 gives a grid of 10^12 pixels).
+        raise GridError(
+            f"resolution {resolution!r} is finer than 1/{_MAX_OVERSAMPLING:g} of the items' own pixel "
+            f"({min(native):g} CRS units); give --resolution (resolution=) in metres, e.g. {min(native):g}"
+        )
 
     anchor = (0.0, 0.0)
     for m in meta:
@@ -433,8 +450,10 @@ def load(
         raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
     if chunksize is None:
         chunksize = get_option("chunksize")
-    if chunksize < 16:
-        raise LoadError(f"chunksize {chunksize} is too small; use at least 256 for throughput")
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or not 16 <= chunksize <= 8192:
+        # Checked before anything is allocated: each Zarr write allocates whole chunks.
+        raise LoadError(f"chunksize {chunksize!r} (CLI --chunksize) must be an integer in 16..8192 pixels; "
+                        "1024 (the default) suits most clusters")
     item_list = [_as_dict(it) for it in items]
     if not item_list:
         raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
@@ -457,7 +476,7 @@ def load(
     if resolution is None:
         resolution = get_option("resolution") or sensor_t.resolution
     epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
-    check_grid(epsg, res, bnds)
+    check_grid(epsg, res, bnds, chunksize)
     warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
     if qa is None:
         warnings.warn(
@@ -562,5 +581,10 @@ def load(
         },
     )
     ds = ds.rio.write_crs(f"EPSG:{epsg}")
-    ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
+    # From the grid itself, not recalculated from coordinates: a grid one pixel wide or high has
+    # no coordinate spacing to measure, and rioxarray then assumes 1 unit (1 m2 pixel areas).
+    from affine import Affine
+
+    x0, y0 = float(stack["x"].values[0]), float(stack["y"].values[0])
+    ds = ds.rio.write_transform(Affine(res[0], 0.0, x0 - res[0] / 2, 0.0, -res[1], y0 + res[1] / 2))
     return ds

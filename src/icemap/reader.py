@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import importlib
 import pickle
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from stackstac.rio_reader import AutoParallelRioReader
 
 from icemap.errors import LoadError, MissingAssetWarning
+from icemap.redact import redact, redact_url
 
 __all__ = ["IcemapReader", "resolve_signer", "redact_url", "redact_text", "OnError"]
 
@@ -39,22 +38,9 @@ _SIGNER_ALIASES = {
 }
 
 
-def redact_url(url: str) -> str:
-    """Drop the query string (where SAS tokens and signatures live) from a URL for messages."""
-    parts = urlsplit(url)
-    if parts.query:
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "<redacted>", ""))
-    return url
-
-
-# A URL's query string (where SAS tokens and signatures live), wherever it appears in a message:
-# GDAL quotes the signed URL it opened, sometimes behind /vsicurl/ and with its own quoting.
-_URL_QUERY = re.compile(r"(?P<base>\b[a-z][a-z0-9+.-]*://[^\s'\"?]*)\?[^\s'\"]*", re.IGNORECASE)
-
-
 def redact_text(text: str) -> str:
-    """Replace the query string of every URL in ``text`` by ``<redacted>``."""
-    return _URL_QUERY.sub(lambda m: m.group("base") + "?<redacted>", text)
+    """Secrets out of a message (kept under this name for callers): :func:`icemap.redact.redact`."""
+    return redact(text)
 
 
 def _warn(message: str) -> None:
@@ -128,7 +114,7 @@ class IcemapReader(AutoParallelRioReader):
         plain = self.url
         try:
             if self.signer is not None:
-                self.url = self.signer(plain)
+                self.url = self._sign(plain)
             return super()._open()
         except RuntimeError as exc:
             reason = redact_text(str(exc.__cause__ or exc).replace(self.url, redact_url(self.url)))
@@ -149,6 +135,26 @@ class IcemapReader(AutoParallelRioReader):
         # client a bare Exception instead of a LoadError (a traceback instead of a one-line
         # CLI error). `from None` only hides the context; it still travels.
         raise error
+
+    def _sign(self, plain: str) -> str:
+        """The signer's href for ``plain``; its failure as a LoadError without its secrets.
+
+        A signer that raises may quote the token it was refused (``403 ... sig=...``): that
+        text is redacted, and the chain is dropped so no traceback carries it either.
+        """
+        try:
+            signed = self.signer(plain)  # type: ignore[misc]
+        except Exception as exc:  # any failure of user code: one line, redacted
+            error = LoadError(
+                f"the signer {getattr(self.signer, '__name__', 'signer')} failed for asset {redact_url(plain)}: "
+                f"{type(exc).__name__}: {redact(str(exc))}. Check its credentials"
+            )
+        else:
+            if not isinstance(signed, str):
+                raise LoadError(f"the signer returned {type(signed).__name__} for asset {redact_url(plain)}, "
+                                "not a URL string")
+            return signed
+        raise error  # outside the except block: no __context__ holding the token
 
     # stackstac's pickle state lists only its own fields; readers travel between workers.
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
