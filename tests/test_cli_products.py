@@ -263,7 +263,7 @@ def test_self_intersecting_outline_is_repaired_with_a_named_warning(product: dic
 
 @pytest.mark.parametrize("case", [
     "status-product", "time-missing", "time-malformed", "id-column", "csv-outlines", "memory", "tls", "inproc",
-    "chunksize", "resolution", "proc-out", "sys-out", "non-utf8",
+    "chunksize", "resolution", "proc-out", "sys-out", "non-utf8", "corrupt-chunk",
 ])
 def test_failures_are_one_line(case: str, cube_path: Path, product: dict[str, Path], sample_region: Any,
                                tmp_path: Path) -> None:
@@ -275,11 +275,20 @@ def test_failures_are_one_line(case: str, cube_path: Path, product: dict[str, Pa
     if case == "csv-outlines":
         (tmp_path / "o.csv").write_text("gid,name\n1,a\n")
         ref = str(tmp_path / "o.csv")
+    if case == "corrupt-chunk":
+        import shutil
+
+        shutil.copytree(product["out"], tmp_path / "bad.zarr")
+        chunk = next(p for p in sorted((tmp_path / "bad.zarr" / "ice").rglob("*")) if p.is_file() and
+                     p.name not in ("zarr.json", ".zarray", ".zattrs"))
+        chunk.write_bytes(b"not a compressed chunk")
+        pred = str(tmp_path / "bad.zarr")
     if case == "non-utf8":
         name = os.fsdecode(b"scene \xff.tif")
         _geotiff(tmp_path / "x.tif")
         os.rename(tmp_path / "x.tif", tmp_path / name)
     args, needles = {
+        "corrupt-chunk": (["evaluate", "--pred", pred, "--reference", ref], ["corrupt"]),
         "time-missing": (["evaluate", "--pred", pred, "--reference", ref, "--time", "1999-01-01"], ["1999-01-01"]),
         "time-malformed": (["evaluate", "--pred", pred, "--reference", ref, "--time", "02/31/x"], ["02/31/x"]),
         "id-column": (["areas", "--pred", pred, "--reference", ref, "--id-column", "nope",

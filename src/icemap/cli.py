@@ -428,7 +428,26 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
             sys.exit(130)
+        if _from_codec(exc):
+            # A chunk that does not decode: a store damaged after it was written (bit rot, a copy
+            # cut short). Dask reads it deep inside a compute, where no store path is known.
+            _console().print(f"[red]icemap: error:[/] a chunk of a Zarr store given to this command is corrupt "
+                             f"({safe(f'{type(exc).__name__}: {exc}', one_line=True)}); rerun the command that "
+                             "wrote the store into a new --out, or restore it from a copy", highlight=False,
+                             soft_wrap=True)
+            sys.exit(1)
         raise
+
+
+def _from_codec(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while decoding a Zarr chunk (numcodecs or zarr's codecs)."""
+    import traceback
+
+    if not isinstance(exc, (RuntimeError, ValueError, TypeError)):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and any(("numcodecs" in f.filename or "zarr/codecs" in f.filename.replace("\\", "/"))
+                                for f in frames[-4:])
 
 
 if __name__ == "__main__":  # pragma: no cover
