@@ -233,8 +233,28 @@ def _parse_crs(crs: Any) -> int:
     return epsg
 
 
-#: How much finer than the items' own pixels a grid may be, per axis.
+#: How much finer than the sensor's own pixels a grid may be, per axis.
 _MAX_OVERSAMPLING = 16.0
+
+
+def _check_oversampling(epsg: int, res: tuple[float, float], sensor: Sensor) -> None:
+    """Refuse a grid in metres far finer than the sensor's pixels (a typo such as 0.03 for 30).
+
+    Each pixel cut into more than 256 copies of itself maps nothing new and only multiplies
+    memory and time (10^12 pixels for a small region). The sensor table's resolution is the
+    reference: items' own ``proj:transform`` may describe a thumbnail. Grids in degrees are not
+    compared (their units are not the table's metres).
+    """
+    from pyproj import CRS
+
+    axes = CRS.from_epsg(epsg).axis_info
+    if not axes or axes[0].unit_name not in ("metre", "meter"):
+        return
+    if min(res) < sensor.resolution / _MAX_OVERSAMPLING:
+        raise GridError(
+            f"resolution {min(res):g} m is finer than 1/{_MAX_OVERSAMPLING:g} of the {sensor.name} pixel "
+            f"({sensor.resolution:g} m); give --resolution (resolution=) in metres, e.g. {sensor.resolution:g}"
+        )
 
 
 def grid_for_items(
@@ -266,16 +286,6 @@ def grid_for_items(
         res = (float(resolution[0]), float(resolution[1]))
     if not all(math.isfinite(r) and r > 0 for r in res):
         raise LoadError(f"resolution must be positive metres (or CRS units), got {resolution!r}")
-
-    native = [abs(float(m["transform"][0])) for m in meta
-              if m.get("epsg") == epsg and m.get("transform") and len(m["transform"]) >= 6 and m["transform"][0]]
-    if native and min(res) < min(native) / _MAX_OVERSAMPLING:
-        # Each pixel cut into more than 256 copies of itself maps nothing new; it only multiplies
-        # memory (a typo such as 0.03 for 30 gives a grid of 10^12 pixels).
-        raise GridError(
-            f"resolution {resolution!r} is finer than 1/{_MAX_OVERSAMPLING:g} of the items' own pixel "
-            f"({min(native):g} CRS units); give --resolution (resolution=) in metres, e.g. {min(native):g}"
-        )
 
     anchor = (0.0, 0.0)
     for m in meta:
@@ -476,6 +486,7 @@ def load(
     if resolution is None:
         resolution = get_option("resolution") or sensor_t.resolution
     epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
+    _check_oversampling(epsg, res, sensor_t)
     check_grid(epsg, res, bnds, chunksize)
     warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
     if qa is None:
