@@ -378,7 +378,9 @@ def test_tampered_model_json_is_one_line(field: str, value: Any, tmp_path: Path)
 def test_onnx_naming_external_data_is_refused_even_beside_the_working_directory(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime resolves external data against the cwd: a model folder must never make it read there."""
-    onnx = pytest.importorskip("onnx") if not os.environ.get("CI") else __import__("onnx")
+    from .conftest import require_module
+
+    onnx = require_module("onnx", "onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     from icemap.model.onnx_runner import OnnxRunner
