@@ -374,3 +374,17 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
             return value
         time.sleep(interval)
     raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+#: The secret the leaky signers below plant (tests grep every output for it).
+LEAKY_TOKEN = "LEAKY-t0ken-5ecret-91c2"
+
+
+def leaky_signer(href: str) -> str:
+    """A signer that fails quoting its token, as real SDKs do in their exception text."""
+    raise PermissionError(f"403 Forbidden for {href}?sv=2024-01-01&sig={LEAKY_TOKEN} (token={LEAKY_TOKEN})")
+
+
+def appending_signer(href: str) -> str:
+    """A signer that appends a SAS query to any href, ``file://`` and local paths included."""
+    return f"{href}?sv=2024-01-01&sig={LEAKY_TOKEN}"

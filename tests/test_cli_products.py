@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,155 @@ def test_evaluate_on_a_cluster_equals_threads(product: dict[str, Path], sample_r
     cluster = _icemap(*args, "--scheduler", "local?workers=2&threads=1")
     assert threads.returncode == 0 and cluster.returncode == 0, cluster.stderr
     assert json.loads(cluster.stdout) == json.loads(threads.stdout)
+
+
+# -- inputs checked, failures in one line --------------------------------------------------------------
+def _one_line(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A failed command's stderr: exit 1, one `icemap: error:` line, no traceback, naming ``needles``."""
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("icemap: error:")]
+    assert len(errors) == 1, res.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def _geotiff(path: Path, *, width: int = 12, height: int = 10, crs: str = "EPSG:32719") -> np.ndarray:
+    from rasterio.transform import from_origin
+
+    dn = np.random.default_rng(1).integers(7000, 20000, (2, height, width)).astype("uint16")
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=2, dtype="uint16", crs=crs,
+                       transform=from_origin(500010.0, 4000020.0, 30.0, 30.0)) as dst:
+        dst.write(dn)
+    return dn
+
+
+def test_scale_without_offset_means_offset_zero_and_says_so(tmp_path: Path) -> None:
+    dn = _geotiff(tmp_path / "s2.tif")
+    res = _icemap("ingest", "--files", str(tmp_path / "s2.tif"), "--band-map", "green=1,swir16=2",
+                  "--datetime", "2022-02-01", "--scale", "0.0001", "--out", str(tmp_path / "c.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "offset 0" in res.stderr
+    refl = icemap.open_cube(tmp_path / "c.zarr")["reflectance"].sel(band="green").values[0]
+    np.testing.assert_allclose(refl, dn[0] * 0.0001, rtol=1e-6)  # not DN * 0.0001 - 0.2
+
+
+@pytest.mark.parametrize("scale", ["-0.0001", "0", "nan", "inf", "1e9"])
+def test_implausible_scales_are_refused(scale: str, tmp_path: Path) -> None:
+    _geotiff(tmp_path / "s2.tif")
+    res = _icemap("ingest", "--files", str(tmp_path / "s2.tif"), "--band-map", "green=1,swir16=2",
+                  "--datetime", "2022-02-01", f"--scale={scale}", "--out", str(tmp_path / "c.zarr"), "--quiet")
+    _one_line(res, "scale")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_datetimes_with_offsets_are_stored_in_utc_beside_plain_dates(tmp_path: Path) -> None:
+    _geotiff(tmp_path / "a.tif")
+    _geotiff(tmp_path / "b.tif")
+    res = _icemap("ingest", "--files", str(tmp_path / "a.tif"), "--files", str(tmp_path / "b.tif"),
+                  "--band-map", "green=1,swir16=2", "--datetime", "2022-02-01",
+                  "--datetime", "2022-02-05T10:00:00+05:00", "--out", str(tmp_path / "c.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    times = [str(t)[:19] for t in icemap.open_cube(tmp_path / "c.zarr")["time"].values]
+    assert times == ["2022-02-01T00:00:00", "2022-02-05T05:00:00"]
+
+
+def test_crs_on_local_files_is_the_grid_to_warp_to(tmp_path: Path) -> None:
+    _geotiff(tmp_path / "a.tif", width=40, height=30)
+    res = _icemap("ingest", "--files", str(tmp_path / "a.tif"), "--band-map", "green=1,swir16=2",
+                  "--datetime", "2022-02-01", "--crs", "EPSG:32718", "--out", str(tmp_path / "c.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    cube = icemap.open_cube(tmp_path / "c.zarr")
+    assert cube.rio.crs.to_epsg() == 32718
+    assert cube.sizes["x"] > 30 and cube.sizes["y"] > 20  # warped, not a 1 x 1 px cube
+    assert int(cube["reflectance"].sel(band="green").notnull().sum()) > 0.5 * 40 * 30
+
+
+def test_one_pixel_wide_product_has_the_grids_pixel_area(tmp_path: Path) -> None:
+    from icemap.vector import pixel_area_m2
+
+    _geotiff(tmp_path / "thin.tif", width=1, height=9)
+    res = _icemap("ingest", "--files", str(tmp_path / "thin.tif"), "--band-map", "green=1,swir16=2",
+                  "--datetime", "2022-02-01", "--out", str(tmp_path / "c.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    res = _icemap("map", "--cube", str(tmp_path / "c.zarr"), "--out", str(tmp_path / "p.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    for path in ("c.zarr", "p.zarr"):
+        ds = icemap.open_cube(tmp_path / path)
+        assert ds.sizes["x"] == 1
+        assert pixel_area_m2(ds) == pytest.approx(900.0)
+        assert ds.rio.transform().c == pytest.approx(500010.0)
+
+
+def test_self_intersecting_outline_is_repaired_with_a_named_warning(product: dict[str, Path], sample_region: Any,
+                                                                    tmp_path: Path) -> None:
+    import geopandas as gpd
+    from shapely.geometry import Polygon
+
+    g = gpd.read_file(sample_region.outlines, layer="glaciers")
+    x0, y0, _, _ = g.total_bounds
+    # A bow tie across the grid's edge: two triangles of 0.42 km2 each, zero signed area.
+    bow = Polygon([(x0 - 500, y0 + 300), (x0 + 900, y0 + 1500), (x0 + 900, y0 + 300), (x0 - 500, y0 + 1500)])
+    assert not bow.is_valid
+    bad = gpd.GeoDataFrame({"glacier_id": ["BOWTIE"], "geometry": [bow]}, crs=g.crs)
+    bad.to_file(tmp_path / "bow.gpkg", layer="glaciers")
+    res = _icemap("areas", "--pred", str(product["out"]), "--reference", str(tmp_path / "bow.gpkg"),
+                  "--out", str(tmp_path / "a.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "InvalidOutlineWarning" in res.stderr and "BOWTIE" in res.stderr
+    with pytest.warns(icemap.errors.InvalidOutlineWarning, match="BOWTIE"):
+        repaired = read_outlines(tmp_path / "bow.gpkg")
+    assert repaired.geometry.iloc[0].is_valid
+    assert repaired.geometry.iloc[0].area == pytest.approx(2 * 1400 * 600 / 2)
+
+
+@pytest.mark.parametrize("case", [
+    "status-product", "time-missing", "time-malformed", "id-column", "csv-outlines", "memory", "tls", "inproc",
+    "chunksize", "resolution", "proc-out", "sys-out", "non-utf8", "corrupt-chunk",
+])
+def test_failures_are_one_line(case: str, cube_path: Path, product: dict[str, Path], sample_region: Any,
+                               tmp_path: Path) -> None:
+    pred, ref, cat = str(product["out"]), str(sample_region.outlines), str(sample_region.catalog)
+    if case == "status-product":
+        res = _icemap("status", pred)
+        assert res.returncode == 0 and "Traceback" not in res.stderr and "ice" in res.stdout
+        return
+    if case == "csv-outlines":
+        (tmp_path / "o.csv").write_text("gid,name\n1,a\n")
+        ref = str(tmp_path / "o.csv")
+    if case == "corrupt-chunk":
+        import shutil
+
+        shutil.copytree(product["out"], tmp_path / "bad.zarr")
+        chunk = next(p for p in sorted((tmp_path / "bad.zarr" / "ice").rglob("*")) if p.is_file() and
+                     p.name not in ("zarr.json", ".zarray", ".zattrs"))
+        chunk.write_bytes(b"not a compressed chunk")
+        pred = str(tmp_path / "bad.zarr")
+    if case == "non-utf8":
+        name = os.fsdecode(b"scene \xff.tif")
+        _geotiff(tmp_path / "x.tif")
+        os.rename(tmp_path / "x.tif", tmp_path / name)
+    args, needles = {
+        "corrupt-chunk": (["evaluate", "--pred", pred, "--reference", ref], ["corrupt"]),
+        "time-missing": (["evaluate", "--pred", pred, "--reference", ref, "--time", "1999-01-01"], ["1999-01-01"]),
+        "time-malformed": (["evaluate", "--pred", pred, "--reference", ref, "--time", "02/31/x"], ["02/31/x"]),
+        "id-column": (["areas", "--pred", pred, "--reference", ref, "--id-column", "nope",
+                       "--out", str(tmp_path / "a.csv")], ["nope"]),
+        "csv-outlines": (["evaluate", "--pred", pred, "--reference", ref], ["o.csv", "geometry"]),
+        "memory": (["ingest", "-c", cat, "-o", str(tmp_path / "c.zarr"), "--scheduler", "local?memory=lots"],
+                   ["memory=lots"]),
+        "tls": (["ingest", "-c", cat, "-o", str(tmp_path / "c.zarr"), "--scheduler", "tls://127.0.0.1:1"], ["TLS"]),
+        "inproc": (["ingest", "-c", cat, "-o", str(tmp_path / "c.zarr"), "--scheduler", "inproc://x"], ["inproc"]),
+        "chunksize": (["ingest", "-c", cat, "-o", str(tmp_path / "c.zarr"), "--chunksize", "100000000"],
+                      ["--chunksize"]),
+        "resolution": (["ingest", "-c", cat, "-o", str(tmp_path / "c.zarr"), "--resolution", "0.001"],
+                       ["resolution"]),
+        "proc-out": (["ingest", "-c", cat, "-o", "/proc/icemap-test.zarr", "--quiet"], ["/proc/icemap-test.zarr"]),
+        "sys-out": (["map", "--cube", str(cube_path), "-o", "/sys/icemap-test.zarr", "--quiet"],
+                    ["/sys/icemap-test.zarr"]),
+        "non-utf8": (["ingest", "--files", str(tmp_path / name) if case == "non-utf8" else "", "--band-map",
+                      "green=1,swir16=2", "--datetime", "2022-02-01", "-o", str(tmp_path / "c.zarr")], ["UTF-8"]),
+    }[case]
+    _one_line(_icemap(*args), *needles)
+    assert not (tmp_path / "c.zarr").exists()

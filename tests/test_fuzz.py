@@ -57,6 +57,12 @@ BANDS = ("green", "swir16")
 MUTATIONS = ("none", "none", "none", "none", "missing_band_one", "missing_band_all", "renamed_table", "renamed_eo",
              "renamed_unknown", "rb_scale", "rb_string", "rb_empty", "truncated", "corrupt", "missing_file")
 BBOXES = ("none", "none", "none", "inside", "inside", "edge", "edge", "outside", "antimeridian", "bounds_outside")
+# How an item states its acquisition time: the cube's time must be the UTC instant in every form.
+DATETIMES = ("Z", "Z", "offset", "negative_offset", "date", "naive")
+# Folder names of the scene files: plain, with spaces, URL and glob characters, not UTF-8.
+NAMES = ("plain", "plain", "plain", "space", "question", "bracket", "non_utf8")
+# A scale stated by the user (item_from_files scale=, CLI --scale): None is the sensor table's.
+SCALES = (None, None, None, None, 1e-4, 2.75e-5, -1e-4, 0.0, float("nan"), float("inf"), 1e9)
 
 @dataclass
 class Case:
@@ -74,6 +80,9 @@ class Case:
     mutation: str
     on_error: str
     seed: int
+    dt_form: str = "Z"
+    name_form: str = "plain"
+    user_scale: float | None = None
 
 
 @st.composite
@@ -82,13 +91,15 @@ def cases(draw: Any) -> Case:
     c, d = draw(st.floats(-0.8, 1.6)), draw(st.floats(-0.8, 1.6))
     return Case(
         epsg=draw(st.sampled_from(sorted(LOCATIONS))), res=draw(st.sampled_from([10.0, 20.0, 30.0])),
-        width=draw(st.integers(16, 48)), height=draw(st.integers(16, 48)),
+        # One-pixel grids too: their pixel size must come from the transform, not the coordinates.
+        width=draw(st.one_of(st.integers(16, 48), st.just(1))), height=draw(st.one_of(st.integers(16, 48), st.just(1))),
         shift=(draw(st.integers(-40, 40)), draw(st.integers(-40, 40))), n_items=draw(st.integers(1, 2)),
         qa_files=draw(st.integers(0, 3)) > 0, use_qa=draw(st.integers(0, 2)) > 0, default_bands=draw(st.booleans()),
         bbox_mode=draw(st.sampled_from(BBOXES)),
         frac=(min(a, b), min(c, d), max(a, b) + 0.05, max(c, d) + 0.05),
         mutation=draw(st.sampled_from(MUTATIONS)), on_error=draw(st.sampled_from(["raise", "nodata"])),
-        seed=draw(st.integers(0, 2**16)),
+        seed=draw(st.integers(0, 2**16)), dt_form=draw(st.sampled_from(DATETIMES)),
+        name_form=draw(st.sampled_from(NAMES)), user_scale=draw(st.sampled_from(SCALES)),
     )
 
 
@@ -100,6 +111,7 @@ class ItemTruth:
     scale: dict[str, float] = field(default_factory=dict)
     offset: dict[str, float] = field(default_factory=dict)
     present: set[str] = field(default_factory=set)
+    time: np.datetime64 | None = None
 
 
 @dataclass
@@ -117,11 +129,22 @@ def _build(case: Case, folder: Path) -> Built:
         top = top0 - (case.shift[1] + k * case.height // 3) * case.res
         files = make_scene(folder / f"i{k}", epsg=case.epsg, left=left, top=top, width=case.width,
                            height=case.height, res=case.res, seed=case.seed + k, qa=case.qa_files)
+        files = _rename(files, folder / f"i{k}", case.name_form)
         iid = f"scene{k}"
-        item = item_from_files(files, id=iid, datetime=f"2022-01-{5 + 3 * k:02d}T10:00:00Z", platform="landsat-9")
-        t = ItemTruth(files=files, present=set(BANDS))
-        t.scale = {b: float(SCALE) for b in BANDS}
-        t.offset = {b: float(OFFSET) for b in BANDS}
+        day = 5 + 3 * k
+        text, utc = {
+            "Z": (f"2022-01-{day:02d}T10:00:00Z", f"2022-01-{day:02d}T10:00:00"),
+            "offset": (f"2022-01-{day:02d}T10:00:00+05:30", f"2022-01-{day:02d}T04:30:00"),
+            "negative_offset": (f"2022-01-{day:02d}T22:00:00-03:00", f"2022-01-{day + 1:02d}T01:00:00"),
+            "date": (f"2022-01-{day:02d}", f"2022-01-{day:02d}T00:00:00"),
+            "naive": (f"2022-01-{day:02d}T10:00:00", f"2022-01-{day:02d}T10:00:00"),  # no zone: UTC
+        }[case.dt_form if k == 0 else "Z"]  # the second item in Z: mixed forms in one load
+        scale = case.user_scale if k == 0 else None
+        item = item_from_files(files, id=iid, datetime=text, platform="landsat-9", scale=scale)
+        t = ItemTruth(files=files, present=set(BANDS), time=np.datetime64(utc, "ns"))
+        # A scale without an offset means offset 0 (never the sensor table's -0.2).
+        t.scale = {b: float(SCALE if scale is None else scale) for b in BANDS}
+        t.offset = {b: float(OFFSET if scale is None else 0.0) for b in BANDS}
         items.append(item)
         truth[iid] = t
     _mutate(case, items, truth)
@@ -147,6 +170,17 @@ def _build(case: Case, folder: Path) -> Built:
     elif case.bbox_mode == "bounds_outside":
         kwargs["bounds"] = (left - 3 * w_m, top - h_m, left - 2 * w_m, top)
     return Built(items, truth, kwargs)
+
+
+def _rename(files: dict[str, Path], folder: Path, form: str) -> dict[str, Path]:
+    """Move a scene's folder to a name with spaces, ``?``, ``[`` or bytes that are not UTF-8."""
+    if form == "plain":
+        return files
+    new = folder.with_name({"space": f"{folder.name} with spaces", "question": f"{folder.name}?x=1",
+                            "bracket": f"{folder.name}[0]*",
+                            "non_utf8": os.fsdecode(folder.name.encode() + b"-\xe9t\xe9")}[form])
+    folder.rename(new)
+    return {k: new / p.name for k, p in files.items()}
 
 
 def _mutate(case: Case, items: list[dict[str, Any]], truth: dict[str, ItemTruth]) -> None:
@@ -203,6 +237,7 @@ def check_cube(ds: Any, built: Built, use_qa: bool) -> None:
     refl = ds["reflectance"].values
     for ti, iid in enumerate(ds["item_ids"].values):
         t = built.truth[str(iid)]
+        assert ds["time"].values[ti] == t.time, (iid, ds["time"].values[ti], t.time)  # UTC, never wall time
         qa_path = t.files.get("qa_pixel") if use_qa else None
         for bi, band in enumerate(bands):
             got = refl[ti, bi]
@@ -215,7 +250,10 @@ def check_cube(ds: Any, built: Built, use_qa: bool) -> None:
 
 
 def run_api(case: Case, folder: Path) -> str:
-    built = _build(case, folder)
+    try:
+        built = _build(case, folder)  # item_from_files refuses bad scales and names: an IcemapError
+    except IcemapError as exc:
+        return type(exc).__name__
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -280,7 +318,11 @@ def test_fuzz_cli(case: Case, report: Counter[str], workdir: Path) -> None:
         case.bbox_mode = "outside"
     folder = _fresh(workdir)
     try:
-        built = _build(case, folder)
+        try:
+            built = _build(case, folder)
+        except IcemapError as exc:
+            report[f"cli:{type(exc).__name__}"] += 1
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with dask.config.set(scheduler="synchronous"):
@@ -327,3 +369,56 @@ def test_fuzz_cli_process(name: str, tmp_path: Path, report: Counter[str]) -> No
         assert out.returncode == 1, out.stderr
         errors = [line for line in out.stderr.splitlines() if line.startswith("icemap: error:")]
         assert len(errors) == 1, out.stderr
+
+
+# -- tampered model folders: read as a model, or one ModelError ---------------------------------------
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+MODEL_FIELDS = ("architecture", "channels", "bands", "normalisation", "threshold", "training", "validation",
+                "weights_sha256", "format_version", "icemap_version")
+
+
+@settings(max_examples=max(20, settings().max_examples // 3))
+@given(edits=st.lists(st.tuples(st.sampled_from(MODEL_FIELDS + ("architecture.depth", "architecture.kind",
+                                                                "architecture.halo", "architecture.bogus")),
+                                st.one_of(JSON_VALUES, st.just("__delete__"))), min_size=1, max_size=3),
+       truncate=st.integers(0, 6))
+def test_fuzz_tampered_model_folder(edits: list[tuple[str, Any]], truncate: int, workdir: Path,
+                                    report: Counter[str]) -> None:
+    """Edited fields, wrong types, deletions and truncated JSON: the metadata reads, or a ModelError.
+
+    Only the metadata path is fuzzed (read_metadata, the tiling context, the weights checksum);
+    no inference runs, so each example takes milliseconds.
+    """
+    from icemap.errors import ModelError
+    from icemap.infer import model_context
+    from icemap.model.checkpoint import read_metadata
+
+    folder = _fresh(workdir) / "model"
+    folder.mkdir()
+    meta = json.loads((REPO / "src" / "icemap" / "models" / "default" / "model.json").read_text())
+    for key, value in edits:
+        target, name = (meta["architecture"], key.split(".", 1)[1]) if key.startswith("architecture.") else (meta, key)
+        if not isinstance(target, dict):
+            continue
+        if value == "__delete__":
+            target.pop(name, None)
+        else:
+            target[name] = value
+    text = json.dumps(meta)
+    if truncate == 1:  # a copy cut short
+        text = text[: len(text) // 2]
+    (folder / "model.json").write_text(text)
+    try:
+        m = read_metadata(folder)
+        model_context(m)
+        outcome = "read"
+    except ModelError:
+        outcome = "ModelError"
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    report[f"model:{outcome}"] += 1

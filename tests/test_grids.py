@@ -136,7 +136,9 @@ def test_outlines_that_miss_the_prediction(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "icemap.cli", "evaluate", "--pred", str(store), "--reference",
                           str(oetztal)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 1 and "no reference outline overlaps" in out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # One error line; a warning may name RGI outlines that needed make_valid (a few are bow ties).
+    lines = [ln for ln in out.stderr.strip().splitlines() if not ln.startswith("icemap: warning (InvalidOutline")]
+    assert "Traceback" not in out.stderr and len(lines) == 1
 
 
 def test_grid_errors_are_icemap_errors() -> None:

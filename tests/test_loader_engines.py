@@ -152,7 +152,7 @@ def test_real_hls_crop_same_cube() -> None:
 
 @pytest.mark.stackstac
 @pytest.mark.shared_data
-def test_real_liverpool_crop_without_nodata_tags_same_cube(liverpool: dict[str, Path]) -> None:
+def test_real_liverpool_crop_without_nodata_tags_same_cube(liverpool: dict[str, Path]) -> None:  # noqa: F811
     from .test_partial import _liverpool_item
 
     assert_same_cube(*load_both([_liverpool_item(liverpool)], bands=["green", "swir16"], qa=None))

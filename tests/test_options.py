@@ -18,8 +18,10 @@ def test_defaults_are_described_and_validated() -> None:
         icemap.set_options(thresh=0.2)
     with pytest.raises(IcemapError, match="ndsi_threshold must be a number in"):
         icemap.set_options(ndsi_threshold=2)
-    with pytest.raises(IcemapError, match="chunksize must be an integer >= 16"):
+    with pytest.raises(IcemapError, match="chunksize must be an integer in 16..8192"):
         icemap.set_options(chunksize=8)
+    with pytest.raises(IcemapError, match="chunksize must be an integer in 16..8192"):
+        icemap.set_options(chunksize=100_000_000)  # a Zarr write allocates whole chunks
     assert get_option("ndsi_threshold") == 0.4  # a refused call changed nothing
 
 

@@ -255,3 +255,147 @@ def test_scheduler_strings_are_validated() -> None:
     for bad in ("http://10.0.0.1:8787/status", "file:///tmp/scheduler.json", "javascript:alert(1)"):
         with pytest.raises(IcemapError):
             parse_scheduler(bad)
+
+
+# -- no secret leaves the process; data never read as markup -----------------------------------------
+PASSWORD = "PASSW0RD-userinfo-4e1"
+QUERY_TOKEN = "QUERY-token-2b7d"
+
+
+def test_secrets_planted_in_every_command_never_come_out(stac_api: StacServer, sample_region: Any,
+                                                         tmp_path: Path) -> None:
+    """Keys in the catalog URL, signer output and signer errors: grep stdout, stderr, stores, report, COGs."""
+    import rasterio
+
+    from .faultproxy import LEAKY_TOKEN
+
+    secrets = (PASSWORD, QUERY_TOKEN, LEAKY_TOKEN)
+    keyed = stac_api.url.replace("http://", f"http://alice:{PASSWORD}@") + f"/?token={QUERY_TOKEN}"
+    dead = f"http://alice:{PASSWORD}@127.0.0.1:9/stac?token={QUERY_TOKEN}&api_key={QUERY_TOKEN}"
+    file_items = tmp_path / "items.ndjson"
+    with open(file_items, "w") as f:
+        for it in search(sample_region.catalog).items():
+            for asset in it["assets"].values():
+                asset["href"] = Path(asset["href"]).resolve().as_uri()  # file:// links
+            f.write(json.dumps(it) + "\n")
+    cube, prod = tmp_path / "cube.zarr", tmp_path / "ice.zarr"
+    runs = [
+        _cli("search", "-c", keyed, "--bbox", *map(str, sample_region.bbox), "--collection", "landsat-c2-l2"),
+        _cli("search", "-c", dead, "--retries", "0"),
+        _cli("ingest", "-c", keyed, "--bbox", *map(str, sample_region.bbox), "--collection", "landsat-c2-l2",
+             "--datetime", "2020-01-01/..", "-o", str(cube), "--chunksize", "64", "--quiet"),
+        _cli("ingest", "-c", str(file_items), "-o", str(tmp_path / "s1.zarr"), "--signer",
+             "tests.faultproxy:leaky_signer", "--quiet"),
+        _cli("ingest", "-c", str(file_items), "-o", str(tmp_path / "s2.zarr"), "--signer",
+             "tests.faultproxy:appending_signer", "--quiet"),
+        _cli("map", "--cube", str(cube), "-o", str(prod), "--geotiff", str(tmp_path / "tif"), "--quiet"),
+        _cli("report", "--cube", str(cube), "--pred", str(prod), "--reference", str(sample_region.outlines),
+             "-o", str(tmp_path / "report.html")),
+        _cli("status", str(cube)),
+    ]
+    assert runs[2].returncode == 0 and runs[5].returncode == 0, (runs[2].stderr, runs[5].stderr)
+    for res in runs[1], runs[3], runs[4]:  # the failures: one line each, no traceback
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    outputs = [r.stdout + r.stderr for r in runs]
+    outputs += [_store_metadata(cube), _store_metadata(prod)]
+    report = tmp_path / "report.html"
+    if report.exists():  # the report extra may be missing; the other outputs are checked regardless
+        outputs.append(report.read_text())
+    for tif in (tmp_path / "tif").rglob("*.tif"):
+        with rasterio.open(tif) as src:
+            outputs.append(json.dumps([src.tags(), *(src.tags(i) for i in range(1, src.count + 1))]))
+    text = "\n".join(outputs)
+    for secret in secrets:
+        assert secret not in text
+    assert "127.0.0.1" in text and "<redacted>" in text  # the URLs are still named, without their keys
+
+
+def test_redact_removes_every_kind_of_secret() -> None:
+    from icemap.redact import redact
+
+    cases = {
+        "https://user:pa55@host/stac?token=T0K&x=1": ["pa55", "T0K"],
+        "/vsicurl/https://acct.blob.core.windows.net/c/B3.TIF?sv=1&se=2&sig=AbC%2Bd": ["AbC"],
+        "403 for /data/x.tif?sig=SIGG token=TOKK key=KEYY api_key: APIK": ["SIGG", "TOKK", "KEYY", "APIK"],
+        "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.x": ["eyJhbGci"],
+        "gateway+https://u:gwpass@gw.example.org": ["gwpass"],
+    }
+    for text, secrets in cases.items():
+        out = redact(text)
+        assert not any(s in out for s in secrets), out
+        assert redact(out) == out  # idempotent
+    assert redact("s3://bucket/cube.zarr") == "s3://bucket/cube.zarr"  # nothing secret, nothing changed
+
+
+@pytest.fixture(scope="module")
+def crafted_catalog(tmp_path_factory: pytest.TempPathFactory, sample_region: Any) -> Path:
+    """Items whose ids and properties carry rich markup and terminal escapes (OSC 8 hyperlinks)."""
+    folder = tmp_path_factory.mktemp("crafted")
+    items = search(sample_region.catalog).items()
+    items[0]["id"] = "[link=https://evil.example]click[/link]\x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\"
+    items[0]["properties"]["platform"] = "[bold red]landsat-8[/] [/unbalanced]"
+    items[1]["properties"]["eo:cloud_cover"] = "[red]"
+    items[-1]["id"] = "\x1b[2J\x1b[31mwiped\x07\r"
+    path = folder / "items.ndjson"
+    path.write_text("\n".join(json.dumps(it) for it in items) + "\n")
+    return path
+
+
+def test_crafted_catalog_is_printed_not_interpreted(crafted_catalog: Path) -> None:
+    res = _cli("search", "-c", str(crafted_catalog), env={"COLUMNS": "400"})  # no cell wraps
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout and "\r" not in res.stdout
+    assert "[link=https://evil.example]click[/link]" in res.stdout.replace("\n", "")
+    assert "[bold red]landsat-8[/]" in res.stdout
+
+
+def test_crafted_model_json_is_printed_not_interpreted(tmp_path: Path) -> None:
+    src = REPO / "src" / "icemap" / "models" / "default"
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["training"] = {"cube": "[link=https://evil.example]x[/link]\x1b]8;;https://evil.example\x1b\\"}
+    meta["channels"] = ["[bold]" + meta["channels"][0]] + meta["channels"][1:]
+    (folder / "model.json").write_text(json.dumps(meta))
+    res = _cli("model", "info", str(folder), env={"COLUMNS": "400"})
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "\x1b" not in res.stdout and "[bold]" + meta["channels"][0][6:] in res.stdout
+
+
+@pytest.mark.parametrize("field,value", [("architecture", "x"), ("threshold", "high"), ("channels", 5),
+                                         ("architecture", {"in_channels": 8, "bogus": 1}), ("normalisation", [1])])
+def test_tampered_model_json_is_one_line(field: str, value: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(REPO / "src" / "icemap" / "models" / "default", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta[field] = value
+    (folder / "model.json").write_text(json.dumps(meta))
+    res = _cli("model", "info", str(folder))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("icemap: error:") == 1 and "model.json" in res.stderr
+
+
+def test_onnx_naming_external_data_is_refused_even_beside_the_working_directory(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime resolves external data against the cwd: a model folder must never make it read there."""
+    from .conftest import require_module
+
+    onnx = require_module("onnx", "onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from icemap.model.onnx_runner import OnnxRunner
+
+    w = numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, None, None])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, tmp_path / "net.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # weights.bin is right there for onnxruntime to pick up
+    arch = {"input": "x", "output": "y", "output_kind": "logit"}
+    with pytest.raises(ModelError, match="weights.bin"):
+        OnnxRunner((tmp_path / "net.onnx").read_bytes(), arch)
+    inline = onnx.load_model(tmp_path / "net.onnx")  # external data loaded back in: runs
+    out = OnnxRunner(inline.SerializeToString(), arch).run(np.ones((1, 1, 4, 4), np.float32))
+    np.testing.assert_allclose(out, 2.0)

@@ -268,7 +268,9 @@ class _Cql2Api:
     @staticmethod
     def _eval(expr: dict[str, Any], props: dict[str, Any]) -> bool:
         op, args = expr["op"], expr["args"]
-        value = (lambda a: props.get(a["property"]) if isinstance(a, dict) and "property" in a else a)
+        def value(a: Any) -> Any:
+            return props.get(a["property"]) if isinstance(a, dict) and "property" in a else a
+
         if op == "and":
             return all(_Cql2Api._eval(a, props) for a in args)
         if op == "or":

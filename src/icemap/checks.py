@@ -33,6 +33,9 @@ __all__ = [
     "bbox_polygons",
     "project_bbox",
     "raster_number",
+    "user_scale_offset",
+    "MAX_GRID_PX",
+    "MAX_GRID_CHUNKS",
 ]
 
 #: The bands each ice-mapping method cannot do without. NDSI is the default method, so a cube
@@ -178,8 +181,57 @@ def raster_number(value: Any, what: str, asset: Mapping[str, Any]) -> float | No
     return float(value)
 
 
-def check_grid(epsg: int, res: tuple[float, float], bounds: Sequence[float]) -> tuple[int, int]:
-    """Width and height of a grid, refusing empty, non-finite or absurd ones with a fix."""
+#: Reflectance = DN * scale + offset. Scales outside this range (and offsets beyond +-1) cannot
+#: give reflectance in 0..1 from any integer or float encoding a sensor uses: 2.75e-5 (Landsat
+#: C2), 1e-4 (Sentinel-2), 1e-2 (percent), 1 (already reflectance).
+_SCALE_RANGE = (1e-7, 1.0)
+_OFFSET_LIMIT = 1.0
+
+
+def user_scale_offset(scale: Any, offset: Any) -> tuple[float | None, float | None]:
+    """Validate a scale/offset a user gives for files that state none.
+
+    A scale without an offset means offset 0: the sensor table's offset (Landsat's -0.2) belongs
+    to that sensor's DN encoding, and borrowing it for another file's DNs shifts every pixel.
+    Returns ``(scale, offset)`` with that rule applied; ``(None, None)`` when neither is given.
+    """
+    out: list[float | None] = []
+    for name, value in (("scale", scale), ("offset", offset)):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LoadError(f"{name}={value!r} is not a finite number (CLI --{name})")
+        out.append(float(value))
+    sc, off = out
+    if sc is not None and not (_SCALE_RANGE[0] <= sc <= _SCALE_RANGE[1]):
+        raise LoadError(
+            f"scale={sc!r} (CLI --scale) cannot turn DNs into reflectance: use a positive factor between "
+            f"{_SCALE_RANGE[0]:g} and {_SCALE_RANGE[1]:g}, e.g. 0.0001 for Sentinel-2 or 2.75e-05 for Landsat C2"
+        )
+    if off is not None and abs(off) > _OFFSET_LIMIT:
+        raise LoadError(f"offset={off!r} (CLI --offset) is not a reflectance offset; use a value within "
+                        f"+-{_OFFSET_LIMIT:g}, e.g. -0.2 for Landsat C2 or 0")
+    if sc is not None and off is None:
+        off = 0.0
+    return sc, off
+
+
+#: The largest grid a cube may have: 10^12 pixels per band and date is 4 TB of float32, beyond
+#: any region icemap maps (Antarctica at 30 m is 2e11); a larger one is a typo in resolution=.
+MAX_GRID_PX = 10**12
+#: The most spatial chunks per band and date: dask's graph holds one task per chunk and band and
+#: date, and past this it takes longer to build than to compute.
+MAX_GRID_CHUNKS = 10**6
+
+
+def check_grid(epsg: int, res: tuple[float, float], bounds: Sequence[float],
+               chunksize: int | None = None) -> tuple[int, int]:
+    """Width and height of a grid, refusing empty, non-finite or absurd ones with a fix.
+
+    Checked from the numbers alone, before anything is allocated: a tiny resolution or a huge
+    extent would otherwise end in a MemoryError (or a graph that never finishes building).
+    """
     left, bottom, right, top = (float(v) for v in bounds)
     if not all(math.isfinite(v) for v in (left, bottom, right, top)):
         raise GridError(
@@ -194,6 +246,19 @@ def check_grid(epsg: int, res: tuple[float, float], bounds: Sequence[float]) -> 
             f"the grid is empty ({width} x {height} px for bounds {tuple(bounds)} in EPSG:{epsg}); "
             "widen bbox=/bounds= or lower resolution="
         )
+    if width * height > MAX_GRID_PX:
+        raise GridError(
+            f"the grid would be {width:,} x {height:,} px per band and date at resolution {res} in EPSG:{epsg}, "
+            f"more than {MAX_GRID_PX:.0e}; raise resolution= (CLI --resolution) or narrow bbox= (CLI --bbox)"
+        )
+    if chunksize is not None:
+        n_chunks = math.ceil(width / chunksize) * math.ceil(height / chunksize)
+        if n_chunks > MAX_GRID_CHUNKS:
+            raise GridError(
+                f"the grid ({width:,} x {height:,} px) would have {n_chunks:,} chunks of {chunksize} px per band "
+                f"and date, more than {MAX_GRID_CHUNKS:,}; raise chunksize= (CLI --chunksize) or resolution=, "
+                "or narrow bbox="
+            )
     return width, height
 
 

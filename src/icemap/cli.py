@@ -32,6 +32,8 @@ from icemap.cli_common import (
     _split_list,
     _StepProgress,
     app,
+    os_error_line,
+    safe,
 )
 from icemap.errors import IcemapError
 
@@ -86,8 +88,9 @@ def search_cmd(
     for it in items:
         p = it.get("properties", {})
         cc = p.get("eo:cloud_cover")
-        table.add_row(it.get("id", "?"), str(p.get("datetime", "")), "" if cc is None else f"{cc:.1f}",
-                      str(p.get("platform", "")))
+        cc_text = f"{cc:.1f}" if isinstance(cc, (int, float)) and not isinstance(cc, bool) else safe(cc or "")
+        table.add_row(safe(it.get("id", "?"), one_line=True), safe(p.get("datetime", ""), one_line=True), cc_text,
+                      safe(p.get("platform", ""), one_line=True))
     _console(stderr=False).print(table)
 
 
@@ -162,7 +165,7 @@ def ingest_cmd(
             engine=engine,  # type: ignore[arg-type]
         )
     _console().print(
-        f"[bold]{out}[/]: wrote {len(report.written)} time step(s), "
+        f"[bold]{safe(out)}[/]: wrote {len(report.written)} time step(s), "
         f"skipped {len(report.skipped)} already complete, appended {len(report.appended)}"
     )
 
@@ -170,6 +173,7 @@ def ingest_cmd(
 def _local_items(catalog: str | None, files: list[Path], band_map: str | None, datetimes: list[str] | None,
                  collection: list[str] | None, scale: float | None, offset: float | None, crs: str | None) -> list[Any]:
     from icemap.localfiles import items_from_local_files
+    from icemap.stac import NoEPSGError
 
     if catalog is not None:
         raise IcemapError("give either --catalog or --files, not both")
@@ -180,7 +184,20 @@ def _local_items(catalog: str | None, files: list[Path], band_map: str | None, d
     cols = _split_list(collection) or ["landsat-c2-l2"]
     if len(cols) > 1:
         raise IcemapError("give one --collection (the sensor table) with --files")
-    return items_from_local_files(files, band_map, datetimes, collection=cols[0], scale=scale, offset=offset, crs=crs)
+    try:
+        # --crs is the grid to warp to; the files keep their own CRS ...
+        items = items_from_local_files(files, band_map, datetimes, collection=cols[0], scale=scale, offset=offset)
+    except NoEPSGError:
+        if crs is None:
+            raise
+        # ... unless they state none with an EPSG code: then --crs names theirs (and the grid's).
+        items = items_from_local_files(files, band_map, datetimes, collection=cols[0], scale=scale, offset=offset,
+                                       crs=crs)
+    if scale is not None and offset is None:
+        # Said aloud: the sensor table's offset (Landsat's -0.2) is never borrowed for a file.
+        _console().print(f"icemap: --scale without --offset: reflectance = DN * {scale:g} + 0 (offset 0)",
+                         highlight=False)
+    return items
 
 
 @app.command("map")
@@ -222,11 +239,11 @@ def map_cmd(
             progress=progress,
         )
     con = _console()
-    con.print(f"[bold]{out}[/]: wrote {len(result.written)} time step(s), skipped {len(result.skipped)}")
+    con.print(f"[bold]{safe(out)}[/]: wrote {len(result.written)} time step(s), skipped {len(result.skipped)}")
     for label, value in (("geotiffs", f"{len(result.geotiffs)} files in {geotiff}" if geotiff else None),
                          ("outlines", result.outlines), ("quicklook", result.quicklook)):
         if value:
-            con.print(f"{label}: {value}")
+            con.print(f"{label}: {safe(value)}")
 
 
 @app.command("composite")
@@ -250,7 +267,7 @@ def composite_cmd(
     with connect(scheduler), _StepProgress(quiet, "composite", out=str(out)) as progress:
         report = composite(cube, out, season=season, rule=rule, fill_gaps_px=fill_gaps,  # type: ignore[arg-type]
                            zarr_format=zarr_format, progress=progress)  # type: ignore[arg-type]
-    _console().print(f"[bold]{out}[/]: wrote {len(report.written)} season-year(s), "
+    _console().print(f"[bold]{safe(out)}[/]: wrote {len(report.written)} season-year(s), "
                      f"skipped {len(report.skipped)} already complete")
 
 
@@ -282,9 +299,9 @@ def _evaluate(pred: str, reference: Path, buffer: float, all_touched: bool, time
         raise IcemapError(f"{pred} has no `ice` variable; write it with `icemap map`")
     ice = product["ice"]
     if time is not None:
-        ice = ice.sel(time=time)
-        if "time" in ice.dims and ice.sizes["time"] == 0:
-            raise IcemapError(f"{pred} has no date {time}; dates: {', '.join(str(t)[:10] for t in product['time'].values)}")
+        from icemap.vector import _select_time
+
+        ice = ice.sel(time=_select_time(ice, time))  # one step, or a one-line error listing the dates
     if per_glacier is not None:
         result, table = evaluate(ice, reference, buffer_m=buffer, all_touched=all_touched, per_glacier=True)
         table.reset_index().to_csv(per_glacier, index=False)
@@ -305,7 +322,7 @@ def _print_scores(result: dict[str, Any], as_json: bool) -> None:
 
     table = Table(show_header=False)
     for k, v in clean.items():
-        table.add_row(k, "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+        table.add_row(safe(k), "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else safe(v)))
     _console(stderr=False).print(table)
 
 
@@ -345,9 +362,10 @@ def status_cmd(cube: Annotated[str, typer.Argument(help="A cube or product store
 
     st = cube_status(cube)
     con = _console(stderr=False)
-    con.print(f"{st.path}: {st.shape[0]}x{st.shape[1]} px, {st.crs}, bands {', '.join(st.bands)}")
+    con.print(f"{safe(st.path)}: {st.shape[0]}x{st.shape[1]} px, {safe(st.crs)}, bands {safe(', '.join(st.bands))}",
+              highlight=False)
     for t, c in zip(st.times, st.complete):
-        con.print(f"  {t}  {'complete' if c else '[yellow]incomplete[/] (rerun the ingest)'}")
+        con.print(f"  {safe(t)}  {'complete' if c else '[yellow]incomplete[/] (rerun the ingest)'}", highlight=False)
 
 
 @app.command("demo")
@@ -386,12 +404,13 @@ def _show_warning(message: Any, category: type[Warning], filename: str, lineno: 
     from icemap.errors import IcemapWarning
 
     if issubclass(category, IcemapWarning):
-        from rich.markup import escape
-
-        _console().print(f"[yellow]icemap: warning ({category.__name__}):[/] {escape(str(message))}",
+        _console().print(f"[yellow]icemap: warning ({category.__name__}):[/] {safe(message, one_line=True)}",
                          highlight=False, soft_wrap=True)
     else:
-        _default_showwarning(message, category, filename, lineno, file, line)
+        from icemap.redact import printable, redact
+
+        # Others (GDAL, zarr, dask) as Python prints them, but without secrets or terminal escapes.
+        _default_showwarning(printable(redact(message)), category, filename, lineno, file, line)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -444,13 +463,21 @@ def _dispatch(argv: list[str] | None, received: list[int]) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except IcemapError as exc:
-        from rich.markup import escape
-
-        # Escaped: messages quote things like `pip install "icemap[ml]"` that rich reads as markup.
-        _console().print(f"[red]icemap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # Escaped: messages quote things like `pip install "icemap[ml]"` that rich reads as markup,
+        # and item ids, paths and URLs from data (redacted, without terminal escapes).
+        _console().print(f"[red]icemap: error:[/] {safe(exc, one_line=True)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         _interrupted(received[-1] if received else signal.SIGINT)
+    except OSError as exc:
+        # Disk full, read-only or forbidden output, a vanished file: one line naming the path.
+        _console().print(f"[red]icemap: error:[/] {safe(os_error_line(exc), one_line=True)}", highlight=False,
+                         soft_wrap=True)
+        sys.exit(1)
+    except MemoryError:
+        _console().print("[red]icemap: error:[/] out of memory; lower --chunksize, narrow --bbox or run on a "
+                         "cluster (--scheduler)", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as exc:
         # Usage errors are click exceptions (typer vendors its own click, so match by shape).
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
@@ -458,7 +485,26 @@ def _dispatch(argv: list[str] | None, received: list[int]) -> None:
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
             _interrupted(received[-1] if received else signal.SIGINT)
+        if _from_codec(exc):
+            # A chunk that does not decode: a store damaged after it was written (bit rot, a copy
+            # cut short). Dask reads it deep inside a compute, where no store path is known.
+            _console().print(f"[red]icemap: error:[/] a chunk of a Zarr store given to this command is corrupt "
+                             f"({safe(f'{type(exc).__name__}: {exc}', one_line=True)}); rerun the command that "
+                             "wrote the store into a new --out, or restore it from a copy", highlight=False,
+                             soft_wrap=True)
+            sys.exit(1)
         raise
+
+
+def _from_codec(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while decoding a Zarr chunk (numcodecs or zarr's codecs)."""
+    import traceback
+
+    if not isinstance(exc, (RuntimeError, ValueError, TypeError)):
+        return False
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and any(("numcodecs" in f.filename or "zarr/codecs" in f.filename.replace("\\", "/"))
+                                for f in frames[-4:])
 
 
 if __name__ == "__main__":  # pragma: no cover

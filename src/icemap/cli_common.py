@@ -73,6 +73,21 @@ def _console(stderr: bool = True) -> Any:
     return Console(stderr=stderr, soft_wrap=True)
 
 
+def safe(text: Any, *, one_line: bool = False) -> str:
+    """Text from data, paths or exceptions, ready for a rich console: shown, never interpreted.
+
+    Secrets redacted (:func:`icemap.redact.redact`), terminal control characters removed
+    (:func:`icemap.redact.printable`: ESC sequences, OSC 8 hyperlinks) and rich markup escaped
+    (an item id ``[link=...]x[/link]`` or a model name ``[bold]`` prints as written). Every
+    string the CLI prints that it did not write itself goes through here.
+    """
+    from rich.markup import escape
+
+    from icemap.redact import printable, redact
+
+    return escape(printable(redact(text), one_line=one_line))
+
+
 def _split_list(values: list[str] | None) -> list[str] | None:
     """Accept ``--bands green --bands swir16`` and ``--bands green,swir16`` alike."""
     if not values:
@@ -154,3 +169,33 @@ def interrupted_line(signal_name: str) -> str:
     of = f" of {total}" if total is not None else ""
     return (f"icemap: interrupted ({signal_name}) during {active.title}: {active.out} has {len(complete)}{of} "
             f"step(s) complete{f' ({shown})' if complete else ''}; rerun the same command to resume")
+
+
+_ERRNO_ADVICE = {
+    "ENOSPC": "the disk is full; free space or choose another --out",
+    "EDQUOT": "the disk quota is exhausted; free space or choose another --out",
+    "EROFS": "the file system is read-only; choose a writable --out",
+    "EACCES": "permission denied; choose a folder you may write to, or fix its permissions",
+    "EPERM": "operation not permitted; choose a folder you may write to",
+    "ENOENT": "no such file or folder; check the path (its parent folder must exist)",
+    "EISDIR": "it is a folder where a file was expected",
+    "ENOTDIR": "a part of the path is a file, not a folder",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An operating-system error as one line that names the path and what to do.
+
+    Zarr, GDAL and pandas raise these from deep inside a write (a full disk, a read-only
+    mount); the traceback says nothing a user can act on, the path and the errno do.
+    """
+    import errno as _errno
+
+    from icemap.redact import redact
+
+    name = _errno.errorcode.get(exc.errno or -1, "")
+    what = _ERRNO_ADVICE.get(name) or (exc.strerror or str(exc) or type(exc).__name__)
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(str(p) for p in paths)
+    text = f"{where}: {what}" if where else f"{what} ({type(exc).__name__}: {exc})"
+    return redact(text)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app
+from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app, safe
 from icemap.errors import IcemapError
 from icemap.extras import require
 
@@ -161,7 +161,7 @@ def train_cmd(
     if start:
         con.print(f"started from {start['model']} (validation F1 {start['start_val_f1']:.3f} before training)"
                   if start.get("start_val_f1") is not None else f"started from {start['model']}", highlight=False)
-    con.print(f"[bold]{out}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
+    con.print(f"[bold]{safe(out)}[/]: {len(res.history)} epoch(s), best epoch {res.best_epoch}, threshold "
               f"{res.threshold:.2f}, validation F1 {v['f1']:.3f} (P {v['precision']:.3f}, R {v['recall']:.3f})",
               highlight=False)
     if res.meta.training.get("restarts"):
@@ -291,7 +291,7 @@ def model_import_cmd(
     meta = read_metadata(folder)
     a = meta.architecture
     _console(stderr=False).print(
-        f"[bold]{folder}[/]: ONNX network on {','.join(meta.channels)} ({a['output_kind']} output, opset {a['opset']}); "
+        f"[bold]{safe(folder)}[/]: ONNX network on {safe(','.join(meta.channels))} ({a['output_kind']} output, opset {a['opset']}); "
         f"multiple {a['multiple']} px, halo {a['halo']} px ({'measured' if a['halo_source'] == 'probe' else 'given'}); "
         f"tiles equal whole windows to {a['tiling_max_diff']:.1e}; sha256 {meta.weights_sha256[:12]}...",
         highlight=False)
@@ -308,7 +308,9 @@ def model_info_cmd(
     meta = read_metadata(folder)
     con = _console(stderr=False)
     if as_json:
-        con.print(meta.to_json(), highlight=False, markup=False)
+        from icemap.redact import printable
+
+        con.print(printable(meta.to_json()), highlight=False, markup=False)
         return
     a = meta.architecture
     if meta.kind == "onnx":
@@ -329,4 +331,4 @@ def model_info_cmd(
         lines.append(("validation", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in meta.validation.items())))
     for key, value in lines:
-        con.print(f"[bold]{key}[/]: {value}", highlight=False)
+        con.print(f"[bold]{key}[/]: {safe(value)}", highlight=False)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from icemap.cli_common import SchedulerOpt, _console, app
+from icemap.cli_common import SchedulerOpt, _console, app, safe
 from icemap.errors import IcemapError
 
 PredOpt = Annotated[str, typer.Option("--pred", help="Product store (path or URL) with an `ice` variable (`icemap map`).")]
@@ -103,7 +103,7 @@ def areas_cmd(
 
         save_figure(area_plot(region, table, top=top), plot)
     con = _console(stderr=False)
-    con.print(f"[bold]{out}[/]: {table['glacier_id'].nunique()} glaciers x {len(region)} time step(s)")
+    con.print(f"[bold]{safe(out)}[/]: {table['glacier_id'].nunique()} glaciers x {len(region)} time step(s)")
     for row in region.itertuples(index=False):
         con.print(f"  {str(row.time)[:10]}  {row.area_km2:.3f} km² ± {row.area_uncertainty_sum_km2:.3f} (sum) "
                   f"± {row.area_uncertainty_rss_km2:.3f} (root-sum-square)  observed {100 * row.observed_fraction:.0f}%")
@@ -116,7 +116,7 @@ def areas_cmd(
         con.print(f"  no regional trend: {r['reason']}")
     for label, value in (("region", region_out), ("trends", trends_out), ("plot", plot)):
         if value is not None:
-            con.print(f"{label}: {value}")
+            con.print(f"{label}: {safe(value)}")
 
 
 @app.command("figure")
@@ -163,7 +163,7 @@ def figure_cmd(
         fig = map_figure(open_cube(cube), product, time=when, outlines=reference, change=change, id_column=id_column,
                          dpi=dpi)
         save_figure(fig, out, dpi=dpi, format=kind)
-    _console(stderr=False).print(f"[bold]{out}[/]")
+    _console(stderr=False).print(f"[bold]{safe(out)}[/]")
 
 
 @app.command("report")
@@ -191,4 +191,4 @@ def report_cmd(
 
     with connect(scheduler):
         path = report(cube, pred, reference, out, id_column=id_column, top=top, title=title, series_out=series_out)
-    _console(stderr=False).print(f"[bold]{path}[/]")
+    _console(stderr=False).print(f"[bold]{safe(path)}[/]")

@@ -143,6 +143,8 @@ def parse_scheduler(scheduler: str | None) -> SchedulerSpec:
         unknown = sorted(set(opts) - known)
         if unknown:
             raise IcemapError(f"--scheduler {base}: unknown option(s) {unknown}; known: {sorted(known)}")
+        if "memory" in opts:
+            _check_memory(base, opts["memory"])
         return SchedulerSpec(base, options=opts)  # type: ignore[arg-type]
     if base == "gateway":
         return SchedulerSpec("gateway", options=opts)
@@ -179,6 +181,21 @@ def parse_scheduler(scheduler: str | None) -> SchedulerSpec:
             raise IcemapError(f"--scheduler {text!r} names no host; e.g. tcp://scheduler:8786")
         return SchedulerSpec("address", address=base)
     raise IcemapError(f"unsupported --scheduler {text!r}; {_USAGE}")
+
+
+def _check_memory(base: str, value: str) -> None:
+    """A worker memory limit dask understands ('4GiB', '2e9', 'auto'), checked before any worker starts."""
+    from dask.utils import parse_bytes
+
+    if str(value).strip().lower() == "auto":
+        return
+    try:
+        ok = parse_bytes(value) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise IcemapError(f"--scheduler {base}?memory={value}: not an amount of memory; write e.g. memory=4GiB, "
+                          "memory=2e9 or memory=auto")
 
 
 def _looks_like_host_port(text: str) -> bool:
@@ -495,8 +512,26 @@ def connect(scheduler: str | None, *, timeout: str | float = "20s") -> Iterator[
         with _gateway_client(spec) as client:
             yield client
         return
+    address = spec.address or ""
+    if address.startswith("inproc://"):
+        # An in-process scheduler lives in one Python process: a new process (the CLI) never finds it.
+        raise IcemapError(f"--scheduler {address!r}: an inproc:// scheduler exists only inside the Python process "
+                          "that started it; from another process connect with tcp://HOST:8786")
+    if address.startswith("tls://"):
+        import dask.config
+
+        if not dask.config.get("distributed.comm.tls.ca-file", None):
+            raise IcemapError(
+                f"--scheduler {address!r}: TLS needs certificates; set distributed.comm.tls.ca-file, "
+                "distributed.comm.tls.client.cert and .key in the Dask configuration (or the environment "
+                "variables DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ...__CLIENT__CERT, ...__CLIENT__KEY)"
+            )
     try:
         client = Client(spec.address, timeout=timeout)
+    except (ValueError, TypeError) as exc:
+        # distributed's own checks of an address or its security settings (not our code's bugs:
+        # nothing of icemap runs inside Client()).
+        raise IcemapError(f"cannot connect to the Dask scheduler at {spec.address!r}: {exc}") from None
     except (OSError, TimeoutError) as exc:
         raise IcemapError(
             f"cannot reach the Dask scheduler at {spec.address!r} ({exc}); check the address, "

@@ -33,6 +33,7 @@ __all__ = [
     "MixedCRSWarning",
     "ImplausibleReflectanceWarning",
     "ModelNoBetterWarning",
+    "InvalidOutlineWarning",
 ]
 
 
@@ -119,6 +120,12 @@ class MixedCRSWarning(IcemapWarning):
 class ImplausibleReflectanceWarning(IcemapWarning):
     """Reflectance whose darkest or brightest values no real scene has: a missing or doubled
     offset, or a wrong scale (:mod:`icemap.plausibility`). Maps made from it are wrong."""
+
+
 class ModelNoBetterWarning(IcemapWarning):
     """A trained model scores no better on its validation outlines than NDSI or than calling
     every pixel ice: it has collapsed or not learnt, and should not be used as it is."""
+
+
+class InvalidOutlineWarning(IcemapWarning):
+    """Outlines that were invalid (self-intersecting, bow-tie rings) and were repaired with shapely's make_valid."""

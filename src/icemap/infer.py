@@ -105,14 +105,24 @@ def model_context(meta: Any) -> tuple[int, int]:
     icemap's U-Net knows its receptive field from its architecture; an imported ONNX network
     carries the multiple and halo measured (or given) at import (:mod:`icemap.model.onnx_import`).
     """
+    from icemap.errors import ModelError
+
     arch = meta.architecture
     depth = int(arch.get("depth", 4))
     if meta.kind == "onnx":
+        if not isinstance(arch.get("halo"), int):
+            raise ModelError("model.json of an ONNX model states no architecture.halo; import it again with "
+                             "`icemap model import`")
         m = 2**depth
         return depth, -(-int(arch["halo"]) // m) * m
     from icemap.model.unet import UNetConfig
 
-    return depth, default_halo(depth, UNetConfig(**arch).receptive_field)
+    try:
+        config = UNetConfig(**arch)
+    except (TypeError, ValueError) as exc:  # an edited model.json: one line, not a traceback
+        raise ModelError(f"model.json architecture {arch!r:.120} does not describe icemap's U-Net ({exc}); "
+                         "copy the model folder again") from None
+    return depth, default_halo(depth, config.receptive_field)
 
 
 def _device(requested: str) -> str:

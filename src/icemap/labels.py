@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from icemap.errors import IcemapError, IcemapWarning
+from icemap.errors import IcemapError, IcemapWarning, InvalidOutlineWarning
 from icemap.kernels import NO_GLACIER
 
 __all__ = ["read_outlines", "rasterize_outlines", "glacier_ids", "grid_of", "NO_GLACIER"]
@@ -47,6 +47,12 @@ def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> 
                 gdf = gpd.read_file(path, layer=layer or _outline_layer(path))
         except Exception as exc:  # pyogrio/fiona raise many kinds
             raise IcemapError(f"cannot read outlines from {path}: {exc}") from None
+    if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf.columns:
+        # A CSV (or any table) without geometry: GDAL reads it as attributes only.
+        raise IcemapError(
+            f"{source} has no geometry column; give outlines as GeoPackage, Shapefile, GeoJSON or GeoParquet "
+            "(convert a CSV with a WKT column, e.g. ogr2ogr -a_srs EPSG:4326 out.gpkg in.csv -oo GEOM_POSSIBLE_NAMES=WKT)"
+        )
     if gdf.crs is None:
         raise IcemapError("the outlines have no CRS; add a .prj or set it with gdf.set_crs(...)")
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
@@ -55,7 +61,58 @@ def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> 
         raise IcemapError("the outline file holds no polygons")
     if crs is not None:
         gdf = gdf.to_crs(crs)
+    return _repair(gdf)
+
+
+def _outline_names(gdf: Any) -> list[str]:
+    """How a user finds each outline in their file: its inventory id, else its row number."""
+    for cand in ("glacier_id", "RGIId", "rgi_id", "glac_id", "GLIMSId", "ID", "id", "gid"):
+        if cand in gdf.columns:
+            return [f"{cand}={v}" for v in gdf[cand]]
+    return [f"row {i}" for i in gdf.index]
+
+
+def _repair(gdf: Any) -> Any:
+    """Repair invalid outlines with shapely's ``make_valid``, naming them in one warning.
+
+    A self-intersecting (bow-tie) ring has a signed area near zero and trips GEOS in overlays
+    (a TopologyException at the grid edge): repaired, it counts its real area. Only the
+    polygonal parts of the repair are kept (make_valid may return lines where a ring
+    touches itself); an outline with none left is refused with its id.
+    """
+    import warnings
+
+    import shapely
+
+    bad = ~gdf.geometry.is_valid.to_numpy()
+    if not bad.any():
+        return gdf
+    names = [n for n, b in zip(_outline_names(gdf), bad) if b]
+    fixed = []
+    for geom in shapely.make_valid(gdf.geometry.to_numpy()[bad]):
+        parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon") and not p.is_empty]
+        fixed.append(shapely.union_all(parts) if parts else None)
+    empty = [n for n, g in zip(names, fixed) if g is None or g.is_empty]
+    if empty:
+        raise IcemapError(f"outline(s) {', '.join(empty[:10])} are invalid and hold no area once repaired; "
+                          "fix or remove them")
+    gdf = gdf.copy()
+    geoms = gdf.geometry.to_numpy().copy()
+    geoms[bad] = fixed
+    gdf = gdf.set_geometry(_geoseries(geoms, gdf))
+    warnings.warn(
+        f"{len(names)} invalid outline(s) (self-intersecting rings) repaired with make_valid: "
+        f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}",
+        InvalidOutlineWarning,
+        stacklevel=4,
+    )
     return gdf
+
+
+def _geoseries(geoms: Any, like: Any) -> Any:
+    import geopandas as gpd
+
+    return gpd.GeoSeries(geoms, index=like.index, crs=like.crs, name=like.geometry.name)
 
 
 def _outline_layer(path: str) -> str | None:

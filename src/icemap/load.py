@@ -48,7 +48,7 @@ from icemap.checks import (
     raster_number,
     warn_mixed_crs,
 )
-from icemap.errors import EmptySearchError, LoadError, MissingAssetWarning, NoQAWarning
+from icemap.errors import EmptySearchError, GridError, LoadError, MissingAssetWarning, NoQAWarning
 from icemap.options import get_option, resolve
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
@@ -143,6 +143,9 @@ def normalise_items(
         if epsg is not None:
             props["proj:epsg"] = epsg
         props.pop("proj:code", None)
+        # One datetime form for stackstac, in UTC: items mixing "2022-02-01" and
+        # "2022-02-05T10:00:00+05:00" would otherwise give it naive and aware times to compare.
+        props["datetime"] = item_datetime(item).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # Per-asset grids (Earth Search) are copied onto the assets by _clean_asset; stale
         # item-level eo:bands (USGS 0.7 items list band *indices* there) would trip stackstac.
         props.pop("eo:bands", None)
@@ -237,6 +240,30 @@ def _parse_crs(crs: Any) -> int:
     if epsg is None:
         raise LoadError(f"crs={crs!r} has no EPSG code; icemap cubes need one (e.g. 'EPSG:32619')")
     return epsg
+
+
+#: How much finer than the sensor's own pixels a grid may be, per axis.
+_MAX_OVERSAMPLING = 16.0
+
+
+def _check_oversampling(epsg: int, res: tuple[float, float], sensor: Sensor) -> None:
+    """Refuse a grid in metres far finer than the sensor's pixels (a typo such as 0.03 for 30).
+
+    Each pixel cut into more than 256 copies of itself maps nothing new and only multiplies
+    memory and time (10^12 pixels for a small region). The sensor table's resolution is the
+    reference: items' own ``proj:transform`` may describe a thumbnail. Grids in degrees are not
+    compared (their units are not the table's metres).
+    """
+    from pyproj import CRS
+
+    axes = CRS.from_epsg(epsg).axis_info
+    if not axes or axes[0].unit_name not in ("metre", "meter"):
+        return
+    if min(res) < sensor.resolution / _MAX_OVERSAMPLING:
+        raise GridError(
+            f"resolution {min(res):g} m is finer than 1/{_MAX_OVERSAMPLING:g} of the {sensor.name} pixel "
+            f"({sensor.resolution:g} m); give --resolution (resolution=) in metres, e.g. {sensor.resolution:g}"
+        )
 
 
 def grid_for_items(
@@ -648,8 +675,10 @@ def load(
     engine_name = resolve_engine(engine)
     if chunksize is None:
         chunksize = get_option("chunksize")
-    if chunksize < 16:
-        raise LoadError(f"chunksize {chunksize} is too small; use at least 256 for throughput")
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or not 16 <= chunksize <= 8192:
+        # Checked before anything is allocated: each Zarr write allocates whole chunks.
+        raise LoadError(f"chunksize {chunksize!r} (CLI --chunksize) must be an integer in 16..8192 pixels; "
+                        "1024 (the default) suits most clusters")
     item_list = [_as_dict(it) for it in items]
     if not item_list:
         raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
@@ -672,7 +701,8 @@ def load(
     if resolution is None:
         resolution = get_option("resolution") or sensor_t.resolution
     epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
-    check_grid(epsg, res, bnds)
+    _check_oversampling(epsg, res, sensor_t)
+    check_grid(epsg, res, bnds, chunksize)
     warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
     if qa is None:
         warnings.warn(
@@ -760,5 +790,10 @@ def load(
         },
     )
     ds = ds.rio.write_crs(f"EPSG:{epsg}")
-    ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
+    # From the grid itself, not recalculated from coordinates: a grid one pixel wide or high has
+    # no coordinate spacing to measure, and rioxarray then assumes 1 unit (1 m2 pixel areas).
+    from affine import Affine
+
+    x0, y0 = float(read.x[0]), float(read.y[0])
+    ds = ds.rio.write_transform(Affine(res[0], 0.0, x0 - res[0] / 2, 0.0, -res[1], y0 + res[1] / 2))
     return ds

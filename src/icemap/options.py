@@ -70,7 +70,8 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
         "(METHOD.md), so calibrate per region with `icemap calibrate`",
     ),
     "chunksize": (
-        1024, _positive_int(16), "an integer >= 16",
+        # Bounded above: a Zarr write allocates whole chunks, and 8192^2 float32 is 256 MiB.
+        1024, lambda v: _positive_int(16)(v) and v <= 8192, "an integer in 16..8192",
         "spatial chunk edge in pixels: one band of one scene per chunk is 4 MiB of float32, large "
         "enough that per-task overhead is small, small enough for 2 GiB workers",
     ),

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import importlib
 import pickle
-import re
 import warnings
 from collections.abc import Callable
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from icemap.errors import LoadError, MissingAssetWarning
+from icemap.redact import redact, redact_url
 
 __all__ = ["resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY",
-           "unreadable_error", "warn_unreadable"]
+           "unreadable_error", "warn_unreadable", "sign_href"]
 
 Signer = Callable[[str], str]
 OnError = Literal["raise", "nodata"]
@@ -50,22 +49,9 @@ _SIGNER_ALIASES = {
 }
 
 
-def redact_url(url: str) -> str:
-    """Drop the query string (where SAS tokens and signatures live) from a URL for messages."""
-    parts = urlsplit(url)
-    if parts.query:
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "<redacted>", ""))
-    return url
-
-
-# A URL's query string (where SAS tokens and signatures live), wherever it appears in a message:
-# GDAL quotes the signed URL it opened, sometimes behind /vsicurl/ and with its own quoting.
-_URL_QUERY = re.compile(r"(?P<base>\b[a-z][a-z0-9+.-]*://[^\s'\"?]*)\?[^\s'\"]*", re.IGNORECASE)
-
-
 def redact_text(text: str) -> str:
-    """Replace the query string of every URL in ``text`` by ``<redacted>``."""
-    return _URL_QUERY.sub(lambda m: m.group("base") + "?<redacted>", text)
+    """Secrets out of a message (kept under this name for callers): :func:`icemap.redact.redact`."""
+    return redact(text)
 
 
 def _warn(message: str) -> None:
@@ -138,3 +124,25 @@ def unreadable_error(plain: str, reason: str) -> LoadError:
         f"cannot read asset {redact_url(plain)}: {reason}. Fix or remove the item, or pass "
         "on_error='nodata' (CLI: --on-error nodata) to treat unreadable assets as nodata"
     )
+
+
+def sign_href(signer: Signer, plain: str) -> str:
+    """The signer's href for ``plain``; its failure as a :class:`LoadError` without its secrets.
+
+    Both engines' readers call this when a worker opens a file. A signer that raises may quote
+    the token it was refused (``403 ... sig=...``): that text is redacted, and the exception
+    chain is dropped so that no traceback carries it either.
+    """
+    try:
+        signed = signer(plain)
+    except Exception as exc:  # any failure of user code: one line, redacted
+        error = LoadError(
+            f"the signer {getattr(signer, '__name__', 'signer')} failed for asset {redact_url(plain)}: "
+            f"{type(exc).__name__}: {redact(str(exc))}. Check its credentials"
+        )
+    else:
+        if not isinstance(signed, str):
+            raise LoadError(f"the signer returned {type(signed).__name__} for asset {redact_url(plain)}, "
+                            "not a URL string")
+        return signed
+    raise error  # outside the except block: no __context__ holding the token

@@ -30,7 +30,16 @@ import numpy as np
 import rasterio.errors
 from odc.loader._rio import GlobalContext, LocalContext, RioDriver, _rio_read, capture_rio_env, rio_env
 
-from icemap.reader import GDAL_RETRY, OnError, Signer, redact_text, redact_url, unreadable_error, warn_unreadable
+from icemap.reader import (
+    GDAL_RETRY,
+    OnError,
+    Signer,
+    redact_text,
+    redact_url,
+    sign_href,
+    unreadable_error,
+    warn_unreadable,
+)
 
 __all__ = ["IcemapDriver", "IcemapRasterReader"]
 
@@ -49,7 +58,7 @@ class IcemapRasterReader:
         plain = url = self._src.uri
         try:
             if self._signer is not None:
-                url = self._signer(plain)
+                url = sign_href(self._signer, plain)
             src = self._src if url == plain else self._src.patch(uri=url)
             # odc's public rio_read logs failures with the URL it opened (a signed one would put
             # its token in a log) and may log-and-continue; icemap's policy decides instead.

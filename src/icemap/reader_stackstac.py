@@ -11,7 +11,7 @@ from typing import Any
 
 from stackstac.rio_reader import AutoParallelRioReader
 
-from icemap.reader import OnError, Signer, redact_text, redact_url, unreadable_error, warn_unreadable
+from icemap.reader import OnError, Signer, redact_text, redact_url, sign_href, unreadable_error, warn_unreadable
 
 __all__ = ["IcemapReader"]
 
@@ -31,7 +31,7 @@ class IcemapReader(AutoParallelRioReader):
         plain = self.url
         try:
             if self.signer is not None:
-                self.url = self.signer(plain)
+                self.url = sign_href(self.signer, plain)
             return super()._open()
         except RuntimeError as exc:
             reason = redact_text(str(exc.__cause__ or exc).replace(self.url, redact_url(self.url)))

@@ -62,7 +62,10 @@ def provenance(cube: Any, product: Any, reference: Any = None) -> dict[str, Any]
     """
     import pandas as pd
 
-    attrs = {k: v for k, v in product.attrs.items() if not str(k).startswith("icemap:")}
+    from icemap.redact import redact_attrs
+
+    # Redacted again here: stores written before redaction existed may hold a keyed catalog URL.
+    attrs = redact_attrs({k: v for k, v in product.attrs.items() if not str(k).startswith("icemap:")})
     method = attrs.get("method")
     steps = []
     for i, t in enumerate(product["time"].values):
@@ -77,7 +80,7 @@ def provenance(cube: Any, product: Any, reference: Any = None) -> dict[str, Any]
         "model": attrs.get("model"),
         "model_sha256": attrs.get("model_sha256"),
         "product_attrs": attrs,
-        "cube_attrs": {k: v for k, v in cube.attrs.items() if not str(k).startswith("icemap:")},
+        "cube_attrs": redact_attrs({k: v for k, v in cube.attrs.items() if not str(k).startswith("icemap:")}),
         "time_steps": steps,
         "reference": os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else
         ("GeoDataFrame" if reference is not None else None),

@@ -101,7 +101,9 @@ def _parse_instant(text: str, *, end: bool) -> datetime | None:
             f"cannot read {text!r} as a date; use ISO 8601 such as 2021-02-01, "
             "2021-02-01T10:00:00Z, or a range START/END (either side may be '..')"
         ) from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    # A stated UTC offset is converted, not dropped: 10:00+05:00 is 05:00 UTC, and every
+    # datetime icemap keeps (cube time, search range) is UTC.
+    return dt.astimezone(timezone.utc) if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def parse_datetime(value: str | None) -> tuple[datetime | None, datetime | None] | None:
@@ -176,8 +178,11 @@ class Search:
     # -- what the search asks for, as plain data (provenance, CLI --json) ------------------
     def parameters(self) -> dict[str, Any]:
         """The search parameters as JSON-ready data (headers are left out: they may hold keys)."""
+        from icemap.redact import redact
+
         return {
-            "catalog": self.catalog,
+            # Stored in cube attributes and shown in reports: without user info or query tokens.
+            "catalog": redact(self.catalog),
             "collections": list(self.collections) if self.collections else None,
             "bbox": list(self.bbox) if self.bbox else None,
             "datetime": self.datetime,
@@ -538,6 +543,10 @@ def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]
         yield d
 
 
+class NoEPSGError(CatalogError):
+    """Files whose CRS has no EPSG code (a custom WKT): ``crs=`` must name the equivalent code."""
+
+
 def item_from_files(
     assets: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[str],
     *,
@@ -579,6 +588,8 @@ def item_from_files(
     scale, offset, nodata
         ``physical = DN * scale + offset`` and the fill DN, stated as each asset's
         ``raster:bands``; default the sensor table's (nodata: the file's own when it has one).
+        A scale without an offset means offset 0, never the sensor table's (Landsat's -0.2
+        belongs to Landsat's DNs); scales must be finite, in 1e-7..1, offsets within +-1.
     """
     import rasterio
     from rasterio.errors import RasterioError
@@ -586,7 +597,15 @@ def item_from_files(
     from pyproj import CRS
     from pyproj.exceptions import CRSError
 
-    _parse_instant(datetime, end=False)  # validate now
+    from icemap.checks import user_scale_offset
+
+    instant = _parse_instant(datetime, end=False)  # validate now
+    if instant is None:
+        raise CatalogError(f"datetime {datetime!r} is open; give the acquisition time, e.g. 2022-02-01")
+    # Stored in UTC, in one form: the cube's time axis is UTC, and items mixing plain dates and
+    # offsets would otherwise reach the stacker as naive and aware times at once.
+    datetime = instant.strftime("%Y-%m-%dT%H:%M:%SZ")
+    scale, offset = user_scale_offset(scale, offset)
     if isinstance(assets, (str, os.PathLike)):
         if not band_map:
             raise CatalogError("a single (multi-band) file needs band_map={'green': 3, ...} (CLI --band-map green=3,...)")
@@ -601,6 +620,12 @@ def item_from_files(
     for name, (f, index) in sources.items():
         if not f.exists():
             raise CatalogError(f"file for band {name!r} does not exist: {f}")
+        try:
+            os.fsencode(f).decode("utf-8")
+        except UnicodeDecodeError:
+            # GDAL takes UTF-8 names only; a Latin-1 name from an old archive cannot be opened.
+            raise CatalogError(f"the file name {os.fsdecode(f)!r} is not valid UTF-8, which GDAL needs; rename "
+                               "the file (e.g. with convmv -f latin1 -t utf8)") from None
         if f not in headers:
             try:
                 with rasterio.open(f) as src:
@@ -623,8 +648,16 @@ def item_from_files(
     except CRSError as exc:
         raise CatalogError(f"cannot understand crs={crs!r}: {exc}; use e.g. 'EPSG:32611'") from None
     epsg = target.to_epsg() if target is not None else None
-    if epsg is None:
+    own = CRS.from_user_input(file_crs).to_epsg() if file_crs else None
+    if crs is not None and own is not None and target is not None and own != epsg:
+        # crs= names the files' own CRS (for WKT without a code); taking another zone's code
+        # would put the pixels hundreds of kilometres away (a 1 x 1 px all-NaN cube).
         raise CatalogError(
+            f"{first.name} is in EPSG:{own}, not {crs}; crs= states the files' own CRS where they carry no EPSG "
+            f"code. To warp them to {crs}, load them with crs= (CLI: ingest --crs does that)"
+        )
+    if epsg is None:
+        raise NoEPSGError(
             f"{first} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
             "equivalent code, e.g. EPSG:32611 for a custom 'UTM zone 11N' WKT)"
         )

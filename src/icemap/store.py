@@ -1018,7 +1018,8 @@ def cube_status(path: str | os.PathLike[str], *, storage_options: Mapping[str, A
         path=os.fspath(path),
         times=tuple(_fmt_time(t) for t in ds["time"].values),
         complete=tuple(bool(c) for c in ds[_COMPLETE].values),
-        bands=tuple(str(b) for b in ds["band"].values) if "band" in ds.coords else (),  # products have none
+        # A cube lists its bands; a product (no band axis) its variables.
+        bands=tuple(str(b) for b in ds["band"].values) if "band" in ds.coords else tuple(_stepped_vars(ds)),
         shape=(ds.sizes["y"], ds.sizes["x"]),
         crs=ds.rio.crs.to_string() if ds.rio.crs else None,
     )

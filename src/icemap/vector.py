@@ -322,7 +322,15 @@ def _select_time(ice: Any, when: Any) -> Any:
         if not -len(times) <= int(when) < len(times):
             raise IcemapError(f"time index {when} out of range for {len(times)} time steps")
         return times[int(when)]
-    stamp = pd.Timestamp(when)
+    try:
+        stamp = pd.Timestamp(when)
+    except (ValueError, TypeError):
+        raise IcemapError(f"cannot read {when!r} as a date; give YYYY-MM-DD (or a full ISO time) of one of "
+                          f"{', '.join(str(t)[:10] for t in times)}") from None
+    if stamp is pd.NaT:
+        raise IcemapError(f"{when!r} is not a date; give YYYY-MM-DD")
+    if stamp.tzinfo is not None:  # store times are UTC without a zone
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
     exact = times[times == stamp]
     if len(exact) == 1:
         return exact[0]

@@ -87,6 +87,7 @@ class CheckpointMeta:
                 f"checkpoint format {d['format_version']} is newer than this icemap understands "
                 f"({FORMAT_VERSION}); upgrade icemap"
             )
+        _check_types(d)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def check_cube(self, cube: Any) -> None:
@@ -99,6 +100,45 @@ class CheckpointMeta:
                 f"the model needs band(s) {missing} (inputs {self.channels}) but the cube has {have}; "
                 f"ingest a cube with --bands {','.join(self.bands)} or use a model trained on these bands"
             )
+
+
+def _check_types(d: dict[str, Any]) -> None:
+    """Refuse a model.json whose fields have the wrong types (edited by hand, or tampered).
+
+    Every later use (the U-Net's config, the tiling, the threshold, ``model info``) trusts these
+    types; checked once here, a bad file is one ModelError naming the field instead of a
+    TypeError deep in inference.
+    """
+    import math
+
+    def is_str_list(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+
+    checks = {
+        "architecture": (lambda v: isinstance(v, dict), "an object"),
+        "channels": (is_str_list, "a non-empty list of names"),
+        "bands": (is_str_list, "a non-empty list of band names"),
+        "normalisation": (lambda v: isinstance(v, dict), "an object"),
+        "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+        "training": (lambda v: isinstance(v, dict), "an object"),
+        "validation": (lambda v: isinstance(v, dict), "an object"),
+        "icemap_version": (lambda v: isinstance(v, str), "a string"),
+        "weights_sha256": (lambda v: isinstance(v, str), "a string"),
+        "format_version": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in d and not ok(d[key]):
+            raise ModelError(f"model.json field {key!r} must be {what}, not {d[key]!r:.80}; the file was edited "
+                             "or is corrupt: copy the model folder again")
+    arch = d["architecture"]
+    for key in ("kind", "input", "output", "output_kind"):
+        if key in arch and not isinstance(arch[key], str):
+            raise ModelError(f"model.json architecture.{key} must be a string, not {arch[key]!r:.80}")
+    for key in ("multiple", "halo", "depth", "base_channels", "in_channels", "batch", "opset"):
+        v = arch.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ModelError(f"model.json architecture.{key} must be a whole number >= 0, not {v!r:.80}")
 
 
 def read_metadata(folder: str | os.PathLike[str]) -> CheckpointMeta:

@@ -27,6 +27,33 @@ from icemap.errors import ModelError
 __all__ = ["OnnxRunner", "ort_errors"]
 
 
+def refuse_external_data(model: bytes) -> None:
+    """Refuse an ONNX message that names external-data files.
+
+    Built from bytes, an onnxruntime session resolves external-data locations against the
+    current working directory: weights nobody checked (the folder's sha256 covers the ONNX
+    file only) from wherever the command runs. ``icemap model import`` embeds external data, so
+    a model folder's network never needs any; one that names some was edited after import.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"the model's ONNX file is not readable ONNX ({exc}); import the network again") from None
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    names = sorted({e.value for t in _get_all_tensors(proto) if uses_external_data(t)
+                    for e in t.external_data if e.key == "location"})
+    if names or any(uses_external_data(t) for t in _get_all_tensors(proto)):
+        raise ModelError(
+            f"the model's ONNX file names external weight files ({', '.join(map(repr, names[:5]))}) that its "
+            "checksum does not cover; icemap runs only what the model folder holds: import the network again "
+            "with `icemap model import` (it embeds external weights)"
+        )
+
+
 def ort_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's exception classes (plain ``Exception`` subclasses of its pybind module)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
@@ -60,6 +87,7 @@ class OnnxRunner:
                  threads: int | None = None, quiet: bool = False) -> None:
         import onnxruntime as ort
 
+        refuse_external_data(model)
         self._bytes = model
         self.architecture = dict(architecture)
         self.device = device
