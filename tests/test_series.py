@@ -339,15 +339,43 @@ def test_trends_leave_out_lower_bounds_and_never_rate_within_a_season(
         icemap.set_options(min_observed=1.5)
 
 
-def test_region_trend_uses_the_summed_uncertainty(synthetic: tuple[xr.DataArray, gpd.GeoDataFrame]) -> None:
+def test_region_trend_is_the_sum_of_the_glacier_trends(synthetic: tuple[xr.DataArray, gpd.GeoDataFrame]) -> None:
     ice, outlines = synthetic
     table = glacier_series(ice, outlines)
-    region = region_series(table)
-    ok = region[region["observed_fraction"] >= 0.9]
-    p1, _ = np.polyfit(ok["year"].to_numpy(float), ok["area_km2"], 1, w=1 / ok["area_uncertainty_sum_km2"])
-    r = trends(table).set_index("glacier_id").loc[REGION_ID]
-    assert r["n_years"] == 2 and r["n_lower_bound"] == 1
-    assert r["rate_km2_per_yr"] == pytest.approx(p1, rel=1e-9)
+    tr = trends(table).set_index("glacier_id")
+    glaciers, r = tr.drop(index=REGION_ID), tr.loc[REGION_ID]
+    has = glaciers[glaciers["rate_km2_per_yr"].notna()]
+    assert len(has) > 0
+    assert r["rate_km2_per_yr"] == pytest.approx(has["rate_km2_per_yr"].sum(), rel=1e-12)
+    assert r["rate_stderr_km2_per_yr"] == pytest.approx(has["rate_stderr_km2_per_yr"].sum(), rel=1e-12)
+    assert r["rate_pct_per_yr"] == pytest.approx(
+        100 * has["rate_km2_per_yr"].sum() / has["area_fit_first_year_km2"].sum(), rel=1e-12)
+    assert r["n_lower_bound"] == glaciers["n_lower_bound"].sum()
+    assert (len(has) == len(glaciers)) == ("sum of the trends" not in r["reason"])
+
+
+def test_region_trend_is_not_made_by_cloud() -> None:
+    """A glacier half hidden in the first year must not make a region of unchanging glaciers grow.
+
+    The yearly region total of that year is a lower bound (it holds only the visible half); a
+    line through the totals would read that as growth. The region's trend is the sum of the
+    glaciers' own trends, each from its well observed years: zero here.
+    """
+    rows = []
+    for year, hidden in ((2020, True), (2021, False), (2022, False)):
+        for gid, area in (("G1", 10.0), ("G2", 1.0)):
+            seen = 0.5 if (hidden and gid == "G2") else 1.0
+            rows.append({"glacier_id": gid, "time": pd.Timestamp(f"{year}-08-15"), "year": year,
+                         "area_km2": area * seen, "area_uncertainty_km2": 0.05 * area,
+                         "observed_fraction": seen, "outline_area_km2": area})
+    table = pd.DataFrame(rows)
+    tr = trends(table, min_observed=0.9).set_index("glacier_id")
+    assert tr.loc["G1", "rate_km2_per_yr"] == pytest.approx(0.0, abs=1e-12)
+    assert tr.loc["G2", "n_lower_bound"] == 1 and tr.loc["G2", "rate_km2_per_yr"] == pytest.approx(0.0, abs=1e-12)
+    assert tr.loc[REGION_ID, "rate_km2_per_yr"] == pytest.approx(0.0, abs=1e-12)
+    # What a line through the yearly totals would have said: growth from cloud alone.
+    totals = table.groupby("year")["area_km2"].sum()
+    assert np.polyfit(totals.index.to_numpy(float), totals.to_numpy(), 1)[0] > 0.2
 
 
 def test_cli_areas_writes_trends(stores: dict[str, Path], sample_region: Any) -> None:

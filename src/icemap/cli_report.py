@@ -47,8 +47,10 @@ def _describe_tables(pred: str, tables: list[tuple[Path, Any]]) -> None:
 
     source = item_path(pred)
     link = source if Path(source).exists() else pred
+    times = tables[0][1]["time"]  # the per-glacier series: every table spans its dates
     for path, table in tables:
-        describe_table(path, table, derived_from=[link], bbox_of=pred)
+        describe_table(path, table, derived_from=[link], bbox_of=pred,
+                       times=None if "time" in table.columns else times)
     write_collection(tables[0][0], [p for p, _ in tables], description=f"icemap areas of {Path(pred).name}")
 
 

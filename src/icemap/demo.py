@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Glaciers printed in the demo's trend table (the largest); trends.csv holds every one.
+TREND_ROWS = 8
+
 __all__ = ["run_demo", "DemoResult"]
 
 
@@ -76,11 +79,21 @@ class DemoResult:
                               f"{row.area_uncertainty_rss_km2:.3f}", f"{100 * row.observed_fraction:.1f}", diff)
             console.print(years)
         if self.trends is not None:
+            import pandas as pd
+
+            from icemap.series import REGION_ID
+
             min_obs = 100 * float(self.trends.attrs.get("min_observed", 0.9))
-            tr = Table(title=f"Trends over season-years (weighted least squares, years observed >= {min_obs:.0f}%)")
+            glaciers = self.trends[self.trends["glacier_id"] != REGION_ID]
+            # A region has dozens of glaciers: the largest are printed, every one is in trends.csv.
+            shown = glaciers.sort_values("area_fit_first_year_km2", ascending=False).head(TREND_ROWS)
+            title = f"Trends over season-years (weighted least squares, years observed >= {min_obs:.0f}%)"
+            if len(shown) < len(glaciers):
+                title += f"; the {len(shown)} largest of {len(glaciers)} glaciers and the region (all in trends.csv)"
+            tr = Table(title=title)
             for col in ("glacier", "season-years", "km²/yr ± 1 sigma", "%/yr", "2 sigma", "lower bounds"):
                 tr.add_column(col, justify="right", no_wrap=col == "glacier")
-            for _, row in self.trends.iterrows():
+            for _, row in pd.concat([shown, self.trends[self.trends["glacier_id"] == REGION_ID]]).iterrows():
                 has = row.rate_km2_per_yr == row.rate_km2_per_yr
                 span = f"{row.first_year}-{row.last_year} ({row.n_years})" if row.n_years else "(0)"
                 rate = f"{row.rate_km2_per_yr:+.4f} ± {row.rate_stderr_km2_per_yr:.4f}" if has else "no trend"

@@ -365,19 +365,21 @@ def describe_vector(path: str | os.PathLike[str], *, derived_from: Sequence[str 
 
 def describe_table(path: str | os.PathLike[str], table: Any, *,
                    derived_from: Sequence[str | os.PathLike[str]] = (),
-                   bbox_of: str | os.PathLike[str] | None = None, lineage: str = "", write: bool = True
-                   ) -> dict[str, Any]:
+                   bbox_of: str | os.PathLike[str] | None = None, lineage: str = "", write: bool = True,
+                   times: Any = None) -> dict[str, Any]:
     """The STAC Item of an area table (CSV or Parquet) with a ``time`` column.
 
     ``bbox_of`` is the store whose footprint the table covers (the product it was computed
-    from); without it the Item has no geometry.
+    from); without it the Item has no geometry. ``times`` stands in for a table without a
+    ``time`` column (a trends table spans the dates of the series it was fitted to).
     """
     import numpy as np
     import pystac
 
     path = os.fspath(path)
     props: dict[str, Any] = {}
-    times = sorted(np.unique(np.asarray(table["time"].dropna().values, dtype="datetime64[s]")))
+    when = table["time"] if times is None else times
+    times = sorted(np.unique(np.asarray(when.dropna().values, dtype="datetime64[s]")))
     dt = _times(props, times)
     bbox = geometry = None
     if bbox_of is not None:

@@ -426,6 +426,45 @@ def _trend_row(gid: str, x: np.ndarray, y: np.ndarray, sigma: np.ndarray, lower:
     return row
 
 
+def _region_trend(rows: list[dict[str, Any]], table: Any, min_observed: float) -> dict[str, Any]:
+    """The region's trend: the sum of its glaciers' trends, each from its own well observed years.
+
+    Not a line through the region's yearly totals: a total includes the visible part of every
+    glacier that was partly clouded that year (a lower bound), so a year with more cloud over
+    the glaciers reads as a smaller region and the line shows a change that is only cloud. The
+    sum's standard error is the sum of the glaciers' (errors fully correlated: the same method,
+    sensor and buffer everywhere), the conservative choice. Glaciers without a trend are left
+    out and counted in ``reason`` with the share of the outline area the sum covers.
+    """
+    with_rate = [r for r in rows if r["rate_km2_per_yr"] == r["rate_km2_per_yr"]]
+    row: dict[str, Any] = {"glacier_id": REGION_ID, "first_year": None, "last_year": None, "n_years": 0,
+                           "rate_km2_per_yr": np.nan, "rate_stderr_km2_per_yr": np.nan, "rate_pct_per_yr": np.nan,
+                           "significant": None, "area_fit_first_year_km2": np.nan,
+                           "n_lower_bound": int(sum(r["n_lower_bound"] for r in rows)), "reason": ""}
+    if not with_rate:
+        row["reason"] = f"no glacier has a trend (each needs 2 season-years observed to {100 * min_observed:.0f}%)"
+        return row
+    rate = float(sum(r["rate_km2_per_yr"] for r in with_rate))
+    stderr = float(sum(r["rate_stderr_km2_per_yr"] for r in with_rate))
+    start = float(sum(r["area_fit_first_year_km2"] for r in with_rate))
+    years = table.loc[table["glacier_id"].astype(str).isin({r["glacier_id"] for r in with_rate}), "year"]
+    row.update(first_year=min(r["first_year"] for r in with_rate), last_year=max(r["last_year"] for r in with_rate),
+               n_years=int(years.nunique()), rate_km2_per_yr=rate, rate_stderr_km2_per_yr=stderr,
+               rate_pct_per_yr=100.0 * rate / start if start > 0 else np.nan,
+               significant=bool(abs(rate) > 2.0 * stderr), area_fit_first_year_km2=start)
+    if len(with_rate) < len(rows):
+        outline = table.drop_duplicates("glacier_id").set_index(table.drop_duplicates("glacier_id")["glacier_id"]
+                                                                .astype(str))["outline_area_km2"] \
+            if "outline_area_km2" in table.columns else None
+        share = ""
+        if outline is not None and outline.sum() > 0:
+            covered = outline.reindex([r["glacier_id"] for r in with_rate]).sum() / outline.sum()
+            share = f" ({100 * covered:.1f} % of the outline area)"
+        row["reason"] = (f"sum of the trends of {len(with_rate)} of {len(rows)} glaciers{share}; the others have "
+                         "fewer than 2 well observed season-years")
+    return row
+
+
 def trends(table: Any, *, min_observed: float | None = None, region: bool = True) -> Any:
     """Per-glacier and regional trends over season-years, by weighted least squares.
 
@@ -437,8 +476,10 @@ def trends(table: Any, *, min_observed: float | None = None, region: bool = True
         Observed share a year needs to enter a trend (default: the table's, else the
         ``min_observed`` option, 0.9).
     region
-        Also give the region's trend, as a last row with ``glacier_id`` :data:`REGION_ID`
-        (totals of :func:`region_series`, weighted by the summed, fully correlated uncertainty).
+        Also give the region's trend, as a last row with ``glacier_id`` :data:`REGION_ID`: the
+        sum of the glaciers' trends, with the sum of their standard errors (fully correlated),
+        never a line through yearly totals that mix in partly clouded glaciers
+        (:func:`_region_trend`).
 
     Returns
     -------
@@ -476,11 +517,7 @@ def trends(table: Any, *, min_observed: float | None = None, region: bool = True
                                  g["observed_fraction"].to_numpy(np.float64), min_observed)
         rows.append(_trend_row(str(gid), x, y, s, lower, floor, min_observed))
     if region:
-        r = region_series(table, min_observed=min_observed)
-        x, y, s, lower = _yearly(r["time"].to_numpy(), r["year"].to_numpy(np.int64), r["area_km2"].to_numpy(np.float64),
-                                 r["area_uncertainty_sum_km2"].to_numpy(np.float64),
-                                 r["observed_fraction"].to_numpy(np.float64), min_observed)
-        rows.append(_trend_row(REGION_ID, x, y, s, lower, floor, min_observed))
+        rows.append(_region_trend(rows, t, min_observed))
     out = pd.DataFrame(rows, columns=list(TREND_COLUMNS))
     for c in ("first_year", "last_year"):
         out[c] = out[c].astype("Int64")
