@@ -42,7 +42,8 @@ pytestmark = [pytest.mark.engines, pytest.mark.slow]
 # The store attributes allowed to differ from the local run's: when it was created, the path of
 # the cube a product was mapped from (each run maps its own cube), and whether U-Net tasks were
 # annotated for GPU workers (asserted separately: 1 where a GPU worker was there, 0 locally).
-VARYING_ATTRS = ("created", "icemap:last_run", "source_cube", "gpu_resources")
+# The settings record names the source cube by its absolute path (another folder on each engine).
+VARYING_ATTRS = ("created", "icemap:last_run", "source_cube", "gpu_resources", "icemap:settings.source_cube")
 # CLI defaults of `icemap map --method unet`, so the local run is the CLI's computation.
 UNET_OPTIONS = {"batch_size": 8, "tta": False, "halo": None, "tile": 256, "device": "auto"}
 CHUNK = "64"

@@ -72,9 +72,20 @@ def assert_stores_identical(a: str | Path, b: str | Path,
             assert np.array_equal(va, vb, equal_nan=True), f"{name} differs"
         else:
             np.testing.assert_array_equal(va, vb, err_msg=name)
-    attrs_a = {k: v for k, v in ga.attrs.items() if k not in ignore_attrs}
-    attrs_b = {k: v for k, v in gb.attrs.items() if k not in ignore_attrs}
-    assert attrs_a == attrs_b
+    assert _attrs_without(dict(ga.attrs), ignore_attrs) == _attrs_without(dict(gb.attrs), ignore_attrs)
+
+
+def _attrs_without(attrs: dict[str, Any], ignore: tuple[str, ...]) -> dict[str, Any]:
+    """Group attributes less ``ignore``; ``"A.b"`` drops key ``b`` of attribute ``A`` (JSON text
+    attributes decoded first, e.g. the settings record's ``source_cube`` path)."""
+    from icemap.interop import decode_attrs
+
+    out = {k: v for k, v in decode_attrs(attrs).items() if k not in ignore}
+    for entry in ignore:
+        outer, _, inner = entry.rpartition(".")
+        if outer and isinstance(out.get(outer), dict):
+            out[outer] = {k: v for k, v in out[outer].items() if k != inner}
+    return out
 
 
 def _complete_flags(path: Path) -> list[int]:
