@@ -21,6 +21,7 @@ from rasterio.transform import from_origin
 
 import icemap
 from icemap.errors import LoadError, MissingAssetWarning, NoQAWarning
+from icemap.interop import decode_attrs
 from icemap.stac import item_from_files
 
 from .conftest import REPO, shared_path
@@ -98,7 +99,7 @@ def test_cli_ingest_no_qa_records_it(liverpool: dict[str, Path], tmp_path: Path)
     assert done.stderr.count("NoQAWarning") == 1
     # One line, named by class, without Python's "file:line: ... warnings.warn(" form.
     assert "icemap: warning (NoQAWarning): qa=None" in done.stderr and "warnings.warn(" not in done.stderr
-    attrs = zarr.open_group(str(out), mode="r").attrs
+    attrs = decode_attrs(zarr.open_group(str(out), mode="r").attrs)  # dict attributes are JSON text on disk
     assert attrs["cloud_masked"] == 0 and attrs["load"]["qa"] is None
     cube = icemap.open_cube(out)
     with rasterio.open(liverpool["swir16"]) as src:

@@ -23,6 +23,7 @@ import zarr
 
 import icemap
 from icemap.errors import StoreError
+from icemap.interop import decode_attrs
 from icemap.sample import make_sample_region
 from icemap.stac import search
 
@@ -148,7 +149,7 @@ def test_rerun_with_other_settings_is_refused_naming_them(cube: Path, tmp_path: 
     assert _main(capsys, monkeypatch, "map", "--cube", str(cube), "--out", str(product), "--quiet")[0] == 0
     assert _main(capsys, monkeypatch, "composite", "--cube", str(cube), "--out", str(comp), "--season", SEASON,
                  "--quiet")[0] == 0
-    settings = zarr.open_group(str(product), mode="r").attrs["icemap:settings"]
+    settings = decode_attrs(zarr.open_group(str(product), mode="r").attrs)["icemap:settings"]
     assert settings["method"] == "ndsi" and settings["threshold"] == 0.4
     before = {p: _tree(p) for p in (product, comp)}
     for args, words in (

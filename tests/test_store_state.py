@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import icemap
 from icemap.errors import StoreError, StoreWarning
+from icemap.interop import decode_attrs
 from icemap.store import _fmt_time
 
 SEASON = "02-01/03-31"
@@ -155,11 +156,12 @@ class StoreMachine(RuleBasedStateMachine):
         if not self.cube.exists():
             return
         group = zarr.open_group(str(self.cube), mode="r")
+        attrs = decode_attrs(group.attrs)  # dict attributes are JSON text on disk
         assert sorted(str(t)[:10] for t in xr.open_zarr(self.cube, consolidated=False)["time"].values) == sorted(
             self.cube_dates)
         assert self._flags(self.cube) == self.cube_done
-        assert group.attrs["icemap:settings"] == {"qa": self.cube_qa}
-        assert "icemap:store" in group.attrs
+        assert attrs["icemap:settings"] == {"qa": self.cube_qa}
+        assert "icemap:store" in attrs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", StoreWarning)
             shown = icemap.open_cube(self.cube)
@@ -168,7 +170,7 @@ class StoreMachine(RuleBasedStateMachine):
         np.testing.assert_array_equal(shown["reflectance"].values, expected["reflectance"].values)
         if self.product.exists():
             assert self._flags(self.product) == self.prod_done
-            recorded = zarr.open_group(str(self.product), mode="r").attrs["icemap:settings"]
+            recorded = decode_attrs(zarr.open_group(str(self.product), mode="r").attrs)["icemap:settings"]
             assert recorded["threshold"] == self.prod_threshold and recorded["method"] == "ndsi"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", StoreWarning)
@@ -176,7 +178,7 @@ class StoreMachine(RuleBasedStateMachine):
             want = icemap.map_ndsi(expected.sel(time=product["time"].values), threshold=self.prod_threshold)
             np.testing.assert_array_equal(product["ice"].values, want["ice"].values)
         if self.comp.exists():
-            attrs = zarr.open_group(str(self.comp), mode="r").attrs
+            attrs = decode_attrs(zarr.open_group(str(self.comp), mode="r").attrs)
             assert attrs["icemap:settings"]["rule"] == self.comp_rule
             inputs = {t[:4]: sorted(d[:10] for d in v) for t, v in attrs["icemap:step_inputs"].items()}
             assert inputs == {str(y): d for y, d in self.comp_years.items()}

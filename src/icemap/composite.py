@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from icemap.errors import BandError, IcemapError
+from icemap.interop import keep_grid
 from icemap.kernels import COMPOSITE_RULES
 from icemap.kernels import composite as composite_kernel
 from icemap.kernels import filled_flag
@@ -228,7 +229,7 @@ def composite(
     )
     if ids is not None:
         ds = ds.assign_coords(item_ids=("time", ids))
-    ds = ds.rio.write_crs(cube.rio.crs)
+    ds = keep_grid(ds, cube)
     meta = {
         "rule": rule,
         "season": season,

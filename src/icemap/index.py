@@ -113,13 +113,9 @@ def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None, 
 def _keep_grid(out: Any, like: Any) -> Any:
     if "spatial_ref" in like.coords and "spatial_ref" not in out.coords:
         out = out.assign_coords(spatial_ref=like["spatial_ref"])
-    crs = getattr(like.rio, "crs", None) if hasattr(like, "rio") else None
-    if crs is not None:
-        # In place on a shallow copy: rioxarray's default deep-copies the data (a full pass over
-        # an in-memory result, and a copy of a buffer the caller gave us).
-        out = out.copy(deep=False)
-        out.rio.write_crs(crs, inplace=True)
-    return out
+    from icemap.interop import keep_grid
+
+    return keep_grid(out, like)
 
 
 def ndsi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:

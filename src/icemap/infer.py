@@ -496,4 +496,6 @@ def predict(
                                       {"long_name": "spread of the ice probability over TTA/MC samples"})
     out.attrs = {"method": "unet", "model": ref.path, "model_sha256": ref.sha256,
                  "channels": list(meta.channels), "threshold": thr, "gpu_resources": int(bool(gpu_resources))}
-    return out.rio.write_crs(cube.rio.crs)
+    from icemap.interop import keep_grid
+
+    return keep_grid(out, cube)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "resolve_store", "restore_mask"]
+__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "keep_grid", "resolve_store", "restore_mask"]
 
 #: Media type of a Zarr store (STAC asset ``type``).
 ZARR = "application/vnd+zarr"
@@ -197,3 +197,26 @@ def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -
     if _url(path):
         return path.rsplit("/", 1)[0] + "/" + href.removeprefix("./")
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), href))
+
+
+def keep_grid(out: Any, like: Any) -> Any:
+    """``out`` on ``like``'s grid: its CRS and its transform, written on a shallow copy.
+
+    The transform is copied, not left to be recomputed from coordinates: a grid one pixel
+    wide or high has no coordinate spacing, and rioxarray then cannot tell its resolution (pixel
+    areas, bounds and STAC footprints of such products failed or came out as 1 m). In place on a
+    shallow copy: rioxarray's default deep-copies the data (a full pass over an in-memory result).
+    """
+    from rioxarray.exceptions import RioXarrayError
+
+    crs = like.rio.crs if hasattr(like, "rio") else None
+    if crs is None:
+        return out
+    out = out.copy(deep=False)
+    out.rio.write_crs(crs, inplace=True)
+    try:
+        transform = like.rio.transform(recalc=True)
+    except RioXarrayError:  # a one-pixel grid that never knew its transform: nothing to copy
+        return out
+    out.rio.write_transform(transform, inplace=True)
+    return out

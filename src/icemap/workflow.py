@@ -167,7 +167,9 @@ def map_ndsi(
     for name in ("item_ids", "platform"):
         if name in cube.coords:
             product = product.assign_coords({name: cube[name]})
-    product = product.rio.write_crs(cube.rio.crs)
+    from icemap.interop import keep_grid
+
+    product = keep_grid(product, cube)
     product.attrs = {"method": "ndsi", **{k: v for k, v in ice.attrs.items() if k not in ("long_name",)}}
     return product
 
