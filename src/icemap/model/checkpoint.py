@@ -82,12 +82,12 @@ class CheckpointMeta:
         missing = [k for k in ("architecture", "channels", "bands", "normalisation") if k not in d]
         if missing:
             raise ModelError(f"checkpoint metadata lacks {missing}; it was not written by icemap")
+        _check_types(d)  # first: the version comparison below trusts its type
         if d.get("format_version", 1) > FORMAT_VERSION:
             raise ModelError(
                 f"checkpoint format {d['format_version']} is newer than this icemap understands "
                 f"({FORMAT_VERSION}); upgrade icemap"
             )
-        _check_types(d)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def check_cube(self, cube: Any) -> None:
