@@ -274,7 +274,7 @@ def test_secrets_planted_in_every_command_never_come_out(stac_api: StacServer, s
     dead = f"http://alice:{PASSWORD}@127.0.0.1:9/stac?token={QUERY_TOKEN}&api_key={QUERY_TOKEN}"
     file_items = tmp_path / "items.ndjson"
     with open(file_items, "w") as f:
-        for it in search(sample_region.catalog).items():
+        for it in search(sample_region.catalog).item_dicts():
             for asset in it["assets"].values():
                 asset["href"] = Path(asset["href"]).resolve().as_uri()  # file:// links
             f.write(json.dumps(it) + "\n")
@@ -331,7 +331,7 @@ def test_redact_removes_every_kind_of_secret() -> None:
 def crafted_catalog(tmp_path_factory: pytest.TempPathFactory, sample_region: Any) -> Path:
     """Items whose ids and properties carry rich markup and terminal escapes (OSC 8 hyperlinks)."""
     folder = tmp_path_factory.mktemp("crafted")
-    items = search(sample_region.catalog).items()
+    items = search(sample_region.catalog).item_dicts()
     items[0]["id"] = "[link=https://evil.example]click[/link]\x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\"
     items[0]["properties"]["platform"] = "[bold red]landsat-8[/] [/unbalanced]"
     items[1]["properties"]["eo:cloud_cover"] = "[red]"
