@@ -337,6 +337,19 @@ def glacier_series(
     return frame[list(SERIES_COLUMNS)]
 
 
+def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[str, ...]) -> float:
+    """The ``min_observed`` a series table is read with (given, else the table's own, else the
+    option), once the table is known to have ``columns`` (also a table read back from a file)."""
+    from icemap.options import resolve
+
+    value = float(resolve("min_observed", min_observed if min_observed is not None
+                          else table.attrs.get("min_observed")))
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise IcemapError(f"not a glacier_series table: no column(s) {', '.join(missing)}")
+    return value
+
+
 def region_series(table: Any, *, min_observed: float | None = None) -> Any:
     """The region's totals per time step, from a :func:`glacier_series` table.
 
@@ -352,14 +365,8 @@ def region_series(table: Any, *, min_observed: float | None = None) -> Any:
     """
     import pandas as pd
 
-    from icemap.options import resolve
-
-    min_observed = float(resolve("min_observed", min_observed if min_observed is not None
-                                 else table.attrs.get("min_observed")))
-    missing = [c for c in ("time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction", "outline_area_km2")
-               if c not in table.columns]
-    if missing:
-        raise IcemapError(f"not a glacier_series table: no column(s) {', '.join(missing)}")
+    min_observed = _series_min_observed(table, min_observed, ("time", "year", "area_km2", "area_uncertainty_km2",
+                                                              "observed_fraction", "outline_area_km2"))
     t = table.assign(_w=table["outline_area_km2"].where(table["observed_fraction"].notna(), 0.0).fillna(0.0),
                      _var=table["area_uncertainty_km2"] ** 2,
                      _obs=table["outline_area_km2"] * table["observed_fraction"].fillna(0.0))
@@ -498,14 +505,8 @@ def trends(table: Any, *, min_observed: float | None = None, region: bool = True
     """
     import pandas as pd
 
-    from icemap.options import resolve
-
-    min_observed = float(resolve("min_observed", min_observed if min_observed is not None
-                                 else table.attrs.get("min_observed")))
-    missing = [c for c in ("glacier_id", "time", "year", "area_km2", "area_uncertainty_km2", "observed_fraction")
-               if c not in table.columns]
-    if missing:
-        raise IcemapError(f"not a glacier_series table: no column(s) {', '.join(missing)}")
+    min_observed = _series_min_observed(table, min_observed, ("glacier_id", "time", "year", "area_km2",
+                                                              "area_uncertainty_km2", "observed_fraction"))
     px_m2 = table.attrs.get("pixel_area_m2")
     sig = table["area_uncertainty_km2"].to_numpy(np.float64)
     floor = float(px_m2) / 1e6 if px_m2 else (float(sig[sig > 0].min()) if (sig > 0).any() else 1e-6)
