@@ -594,6 +594,206 @@ _PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
 _RASTER_EXT = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
 
 
+def _check_load_args(on_error: str, qa: str | None, chunksize: int | None) -> int:
+    """Validate the plain arguments of :func:`load` and return the chunk edge in pixels.
+
+    Checked before anything is read or allocated: each Zarr write allocates whole chunks, so a
+    wrong ``chunksize`` must stop here, not on a worker.
+    """
+    if on_error not in ("raise", "nodata"):
+        raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
+    if chunksize is None:
+        chunksize = get_option("chunksize")
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or not 16 <= chunksize <= 8192:
+        # Checked before anything is allocated: each Zarr write allocates whole chunks.
+        raise LoadError(f"chunksize {chunksize!r} (CLI --chunksize) must be an integer in 16..8192 pixels; "
+                        "1024 (the default) suits most clusters")
+    if qa not in ("qa_pixel", None):
+        raise LoadError(f"qa must be 'qa_pixel' or None (no QA band, no cloud mask), got {qa!r}")
+    return chunksize
+
+
+def _normalise_step(items: Iterable[Any], sensor: str | Sensor | None, bands: Sequence[str] | None,
+                    mask_flags: Sequence[str], *, use_qa: bool) -> tuple[list[dict[str, Any]], Sensor, list[str],
+                                                                   list[dict[str, Any]], list[dict[str, Any]]]:
+    """Items as dicts in time order, the sensor table, the validated bands, and the normalised items.
+
+    The sensor defaults to the first item's collection; the QA flag names are validated here too,
+    before any graph is built. Returns ``(items, sensor, bands, clean, meta)``.
+    """
+    item_list = [_as_dict(it) for it in items]
+    if not item_list:
+        raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
+    if sensor is None:
+        sensor = item_list[0].get("collection") or "landsat-c2-l2"
+    sensor_t = get_sensor(sensor)
+    if bands is None:
+        bands = default_bands(item_list, sensor_t)
+    band_list = list(sensor_t.validate_bands(bands))
+    if sensor_t.qa_bits:
+        _qa_bits(mask_flags)  # validates flag names now, before any graph is built
+    item_list.sort(key=lambda it: (item_datetime(it), it.get("id", "")))
+    clean, meta = normalise_items(item_list, sensor_t, band_list, use_qa=use_qa)
+    return item_list, sensor_t, band_list, clean, meta
+
+
+def _warn_no_qa(n_items: int) -> None:
+    """Say that ``qa=None`` leaves clouds unmasked (a :class:`NoQAWarning` at the caller of load)."""
+    warnings.warn(
+        f"qa=None: {n_items} item(s) are loaded without a QA band, so clouds, cloud shadows "
+        "and cirrus are NOT masked (only nodata DNs are); the cube records cloud_masked=0",
+        NoQAWarning,
+        stacklevel=3,  # the caller of icemap.load
+    )
+
+
+def _load_grid(item_list: list[dict[str, Any]], meta: list[dict[str, Any]], sensor_t: Sensor, *, crs: Any,
+               resolution: float | tuple[float, float] | None, bounds: Sequence[float] | None,
+               bbox: Sequence[float] | None, chunksize: int) -> tuple[int, tuple[float, float], Any]:
+    """Choose the output grid (EPSG, pixel size, snapped bounds) and check it is sane.
+
+    Warns when the items span several CRSs and the caller left the grid to icemap, so a mixed
+    result is never silent.
+    """
+    if bbox is not None and bounds is None:
+        check_bbox_hits_footprints(item_list, bbox)
+    if resolution is None:
+        resolution = get_option("resolution") or sensor_t.resolution
+    epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
+    _check_oversampling(epsg, res, sensor_t)
+    check_grid(epsg, res, bnds, chunksize)
+    warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
+    return epsg, res, bnds
+
+
+def _read_pixels(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor_t: Sensor, bands: list[str],
+                 epsg: int, res: tuple[float, float], bnds: Any, chunksize: int, signer_fn: Any, on_error: OnError,
+                 *, engine: str, mask_saturated: bool) -> tuple[_Read, bool, bool]:
+    """Read the bands and the QA/RADSAT assets lazily with the chosen engine onto the grid.
+
+    Returns what the engine read and whether a QA band and a RADSAT band are among it.
+    """
+    has_qa = any(_QA in it["assets"] for it in clean)
+    has_radsat = mask_saturated and any(_RADSAT in it["assets"] for it in clean)
+    assets = bands + ([_QA] if has_qa else []) + ([_RADSAT] if has_radsat else [])
+    stacker = _read_stackstac if engine == "stackstac" else _read_odc
+    read = stacker(clean, meta, sensor_t, bands, assets, epsg, res, bnds, chunksize, signer_fn, on_error)
+    return read, has_qa, has_radsat
+
+
+def _masked_reflectance(read: _Read, sensor_t: Sensor, bands: list[str],
+                        mask_flags: Sequence[str]) -> tuple[Any, Any]:
+    """Scale DNs to reflectance, mask by QA/RADSAT in the kernel layer, and give the uint16 QA."""
+    scale, offset = _scale_offset_table(read.clean, bands)
+    qa_raw = read.assets.get(_QA)
+    refl = _scale_and_mask([read.assets[b] for b in bands], read.nodata, scale, offset, qa_raw,
+                           read.assets.get(_RADSAT), sensor_t, bands, mask_flags)
+    return refl, _qa_uint16(qa_raw, refl)
+
+
+def _scale_offset_table(clean: Sequence[Mapping[str, Any]], bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per (item, band) scale and offset from each asset's ``raster:bands`` (normalised earlier)."""
+    scale = np.ones((len(clean), len(bands)), dtype=np.float32)
+    offset = np.zeros((len(clean), len(bands)), dtype=np.float32)
+    for i, it in enumerate(clean):
+        for j, band in enumerate(bands):
+            rb = it["assets"].get(band, {}).get("raster:bands", [{}])[0]
+            scale[i, j] = rb.get("scale", 1.0)
+            offset[i, j] = rb.get("offset", 0.0)
+    return scale, offset
+
+
+def _qa_uint16(qa_raw: Any, refl: Any) -> Any:
+    """The QA_PIXEL array as uint16: read, converted from another dtype, or derived from reflectance.
+
+    Without a QA band (``qa=None`` or HLS without Fmask) the QA layer is built from the
+    reflectance itself so that fill pixels stay marked as fill.
+    """
+    import dask.array as da
+
+    if qa_raw is None:
+        return da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
+    if qa_raw.dtype == np.uint16:
+        return qa_raw  # read as uint16 with QA_FILL where nothing was read
+    return da.map_blocks(kernels.qa_to_uint16, qa_raw, dtype=np.uint16)
+
+
+def _mosaic_steps(refl: Any, qa: Any, meta: list[dict[str, Any]], mosaic: bool,
+                  nb: int) -> tuple[Any, Any, list[list[int]]]:
+    """Merge scenes of one day and WRS path into one time step each (first valid pixel wins).
+
+    Returns the stacked reflectance and QA arrays and, per time step, the item indices merged.
+    """
+    import dask.array as da
+
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(meta):
+        groups[_group_key(m) if mosaic else (i,)].append(i)
+    order = sorted(groups.values(), key=lambda idx: (meta[idx[0]]["datetime"], idx[0]))
+    refl_steps, qa_steps = [], []
+    for idx in order:
+        if len(idx) == 1:
+            refl_steps.append(refl[idx[0]])
+            qa_steps.append(qa[idx[0]])
+            continue
+        both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
+        both = both.rechunk({0: len(idx), 1: 1})
+        merged = da.map_blocks(
+            kernels.mosaic_first_valid, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
+        ).rechunk({0: 1})
+        refl_steps.append(merged[:nb])
+        qa_steps.append(merged[nb].astype(np.uint16))
+    return da.stack(refl_steps), da.stack(qa_steps), order
+
+
+def _wrap_cube(refl_out: Any, qa_out: Any, order: list[list[int]], meta: list[dict[str, Any]], read: _Read,
+               bands: list[str], sensor_t: Sensor, mask_flags: Sequence[str], *, has_radsat: bool, has_qa: bool,
+               epsg: int, res: tuple[float, float]) -> Any:
+    """Wrap the arrays as the ``xarray.Dataset`` :func:`load` returns, CRS and transform written."""
+    import xarray as xr
+
+    times = np.array(
+        [np.datetime64(meta[idx[0]]["datetime"].replace(tzinfo=None), "ns") for idx in order]
+    )
+    ids = [",".join(meta[i]["id"] for i in idx) for idx in order]
+    coords = {
+        "time": times,
+        "band": np.array(bands, dtype=str),
+        "y": read.y,
+        "x": read.x,
+        "item_ids": ("time", np.array(ids, dtype=str)),
+        "platform": ("time", np.array([meta[idx[0]]["platform"] for idx in order], dtype=str)),
+    }
+    ds = xr.Dataset(
+        {
+            "reflectance": (("time", "band", "y", "x"), refl_out, {
+                "long_name": "surface reflectance",
+                "units": "1",
+                "scale_offset_applied": "per asset raster:bands, else sensor table",
+            }),
+            "qa_pixel": (("time", "y", "x"), qa_out, {
+                "long_name": "Landsat Collection 2 QA_PIXEL bit field",
+                "flag_masked_on_load": ",".join(mask_flags),
+            }),
+        },
+        coords=coords,
+        attrs={
+            "sensor": sensor_t.name,
+            "mask_flags": list(mask_flags),
+            "mask_saturated": bool(has_radsat),
+            # 1 when a QA band masked clouds; 0 for qa=None or sensors without one (HLS).
+            "cloud_masked": int(has_qa),
+        },
+    )
+    ds = ds.rio.write_crs(f"EPSG:{epsg}")
+    # From the grid itself, not recalculated from coordinates: a grid one pixel wide or high has
+    # no coordinate spacing to measure, and rioxarray then assumes 1 unit (1 m2 pixel areas).
+    from affine import Affine
+
+    x0, y0 = float(read.x[0]), float(read.y[0])
+    return ds.rio.write_transform(Affine(res[0], 0.0, x0 - res[0] / 2, 0.0, -res[1], y0 + res[1] / 2))
+
+
 def load(
     items: Iterable[Any],
     *,
@@ -664,136 +864,27 @@ def load(
         pixel-centre ``x``/``y`` coordinates, with ``spatial_ref`` holding the CRS and
         ``item_ids`` per time step.
     """
-    import dask.array as da
     import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
 
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
-    if on_error not in ("raise", "nodata"):
-        raise LoadError(f"on_error must be 'raise' or 'nodata', got {on_error!r}")
+    chunksize = _check_load_args(on_error, qa, chunksize)
     engine_name = resolve_engine(engine)
-    if chunksize is None:
-        chunksize = get_option("chunksize")
-    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or not 16 <= chunksize <= 8192:
-        # Checked before anything is allocated: each Zarr write allocates whole chunks.
-        raise LoadError(f"chunksize {chunksize!r} (CLI --chunksize) must be an integer in 16..8192 pixels; "
-                        "1024 (the default) suits most clusters")
-    item_list = [_as_dict(it) for it in items]
-    if not item_list:
-        raise EmptySearchError("no items to load; widen the search (bbox, datetime, max cloud)")
-    if sensor is None:
-        sensor = item_list[0].get("collection") or "landsat-c2-l2"
-    sensor_t = get_sensor(sensor)
-    if qa not in ("qa_pixel", None):
-        raise LoadError(f"qa must be 'qa_pixel' or None (no QA band, no cloud mask), got {qa!r}")
-    if bands is None:
-        bands = default_bands(item_list, sensor_t)
-    bands = list(sensor_t.validate_bands(bands))
-    if sensor_t.qa_bits:
-        _qa_bits(mask_flags)  # validates flag names now, before any graph is built
+    # 1. normalise
+    item_list, sensor_t, bands, clean, meta = _normalise_step(items, sensor, bands, mask_flags, use_qa=qa is not None)
     signer_fn = resolve_signer(signer)
-
-    item_list.sort(key=lambda it: (item_datetime(it), it.get("id", "")))
-    clean, meta = normalise_items(item_list, sensor_t, bands, use_qa=qa is not None)
-    if bbox is not None and bounds is None:
-        check_bbox_hits_footprints(item_list, bbox)
-    if resolution is None:
-        resolution = get_option("resolution") or sensor_t.resolution
-    epsg, res, bnds = grid_for_items(meta, crs=crs, resolution=resolution, bounds=bounds, bbox=bbox)
-    _check_oversampling(epsg, res, sensor_t)
-    check_grid(epsg, res, bnds, chunksize)
-    warn_mixed_crs(meta, epsg, res, bnds, crs_given=crs is not None, extent_given=bbox is not None or bounds is not None)
+    # 2. grid
+    epsg, res, bnds = _load_grid(item_list, meta, sensor_t, crs=crs, resolution=resolution, bounds=bounds,
+                                 bbox=bbox, chunksize=chunksize)
     if qa is None:
-        warnings.warn(
-            f"qa=None: {len(clean)} item(s) are loaded without a QA band, so clouds, cloud shadows "
-            "and cirrus are NOT masked (only nodata DNs are); the cube records cloud_masked=0",
-            NoQAWarning,
-            stacklevel=2,
-        )
-
-    has_qa = any(_QA in it["assets"] for it in clean)
-    has_radsat = mask_saturated and any(_RADSAT in it["assets"] for it in clean)
-    assets = bands + ([_QA] if has_qa else []) + ([_RADSAT] if has_radsat else [])
-    stacker = _read_stackstac if engine_name == "stackstac" else _read_odc
-    read = stacker(clean, meta, sensor_t, bands, assets, epsg, res, bnds, chunksize, signer_fn, on_error)
-    clean, meta = read.clean, read.meta
-    nb = len(bands)
-    scale = np.ones((len(clean), nb), dtype=np.float32)
-    offset = np.zeros((len(clean), nb), dtype=np.float32)
-    for i, it in enumerate(clean):
-        for j, band in enumerate(bands):
-            rb = it["assets"].get(band, {}).get("raster:bands", [{}])[0]
-            scale[i, j] = rb.get("scale", 1.0)
-            offset[i, j] = rb.get("offset", 0.0)
-    qa_raw = read.assets.get(_QA)
-    refl = _scale_and_mask([read.assets[b] for b in bands], read.nodata, scale, offset, qa_raw,
-                           read.assets.get(_RADSAT), sensor_t, bands, mask_flags)
-    if qa_raw is None:
-        qa = da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
-    elif qa_raw.dtype == np.uint16:
-        qa = qa_raw  # read as uint16 with QA_FILL where nothing was read
-    else:
-        qa = da.map_blocks(kernels.qa_to_uint16, qa_raw, dtype=np.uint16)
-
-    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-    for i, m in enumerate(meta):
-        groups[_group_key(m) if mosaic else (i,)].append(i)
-    order = sorted(groups.values(), key=lambda idx: (meta[idx[0]]["datetime"], idx[0]))
-    refl_steps, qa_steps = [], []
-    for idx in order:
-        if len(idx) == 1:
-            refl_steps.append(refl[idx[0]])
-            qa_steps.append(qa[idx[0]])
-            continue
-        both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
-        both = both.rechunk({0: len(idx), 1: 1})
-        merged = da.map_blocks(
-            kernels.mosaic_first_valid, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
-        ).rechunk({0: 1})
-        refl_steps.append(merged[:nb])
-        qa_steps.append(merged[nb].astype(np.uint16))
-
-    refl_out = da.stack(refl_steps)
-    qa_out = da.stack(qa_steps)
-    times = np.array(
-        [np.datetime64(meta[idx[0]]["datetime"].replace(tzinfo=None), "ns") for idx in order]
-    )
-    ids = [",".join(meta[i]["id"] for i in idx) for idx in order]
-    coords = {
-        "time": times,
-        "band": np.array(bands, dtype=str),
-        "y": read.y,
-        "x": read.x,
-        "item_ids": ("time", np.array(ids, dtype=str)),
-        "platform": ("time", np.array([meta[idx[0]]["platform"] for idx in order], dtype=str)),
-    }
-    ds = xr.Dataset(
-        {
-            "reflectance": (("time", "band", "y", "x"), refl_out, {
-                "long_name": "surface reflectance",
-                "units": "1",
-                "scale_offset_applied": "per asset raster:bands, else sensor table",
-            }),
-            "qa_pixel": (("time", "y", "x"), qa_out, {
-                "long_name": "Landsat Collection 2 QA_PIXEL bit field",
-                "flag_masked_on_load": ",".join(mask_flags),
-            }),
-        },
-        coords=coords,
-        attrs={
-            "sensor": sensor_t.name,
-            "mask_flags": list(mask_flags),
-            "mask_saturated": bool(has_radsat),
-            # 1 when a QA band masked clouds; 0 for qa=None or sensors without one (HLS).
-            "cloud_masked": int(has_qa),
-        },
-    )
-    ds = ds.rio.write_crs(f"EPSG:{epsg}")
-    # From the grid itself, not recalculated from coordinates: a grid one pixel wide or high has
-    # no coordinate spacing to measure, and rioxarray then assumes 1 unit (1 m2 pixel areas).
-    from affine import Affine
-
-    x0, y0 = float(read.x[0]), float(read.y[0])
-    ds = ds.rio.write_transform(Affine(res[0], 0.0, x0 - res[0] / 2, 0.0, -res[1], y0 + res[1] / 2))
-    return ds
+        _warn_no_qa(len(clean))
+    # 3. read
+    read, has_qa, has_radsat = _read_pixels(clean, meta, sensor_t, bands, epsg, res, bnds, chunksize, signer_fn,
+                                            on_error, engine=engine_name, mask_saturated=mask_saturated)
+    # 4. scale and mask
+    refl, qa_arr = _masked_reflectance(read, sensor_t, bands, mask_flags)
+    # 5. mosaic
+    refl_out, qa_out, order = _mosaic_steps(refl, qa_arr, read.meta, mosaic, len(bands))
+    # 6. wrap
+    return _wrap_cube(refl_out, qa_out, order, read.meta, read, bands, sensor_t, mask_flags,
+                      has_radsat=has_radsat, has_qa=has_qa, epsg=epsg, res=res)
