@@ -547,6 +547,129 @@ class NoEPSGError(CatalogError):
     """Files whose CRS has no EPSG code (a custom WKT): ``crs=`` must name the equivalent code."""
 
 
+_Sources = dict[Path, tuple[Any, ...]]
+
+
+def _file_sources(assets: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[str],
+                  band_map: Mapping[str, int] | None) -> dict[str, tuple[Path, int]]:
+    """Common band name -> (file, 1-based band index), from a file per band or one file and a band map."""
+    if isinstance(assets, (str, os.PathLike)):
+        if not band_map:
+            raise CatalogError("a single (multi-band) file needs band_map={'green': 3, ...} (CLI --band-map green=3,...)")
+        sources = {name: (Path(os.fspath(assets)), index) for name, index in band_map.items()}
+    else:
+        if band_map:
+            raise CatalogError("band_map goes with one multi-band file; with a file per band leave it out")
+        sources = {name: (Path(os.fspath(f)), 1) for name, f in assets.items()}
+    if not sources:
+        raise CatalogError("item_from_files needs at least one band file")
+    return sources
+
+
+def _read_headers(sources: Mapping[str, tuple[Path, int]]) -> _Sources:
+    """Each file's header (transform, shape, bounds, CRS, band count, nodata); no pixel is read.
+
+    Also checks that each file exists, has a UTF-8 name (GDAL needs one) and holds the band
+    index asked of it.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    headers: _Sources = {}
+    for name, (f, index) in sources.items():
+        if not f.exists():
+            raise CatalogError(f"file for band {name!r} does not exist: {f}")
+        try:
+            os.fsencode(f).decode("utf-8")
+        except UnicodeDecodeError:
+            # GDAL takes UTF-8 names only; a Latin-1 name from an old archive cannot be opened.
+            raise CatalogError(f"the file name {os.fsdecode(f)!r} is not valid UTF-8, which GDAL needs; rename "
+                               "the file (e.g. with convmv -f latin1 -t utf8)") from None
+        if f not in headers:
+            try:
+                with rasterio.open(f) as src:
+                    headers[f] = (list(src.transform)[:6], [src.height, src.width], src.bounds, src.crs, src.count,
+                                  src.nodata)
+            except RasterioError as exc:
+                raise CatalogError(f"cannot read {f} as a raster ({exc}); is it a complete GeoTIFF?") from None
+        count = headers[f][4]
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= count:
+            raise CatalogError(f"band {name!r}: index {index!r} is not a band of {f.name}, which has bands 1..{count} "
+                               "(1-based, as rasterio counts)")
+    return headers
+
+
+def _one_grid(headers: _Sources) -> tuple[Path, tuple[Any, ...]]:
+    """The first file and its header, after checking that every file shares its grid and CRS."""
+    first = next(iter(headers))
+    transform, shape, _, file_crs, _, _ = headers[first]
+    for f, (t, sh, _, c, _, _) in headers.items():
+        if (t, sh) != (transform, shape) or c != file_crs:
+            raise CatalogError(f"{f.name} and {first.name} are not on one grid (transform, shape or CRS differ); "
+                               "give files of one grid per item")
+    return first, headers[first]
+
+
+def _files_epsg(crs: Any, file_crs: Any, first: Path) -> tuple[Any, int]:
+    """The item's CRS and EPSG code: ``crs=`` where it names the files' own CRS, else the files'."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
+    except CRSError as exc:
+        raise CatalogError(f"cannot understand crs={crs!r}: {exc}; use e.g. 'EPSG:32611'") from None
+    epsg = target.to_epsg() if target is not None else None
+    own = CRS.from_user_input(file_crs).to_epsg() if file_crs else None
+    if crs is not None and own is not None and target is not None and own != epsg:
+        # crs= names the files' own CRS (for WKT without a code); taking another zone's code
+        # would put the pixels hundreds of kilometres away (a 1 x 1 px all-NaN cube).
+        raise CatalogError(
+            f"{first.name} is in EPSG:{own}, not {crs}; crs= states the files' own CRS where they carry no EPSG "
+            f"code. To warp them to {crs}, load them with crs= (CLI: ingest --crs does that)"
+        )
+    if epsg is None:
+        raise NoEPSGError(
+            f"{first} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
+            "equivalent code, e.g. EPSG:32611 for a custom 'UTM zone 11N' WKT)"
+        )
+    return target, epsg
+
+
+def _footprint(target: Any, b: Any) -> tuple[list[float], dict[str, Any]]:
+    """The lon/lat bbox and GeoJSON footprint of the grid's bounds ``b`` in CRS ``target``."""
+    from rasterio.warp import transform_bounds
+
+    # Densified edges: a polar grid's footprint reaches past its corners, and GDAL reports a box
+    # across the antimeridian with west > east (STAC's convention) and one around a pole to +-90.
+    w, s, e, n = transform_bounds(target, "EPSG:4326", b.left, b.bottom, b.right, b.top, densify_pts=21)
+    if w > e:
+        geometry: dict[str, Any] = {"type": "MultiPolygon", "coordinates": [
+            [[[w, s], [180.0, s], [180.0, n], [w, n], [w, s]]], [[[-180.0, s], [e, s], [e, n], [-180.0, n], [-180.0, s]]]]}
+    else:
+        geometry = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    return [w, s, e, n], geometry
+
+
+def _file_assets(sources: Mapping[str, tuple[Path, int]], headers: _Sources, scale: float | None,
+                 offset: float | None, nodata: float | None) -> dict[str, Any]:
+    """One asset per band: the file (or its band through ``vrt://``) and its ``raster:bands``."""
+    out_assets: dict[str, Any] = {}
+    for name, (f, index) in sources.items():
+        path = str(f.resolve())
+        asset: dict[str, Any] = {
+            # vrt://...?bands=k: GDAL (>= 3.7) exposes band k of the file as a one-band dataset.
+            "href": f"vrt://{path}?bands={index}" if headers[f][4] > 1 else path,
+            "type": "image/tiff; application=geotiff",
+            "roles": ["data"],
+        }
+        rb = {k: float(v) for k, v in (("scale", scale), ("offset", offset), ("nodata", nodata)) if v is not None}
+        if rb:
+            asset["raster:bands"] = [rb]
+        out_assets[name] = asset
+    return out_assets
+
+
 def item_from_files(
     assets: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[str],
     *,
@@ -591,12 +714,6 @@ def item_from_files(
         A scale without an offset means offset 0, never the sensor table's (Landsat's -0.2
         belongs to Landsat's DNs); scales must be finite, in 1e-7..1, offsets within +-1.
     """
-    import rasterio
-    from rasterio.errors import RasterioError
-    from rasterio.warp import transform_bounds
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
     from icemap.checks import user_scale_offset
 
     instant = _parse_instant(datetime, end=False)  # validate now
@@ -606,99 +723,66 @@ def item_from_files(
     # offsets would otherwise reach the stacker as naive and aware times at once.
     datetime = instant.strftime("%Y-%m-%dT%H:%M:%SZ")
     scale, offset = user_scale_offset(scale, offset)
-    if isinstance(assets, (str, os.PathLike)):
-        if not band_map:
-            raise CatalogError("a single (multi-band) file needs band_map={'green': 3, ...} (CLI --band-map green=3,...)")
-        sources = {name: (Path(os.fspath(assets)), index) for name, index in band_map.items()}
-    else:
-        if band_map:
-            raise CatalogError("band_map goes with one multi-band file; with a file per band leave it out")
-        sources = {name: (Path(os.fspath(f)), 1) for name, f in assets.items()}
-    if not sources:
-        raise CatalogError("item_from_files needs at least one band file")
-    headers: dict[Path, tuple[Any, ...]] = {}
-    for name, (f, index) in sources.items():
-        if not f.exists():
-            raise CatalogError(f"file for band {name!r} does not exist: {f}")
-        try:
-            os.fsencode(f).decode("utf-8")
-        except UnicodeDecodeError:
-            # GDAL takes UTF-8 names only; a Latin-1 name from an old archive cannot be opened.
-            raise CatalogError(f"the file name {os.fsdecode(f)!r} is not valid UTF-8, which GDAL needs; rename "
-                               "the file (e.g. with convmv -f latin1 -t utf8)") from None
-        if f not in headers:
-            try:
-                with rasterio.open(f) as src:
-                    headers[f] = (list(src.transform)[:6], [src.height, src.width], src.bounds, src.crs, src.count,
-                                  src.nodata)
-            except RasterioError as exc:
-                raise CatalogError(f"cannot read {f} as a raster ({exc}); is it a complete GeoTIFF?") from None
-        count = headers[f][4]
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= count:
-            raise CatalogError(f"band {name!r}: index {index!r} is not a band of {f.name}, which has bands 1..{count} "
-                               "(1-based, as rasterio counts)")
-    first = next(iter(headers))
-    transform, shape, b, file_crs, _, file_nodata = headers[first]
-    for f, (t, sh, _, c, _, _) in headers.items():
-        if (t, sh) != (transform, shape) or c != file_crs:
-            raise CatalogError(f"{f.name} and {first.name} are not on one grid (transform, shape or CRS differ); "
-                               "give files of one grid per item")
-    try:
-        target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
-    except CRSError as exc:
-        raise CatalogError(f"cannot understand crs={crs!r}: {exc}; use e.g. 'EPSG:32611'") from None
-    epsg = target.to_epsg() if target is not None else None
-    own = CRS.from_user_input(file_crs).to_epsg() if file_crs else None
-    if crs is not None and own is not None and target is not None and own != epsg:
-        # crs= names the files' own CRS (for WKT without a code); taking another zone's code
-        # would put the pixels hundreds of kilometres away (a 1 x 1 px all-NaN cube).
-        raise CatalogError(
-            f"{first.name} is in EPSG:{own}, not {crs}; crs= states the files' own CRS where they carry no EPSG "
-            f"code. To warp them to {crs}, load them with crs= (CLI: ingest --crs does that)"
-        )
-    if epsg is None:
-        raise NoEPSGError(
-            f"{first} has no CRS with an EPSG code; pass crs='EPSG:NNNN' (the "
-            "equivalent code, e.g. EPSG:32611 for a custom 'UTM zone 11N' WKT)"
-        )
-    # Densified edges: a polar grid's footprint reaches past its corners, and GDAL reports a box
-    # across the antimeridian with west > east (STAC's convention) and one around a pole to +-90.
-    w, s, e, n = transform_bounds(target, "EPSG:4326", b.left, b.bottom, b.right, b.top, densify_pts=21)
-    if w > e:
-        geometry: dict[str, Any] = {"type": "MultiPolygon", "coordinates": [
-            [[[w, s], [180.0, s], [180.0, n], [w, n], [w, s]]], [[[-180.0, s], [e, s], [e, n], [-180.0, n], [-180.0, s]]]]}
-    else:
-        geometry = {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    sources = _file_sources(assets, band_map)
+    headers = _read_headers(sources)
+    first, (transform, shape, b, file_crs, _, file_nodata) = _one_grid(headers)
+    target, epsg = _files_epsg(crs, file_crs, first)
+    bbox, geometry = _footprint(target, b)
     props: dict[str, Any] = {"datetime": datetime, "proj:epsg": epsg, "proj:transform": transform,
                              "proj:shape": shape, **dict(properties or {})}
     if platform:
         props["platform"] = platform
-    if nodata is None:
-        nodata = file_nodata
-    out_assets: dict[str, Any] = {}
-    for name, (f, index) in sources.items():
-        path = str(f.resolve())
-        asset: dict[str, Any] = {
-            # vrt://...?bands=k: GDAL (>= 3.7) exposes band k of the file as a one-band dataset.
-            "href": f"vrt://{path}?bands={index}" if headers[f][4] > 1 else path,
-            "type": "image/tiff; application=geotiff",
-            "roles": ["data"],
-        }
-        rb = {k: float(v) for k, v in (("scale", scale), ("offset", offset), ("nodata", nodata)) if v is not None}
-        if rb:
-            asset["raster:bands"] = [rb]
-        out_assets[name] = asset
+    out_assets = _file_assets(sources, headers, scale, offset, file_nodata if nodata is None else nodata)
     return {
         "type": "Feature",
         "stac_version": "1.0.0",
         "id": id,
         "collection": collection,
-        "bbox": [w, s, e, n],
+        "bbox": bbox,
         "geometry": geometry,
         "properties": props,
         "assets": out_assets,
         "links": [],
     }
+
+
+def _check_search_numbers(max_cloud: float | None, max_items: int | None, limit: int, timeout: float,
+                          retries: int) -> float | None:
+    """Validate :func:`search`'s numbers now, not at iteration; return ``max_cloud`` as a float."""
+    if max_cloud is not None:
+        try:
+            max_cloud = float(max_cloud)
+        except (TypeError, ValueError):
+            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud!r}") from None
+        if not 0 <= max_cloud <= 100:
+            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud}")
+    if max_items is not None and max_items < 1:
+        raise SearchError(f"max_items must be at least 1, got {max_items}")
+    if limit < 1:
+        raise SearchError(f"limit (page size) must be at least 1, got {limit}")
+    if timeout <= 0:
+        raise SearchError(f"timeout must be positive seconds, got {timeout}")
+    if retries < 0:
+        raise SearchError(f"retries must be 0 or more, got {retries}")
+    return max_cloud
+
+
+def _catalog_location(catalog: str | os.PathLike[str]) -> str:
+    """The catalog as an http(s) URL or a local path (``file://`` URLs become paths)."""
+    cat = os.fspath(catalog)
+    if not cat:
+        raise SearchError("catalog is empty; give a STAC API URL or a path to a catalog or items")
+    scheme = urlparse(cat).scheme.lower()
+    if scheme == "file":
+        cat = urlparse(cat).path  # file:///abs/path -> /abs/path: read as a local catalog
+    elif len(scheme) > 1 and scheme not in ("http", "https"):
+        # (one-letter "schemes" are Windows drive letters: local paths)
+        raise SearchError(
+            f"catalog {cat!r} uses the unsupported URL scheme '{scheme}://'; give an http(s):// STAC "
+            "API or catalog URL, a file:// URL or a local path (copy catalogs from object stores "
+            "to local disk, or serve them over https)"
+        )
+    return cat
 
 
 def search(
@@ -762,38 +846,12 @@ def search(
         collections = [collections]
     if isinstance(platforms, str):
         platforms = [platforms]
-    if max_cloud is not None:
-        try:
-            max_cloud = float(max_cloud)
-        except (TypeError, ValueError):
-            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud!r}") from None
-        if not 0 <= max_cloud <= 100:
-            raise SearchError(f"max_cloud must be a percentage 0-100, got {max_cloud}")
-    if max_items is not None and max_items < 1:
-        raise SearchError(f"max_items must be at least 1, got {max_items}")
-    if limit < 1:
-        raise SearchError(f"limit (page size) must be at least 1, got {limit}")
-    if timeout <= 0:
-        raise SearchError(f"timeout must be positive seconds, got {timeout}")
-    if retries < 0:
-        raise SearchError(f"retries must be 0 or more, got {retries}")
+    max_cloud = _check_search_numbers(max_cloud, max_items, limit, timeout, retries)
     parse_datetime(datetime)  # validate now, not at iteration
     area = parse_intersects(intersects)
     if area is not None and bbox is not None:
         raise SearchError("give bbox or intersects, not both (a STAC API accepts one of them)")
-    cat = os.fspath(catalog)
-    if not cat:
-        raise SearchError("catalog is empty; give a STAC API URL or a path to a catalog or items")
-    scheme = urlparse(cat).scheme.lower()
-    if scheme == "file":
-        cat = urlparse(cat).path  # file:///abs/path -> /abs/path: read as a local catalog
-    elif len(scheme) > 1 and scheme not in ("http", "https"):
-        # (one-letter "schemes" are Windows drive letters: local paths)
-        raise SearchError(
-            f"catalog {cat!r} uses the unsupported URL scheme '{scheme}://'; give an http(s):// STAC "
-            "API or catalog URL, a file:// URL or a local path (copy catalogs from object stores "
-            "to local disk, or serve them over https)"
-        )
+    cat = _catalog_location(catalog)
     return Search(
         catalog=cat,
         collections=tuple(collections) if collections else None,
