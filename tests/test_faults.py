@@ -32,7 +32,7 @@ import zarr
 import icemap
 from icemap.cluster import local_cluster
 from icemap.errors import StoreWarning
-from icemap.stac import search
+from icemap.stac import STAC_RETRIES, search
 
 from .conftest import StacServer
 from .faultproxy import GATE_ENV, FaultProxy, KillOnExecute, gated_signer, wait_for
@@ -253,9 +253,9 @@ def test_cli_permanently_failing_api_is_a_clear_error(stac_api: StacServer, tmp_
     with FaultProxy(stac_api.url, [503], max_requests=100, max_seconds=120) as proxy:
         res = _run("ingest", "--catalog", proxy.url, "--out", str(tmp_path / "c.zarr"), "--quiet", timeout=120)
     assert res.returncode == 1
-    assert "failed after 5 retries" in res.stderr and "503" in res.stderr
+    assert f"failed after {STAC_RETRIES} retries" in res.stderr and "503" in res.stderr
     assert "Traceback" not in res.stderr
-    assert proxy.count(503) == 6  # the first try and 5 retries, then it stopped asking
+    assert proxy.count(503) == STAC_RETRIES + 1  # the first try and the retries, then it stopped asking
     assert not (tmp_path / "c.zarr").exists()
 
 

@@ -36,10 +36,11 @@ from icemap.cli_common import (
     safe,
 )
 from icemap.errors import IcemapError
+from icemap.stac import STAC_RETRIES, STAC_TIMEOUT_S
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
-                  retries: int = 5, timeout: float = 30.0, intersects: Path | None = None) -> Any:
+                  retries: int = STAC_RETRIES, timeout: float = STAC_TIMEOUT_S, intersects: Path | None = None) -> Any:
     from icemap.stac import search
 
     return search(
@@ -67,8 +68,8 @@ def search_cmd(
     platform: PlatformOpt = None,
     max_items: Annotated[Optional[int], typer.Option("--max-items", help="Stop after N items.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a GeoJSON FeatureCollection.")] = False,
-    retries: RetriesOpt = 5,
-    timeout: TimeoutOpt = 30.0,
+    retries: RetriesOpt = STAC_RETRIES,
+    timeout: TimeoutOpt = STAC_TIMEOUT_S,
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
     s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout,
@@ -118,8 +119,8 @@ def ingest_cmd(
     signer: Annotated[Optional[str], typer.Option("--signer", help="URL signer: planetary-computer or module:function.")] = None,
     no_qa: Annotated[bool, typer.Option("--no-qa", help="Scenes without QA_PIXEL: ingest them with nothing cloud-masked (recorded in the store).")] = False,
     engine: Annotated[Optional[str], typer.Option("--engine", help="Loader engine: auto (odc-stac), odc-stac or stackstac (pip install \"icemap[stackstac]\"); both give the same cube.")] = None,
-    retries: RetriesOpt = 5,
-    timeout: TimeoutOpt = 30.0,
+    retries: RetriesOpt = STAC_RETRIES,
+    timeout: TimeoutOpt = STAC_TIMEOUT_S,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -31,12 +31,24 @@ from urllib.parse import urlparse
 from icemap.errors import CatalogError, SearchError
 
 __all__ = ["Search", "search", "parse_bbox", "parse_intersects", "parse_datetime", "item_datetime", "item_from_files",
-           "property_filters"]
+           "property_filters", "STAC_TIMEOUT_S", "STAC_RETRIES", "STAC_BACKOFF_S", "STAC_RETRY_STATUS"]
 
 Bbox = tuple[float, float, float, float]
 Item = dict[str, Any]
 
-_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# The one home of the STAC request settings: search(), Search and the CLI's --timeout/--retries
+# take their defaults from here. A slow or briefly failing API (Planetary Computer under load,
+# a gateway restarting) answers within 30 s and comes back within 5 retries backing off from
+# 0.5 s (0.5, 1, 2, 4, 8 s: about 15 s in all); a dead one fails in well under a minute.
+# GDAL's retries of pixel reads live in icemap.reader.GDAL_RETRY.
+#: Seconds to wait for each STAC request.
+STAC_TIMEOUT_S: float = 30.0
+#: Retries of failed connections, time-outs and :data:`STAC_RETRY_STATUS` answers.
+STAC_RETRIES: int = 5
+#: Backoff factor: the n-th retry waits ``STAC_BACKOFF_S * 2**n`` seconds.
+STAC_BACKOFF_S: float = 0.5
+#: HTTP statuses a STAC request is retried on (timeout, rate limit, server errors).
+STAC_RETRY_STATUS: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
 
 
 def parse_bbox(bbox: Sequence[float] | str | None) -> Bbox | None:
@@ -170,9 +182,9 @@ class Search:
     #: A lon/lat GeoJSON geometry the items must intersect (instead of ``bbox``).
     intersects: Mapping[str, Any] | None = field(default=None, compare=False)
     limit: int = 100
-    timeout: float = 30.0
-    retries: int = 5
-    backoff: float = 0.5
+    timeout: float = STAC_TIMEOUT_S
+    retries: int = STAC_RETRIES
+    backoff: float = STAC_BACKOFF_S
     headers: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     # -- what the search asks for, as plain data (provenance, CLI --json) ------------------
@@ -257,7 +269,7 @@ class Search:
             read=self.retries,
             status=self.retries,
             backoff_factor=self.backoff,
-            status_forcelist=_RETRY_STATUS,
+            status_forcelist=STAC_RETRY_STATUS,
             # POST searches are idempotent reads; retry them like GETs.
             allowed_methods=frozenset({"GET", "POST"}),
             raise_on_status=True,
@@ -795,9 +807,9 @@ def search(
     platforms: str | Sequence[str] | None = None,
     max_items: int | None = None,
     limit: int = 100,
-    timeout: float = 30.0,
-    retries: int = 5,
-    backoff: float = 0.5,
+    timeout: float = STAC_TIMEOUT_S,
+    retries: int = STAC_RETRIES,
+    backoff: float = STAC_BACKOFF_S,
     headers: Mapping[str, str] | None = None,
     intersects: Any = None,
 ) -> Search:
@@ -832,7 +844,8 @@ def search(
         Page size asked of an API.
     timeout, retries, backoff
         Per-request timeout in seconds; retries of failed connections, time-outs and
-        408/429/5xx answers, GET and POST alike, waiting ``backoff * 2**n`` seconds between them.
+        408/429/5xx answers, GET and POST alike, waiting ``backoff * 2**n`` seconds between them
+        (defaults :data:`STAC_TIMEOUT_S`, :data:`STAC_RETRIES`, :data:`STAC_BACKOFF_S`).
     headers
         Extra HTTP headers (e.g. an API key). They are never written to a store.
 
