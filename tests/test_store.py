@@ -118,6 +118,35 @@ def test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order(
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
+def test_wave_size_is_chosen_in_one_place_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """Local scheduler: the option, else two chunks per thread; distributed: one whole step,
+    and a write_wave the user set there is reported as not applied (never silently dropped)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from icemap.store import _wave_size
+
+    caplog.set_level("DEBUG", logger="icemap.store")
+    with dask.config.set(scheduler="threads", num_workers=3):
+        assert _wave_size(40) == 6
+        assert "two per thread" in caplog.text
+        with icemap.set_options(write_wave=5):
+            assert _wave_size(40) == 5
+    caplog.clear()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        assert _wave_size(40) == 40
+        assert not _info(caplog)
+        with icemap.set_options(write_wave=5):
+            assert _wave_size(40) == 40
+        (info,) = _info(caplog)
+        assert "write_wave=5 is not applied" in info.getMessage()
+
+
+def _info(caplog: pytest.LogCaptureFixture) -> list[Any]:
+    return [r for r in caplog.records if r.name == "icemap.store" and r.levelname == "INFO"]
+
+
 def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, reference: Any) -> None:
     """A crash in the middle of a step: some chunks written, some garbage, flag not set."""
     path = tmp_path / "c.zarr"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import warnings
@@ -439,6 +440,7 @@ def _encoding(ds: Any, cy: int, cx: int, zarr_format: int) -> dict[str, dict[str
 # _write_steps). Task keys cannot be used for that: optimisation may fuse the last flag into
 # the graph's final task under another name. Processes of a distributed cluster never see it.
 _LOCAL_FLAGS: dict[str, queue.SimpleQueue[int]] = {}
+_log = logging.getLogger(__name__)
 
 
 def _mark_complete(written: np.ndarray, *previous: np.ndarray, flags: Any, index: int, run: str) -> np.ndarray:
@@ -511,23 +513,50 @@ def _waves(steps: int, rows: int, row_chunks: int, max_chunks: int) -> list[list
     return waves
 
 
-def _wave_chunks(ds: Any) -> int:
-    """Spatial chunks a wave may hold: the ``write_wave`` option, else two per thread.
+def _wave_size(step_chunks: int) -> int:
+    """Spatial chunks one wave of a store write may hold, and why (logged at DEBUG/INFO).
 
-    Two per thread keep every thread busy while a wave's last chunks are written (measured on
-    the 4096-px map job: within 2 % of one unbounded graph), and bound what reads can run ahead
-    (NDSI ingest, 512 -> 2048 px, when waves of slabs still ran on clusters too: peak worker
-    memory x1.11, x1.19 with four per thread, x1.37 with no waves).
+    The one place that decides it, for every store write (:func:`_write_steps`):
+
+    * on a **distributed** cluster, one whole time step (``step_chunks``): slabs of one step in
+      successive computes share upstream tasks (a U-Net's halo reads), and a key resubmitted
+      while the cluster was still releasing it failed on a dask-gateway worker with a
+      ``KeyError``. Whole steps share none, so memory is bounded by one step there. A
+      ``write_wave`` option set by the user is not applied there, and an INFO record says so;
+    * else the ``write_wave`` option when set;
+    * else two chunks per thread of the local scheduler. Two per thread keep every thread busy
+      while a wave's last chunks are written (measured on the 4096-px map job: within 2 % of one
+      unbounded graph), and bound what reads can run ahead (NDSI ingest, 512 -> 2048 px, when
+      waves of slabs still ran on clusters too: peak worker memory x1.11, x1.19 with four per
+      thread, x1.37 with no waves).
+
+    Parameters
+    ----------
+    step_chunks
+        Spatial chunks of one time step (row blocks x column blocks).
+
+    Returns
+    -------
+    int
+        At least 1.
     """
-    chunks = get_option("write_wave")
-    if chunks is None:
-        import dask
+    option = get_option("write_wave")
+    if _distributed_client() is not None:
+        if option is not None:
+            _log.info("write_wave=%s is not applied on a distributed cluster: a wave is one whole time step "
+                      "(%d chunks), so slabs of a step never share upstream tasks across computes",
+                      option, step_chunks)
+        else:
+            _log.debug("distributed cluster: a wave is one whole time step (%d chunks)", step_chunks)
+        return max(int(step_chunks), 1)
+    if option is not None:
+        _log.debug("a wave holds %d chunks: the write_wave option", option)
+        return max(int(option), 1)
+    import dask
 
-        client = _distributed_client()
-        threads = sum(client.nthreads().values()) if client is not None else (
-            dask.config.get("num_workers", None) or os.cpu_count() or 1)
-        chunks = 2 * int(threads)
-    return max(int(chunks), 1)
+    threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    _log.debug("a wave holds %d chunks: two per thread of the local scheduler (%d threads)", 2 * threads, threads)
+    return max(2 * threads, 1)
 
 
 def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
@@ -541,7 +570,7 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
     not hold back reads that are not root tasks, as the loader's are), so a worker's memory
     would grow with the area; a wave holds at most a few chunks per thread (the
     ``write_wave`` option, default two per thread), whatever the area. On a distributed
-    cluster a wave is one whole time step (see the comment below), as before the waves.
+    cluster a wave is one whole time step, as before the waves (:func:`_wave_size` decides).
 
     Each step's ``complete`` flag is a task of the wave holding the step's last slab; it
     depends on that wave's store tasks of the step *and* on the previous step's flag, so
@@ -567,14 +596,7 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
         if progress is not None:
             progress(len(done), len(steps), label)
 
-    max_chunks = _wave_chunks(ds)
-    if _distributed_client() is not None:
-        # On a cluster a wave is one whole step: slabs of one step in successive computes share
-        # upstream tasks (a U-Net's halo reads), and a key resubmitted while the cluster was
-        # still releasing it failed on a dask-gateway worker with a KeyError. Whole steps share
-        # none, so memory is bounded by one step there, not by a slab.
-        max_chunks = y_blocks * x_blocks
-    for wave in _waves(len(steps), y_blocks, x_blocks, max_chunks):
+    for wave in _waves(len(steps), y_blocks, x_blocks, _wave_size(y_blocks * x_blocks)):
         targets: list[Any] = []
         flags: list[tuple[Any, str]] = []
         previous: list[Any] = []
