@@ -102,6 +102,131 @@ def _nice_length(span_m: float) -> float:
     return float(max(m * k for m in (1, 2, 5) if m * k <= target))
 
 
+def _map_background(cube: Any, ice_t: Any, max_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                    tuple[float, float, float, float]]:
+    """The false-colour background, the ice share per background pixel, its nodata mask and bounds.
+
+    Both are averaged down lazily to at most ``max_size`` pixels a side before computing.
+    """
+    from icemap.quicklook import _coarsen, false_colour
+
+    # The background is the cube's date nearest the product's step: the same date for a product
+    # mapped from this cube, a date of that season for a yearly composite.
+    frame = cube["reflectance"].sel(time=ice_t["time"].values, method="nearest")
+    factor = int(np.ceil(max(frame.sizes["y"], frame.sizes["x"]) / max_size))
+    small = _coarsen(frame, factor, "mean")
+    rgb = false_colour(small)
+    nodata = np.isnan(np.asarray(small.values, dtype=np.float32)).any(axis=0)
+    ice_share = np.asarray(_coarsen((ice_t == 1).astype(np.float32), factor, "mean").values)
+    bounds = small.rio.bounds() if hasattr(small, "rio") else frame.rio.bounds()
+    return rgb, ice_share, nodata, bounds
+
+
+def _draw_ice(ax: Any, rgb: np.ndarray, ice_share: np.ndarray, nodata: np.ndarray,
+              extent: tuple[float, float, float, float]) -> list[Any]:
+    """Draw the background and the ice overlay (nodata greyed); return their legend handles."""
+    from matplotlib.patches import Patch
+
+    ax.imshow(rgb, extent=extent, interpolation="nearest")
+    overlay = np.zeros((*ice_share.shape, 4), np.float32)
+    overlay[..., :3] = _ICE_RGBA[:3]
+    overlay[..., 3] = _ICE_RGBA[3] * np.clip(ice_share, 0, 1)
+    overlay[nodata] = _NODATA_RGBA
+    ax.imshow(overlay, extent=extent, interpolation="nearest")
+    return [Patch(facecolor=_ICE_RGBA, label="mapped ice"), Patch(facecolor=_NODATA_RGBA, label="no data (cloud, fill)")]
+
+
+def _draw_outlines(fig: Any, ax: Any, outlines: Any, change: Any, ice: Any, *, crs: Any, id_column: str | None,
+                   min_observed: float | None) -> list[Any]:
+    """Draw the reference outlines, yellow or (with ``change``) coloured by trend; return legend handles."""
+    from matplotlib.patches import Patch
+
+    from icemap.labels import read_outlines
+
+    gdf = read_outlines(outlines, crs=crs)
+    if change is not None:
+        return _draw_trend_outlines(fig, ax, gdf, change, ice, id_column=id_column, min_observed=min_observed)
+    gdf.boundary.plot(ax=ax, color="#ffe600", linewidth=0.8)
+    return [Patch(facecolor="none", edgecolor="#ffe600", label="reference outline")]
+
+
+def _draw_trend_outlines(fig: Any, ax: Any, gdf: Any, change: Any, ice: Any, *, id_column: str | None,
+                         min_observed: float | None) -> list[Any]:
+    """Outlines coloured by each glacier's area trend (%/yr), solid where significant, with a colour bar.
+
+    The colour range is symmetric about 0 at the 95th percentile of the absolute trends, so one
+    outlier glacier does not wash out the others. Glaciers without a trend stay yellow.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Patch
+
+    from icemap.labels import glacier_ids
+    from icemap.series import trends
+
+    handles: list[Any] = []
+    _, table = glacier_ids(gdf, ice, id_column=id_column)
+    trend = change if "rate_pct_per_yr" in change.columns else trends(change, min_observed=min_observed,
+                                                                       region=False)
+    trend = trend.set_index(trend["glacier_id"].astype(str))
+    ids_ = table["glacier_id"].astype(str)
+    values = ids_.map(trend["rate_pct_per_yr"]).to_numpy(dtype=np.float64)
+    signif = ids_.map(trend["significant"].fillna(False)).fillna(False).to_numpy(dtype=bool)
+    finite = values[np.isfinite(values)]
+    lim = float(np.nanpercentile(np.abs(finite), 95)) if finite.size else 1.0
+    lim = lim if lim > 0 else 1.0
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    table = table.assign(_rate=values)
+    none = table[~np.isfinite(values)]
+    if len(none):
+        none.boundary.plot(ax=ax, color="#ffe600", linewidth=0.8)  # glaciers without a trend
+    handles.append(Patch(facecolor="none", edgecolor="#ffe600",
+                         label="outline, no trend (< 2 well observed season-years)"))
+    for sig, style in ((True, "solid"), (False, "dashed")):
+        has = table[np.isfinite(values) & (signif == sig)]
+        if len(has):
+            has.set_geometry(has.boundary).plot(ax=ax, column="_rate", cmap="RdBu", norm=norm,
+                                                linewidth=1.4, linestyle=style)
+    from matplotlib.lines import Line2D
+
+    handles.append(Line2D([], [], color="#555", linestyle="dashed", label="trend not significant (2 sigma)"))
+    from matplotlib.cm import ScalarMappable
+
+    sm = ScalarMappable(norm=norm, cmap="RdBu")
+    fig.colorbar(sm, ax=ax, shrink=0.7, extend="both",
+                 label="outline colour: area trend over season-years, %/yr (red loss, blue gain)")
+    return handles
+
+
+def _draw_scale_bar(ax: Any, left: float, right: float, bottom: float, top: float) -> None:
+    """A scale bar of a round length in the lower right, white on a half-transparent black box."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    length = _nice_length(right - left)
+    label = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
+    ax.add_artist(AnchoredSizeBar(ax.transData, length, label, "lower right", pad=0.6, color="white",
+                                  frameon=True, size_vertical=(top - bottom) / 150, label_top=True))
+    ax.artists[-1].patch.set_facecolor("black")
+    ax.artists[-1].patch.set_alpha(0.5)
+
+
+def _label_map(ax: Any, cube: Any, attrs: dict[str, Any], crs: Any, dates: Any, when: Any,
+               title: str | None) -> None:
+    """Axis labels, the title (dates, method, CRS) and the data credit in the map's lower left."""
+    import pandas as pd
+
+    ax.set_xlabel("easting (m)")
+    ax.set_ylabel("northing (m)")
+    ax.ticklabel_format(style="plain", useOffset=False)
+    ax.tick_params(labelsize=7)
+    crs_name = crs.to_string() if crs is not None else "no CRS"
+    first = title or f"Mapped ice, {_dates_text(dates)}"
+    label = "" if dates[0] <= when <= dates[1] + pd.Timedelta(days=1) else f"; product step {when:%Y-%m-%d}"
+    ax.set_title(f"{first}\n{method_text(attrs)}; false colour SWIR1/NIR/green; {crs_name}{label}", fontsize=9.5)
+    # The credit sits in the map's lower left, as map attributions do: the legend is below the map.
+    ax.text(0.01, 0.01, credit_line(cube, dates), transform=ax.transAxes, fontsize=6.5, color="white", ha="left",
+            va="bottom", gid="credit", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5, "linewidth": 0})
+
+
 def map_figure(
     cube: Any,
     pred: Any,
@@ -153,12 +278,8 @@ def map_figure(
     _require()
     import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-    from icemap.quicklook import _coarsen, false_colour
     from icemap.series import _as_ice
 
     if "reflectance" not in cube:
@@ -169,88 +290,21 @@ def map_figure(
     ice_t = _pick_time(ice, time)
     when = pd.Timestamp(ice_t["time"].values)
     dates = source_date_range(cube, ice_t["time"].values)
-    # The background is the cube's date nearest the product's step: the same date for a product
-    # mapped from this cube, a date of that season for a yearly composite.
-    frame = cube["reflectance"].sel(time=ice_t["time"].values, method="nearest")
-    factor = int(np.ceil(max(frame.sizes["y"], frame.sizes["x"]) / max_size))
-    small = _coarsen(frame, factor, "mean")
-    rgb = false_colour(small)
-    nodata = np.isnan(np.asarray(small.values, dtype=np.float32)).any(axis=0)
-    ice_share = np.asarray(_coarsen((ice_t == 1).astype(np.float32), factor, "mean").values)
-    left, bottom, right, top = small.rio.bounds() if hasattr(small, "rio") else frame.rio.bounds()
-    extent = (left, right, bottom, top)
+    rgb, ice_share, nodata, (left, bottom, right, top) = _map_background(cube, ice_t, max_size)
 
     fig = Figure(figsize=(8.5, 7.8), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.imshow(rgb, extent=extent, interpolation="nearest")
-    overlay = np.zeros((*ice_share.shape, 4), np.float32)
-    overlay[..., :3] = _ICE_RGBA[:3]
-    overlay[..., 3] = _ICE_RGBA[3] * np.clip(ice_share, 0, 1)
-    overlay[nodata] = _NODATA_RGBA
-    ax.imshow(overlay, extent=extent, interpolation="nearest")
-    handles = [Patch(facecolor=_ICE_RGBA, label="mapped ice"), Patch(facecolor=_NODATA_RGBA, label="no data (cloud, fill)")]
+    handles = _draw_ice(ax, rgb, ice_share, nodata, (left, right, bottom, top))
     if outlines is not None:
-        from icemap.labels import glacier_ids, read_outlines
-
-        gdf = read_outlines(outlines, crs=crs)
-        if change is not None:
-            from icemap.series import trends
-
-            _, table = glacier_ids(gdf, ice, id_column=id_column)
-            trend = change if "rate_pct_per_yr" in change.columns else trends(change, min_observed=min_observed,
-                                                                               region=False)
-            trend = trend.set_index(trend["glacier_id"].astype(str))
-            ids_ = table["glacier_id"].astype(str)
-            values = ids_.map(trend["rate_pct_per_yr"]).to_numpy(dtype=np.float64)
-            signif = ids_.map(trend["significant"].fillna(False)).fillna(False).to_numpy(dtype=bool)
-            finite = values[np.isfinite(values)]
-            lim = float(np.nanpercentile(np.abs(finite), 95)) if finite.size else 1.0
-            lim = lim if lim > 0 else 1.0
-            norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
-            table = table.assign(_rate=values)
-            none = table[~np.isfinite(values)]
-            if len(none):
-                none.boundary.plot(ax=ax, color="#ffe600", linewidth=0.8)  # glaciers without a trend
-            handles.append(Patch(facecolor="none", edgecolor="#ffe600",
-                                 label="outline, no trend (< 2 well observed season-years)"))
-            for sig, style in ((True, "solid"), (False, "dashed")):
-                has = table[np.isfinite(values) & (signif == sig)]
-                if len(has):
-                    has.set_geometry(has.boundary).plot(ax=ax, column="_rate", cmap="RdBu", norm=norm,
-                                                        linewidth=1.4, linestyle=style)
-            from matplotlib.lines import Line2D
-
-            handles.append(Line2D([], [], color="#555", linestyle="dashed", label="trend not significant (2 sigma)"))
-            from matplotlib.cm import ScalarMappable
-
-            sm = ScalarMappable(norm=norm, cmap="RdBu")
-            fig.colorbar(sm, ax=ax, shrink=0.7, extend="both",
-                         label="outline colour: area trend over season-years, %/yr (red loss, blue gain)")
-        else:
-            gdf.boundary.plot(ax=ax, color="#ffe600", linewidth=0.8)
-            handles.append(Patch(facecolor="none", edgecolor="#ffe600", label="reference outline"))
+        handles += _draw_outlines(fig, ax, outlines, change, ice, crs=crs, id_column=id_column,
+                                  min_observed=min_observed)
     _graticule(ax, crs, (left, right, bottom, top))
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
-    length = _nice_length(right - left)
-    label = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
-    ax.add_artist(AnchoredSizeBar(ax.transData, length, label, "lower right", pad=0.6, color="white",
-                                  frameon=True, size_vertical=(top - bottom) / 150, label_top=True))
-    ax.artists[-1].patch.set_facecolor("black")
-    ax.artists[-1].patch.set_alpha(0.5)
+    _draw_scale_bar(ax, left, right, bottom, top)
     fig.legend(handles=handles, loc="outside lower center", ncols=2, framealpha=0.85, fontsize=8)
-    ax.set_xlabel("easting (m)")
-    ax.set_ylabel("northing (m)")
-    ax.ticklabel_format(style="plain", useOffset=False)
-    ax.tick_params(labelsize=7)
-    crs_name = crs.to_string() if crs is not None else "no CRS"
-    first = title or f"Mapped ice, {_dates_text(dates)}"
-    label = "" if dates[0] <= when <= dates[1] + pd.Timedelta(days=1) else f"; product step {when:%Y-%m-%d}"
-    ax.set_title(f"{first}\n{method_text(attrs)}; false colour SWIR1/NIR/green; {crs_name}{label}", fontsize=9.5)
-    # The credit sits in the map's lower left, as map attributions do: the legend is below the map.
-    ax.text(0.01, 0.01, credit_line(cube, dates), transform=ax.transAxes, fontsize=6.5, color="white", ha="left",
-            va="bottom", gid="credit", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5, "linewidth": 0})
+    _label_map(ax, cube, attrs, crs, dates, when, title)
     return fig
 
 
