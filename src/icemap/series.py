@@ -274,7 +274,6 @@ def glacier_series(
         geographic CRS.
     """
     import pandas as pd
-    import shapely
 
     from icemap.labels import check_outlines_overlap, glacier_ids
     from icemap.options import resolve
@@ -288,22 +287,12 @@ def glacier_series(
     dx, dy = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
     gdf = check_outlines_overlap(reference, ice)
     ids, table = glacier_ids(gdf, ice, id_column=id_column)
-    n = int(table["gid"].max())
-    counts = glacier_counts(ice, ids, n).values  # (time, stat, gid)
+    counts = glacier_counts(ice, ids, int(table["gid"].max())).values  # (time, stat, gid)
     gids = table["gid"].to_numpy()
     c = counts[:, :, gids]  # (time, stat, glacier) in table order
     pixels, valid, icepx, ex, ey = (c[:, i].astype(np.float64) for i in range(5))
-    # Share of each outline's area on the grid: 1 exactly for outlines inside it.
-    grid = shapely.box(*ice.rio.bounds())
-    geoms = np.asarray(table.geometry.array, dtype=object)
-    inside = shapely.within(geoms, grid)
-    on_grid = np.ones(len(table))
-    part = ~inside
-    if part.any():
-        area = shapely.area(geoms[part])
-        on_grid[part] = np.where(area > 0, shapely.area(shapely.intersection(geoms[part], grid)) / area, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        observed = np.where(pixels > 0, valid / pixels, np.nan) * on_grid
+        observed = np.where(pixels > 0, valid / pixels, np.nan) * _share_on_grid(table, ice)
     perimeter_m = ex * dy + ey * dx
     buffer_m = buffer_px * 0.5 * (dx + dy)
     times = pd.DatetimeIndex(ice["time"].values)
@@ -318,8 +307,35 @@ def glacier_series(
         "outline_area_km2": np.tile(table["outline_area_km2"].to_numpy(np.float64), n_t),
         "_gid": np.tile(gids, n_t),
     })
-    # Glaciers in the outlines' order, each in time order; rates within each glacier (by gid,
-    # so repeated ids in an inventory stay apart).
+    frame = _with_step_changes(frame, min_observed)
+    frame.attrs = {"id_column": id_column or "auto", "buffer_px": buffer_px, "pixel_area_m2": px_m2,
+                   "min_observed": min_observed, "crs": ice.rio.crs.to_string()}
+    return frame[list(SERIES_COLUMNS)]
+
+
+def _share_on_grid(table: Any, ice: Any) -> np.ndarray:
+    """Share of each outline's area on the grid: 1 exactly for outlines inside it.
+
+    An outline half off the image can be at most half observed, whatever its pixels say.
+    """
+    import shapely
+
+    grid = shapely.box(*ice.rio.bounds())
+    geoms = np.asarray(table.geometry.array, dtype=object)
+    inside = shapely.within(geoms, grid)
+    on_grid = np.ones(len(table))
+    part = ~inside
+    if part.any():
+        area = shapely.area(geoms[part])
+        on_grid[part] = np.where(area > 0, shapely.area(shapely.intersection(geoms[part], grid)) / area, 0.0)
+    return on_grid
+
+
+def _with_step_changes(frame: Any, min_observed: float) -> Any:
+    """Sort glaciers in the outlines' order, each in time order, and add the step-to-step change columns.
+
+    Rates are computed within each glacier by gid, so repeated ids in an inventory stay apart.
+    """
     frame = frame.sort_values(["_gid", "time"], kind="stable", ignore_index=True)
     km2 = np.full(len(frame), np.nan)
     pct = np.full(len(frame), np.nan)
@@ -332,9 +348,7 @@ def glacier_series(
     frame["change_pct_per_yr"] = pct
     frame["change_note"] = notes.astype(str)
     frame["glacier_id"] = frame["glacier_id"].astype(str)
-    frame.attrs = {"id_column": id_column or "auto", "buffer_px": buffer_px, "pixel_area_m2": px_m2,
-                   "min_observed": min_observed, "crs": ice.rio.crs.to_string()}
-    return frame[list(SERIES_COLUMNS)]
+    return frame
 
 
 def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[str, ...]) -> float:
