@@ -186,8 +186,6 @@ def polygonise(
     """
     import geopandas as gpd
     import pandas as pd
-    from rasterio.features import shapes
-    from shapely.geometry import shape
 
     from icemap.options import resolve
 
@@ -198,22 +196,9 @@ def polygonise(
     transform = ice.rio.transform(recalc=True)
     dx, dy = float(np.hypot(transform.a, transform.d)), float(np.hypot(transform.b, transform.e))
     buffer_m = buffer_px * 0.5 * (dx + dy)
-    meta = {**ice.attrs, **(attrs or {})}
-    method = str(meta.get("method", ""))
-    threshold = float(meta["threshold"]) if meta.get("threshold") is not None else np.nan
-    sha = str(meta.get("model_sha256", "") or "")
-    gid_raster: np.ndarray | None = None
-    names: np.ndarray | None = None
-    if reference is not None:
-        from icemap.labels import glacier_ids
-
-        ids, table = glacier_ids(reference, ice, id_column=id_column)
-        gid_raster = np.asarray(ids.values, dtype=np.int32)
-        names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
-        names[table["gid"].to_numpy()] = table["glacier_id"].astype(str).to_numpy()
+    provenance = _outline_provenance(ice, attrs)
+    key, names = _glacier_key(ice, reference, id_column)
     items = ice["item_ids"] if "item_ids" in ice.coords else None
-    # One value per glacier (0 outside all): shapes() then cuts patches at the outlines.
-    key = (gid_raster + 1 if gid_raster is not None else np.ones(ice.shape[-2:], np.int32)).astype(np.int32)
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(_times(ice)):
         frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
@@ -224,29 +209,76 @@ def polygonise(
         if items is not None:
             source = str(items.values[i] if items.ndim == 1 else items.values)
         when = pd.Timestamp(t).tz_localize("UTC") if t is not None else pd.NaT
-        for geom, value in shapes(key, mask=mask, connectivity=4, transform=transform):
-            poly = shape(geom)
-            # Pixel-edge polygons: their area is a whole number of pixels.
-            count = int(round(poly.area / px_m2))
-            if count * px_m2 < min_area_m2:
-                continue
-            rows.append({
-                "glacier_id": names[int(value) - 1] if names is not None else None,
-                "time": when, "source_item_ids": source, "method": method, "threshold": threshold,
-                "model_sha256": sha, "pixel_count": count, "area_km2": count * px_m2 / 1e6,
-                "area_uncertainty_km2": poly.length * buffer_m / 1e6, "geometry": poly,
-            })
+        step = {"time": when, "source_item_ids": source, **provenance}
+        rows += _step_outlines(mask, key, names, step, transform=transform, px_m2=px_m2,
+                               min_area_m2=min_area_m2, buffer_m=buffer_m)
     if not rows:
-        empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTLINE_COLUMNS})
-        empty["time"] = pd.Series([], dtype="datetime64[ns, UTC]")
-        empty["threshold"] = pd.Series([], dtype="float64")
-        empty["pixel_count"] = pd.Series([], dtype="int64")
-        for c in ("area_km2", "area_uncertainty_km2"):
-            empty[c] = pd.Series([], dtype="float64")
-        return gpd.GeoDataFrame(empty, geometry=gpd.GeoSeries([], crs=ice.rio.crs), crs=ice.rio.crs)
+        return _no_outlines(ice.rio.crs)
     gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ice.rio.crs)
     gdf["time"] = pd.to_datetime(gdf["time"], utc=True)
     return gdf.sort_values(["time", "area_km2"], ascending=[True, False], ignore_index=True)
+
+
+def _outline_provenance(ice: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """``method``, ``threshold`` (NaN if none) and ``model_sha256`` of the mask, ``attrs`` first."""
+    meta = {**ice.attrs, **(attrs or {})}
+    return {
+        "method": str(meta.get("method", "")),
+        "threshold": float(meta["threshold"]) if meta.get("threshold") is not None else np.nan,
+        "model_sha256": str(meta.get("model_sha256", "") or ""),
+    }
+
+
+def _glacier_key(ice: Any, reference: Any, id_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raster ``shapes()`` cuts patches by, and the glacier id of each of its values.
+
+    One value per glacier (1 outside all, gid + 1 inside), so patches are cut at the outlines'
+    edges; without ``reference`` one value everywhere and no names.
+    """
+    if reference is None:
+        return np.ones(ice.shape[-2:], np.int32), None
+    from icemap.labels import glacier_ids
+
+    ids, table = glacier_ids(reference, ice, id_column=id_column)
+    gid_raster = np.asarray(ids.values, dtype=np.int32)
+    names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
+    names[table["gid"].to_numpy()] = table["glacier_id"].astype(str).to_numpy()
+    return (gid_raster + 1).astype(np.int32), names
+
+
+def _step_outlines(mask: np.ndarray, key: np.ndarray, names: np.ndarray | None, step: dict[str, Any], *,
+                   transform: Any, px_m2: float, min_area_m2: float, buffer_m: float) -> list[dict[str, Any]]:
+    """The outline rows of one time step: one per 4-connected patch of ``mask`` within one key value."""
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    rows: list[dict[str, Any]] = []
+    for geom, value in shapes(key, mask=mask, connectivity=4, transform=transform):
+        poly = shape(geom)
+        # Pixel-edge polygons: their area is a whole number of pixels.
+        count = int(round(poly.area / px_m2))
+        if count * px_m2 < min_area_m2:
+            continue
+        rows.append({
+            "glacier_id": names[int(value) - 1] if names is not None else None,
+            **step, "pixel_count": count, "area_km2": count * px_m2 / 1e6,
+            "area_uncertainty_km2": poly.length * buffer_m / 1e6, "geometry": poly,
+        })
+    return rows
+
+
+def _no_outlines(crs: Any) -> Any:
+    """An empty outline table with the columns and dtypes of a full one (so concatenation keeps types)."""
+    import geopandas as gpd
+    import pandas as pd
+
+    empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTLINE_COLUMNS})
+    empty["time"] = pd.Series([], dtype="datetime64[ns, UTC]")
+    empty["threshold"] = pd.Series([], dtype="float64")
+    empty["pixel_count"] = pd.Series([], dtype="int64")
+    for c in ("area_km2", "area_uncertainty_km2"):
+        empty[c] = pd.Series([], dtype="float64")
+    return gpd.GeoDataFrame(empty, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
 def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
