@@ -352,6 +352,112 @@ def keep_resources() -> Any:
     return dask.config.set({"optimization.fuse.active": False})
 
 
+def _inference_settings(meta: Any, *, halo: int | None, tile: int | None, batch_size: int | None,
+                        threshold: float | None, mc_samples: int) -> tuple[int, int, int, int, float]:
+    """Resolve and check :func:`predict`'s settings against the model.
+
+    Returns ``(depth, halo, tile, batch_size, threshold)``: halo and tile rounded up to multiples
+    of ``2**depth`` (the U-Net's pooling factor), so windows line up with the network's grid.
+    """
+    from icemap.options import get_option
+
+    depth, exact_halo = model_context(meta)
+    m = 2**depth
+    if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
+        raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
+    tile = get_option("tile") if tile is None else tile
+    batch_size = get_option("batch_size") if batch_size is None else batch_size
+    if mc_samples < 0 or batch_size < 1 or tile < 1:
+        raise ModelError("mc_samples must be >= 0, batch_size and tile >= 1")
+    halo = exact_halo if halo is None else -(-max(0, int(halo)) // m) * m
+    tile = max(m, -(-int(tile) // m) * m)
+    thr = float(meta.threshold if threshold is None else threshold)
+    if not 0.0 < thr < 1.0:
+        raise ModelError(f"threshold must be a probability in (0, 1), got {thr}")
+    return depth, halo, tile, batch_size, thr
+
+
+def _input_blocks(cube: Any, x: Any, halo: int, m: int) -> tuple[Any, Any, tuple[int, int]]:
+    """The network input as dask blocks on multiples of ``m``, and the same with halos shared.
+
+    Returns ``(x, x_with_halos, (blocks_y, blocks_x))``. An input already in memory is checked
+    for plausible reflectance here (it costs nothing); a lazy cube stays lazy.
+    """
+    import dask.array as da
+
+    from icemap.options import get_option
+
+    if not isinstance(x, da.Array):
+        # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
+        from icemap.plausibility import check_reflectance
+
+        check_reflectance(cube, stacklevel=4)  # the caller of icemap.predict
+        x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
+    # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
+    cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
+    cx = _aligned_chunks(x.shape[3], max(x.chunks[3]), halo, m)
+    x = x.rechunk({0: 1, 1: -1, 2: cy, 3: cx})
+    nblocks = (len(cy), len(cx))
+    # Halos only along axes cut into several chunks: a single chunk already holds the whole axis
+    # (as the whole-array run does), and dask refuses a depth larger than the axis itself.
+    hy, hx = (halo if n > 1 else 0 for n in nblocks)
+    xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: hy, 3: hx}, boundary="none") if hy or hx else x
+    return x, xo, nblocks
+
+
+def _forward_graph(x: Any, xo: Any, ref: ModelRef, meta: Any, depth: int, halo: int, tile: int, batch_size: int,
+                   device: str, tta: bool, mc_samples: int, nblocks: tuple[int, int], *,
+                   gpu_resources: bool) -> Any:
+    """One forward-pass task per block: (time, 2, y, x) of probability and its spread.
+
+    With ``gpu_resources`` the tasks are annotated to need a ``GPU`` worker resource.
+    """
+    import dask
+    import dask.array as da
+
+    from icemap.model.inputs import Normalisation
+
+    norm = Normalisation.from_dict(meta.normalisation)
+    # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
+    # with its neighbours, which would drop the resource restriction on the way.
+    annotations = {"resources": {"GPU": 1}, "icemap": "unet-inference"} if gpu_resources else {}
+    with dask.annotate(**annotations):
+        return da.map_blocks(
+            _predict_block, xo, ref, norm, depth, halo, tile, batch_size, device, tta, mc_samples, nblocks,
+            chunks=(x.chunks[0], (2,), x.chunks[2], x.chunks[3]), dtype=np.float32,
+            name=f"icemap-unet-{dask.base.tokenize(xo, ref, halo, tile, batch_size, device, tta, mc_samples)}",
+            meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+        )
+
+
+def _prediction_dataset(both: Any, inputs: Any, ref: ModelRef, meta: Any, thr: float, *, halo: int, tta: bool,
+                        mc_samples: int, gpu_resources: bool) -> Any:
+    """Wrap probability, ice mask (thresholded in the kernel layer) and spread as a Dataset."""
+    import dask.array as da
+    import xarray as xr
+
+    prob = both[:, 0]
+    ice = da.map_blocks(probability_mask, prob, thr, dtype=np.uint8)
+    coords = {"time": inputs["time"], "y": inputs["y"], "x": inputs["x"]}
+    out = xr.Dataset(
+        {
+            "ice_probability": (("time", "y", "x"), prob, {
+                "long_name": "U-Net ice probability", "units": "1", "model_sha256": ref.sha256,
+                "halo": halo, "tta": int(tta), "mc_samples": mc_samples}),
+            "ice": (("time", "y", "x"), ice, {
+                "long_name": "ice mask", "flag_values": [0, 1], "flag_meanings": "no_ice ice",
+                "nodata": int(ICE_NODATA), "method": "unet", "threshold": thr}),
+        },
+        coords=coords,
+    )
+    if tta or mc_samples:
+        out["ice_probability_std"] = (("time", "y", "x"), both[:, 1],
+                                      {"long_name": "spread of the ice probability over TTA/MC samples"})
+    out.attrs = {"method": "unet", "model": ref.path, "model_sha256": ref.sha256,
+                 "channels": list(meta.channels), "threshold": thr, "gpu_resources": int(bool(gpu_resources))}
+    return out
+
+
 def predict(
     cube: Any,
     model: str | os.PathLike[str] | ModelRef | None = None,
@@ -415,12 +521,9 @@ def predict(
     from icemap.extras import require
 
     require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
-    import dask
-    import dask.array as da
-    import xarray as xr
 
     from icemap.model.checkpoint import read_metadata
-    from icemap.model.inputs import Normalisation, build_inputs
+    from icemap.model.inputs import build_inputs
 
     from icemap.model.packaged import resolve_model
 
@@ -429,73 +532,18 @@ def predict(
     if meta.kind == "onnx":
         require("onnx", "an imported ONNX model")
     meta.check_cube(cube)
-    depth, exact_halo = model_context(meta)
-    m = 2**depth
-    if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
-        raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
-    from icemap.options import get_option
-
-    tile = get_option("tile") if tile is None else tile
-    batch_size = get_option("batch_size") if batch_size is None else batch_size
-    if mc_samples < 0 or batch_size < 1 or tile < 1:
-        raise ModelError("mc_samples must be >= 0, batch_size and tile >= 1")
-    halo = exact_halo if halo is None else -(-max(0, int(halo)) // m) * m
-    tile = max(m, -(-int(tile) // m) * m)
-    thr = float(meta.threshold if threshold is None else threshold)
-    if not 0.0 < thr < 1.0:
-        raise ModelError(f"threshold must be a probability in (0, 1), got {thr}")
-
+    depth, halo, tile, batch_size, thr = _inference_settings(meta, halo=halo, tile=tile, batch_size=batch_size,
+                                                             threshold=threshold, mc_samples=mc_samples)
     inputs = build_inputs(cube, meta.channels, dem=dem)
-    x = inputs.data
-    if not isinstance(x, da.Array):
-        # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
-        from icemap.plausibility import check_reflectance
-
-        check_reflectance(cube, stacklevel=3)
-        x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
-    # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
-    cy = _aligned_chunks(x.shape[2], max(x.chunks[2]), halo, m)
-    cx = _aligned_chunks(x.shape[3], max(x.chunks[3]), halo, m)
-    x = x.rechunk({0: 1, 1: -1, 2: cy, 3: cx})
-    nblocks = (len(cy), len(cx))
-    # Halos only along axes cut into several chunks: a single chunk already holds the whole axis
-    # (as the whole-array run does), and dask refuses a depth larger than the axis itself.
-    hy, hx = (halo if n > 1 else 0 for n in nblocks)
-    xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: hy, 3: hx}, boundary="none") if hy or hx else x
-    norm = Normalisation.from_dict(meta.normalisation)
+    x, xo, nblocks = _input_blocks(cube, inputs.data, halo, 2**depth)
     if gpu_resources is None:
         from icemap.cluster import gpu_workers
 
         gpu_resources = gpu_workers()
-    # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
-    # with its neighbours, which would drop the resource restriction on the way.
-    annotations = {"resources": {"GPU": 1}, "icemap": "unet-inference"} if gpu_resources else {}
-    with dask.annotate(**annotations):
-        both = da.map_blocks(
-            _predict_block, xo, ref, norm, depth, halo, tile, batch_size, device, tta, mc_samples, nblocks,
-            chunks=(x.chunks[0], (2,), x.chunks[2], x.chunks[3]), dtype=np.float32,
-            name=f"icemap-unet-{dask.base.tokenize(xo, ref, halo, tile, batch_size, device, tta, mc_samples)}",
-            meta=np.empty((0, 0, 0, 0), dtype=np.float32),
-        )
-    prob = both[:, 0]
-    ice = da.map_blocks(probability_mask, prob, thr, dtype=np.uint8)
-    coords = {"time": inputs["time"], "y": inputs["y"], "x": inputs["x"]}
-    out = xr.Dataset(
-        {
-            "ice_probability": (("time", "y", "x"), prob, {
-                "long_name": "U-Net ice probability", "units": "1", "model_sha256": ref.sha256,
-                "halo": halo, "tta": int(tta), "mc_samples": mc_samples}),
-            "ice": (("time", "y", "x"), ice, {
-                "long_name": "ice mask", "flag_values": [0, 1], "flag_meanings": "no_ice ice",
-                "nodata": int(ICE_NODATA), "method": "unet", "threshold": thr}),
-        },
-        coords=coords,
-    )
-    if tta or mc_samples:
-        out["ice_probability_std"] = (("time", "y", "x"), both[:, 1],
-                                      {"long_name": "spread of the ice probability over TTA/MC samples"})
-    out.attrs = {"method": "unet", "model": ref.path, "model_sha256": ref.sha256,
-                 "channels": list(meta.channels), "threshold": thr, "gpu_resources": int(bool(gpu_resources))}
+    both = _forward_graph(x, xo, ref, meta, depth, halo, tile, batch_size, device, tta, mc_samples, nblocks,
+                          gpu_resources=gpu_resources)
+    out = _prediction_dataset(both, inputs, ref, meta, thr, halo=halo, tta=tta, mc_samples=mc_samples,
+                              gpu_resources=gpu_resources)
     from icemap.interop import keep_grid
 
     return keep_grid(out, cube)
