@@ -122,6 +122,141 @@ def _dates_of(idx: np.ndarray, days: np.ndarray) -> np.ndarray:
     return np.where(i >= 0, days[np.clip(i, 0, None)], np.nan)
 
 
+def _open_cube_arg(cube: Any, out: str | os.PathLike[str] | None) -> tuple[Any, str | None]:
+    """Open ``cube`` when it is a store path (never the output itself); return it and that path."""
+    if not isinstance(cube, (str, os.PathLike)):
+        return cube, None
+    from icemap.store import check_not_input, open_cube
+
+    if out is not None:
+        check_not_input(out, {"--cube": cube})
+    source = os.fspath(cube)
+    return open_cube(cube), source
+
+
+def _check_composite_inputs(cube: Any, rule: Rule | None,
+                            season: str | None) -> tuple[Any, str, str, tuple[int, int], dict[int, list[int]]]:
+    """Check the cube, resolve the rule and season, and group the time steps by season-year.
+
+    Returns ``(reflectance, rule, season, (green, swir16) band positions, {year: time positions})``;
+    a season that no time step falls in is an error that names the cube's dates.
+    """
+    import xarray as xr
+
+    if not isinstance(cube, xr.Dataset) or "reflectance" not in cube:
+        raise IcemapError("a composite needs a cube with a 'reflectance' variable; open it with icemap.open_cube")
+    refl = cube["reflectance"]
+    if refl.dims != ("time", "band", "y", "x"):
+        raise IcemapError(f"reflectance must have dims (time, band, y, x), not {refl.dims}")
+    rule = resolve("composite_rule", rule)
+    if rule not in COMPOSITE_RULES:  # pragma: no cover - the option's validator lists the same rules
+        raise IcemapError(f"rule must be one of {', '.join(COMPOSITE_RULES)}, got {rule!r}")
+    season = default_season(cube) if season is None else season
+    parse_season(season)
+    bands = _band_index(cube, "green"), _band_index(cube, "swir16")
+    groups = season_groups(cube["time"].values, season)
+    if not groups:
+        span = f"{str(cube['time'].values.min())[:10]} .. {str(cube['time'].values.max())[:10]}"
+        raise IcemapError(
+            f"no time step of the cube ({cube.sizes['time']} dates, {span}) falls in the season {season}; "
+            "give --season MM-DD/MM-DD covering some of them"
+        )
+    return refl, rule, season, bands, groups
+
+
+def _composite_layers(cube: Any, refl: Any, groups: Mapping[int, list[int]],
+                      rule: str, bands: tuple[int, int]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Per season-year, lazily: the composite reflectance, the clear count and the source date.
+
+    One kernel task per spatial chunk sees all the year's dates at once (the rule picks per pixel).
+    """
+    import dask.array as da
+
+    ig, isw = bands
+    data = refl.data if isinstance(refl.data, da.Array) else da.from_array(refl.values, chunks=(1, -1, -1, -1))
+    nb = refl.sizes["band"]
+    days_all = (cube["time"].values.astype("datetime64[s]").astype(np.float64)) / 86400.0
+    comps, counts, dates = [], [], []
+    for pos in groups.values():
+        block = data[pos].rechunk({0: -1, 1: -1})
+        stacked = da.map_blocks(_block, block, ig, isw, rule, dtype=np.float32, drop_axis=0,
+                                chunks=((nb + 2,), *block.chunks[2:]),
+                                meta=np.empty((0, 0, 0), np.float32))
+        comps.append(stacked[:nb])
+        counts.append(stacked[nb].astype(np.uint16))
+        days = days_all[pos]
+        dates.append(da.map_blocks(_dates_of, stacked[nb + 1], days=days, dtype=np.float64))
+    return comps, counts, dates
+
+
+def _composite_dataset(cube: Any, refl: Any, groups: Mapping[int, list[int]], season: str, comps: list[Any],
+                       counts: list[Any], dates: list[Any]) -> Any:
+    """Stack the yearly layers into the composite Dataset, labelled by each season's last day."""
+    import dask.array as da
+    import xarray as xr
+
+    _, end = parse_season(season)
+    years = list(groups)
+    ids = None
+    if "item_ids" in cube.coords:
+        ids = np.array([",".join(str(v) for v in cube["item_ids"].values[pos]) for pos in groups.values()],
+                       dtype=object)
+    times = np.array([np.datetime64(_season_end(y, end), "ns") for y in years])
+    ds = xr.Dataset(
+        {
+            "reflectance": (("time", "band", "y", "x"), da.stack(comps), {
+                k: v for k, v in refl.attrs.items() if k not in ("_FillValue", "grid_mapping", "coordinates")}),
+            "clear_count": (("time", "y", "x"), da.stack(counts),
+                            {"long_name": "clear observations in the season", "units": "1"}),
+            # Days since 1970-01-01 (float64: exact to the second, NaN = none) with CF time
+            # units: plain xarray decodes it to datetime64 (NaT where none), icemap's readers
+            # keep the number (the store's fill rules cover floats). source_dates() gives
+            # datetime64 from either.
+            "source_date": (("time", "y", "x"), da.stack(dates),
+                            {"long_name": "acquisition used (NaN/NaT: no clear observation, or the median "
+                                          "rule, whose value is no single date's)",
+                             "standard_name": "time", "units": "days since 1970-01-01 00:00:00",
+                             "calendar": "proleptic_gregorian"}),
+        },
+        coords={"time": times, "band": cube["band"].values, "y": cube["y"], "x": cube["x"]},
+    )
+    if ids is not None:
+        ds = ds.assign_coords(item_ids=("time", ids))
+    return keep_grid(ds, cube)
+
+
+def _composite_provenance(cube: Any, rule: str, season: str, groups: Mapping[int, list[int]],
+                          source: str | None) -> dict[str, Any]:
+    """The ``icemap:composite`` attribute: rule, season, the dates behind each year, the source."""
+    meta = {
+        "rule": rule,
+        "season": season,
+        "season_years": {str(y): [str(t)[:19] + "Z" for t in cube["time"].values[pos]] for y, pos in groups.items()},
+        "time_label": "last day of the season",
+        "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("sensor", "load", "search", "icemap_version")},
+    }
+    if source is not None:
+        meta["source_cube"] = os.path.abspath(source) if "://" not in source else source
+    return meta
+
+
+def _describe_composite(out: str | os.PathLike[str], source: str | None) -> None:
+    """Write the STAC description of a written composite, linked to its source cube when known."""
+    if source is not None:
+        from icemap.describe import item_path
+        from icemap.interop import resolve_store
+        from icemap.workflow import _exists, describe_run
+
+        store = resolve_store(source)
+        link = source if source.endswith(".json") else item_path(store)
+        describe_run(out, derived_from=[link if _exists(link) else store],
+                     description=f"icemap composite of {os.path.basename(store.rstrip('/'))}")
+    else:
+        from icemap.workflow import describe_run
+
+        describe_run(out, derived_from=[], description="icemap composite")
+
+
 def composite(
     cube: Any,
     out: str | os.PathLike[str] | None = None,
@@ -160,104 +295,17 @@ def composite(
         and for the median rule; :func:`source_dates` gives datetime64), ``item_ids`` per year;
         or, with ``out``, what the write did.
     """
-    import dask.array as da
-    import xarray as xr
-
-    source = None
-    if isinstance(cube, (str, os.PathLike)):
-        from icemap.store import check_not_input, open_cube
-
-        if out is not None:
-            check_not_input(out, {"--cube": cube})
-        source = os.fspath(cube)
-        cube = open_cube(cube)
-    if not isinstance(cube, xr.Dataset) or "reflectance" not in cube:
-        raise IcemapError("a composite needs a cube with a 'reflectance' variable; open it with icemap.open_cube")
-    refl = cube["reflectance"]
-    if refl.dims != ("time", "band", "y", "x"):
-        raise IcemapError(f"reflectance must have dims (time, band, y, x), not {refl.dims}")
-    rule = resolve("composite_rule", rule)
-    if rule not in COMPOSITE_RULES:  # pragma: no cover - the option's validator lists the same rules
-        raise IcemapError(f"rule must be one of {', '.join(COMPOSITE_RULES)}, got {rule!r}")
-    season = default_season(cube) if season is None else season
-    parse_season(season)
-    ig, isw = _band_index(cube, "green"), _band_index(cube, "swir16")
-    groups = season_groups(cube["time"].values, season)
-    if not groups:
-        span = f"{str(cube['time'].values.min())[:10]} .. {str(cube['time'].values.max())[:10]}"
-        raise IcemapError(
-            f"no time step of the cube ({cube.sizes['time']} dates, {span}) falls in the season {season}; "
-            "give --season MM-DD/MM-DD covering some of them"
-        )
-    _, end = parse_season(season)
-    data = refl.data if isinstance(refl.data, da.Array) else da.from_array(refl.values, chunks=(1, -1, -1, -1))
-    nb = refl.sizes["band"]
-    days_all = (cube["time"].values.astype("datetime64[s]").astype(np.float64)) / 86400.0
-    comps, counts, dates = [], [], []
-    for pos in groups.values():
-        block = data[pos].rechunk({0: -1, 1: -1})
-        stacked = da.map_blocks(_block, block, ig, isw, rule, dtype=np.float32, drop_axis=0,
-                                chunks=((nb + 2,), *block.chunks[2:]),
-                                meta=np.empty((0, 0, 0), np.float32))
-        comps.append(stacked[:nb])
-        counts.append(stacked[nb].astype(np.uint16))
-        days = days_all[pos]
-        dates.append(da.map_blocks(_dates_of, stacked[nb + 1], days=days, dtype=np.float64))
-    years = list(groups)
-    ids = None
-    if "item_ids" in cube.coords:
-        ids = np.array([",".join(str(v) for v in cube["item_ids"].values[pos]) for pos in groups.values()],
-                       dtype=object)
-    times = np.array([np.datetime64(_season_end(y, end), "ns") for y in years])
-    ds = xr.Dataset(
-        {
-            "reflectance": (("time", "band", "y", "x"), da.stack(comps), {
-                k: v for k, v in refl.attrs.items() if k not in ("_FillValue", "grid_mapping", "coordinates")}),
-            "clear_count": (("time", "y", "x"), da.stack(counts),
-                            {"long_name": "clear observations in the season", "units": "1"}),
-            # Days since 1970-01-01 (float64: exact to the second, NaN = none) with CF time
-            # units: plain xarray decodes it to datetime64 (NaT where none), icemap's readers
-            # keep the number (the store's fill rules cover floats). source_dates() gives
-            # datetime64 from either.
-            "source_date": (("time", "y", "x"), da.stack(dates),
-                            {"long_name": "acquisition used (NaN/NaT: no clear observation, or the median "
-                                          "rule, whose value is no single date's)",
-                             "standard_name": "time", "units": "days since 1970-01-01 00:00:00",
-                             "calendar": "proleptic_gregorian"}),
-        },
-        coords={"time": times, "band": cube["band"].values, "y": cube["y"], "x": cube["x"]},
-    )
-    if ids is not None:
-        ds = ds.assign_coords(item_ids=("time", ids))
-    ds = keep_grid(ds, cube)
-    meta = {
-        "rule": rule,
-        "season": season,
-        "season_years": {str(y): [str(t)[:19] + "Z" for t in cube["time"].values[pos]] for y, pos in groups.items()},
-        "time_label": "last day of the season",
-        "source_attrs": {k: v for k, v in cube.attrs.items() if k in ("sensor", "load", "search", "icemap_version")},
-    }
-    if source is not None:
-        meta["source_cube"] = os.path.abspath(source) if "://" not in source else source
-    ds.attrs = {"icemap:composite": meta}
+    cube, source = _open_cube_arg(cube, out)
+    refl, rule, season, bands, groups = _check_composite_inputs(cube, rule, season)
+    comps, counts, dates = _composite_layers(cube, refl, groups, rule, bands)
+    ds = _composite_dataset(cube, refl, groups, season, comps, counts, dates)
+    ds.attrs = {"icemap:composite": _composite_provenance(cube, rule, season, groups, source)}
     if fill_gaps_px is not None:
         ds = fill_gaps(ds, max_distance_px=fill_gaps_px)
     if out is None:
         return ds
     report = write_composite(ds, out, zarr_format=zarr_format, progress=progress)
-    if source is not None:
-        from icemap.describe import item_path
-        from icemap.interop import resolve_store
-        from icemap.workflow import _exists, describe_run
-
-        store = resolve_store(source)
-        link = source if source.endswith(".json") else item_path(store)
-        describe_run(out, derived_from=[link if _exists(link) else store],
-                     description=f"icemap composite of {os.path.basename(store.rstrip('/'))}")
-    else:
-        from icemap.workflow import describe_run
-
-        describe_run(out, derived_from=[], description="icemap composite")
+    _describe_composite(out, source)
     return report
 
 
