@@ -285,32 +285,69 @@ def map_cube(
     values that cannot be reflectance give an
     :class:`~icemap.errors.ImplausibleReflectanceWarning` naming ``--scale``/``--offset``.
     """
+    from icemap.store import open_cube
+
+    cube = _open_for_mapping(cube_path, method, outputs=(out, geotiff_dir, outlines_path, quicklook_path),
+                             dem=dem, reference=reference)
+    attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
+    product = _map_cube_product(cube, method, attrs, threshold=threshold, guards=guards, dem=dem, model=model,
+                                predict_options=predict_options)
+    report = _write_mapped_product(product, out, cube_path, attrs, dem=dem, predict_options=predict_options,
+                                   zarr_format=zarr_format, progress=progress)
+    stored = open_cube(out)
+    result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
+    others = _write_map_extras(result, cube, stored, geotiff_dir=geotiff_dir, outlines_path=outlines_path,
+                               quicklook_path=quicklook_path, reference=reference)
+    _describe_map(out, cube_path, method, others)
+    return result
+
+
+def _open_for_mapping(cube_path: str | os.PathLike[str], method: str, *, outputs: Sequence[Any], dem: Any,
+                      reference: Any) -> Any:
+    """Open the cube after checking that no output overwrites an input and the method is known.
+
+    A few chunks of the cube are checked for plausible reflectance first: values that cannot be
+    reflectance would map to nothing (or to everything) without a word.
+    """
     from icemap.errors import IcemapError
     from icemap.store import check_not_input, open_cube
 
-    for output in (out, geotiff_dir, outlines_path, quicklook_path):
+    for output in outputs:
         if output is not None:
             check_not_input(output, {"--cube": cube_path, "--dem": dem, "--reference": reference})
     cube = open_cube(cube_path)
-    attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
     if method not in ("ndsi", "unet"):
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
     from icemap.plausibility import check_reflectance
 
     # A few chunks of the cube: values that cannot be reflectance would map to nothing (or to
     # everything) without a word; the job reads the whole cube next anyway.
-    check_reflectance(cube, where=f"the cube {os.fspath(cube_path)}", stacklevel=3)
+    check_reflectance(cube, where=f"the cube {os.fspath(cube_path)}", stacklevel=4)  # the caller of map_cube
+    return cube
+
+
+def _map_cube_product(cube: Any, method: str, attrs: dict[str, Any], *, threshold: float | None,
+                      guards: Sequence[str], dem: Any, model: Any, predict_options: dict[str, Any] | None) -> Any:
+    """The lazy product of ``method`` (NDSI or U-Net); the model's identity goes into ``attrs``."""
+    from icemap.errors import IcemapError
+
     if method == "ndsi":
         if model is not None:
             raise IcemapError("--model is for --method unet; the NDSI method takes no model")
-        product = map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
-    else:
-        if guards:
-            raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
-        from icemap.infer import predict
+        return map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
+    if guards:
+        raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
+    from icemap.infer import predict
 
-        product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
-        attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
+    product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
+    attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
+    return product
+
+
+def _write_mapped_product(product: Any, out: str | os.PathLike[str], cube_path: str | os.PathLike[str],
+                          attrs: dict[str, Any], *, dem: Any, predict_options: dict[str, Any] | None,
+                          zarr_format: Literal[2, 3] | None, progress: Any) -> Any:
+    """Write the product store with the settings a resumed run must match (and GPU routing kept)."""
     import contextlib
 
     from icemap.infer import keep_resources
@@ -323,10 +360,17 @@ def map_cube(
     if dem is not None and not hasattr(dem, "dims"):
         settings["dem_sha256"] = _file_sha256(dem)
     with routing:
-        report = write_product(product, out, zarr_format=zarr_format, attrs=attrs, progress=progress,
-                               settings=settings)
-    stored = open_cube(out)
-    result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
+        return write_product(product, out, zarr_format=zarr_format, attrs=attrs, progress=progress,
+                             settings=settings)
+
+
+def _write_map_extras(result: MapResult, cube: Any, stored: Any, *, geotiff_dir: str | os.PathLike[str] | None,
+                      outlines_path: str | os.PathLike[str] | None, quicklook_path: str | os.PathLike[str] | None,
+                      reference: Any) -> list[tuple[str, Any]]:
+    """The optional COGs, outlines and quicklook, from the stored product; recorded in ``result``.
+
+    Returns the (kind, path) pairs the run's STAC description lists beside the store.
+    """
     others: list[tuple[str, Any]] = []
     if geotiff_dir is not None:
         from icemap.export import export_geotiffs
@@ -348,6 +392,12 @@ def map_cube(
         valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
         result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
                                      time=int(valid.argmax()))
+    return others
+
+
+def _describe_map(out: str | os.PathLike[str], cube_path: str | os.PathLike[str], method: str,
+                  others: list[tuple[str, Any]]) -> None:
+    """Describe the run in STAC, derived from the cube's Item (or store) and listing the extras."""
     from icemap.describe import item_path
     from icemap.interop import resolve_store
 
@@ -355,7 +405,6 @@ def map_cube(
     source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
     describe_run(out, derived_from=[source_item if _exists(source_item) else source],
                  description=f"icemap map ({method}): ice maps of {Path(source).name}", others=others)
-    return result
 
 
 def _store_times(path: str | os.PathLike[str]) -> list[Any]:
