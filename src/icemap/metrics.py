@@ -369,40 +369,56 @@ def confusion(
     from every count. Each block contributes one ``bincount`` of ``2 * ref + pred (+ 4 * id)``,
     so memory is one block plus ``4 * (n_ids + 1)`` integers per block.
     """
-    import xarray as xr
-
     hint = "threshold an index first, e.g. icemap.ice_mask(cube, threshold=0.4)"
     pred_a = _check_int(_main(pred, "pred"), "pred", hint)
     pred_d = _dask(pred_a)
     ref_a, ref_d, valid_d = _reference_and_valid(pred_a, pred_d, reference, valid)
-    by_d = None
-    id_values: np.ndarray | None = None
-    n_ids = 0
-    if by is not None:
-        by_a = _check_int(_as_dataarray(by, "by"), "by", "pass an integer id raster (labels.glacier_ids)")
-        if set(by_a.dims) != {"y", "x"}:
-            raise MetricsError(f"by must be a (y, x) id raster, got dims {by_a.dims}")
-        by_d = _operand(pred_a, pred_d, by_a, "by")
-        if ids is None:
-            n_ids = max(int(by_d.max().compute()), 0)
-            id_values = np.arange(n_ids + 1)
-        elif isinstance(ids, (int, np.integer)):
-            n_ids = int(ids)
-            id_values = np.arange(n_ids + 1)
-        else:
-            id_values = np.asarray(list(ids), dtype=np.int64)
-            if id_values.size == 0 or (id_values < 0).any():
-                raise MetricsError("ids must be a non-empty list of ids >= 0 (0 = no glacier)")
-            n_ids = int(id_values.max())
-        if n_ids < 0:
-            raise MetricsError(f"ids must be >= 0, got {ids!r}")
-    elif ids is not None:
-        raise MetricsError("ids only makes sense together with by=")
-
+    by_d, id_values, n_ids = _id_operand(pred_a, pred_d, by, ids)
     counts = _block_counts(_confusion_block, pred_d, [ref_d, valid_d, by_d], 4 * (n_ids + 1),
                            per_time, n_ids=n_ids)
+    out = _confusion_array(counts, pred_a, by_d is not None, id_values, n_ids, per_time)
+    if not _is_lazy(pred_a, ref_a, valid, by):
+        out = out.compute()
+    return out
+
+
+def _id_operand(pred_a: Any, pred_d: Any, by: Any, ids: int | Sequence[int] | None) -> tuple[Any, np.ndarray | None, int]:
+    """The ``by`` id raster as a dask operand aligned with the prediction, the ids to report, and the largest.
+
+    Returns ``(by or None, id values or None, max id)``. Without ``ids`` the largest id of ``by``
+    is computed now (one pass over ``by``).
+    """
+    if by is None:
+        if ids is not None:
+            raise MetricsError("ids only makes sense together with by=")
+        return None, None, 0
+    by_a = _check_int(_as_dataarray(by, "by"), "by", "pass an integer id raster (labels.glacier_ids)")
+    if set(by_a.dims) != {"y", "x"}:
+        raise MetricsError(f"by must be a (y, x) id raster, got dims {by_a.dims}")
+    by_d = _operand(pred_a, pred_d, by_a, "by")
+    if ids is None:
+        n_ids = max(int(by_d.max().compute()), 0)
+        id_values = np.arange(n_ids + 1)
+    elif isinstance(ids, (int, np.integer)):
+        n_ids = int(ids)
+        id_values = np.arange(n_ids + 1)
+    else:
+        id_values = np.asarray(list(ids), dtype=np.int64)
+        if id_values.size == 0 or (id_values < 0).any():
+            raise MetricsError("ids must be a non-empty list of ids >= 0 (0 = no glacier)")
+        n_ids = int(id_values.max())
+    if n_ids < 0:
+        raise MetricsError(f"ids must be >= 0, got {ids!r}")
+    return by_d, id_values, n_ids
+
+
+def _confusion_array(counts: Any, pred_a: Any, by_id: bool, id_values: np.ndarray | None, n_ids: int,
+                     per_time: bool) -> Any:
+    """Label the summed counts: dims ``([time,] outcome[, id])``, the pixel area in the attributes."""
+    import xarray as xr
+
     lead = list(pred_a.dims[:-2]) if per_time else []
-    if by_d is not None:
+    if by_id:
         counts = counts.reshape(*counts.shape[:-1], n_ids + 1, 4)
         counts = counts.swapaxes(-1, -2)
         dims = (*lead, "outcome", "id")
@@ -411,7 +427,7 @@ def confusion(
     else:
         dims = (*lead, "outcome")
     coords: dict[str, Any] = {"outcome": list(OUTCOMES)}
-    if by_d is not None:
+    if by_id:
         coords["id"] = id_values
     for d in lead:
         if d in pred_a.coords:
@@ -424,8 +440,6 @@ def confusion(
     }
     if px is not None:
         out.attrs["pixel_area_m2"] = px
-    if not _is_lazy(pred_a, ref_a, valid, by):
-        out = out.compute()
     return out
 
 
