@@ -893,9 +893,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(argv, started, timings, s, c, a)
     out = args.out if args.out.is_absolute() else REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, out)
+    from icemap._atomic import atomic_write_text
+
+    atomic_write_text(out, text)
     print(f"wrote {out} in {sum(timings.values()):.1f} s")
     return 0
 

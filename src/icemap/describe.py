@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from icemap._atomic import atomic_write_text
 from icemap.interop import ZARR
 
 __all__ = [
@@ -166,10 +167,7 @@ def _dump(d: Mapping[str, Any], at: str, storage_options: Mapping[str, Any] | No
         with fsspec.open(at, "w", **dict(storage_options or {})) as f:
             f.write(text)
         return
-    tmp = f"{at}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, at)
+    atomic_write_text(at, text)
 
 
 def _finish(item: Any, at: str, write: bool, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

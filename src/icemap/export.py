@@ -15,7 +15,6 @@ treat an existing file as done.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+
+from icemap._atomic import atomic_path
 
 __all__ = ["write_cog", "export_geotiffs", "ICE_COLORMAP"]
 
@@ -124,6 +125,26 @@ def write_cog(
         resampling or a tile size that GDAL cannot use.
     """
     path = Path(path)
+    data = _cog_data(array, band_names)
+    _check_cog_settings(path, overview_resampling, blocksize)
+    profile = _cog_profile(data, transform=transform, crs=crs, nodata=nodata, blocksize=blocksize,
+                           overview_resampling=overview_resampling)
+    # The temporary name starts with a dot and ends in .tmp so that globbing for *.tif never
+    # picks up a half-written file, and it lives in the same folder so the rename is atomic.
+    with atomic_path(path, suffix="") as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data)
+        if band_names is not None:
+            for i, name in enumerate(band_names, start=1):
+                dst.set_band_description(i, str(name))
+        if tags:
+            dst.update_tags(**{str(k): str(v) for k, v in tags.items()})
+        if colormap is not None:
+            dst.write_colormap(1, dict(colormap))
+    return path
+
+
+def _cog_data(array: np.ndarray, band_names: Sequence[str] | None) -> np.ndarray:
+    """The pixels as a non-empty (band, y, x) array (booleans as uint8) matching the band names."""
     data = np.asarray(array)
     if data.dtype == bool:
         data = data.astype(np.uint8)
@@ -136,6 +157,11 @@ def write_cog(
         raise ValueError(f"array has an empty dimension: shape {data.shape}")
     if band_names is not None and len(band_names) != count:
         raise ValueError(f"got {len(band_names)} band names for {count} bands")
+    return data
+
+
+def _check_cog_settings(path: Path, overview_resampling: str, blocksize: int) -> None:
+    """Check the resampling, the tile size and the destination folder before anything is written."""
     if overview_resampling not in ("average", "nearest"):
         raise ValueError(
             f"overview_resampling must be 'average' or 'nearest', not {overview_resampling!r}"
@@ -147,7 +173,12 @@ def write_cog(
             f"folder {path.parent} does not exist; create it before writing {path.name}"
         )
 
-    profile: dict[str, Any] = {
+
+def _cog_profile(data: np.ndarray, *, transform: Affine | Sequence[float], crs: str | int | CRS,
+                 nodata: float | int | None, blocksize: int, overview_resampling: str) -> dict[str, Any]:
+    """The rasterio profile of the COG: grid, dtype, nodata and GDAL's COG creation options."""
+    count, height, width = data.shape
+    return {
         "driver": "COG",
         "width": width,
         "height": height,
@@ -164,24 +195,6 @@ def write_cog(
         "OVERVIEW_RESAMPLING": overview_resampling.upper(),
         "BIGTIFF": "IF_SAFER",
     }
-    # The temporary name starts with a dot and ends in .tmp so that globbing for *.tif never
-    # picks up a half-written file, and it lives in the same folder so os.replace is atomic.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
-            if band_names is not None:
-                for i, name in enumerate(band_names, start=1):
-                    dst.set_band_description(i, str(name))
-            if tags:
-                dst.update_tags(**{str(k): str(v) for k, v in tags.items()})
-            if colormap is not None:
-                dst.write_colormap(1, dict(colormap))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _nodata_for(var: Any) -> float | int | None:

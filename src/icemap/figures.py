@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
 
@@ -441,15 +442,10 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = Non
         raise IcemapError(f"dpi must be an integer in [10, 2400], got {dpi!r}")
     if not path.parent.is_dir():
         raise IcemapError(f"folder {path.parent} does not exist; create it before writing {path.name}")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.{fmt}")
-    try:
-        # A fixed creation date keeps PDF/SVG output reproducible; the metadata names the writer.
-        meta = {"Creator": "icemap"} if fmt in ("png", "pdf") else {"Creator": "icemap", "Date": None}
+    # A fixed creation date keeps PDF/SVG output reproducible; the metadata names the writer.
+    meta = {"Creator": "icemap"} if fmt in ("png", "pdf") else {"Creator": "icemap", "Date": None}
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi or fig.dpi, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

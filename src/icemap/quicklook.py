@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.kernels import stretch_uint8
 
@@ -187,9 +188,8 @@ def quicklook(
     picture = _with_footer(Image.fromarray(img, mode="RGB"), _footer_lines(cube, frame, ice), legend)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    picture.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        picture.save(tmp)
     return path
 
 

@@ -17,6 +17,7 @@ import time as _time
 from pathlib import Path
 from typing import Any
 
+from icemap._atomic import atomic_write_text
 from icemap.errors import IcemapError
 
 __all__ = ["provenance", "render_report", "report"]
@@ -281,11 +282,4 @@ def report(
     name = Path(os.fspath(pred)).name if isinstance(pred, (str, os.PathLike)) else "product"
     text = render_report(title=title or f"icemap report: {name}", series=series, region=region,
                          figures=figures, prov=prov, trends=trend)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.html")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_text(out, text, encoding="utf-8")

@@ -106,6 +106,7 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from icemap._atomic import atomic_path, atomic_write_text
 from icemap.bands import LANDSAT_C2_L2, QA_PIXEL, REFLECTIVE_BANDS, Band, encode_qa_pixel
 from icemap.errors import SampleError
 from icemap.export import write_cog
@@ -593,13 +594,7 @@ def _clear(root: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -1975,13 +1970,7 @@ def _write_outlines(path: Path, glaciers: Sequence[_Glacier], lakes: Sequence[_L
         crs=CRS,
     )
     # GDAL wants the .gpkg extension even on the temporary file.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, side_files=("-journal", "-wal", "-shm")) as tmp:
         glacier_df.to_file(tmp, layer="glaciers", driver="GPKG")
         debris_df.to_file(tmp, layer="debris", driver="GPKG", mode="a")
         lakes_df.to_file(tmp, layer="lakes", driver="GPKG", mode="a")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

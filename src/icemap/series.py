@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 
 __all__ = [
@@ -563,14 +564,9 @@ def write_table(table: Any, path: str | os.PathLike[str]) -> Path:
     """
     path = check_table_path(path)
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         if suffix == ".csv":
             table.to_csv(tmp, index=False)
         else:
             table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.kernels import ICE_NODATA
 
@@ -324,22 +324,15 @@ def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = 
                 "writing GeoParquet needs pyarrow, which is not installed; pip install pyarrow, "
                 "or write .gpkg/.geojson"
             ) from None
-    # Same folder (os.replace is atomic only within a file system) and the real suffix after a
-    # leading dot, so drivers that look at the suffix still recognise the format.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
+    # The real suffix on the temporary file, so drivers that look at the suffix still recognise
+    # the format; SQLite side files of a failed GeoPackage go with it.
+    with atomic_path(path, suffix=suffix, side_files=("-journal", "-wal", "-shm")) as tmp:
         if driver == "parquet":
             gdf.to_parquet(tmp)
         elif driver == "GPKG":
             gdf.to_file(tmp, driver=driver, layer=layer or path.stem, engine="pyogrio")
         else:
             gdf.to_file(tmp, driver=driver, engine="pyogrio")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        for extra in ("-journal", "-wal", "-shm"):  # SQLite side files of a failed GeoPackage
-            Path(str(tmp) + extra).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icemap._atomic import atomic_write_bytes
 from icemap.errors import ModelError
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
@@ -157,17 +157,8 @@ def read_metadata(folder: str | os.PathLike[str]) -> CheckpointMeta:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a checkpoint file whole or not at all, flushed to disk (weights are costly to lose)."""
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
