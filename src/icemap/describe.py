@@ -270,12 +270,15 @@ def describe_store(
     sources = _source_items(ds)
     if sources:
         props["icemap:source_items"] = sources
+    from icemap.kernels import ICE_NODATA, QA_FILL
+
+    flag_nodata = {"qa_pixel": int(QA_FILL), "ice": int(ICE_NODATA)}
     bands = []
     for name in sorted(map(str, ds.data_vars)):  # in name order: a store does not keep variable order
         var = ds[name]
         if name == "complete" or not {"y", "x"} <= set(var.dims):
             continue
-        nodata = np.nan if np.issubdtype(var.dtype, np.floating) else {"qa_pixel": 1, "ice": 255}.get(str(name))
+        nodata = np.nan if np.issubdtype(var.dtype, np.floating) else flag_nodata.get(str(name))
         units = str(var.attrs.get("units", ""))
         extra = {"unit": units} if units and "since" not in units else {}
         if "band" in var.dims:

@@ -25,13 +25,14 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from icemap._atomic import atomic_path
+from icemap.kernels import ICE_NODATA
 
 __all__ = ["write_cog", "export_geotiffs", "ICE_COLORMAP"]
 
 #: Colour table of ice-mask COGs (uint8): QGIS and GDAL show the classes without styling.
 #: 0 no ice (grey), 1 ice (blue), 255 nodata (transparent).
 ICE_COLORMAP: dict[int, tuple[int, int, int, int]] = {
-    0: (200, 200, 200, 255), 1: (0, 114, 178, 255), 255: (0, 0, 0, 0)}
+    0: (200, 200, 200, 255), 1: (0, 114, 178, 255), int(ICE_NODATA): (0, 0, 0, 0)}
 
 #: GDAL's tile sizes must be multiples of 16.
 _MIN_COG_TILE = 128
@@ -209,7 +210,7 @@ def _nodata_for(var: Any) -> float | int | None:
     if var.encoding.get("_FillValue") is not None:
         return var.encoding["_FillValue"]
     if var.dtype == np.uint8:
-        return 255
+        return int(ICE_NODATA)
     if np.issubdtype(var.dtype, np.floating):
         return float("nan")
     return None

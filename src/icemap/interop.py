@@ -51,13 +51,23 @@ JSON_ATTR = "icemap:json"
 _QA_BITS = ("fill", "dilated_cloud", "cirrus", "cloud", "cloud_shadow", "snow", "clear", "water")
 
 #: CF flag attributes of icemap's flag and mask variables (nodata is a flag of its own: these
-#: variables carry no _FillValue, so plain readers keep them integer).
+#: variables carry no _FillValue, so plain readers keep them integer). The ice mask's nodata
+#: value, :data:`icemap.kernels.ICE_NODATA`, is added in :func:`_flags` (the kernel layer loads
+#: numba, which reading a store does not need).
 _FLAGS: dict[str, dict[str, Any]] = {
-    "ice": {"flag_values": [0, 1, 255], "flag_meanings": "no_ice ice no_data"},
+    "ice": {"flag_values": [0, 1], "flag_meanings": "no_ice ice no_data"},
     "complete": {"flag_values": [0, 1], "flag_meanings": "incomplete complete"},
     "filled": {"flag_values": [0, 1], "flag_meanings": "observed filled"},
     "qa_pixel": {"flag_masks": [1 << i for i in range(len(_QA_BITS))], "flag_meanings": " ".join(_QA_BITS)},
 }
+
+
+def _flags() -> dict[str, dict[str, Any]]:
+    """:data:`_FLAGS` with the ice mask's nodata value among its ``flag_values``."""
+    from icemap.kernels import ICE_NODATA
+
+    ice = _FLAGS["ice"]
+    return {**_FLAGS, "ice": {**ice, "flag_values": [*ice["flag_values"], int(ICE_NODATA)]}}
 
 #: Coordinates that must come back as coordinates under ``decode_coords=True``.
 _GLOBAL_COORDS = ("spatial_ref",)
@@ -86,8 +96,10 @@ def restore_mask(a: Any) -> Any:
     """
     if not np.issubdtype(a.dtype, np.floating):
         return a
+    from icemap.kernels import ICE_NODATA
+
     attrs = dict(a.attrs)
-    out = a.fillna(255).astype(np.uint8)
+    out = a.fillna(int(ICE_NODATA)).astype(np.uint8)
     out.attrs = attrs
     return out
 
@@ -114,7 +126,7 @@ def cf_attrs(ds: Any) -> Any:
                 ds[dim].attrs.update({"standard_name": name, "units": units, "axis": axis, "long_name": name})
     if "time" in ds.coords:
         ds["time"].attrs.update({"standard_name": "time", "axis": "T"})
-    for name, flags in _FLAGS.items():
+    for name, flags in _flags().items():
         if name in ds.data_vars and np.issubdtype(ds[name].dtype, np.integer):
             ds[name].attrs.update(flags)
     ds.attrs = {**ds.attrs, "Conventions": CONVENTIONS}

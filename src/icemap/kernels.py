@@ -250,7 +250,7 @@ def _ice_planes(g, s, nir, elev, slope, threshold, nir_min, ndwi_max, green_min,
                 if write_ndsi:
                     ndsi_out[p, r, i] = idx
                 if np.isnan(idx):
-                    out[p, r, i] = 255
+                    out[p, r, i] = ICE_NODATA
                     continue
                 if not idx >= threshold:
                     out[p, r, i] = 0
@@ -287,7 +287,7 @@ def _ice_planes(g, s, nir, elev, slope, threshold, nir_min, ndwi_max, green_min,
                 if rejected:
                     out[p, r, i] = 0
                 elif unknown:
-                    out[p, r, i] = 255
+                    out[p, r, i] = ICE_NODATA
                 else:
                     out[p, r, i] = 1
 
@@ -356,7 +356,7 @@ def _prob_planes(prob, threshold, out):  # pragma: no cover - compiled
             for i in range(w):
                 v = prob[p, r, i]
                 if np.isnan(v):
-                    out[p, r, i] = 255
+                    out[p, r, i] = ICE_NODATA
                 elif v >= threshold:
                     out[p, r, i] = 1
                 else:
@@ -787,7 +787,7 @@ def _as_uint8_codes(a: np.ndarray) -> np.ndarray:
         return a
     if a.dtype == bool:
         return a.view(np.uint8)
-    return np.where((a == 0) | (a == 1), a, 255).astype(np.uint8)
+    return np.where((a == 0) | (a == 1), a, ICE_NODATA).astype(np.uint8)
 
 
 def confusion_counts(
