@@ -188,7 +188,7 @@ def quicklook(
     picture = _with_footer(Image.fromarray(img, mode="RGB"), _footer_lines(cube, frame, ice), legend)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix=".png") as tmp:  # always a PNG, whatever the name says
         picture.save(tmp)
     return path
 
