@@ -274,8 +274,6 @@ def glacier_series(
         For an unknown ``id_column``, a product without ``ice``, a mask without time, or a
         geographic CRS.
     """
-    import pandas as pd
-
     from icemap.labels import check_outlines_overlap, glacier_ids
     from icemap.options import resolve
     from icemap.vector import pixel_area_m2
@@ -284,10 +282,25 @@ def glacier_series(
     buffer_px = float(resolve("area_buffer_px", buffer_px))
     min_observed = float(resolve("min_observed", min_observed))
     px_m2 = pixel_area_m2(ice)
-    t = ice.rio.transform(recalc=True)
-    dx, dy = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
     gdf = check_outlines_overlap(reference, ice)
     ids, table = glacier_ids(gdf, ice, id_column=id_column)
+    frame = _series_rows(ice, ids, table, px_m2=px_m2, buffer_px=buffer_px, season=season)
+    frame = _with_step_changes(frame, min_observed)
+    frame.attrs = {"id_column": id_column or "auto", "buffer_px": buffer_px, "pixel_area_m2": px_m2,
+                   "min_observed": min_observed, "crs": ice.rio.crs.to_string()}
+    return frame[list(SERIES_COLUMNS)]
+
+
+def _series_rows(ice: Any, ids: Any, table: Any, *, px_m2: float, buffer_px: float, season: str | None) -> Any:
+    """One row per glacier and time step: area, buffer uncertainty, observed share, outline area.
+
+    The counts come from one :func:`glacier_counts` pass; the uncertainty is the ice's
+    pixel-edge perimeter times ``buffer_px`` pixels.
+    """
+    import pandas as pd
+
+    t = ice.rio.transform(recalc=True)
+    dx, dy = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
     counts = glacier_counts(ice, ids, int(table["gid"].max())).values  # (time, stat, gid)
     gids = table["gid"].to_numpy()
     c = counts[:, :, gids]  # (time, stat, glacier) in table order
@@ -298,7 +311,7 @@ def glacier_series(
     buffer_m = buffer_px * 0.5 * (dx + dy)
     times = pd.DatetimeIndex(ice["time"].values)
     n_t, n_g = len(times), len(table)
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         "glacier_id": np.tile(table["glacier_id"].astype(str).to_numpy(), n_t),
         "time": np.repeat(times.to_numpy(), n_g),
         "year": np.repeat(_season_years(ice, times, season), n_g).astype(np.int64),
@@ -308,10 +321,6 @@ def glacier_series(
         "outline_area_km2": np.tile(table["outline_area_km2"].to_numpy(np.float64), n_t),
         "_gid": np.tile(gids, n_t),
     })
-    frame = _with_step_changes(frame, min_observed)
-    frame.attrs = {"id_column": id_column or "auto", "buffer_px": buffer_px, "pixel_area_m2": px_m2,
-                   "min_observed": min_observed, "crs": ice.rio.crs.to_string()}
-    return frame[list(SERIES_COLUMNS)]
 
 
 def _share_on_grid(table: Any, ice: Any) -> np.ndarray:
