@@ -352,6 +352,28 @@ def keep_resources() -> Any:
     return dask.config.set({"optimization.fuse.active": False})
 
 
+def _model_for(model: str | os.PathLike[str] | ModelRef | None, cube: Any) -> tuple[ModelRef, Any]:
+    """The model's reference and metadata, checked against the cube and the installed extras.
+
+    Missing extras (``ml``; ``onnx`` for an imported network) are named before any graph is
+    built: the workers would otherwise fail on the first task.
+    """
+    from icemap.extras import require
+
+    require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
+
+    from icemap.model.checkpoint import read_metadata
+
+    from icemap.model.packaged import resolve_model
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
+    meta = read_metadata(ref.path)
+    if meta.kind == "onnx":
+        require("onnx", "an imported ONNX model")
+    meta.check_cube(cube)
+    return ref, meta
+
+
 def _inference_settings(meta: Any, *, halo: int | None, tile: int | None, batch_size: int | None,
                         threshold: float | None, mc_samples: int) -> tuple[int, int, int, int, float]:
     """Resolve and check :func:`predict`'s settings against the model.
@@ -518,20 +540,9 @@ def predict(
         ``ice_probability`` float32 (time, y, x), NaN where inputs are nodata; ``ice`` uint8
         (1 ice, 0 not, 255 nodata); ``ice_probability_std`` with ``tta``/``mc_samples``.
     """
-    from icemap.extras import require
-
-    require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
-
-    from icemap.model.checkpoint import read_metadata
     from icemap.model.inputs import build_inputs
 
-    from icemap.model.packaged import resolve_model
-
-    ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
-    meta = read_metadata(ref.path)
-    if meta.kind == "onnx":
-        require("onnx", "an imported ONNX model")
-    meta.check_cube(cube)
+    ref, meta = _model_for(model, cube)
     depth, halo, tile, batch_size, thr = _inference_settings(meta, halo=halo, tile=tile, batch_size=batch_size,
                                                              threshold=threshold, mc_samples=mc_samples)
     inputs = build_inputs(cube, meta.channels, dem=dem)
