@@ -196,22 +196,9 @@ def polygonise(
     transform = ice.rio.transform(recalc=True)
     dx, dy = float(np.hypot(transform.a, transform.d)), float(np.hypot(transform.b, transform.e))
     buffer_m = buffer_px * 0.5 * (dx + dy)
-    provenance = _outline_provenance(ice, attrs)
     key, names = _glacier_key(ice, reference, id_column)
-    items = ice["item_ids"] if "item_ids" in ice.coords else None
-    rows: list[dict[str, Any]] = []
-    for i, t in enumerate(_times(ice)):
-        frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
-        mask = frame == 1
-        if not mask.any():
-            continue
-        source = ""
-        if items is not None:
-            source = str(items.values[i] if items.ndim == 1 else items.values)
-        when = pd.Timestamp(t).tz_localize("UTC") if t is not None else pd.NaT
-        step = {"time": when, "source_item_ids": source, **provenance}
-        rows += _step_outlines(mask, key, names, step, transform=transform, px_m2=px_m2,
-                               min_area_m2=min_area_m2, buffer_m=buffer_m)
+    rows = _outline_rows(ice, key, names, _outline_provenance(ice, attrs), transform=transform, px_m2=px_m2,
+                         min_area_m2=min_area_m2, buffer_m=buffer_m)
     if not rows:
         return _no_outlines(ice.rio.crs)
     gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ice.rio.crs)
@@ -244,6 +231,31 @@ def _glacier_key(ice: Any, reference: Any, id_column: str | None) -> tuple[np.nd
     names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
     names[table["gid"].to_numpy()] = table["glacier_id"].astype(str).to_numpy()
     return (gid_raster + 1).astype(np.int32), names
+
+
+def _outline_rows(ice: Any, key: np.ndarray, names: np.ndarray | None, provenance: dict[str, Any], *,
+                  transform: Any, px_m2: float, min_area_m2: float, buffer_m: float) -> list[dict[str, Any]]:
+    """The outline rows of every time step, each step computed (as a 2-D array) on its own.
+
+    Each row carries its step's UTC time and source items besides the mask's provenance.
+    """
+    import pandas as pd
+
+    items = ice["item_ids"] if "item_ids" in ice.coords else None
+    rows: list[dict[str, Any]] = []
+    for i, t in enumerate(_times(ice)):
+        frame = np.asarray(ice.isel(time=i).values if "time" in ice.dims else ice.values)
+        mask = frame == 1
+        if not mask.any():
+            continue
+        source = ""
+        if items is not None:
+            source = str(items.values[i] if items.ndim == 1 else items.values)
+        when = pd.Timestamp(t).tz_localize("UTC") if t is not None else pd.NaT
+        step = {"time": when, "source_item_ids": source, **provenance}
+        rows += _step_outlines(mask, key, names, step, transform=transform, px_m2=px_m2,
+                               min_area_m2=min_area_m2, buffer_m=buffer_m)
+    return rows
 
 
 def _step_outlines(mask: np.ndarray, key: np.ndarray, names: np.ndarray | None, step: dict[str, Any], *,
