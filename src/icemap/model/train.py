@@ -1176,7 +1176,7 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
     )
     if init_from is not None:
         meta.training["normalisation_fit"] = f"taken from the starting model ({config.init})"
-    path = save_checkpoint(model, meta, out)
+    path = _save_model(model, meta, out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(out / STATE_DIR / "split.json",
                   json.dumps({"split": data.split.to_dict(), "index": data.index.to_dict()}, default=float).encode())
@@ -1186,6 +1186,15 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
                        threshold=float(threshold), best_epoch=best_epoch, stopped_early=stopped,
                        resumed_from=resumed_from, test=test_scores, seconds=seconds, baselines=baselines,
                        no_better_than=verdict)
+
+
+def _save_model(model: Any, meta: CheckpointMeta, out: Path) -> Path:
+    """Write the checkpoint, then its STAC Item (``model.stac.json``), which reads the checkpoint."""
+    from icemap.describe import describe_model
+
+    path = save_checkpoint(model, meta, out)
+    describe_model(path)
+    return path
 
 
 def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: Any, resume: bool,
@@ -1217,7 +1226,7 @@ def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: 
         {"seed": int(r.meta.training["config"]["seed"]), "val_f1": score(r), "best_epoch": r.best_epoch,
          "no_better_than": r.no_better_than, "folder": str(r.checkpoint)} for r in runs],
         chosen_seed=int(meta.training["config"]["seed"]), seconds=round(time.perf_counter() - t_start, 2))
-    path = save_checkpoint(best.model, meta, out)
+    path = _save_model(best.model, meta, out)
     if best.no_better_than:
         _no_better(out, meta.validation, best.baselines, best.no_better_than, strict)
     return replace(best, checkpoint=path, seconds=time.perf_counter() - t_start)
