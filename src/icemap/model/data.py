@@ -936,64 +936,130 @@ def split_chips(
         samples and glaciers, glacier area, and KS statistic and p-value for area and shape
         against all glaciers, and the objective.
     """
-    from scipy import stats
-
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ModelError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
     if iterations < 1:
         raise ModelError(f"iterations must be >= 1, got {iterations}")
-    groups = index.groups
-    gl = index.glaciers
-    area = dict(zip(gl["gid"].astype(int), gl["area_km2"].astype(float)))
-    shape = dict(zip(gl["gid"].astype(int), gl["shape_factor"].astype(float)))
-    used_windows = {s.window for s in index.samples}
-    members: dict[int, set[int]] = {g: set() for g in groups}
-    whole: dict[int, set[int]] = {g: set() for g in groups}
-    for i, w in enumerate(index.windows):
-        if i in used_windows:
-            members[w.group].update(w.gids)
-            whole[w.group].update(w.whole)
-    with_ice = [g for g in groups if members[g]]
-    empty = [g for g in groups if not members[g]]
+    m = _SplitMeasures.of(index)
     by_location = index.params.get("group_by") == "location"
-    if len(with_ice) < 3:
-        how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
-               "split by location instead (--split location, which lets the parts of one large glacier go to "
-               "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
-               "(--chip-size) or a larger cube")
-        raise ModelError(
-            f"only {len(with_ice)} independent chip group(s) hold glaciers; a train/val/test split "
-            f"needs at least 3 (one each): {how}"
-        )
-    n_val = max(1, int(round(fractions[1] * len(with_ice))))
-    n_test = max(1, int(round(fractions[2] * len(with_ice))))
-    if n_val + n_test >= len(with_ice):
+    _require_three_groups(len(m.with_ice), by_location)
+    n_val = max(1, int(round(fractions[1] * len(m.with_ice))))
+    n_test = max(1, int(round(fractions[2] * len(m.with_ice))))
+    if n_val + n_test >= len(m.with_ice):
         n_val = n_test = 1
-    all_gids = sorted(g for m in members.values() for g in m)
-    all_area = np.array([area[g] for g in all_gids])
-    all_shape = np.array([shape[g] for g in all_gids])
     if by_location:
-        return _location_split(index, with_ice, empty, area, all_area, all_shape, n_val, n_test, fractions, seed)
-    dist_area = _fit_best(all_area, _AREA_DISTS, positive=True)
-    dist_shape = _fit_best(all_shape, _SHAPE_DISTS, positive=False)
+        return _location_split(index, m.with_ice, m.empty, m.area, m.all_area, m.all_shape, n_val, n_test,
+                               fractions, seed)
+    dist_area = _fit_best(m.all_area, _AREA_DISTS, positive=True)
+    dist_shape = _fit_best(m.all_shape, _SHAPE_DISTS, positive=False)
+    objective, best_it, sets = _monte_carlo_split(m, dist_area, dist_shape, n_val=n_val, n_test=n_test,
+                                                  iterations=iterations, seed=seed)
+    ks = _ks_against_all(m, sets)
+    sets = _deal_glacier_free(sets, m.empty, fractions, seed)
+    report: dict[str, Any] = {
+        "seed": seed, "iterations": iterations, "best_iteration": best_it, "objective_max_ks": objective,
+        "fractions": list(fractions), "distributions": {"area_km2": dist_area, "shape_factor": dist_shape},
+        "n_glaciers": len(m.all_gids), "sets": {},
+    }
+    for name in SETS:
+        gids = sorted(index.glaciers_of(sets[name]))
+        samples = index.samples_of(sets[name])
+        report["sets"][name] = {
+            "groups": len(sets[name]),
+            "windows": len({index.samples[i].window for i in samples}),
+            "samples": len(samples),
+            "glaciers": len(gids),
+            "glacier_area_km2": round(float(sum(m.area[g] for g in gids)), 4),
+            **ks[name],
+        }
+    return Split(groups=sets, report=report)
+
+
+@dataclass
+class _SplitMeasures:
+    """What the split draws on: per chip group its glaciers (``members``, and those wholly in
+    a window, ``whole``), each glacier's area and shape factor, and the groups with and
+    without glaciers. Only windows that hold a sample count."""
+
+    area: dict[int, float]
+    shape: dict[int, float]
+    members: dict[int, set[int]]
+    whole: dict[int, set[int]]
+    with_ice: list[int]
+    empty: list[int]
+
+    @classmethod
+    def of(cls, index: ChipIndex) -> _SplitMeasures:
+        groups = index.groups
+        gl = index.glaciers
+        used_windows = {s.window for s in index.samples}
+        members: dict[int, set[int]] = {g: set() for g in groups}
+        whole: dict[int, set[int]] = {g: set() for g in groups}
+        for i, w in enumerate(index.windows):
+            if i in used_windows:
+                members[w.group].update(w.gids)
+                whole[w.group].update(w.whole)
+        return cls(area=dict(zip(gl["gid"].astype(int), gl["area_km2"].astype(float))),
+                   shape=dict(zip(gl["gid"].astype(int), gl["shape_factor"].astype(float))),
+                   members=members, whole=whole, with_ice=[g for g in groups if members[g]],
+                   empty=[g for g in groups if not members[g]])
+
+    @property
+    def all_gids(self) -> list[int]:
+        return sorted(g for m in self.members.values() for g in m)
+
+    @property
+    def all_area(self) -> np.ndarray:
+        return np.array([self.area[g] for g in self.all_gids])
+
+    @property
+    def all_shape(self) -> np.ndarray:
+        return np.array([self.shape[g] for g in self.all_gids])
+
+
+def _require_three_groups(n_with_ice: int, by_location: bool) -> None:
+    """A train/val/test split needs a group with glaciers for each set; say how to get them."""
+    if n_with_ice >= 3:
+        return
+    how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
+           "split by location instead (--split location, which lets the parts of one large glacier go to "
+           "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
+           "(--chip-size) or a larger cube")
+    raise ModelError(
+        f"only {n_with_ice} independent chip group(s) hold glaciers; a train/val/test split "
+        f"needs at least 3 (one each): {how}"
+    )
+
+
+def _monte_carlo_split(m: _SplitMeasures, dist_area: dict[str, Any], dist_shape: dict[str, Any], *, n_val: int,
+                       n_test: int, iterations: int, seed: int) -> tuple[float, int, dict[str, list[int]]]:
+    """Study a's search: the best of ``iterations`` draws, as ``(objective, iteration, sets)``.
+
+    Each iteration fills test then validation with the free group whose representative
+    glacier (its largest whole glacier, else its largest) is nearest a draw from the fitted
+    distributions, in standardised (log area, shape) space; the objective is the largest
+    two-sample KS statistic of any set against all glaciers, for area or shape.
+    """
+    from scipy import stats
+
+    all_area, all_shape = m.all_area, m.all_shape
     la = np.log(all_area)
     mu = np.array([la.mean(), all_shape.mean()])
     sd = np.array([la.std() or 1.0, all_shape.std() or 1.0])
     rep = {}
-    for g in with_ice:
-        pool = whole[g] or members[g]
-        big = max(pool, key=lambda k: (area[k], -k))
-        rep[g] = (np.array([math.log(area[big]), shape[big]]) - mu) / sd
-    rep_groups = np.array(with_ice)
-    rep_z = np.array([rep[g] for g in with_ice])
+    for g in m.with_ice:
+        pool = m.whole[g] or m.members[g]
+        big = max(pool, key=lambda k: (m.area[k], -k))
+        rep[g] = (np.array([math.log(m.area[big]), m.shape[big]]) - mu) / sd
+    rep_groups = np.array(m.with_ice)
+    rep_z = np.array([rep[g] for g in m.with_ice])
     adist = getattr(stats, dist_area["name"])(*dist_area["params"])
     sdist = getattr(stats, dist_shape["name"])(*dist_shape["params"])
     min_area = float(all_area.min())
     rng = np.random.default_rng(seed)
-
     sorted_area, sorted_shape = np.sort(all_area), np.sort(all_shape)
-    group_area = {g: np.array([area[k] for k in members[g]]) for g in with_ice}
-    group_shape = {g: np.array([shape[k] for k in members[g]]) for g in with_ice}
+    group_area = {g: np.array([m.area[k] for k in m.members[g]]) for g in m.with_ice}
+    group_shape = {g: np.array([m.shape[k] for k in m.members[g]]) for g in m.with_ice}
 
     def objective_of(sets: dict[str, list[int]]) -> float:
         # The search only needs the statistics: computed directly (about 100x faster than
@@ -1007,23 +1073,9 @@ def split_chips(
             worst = max(worst, _ks_statistic(a, sorted_area), _ks_statistic(s, sorted_shape))
         return worst
 
-    def ks_of(sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
-        out = {}
-        for name, gs in sets.items():
-            gids = sorted(g for grp in gs for g in members.get(grp, ()))
-            a = np.array([area[g] for g in gids])
-            s = np.array([shape[g] for g in gids])
-            ka = stats.ks_2samp(a, all_area) if a.size else None
-            ksh = stats.ks_2samp(s, all_shape) if s.size else None
-            out[name] = {
-                "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
-                "ks_shape": float(ksh.statistic) if ksh else 1.0, "p_shape": float(ksh.pvalue) if ksh else 0.0,
-            }
-        return out
-
     best: tuple[float, int, dict[str, list[int]]] | None = None
     for it in range(iterations):
-        free = np.ones(len(with_ice), dtype=bool)
+        free = np.ones(len(m.with_ice), dtype=bool)
         chosen: dict[str, list[int]] = {"test": [], "val": []}
         for name, n in (("test", n_test), ("val", n_val)):
             draws_a = np.maximum(adist.rvs(size=n, random_state=rng), min_area)
@@ -1040,33 +1092,39 @@ def split_chips(
             best = (objective, it, sets)
     if best is None:  # unreachable (iterations >= 1), kept for type checkers
         raise ModelError("the Monte-Carlo split ran no iteration")
-    objective, best_it, sets = best
-    ks = ks_of(sets)
-    # Glacier-free groups: dealt at random in the given proportions, from their own stream
-    # so that adding negatives does not change which glacier groups go where.
+    return best
+
+
+def _ks_against_all(m: _SplitMeasures, sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per set, scipy's two-sample KS statistic and p-value of its glaciers' area and shape
+    against all glaciers (1 and 0 for a set without glaciers)."""
+    from scipy import stats
+
+    all_area, all_shape = m.all_area, m.all_shape
+    out = {}
+    for name, gs in sets.items():
+        gids = sorted(g for grp in gs for g in m.members.get(grp, ()))
+        a = np.array([m.area[g] for g in gids])
+        s = np.array([m.shape[g] for g in gids])
+        ka = stats.ks_2samp(a, all_area) if a.size else None
+        ksh = stats.ks_2samp(s, all_shape) if s.size else None
+        out[name] = {
+            "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
+            "ks_shape": float(ksh.statistic) if ksh else 1.0, "p_shape": float(ksh.pvalue) if ksh else 0.0,
+        }
+    return out
+
+
+def _deal_glacier_free(sets: dict[str, list[int]], empty: list[int], fractions: tuple[float, float, float],
+                       seed: int) -> dict[str, list[int]]:
+    """The sets with the glacier-free groups dealt at random in the given proportions, each
+    set sorted. The draws come from their own stream, so adding negatives does not change
+    which glacier groups go where."""
     neg_rng = np.random.default_rng([seed, 1])
     for g in empty:
         which = SETS[int(neg_rng.choice(3, p=np.asarray(fractions) / sum(fractions)))]
         sets[which].append(int(g))
-    sets = {k: sorted(v) for k, v in sets.items()}
-    report: dict[str, Any] = {
-        "seed": seed, "iterations": iterations, "best_iteration": best_it, "objective_max_ks": objective,
-        "fractions": list(fractions), "distributions": {"area_km2": dist_area, "shape_factor": dist_shape},
-        "n_glaciers": len(all_gids), "sets": {},
-    }
-    for name in SETS:
-        gids = sorted(index.glaciers_of(sets[name]))
-        samples = index.samples_of(sets[name])
-        report["sets"][name] = {
-            "groups": len(sets[name]),
-            "windows": len({index.samples[i].window for i in samples}),
-            "samples": len(samples),
-            "glaciers": len(gids),
-            "glacier_area_km2": round(float(sum(area[g] for g in gids)), 4),
-            **ks[name],
-        }
-    return Split(groups=sets, report=report)
-
+    return {k: sorted(v) for k, v in sets.items()}
 
 def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], area: dict[int, float], all_area: np.ndarray, all_shape: np.ndarray, n_val: int, n_test: int,
                     fractions: tuple[float, float, float], seed: int) -> Split:
