@@ -24,6 +24,7 @@ in float32 (CPU autocast is slower than float32 for convolutions of this size).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -958,17 +959,7 @@ def train(
     if config.spectral_augment and augment_batch is None:
         augment_batch = SpectralAugment(channels=channels)  # checks the channels before any read
     out = Path(out)
-    if data is None:
-        data = prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
-                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
-                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
-                            split_iterations=config.split_iterations, channels=channels, dem=dem,
-                            layout=config.chips, split=config.split, label_time=config.label_time)
-    else:
-        missing = [b for b in required_bands(channels) if b not in data.source.bands]
-        if missing:
-            raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
-                             f"it has {data.source.bands}")
+    data = _training_data(cube, outlines, config, data, dem)
     if config.restarts > 1:
         return _train_restarts(config, out, data, dem=dem, resume=resume, callback=callback, quiet=quiet,
                                console=console, title=title, augment_batch=augment_batch, strict=strict,
@@ -978,6 +969,33 @@ def train(
         raise ModelError("the split left no training or no validation chip; use a larger cube or smaller chips")
     device = _device(config.device)
     use_amp, amp_dtype = _autocast(device, config.amp)
+    with _deterministic(device):
+        return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
+                      resume, callback, quiet, console, title, t_start, augment_batch, init_from, strict)
+
+
+def _training_data(cube: Any, outlines: Any, config: TrainConfig, data: PreparedData | None,
+                   dem: Any) -> PreparedData:
+    """The chips and split: prepared from the cube with ``config``'s chip settings, or the
+    given ones, checked to hold the bands the inputs need."""
+    channels = config.channels
+    if data is None:
+        return prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
+                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
+                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
+                            split_iterations=config.split_iterations, channels=channels, dem=dem,
+                            layout=config.chips, split=config.split, label_time=config.label_time)
+    missing = [b for b in required_bands(channels) if b not in data.source.bands]
+    if missing:
+        raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
+                         f"it has {data.source.bands}")
+    return data
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Torch's deterministic algorithms (warning where one has none) while training, then the
+    caller's setting again: the same seed gives the same model."""
     if device.type == "cuda":
         # cuBLAS needs this before its first call for deterministic algorithms.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -985,8 +1003,7 @@ def train(
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
-                      resume, callback, quiet, console, title, t_start, augment_batch, init_from, strict)
+        yield
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
