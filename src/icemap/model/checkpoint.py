@@ -17,6 +17,10 @@ message, no pickle either) in place of ``model.safetensors`` and
 Nothing is ever unpickled, so a checkpoint from an untrusted source cannot run code. The JSON
 alone (:func:`read_metadata`, no torch needed) is enough to build an inference graph; the
 weights are loaded on the workers, checked against the recorded sha256.
+
+:func:`read_metadata` is the one reader of ``model.json`` (inference, ``icemap model info``,
+the folder's STAC Item, ONNX import and training all go through it; a test keeps it so), so
+its type checks and ModelError messages hold wherever a model folder is opened.
 """
 
 from __future__ import annotations
