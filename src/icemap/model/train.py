@@ -1114,9 +1114,8 @@ def _make_run(config: TrainConfig, cfg: dict[str, Any], channels: tuple[str, ...
     model = UNet(config.unet()).to(device)
     if init_from is not None:
         model.load_state_dict(init_from.model.state_dict())
-    mk = dict(mask=config.mask, normalisation=norm, multiple=model.config.multiple)
-    train_ds = ChipDataset(data.source, train_ids, channels, **mk)
-    val_ds = ChipDataset(data.source, val_ids, channels, **mk)
+    train_ds, val_ds = (ChipDataset(data.source, ids, channels, mask=config.mask, normalisation=norm,
+                                    multiple=model.config.multiple) for ids in (train_ids, val_ids))
     lr = config.learning_rate
     if config.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
