@@ -158,3 +158,60 @@ def test_model_bands_checked_against_cube(tmp_path: Path, sample_region: Any) ->
     cube = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "nir08"])
     with pytest.raises(ModelError, match=r"needs band\(s\) \['swir16'\]"):
         meta.check_cube(cube)
+
+
+def _model_json_reads(path: Path) -> list[int]:
+    """Lines of ``path`` that open, read or parse a model folder's model.json.
+
+    A read is a call of ``open``, ``read_text``, ``read_bytes``, ``json.load(s)`` or ``cat_file``
+    whose arguments or receiver name the file: the ``METADATA`` constant, a ``"model.json"``
+    literal, or a variable assigned from either (``path = folder / METADATA``). A bare literal
+    outside a docstring counts too, since a path spelt out by hand is how a second reader starts.
+    """
+    import ast
+
+    readers = {"open", "read_text", "read_bytes", "load", "loads", "cat_file"}
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+    def is_file_literal(n: ast.AST) -> bool:
+        return isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.rsplit("/", 1)[-1] == METADATA
+
+    tainted = {"METADATA"}
+
+    def names_file(node: ast.AST) -> bool:
+        return any((isinstance(n, ast.Name) and n.id in tainted) or (isinstance(n, ast.Attribute) and n.attr == "METADATA")
+                   or is_file_literal(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and names_file(node.value):
+            tainted.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+            if name in readers and names_file(node):
+                lines.add(node.lineno)
+        elif is_file_literal(node) and id(node) not in docstrings:
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+def test_model_json_has_one_reader() -> None:
+    """Only :func:`icemap.model.checkpoint.read_metadata` reads model.json; every other module
+    (inference, ``model info``, the STAC Item, ONNX import, training) goes through it, so the
+    validation and its ModelError messages hold everywhere."""
+    from .conftest import REPO
+
+    import icemap.model.checkpoint as checkpoint
+
+    src = REPO / "src" / "icemap"
+    found = {p: lines for p in sorted(src.rglob("*.py")) if (lines := _model_json_reads(p))}
+    reader = Path(checkpoint.__file__).resolve()
+    assert [p.resolve() for p in found] == [reader], found
+    # The detector sees the one reader's read (not only the name's definition), so it can fail.
+    text = reader.read_text().splitlines()
+    assert any("read_text" in text[n - 1] for n in next(iter(found.values()))), found

@@ -8,13 +8,18 @@ into one-line :class:`~icemap.errors.IcemapError` messages) before any chip is r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app, safe
 from icemap.errors import IcemapError
 from icemap.extras import require
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from icemap.model.train import TrainResult
 
 
 # str, not Path: cubes may live on object stores (pathlib mangles s3:// URLs).
@@ -155,7 +160,31 @@ def train_cmd(
         warnings.simplefilter("ignore", ModelNoBetterWarning)
         res = train(cube, reference, out, cfg, dem=dem, resume=resume, quiet=quiet, console=_console(),
                     strict=strict)
+    _report_training(res, out)
+
+
+def _report_training(res: TrainResult, out: Path) -> None:
+    """What ``icemap train`` prints: the model's scores beside the baselines, the chips and
+    split, the test scores, and the no-better warning beside the scores it is about."""
     con = _console(stderr=False)
+    _print_scores(con, res, out)
+    _print_chips_and_split(con, res)
+    if res.test is not None:
+        t = res.test
+        con.print(f"test F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}), "
+                  f"ice area {t['ice_area_km2']:.3f} km2 ({t['area_diff_pct']:+.1f}% vs the outlines)",
+                  highlight=False)
+    if res.no_better_than:
+        names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
+        _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
+                         f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
+                         "as it is (try --init default, --augment spectral, more --epochs, --restarts N or another --seed, "
+                         "more labelled glaciers)", highlight=False)
+
+
+def _print_scores(con: Console, res: TrainResult, out: Path) -> None:
+    """The starting model, the epochs and validation scores, the restarts, and the baselines
+    on the same validation pixels."""
     v = res.meta.validation
     start = res.meta.training.get("init")
     if start:
@@ -174,6 +203,10 @@ def train_cmd(
         line += f", NDSI {b['ndsi']['threshold']:g} F1 {b['ndsi']['f1']:.3f}"
     line += f", everything-is-ice F1 {b['all_ice']['f1']:.3f}"
     con.print(line, highlight=False)
+
+
+def _print_chips_and_split(con: Console, res: TrainResult) -> None:
+    """How much of the labels the chips cover, how dates were labelled, and the split's sets."""
     params = res.data.index.params
     if params.get("labelled_pixels"):
         con.print(f"chips ({params['layout']}): {len(res.data.index.windows)} windows, "
@@ -188,17 +221,6 @@ def train_cmd(
     con.print("split (KS vs all glaciers, area/shape): " + "; ".join(
         f"{n} {s['samples']} chips, {s['glaciers']} glaciers, KS {s['ks_area']:.2f}/{s['ks_shape']:.2f}"
         for n, s in sets.items()), highlight=False)
-    if res.test is not None:
-        t = res.test
-        con.print(f"test F1 {t['f1']:.3f} (P {t['precision']:.3f}, R {t['recall']:.3f}), "
-                  f"ice area {t['ice_area_km2']:.3f} km2 ({t['area_diff_pct']:+.1f}% vs the outlines)",
-                  highlight=False)
-    if res.no_better_than:
-        names = {"ndsi": "NDSI", "all_ice": "everything-is-ice"}
-        _console().print(f"[bold yellow]ModelNoBetterWarning[/]: the model is no better than "
-                         f"{' or '.join(names[n] for n in res.no_better_than)} on validation; do not map with it "
-                         "as it is (try --init default, --augment spectral, more --epochs, --restarts N or another --seed, "
-                         "more labelled glaciers)", highlight=False)
 
 
 @app.command("experiment")

@@ -466,27 +466,26 @@ def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dic
     import pystac
 
     from icemap.errors import ModelError
+    from icemap.model.checkpoint import METADATA, read_metadata
 
     root = Path(folder)
-    try:
-        meta = json.loads((root / "model.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder} is not a model folder (model.json unreadable: {exc})") from None
-    arch = meta.get("architecture", {})
-    onnx = arch.get("kind") == "onnx"
-    weights = root / ("model.onnx" if onnx else "model.safetensors")
+    # The one reader of model.json: a folder without one, or with a broken one, is the same
+    # ModelError here as when the model is loaded for inference.
+    meta = read_metadata(root)
+    onnx = meta.kind == "onnx"
+    weights = root / meta.weights_file
     if not weights.exists():
         raise ModelError(f"{folder} has no weights file {weights.name}")
-    channels = [str(c) for c in meta.get("channels", [])]
-    norm = meta.get("normalisation", {})
+    channels = [str(c) for c in meta.channels]
+    norm = meta.normalisation
     lo, hi = norm.get("lo", []), norm.get("hi", [])
     scaling = ([{"type": "min-max", "minimum": float(a), "maximum": float(b)} for a, b in zip(lo, hi)]
                if len(lo) == len(channels) == len(hi) else None)
     name = re.sub(r"[^a-zA-Z0-9_.\- ]", "-", root.resolve().name).strip("-_. ") or "model"
     if not name[0].isalpha():
         name = f"model-{name}"
-    threshold = float(meta.get("threshold", 0.5))
-    spectral = [c for c in channels if c in meta.get("bands", channels)]
+    threshold = float(meta.threshold)
+    spectral = [c for c in channels if c in meta.bands]
     props: dict[str, Any] = {
         "mlm:name": name,
         "mlm:architecture": "ONNX network (imported)" if onnx else "U-Net",
@@ -513,9 +512,9 @@ def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dic
         "icemap:threshold": threshold,
         "icemap:normalisation": norm,
     }
-    if meta.get("validation"):
-        props["icemap:validation"] = meta["validation"]
-    sha = str(meta.get("weights_sha256", ""))
+    if meta.validation:
+        props["icemap:validation"] = meta.validation
+    sha = meta.weights_sha256
     when = datetime.fromtimestamp(weights.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)
     item = pystac.Item(id=name, geometry=None, bbox=None, datetime=when, properties=props,
                        stac_extensions=list(MODEL_EXTENSIONS.values()))
@@ -529,6 +528,6 @@ def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dic
     item.add_asset("weights", pystac.Asset(f"./{weights.name}", media_type="application/octet-stream",
                                            roles=["mlm:model", "mlm:weights", "data"], title="model weights",
                                            extra_fields=weights_extra))
-    item.add_asset("metadata", pystac.Asset("./model.json", media_type="application/json", roles=["metadata"],
+    item.add_asset("metadata", pystac.Asset(f"./{METADATA}", media_type="application/json", roles=["metadata"],
                                             title="icemap model metadata (channels, normalisation, threshold)"))
     return _finish(item, str(root / MODEL_ITEM), write)

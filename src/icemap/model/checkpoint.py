@@ -17,6 +17,10 @@ message, no pickle either) in place of ``model.safetensors`` and
 Nothing is ever unpickled, so a checkpoint from an untrusted source cannot run code. The JSON
 alone (:func:`read_metadata`, no torch needed) is enough to build an inference graph; the
 weights are loaded on the workers, checked against the recorded sha256.
+
+:func:`read_metadata` is the one reader of ``model.json`` (inference, ``icemap model info``,
+the folder's STAC Item, ONNX import and training all go through it; a test keeps it so), so
+its type checks and ModelError messages hold wherever a model folder is opened.
 """
 
 from __future__ import annotations
@@ -162,7 +166,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
-    """Write weights then metadata (with the weights' sha256), each atomically."""
+    """Write weights then metadata (with the weights' sha256), each atomically.
+
+    The folder's STAC Item is not written here: :func:`icemap.describe.describe_model` adds it
+    (``icemap train`` and the default-model recipe call it after this).
+    """
     from safetensors.torch import save
 
     from icemap import __version__
@@ -176,10 +184,9 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     meta.icemap_version = __version__
     meta.architecture = dict(model.config.to_dict())
     # The JSON is written last: a folder with a JSON always has the weights it describes.
+    # Its STAC Item (model.stac.json) is the writer's to add (icemap.describe.describe_model,
+    # as training does): the network runtime stands below the STAC layer, which reads it.
     _atomic_write(out / METADATA, meta.to_json().encode())
-    from icemap.describe import describe_model
-
-    describe_model(out)  # its STAC Item (MLM extension), model.stac.json
     return out
 
 

@@ -490,8 +490,29 @@ def make_chips(
     IcemapError
         Outlines that do not overlap the cube.
     """
-    from shapely import STRtree
+    _check_chip_args(size=size, overlap=overlap, layout=layout, group_by=group_by, min_valid=min_valid,
+                     n_random=n_random, n_hard_negative=n_hard_negative)
+    refl, transform, (h, w) = _chip_grid(cube, size)
+    labels = _time_labels(refl)
+    tidx = _resolve_times(times, labels)
+    inside = _outlines_in_cube(outlines, refl, transform, h, w)
+    placer = _WindowPlacer(inside=inside, transform=transform, size=size, h=h, w=w, overlap=overlap,
+                           scan=scan if scan is not None else scan_cube(refl, inside), tidx=tidx, min_valid=min_valid)
+    # Windows on the labels first, then hard negatives, then random ones: each must fit the rest.
+    _place_label_windows(placer, layout)
+    _place_hard_negatives(placer, n_hard_negative, min_negative_pixels)
+    _place_random_windows(placer, n_random, seed)
+    windows, first = _group_windows(placer.windows, grouped_by_pixels=overlap == "group" or group_by == "location"
+                                    or layout == "grid", by_glacier=group_by == "glacier")
+    params = {"size": size, "overlap": overlap, "n_random": n_random, "n_hard_negative": n_hard_negative,
+              "min_valid": min_valid, "min_negative_pixels": min_negative_pixels, "seed": seed,
+              "scan_cell": placer.scan.cell, "layout": layout, "group_by": group_by}
+    return _chip_index(refl, placer, windows, first, [labels[t] for t in tidx], params)
 
+
+def _check_chip_args(*, size: int, overlap: str, layout: str, group_by: str, min_valid: float, n_random: int,
+                     n_hard_negative: int) -> None:
+    """Refuse bad chip settings before any pixel is read."""
     if overlap not in OVERLAP_MODES:
         raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {overlap!r}")
     if layout not in CHIP_LAYOUTS:
@@ -504,13 +525,24 @@ def make_chips(
         raise ModelError(f"min_valid must be in [0, 1], got {min_valid}")
     if n_random < 0 or n_hard_negative < 0:
         raise ModelError("n_random and n_hard_negative must be >= 0")
+
+
+def _chip_grid(cube: Any, size: int) -> tuple[Any, Any, tuple[int, int]]:
+    """The cube's reflectance, its affine transform and ``(height, width)``; an error when one
+    chip does not fit in it."""
     refl = _refl(cube)
     transform, (h, w) = _grid(refl)
     if h < size or w < size:
         raise ModelError(f"the cube ({h} x {w} px) is smaller than one {size} px chip; use a smaller --chip-size")
-    labels = _time_labels(refl)
-    tidx = _resolve_times(times, labels)
+    return refl, transform, (h, w)
 
+
+def _outlines_in_cube(outlines: Any, refl: Any, transform: Any, h: int, w: int) -> Any:
+    """The glacier table of the outlines that overlap the cube; an error when none does.
+
+    Outlines and cube from different areas (or CRSs) would otherwise give chips without a
+    single label, and a model that learns nothing.
+    """
     table = glacier_table(outlines, refl)
     grid_box = _window_box(transform, 0, 0, 1).union(_window_box(transform, h - 1, w - 1, 1)).envelope
     inside = table[table.geometry.intersects(grid_box)].reset_index(drop=True)
@@ -521,123 +553,176 @@ def make_chips(
             f"{b[2]:.0f}, {b[3]:.0f} in {refl.rio.crs}); check that the outlines and the cube cover "
             "the same area"
         )
-    touch = inside.geometry.buffer(_TOUCH_BUFFER_M)
-    tree = STRtree(list(touch))
-    geoms = list(inside.geometry)
-    gids = inside["gid"].to_numpy()
-    if scan is None:
-        scan = scan_cube(refl, inside)
-    inv = ~transform
+    return inside
 
-    def contents(y0: int, x0: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        wbox = _window_box(transform, y0, x0, size)
-        hit = tree.query(wbox, predicate="intersects")
-        whole = [int(gids[i]) for i in hit if wbox.contains(geoms[i])]
-        return tuple(sorted(int(gids[i]) for i in hit)), tuple(sorted(whole))
 
-    # 1. Glacier-centred windows (one per glacier, centred on its bounding box), or a grid.
-    cands = []
-    for i, geom in enumerate(geoms if layout == "outline" else ()):
-        minx, miny, maxx, maxy = geom.bounds
-        col, row = inv * ((minx + maxx) / 2, (miny + maxy) / 2)
-        y0, x0 = _clamp(row - size / 2, size, h), _clamp(col - size / 2, size, w)
-        touched, whole = contents(y0, x0)
-        cands.append(Window(y0, x0, size, "glacier", None, int(gids[i]), touched, whole))
-    # Study a kept the images with whole glaciers first: most whole glaciers, then largest.
-    area = dict(zip(inside["gid"], inside["area_km2"]))
-    cands.sort(key=lambda c: (-len(c.whole), -area[c.centre_gid], c.centre_gid))
-    windows: list[Window] = []
-    kept: list[tuple[int, int, int]] = []
+@dataclass
+class _WindowPlacer:
+    """The windows kept so far, and the overlap rule a new window must pass to join them.
 
-    claimed: set[int] = set()
+    The glacier, grid, hard-negative and random steps of :func:`make_chips` place their windows
+    through one placer, in that order, so a later kind never overlaps (or, with
+    ``overlap="independent"``, shares a glacier with) an earlier one.
+    """
 
-    def keep(win: Window) -> bool:
-        if overlap in ("drop", "independent") and not _disjoint(win.y0, win.x0, win.size, kept):
+    inside: Any
+    transform: Any
+    size: int
+    h: int
+    w: int
+    overlap: str
+    scan: CubeScan
+    tidx: list[int]
+    min_valid: float
+    windows: list[Window] = field(default_factory=list)
+    kept: list[tuple[int, int, int]] = field(default_factory=list)
+    claimed: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        from shapely import STRtree
+
+        self.tree = STRtree(list(self.inside.geometry.buffer(_TOUCH_BUFFER_M)))
+        self.geoms = list(self.inside.geometry)
+        self.gids = self.inside["gid"].to_numpy()
+
+    def contents(self, y0: int, x0: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Glaciers the window touches (grown outlines) and those wholly inside it."""
+        wbox = _window_box(self.transform, y0, x0, self.size)
+        hit = self.tree.query(wbox, predicate="intersects")
+        whole = [int(self.gids[i]) for i in hit if wbox.contains(self.geoms[i])]
+        return tuple(sorted(int(self.gids[i]) for i in hit)), tuple(sorted(whole))
+
+    def window(self, y0: int, x0: int, kind: str, category: str | None = None,
+               centre_gid: int | None = None) -> Window:
+        touched, whole = self.contents(y0, x0)
+        return Window(y0, x0, self.size, kind, category, centre_gid, touched, whole)
+
+    def has_valid_date(self, y0: int, x0: int) -> bool:
+        return bool((self.scan.valid_fraction(y0, x0, self.size)[self.tidx] >= self.min_valid).any())
+
+    def add(self, win: Window) -> None:
+        self.windows.append(win)
+        self.kept.append((win.y0, win.x0, win.size))
+        self.claimed.update(win.gids)
+
+    def keep(self, win: Window) -> bool:
+        """Add ``win`` if the overlap rule and the valid-pixel rule allow it; whether it was."""
+        if self.overlap in ("drop", "independent") and not _disjoint(win.y0, win.x0, win.size, self.kept):
             return False
-        if overlap == "independent" and claimed.intersection(win.gids):
+        if self.overlap == "independent" and self.claimed.intersection(win.gids):
             return False
-        if not (scan.valid_fraction(win.y0, win.x0, win.size)[tidx] >= min_valid).any():
+        if not self.has_valid_date(win.y0, win.x0):
             return False
-        windows.append(win)
-        kept.append((win.y0, win.x0, win.size))
-        claimed.update(win.gids)
+        self.add(win)
         return True
 
+
+def _place_label_windows(p: _WindowPlacer, layout: str) -> None:
+    """The windows on the labels: one per outline, or a grid; an error when none has a date
+    with enough valid pixels (training on nothing would only fail later, less clearly)."""
+    if layout == "outline":
+        _place_outline_windows(p)
+    else:
+        _place_grid_windows(p)
+    if not p.windows:
+        raise ModelError(f"no glacier window has a date with at least {p.min_valid:.0%} valid pixels; lower "
+                         "min_valid or choose clearer dates")
+
+
+def _place_outline_windows(p: _WindowPlacer) -> None:
+    """One window centred on each outline's bounding box, most whole glaciers first."""
+    inv = ~p.transform
+    cands = []
+    for i, geom in enumerate(p.geoms):
+        minx, miny, maxx, maxy = geom.bounds
+        col, row = inv * ((minx + maxx) / 2, (miny + maxy) / 2)
+        y0, x0 = _clamp(row - p.size / 2, p.size, p.h), _clamp(col - p.size / 2, p.size, p.w)
+        cands.append(p.window(y0, x0, "glacier", centre_gid=int(p.gids[i])))
+    # Study a kept the images with whole glaciers first: most whole glaciers, then largest.
+    area = dict(zip(p.inside["gid"], p.inside["area_km2"]))
+    cands.sort(key=lambda c: (-len(c.whole), -area[c.centre_gid], c.centre_gid))
     for c in cands:
-        keep(c)
-    if layout == "grid":
-        for y0, x0 in _grid_origins(inside, inv, size, h, w):
-            touched, whole = contents(y0, x0)
-            if not touched:
-                continue
-            win = Window(y0, x0, size, "grid", None, None, touched, whole)
-            # Grid windows are kept whatever the overlap rule (they tile the labels by
-            # construction); only dates with too few valid pixels leave them out.
-            if (scan.valid_fraction(y0, x0, size)[tidx] >= min_valid).any():
-                windows.append(win)
-                kept.append((y0, x0, size))
-                claimed.update(touched)
-    if not windows:
-        raise ModelError(
-            f"no glacier window has a date with at least {min_valid:.0%} valid pixels; lower "
-            "min_valid or choose clearer dates"
-        )
+        p.keep(c)
 
-    # 2. Hard negatives: the cells richest in each category, categories in turn.
+
+def _place_grid_windows(p: _WindowPlacer) -> None:
+    """Windows edge to edge over the outlines' bounding box, those touching a glacier."""
+    for y0, x0 in _grid_origins(p.inside, ~p.transform, p.size, p.h, p.w):
+        win = p.window(y0, x0, "grid")
+        if not win.gids:
+            continue
+        # Grid windows are kept whatever the overlap rule (they tile the labels by
+        # construction); only dates with too few valid pixels leave them out.
+        if p.has_valid_date(y0, x0):
+            p.add(win)
+
+
+def _place_hard_negatives(p: _WindowPlacer, n_hard_negative: int, min_negative_pixels: int) -> None:
+    """Windows on the cells richest in each hard-negative category, categories in turn."""
+    scan, size = p.scan, p.size
     cats = [c for c in HARD_NEGATIVE_CATEGORIES if c in scan.layers]
-    if n_hard_negative and cats:
-        # Per category, the cells with any such pixel, richest first (best date per cell);
-        # at most _MAX_NEGATIVE_TRIES are tried, so a huge cube cannot make this loop long.
-        queues: dict[str, np.ndarray] = {}
-        layers = {c: scan.layer(c)[tidx] for c in cats}
-        for c in cats:
-            best = layers[c].max(axis=0)
-            order = np.argsort(best, axis=None, kind="stable")[::-1]
-            queues[c] = order[best.flat[order] > 0][:_MAX_NEGATIVE_TRIES]
-        pos = {c: 0 for c in cats}
-        added, active = 0, list(cats)
-        while added < n_hard_negative and active:
-            for c in list(active):
-                if added >= n_hard_negative:
-                    break
-                placed = False
-                while pos[c] < len(queues[c]) and not placed:
-                    r, q = divmod(int(queues[c][pos[c]]), layers[c].shape[2])
-                    pos[c] += 1
-                    cy, cx = (r + 0.5) * scan.cell, (q + 0.5) * scan.cell
-                    y0, x0 = _clamp(cy - size / 2, size, h), _clamp(cx - size / 2, size, w)
-                    r0, r1 = y0 // scan.cell, -(-(y0 + size) // scan.cell)
-                    c0, c1 = x0 // scan.cell, -(-(x0 + size) // scan.cell)
-                    if layers[c][:, r0:r1, c0:c1].sum(axis=(1, 2)).max() < min_negative_pixels:
-                        continue
-                    touched, whole = contents(y0, x0)
-                    placed = keep(Window(y0, x0, size, "hard_negative", c, None, touched, whole))
-                if placed:
-                    added += 1
-                else:
-                    active.remove(c)
+    if not (n_hard_negative and cats):
+        return
+    # Per category, the cells with any such pixel, richest first (best date per cell);
+    # at most _MAX_NEGATIVE_TRIES are tried, so a huge cube cannot make this loop long.
+    queues: dict[str, np.ndarray] = {}
+    layers = {c: scan.layer(c)[p.tidx] for c in cats}
+    for c in cats:
+        best = layers[c].max(axis=0)
+        order = np.argsort(best, axis=None, kind="stable")[::-1]
+        queues[c] = order[best.flat[order] > 0][:_MAX_NEGATIVE_TRIES]
+    pos = {c: 0 for c in cats}
+    added, active = 0, list(cats)
+    while added < n_hard_negative and active:
+        for c in list(active):
+            if added >= n_hard_negative:
+                break
+            placed = False
+            while pos[c] < len(queues[c]) and not placed:
+                r, q = divmod(int(queues[c][pos[c]]), layers[c].shape[2])
+                pos[c] += 1
+                cy, cx = (r + 0.5) * scan.cell, (q + 0.5) * scan.cell
+                y0, x0 = _clamp(cy - size / 2, size, p.h), _clamp(cx - size / 2, size, p.w)
+                r0, r1 = y0 // scan.cell, -(-(y0 + size) // scan.cell)
+                c0, c1 = x0 // scan.cell, -(-(x0 + size) // scan.cell)
+                if layers[c][:, r0:r1, c0:c1].sum(axis=(1, 2)).max() < min_negative_pixels:
+                    continue
+                placed = p.keep(p.window(y0, x0, "hard_negative", category=c))
+            if placed:
+                added += 1
+            else:
+                active.remove(c)
 
-    # 3. Random windows.
+
+def _place_random_windows(p: _WindowPlacer, n_random: int, seed: int) -> None:
+    """``n_random`` windows at seeded random places (at most 50 tries per window)."""
     rng = np.random.default_rng(seed)
     added, tries = 0, 0
     while added < n_random and tries < 50 * max(n_random, 1):
         tries += 1
-        y0, x0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        touched, whole = contents(y0, x0)
-        added += keep(Window(y0, x0, size, "random", None, None, touched, whole))
+        y0, x0 = int(rng.integers(0, p.h - p.size + 1)), int(rng.integers(0, p.w - p.size + 1))
+        added += p.keep(p.window(y0, x0, "random"))
 
-    # Groups: windows sharing a glacier (group_by="glacier"), and overlapping windows in
-    # "group" mode or when grouping by location (where shared pixels are what must not leak).
+
+def _group_windows(windows: list[Window], *, grouped_by_pixels: bool,
+                   by_glacier: bool) -> tuple[list[Window], dict[int, int]]:
+    """The windows with their independence group set, and each glacier's first window.
+
+    Windows sharing a glacier are one group (``by_glacier``), and so are overlapping windows
+    when shared pixels are what must not leak (``grouped_by_pixels``: ``overlap="group"``,
+    grouping by location, or a grid layout).
+    """
     uf = _UnionFind(len(windows))
     first: dict[int, int] = {}
     for i, win in enumerate(windows):
         for g in win.gids:
             if g in first:
-                if group_by == "glacier":
+                if by_glacier:
                     uf.union(first[g], i)
             else:
                 first[g] = i
-    if (overlap == "group" or group_by == "location" or layout == "grid") and windows:
+    if grouped_by_pixels and windows:
+        from shapely import STRtree
         from shapely.geometry import box as _box
 
         boxes = [_box(w_.x0, w_.y0, w_.x0 + w_.size, w_.y0 + w_.size) for w_ in windows]
@@ -648,29 +733,30 @@ def make_chips(
                     uf.union(i, int(j))
     roots = sorted({uf.find(i) for i in range(len(windows))})
     rank = {r: k for k, r in enumerate(roots)}
-    windows = [Window(**{**asdict(win), "group": rank[uf.find(i)]}) for i, win in enumerate(windows)]
+    return [Window(**{**asdict(win), "group": rank[uf.find(i)]}) for i, win in enumerate(windows)], first
 
+
+def _chip_index(refl: Any, p: _WindowPlacer, windows: list[Window], first: dict[int, int], times: list[str],
+                params: dict[str, Any]) -> ChipIndex:
+    """The index: a sample per window and date with enough valid pixels, the glaciers the
+    windows touch (with their group), and the label coverage in ``params``."""
     samples = []
     for i, win in enumerate(windows):
-        frac = scan.valid_fraction(win.y0, win.x0, win.size)
-        for t in tidx:
-            if frac[t] >= min_valid:
+        frac = p.scan.valid_fraction(win.y0, win.x0, win.size)
+        for t in p.tidx:
+            if frac[t] >= p.min_valid:
                 samples.append(Sample(i, t, round(float(frac[t]), 4)))
-    labelled, covered = _label_coverage(inside, transform, (h, w), [windows[i] for i in sorted({s.window for s in samples})])
+    labelled, covered = _label_coverage(p.inside, p.transform, (p.h, p.w),
+                                        [windows[i] for i in sorted({s.window for s in samples})])
     used = {g for win in windows for g in win.gids}
-    glaciers = inside[inside["gid"].isin(used)].reset_index(drop=True)
+    glaciers = p.inside[p.inside["gid"].isin(used)].reset_index(drop=True)
     glaciers["group"] = [windows[first[int(g)]].group for g in glaciers["gid"]]
     return ChipIndex(
-        windows=windows, samples=samples, glaciers=glaciers, shape=(h, w),
-        transform=tuple(float(v) for v in list(transform)[:6]), crs=refl.rio.crs.to_string(),
-        times=[labels[t] for t in tidx],
-        params={"size": size, "overlap": overlap, "n_random": n_random, "n_hard_negative": n_hard_negative,
-                "min_valid": min_valid, "min_negative_pixels": min_negative_pixels, "seed": seed,
-                "scan_cell": scan.cell, "layout": layout, "group_by": group_by, "labelled_pixels": labelled,
-                "labelled_pixels_in_chips": covered,
+        windows=windows, samples=samples, glaciers=glaciers, shape=(p.h, p.w),
+        transform=tuple(float(v) for v in list(p.transform)[:6]), crs=refl.rio.crs.to_string(), times=times,
+        params={**params, "labelled_pixels": labelled, "labelled_pixels_in_chips": covered,
                 "label_coverage": round(covered / labelled, 4) if labelled else None},
     )
-
 
 def _grid_origins(outlines: Any, inv: Any, size: int, h: int, w: int) -> list[tuple[int, int]]:
     """Top-left pixels of windows edge to edge over the outlines' bounding box (in the cube).
@@ -850,64 +936,130 @@ def split_chips(
         samples and glaciers, glacier area, and KS statistic and p-value for area and shape
         against all glaciers, and the objective.
     """
-    from scipy import stats
-
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ModelError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
     if iterations < 1:
         raise ModelError(f"iterations must be >= 1, got {iterations}")
-    groups = index.groups
-    gl = index.glaciers
-    area = dict(zip(gl["gid"].astype(int), gl["area_km2"].astype(float)))
-    shape = dict(zip(gl["gid"].astype(int), gl["shape_factor"].astype(float)))
-    used_windows = {s.window for s in index.samples}
-    members: dict[int, set[int]] = {g: set() for g in groups}
-    whole: dict[int, set[int]] = {g: set() for g in groups}
-    for i, w in enumerate(index.windows):
-        if i in used_windows:
-            members[w.group].update(w.gids)
-            whole[w.group].update(w.whole)
-    with_ice = [g for g in groups if members[g]]
-    empty = [g for g in groups if not members[g]]
+    m = _SplitMeasures.of(index)
     by_location = index.params.get("group_by") == "location"
-    if len(with_ice) < 3:
-        how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
-               "split by location instead (--split location, which lets the parts of one large glacier go to "
-               "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
-               "(--chip-size) or a larger cube")
-        raise ModelError(
-            f"only {len(with_ice)} independent chip group(s) hold glaciers; a train/val/test split "
-            f"needs at least 3 (one each): {how}"
-        )
-    n_val = max(1, int(round(fractions[1] * len(with_ice))))
-    n_test = max(1, int(round(fractions[2] * len(with_ice))))
-    if n_val + n_test >= len(with_ice):
+    _require_three_groups(len(m.with_ice), by_location)
+    n_val = max(1, int(round(fractions[1] * len(m.with_ice))))
+    n_test = max(1, int(round(fractions[2] * len(m.with_ice))))
+    if n_val + n_test >= len(m.with_ice):
         n_val = n_test = 1
-    all_gids = sorted(g for m in members.values() for g in m)
-    all_area = np.array([area[g] for g in all_gids])
-    all_shape = np.array([shape[g] for g in all_gids])
     if by_location:
-        return _location_split(index, with_ice, empty, area, all_area, all_shape, n_val, n_test, fractions, seed)
-    dist_area = _fit_best(all_area, _AREA_DISTS, positive=True)
-    dist_shape = _fit_best(all_shape, _SHAPE_DISTS, positive=False)
+        return _location_split(index, m.with_ice, m.empty, m.area, m.all_area, m.all_shape, n_val, n_test,
+                               fractions, seed)
+    dist_area = _fit_best(m.all_area, _AREA_DISTS, positive=True)
+    dist_shape = _fit_best(m.all_shape, _SHAPE_DISTS, positive=False)
+    objective, best_it, sets = _monte_carlo_split(m, dist_area, dist_shape, n_val=n_val, n_test=n_test,
+                                                  iterations=iterations, seed=seed)
+    ks = _ks_against_all(m, sets)
+    sets = _deal_glacier_free(sets, m.empty, fractions, seed)
+    report: dict[str, Any] = {
+        "seed": seed, "iterations": iterations, "best_iteration": best_it, "objective_max_ks": objective,
+        "fractions": list(fractions), "distributions": {"area_km2": dist_area, "shape_factor": dist_shape},
+        "n_glaciers": len(m.all_gids), "sets": {},
+    }
+    for name in SETS:
+        gids = sorted(index.glaciers_of(sets[name]))
+        samples = index.samples_of(sets[name])
+        report["sets"][name] = {
+            "groups": len(sets[name]),
+            "windows": len({index.samples[i].window for i in samples}),
+            "samples": len(samples),
+            "glaciers": len(gids),
+            "glacier_area_km2": round(float(sum(m.area[g] for g in gids)), 4),
+            **ks[name],
+        }
+    return Split(groups=sets, report=report)
+
+
+@dataclass
+class _SplitMeasures:
+    """What the split draws on: per chip group its glaciers (``members``, and those wholly in
+    a window, ``whole``), each glacier's area and shape factor, and the groups with and
+    without glaciers. Only windows that hold a sample count."""
+
+    area: dict[int, float]
+    shape: dict[int, float]
+    members: dict[int, set[int]]
+    whole: dict[int, set[int]]
+    with_ice: list[int]
+    empty: list[int]
+
+    @classmethod
+    def of(cls, index: ChipIndex) -> _SplitMeasures:
+        groups = index.groups
+        gl = index.glaciers
+        used_windows = {s.window for s in index.samples}
+        members: dict[int, set[int]] = {g: set() for g in groups}
+        whole: dict[int, set[int]] = {g: set() for g in groups}
+        for i, w in enumerate(index.windows):
+            if i in used_windows:
+                members[w.group].update(w.gids)
+                whole[w.group].update(w.whole)
+        return cls(area=dict(zip(gl["gid"].astype(int), gl["area_km2"].astype(float))),
+                   shape=dict(zip(gl["gid"].astype(int), gl["shape_factor"].astype(float))),
+                   members=members, whole=whole, with_ice=[g for g in groups if members[g]],
+                   empty=[g for g in groups if not members[g]])
+
+    @property
+    def all_gids(self) -> list[int]:
+        return sorted(g for m in self.members.values() for g in m)
+
+    @property
+    def all_area(self) -> np.ndarray:
+        return np.array([self.area[g] for g in self.all_gids])
+
+    @property
+    def all_shape(self) -> np.ndarray:
+        return np.array([self.shape[g] for g in self.all_gids])
+
+
+def _require_three_groups(n_with_ice: int, by_location: bool) -> None:
+    """A train/val/test split needs a group with glaciers for each set; say how to get them."""
+    if n_with_ice >= 3:
+        return
+    how = ("use smaller chips (--chip-size) or a larger cube" if by_location else
+           "split by location instead (--split location, which lets the parts of one large glacier go to "
+           "different sets), cover the labels with a grid of chips (--chips grid), use smaller chips "
+           "(--chip-size) or a larger cube")
+    raise ModelError(
+        f"only {n_with_ice} independent chip group(s) hold glaciers; a train/val/test split "
+        f"needs at least 3 (one each): {how}"
+    )
+
+
+def _monte_carlo_split(m: _SplitMeasures, dist_area: dict[str, Any], dist_shape: dict[str, Any], *, n_val: int,
+                       n_test: int, iterations: int, seed: int) -> tuple[float, int, dict[str, list[int]]]:
+    """Study a's search: the best of ``iterations`` draws, as ``(objective, iteration, sets)``.
+
+    Each iteration fills test then validation with the free group whose representative
+    glacier (its largest whole glacier, else its largest) is nearest a draw from the fitted
+    distributions, in standardised (log area, shape) space; the objective is the largest
+    two-sample KS statistic of any set against all glaciers, for area or shape.
+    """
+    from scipy import stats
+
+    all_area, all_shape = m.all_area, m.all_shape
     la = np.log(all_area)
     mu = np.array([la.mean(), all_shape.mean()])
     sd = np.array([la.std() or 1.0, all_shape.std() or 1.0])
     rep = {}
-    for g in with_ice:
-        pool = whole[g] or members[g]
-        big = max(pool, key=lambda k: (area[k], -k))
-        rep[g] = (np.array([math.log(area[big]), shape[big]]) - mu) / sd
-    rep_groups = np.array(with_ice)
-    rep_z = np.array([rep[g] for g in with_ice])
+    for g in m.with_ice:
+        pool = m.whole[g] or m.members[g]
+        big = max(pool, key=lambda k: (m.area[k], -k))
+        rep[g] = (np.array([math.log(m.area[big]), m.shape[big]]) - mu) / sd
+    rep_groups = np.array(m.with_ice)
+    rep_z = np.array([rep[g] for g in m.with_ice])
     adist = getattr(stats, dist_area["name"])(*dist_area["params"])
     sdist = getattr(stats, dist_shape["name"])(*dist_shape["params"])
     min_area = float(all_area.min())
     rng = np.random.default_rng(seed)
-
     sorted_area, sorted_shape = np.sort(all_area), np.sort(all_shape)
-    group_area = {g: np.array([area[k] for k in members[g]]) for g in with_ice}
-    group_shape = {g: np.array([shape[k] for k in members[g]]) for g in with_ice}
+    group_area = {g: np.array([m.area[k] for k in m.members[g]]) for g in m.with_ice}
+    group_shape = {g: np.array([m.shape[k] for k in m.members[g]]) for g in m.with_ice}
 
     def objective_of(sets: dict[str, list[int]]) -> float:
         # The search only needs the statistics: computed directly (about 100x faster than
@@ -921,23 +1073,9 @@ def split_chips(
             worst = max(worst, _ks_statistic(a, sorted_area), _ks_statistic(s, sorted_shape))
         return worst
 
-    def ks_of(sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
-        out = {}
-        for name, gs in sets.items():
-            gids = sorted(g for grp in gs for g in members.get(grp, ()))
-            a = np.array([area[g] for g in gids])
-            s = np.array([shape[g] for g in gids])
-            ka = stats.ks_2samp(a, all_area) if a.size else None
-            ksh = stats.ks_2samp(s, all_shape) if s.size else None
-            out[name] = {
-                "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
-                "ks_shape": float(ksh.statistic) if ksh else 1.0, "p_shape": float(ksh.pvalue) if ksh else 0.0,
-            }
-        return out
-
     best: tuple[float, int, dict[str, list[int]]] | None = None
     for it in range(iterations):
-        free = np.ones(len(with_ice), dtype=bool)
+        free = np.ones(len(m.with_ice), dtype=bool)
         chosen: dict[str, list[int]] = {"test": [], "val": []}
         for name, n in (("test", n_test), ("val", n_val)):
             draws_a = np.maximum(adist.rvs(size=n, random_state=rng), min_area)
@@ -954,33 +1092,39 @@ def split_chips(
             best = (objective, it, sets)
     if best is None:  # unreachable (iterations >= 1), kept for type checkers
         raise ModelError("the Monte-Carlo split ran no iteration")
-    objective, best_it, sets = best
-    ks = ks_of(sets)
-    # Glacier-free groups: dealt at random in the given proportions, from their own stream
-    # so that adding negatives does not change which glacier groups go where.
+    return best
+
+
+def _ks_against_all(m: _SplitMeasures, sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per set, scipy's two-sample KS statistic and p-value of its glaciers' area and shape
+    against all glaciers (1 and 0 for a set without glaciers)."""
+    from scipy import stats
+
+    all_area, all_shape = m.all_area, m.all_shape
+    out = {}
+    for name, gs in sets.items():
+        gids = sorted(g for grp in gs for g in m.members.get(grp, ()))
+        a = np.array([m.area[g] for g in gids])
+        s = np.array([m.shape[g] for g in gids])
+        ka = stats.ks_2samp(a, all_area) if a.size else None
+        ksh = stats.ks_2samp(s, all_shape) if s.size else None
+        out[name] = {
+            "ks_area": float(ka.statistic) if ka else 1.0, "p_area": float(ka.pvalue) if ka else 0.0,
+            "ks_shape": float(ksh.statistic) if ksh else 1.0, "p_shape": float(ksh.pvalue) if ksh else 0.0,
+        }
+    return out
+
+
+def _deal_glacier_free(sets: dict[str, list[int]], empty: list[int], fractions: tuple[float, float, float],
+                       seed: int) -> dict[str, list[int]]:
+    """The sets with the glacier-free groups dealt at random in the given proportions, each
+    set sorted. The draws come from their own stream, so adding negatives does not change
+    which glacier groups go where."""
     neg_rng = np.random.default_rng([seed, 1])
     for g in empty:
         which = SETS[int(neg_rng.choice(3, p=np.asarray(fractions) / sum(fractions)))]
         sets[which].append(int(g))
-    sets = {k: sorted(v) for k, v in sets.items()}
-    report: dict[str, Any] = {
-        "seed": seed, "iterations": iterations, "best_iteration": best_it, "objective_max_ks": objective,
-        "fractions": list(fractions), "distributions": {"area_km2": dist_area, "shape_factor": dist_shape},
-        "n_glaciers": len(all_gids), "sets": {},
-    }
-    for name in SETS:
-        gids = sorted(index.glaciers_of(sets[name]))
-        samples = index.samples_of(sets[name])
-        report["sets"][name] = {
-            "groups": len(sets[name]),
-            "windows": len({index.samples[i].window for i in samples}),
-            "samples": len(samples),
-            "glaciers": len(gids),
-            "glacier_area_km2": round(float(sum(area[g] for g in gids)), 4),
-            **ks[name],
-        }
-    return Split(groups=sets, report=report)
-
+    return {k: sorted(v) for k, v in sets.items()}
 
 def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], area: dict[int, float], all_area: np.ndarray, all_shape: np.ndarray, n_val: int, n_test: int,
                     fractions: tuple[float, float, float], seed: int) -> Split:

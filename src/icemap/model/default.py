@@ -120,6 +120,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     """
     import torch
 
+    from icemap.describe import describe_model
     from icemap.model.checkpoint import read_metadata, save_checkpoint
     from icemap.model.train import TrainConfig, prepare_data, train
 
@@ -158,6 +159,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     })
     model = result.model.half()
     save_checkpoint(model, meta, out)
+    describe_model(out)  # its STAC Item again: the weights changed
     return out
 
 

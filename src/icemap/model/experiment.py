@@ -263,10 +263,6 @@ def run_experiment(
     -------
     ExperimentResult
     """
-    import pandas as pd
-
-    from icemap.sample import CLASS_CODES
-
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,48 +273,105 @@ def run_experiment(
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ModelError(f"two runs share a name: {names}")
-    if data is None:
-        from icemap.model.train import _open
+    data = _experiment_data(cube, outlines, runs, config, dem, data)
+    test = _TestChips.of(data, truth)
+    ndsi_t, curve = calibrate_ndsi(data)
+    rows, fp_rows = _ndsi_rows(data, test, ndsi_t)
+    results: dict[str, TrainResult] = {}
+    ablation: list[dict[str, Any]] = []
+    for k, run in enumerate(runs, start=1):
+        cfg = replace(config, inputs=run.inputs, mask=run.mask, **dict(run.overrides))
+        cb = None if callback is None else (lambda rec, _n=run.name: callback(_n, rec))
+        res = train(None, None, out / "models" / run.name, cfg, data=data, resume=resume, callback=cb,
+                    quiet=quiet, console=console, title=f"[{k}/{len(runs)}] {run.name}")
+        results[run.name] = res
+        _score_run(run, res, data, test, rows, fp_rows, ablation)
+    table3, table5, fps = _write_tables(out, rows, ablation, fp_rows)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
+        "config": config.to_dict(), "runs": [{"name": r.name, "inputs": r.inputs, "mask": r.mask,
+                                               "overrides": dict(r.overrides)} for r in runs],
+        "chips": data.index.summary(), "chip_params": data.chip_params, "split": data.split.report,
+        "test_samples": len(test.ids), "dates": test.dates,
+        "ndsi_threshold": ndsi_t, "ndsi_curve": curve[["threshold", "f1", "precision", "recall"]].to_dict("list"),
+        "seconds": round(seconds, 1),
+        "train_seconds": {n: round(r.seconds, 1) for n, r in results.items()},
+    }
+    (out / "experiment.json").write_text(json.dumps(summary, indent=1, default=float))
+    return ExperimentResult(table3=table3, table5=table5, false_positives=fps, runs=results,
+                            ndsi_threshold=ndsi_t, data=data, out=out, seconds=seconds)
 
-        ds, _ = _open(cube)
-        refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
-        _check_runs(runs, [str(b) for b in refl["band"].values], dem)
-        data = prepare_data(ds, outlines, chip_size=config.chip_size, overlap=config.overlap,
-                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
-                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
-                            split_iterations=config.split_iterations, dem=dem)
-        data.cube_path = os.fspath(cube) if isinstance(cube, (str, os.PathLike)) else None
-        data.outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
-    else:
+
+def _experiment_data(cube: Any, outlines: Any, runs: Sequence[RunSpec], config: TrainConfig, dem: Any,
+                     data: PreparedData | None) -> PreparedData:
+    """The chips and split every run shares: the given ones, or made with ``config``'s chip
+    settings; either way the runs are checked against the cube's bands and the DEM first."""
+    if data is not None:
         _check_runs(runs, data.source.bands, dem if dem is not None else data.source.dem)
-    src = data.source
-    px = src.pixel_area_m2
-    test_ids = data.samples("test")
-    if not test_ids:
-        raise ModelError("the split has no test chip; use a larger cube or smaller chips")
-    dates = [str(np.datetime_as_string(t, unit="D")) for t in src.refl["time"].values]
+        return data
+    from icemap.model.train import _open
 
-    # Labels and valid pixels of the test chips, shared by every row.
-    ref_orig = [src.sample_labels(s, 0.0) for s in test_ids]
-    ref_ext = [src.sample_labels(s, MASK_BUFFERS["extended"]) for s in test_ids]
-    valid = [src.valid(s) for s in test_ids]
-    truths = None
-    if truth is not None:
-        truths = [src.truth(s, _truth_path(truth, dates[src.index.samples[s].time])) for s in test_ids]
+    ds, _ = _open(cube)
+    refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
+    _check_runs(runs, [str(b) for b in refl["band"].values], dem)
+    data = prepare_data(ds, outlines, chip_size=config.chip_size, overlap=config.overlap,
+                        n_random=config.n_random, n_hard_negative=config.n_hard_negative,
+                        min_valid=config.min_valid, split_seed=config.effective_split_seed,
+                        split_iterations=config.split_iterations, dem=dem)
+    data.cube_path = os.fspath(cube) if isinstance(cube, (str, os.PathLike)) else None
+    data.outlines_path = os.fspath(outlines) if isinstance(outlines, (str, os.PathLike)) else None
+    return data
 
-    def pooled(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> dict[str, int]:
+
+@dataclass
+class _TestChips:
+    """The test chips every row is scored on: their ids, labels (original and extended
+    outlines), valid pixels and, when given, class truth for the false-positive table."""
+
+    data: PreparedData
+    ids: list[int]
+    dates: list[str]
+    ref_orig: list[np.ndarray]
+    ref_ext: list[np.ndarray]
+    valid: list[np.ndarray]
+    truths: list[np.ndarray] | None
+
+    @classmethod
+    def of(cls, data: PreparedData, truth: Any) -> _TestChips:
+        src = data.source
+        test_ids = data.samples("test")
+        if not test_ids:
+            raise ModelError("the split has no test chip; use a larger cube or smaller chips")
+        dates = [str(np.datetime_as_string(t, unit="D")) for t in src.refl["time"].values]
+        truths = None
+        if truth is not None:
+            truths = [src.truth(s, _truth_path(truth, dates[src.index.samples[s].time])) for s in test_ids]
+        return cls(data=data, ids=test_ids, dates=dates,
+                   ref_orig=[src.sample_labels(s, 0.0) for s in test_ids],
+                   ref_ext=[src.sample_labels(s, MASK_BUFFERS["extended"]) for s in test_ids],
+                   valid=[src.valid(s) for s in test_ids], truths=truths)
+
+    def pooled(self, preds: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> dict[str, int]:
+        """Confusion counts over all test chips (valid pixels only)."""
         total: dict[str, int] = {}
-        for p, r, v in zip(preds, refs, valid):
+        for p, r, v in zip(preds, refs, self.valid):
             c = counts(p, r, v)
             total = {k: total.get(k, 0) + c[k] for k in c}
         return total
 
-    def fp_row(method: str, preds: Sequence[np.ndarray]) -> dict[str, Any]:
+    def scores(self, preds: Sequence[np.ndarray], refs: Sequence[np.ndarray] | None = None) -> dict[str, float]:
+        return _score_row(self.pooled(preds, self.ref_orig if refs is None else refs), self.data.source.pixel_area_m2)
+
+    def fp_row(self, method: str, preds: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Pixels of each truth class outside the outlines, and the share called ice."""
+        from icemap.sample import CLASS_CODES
+
         row: dict[str, Any] = {"method": method}
         for cls in FP_CLASSES:
             code = CLASS_CODES[cls]
             fp = n = 0
-            for p, r, v, tr in zip(preds, ref_orig, valid, truths or []):
+            for p, r, v, tr in zip(preds, self.ref_orig, self.valid, self.truths or []):
                 m = v & (r == 0) & (tr == code)
                 n += int(m.sum())
                 fp += int((p & m).sum())
@@ -327,51 +380,56 @@ def run_experiment(
             row[f"{cls}_fp_pct"] = 100.0 * fp / n if n else float("nan")
         return row
 
+
+def _ndsi_rows(data: PreparedData, test: _TestChips,
+               ndsi_t: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Table 3's NDSI rows (calibrated threshold and the usual 0.4) and their false positives."""
     rows: list[dict[str, Any]] = []
     fp_rows: list[dict[str, Any]] = []
-    ndsi_t, curve = calibrate_ndsi(data)
     for label, t in (("NDSI (calibrated)", ndsi_t), ("NDSI 0.4", 0.4)):
-        preds = _ndsi_masks(data, test_ids, t)
-        rows.append({"model": label, "inputs": "ndsi", "mask": "-", "threshold": t,
-                     **_score_row(pooled(preds, ref_orig), px),
-                     "f1_extended": _score_row(pooled(preds, ref_ext), px)["f1"],
+        preds = _ndsi_masks(data, test.ids, t)
+        rows.append({"model": label, "inputs": "ndsi", "mask": "-", "threshold": t, **test.scores(preds),
+                     "f1_extended": test.scores(preds, test.ref_ext)["f1"],
                      "epochs_run": 0, "best_epoch": 0, "train_s": 0.0})
-        if truths is not None:
-            fp_rows.append(fp_row(label, preds))
+        if test.truths is not None:
+            fp_rows.append(test.fp_row(label, preds))
+    return rows, fp_rows
 
-    results: dict[str, TrainResult] = {}
-    ablation: list[dict[str, Any]] = []
-    for k, run in enumerate(runs, start=1):
-        overrides = dict(run.overrides)
-        cfg = replace(config, inputs=run.inputs, mask=run.mask, **overrides)
-        cb = None if callback is None else (lambda rec, _n=run.name: callback(_n, rec))
-        res = train(None, None, out / "models" / run.name, cfg, data=data, resume=resume, callback=cb,
-                    quiet=quiet, console=console, title=f"[{k}/{len(runs)}] {run.name}")
-        results[run.name] = res
-        ch = tuple(res.meta.channels)
-        from icemap.model.inputs import Normalisation
 
-        norm = Normalisation.from_dict(res.meta.normalisation)
-        ds = ChipDataset(src, test_ids, ch, mask=run.mask, normalisation=norm, multiple=res.model.config.multiple)
-        probs = predict_dataset(res.model, ds)
-        preds = [p >= res.threshold for p in probs]
-        base_scores = _score_row(pooled(preds, ref_orig), px)
-        rows.append({"model": run.name, "inputs": run.inputs, "mask": run.mask, "threshold": res.threshold,
-                     **base_scores, "f1_extended": _score_row(pooled(preds, ref_ext), px)["f1"],
-                     "epochs_run": len(res.history), "best_epoch": res.best_epoch,
-                     "train_s": round(res.seconds, 1)})
-        if truths is not None:
-            fp_rows.append(fp_row(run.name, preds))
-        # Table 5: hide one channel (its normalised value set to 0) and score again.
-        if len(ch) > 1:
-            for i, c in enumerate(ch):
-                hidden = ChipDataset(src, test_ids, ch, mask=run.mask, normalisation=norm,
-                                     multiple=res.model.config.multiple, hide_channel=i)
-                hp = [p >= res.threshold for p in predict_dataset(res.model, hidden)]
-                s = _score_row(pooled(hp, ref_orig), px)
-                ablation.append({"model": run.name, "hidden": c, "f1": s["f1"], "delta_f1": s["f1"] - base_scores["f1"],
-                                 "precision": s["precision"], "recall": s["recall"],
-                                 "area_diff_pct": s["area_diff_pct"]})
+def _score_run(run: RunSpec, res: TrainResult, data: PreparedData, test: _TestChips, rows: list[dict[str, Any]],
+               fp_rows: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> None:
+    """A trained run's Table 3 row, its false positives, and its Table 5 rows (each channel
+    hidden in turn: its normalised value set to 0), appended to the tables."""
+    from icemap.model.inputs import Normalisation
+
+    src = data.source
+    ch = tuple(res.meta.channels)
+    norm = Normalisation.from_dict(res.meta.normalisation)
+    ds = ChipDataset(src, test.ids, ch, mask=run.mask, normalisation=norm, multiple=res.model.config.multiple)
+    probs = predict_dataset(res.model, ds)
+    preds = [p >= res.threshold for p in probs]
+    base_scores = test.scores(preds)
+    rows.append({"model": run.name, "inputs": run.inputs, "mask": run.mask, "threshold": res.threshold,
+                 **base_scores, "f1_extended": test.scores(preds, test.ref_ext)["f1"],
+                 "epochs_run": len(res.history), "best_epoch": res.best_epoch,
+                 "train_s": round(res.seconds, 1)})
+    if test.truths is not None:
+        fp_rows.append(test.fp_row(run.name, preds))
+    if len(ch) > 1:
+        for i, c in enumerate(ch):
+            hidden = ChipDataset(src, test.ids, ch, mask=run.mask, normalisation=norm,
+                                 multiple=res.model.config.multiple, hide_channel=i)
+            hp = [p >= res.threshold for p in predict_dataset(res.model, hidden)]
+            s = test.scores(hp)
+            ablation.append({"model": run.name, "hidden": c, "f1": s["f1"], "delta_f1": s["f1"] - base_scores["f1"],
+                             "precision": s["precision"], "recall": s["recall"],
+                             "area_diff_pct": s["area_diff_pct"]})
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], ablation: list[dict[str, Any]],
+                  fp_rows: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
+    """Tables 3 and 5 and the false-positive table, as CSV and Markdown in ``out``."""
+    import pandas as pd
 
     table3 = pd.DataFrame(rows)
     table5 = pd.DataFrame(ablation, columns=["model", "hidden", "f1", "delta_f1", "precision", "recall",
@@ -381,20 +439,7 @@ def run_experiment(
     _write(table5, out, "table5", "Table 5: channel hiding (normalised value set to 0) on the test set")
     if fps is not None:
         _write(fps, out, "false_positives", "False positives by truth class on the test set (reference = 0)")
-    seconds = time.perf_counter() - t0
-    summary = {
-        "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
-        "config": config.to_dict(), "runs": [{"name": r.name, "inputs": r.inputs, "mask": r.mask,
-                                               "overrides": dict(r.overrides)} for r in runs],
-        "chips": data.index.summary(), "chip_params": data.chip_params, "split": data.split.report,
-        "test_samples": len(test_ids), "dates": dates,
-        "ndsi_threshold": ndsi_t, "ndsi_curve": curve[["threshold", "f1", "precision", "recall"]].to_dict("list"),
-        "seconds": round(seconds, 1),
-        "train_seconds": {n: round(r.seconds, 1) for n, r in results.items()},
-    }
-    (out / "experiment.json").write_text(json.dumps(summary, indent=1, default=float))
-    return ExperimentResult(table3=table3, table5=table5, false_positives=fps, runs=results,
-                            ndsi_threshold=ndsi_t, data=data, out=out, seconds=seconds)
+    return table3, table5, fps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,12 +43,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap.errors import ModelError
 from icemap.extras import require
+
+if TYPE_CHECKING:
+    from icemap.model.checkpoint import CheckpointMeta
+    from icemap.model.onnx_runner import OnnxRunner
 
 __all__ = ["OnnxInfo", "inspect_onnx", "parse_normalisation", "probe_multiple", "probe_reach", "tiling_error",
            "import_onnx", "TILING_TOLERANCE"]
@@ -347,28 +351,16 @@ def import_onnx(
     require("onnx", "icemap model import")
     require("ml", "icemap model import")  # the tiling check runs icemap's torch batch loop
     from icemap import __version__
-    from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, CheckpointMeta, _atomic_write, read_metadata
+    from icemap.model.checkpoint import METADATA, CheckpointMeta, read_metadata
     from icemap.model.inputs import required_bands, resolve_channels
     from icemap.model.onnx_runner import OnnxRunner
 
     channels = resolve_channels(bands)
     n = len(channels)
     norm = parse_normalisation(normalisation, n)
-    if output is not None and output not in ("probability", "logit"):
-        raise ModelError(f"--output must be 'probability' or 'logit', not {output!r}")
-    thr = 0.5 if threshold is None else float(threshold)
-    if not 0.0 < thr < 1.0:
-        raise ModelError(f"--threshold must be a probability in (0, 1), got {thr}")
-    if halo is not None and halo < 0:
-        raise ModelError(f"--halo must be >= 0, got {halo}")
-    if multiple is not None and (multiple < 1 or multiple & (multiple - 1) or multiple > 2**_MAX_DEPTH):
-        raise ModelError(f"--multiple must be a power of two from 1 to {2**_MAX_DEPTH}, got {multiple}")
+    thr = _check_import_settings(output=output, threshold=threshold, halo=halo, multiple=multiple)
     src, dest = Path(source), Path(out)
-    try:
-        data = src.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read the ONNX file {src}: {exc.strerror}") from None
-    data = _embed_external_data(data, src)
+    data = _read_onnx(src)
     if (dest / METADATA).exists() and read_metadata(dest).kind != "onnx":
         raise ModelError(f"{dest} holds a model trained with icemap; import into another --out folder")
 
@@ -379,42 +371,86 @@ def import_onnx(
     runner = OnnxRunner(data, arch, device="cpu", quiet=True)
     first = probe_multiple(runner, n) if multiple is None else multiple.bit_length() - 1
     if kind == "probability":
-        p = runner.run(np.random.default_rng(2).random((2, n, 4 * 2**first, 4 * 2**first), dtype=np.float32))
-        if np.nanmin(p) < 0 or np.nanmax(p) > 1:
-            raise ModelError("the network's output leaves [0, 1], so it is not a probability: pass --output logit")
+        _check_probability(runner, n, first)
+    arch.update(_fit_tiling(runner, n, first, fixed=multiple is not None, halo=halo, max_probe=max_probe))
+    meta = CheckpointMeta(
+        architecture=arch, channels=list(channels), bands=list(required_bands(channels)),
+        normalisation=norm.to_dict(), threshold=thr,
+        training={"source": "onnx import", "file": src.name, "producer": info.producer},
+        icemap_version=__version__, weights_sha256=hashlib.sha256(data).hexdigest(),
+    )
+    _write_model_folder(dest, data, meta)
+    return dest
+
+
+def _check_import_settings(*, output: str | None, threshold: float | None, halo: int | None,
+                           multiple: int | None) -> float:
+    """Refuse impossible settings before the network is read; the decision threshold."""
+    if output is not None and output not in ("probability", "logit"):
+        raise ModelError(f"--output must be 'probability' or 'logit', not {output!r}")
+    thr = 0.5 if threshold is None else float(threshold)
+    if not 0.0 < thr < 1.0:
+        raise ModelError(f"--threshold must be a probability in (0, 1), got {thr}")
+    if halo is not None and halo < 0:
+        raise ModelError(f"--halo must be >= 0, got {halo}")
+    if multiple is not None and (multiple < 1 or multiple & (multiple - 1) or multiple > 2**_MAX_DEPTH):
+        raise ModelError(f"--multiple must be a power of two from 1 to {2**_MAX_DEPTH}, got {multiple}")
+    return thr
+
+
+def _read_onnx(src: Path) -> bytes:
+    """The ONNX file's bytes, with any external weight files embedded (one file to copy)."""
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read the ONNX file {src}: {exc.strerror}") from None
+    return _embed_external_data(data, src)
+
+
+def _check_probability(runner: OnnxRunner, n_channels: int, depth: int) -> None:
+    """A network said to output probabilities must stay in [0, 1] on random inputs."""
+    size = 4 * 2**depth
+    p = runner.run(np.random.default_rng(2).random((2, n_channels, size, size), dtype=np.float32))
+    if np.nanmin(p) < 0 or np.nanmax(p) > 1:
+        raise ModelError("the network's output leaves [0, 1], so it is not a probability: pass --output logit")
+
+
+def _fit_tiling(runner: OnnxRunner, n_channels: int, first: int, *, fixed: bool, halo: int | None,
+                max_probe: int) -> dict[str, Any]:
+    """The smallest multiple (from ``2**first``; only that one when ``fixed``) and its halo
+    whose tiles reproduce whole-window output, as ``architecture`` fields.
+
+    The halo is the given one or the measured reach, rounded up to the multiple; an error
+    lists every pair tried when none is exact within :data:`TILING_TOLERANCE`.
+    """
     tried = []
-    for depth in range(first, (_MAX_DEPTH if multiple is None else first) + 1):
+    for depth in range(first, (first if fixed else _MAX_DEPTH) + 1):
         m = 2**depth
-        reach = probe_reach(runner, n, m, max_size=max_probe) if halo is None else None
+        reach = probe_reach(runner, n_channels, m, max_size=max_probe) if halo is None else None
         h = -(-(halo if halo is not None else reach) // m) * m  # type: ignore[operator]
         try:
-            err = tiling_error(runner, n, depth, h)
+            err = tiling_error(runner, n_channels, depth, h)
         except ModelError as exc:  # e.g. a padded window size the network rejects
             tried.append(f"multiple {m} halo {h}: {str(exc)[:200]}")
             continue
         tried.append(f"multiple {m} halo {h}: {err:.1e}")
         if err <= TILING_TOLERANCE:
-            break
-    else:
-        fix = ("give a larger --halo, or omit it to have icemap measure it" if halo is not None else
-               "the network is not translation-equivariant (global pooling, normalisation over the whole image, "
-               "positional inputs?), so no halo makes its tiles exact")
-        raise ModelError(f"tiles of this network do not reproduce whole-window output (max probability difference "
-                         f"{'; '.join(tried)}; tolerance {TILING_TOLERANCE}): {fix}")
-    arch.update({"depth": depth, "multiple": m, "halo": h, "halo_source": "probe" if halo is None else "given",
-                 "receptive_field": None if reach is None else 2 * reach + 1, "tiling_max_diff": err})
-    digest = hashlib.sha256(data).hexdigest()
-    meta = CheckpointMeta(
-        architecture=arch, channels=list(channels), bands=list(required_bands(channels)),
-        normalisation=norm.to_dict(), threshold=thr,
-        training={"source": "onnx import", "file": src.name, "producer": info.producer},
-        icemap_version=__version__, weights_sha256=digest,
-    )
+            return {"depth": depth, "multiple": m, "halo": h, "halo_source": "probe" if halo is None else "given",
+                    "receptive_field": None if reach is None else 2 * reach + 1, "tiling_max_diff": err}
+    fix = ("give a larger --halo, or omit it to have icemap measure it" if halo is not None else
+           "the network is not translation-equivariant (global pooling, normalisation over the whole image, "
+           "positional inputs?), so no halo makes its tiles exact")
+    raise ModelError(f"tiles of this network do not reproduce whole-window output (max probability difference "
+                     f"{'; '.join(tried)}; tolerance {TILING_TOLERANCE}): {fix}")
+
+
+def _write_model_folder(dest: Path, data: bytes, meta: CheckpointMeta) -> None:
+    """The network, then its model.json, then its STAC Item (``model.stac.json``)."""
+    from icemap.describe import describe_model
+    from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, _atomic_write
+
     dest.mkdir(parents=True, exist_ok=True)
     _atomic_write(dest / ONNX_WEIGHTS, data)
     # The JSON last, as save_checkpoint does: a folder with a JSON has the network it describes.
     _atomic_write(dest / METADATA, meta.to_json().encode())
-    from icemap.describe import describe_model
-
     describe_model(dest)  # its STAC Item (MLM extension), model.stac.json
-    return dest

@@ -24,6 +24,7 @@ in float32 (CPU autocast is slower than float32 for convolutions of this size).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -958,17 +959,7 @@ def train(
     if config.spectral_augment and augment_batch is None:
         augment_batch = SpectralAugment(channels=channels)  # checks the channels before any read
     out = Path(out)
-    if data is None:
-        data = prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
-                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
-                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
-                            split_iterations=config.split_iterations, channels=channels, dem=dem,
-                            layout=config.chips, split=config.split, label_time=config.label_time)
-    else:
-        missing = [b for b in required_bands(channels) if b not in data.source.bands]
-        if missing:
-            raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
-                             f"it has {data.source.bands}")
+    data = _training_data(cube, outlines, config, data, dem)
     if config.restarts > 1:
         return _train_restarts(config, out, data, dem=dem, resume=resume, callback=callback, quiet=quiet,
                                console=console, title=title, augment_batch=augment_batch, strict=strict,
@@ -978,6 +969,33 @@ def train(
         raise ModelError("the split left no training or no validation chip; use a larger cube or smaller chips")
     device = _device(config.device)
     use_amp, amp_dtype = _autocast(device, config.amp)
+    with _deterministic(device):
+        return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
+                      resume, callback, quiet, console, title, t_start, augment_batch, init_from, strict)
+
+
+def _training_data(cube: Any, outlines: Any, config: TrainConfig, data: PreparedData | None,
+                   dem: Any) -> PreparedData:
+    """The chips and split: prepared from the cube with ``config``'s chip settings, or the
+    given ones, checked to hold the bands the inputs need."""
+    channels = config.channels
+    if data is None:
+        return prepare_data(cube, outlines, chip_size=config.chip_size, overlap=config.overlap,
+                            n_random=config.n_random, n_hard_negative=config.n_hard_negative,
+                            min_valid=config.min_valid, split_seed=config.effective_split_seed,
+                            split_iterations=config.split_iterations, channels=channels, dem=dem,
+                            layout=config.chips, split=config.split, label_time=config.label_time)
+    missing = [b for b in required_bands(channels) if b not in data.source.bands]
+    if missing:
+        raise ModelError(f"the cube lacks band(s) {missing} that the inputs {list(channels)} need; "
+                         f"it has {data.source.bands}")
+    return data
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Torch's deterministic algorithms (warning where one has none) while training, then the
+    caller's setting again: the same seed gives the same model."""
     if device.type == "cuda":
         # cuBLAS needs this before its first call for deterministic algorithms.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -985,8 +1003,7 @@ def train(
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(config, channels, out, data, train_ids, val_ids, test_ids, device, use_amp, amp_dtype,
-                      resume, callback, quiet, console, title, t_start, augment_batch, init_from, strict)
+        yield
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
@@ -997,195 +1014,308 @@ def _train(config: TrainConfig, channels: tuple[str, ...], out: Path, data: Prep
            quiet: bool, console: Any, title: str | None, t_start: float,
            augment_batch: Callable[..., torch.Tensor] | None = None, init_from: _StartModel | None = None,
            strict: bool = False) -> TrainResult:
-    cfg = config.to_dict()
-    split_groups = data.split.groups
-    state = _load_state(out) if resume else None
-    if state is not None:
-        info, tensors = state
-        diff = _config_diff(info["config"], cfg)
-        if diff:
-            raise ModelError(f"the training state in {out / STATE_DIR} was made with other settings "
-                             f"({'; '.join(diff)}); rerun without --resume or with the same settings")
-        if info["split_groups"] != {k: list(v) for k, v in split_groups.items()}:
-            raise ModelError(f"the training state in {out / STATE_DIR} belongs to another split (other cube, "
-                             "outlines or chip settings); rerun without --resume")
-        norm = Normalisation.from_dict(info["normalisation"])
-    elif init_from is not None:
-        # The starting model's normalisation, not a refit: its weights expect these inputs.
-        info, tensors = {}, {}
-        norm = Normalisation.from_dict(init_from.meta.normalisation)
-    else:
-        info, tensors = {}, {}
-        norm = fit_normalisation(data.source, train_ids, channels, method=config.normalisation,
-                                 seed=config.seed)
+    """One training run, once :func:`train` has checked its settings and prepared the data.
 
+    The recipe: the resumable state (when resuming) and the normalisation; the network and its
+    optimiser; the epochs, each saved so the run can be resumed; then the best validation
+    model scored, its threshold chosen and its checkpoint written.
+    """
+    cfg = config.to_dict()
+    state = _resumable_state(out, cfg, data.split.groups) if resume else None
+    norm = _run_normalisation(config, data, train_ids, channels, state, init_from)
+    run = _make_run(config, cfg, channels, out, data, device, use_amp, amp_dtype, norm, train_ids, val_ids,
+                    init_from, augment_batch)
+    progress = _Progress(best_state=_cpu_state(run.model))
+    # "Everything is ice" on the validation pixels: a model no better than that has learnt
+    # nothing, so early stopping waits until the best model beats it (a collapsed first epoch
+    # that calls everything ice must not be kept because nothing beat it for `patience` epochs).
+    trivial_f1 = _all_ice_f1(run.val_ds)
+    if init_from is not None and state is None:
+        # The starting model is epoch 0 and competes: a fine-tune that only makes the model
+        # worse on validation keeps the weights it started from.
+        _, c0, _ = _eval(run.model, run.val_ds, run.loss_fn, device, use_amp, config.batch_size)
+        progress.start_f1 = progress.best_f1 = _f1(c0)[0]
+    if state is not None:
+        progress.restore(run, *state)
+    resumed_from = progress.start_epoch
+    _run_epochs(run, progress, trivial_f1, title or f"train {config.inputs}/{config.mask}", quiet=quiet,
+                console=console, callback=callback)
+    return _finish_run(run, progress, test_ids, init_from=init_from, resumed_from=resumed_from, t_start=t_start,
+                       strict=strict)
+
+
+def _resumable_state(out: Path, cfg: dict[str, Any],
+                     split_groups: dict[str, list[int]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The saved state in ``out`` (None when there is none), refused when its settings or its
+    split differ from this run's: resuming would mix two different trainings."""
+    state = _load_state(out)
+    if state is None:
+        return None
+    info = state[0]
+    diff = _config_diff(info["config"], cfg)
+    if diff:
+        raise ModelError(f"the training state in {out / STATE_DIR} was made with other settings "
+                         f"({'; '.join(diff)}); rerun without --resume or with the same settings")
+    if info["split_groups"] != {k: list(v) for k, v in split_groups.items()}:
+        raise ModelError(f"the training state in {out / STATE_DIR} belongs to another split (other cube, "
+                         "outlines or chip settings); rerun without --resume")
+    return state
+
+
+def _run_normalisation(config: TrainConfig, data: PreparedData, train_ids: list[int], channels: tuple[str, ...],
+                       state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None,
+                       init_from: _StartModel | None) -> Normalisation:
+    """The resumed run's normalisation, else the starting model's, else one fitted on the
+    training chips."""
+    if state is not None:
+        return Normalisation.from_dict(state[0]["normalisation"])
+    if init_from is not None:
+        # The starting model's normalisation, not a refit: its weights expect these inputs.
+        return Normalisation.from_dict(init_from.meta.normalisation)
+    return fit_normalisation(data.source, train_ids, channels, method=config.normalisation, seed=config.seed)
+
+
+def _cpu_state(model: UNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _Run:
+    """The fixed parts of one training run: settings, data, device, network, optimiser, loss."""
+
+    config: TrainConfig
+    cfg: dict[str, Any]
+    channels: tuple[str, ...]
+    out: Path
+    data: PreparedData
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+    norm: Normalisation
+    model: UNet
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loss_fn: Callable[..., torch.Tensor]
+    train_ds: ChipDataset
+    val_ds: ChipDataset
+    augment_batch: Callable[..., torch.Tensor] | None
+
+    def dataset(self, ids: list[int]) -> ChipDataset:
+        return ChipDataset(self.data.source, ids, self.channels, mask=self.config.mask, normalisation=self.norm,
+                           multiple=self.model.config.multiple)
+
+
+def _make_run(config: TrainConfig, cfg: dict[str, Any], channels: tuple[str, ...], out: Path, data: PreparedData,
+              device: torch.device, use_amp: bool, amp_dtype: torch.dtype, norm: Normalisation,
+              train_ids: list[int], val_ids: list[int], init_from: _StartModel | None,
+              augment_batch: Callable[..., torch.Tensor] | None) -> _Run:
+    """The seeded network (or the starting model's weights), its datasets, optimiser and loss."""
     _seed_all(config.seed)
     model = UNet(config.unet()).to(device)
     if init_from is not None:
         model.load_state_dict(init_from.model.state_dict())
-    multiple = model.config.multiple
-    mk = dict(mask=config.mask, normalisation=norm, multiple=multiple)
-    train_ds = ChipDataset(data.source, train_ids, channels, **mk)
-    val_ds = ChipDataset(data.source, val_ids, channels, **mk)
+    train_ds, val_ds = (ChipDataset(data.source, ids, channels, mask=config.mask, normalisation=norm,
+                                    multiple=model.config.multiple) for ids in (train_ids, val_ids))
     lr = config.learning_rate
     if config.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16) if device.type == "cuda" else None
-    loss_fn = make_loss(config.loss)
+    return _Run(config=config, cfg=cfg, channels=channels, out=out, data=data, device=device, use_amp=use_amp,
+                amp_dtype=amp_dtype, norm=norm, model=model, optimizer=optimizer, scaler=scaler,
+                loss_fn=make_loss(config.loss), train_ds=train_ds, val_ds=val_ds, augment_batch=augment_batch)
 
-    history: list[EpochRecord] = []
-    best_f1, best_epoch, since_best, start_epoch, stopped = -1.0, 0, 0, 0, False
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    # "Everything is ice" on the validation pixels: a model no better than that has learnt
-    # nothing, so early stopping waits until the best model beats it (a collapsed first epoch
-    # that calls everything ice must not be kept because nothing beat it for `patience` epochs).
-    trivial_f1 = _all_ice_f1(val_ds)
+
+@dataclass
+class _Progress:
+    """Where a run stands: its history and the best validation F1 so far, with the weights
+    that gave it. All of it is in every epoch's saved state, so a resumed run goes on exactly."""
+
+    best_state: dict[str, torch.Tensor]
+    history: list[EpochRecord] = field(default_factory=list)
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    since_best: int = 0
+    start_epoch: int = 0
+    stopped: bool = False
     start_f1: float | None = None
-    if init_from is not None and state is None:
-        # The starting model is epoch 0 and competes: a fine-tune that only makes the model
-        # worse on validation keeps the weights it started from.
-        _, c0, _ = _eval(model, val_ds, loss_fn, device, use_amp, config.batch_size)
-        start_f1 = best_f1 = _f1(c0)[0]
-    if state is not None:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
-        _restore_optimizer(optimizer, info, tensors)
-        if scaler is not None and info.get("scaler"):
-            scaler.load_state_dict(info["scaler"])
-        history = [EpochRecord(**r) for r in info["history"]]
-        best_f1, best_epoch, since_best = info["best_f1"], info["best_epoch"], info["since_best"]
-        start_epoch, stopped = info["epoch"], info.get("stopped_early", False)
-        start_f1 = info.get("start_f1")
-    resumed_from = start_epoch
-    waited = False
 
-    def save(epoch: int, finished: bool) -> None:
-        _save_state(out, model, best_state, optimizer, scaler, {
-            "config": cfg, "epoch": epoch, "history": [r.to_dict() for r in history], "best_f1": best_f1,
-            "best_epoch": best_epoch, "since_best": since_best, "stopped_early": stopped, "finished": finished,
-            "normalisation": norm.to_dict(), "split_groups": split_groups, "start_f1": start_f1,
+    def restore(self, run: _Run, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Take up a saved state: the weights, the optimiser's and scaler's state, the history."""
+        run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        _restore_optimizer(run.optimizer, info, tensors)
+        if run.scaler is not None and info.get("scaler"):
+            run.scaler.load_state_dict(info["scaler"])
+        self.history = [EpochRecord(**r) for r in info["history"]]
+        self.best_f1, self.best_epoch, self.since_best = info["best_f1"], info["best_epoch"], info["since_best"]
+        self.start_epoch, self.stopped = info["epoch"], info.get("stopped_early", False)
+        self.start_f1 = info.get("start_f1")
+
+    def save(self, run: _Run, epoch: int, finished: bool) -> None:
+        _save_state(run.out, run.model, self.best_state, run.optimizer, run.scaler, {
+            "config": run.cfg, "epoch": epoch, "history": [r.to_dict() for r in self.history],
+            "best_f1": self.best_f1, "best_epoch": self.best_epoch, "since_best": self.since_best,
+            "stopped_early": self.stopped, "finished": finished, "normalisation": run.norm.to_dict(),
+            "split_groups": run.data.split.groups, "start_f1": self.start_f1,
         })
 
-    name = title or f"train {config.inputs}/{config.mask}"
-    n_train = len(train_ds)
+
+def _run_epochs(run: _Run, progress: _Progress, trivial_f1: float, name: str, *, quiet: bool, console: Any,
+                callback: Callable[[EpochRecord], Any] | None) -> None:
+    """The epochs from where the run stands to ``config.epochs``, or to an early stop; each
+    epoch's state is saved before ``callback`` sees its record."""
+    config = run.config
+    resumed_from = progress.start_epoch
+    waited = False
     with _Display(quiet, name, config.epochs, console) as display:
         if resumed_from:
             display.start(resumed_from)
-            display.note(f"resumed after epoch {resumed_from} (best F1 {best_f1:.3f} at epoch {best_epoch})")
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            if stopped:
+            display.note(f"resumed after epoch {resumed_from} (best F1 {progress.best_f1:.3f} at epoch "
+                         f"{progress.best_epoch})")
+        for epoch in range(progress.start_epoch + 1, config.epochs + 1):
+            if progress.stopped:
                 break
             t0 = time.perf_counter()
-            es = _epoch_seed(config.seed, epoch)
-            torch.manual_seed(es)  # dropout and anything else drawing from torch's global RNG
-            rng = np.random.default_rng(es)
-            order = rng.permutation(n_train)
-            ks = rng.integers(0, 8, size=n_train)
-            model.train()
-            total, seen = 0.0, 0
-            for start in range(0, n_train, config.batch_size):
-                idx = order[start:start + config.batch_size]
-                x, y, v = _batch(train_ds, idx)
-                if config.augment:
-                    x = torch.stack([_dihedral(a, int(k)) for a, k in zip(x, ks[idx])])
-                    y = torch.stack([_dihedral(a, int(k)) for a, k in zip(y, ks[idx])])
-                    v = torch.stack([_dihedral(a, int(k)) for a, k in zip(v, ks[idx])])
-                if augment_batch is not None:
-                    x = augment_batch(x, v, norm, rng)
-                x, y, v = x.to(device), y.to(device), v.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(x)
-                loss = loss_fn(logits, y, v)
-                if scaler is not None and scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                total += float(loss.detach()) * len(idx)
-                seen += len(idx)
-            val_loss, val_counts, _ = _eval(model, val_ds, loss_fn, device, use_amp, config.batch_size)
+            train_loss = _train_epoch(run, epoch)
+            val_loss, val_counts, _ = _eval(run.model, run.val_ds, run.loss_fn, run.device, run.use_amp,
+                                            config.batch_size)
             f1, p, r = _f1(val_counts)
-            improved = f1 > best_f1
+            improved = f1 > progress.best_f1
             if improved:
-                best_f1, best_epoch, since_best = f1, epoch, 0
-                best_state = {k: v_.detach().cpu().clone() for k, v_ in model.state_dict().items()}
+                progress.best_f1, progress.best_epoch, progress.since_best = f1, epoch, 0
+                progress.best_state = _cpu_state(run.model)
             else:
-                since_best += 1
-            rec = EpochRecord(epoch=epoch, train_loss=total / max(seen, 1), val_loss=val_loss, val_f1=f1,
+                progress.since_best += 1
+            rec = EpochRecord(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_f1=f1,
                               val_precision=p, val_recall=r, seconds=time.perf_counter() - t0,
-                              improved=improved, lr=float(optimizer.param_groups[0]["lr"]))
-            history.append(rec)
-            patient = config.patience is not None and since_best >= config.patience and epoch < config.epochs
-            stopped = patient and best_f1 > trivial_f1
-            save(epoch, finished=stopped or epoch == config.epochs)
+                              improved=improved, lr=float(run.optimizer.param_groups[0]["lr"]))
+            progress.history.append(rec)
+            patient = (config.patience is not None and progress.since_best >= config.patience
+                       and epoch < config.epochs)
+            progress.stopped = patient and progress.best_f1 > trivial_f1
+            progress.save(run, epoch, finished=progress.stopped or epoch == config.epochs)
             display.epoch(rec, config.epochs)
             if callback is not None:
                 callback(rec)
-            if stopped:
+            if progress.stopped:
                 display.note(f"early stop: no better validation F1 for {config.patience} epochs "
-                             f"(best {best_f1:.3f} at epoch {best_epoch})")
+                             f"(best {progress.best_f1:.3f} at epoch {progress.best_epoch})")
             elif patient and not waited:
                 waited = True
-                display.note(f"no early stop: the best validation F1 {best_f1:.3f} is no better than calling "
-                             f"everything ice ({trivial_f1:.3f}); training goes on")
+                display.note(f"no early stop: the best validation F1 {progress.best_f1:.3f} is no better than "
+                             f"calling everything ice ({trivial_f1:.3f}); training goes on")
 
-    # The best validation model (study b) is the model.
-    model.load_state_dict(best_state)
-    model = model.to("cpu").eval()
-    _, val_counts, val_probs = _eval(model, val_ds, loss_fn, torch.device("cpu"), False, config.batch_size)
-    threshold, curve = _choose_threshold(config, val_ds, val_probs)
-    val_scores = score_dataset(model, val_ds, threshold, probabilities=val_probs)
-    test_scores = None
-    if test_ids:
-        test_ds = ChipDataset(data.source, test_ids, channels, **mk)
-        test_scores = score_dataset(model, test_ds, threshold)
-    baselines = validation_baselines(val_ds)
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    """One pass over the training chips in the epoch's seeded order; the mean training loss.
+
+    The epoch's generators are seeded from (seed, epoch), so a resumed run draws the order,
+    the flips and the batch augmentation an uninterrupted one draws.
+    """
+    config, model, device = run.config, run.model, run.device
+    n_train = len(run.train_ds)
+    es = _epoch_seed(config.seed, epoch)
+    torch.manual_seed(es)  # dropout and anything else drawing from torch's global RNG
+    rng = np.random.default_rng(es)
+    order = rng.permutation(n_train)
+    ks = rng.integers(0, 8, size=n_train)
+    model.train()
+    total, seen = 0.0, 0
+    for start in range(0, n_train, config.batch_size):
+        idx = order[start:start + config.batch_size]
+        x, y, v = _batch(run.train_ds, idx)
+        if config.augment:
+            x = torch.stack([_dihedral(a, int(k)) for a, k in zip(x, ks[idx])])
+            y = torch.stack([_dihedral(a, int(k)) for a, k in zip(y, ks[idx])])
+            v = torch.stack([_dihedral(a, int(k)) for a, k in zip(v, ks[idx])])
+        if run.augment_batch is not None:
+            x = run.augment_batch(x, v, run.norm, rng)
+        x, y, v = x.to(device), y.to(device), v.to(device)
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            logits = model(x)
+        loss = run.loss_fn(logits, y, v)
+        if run.scaler is not None and run.scaler.is_enabled():
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+def _finish_run(run: _Run, progress: _Progress, test_ids: list[int], *, init_from: _StartModel | None,
+                resumed_from: int, t_start: float, strict: bool) -> TrainResult:
+    """The best validation model (study b) is the model: scored, thresholded, compared with
+    the baselines and written, with the split beside its training state."""
+    config, out, data = run.config, run.out, run.data
+    run.model.load_state_dict(progress.best_state)
+    model = run.model.to("cpu").eval()
+    _, val_counts, val_probs = _eval(model, run.val_ds, run.loss_fn, torch.device("cpu"), False, config.batch_size)
+    threshold, curve = _choose_threshold(config, run.val_ds, val_probs)
+    val_scores = score_dataset(model, run.val_ds, threshold, probabilities=val_probs)
+    test_scores = score_dataset(model, run.dataset(test_ids), threshold) if test_ids else None
+    baselines = validation_baselines(run.val_ds)
     verdict = _verdict(val_scores, baselines)
     seconds = time.perf_counter() - t_start
+    training = _training_record(run, progress, threshold_curve=curve, test_scores=test_scores, seconds=seconds,
+                                init_from=init_from, resumed_from=resumed_from)
+    training["baselines"] = dict(baselines, model={k: val_scores[k] for k in ("f1", "precision", "recall")},
+                                 no_better_than=verdict)
     meta = CheckpointMeta(
-        architecture=model.config.to_dict(),
-        channels=list(channels),
-        bands=list(required_bands(channels)),
-        normalisation=norm.to_dict(),
-        threshold=float(threshold),
-        training={
-            "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
-            "config": cfg, "loss": config.loss, "optimizer": config.optimizer, "lr": config.learning_rate,
-            "epochs": config.epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-            "stopped_early": stopped, "resumed_from_epoch": resumed_from,
-            "split_seed": data.chip_params.get("split_seed"), "chips": data.index.summary(),
-            "chip_params": data.chip_params, "split": data.split.report,
-            "threshold_rule": "tuned on validation F1" if config.threshold == "tune" else "fixed",
-            "threshold_curve": curve, "normalisation_fit": f"{config.normalisation} over the training chips",
-            "device": str(device), "mixed_precision": str(amp_dtype).replace("torch.", "") if use_amp else "off",
-            "history": [r.to_dict() for r in history], "test": test_scores, "seconds": round(seconds, 2),
-            "init": init_from.record(start_f1) if init_from is not None else None,
-            "augmentation": {"flips": bool(config.augment),
-                             "batch": _augment_record(augment_batch)},
-            "baselines": dict(baselines, model={k: val_scores[k] for k in ("f1", "precision", "recall")},
-                              no_better_than=verdict),
-        },
-        validation=dict(val_scores, f1_at_0_5=_f1(val_counts)[0], best_epoch=best_epoch,
+        architecture=model.config.to_dict(), channels=list(run.channels), bands=list(required_bands(run.channels)),
+        normalisation=run.norm.to_dict(), threshold=float(threshold), training=training,
+        validation=dict(val_scores, f1_at_0_5=_f1(val_counts)[0], best_epoch=progress.best_epoch,
                         ndsi_f1=baselines["ndsi"]["f1"] if "ndsi" in baselines else None,
                         all_ice_f1=baselines["all_ice"]["f1"]),
     )
     if init_from is not None:
         meta.training["normalisation_fit"] = f"taken from the starting model ({config.init})"
-    path = save_checkpoint(model, meta, out)
+    path = _save_model(model, meta, out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write(out / STATE_DIR / "split.json",
                   json.dumps({"split": data.split.to_dict(), "index": data.index.to_dict()}, default=float).encode())
     if verdict:
         _no_better(out, val_scores, baselines, verdict, strict)
-    return TrainResult(model=model, meta=meta, history=history, checkpoint=path, data=data,
-                       threshold=float(threshold), best_epoch=best_epoch, stopped_early=stopped,
+    return TrainResult(model=model, meta=meta, history=progress.history, checkpoint=path, data=data,
+                       threshold=float(threshold), best_epoch=progress.best_epoch, stopped_early=progress.stopped,
                        resumed_from=resumed_from, test=test_scores, seconds=seconds, baselines=baselines,
                        no_better_than=verdict)
+
+
+def _training_record(run: _Run, progress: _Progress, *, threshold_curve: Any, test_scores: Any, seconds: float,
+                     init_from: _StartModel | None, resumed_from: int) -> dict[str, Any]:
+    """The checkpoint's ``training`` block (provenance), less the baseline comparison."""
+    config, data = run.config, run.data
+    return {
+        "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
+        "config": run.cfg, "loss": config.loss, "optimizer": config.optimizer, "lr": config.learning_rate,
+        "epochs": config.epochs, "epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped, "resumed_from_epoch": resumed_from,
+        "split_seed": data.chip_params.get("split_seed"), "chips": data.index.summary(),
+        "chip_params": data.chip_params, "split": data.split.report,
+        "threshold_rule": "tuned on validation F1" if config.threshold == "tune" else "fixed",
+        "threshold_curve": threshold_curve, "normalisation_fit": f"{config.normalisation} over the training chips",
+        "device": str(run.device),
+        "mixed_precision": str(run.amp_dtype).replace("torch.", "") if run.use_amp else "off",
+        "history": [r.to_dict() for r in progress.history], "test": test_scores, "seconds": round(seconds, 2),
+        "init": init_from.record(progress.start_f1) if init_from is not None else None,
+        "augmentation": {"flips": bool(config.augment), "batch": _augment_record(run.augment_batch)},
+    }
+
+
+def _save_model(model: Any, meta: CheckpointMeta, out: Path) -> Path:
+    """Write the checkpoint, then its STAC Item (``model.stac.json``), which reads the checkpoint."""
+    from icemap.describe import describe_model
+
+    path = save_checkpoint(model, meta, out)
+    describe_model(path)
+    return path
 
 
 def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: Any, resume: bool,
@@ -1217,7 +1347,7 @@ def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: 
         {"seed": int(r.meta.training["config"]["seed"]), "val_f1": score(r), "best_epoch": r.best_epoch,
          "no_better_than": r.no_better_than, "folder": str(r.checkpoint)} for r in runs],
         chosen_seed=int(meta.training["config"]["seed"]), seconds=round(time.perf_counter() - t_start, 2))
-    path = save_checkpoint(best.model, meta, out)
+    path = _save_model(best.model, meta, out)
     if best.no_better_than:
         _no_better(out, meta.validation, best.baselines, best.no_better_than, strict)
     return replace(best, checkpoint=path, seconds=time.perf_counter() - t_start)
