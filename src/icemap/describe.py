@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from icemap.interop import ZARR
+from icemap.interop import ZARR, zarr_options
 
 __all__ = [
     "EXTENSIONS",
@@ -200,7 +200,7 @@ def _source_items(ds: Any) -> list[str]:
 def _zarr_format(path: str, storage_options: Mapping[str, Any] | None) -> int:
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     return int(group.metadata.zarr_format)
 
 
