@@ -27,6 +27,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from icemap.errors import ModelError
@@ -114,7 +115,7 @@ def _check_types(d: dict[str, Any]) -> None:
     def is_str_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
 
-    checks = {
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
         "architecture": (lambda v: isinstance(v, dict), "an object"),
         "channels": (is_str_list, "a non-empty list of names"),
         # Empty for a network whose channels are not cube bands (benchmarks' synthetic inputs).

@@ -563,8 +563,8 @@ def make_chips(
         claimed.update(win.gids)
         return True
 
-    for c in cands:
-        keep(c)
+    for cand in cands:
+        keep(cand)
     if layout == "grid":
         for y0, x0 in _grid_origins(inside, inv, size, h, w):
             touched, whole = contents(y0, x0)
@@ -1306,7 +1306,7 @@ except ImportError:  # pragma: no cover
     _TorchDataset = object  # type: ignore[assignment,misc]
 
 
-class ChipDataset(_TorchDataset):  # type: ignore[misc,valid-type]
+class ChipDataset(_TorchDataset):
     """A torch Dataset of chips: ``(x, y, valid)`` tensors per sample.
 
     ``x`` is (C, P, P) float32, normalised, NaN filled with 0; ``y`` (1, P, P) float32 0/1;
