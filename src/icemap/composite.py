@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from icemap.options import get_option, parse_season, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from icemap.store import Progress, WriteReport
+    import xarray as xr
 
 __all__ = ["composite", "default_season", "fill_gaps", "season_groups", "source_dates", "write_composite"]
 
@@ -122,8 +123,16 @@ def _dates_of(idx: np.ndarray, days: np.ndarray) -> np.ndarray:
     return np.where(i >= 0, days[np.clip(i, 0, None)], np.nan)
 
 
+@overload
+def composite(cube: xr.Dataset | str | os.PathLike[str], out: None = None, *, season: str | None = None,
+              rule: Rule | None = None, fill_gaps_px: float | None = None, zarr_format: Literal[2, 3] | None = None,
+              progress: Progress | None = None) -> xr.Dataset: ...
+@overload
+def composite(cube: xr.Dataset | str | os.PathLike[str], out: str | os.PathLike[str], *, season: str | None = None,
+              rule: Rule | None = None, fill_gaps_px: float | None = None, zarr_format: Literal[2, 3] | None = None,
+              progress: Progress | None = None) -> WriteReport: ...
 def composite(
-    cube: Any,
+    cube: xr.Dataset | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,
     season: str | None = None,
@@ -131,7 +140,7 @@ def composite(
     fill_gaps_px: float | None = None,
     zarr_format: Literal[2, 3] | None = None,
     progress: Progress | None = None,
-) -> Any:
+) -> xr.Dataset | WriteReport:
     """One composite per season-year of a cube, lazily; written resumably when ``out`` is given.
 
     Parameters
@@ -339,7 +348,7 @@ def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations
     return out
 
 
-def fill_gaps(ds: Any, *, max_distance_px: float, smoothing_iterations: int = 0) -> Any:
+def fill_gaps(ds: xr.Dataset, *, max_distance_px: float, smoothing_iterations: int = 0) -> xr.Dataset:
     """Fill reflectance nodata by inverse-distance weighting within ``max_distance_px``, lazily.
 
     Study a filled the dark, shaded gaps of its scenes this way (METHOD.md); here it closes the

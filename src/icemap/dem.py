@@ -17,12 +17,19 @@ import os
 import posixpath
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from icemap import kernels
 from icemap.errors import IcemapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pystac
+    import xarray as xr
+
+    #: A DEM as icemap takes it: a GeoTIFF/COG path or URL, a STAC item or asset, or elevations on a grid.
+    DemSource: TypeAlias = str | os.PathLike[str] | pystac.Item | pystac.Asset | xr.DataArray
 
 __all__ = ["dem_on_grid", "slope_degrees", "resolve_dem_href", "DEM_ASSET_KEYS"]
 
@@ -139,12 +146,12 @@ def _warp_block(
 
 
 def dem_on_grid(
-    dem: Any,
-    like: Any,
+    dem: DemSource,
+    like: xr.Dataset | xr.DataArray,
     *,
     resampling: str = "bilinear",
     chunks: tuple[Any, Any] | int | None = None,
-) -> Any:
+) -> xr.DataArray:
     """A DEM warped onto the grid of a cube: float32 metres, NaN outside the DEM, CRS set.
 
     Parameters

@@ -18,12 +18,15 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 __all__ = ["write_cog", "export_geotiffs", "ICE_COLORMAP"]
 
@@ -212,7 +215,7 @@ def _stamp(t: Any, all_times: Sequence[Any]) -> str:
 
 
 def export_geotiffs(
-    product_ds: Any,
+    product_ds: xr.Dataset,
     folder: str | os.PathLike[str],
     variables: Sequence[str] = ("ice",),
     *,

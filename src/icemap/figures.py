@@ -23,12 +23,19 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap.errors import IcemapError
 from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
+    from matplotlib.figure import Figure
+    from matplotlib.artist import Artist
 
 __all__ = ["FIGURE_FORMATS", "OKABE_ITO", "area_plot", "credit_line", "map_figure", "method_text", "png_bytes",
            "save_figure", "save_png", "source_date_range"]
@@ -103,18 +110,18 @@ def _nice_length(span_m: float) -> float:
 
 
 def map_figure(
-    cube: Any,
-    pred: Any,
+    cube: xr.Dataset,
+    pred: xr.Dataset | xr.DataArray,
     *,
-    time: Any = -1,
-    outlines: Any = None,
-    change: Any = None,
+    time: int | str | np.datetime64 = -1,
+    outlines: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+    change: pd.DataFrame | None = None,
     id_column: str | None = None,
     max_size: int = 1000,
     title: str | None = None,
     dpi: int = 150,
     min_observed: float | None = None,
-) -> Any:
+) -> Figure:
     """A map of one time step: false colour, ice, outlines coloured by trend, legend, scale,
     graticule, acquisition dates, method and data credit.
 
@@ -189,7 +196,7 @@ def map_figure(
     overlay[..., 3] = _ICE_RGBA[3] * np.clip(ice_share, 0, 1)
     overlay[nodata] = _NODATA_RGBA
     ax.imshow(overlay, extent=extent, interpolation="nearest")
-    handles = [Patch(facecolor=_ICE_RGBA, label="mapped ice"), Patch(facecolor=_NODATA_RGBA, label="no data (cloud, fill)")]
+    handles: list[Artist] = [Patch(facecolor=_ICE_RGBA, label="mapped ice"), Patch(facecolor=_NODATA_RGBA, label="no data (cloud, fill)")]
     if outlines is not None:
         from icemap.labels import glacier_ids, read_outlines
 
@@ -235,10 +242,11 @@ def map_figure(
     ax.set_ylim(bottom, top)
     length = _nice_length(right - left)
     label = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
-    ax.add_artist(AnchoredSizeBar(ax.transData, length, label, "lower right", pad=0.6, color="white",
-                                  frameon=True, size_vertical=(top - bottom) / 150, label_top=True))
-    ax.artists[-1].patch.set_facecolor("black")
-    ax.artists[-1].patch.set_alpha(0.5)
+    bar = AnchoredSizeBar(ax.transData, length, label, "lower right", pad=0.6, color="white",
+                          frameon=True, size_vertical=(top - bottom) / 150, label_top=True)
+    ax.add_artist(bar)
+    bar.patch.set_facecolor("black")
+    bar.patch.set_alpha(0.5)
     fig.legend(handles=handles, loc="outside lower center", ncols=2, framealpha=0.85, fontsize=8)
     ax.set_xlabel("easting (m)")
     ax.set_ylabel("northing (m)")
@@ -254,8 +262,8 @@ def map_figure(
     return fig
 
 
-def area_plot(region_table: Any, glacier_table: Any, *, top: int = 5, dpi: int = 150,
-              min_observed: float | None = None, credit: str | None = None) -> Any:
+def area_plot(region_table: pd.DataFrame, glacier_table: pd.DataFrame, *, top: int = 5, dpi: int = 150,
+              min_observed: float | None = None, credit: str | None = None) -> Figure:
     """Area versus year for the region and the largest glaciers, with uncertainty and trends.
 
     Parameters

@@ -32,7 +32,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -52,6 +52,13 @@ from icemap.errors import EmptySearchError, GridError, LoadError, MissingAssetWa
 from icemap.options import get_option, resolve
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyproj
+    import pystac
+    import xarray as xr
+
+    from icemap.reader import Signer
 
 __all__ = ["load", "normalise_items", "grid_for_items", "resolve_engine", "ENGINES", "QA_FILL"]
 
@@ -449,7 +456,7 @@ def _read_stackstac(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sen
         xy_coords="center",
         properties=False,
         band_coords=False,
-        reader=reader,  # type: ignore[arg-type]
+        reader=reader,
         gdal_env=stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_RETRY),
     )
     clean, meta = match_stacked(stack, clean, meta, assets, epsg, bnds)
@@ -585,9 +592,9 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
                 [part[name].data[pos[i]:pos[i] + 1] if i in pos else blank for i in range(len(clean))], axis=0)
     if _QA in arrays:
         arrays[_QA] = class_qa_to_bits(arrays[_QA], sensor)
-    nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
+    band_nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
     coords = xr_coords(geobox)  # pixel centres, as odc-stac labels its arrays
-    return _Read(clean, meta, arrays, nodata, coords["y"].values, coords["x"].values)
+    return _Read(clean, meta, arrays, band_nodata, coords["y"].values, coords["x"].values)
 
 
 _PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
@@ -595,11 +602,11 @@ _RASTER_EXT = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
 
 
 def load(
-    items: Iterable[Any],
+    items: Iterable[pystac.Item | Mapping[str, Any]],
     *,
     bands: Sequence[str] | None = None,
     sensor: str | Sensor | None = None,
-    crs: Any = None,
+    crs: str | int | pyproj.CRS | None = None,
     resolution: float | tuple[float, float] | None = None,
     bounds: Sequence[float] | None = None,
     bbox: Sequence[float] | None = None,
@@ -607,11 +614,11 @@ def load(
     mask_flags: Sequence[str] = MASK_FLAGS_DEFAULT,
     mask_saturated: bool = True,
     mosaic: bool = True,
-    signer: Any = None,
+    signer: Signer | str | None = None,
     on_error: OnError = "raise",
     qa: Literal["qa_pixel"] | None = "qa_pixel",
     engine: Engine | None = None,
-) -> Any:
+) -> xr.Dataset:
     """Turn STAC items into a lazy ``xarray.Dataset`` of masked surface reflectance.
 
     Parameters
@@ -730,11 +737,11 @@ def load(
     refl = _scale_and_mask([read.assets[b] for b in bands], read.nodata, scale, offset, qa_raw,
                            read.assets.get(_RADSAT), sensor_t, bands, mask_flags)
     if qa_raw is None:
-        qa = da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
+        qa_pixels = da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
     elif qa_raw.dtype == np.uint16:
-        qa = qa_raw  # read as uint16 with QA_FILL where nothing was read
+        qa_pixels = qa_raw  # read as uint16 with QA_FILL where nothing was read
     else:
-        qa = da.map_blocks(kernels.qa_to_uint16, qa_raw, dtype=np.uint16)
+        qa_pixels = da.map_blocks(kernels.qa_to_uint16, qa_raw, dtype=np.uint16)
 
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(meta):
@@ -744,9 +751,9 @@ def load(
     for idx in order:
         if len(idx) == 1:
             refl_steps.append(refl[idx[0]])
-            qa_steps.append(qa[idx[0]])
+            qa_steps.append(qa_pixels[idx[0]])
             continue
-        both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
+        both = da.concatenate([refl[idx], qa_pixels[idx][:, None].astype(np.float32)], axis=1)
         both = both.rechunk({0: len(idx), 1: 1})
         merged = da.map_blocks(
             kernels.mosaic_first_valid, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32

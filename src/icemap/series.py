@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap.errors import IcemapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
 
 __all__ = [
     "REGION_COLUMNS",
@@ -218,14 +223,14 @@ def wls_trend(x: Any, y: Any, sigma: Any) -> tuple[float, float, float]:
 
 
 def glacier_series(
-    pred_or_ice: Any,
-    reference: Any,
+    pred_or_ice: str | os.PathLike[str] | xr.Dataset | xr.DataArray,
+    reference: str | os.PathLike[str] | gpd.GeoDataFrame,
     *,
     id_column: str | None = None,
     buffer_px: float | None = None,
     season: str | None = None,
     min_observed: float | None = None,
-) -> Any:
+) -> pd.DataFrame:
     """Ice area of every reference glacier at every time step, with uncertainty and change rates.
 
     Parameters
@@ -350,7 +355,7 @@ def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[
     return value
 
 
-def region_series(table: Any, *, min_observed: float | None = None) -> Any:
+def region_series(table: pd.DataFrame, *, min_observed: float | None = None) -> pd.DataFrame:
     """The region's totals per time step, from a :func:`glacier_series` table.
 
     ``area_km2`` and ``outline_area_km2`` are sums over glaciers. The uncertainty comes twice,
@@ -472,7 +477,7 @@ def _region_trend(rows: list[dict[str, Any]], table: Any, min_observed: float) -
     return row
 
 
-def trends(table: Any, *, min_observed: float | None = None, region: bool = True) -> Any:
+def trends(table: pd.DataFrame, *, min_observed: float | None = None, region: bool = True) -> pd.DataFrame:
     """Per-glacier and regional trends over season-years, by weighted least squares.
 
     Parameters
