@@ -41,7 +41,7 @@ DEM_ASSET_KEYS = ("elevation", "data", "dem")
 _INT16_VOID = -32768
 
 
-def resolve_dem_href(source: Any) -> str:
+def resolve_dem_href(source: str | os.PathLike[str] | pystac.Item | pystac.Asset | Mapping[str, Any]) -> str:
     """The file path or URL of a DEM given as a path, a STAC item or a STAC asset.
 
     Parameters
@@ -237,7 +237,7 @@ def _slope_kernel(z: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return kernels.slope_degrees(z, dy, dx)
 
 
-def slope_degrees(dem_grid: Any) -> Any:
+def slope_degrees(dem_grid: xr.DataArray) -> xr.DataArray:
     """Slope in degrees (0 flat, 90 vertical) of a DEM on a projected grid, lazily if chunked.
 
     Central differences (``numpy.gradient``) over the grid spacing in x and y, one-sided at the

@@ -372,14 +372,14 @@ def _decimal_year(times: Any) -> np.ndarray:
     return np.asarray(t.year + (t - start) / (end - start), dtype=np.float64)
 
 
-def png_bytes(fig: Any, dpi: int | None = None) -> bytes:
+def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes (for embedding), at the figure's dpi unless given."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi or fig.dpi)
     return buf.getvalue()
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = None, format: str | None = None) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int | None = None, format: str | None = None) -> Path:
     """Write a figure as PNG, PDF or SVG (by ``format``, else the suffix), atomically.
 
     ``dpi`` (default the figure's) sets the raster resolution and is recorded in the PNG's
@@ -407,6 +407,6 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = Non
     return path
 
 
-def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = None) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike[str], *, dpi: int | None = None) -> Path:
     """Write a figure as PNG, atomically (:func:`save_figure`)."""
     return save_figure(fig, path, dpi=dpi, format="png")

@@ -89,7 +89,7 @@ def finish_store(path: str, storage_options: Mapping[str, Any] | None = None) ->
         zarr.consolidate_metadata(group.store)
 
 
-def restore_mask(a: Any) -> Any:
+def restore_mask(a: _XrObj) -> _XrObj:
     """An ice mask as icemap writes it (uint8: 1 ice, 0 not, 255 nodata), lazily.
 
     A mask read by plain ``xr.open_zarr`` is float with NaN where the store holds 255; any
@@ -103,7 +103,7 @@ def restore_mask(a: Any) -> Any:
     return out
 
 
-def cf_attrs(ds: Any) -> Any:
+def cf_attrs(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with the CF attributes of a store: ``Conventions``, ``x``/``y`` and flag variables.
 
     ``x``/``y`` get ``units`` and ``standard_name`` from the CRS (``projection_x_coordinate``

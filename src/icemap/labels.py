@@ -255,7 +255,7 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
     return out.rio.write_crs(like.rio.crs).rio.write_transform(transform)
 
 
-def check_outlines_overlap(outlines: Any, like: Any) -> Any:
+def check_outlines_overlap(outlines: str | os.PathLike[str] | gpd.GeoDataFrame, like: xr.Dataset | xr.DataArray) -> gpd.GeoDataFrame:
     """Read outlines and refuse them when none overlaps the grid of ``like``.
 
     Outlines of another region (Oetztal outlines on an Athabasca map) rasterise to an all-zero

@@ -74,7 +74,7 @@ def _stats_block(ice: np.ndarray, ids: np.ndarray, n_ids: int) -> np.ndarray:
     return s[:, None, None]
 
 
-def glacier_counts(ice: Any, ids: Any, n_ids: int) -> Any:
+def glacier_counts(ice: xr.DataArray, ids: xr.DataArray, n_ids: int) -> xr.DataArray:
     """Per-glacier counts of every time step, lazily: an int64 DataArray ``(time, stat, gid)``.
 
     Parameters
@@ -546,7 +546,7 @@ def check_table_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_table(table: Any, path: str | os.PathLike[str]) -> Path:
+def write_table(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write a table as CSV or Parquet by suffix, atomically (temporary file, then rename).
 
     Parquet keeps the types (datetime64 times, int years, float NaN); CSV writes ISO times and

@@ -46,7 +46,7 @@ VECTOR_FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-def pixel_area_m2(like: Any) -> float:
+def pixel_area_m2(like: xr.Dataset | xr.DataArray) -> float:
     """Area of one pixel of a cube's grid in m² (projected CRS in metres only)."""
     crs = like.rio.crs
     if crs is None or not crs.is_projected:
@@ -254,7 +254,7 @@ def polygonise(
     return gdf.sort_values(["time", "area_km2"], ascending=[True, False], ignore_index=True)
 
 
-def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
+def write_vector(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
     """Write a GeoDataFrame as GeoPackage, GeoJSON or GeoParquet by suffix, atomically.
 
     Parameters

@@ -28,9 +28,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from icemap.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+    from icemap.model.unet import UNet
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
            "WEIGHTS", "ONNX_WEIGHTS", "METADATA"]
@@ -91,7 +95,7 @@ class CheckpointMeta:
             )
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def check_cube(self, cube: Any) -> None:
+    def check_cube(self, cube: xr.Dataset | xr.DataArray) -> None:
         """Raise a clear error if the cube lacks a band the model was trained on."""
         refl = cube["reflectance"] if "reflectance" in getattr(cube, "data_vars", {}) else cube
         have = [str(b) for b in refl["band"].values]
@@ -171,7 +175,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
+def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
     """Write weights then metadata (with the weights' sha256), each atomically."""
     from safetensors.torch import save
 
