@@ -82,7 +82,7 @@ def season_groups(times: Any, season: str) -> dict[int, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def default_season(cube: Any) -> str:
+def default_season(cube: xr.Dataset | xr.DataArray) -> str:
     """The default window for a cube: option ``season_north`` or ``season_south``, by the
     latitude of the cube's centre (the equator counts as north)."""
     from pyproj import Transformer
@@ -270,7 +270,7 @@ def composite(
     return report
 
 
-def source_dates(ds: Any) -> Any:
+def source_dates(ds: xr.Dataset) -> xr.DataArray:
     """``source_date`` of a composite as datetime64 (NaT where no single date was used)."""
     src = ds["source_date"]
     if np.issubdtype(src.dtype, np.datetime64):  # decoded by plain xarray (CF time units)
@@ -279,7 +279,7 @@ def source_dates(ds: Any) -> Any:
     return ns.fillna(np.iinfo(np.int64).min).astype(np.int64).astype("datetime64[ns]").rename("source_date")
 
 
-def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Literal[2, 3] | None = None,
+def write_composite(ds: xr.Dataset, out: str | os.PathLike[str], *, zarr_format: Literal[2, 3] | None = None,
                     storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
                     ) -> WriteReport:
     """Write a composite one year at a time with the store's resumable machinery."""

@@ -570,12 +570,12 @@ def _scores_frame(conf: Any, px: float | None) -> Any:
 
 
 def scores_per_id(
-    confusion: Any,
+    confusion: xr.DataArray,
     *,
     pixel_area_m2: float | None = None,
-    table: Any = None,
+    table: pd.DataFrame | None = None,
     include_none: bool = False,
-) -> Any:
+) -> pd.DataFrame:
     """Scores per glacier id (and per time, if kept), as a pandas DataFrame.
 
     Parameters
@@ -742,7 +742,8 @@ def _edges(thresholds: Any) -> tuple[np.ndarray, np.ndarray]:
     return t[keep], t32[keep]
 
 
-def confusion_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid: Any = None) -> Any:
+def confusion_sweep(index: xr.DataArray | np.ndarray, reference: xr.DataArray | np.ndarray, *, thresholds: Sequence[float] | np.ndarray | None = None,
+                    valid: xr.DataArray | np.ndarray | None = None) -> xr.DataArray:
     """Confusion counts at many thresholds of an index at once, lazily (one pass).
 
     Parameters

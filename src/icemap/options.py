@@ -20,7 +20,7 @@ from icemap.errors import IcemapError
 __all__ = ["OPTIONS", "set_options", "get_option", "resolve", "parse_season"]
 
 
-def parse_season(text: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+def parse_season(text: object) -> tuple[tuple[int, int], tuple[int, int]]:
     """A season window ``"MM-DD/MM-DD"`` -> ``((month, day), (month, day))``, inclusive.
 
     The window may wrap the year end (``"12-01/02-28"``); 02-29 is allowed (it ends February in

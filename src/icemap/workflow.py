@@ -137,7 +137,7 @@ def _self_hrefs(items: Sequence[Any]) -> list[str]:
 
 def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], description: str,
                  others: Sequence[tuple[str, str | os.PathLike[str]]] = (),
-                 storage_options: Any = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the STAC Items of a run's products and its Collection (:mod:`icemap.describe`).
 
     ``main`` is the run's store, described with links to ``derived_from``; ``others`` are
@@ -208,7 +208,7 @@ def write_product(
                            progress=progress, settings=settings)
 
 
-def product_settings(product: Any, **extra: Any) -> dict[str, Any]:
+def product_settings(product: xr.Dataset, **extra: Any) -> dict[str, Any]:
     """The settings that decide a product's pixels, from the attributes its mapper set.
 
     The ice mask's attributes (method, threshold, every guard and its parameters, the DEM
