@@ -123,6 +123,7 @@ def _dates_of(idx: np.ndarray, days: np.ndarray) -> np.ndarray:
     return np.where(i >= 0, days[np.clip(i, 0, None)], np.nan)
 
 
+# Typed by ``out``: the lazy composite without it, the write's report with it.
 @overload
 def composite(cube: xr.Dataset | str | os.PathLike[str], out: None = None, *, season: str | None = None,
               rule: Rule | None = None, fill_gaps_px: float | None = None, zarr_format: Literal[2, 3] | None = None,

@@ -629,6 +629,7 @@ def scores_per_id(
 # ----------------------------------------------------------------------------------------------
 
 
+# Typed by ``per_glacier``: the scores alone, or the scores and the per-glacier table.
 @overload
 def evaluate(pred: xr.Dataset | xr.DataArray, outlines: str | os.PathLike[str] | gpd.GeoDataFrame, *, buffer_m: float = 0.0,
              all_touched: bool = False, per_glacier: Literal[False] = False, valid: xr.DataArray | np.ndarray | None = None,

@@ -190,6 +190,7 @@ class set_options:
         OPTIONS.update(self._old)
 
 
+# Typed by the option's name (the types of :class:`Options`).
 @overload
 def get_option(name: Literal["chunksize", "tile", "batch_size"]) -> int: ...
 @overload
