@@ -238,8 +238,9 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
 
     transform, (h, w), _ = grid_of(like)
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
-    if getattr(ref, "chunks", None):
-        chunks = (ref.chunksizes["y"], ref.chunksizes["x"])
+    ref_chunks = getattr(ref, "chunks", None)
+    if ref_chunks:
+        chunks = (ref_chunks[ref.dims.index("y")], ref_chunks[ref.dims.index("x")])
     else:
         chunks = da.core.normalize_chunks((get_option("chunksize"),) * 2, (h, w))
     # The polygons enter the graph once, as one dependency of every block (shipped once per
