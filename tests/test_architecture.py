@@ -1,4 +1,5 @@
-"""Structure checks: the module graph has no import cycles, and per-pixel arithmetic has one home."""
+"""Structure checks: the module graph has no import cycles, per-pixel arithmetic has one home, and the
+package ships its types (py.typed) with a mypy configuration that is strict for the typed layers."""
 
 from __future__ import annotations
 
@@ -178,3 +179,41 @@ def test_guards_find_what_they_forbid() -> None:
     assert calls and calls[0].func.attr == "replace"  # type: ignore[attr-defined]
     flagged = [n.lineno for n in ast.walk(tree) if _is_number(n) and n.value == 255 and not _is_colour(n, parents)]
     assert flagged == [3]
+#: The layers mypy checks strictly (issue: the kernels, options, the network runtime, store, index).
+STRICT_MODULES = {
+    "icemap.kernels", "icemap.options", "icemap.model.unet", "icemap.model.checkpoint", "icemap.model.inputs",
+    "icemap.model.onnx_runner", "icemap.model.packaged", "icemap.store", "icemap.index",
+}
+#: The settings that make an override strict (what `mypy --strict` adds per module).
+STRICT_SETTINGS = {"disallow_untyped_defs", "disallow_incomplete_defs", "disallow_untyped_calls",
+                   "disallow_any_generics", "warn_return_any"}
+
+
+def _mypy_config() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
+
+
+def test_package_ships_py_typed() -> None:
+    import tomllib
+
+    assert (SRC / "py.typed").is_file()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["icemap"]
+
+
+def test_mypy_config_is_strict_for_the_typed_layers() -> None:
+    config = _mypy_config()
+    assert config["files"] == ["src/icemap"]
+    strict: set[str] = set()
+    for override in config.get("overrides", []):
+        modules = override["module"] if isinstance(override["module"], list) else [override["module"]]
+        if all(override.get(key) is True for key in STRICT_SETTINGS):
+            strict.update(modules)
+        # No override silences errors: a module is checked or it is not in src/icemap.
+        assert "ignore_errors" not in override, modules
+    assert STRICT_MODULES <= strict, STRICT_MODULES - strict
+    # The strict modules exist (a renamed module would leave its strictness behind).
+    for module in STRICT_MODULES:
+        assert (SRC.parent / (module.replace(".", "/") + ".py")).is_file(), module

@@ -158,7 +158,7 @@ def project_bbox(bbox: Sequence[float], epsg: int) -> tuple[float, float, float,
             f"bbox {tuple(bbox)} has no finite extent in EPSG:{epsg}; pass crs= (CLI --crs) suited to the "
             "region, e.g. EPSG:3031 near the South Pole, EPSG:3413 in the Arctic, or the UTM zone"
         )
-    return out  # type: ignore[return-value]
+    return out
 
 
 def raster_number(value: Any, what: str, asset: Mapping[str, Any]) -> float | None:

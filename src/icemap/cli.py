@@ -12,7 +12,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, cast
 
 import typer
 
@@ -233,7 +233,8 @@ def map_cmd(
 
     with connect(scheduler), _StepProgress(quiet, "map", out=str(out)) as progress:
         result = map_cube(
-            cube, out, method=method, threshold=threshold, guards=_split_list(guards) or (), dem=dem,
+            # map_cube refuses a method other than ndsi/unet with a one-line error.
+            cube, out, method=cast(Literal["ndsi", "unet"], method), threshold=threshold, guards=_split_list(guards) or (), dem=dem,
             zarr_format=zarr_format, geotiff_dir=geotiff, outlines_path=outlines,  # type: ignore[arg-type]
             quicklook_path=quicklook, reference=reference, model=model,
             predict_options={"batch_size": batch_size, "tta": tta, "halo": halo, "tile": tile, "device": device},

@@ -106,6 +106,7 @@ def areas_cmd(
         save_figure(area_plot(region, table, top=top), plot)
     con = _console(stderr=False)
     con.print(f"[bold]{safe(out)}[/]: {table['glacier_id'].nunique()} glaciers x {len(region)} time step(s)")
+    row: Any  # a row's columns as attributes (pandas-stubs types them as any scalar)
     for row in region.itertuples(index=False):
         con.print(f"  {str(row.time)[:10]}  {row.area_km2:.3f} km² ± {row.area_uncertainty_sum_km2:.3f} (sum) "
                   f"± {row.area_uncertainty_rss_km2:.3f} (root-sum-square)  observed {100 * row.observed_fraction:.0f}%")
@@ -156,7 +157,7 @@ def figure_cmd(
     from icemap.series import glacier_series
     from icemap.store import open_cube
 
-    when: object = -1 if time is None else (int(time) if time.lstrip("-").isdigit() else time)
+    when: int | str = -1 if time is None else (int(time) if time.lstrip("-").isdigit() else time)
     with connect(scheduler):
         product = open_cube(pred)
         change = None

@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from icemap.options import get_option, parse_season, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from icemap.store import Progress, WriteReport
+    import xarray as xr
 
 __all__ = ["composite", "default_season", "fill_gaps", "season_groups", "source_dates", "write_composite"]
 
@@ -81,7 +82,7 @@ def season_groups(times: Any, season: str) -> dict[int, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def default_season(cube: Any) -> str:
+def default_season(cube: xr.Dataset | xr.DataArray) -> str:
     """The default window for a cube: option ``season_north`` or ``season_south``, by the
     latitude of the cube's centre (the equator counts as north)."""
     from pyproj import Transformer
@@ -257,8 +258,17 @@ def _describe_composite(out: str | os.PathLike[str], source: str | None) -> None
         describe_run(out, derived_from=[], description="icemap composite")
 
 
+# Typed by ``out``: the lazy composite without it, the write's report with it.
+@overload
+def composite(cube: xr.Dataset | str | os.PathLike[str], out: None = None, *, season: str | None = None,
+              rule: Rule | None = None, fill_gaps_px: float | None = None, zarr_format: Literal[2, 3] | None = None,
+              progress: Progress | None = None) -> xr.Dataset: ...
+@overload
+def composite(cube: xr.Dataset | str | os.PathLike[str], out: str | os.PathLike[str], *, season: str | None = None,
+              rule: Rule | None = None, fill_gaps_px: float | None = None, zarr_format: Literal[2, 3] | None = None,
+              progress: Progress | None = None) -> WriteReport: ...
 def composite(
-    cube: Any,
+    cube: xr.Dataset | str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
     *,
     season: str | None = None,
@@ -266,7 +276,7 @@ def composite(
     fill_gaps_px: float | None = None,
     zarr_format: Literal[2, 3] | None = None,
     progress: Progress | None = None,
-) -> Any:
+) -> xr.Dataset | WriteReport:
     """One composite per season-year of a cube, lazily; written resumably when ``out`` is given.
 
     Parameters
@@ -296,10 +306,10 @@ def composite(
         or, with ``out``, what the write did.
     """
     cube, source = _open_cube_arg(cube, out)
-    refl, rule, season, bands, groups = _check_composite_inputs(cube, rule, season)
-    comps, counts, dates = _composite_layers(cube, refl, groups, rule, bands)
+    refl, rule_name, season, bands, groups = _check_composite_inputs(cube, rule, season)
+    comps, counts, dates = _composite_layers(cube, refl, groups, rule_name, bands)
     ds = _composite_dataset(cube, refl, groups, season, comps, counts, dates)
-    ds.attrs = {"icemap:composite": _composite_provenance(cube, rule, season, groups, source)}
+    ds.attrs = {"icemap:composite": _composite_provenance(cube, rule_name, season, groups, source)}
     if fill_gaps_px is not None:
         ds = fill_gaps(ds, max_distance_px=fill_gaps_px)
     if out is None:
@@ -309,7 +319,7 @@ def composite(
     return report
 
 
-def source_dates(ds: Any) -> Any:
+def source_dates(ds: xr.Dataset) -> xr.DataArray:
     """``source_date`` of a composite as datetime64 (NaT where no single date was used)."""
     src = ds["source_date"]
     if np.issubdtype(src.dtype, np.datetime64):  # decoded by plain xarray (CF time units)
@@ -318,7 +328,7 @@ def source_dates(ds: Any) -> Any:
     return ns.fillna(np.iinfo(np.int64).min).astype(np.int64).astype("datetime64[ns]").rename("source_date")
 
 
-def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Literal[2, 3] | None = None,
+def write_composite(ds: xr.Dataset, out: str | os.PathLike[str], *, zarr_format: Literal[2, 3] | None = None,
                     storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
                     ) -> WriteReport:
     """Write a composite one year at a time with the store's resumable machinery."""
@@ -387,7 +397,7 @@ def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations
     return out
 
 
-def fill_gaps(ds: Any, *, max_distance_px: float, smoothing_iterations: int = 0) -> Any:
+def fill_gaps(ds: xr.Dataset, *, max_distance_px: float, smoothing_iterations: int = 0) -> xr.Dataset:
     """Fill reflectance nodata by inverse-distance weighting within ``max_distance_px``, lazily.
 
     Study a filled the dark, shaded gaps of its scenes this way (METHOD.md); here it closes the

@@ -17,12 +17,19 @@ import os
 import posixpath
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from icemap import kernels
 from icemap.errors import IcemapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pystac
+    import xarray as xr
+
+    #: A DEM as icemap takes it: a GeoTIFF/COG path or URL, a STAC item or asset, or elevations on a grid.
+    DemSource: TypeAlias = str | os.PathLike[str] | pystac.Item | pystac.Asset | xr.DataArray
 
 __all__ = ["dem_on_grid", "slope_degrees", "resolve_dem_href", "DEM_ASSET_KEYS"]
 
@@ -34,7 +41,7 @@ DEM_ASSET_KEYS = ("elevation", "data", "dem")
 _INT16_VOID = -32768
 
 
-def resolve_dem_href(source: Any) -> str:
+def resolve_dem_href(source: str | os.PathLike[str] | pystac.Item | pystac.Asset | Mapping[str, Any]) -> str:
     """The file path or URL of a DEM given as a path, a STAC item or a STAC asset.
 
     Parameters
@@ -139,12 +146,12 @@ def _warp_block(
 
 
 def dem_on_grid(
-    dem: Any,
-    like: Any,
+    dem: DemSource,
+    like: xr.Dataset | xr.DataArray,
     *,
     resampling: str = "bilinear",
     chunks: tuple[Any, Any] | int | None = None,
-) -> Any:
+) -> xr.DataArray:
     """A DEM warped onto the grid of a cube: float32 metres, NaN outside the DEM, CRS set.
 
     Parameters
@@ -230,7 +237,7 @@ def _slope_kernel(z: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return kernels.slope_degrees(z, dy, dx)
 
 
-def slope_degrees(dem_grid: Any) -> Any:
+def slope_degrees(dem_grid: xr.DataArray) -> xr.DataArray:
     """Slope in degrees (0 flat, 90 vertical) of a DEM on a projected grid, lazily if chunked.
 
     Central differences (``numpy.gradient``) over the grid spacing in x and y, one-sided at the

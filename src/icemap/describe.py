@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from icemap._atomic import atomic_write_text
-from icemap.interop import ZARR
+
+from icemap.interop import ZARR, zarr_options
 
 __all__ = [
     "EXTENSIONS",
@@ -65,20 +66,16 @@ MEDIA_TYPES = {
 _RASTER_TYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                  "float16", "float32", "float64"}
 
-
 def item_path(product: str | os.PathLike[str]) -> str:
     """Where the Item of ``product`` lives: beside it, ``.json`` appended to its name."""
     return os.fspath(product).rstrip("/") + ".json"
-
 
 def collection_path(product: str | os.PathLike[str]) -> str:
     """Where the Collection of the run whose main product is ``product`` lives."""
     return os.fspath(product).rstrip("/") + ".collection.json"
 
-
 def _is_url(path: str) -> bool:
     return "://" in path
-
 
 def _href(target: str, item_at: str) -> str:
     """``target`` as seen from the Item at ``item_at``: relative for local files, else as is."""
@@ -87,18 +84,15 @@ def _href(target: str, item_at: str) -> str:
     rel = os.path.relpath(os.path.abspath(target), os.path.dirname(os.path.abspath(item_at))).replace(os.sep, "/")
     return rel if rel.startswith("../") else "./" + rel
 
-
 def _iso(t: Any) -> str:
     import numpy as np
 
     return str(np.datetime_as_string(np.datetime64(t, "s"), unit="s")) + "Z"
 
-
 def _dt(t: Any) -> datetime:
     import numpy as np
 
     return np.datetime64(t, "s").astype(datetime).replace(tzinfo=timezone.utc)
-
 
 def _footprint(bounds: Sequence[float], crs: Any) -> tuple[list[float], dict[str, Any]]:
     """Lon/lat bbox and polygon of native ``bounds`` (densified, so curved edges are covered)."""
@@ -108,11 +102,9 @@ def _footprint(bounds: Sequence[float], crs: Any) -> tuple[list[float], dict[str
     ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
     return [w, s, e, n], {"type": "Polygon", "coordinates": [ring]}
 
-
 def _proj_code(crs: Any) -> str | None:
     epsg = crs.to_epsg() if crs is not None else None
     return f"EPSG:{epsg}" if epsg else None
-
 
 def _processing(lineage: str, created: str | None = None) -> dict[str, Any]:
     from icemap import __version__
@@ -123,7 +115,6 @@ def _processing(lineage: str, created: str | None = None) -> dict[str, Any]:
         "processing:lineage": lineage,
         "processing:datetime": when.replace("+00:00", "Z"),
     }
-
 
 def _times(props: dict[str, Any], times: Sequence[Any]) -> datetime | None:
     """Set ``start_datetime``/``end_datetime`` for several dates; return the single date or None."""
@@ -137,7 +128,6 @@ def _times(props: dict[str, Any], times: Sequence[Any]) -> datetime | None:
     props["end_datetime"] = _iso(max(times))
     return None
 
-
 def _band(dtype: Any, nodata: Any, **extra: Any) -> dict[str, Any]:
     import numpy as np
 
@@ -148,7 +138,6 @@ def _band(dtype: Any, nodata: Any, **extra: Any) -> dict[str, Any]:
         band["nodata"] = "nan" if value != value else value
     return band
 
-
 def _links(item: Any, derived_from: Sequence[str | os.PathLike[str]], at: str) -> None:
     import pystac
 
@@ -156,7 +145,6 @@ def _links(item: Any, derived_from: Sequence[str | os.PathLike[str]], at: str) -
         src = os.fspath(src)
         media = "application/json" if src.endswith(".json") else MEDIA_TYPES.get(Path(src.rstrip("/")).suffix.lower())
         item.add_link(pystac.Link("derived_from", _href(src, at), media_type=media))
-
 
 def _dump(d: Mapping[str, Any], at: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write JSON to ``at`` (local path or fsspec URL), atomically where local."""
@@ -169,13 +157,11 @@ def _dump(d: Mapping[str, Any], at: str, storage_options: Mapping[str, Any] | No
         return
     atomic_write_text(at, text)
 
-
 def _finish(item: Any, at: str, write: bool, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     d = item.to_dict(include_self_link=False, transform_hrefs=False)
     if write:
         _dump(d, at, storage_options)
     return d
-
 
 def _item(product: str, kind: Sequence[str], geometry: Any, bbox: Any, dt: datetime | None,
           props: dict[str, Any]) -> Any:
@@ -185,7 +171,6 @@ def _item(product: str, kind: Sequence[str], geometry: Any, bbox: Any, dt: datet
     return pystac.Item(id=name, geometry=geometry, bbox=bbox, datetime=dt, properties=props,
                        stac_extensions=[EXTENSIONS[k] for k in kind])
 
-
 def _source_items(ds: Any) -> list[str]:
     if "item_ids" not in ds.coords:
         return []
@@ -194,13 +179,11 @@ def _source_items(ds: Any) -> list[str]:
         ids += [i for i in str(v).split(",") if i and i not in ids]
     return ids
 
-
 def _zarr_format(path: str, storage_options: Mapping[str, Any] | None) -> int:
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     return int(group.metadata.zarr_format)
-
 
 def describe_store(
     path: str | os.PathLike[str],
@@ -293,7 +276,6 @@ def describe_store(
     _links(item, derived_from, at)
     return _finish(item, at, write, storage_options)
 
-
 def describe_cog(path: str | os.PathLike[str], *, derived_from: Sequence[str | os.PathLike[str]] = (),
                  write: bool = True) -> dict[str, Any]:
     """The STAC Item of a COG written by :func:`icemap.export.export_geotiffs` (from its tags)."""
@@ -334,7 +316,6 @@ def describe_cog(path: str | os.PathLike[str], *, derived_from: Sequence[str | o
     _links(item, derived_from, at)
     return _finish(item, at, write)
 
-
 def describe_vector(path: str | os.PathLike[str], *, derived_from: Sequence[str | os.PathLike[str]] = (),
                     times: Sequence[Any] = (), lineage: str = "", write: bool = True) -> dict[str, Any]:
     """The STAC Item of an outline file (GeoPackage, GeoJSON, GeoParquet) with a ``time`` column.
@@ -362,7 +343,6 @@ def describe_vector(path: str | os.PathLike[str], *, derived_from: Sequence[str 
                                         roles=["data"], title="ice outlines"))
     _links(item, derived_from, at)
     return _finish(item, at, write)
-
 
 def describe_table(path: str | os.PathLike[str], table: Any, *,
                    derived_from: Sequence[str | os.PathLike[str]] = (),
@@ -396,10 +376,8 @@ def describe_table(path: str | os.PathLike[str], table: Any, *,
     _links(item, derived_from, at)
     return _finish(item, at, write)
 
-
 def _parse(s: str) -> datetime:
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
-
 
 def write_collection(main: str | os.PathLike[str], products: Sequence[str | os.PathLike[str]], *,
                      description: str) -> dict[str, Any]:
@@ -440,7 +418,6 @@ def write_collection(main: str | os.PathLike[str], products: Sequence[str | os.P
     _dump(out, at)
     return out
 
-
 #: Schemas of a model folder's Item (the machine-learning model extension, and file for checksums).
 MODEL_EXTENSIONS = {
     "mlm": "https://stac-extensions.github.io/mlm/v1.5.2/schema.json",
@@ -450,7 +427,6 @@ MODEL_EXTENSIONS = {
 
 #: Name of a model folder's Item, inside the folder (it travels with the folder).
 MODEL_ITEM = "model.stac.json"
-
 
 def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dict[str, Any]:
     """The STAC Item of a model folder (``model.json`` and its weights), with the MLM extension.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import rasterio
@@ -26,6 +26,8 @@ from rasterio.crs import CRS
 
 from icemap._atomic import atomic_path
 from icemap.kernels import ICE_NODATA
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 __all__ = ["write_cog", "export_geotiffs", "ICE_COLORMAP"]
 
@@ -226,7 +228,7 @@ def _stamp(t: Any, all_times: Sequence[Any]) -> str:
 
 
 def export_geotiffs(
-    product_ds: Any,
+    product_ds: xr.Dataset,
     folder: str | os.PathLike[str],
     variables: Sequence[str] = ("ice",),
     *,

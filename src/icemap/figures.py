@@ -23,13 +23,19 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
+    from matplotlib.figure import Figure
 
 __all__ = ["FIGURE_FORMATS", "OKABE_ITO", "area_plot", "credit_line", "map_figure", "method_text", "png_bytes",
            "save_figure", "save_png", "source_date_range"]
@@ -117,7 +123,7 @@ def _map_background(cube: Any, ice_t: Any, max_size: int) -> tuple[np.ndarray, n
     factor = int(np.ceil(max(frame.sizes["y"], frame.sizes["x"]) / max_size))
     small = _coarsen(frame, factor, "mean")
     rgb = false_colour(small)
-    nodata = np.isnan(np.asarray(small.values, dtype=np.float32)).any(axis=0)
+    nodata = np.asarray(np.isnan(np.asarray(small.values, dtype=np.float32)).any(axis=0))
     ice_share = np.asarray(_coarsen((ice_t == 1).astype(np.float32), factor, "mean").values)
     bounds = small.rio.bounds() if hasattr(small, "rio") else frame.rio.bounds()
     return rgb, ice_share, nodata, bounds
@@ -229,18 +235,18 @@ def _label_map(ax: Any, cube: Any, attrs: dict[str, Any], crs: Any, dates: Any, 
 
 
 def map_figure(
-    cube: Any,
-    pred: Any,
+    cube: xr.Dataset,
+    pred: xr.Dataset | xr.DataArray,
     *,
-    time: Any = -1,
-    outlines: Any = None,
-    change: Any = None,
+    time: int | str | np.datetime64 = -1,
+    outlines: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+    change: pd.DataFrame | None = None,
     id_column: str | None = None,
     max_size: int = 1000,
     title: str | None = None,
     dpi: int = 150,
     min_observed: float | None = None,
-) -> Any:
+) -> Figure:
     """A map of one time step: false colour, ice, outlines coloured by trend, legend, scale,
     graticule, acquisition dates, method and data credit.
 
@@ -309,8 +315,8 @@ def map_figure(
     return fig
 
 
-def area_plot(region_table: Any, glacier_table: Any, *, top: int = 5, dpi: int = 150,
-              min_observed: float | None = None, credit: str | None = None) -> Any:
+def area_plot(region_table: pd.DataFrame, glacier_table: pd.DataFrame, *, top: int = 5, dpi: int = 150,
+              min_observed: float | None = None, credit: str | None = None) -> Figure:
     """Area versus year for the region and the largest glaciers, with uncertainty and trends.
 
     Parameters
@@ -419,14 +425,14 @@ def _decimal_year(times: Any) -> np.ndarray:
     return np.asarray(t.year + (t - start) / (end - start), dtype=np.float64)
 
 
-def png_bytes(fig: Any, dpi: int | None = None) -> bytes:
+def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes (for embedding), at the figure's dpi unless given."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi or fig.dpi)
     return buf.getvalue()
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = None, format: str | None = None) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int | None = None, format: str | None = None) -> Path:
     """Write a figure as PNG, PDF or SVG (by ``format``, else the suffix), atomically.
 
     ``dpi`` (default the figure's) sets the raster resolution and is recorded in the PNG's
@@ -449,6 +455,6 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = Non
     return path
 
 
-def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int | None = None) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike[str], *, dpi: int | None = None) -> Path:
     """Write a figure as PNG, atomically (:func:`save_figure`)."""
     return save_figure(fig, path, dpi=dpi, format="png")

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from icemap.errors import BandError, IcemapError
 from icemap.kernels import ICE_NODATA, normalized_difference
 from icemap.options import resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from icemap.dem import DemSource
+    from icemap.guards import Guard
 
 __all__ = [
     "normalized_difference",
@@ -87,6 +93,8 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
         blocks = [d.rechunk(chunks) if isinstance(d, da.Array) else da.from_array(d, chunks=chunks) for d in data]
 
         def into(*b: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+            if block_info is None:  # dask passes it: the keyword is in the signature
+                raise RuntimeError("dask called the block writer without block_info")
             where = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
             kernel(*b, out=out[where])
             return np.zeros((1,) * out.ndim, np.int8)
@@ -100,7 +108,8 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
     return xr.DataArray(out, dims=template.dims, coords=template.coords)
 
 
-def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
+def _index(cube: xr.Dataset | xr.DataArray, a: str, b: str, name: str, out: np.ndarray | None = None,
+           undefined: float = np.nan) -> xr.DataArray:
     refl = _reflectance(cube)
     kernel = normalized_difference if np.isnan(undefined) else functools.partial(normalized_difference,
                                                                                   undefined=float(undefined))
@@ -110,7 +119,7 @@ def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None, 
     return _keep_grid(res, refl)
 
 
-def _keep_grid(out: Any, like: Any) -> Any:
+def _keep_grid(out: xr.DataArray, like: xr.Dataset | xr.DataArray) -> xr.DataArray:
     if "spatial_ref" in like.coords and "spatial_ref" not in out.coords:
         out = out.assign_coords(spatial_ref=like["spatial_ref"])
     from icemap.interop import keep_grid
@@ -118,7 +127,7 @@ def _keep_grid(out: Any, like: Any) -> Any:
     return keep_grid(out, like)
 
 
-def ndsi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
+def ndsi(cube: xr.Dataset | xr.DataArray, *, out: np.ndarray | None = None, undefined: float = np.nan) -> xr.DataArray:
     """Normalised Difference Snow Index ``(green - swir16) / (green + swir16)``, lazily.
 
     Negative reflectances count as 0. NaN where either band is NaN (masked); ``undefined``
@@ -130,7 +139,7 @@ def ndsi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan)
     return _index(cube, "green", "swir16", "ndsi", out, undefined)
 
 
-def ndwi(cube: Any, *, out: np.ndarray | None = None, undefined: float = np.nan) -> Any:
+def ndwi(cube: xr.Dataset | xr.DataArray, *, out: np.ndarray | None = None, undefined: float = np.nan) -> xr.DataArray:
     """McFeeters' Normalised Difference Water Index ``(green - nir08) / (green + nir08)``; as :func:`ndsi`."""
     return _index(cube, "green", "nir08", "ndwi", out, undefined)
 
@@ -188,14 +197,14 @@ def _dem_inputs(dem: Any, refl: Any, need: tuple[str, ...]) -> dict[str, Any]:
 
 
 def ice_mask(
-    cube: Any,
-    method: str = "ndsi",
+    cube: xr.Dataset | xr.DataArray,
+    method: Literal["ndsi"] = "ndsi",
     threshold: float | None = None,
-    guards: Sequence[str | Any] = (),
-    dem: Any = None,
+    guards: Sequence[str | Guard] = (),
+    dem: DemSource | None = None,
     out: np.ndarray | None = None,
-    **guard_params: Any,
-) -> Any:
+    **guard_params: float | None,
+) -> xr.DataArray:
     """Map ice as uint8: 1 ice, 0 not ice, :data:`ICE_NODATA` (255) where the input is masked.
 
     NDSI alone also flags water, cloud shadow and other dark pixels (METHOD.md); the optional
@@ -241,26 +250,30 @@ def ice_mask(
         ``"dem"`` guard without a DEM. :class:`~icemap.errors.BandError` when the cube lacks a
         band that the NDSI or a guard needs.
     """
-    return _ice(cube, method, threshold, guards, dem, guard_params, with_ndsi=False, out=out)
+    ice: xr.DataArray = _ice(cube, method, threshold, guards, dem, guard_params, with_ndsi=False, out=out)
+    return ice
 
 
 def ndsi_and_ice_mask(
-    cube: Any,
+    cube: xr.Dataset | xr.DataArray,
     threshold: float | None = None,
-    guards: Sequence[str | Any] = (),
-    dem: Any = None,
-    **guard_params: Any,
-) -> tuple[Any, Any]:
+    guards: Sequence[str | Guard] = (),
+    dem: DemSource | None = None,
+    **guard_params: float | None,
+) -> tuple[xr.DataArray, xr.DataArray]:
     """:func:`ndsi` and :func:`ice_mask` from one kernel pass per chunk.
 
     A job that writes both products would otherwise read the bands and compute the index twice
     per chunk; here one task computes both (dask splits its two outputs without copying).
     Parameters as :func:`ice_mask`.
     """
-    return _ice(cube, "ndsi", threshold, guards, dem, guard_params, with_ndsi=True, out=None)
+    both: tuple[xr.DataArray, xr.DataArray] = _ice(cube, "ndsi", threshold, guards, dem, guard_params, with_ndsi=True,
+                                                   out=None)
+    return both
 
 
-def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str | Any], dem: Any,
+def _ice(cube: xr.Dataset | xr.DataArray, method: str, threshold: float | None, guards: Sequence[str | Guard],
+         dem: DemSource | None,
          guard_params: dict[str, Any], *, with_ndsi: bool, out: np.ndarray | None) -> Any:
     import xarray as xr
 

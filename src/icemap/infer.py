@@ -41,12 +41,17 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from icemap.errors import ModelError
 from icemap.kernels import ICE_NODATA, probability_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from icemap.dem import DemSource
 
 __all__ = ["ModelRef", "predict", "predict_array", "default_halo", "model_context", "keep_resources", "ICE_NODATA"]
 
@@ -481,7 +486,7 @@ def _prediction_dataset(both: Any, inputs: Any, ref: ModelRef, meta: Any, thr: f
 
 
 def predict(
-    cube: Any,
+    cube: xr.Dataset | xr.DataArray,
     model: str | os.PathLike[str] | ModelRef | None = None,
     *,
     halo: int | None = None,
@@ -491,9 +496,9 @@ def predict(
     threshold: float | None = None,
     tta: bool = False,
     mc_samples: int = 0,
-    dem: Any = None,
+    dem: DemSource | None = None,
     gpu_resources: bool | None = None,
-) -> Any:
+) -> xr.Dataset:
     """Lazy U-Net ice probability and ice mask on the cube grid.
 
     Parameters

@@ -32,11 +32,17 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "keep_grid", "resolve_store", "restore_mask"]
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+_XrObj = TypeVar("_XrObj", "xr.Dataset", "xr.DataArray")
+
+__all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "keep_grid", "resolve_store", "restore_mask",
+           "zarr_options"]
 
 #: Media type of a Zarr store (STAC asset ``type``).
 ZARR = "application/vnd+zarr"
@@ -73,11 +79,16 @@ def _flags() -> dict[str, dict[str, Any]]:
 _GLOBAL_COORDS = ("spatial_ref",)
 
 
+def zarr_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` as ``zarr.open_group`` takes them: a dict (callers may hand any mapping)."""
+    return None if storage_options is None else dict(storage_options)
+
+
 def finish_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Name the CRS coordinate for plain readers and consolidate the metadata (v2 or v3)."""
     import zarr
 
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     present = [c for c in _GLOBAL_COORDS if c in group]
     if present:
         group.attrs["coordinates"] = " ".join(present)
@@ -88,7 +99,7 @@ def finish_store(path: str, storage_options: Mapping[str, Any] | None = None) ->
         zarr.consolidate_metadata(group.store)
 
 
-def restore_mask(a: Any) -> Any:
+def restore_mask(a: _XrObj) -> _XrObj:
     """An ice mask as icemap writes it (uint8: 1 ice, 0 not, 255 nodata), lazily.
 
     A mask read by plain ``xr.open_zarr`` is float with NaN where the store holds 255; any
@@ -104,7 +115,7 @@ def restore_mask(a: Any) -> Any:
     return out
 
 
-def cf_attrs(ds: Any) -> Any:
+def cf_attrs(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with the CF attributes of a store: ``Conventions``, ``x``/``y`` and flag variables.
 
     ``x``/``y`` get ``units`` and ``standard_name`` from the CRS (``projection_x_coordinate``
@@ -211,7 +222,7 @@ def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), href))
 
 
-def keep_grid(out: Any, like: Any) -> Any:
+def keep_grid(out: _XrObj, like: xr.Dataset | xr.DataArray) -> _XrObj:
     """``out`` on ``like``'s grid: its CRS and its transform, written on a shallow copy.
 
     The transform is copied, not left to be recomputed from coordinates: a grid one pixel

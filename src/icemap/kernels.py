@@ -34,9 +34,11 @@ Conventions shared by all kernels:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 
 try:  # numba is a core dependency; the import is here, not at `import icemap`.
     from numba import njit
@@ -76,7 +78,19 @@ QA_FILL = np.uint16(1)
 #: Glacier-id raster value outside every outline.
 NO_GLACIER = 0
 
-_JIT = dict(nogil=True, cache=True, error_model="numpy")
+_JIT: dict[str, Any] = dict(nogil=True, cache=True, error_model="numpy")
+# Scalars handed to the compiled kernels: numba compiles one specialisation per argument type, so
+# callers pass numpy scalars (np.float32 keeps the arithmetic in float32) as well as Python numbers.
+_Float = float | np.floating[Any]
+_Int = int | np.integer[Any]
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _compiled(**options: Any) -> Callable[[_Fn], _Fn]:
+    """``numba.njit(**options)`` as a typed decorator: numba's is untyped, and the compiled
+    dispatcher is called exactly like the Python function it wraps."""
+    return cast(Callable[[_Fn], _Fn], njit(**options))
+
 # A 1x1 stand-in for optional inputs that are switched off: numba compiles one specialisation
 # per type signature, so optional arrays are always arrays, and their flag decides if they are read.
 _NO_F32 = np.zeros((1, 1, 1), np.float32)
@@ -93,7 +107,7 @@ def _yx(shape: tuple[int, ...]) -> tuple[int, int]:
     return 1, (int(shape[0]) if shape else 1)
 
 
-def _planes(a: Any, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
+def _planes(a: npt.ArrayLike, shape: tuple[int, ...], dtype: npt.DTypeLike | None = None) -> np.ndarray:
     """An input as ``(planes, y, x)`` for an output of ``shape``, a view whenever strides allow.
 
     Its planes are the output's, or one (a DEM ``(y, x)`` beside bands ``(time, y, x)``), which
@@ -162,8 +176,8 @@ def _rowed(a: np.ndarray) -> tuple[np.ndarray, int, int]:
     return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(it,)), ps, rs
 
 
-@njit(inline="always")
-def _row(a, ps, rs, p, r, w):  # pragma: no cover - compiled
+@_compiled(inline="always")
+def _row(a: np.ndarray, ps: int, rs: int, p: int, r: int, w: int) -> np.ndarray:  # pragma: no cover - compiled
     start = p * ps + r * rs
     return a[start:start + w]
 
@@ -173,8 +187,9 @@ def _row(a, ps, rs, p, r, w):  # pragma: no cover - compiled
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT)
-def _nd_rows(a, aps, ars, b, bps, brs, out, ops, ors, planes, h, w, undefined, fill):  # pragma: no cover
+@_compiled(**_JIT)
+def _nd_rows(a: np.ndarray, aps: int, ars: int, b: np.ndarray, bps: int, brs: int, out: np.ndarray, ops: int,
+             ors: int, planes: int, h: int, w: int, undefined: _Float, fill: bool) -> None:  # pragma: no cover
     zero = np.float32(0)
     for p in range(planes):
         for r in range(h):
@@ -225,9 +240,10 @@ def normalized_difference(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | Non
     return target.done()
 
 
-@njit(**_JIT)
-def _ice_planes(g, s, nir, elev, slope, threshold, nir_min, ndwi_max, green_min, elev_min, slope_max,
-              out, ndsi_out, write_ndsi):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _ice_planes(g: np.ndarray, s: np.ndarray, nir: np.ndarray, elev: np.ndarray, slope: np.ndarray,
+                threshold: _Float, nir_min: _Float, ndwi_max: _Float, green_min: _Float, elev_min: _Float,
+                slope_max: _Float, out: np.ndarray, ndsi_out: np.ndarray, write_ndsi: bool) -> None:  # pragma: no cover - compiled
     planes, h, w = out.shape
     zero = np.float32(0)
     water = not (np.isnan(nir_min) and np.isnan(ndwi_max))
@@ -348,8 +364,8 @@ def ice_mask(
     return target.done()
 
 
-@njit(**_JIT)
-def _prob_planes(prob, threshold, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _prob_planes(prob: np.ndarray, threshold: _Float, out: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, h, w = out.shape
     for p in range(planes):
         for r in range(h):
@@ -379,9 +395,10 @@ def probability_mask(prob: np.ndarray, threshold: float, *, out: np.ndarray | No
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT)
-def _scale_mask_planes(dn, qa, radsat, scale, offset, nodata, qa_bits, sat_bits, has_qa, has_radsat,
-                       has_nodata, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _scale_mask_planes(dn: np.ndarray, qa: np.ndarray, radsat: np.ndarray, scale: np.ndarray, offset: np.ndarray,
+                       nodata: np.ndarray, qa_bits: _Int, sat_bits: _Int, has_qa: bool, has_radsat: bool,
+                       has_nodata: bool, out: np.ndarray) -> None:  # pragma: no cover - compiled
     # Compiled once per input dtype: float32 DNs (NaN = not read) and native integer DNs
     # (``nodata`` = not read). ``x != x`` is NaN for floats and never true for integers.
     planes, h, w = out.shape
@@ -463,8 +480,8 @@ def _native(a: Any) -> bool:
     return dt in (np.uint8, np.uint16, np.int16, np.float32)
 
 
-@njit(**_JIT)
-def _qa_planes(qa, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _qa_planes(qa: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, h, w = out.shape
     for p in range(planes):
         for r in range(h):
@@ -484,8 +501,8 @@ def qa_to_uint16(qa: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
     return target.done()
 
 
-@njit(**_JIT)
-def _fill_qa_planes(refl, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _fill_qa_planes(refl: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, bands, h, w = refl.shape
     for p in range(planes):
         for r in range(h):
@@ -517,8 +534,8 @@ def qa_from_reflectance(refl: np.ndarray, *, out: np.ndarray | None = None) -> n
     return target.done()
 
 
-@njit(**_JIT)
-def _slope_plane(z, dy, dx, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _slope_plane(z: np.ndarray, dy: float, dx: float, out: np.ndarray) -> None:  # pragma: no cover - compiled
     h, w = z.shape
     for r in range(h):
         r0, r1 = (r - 1, r + 1) if 0 < r < h - 1 else ((0, 1) if r == 0 else (h - 2, h - 1))
@@ -550,11 +567,12 @@ def stretch_uint8(band: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Linear stretch of ``[lo, hi]`` to 0-255 (NaN -> 0, clipped): a picture, not data, made
     once per quicklook on an averaged-down frame, so plain numpy."""
     scaled = (np.asarray(band, np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))
-    return (np.clip(np.nan_to_num(scaled, nan=0.0), 0, 1) * 255).astype(np.uint8)
+    stretched: np.ndarray = (np.clip(np.nan_to_num(scaled, nan=0.0), 0, 1) * 255).astype(np.uint8)
+    return stretched
 
 
-@njit(**_JIT)
-def _filled_planes(before, after, out):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _filled_planes(before: np.ndarray, after: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, bands, h, w = before.shape
     for p in range(planes):
         for r in range(h):
@@ -598,7 +616,7 @@ def normalise_channels(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     shape[channel_axis] = -1
     lo_, hi_ = np.asarray(lo, np.float32).reshape(shape), np.asarray(hi, np.float32).reshape(shape)
     z = (x.astype(np.float32, copy=False) - lo_) / (hi_ - lo_)
-    nodata = np.isnan(z).any(axis=channel_axis)
+    nodata = np.asarray(np.isnan(z).any(axis=channel_axis))
     return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False), nodata
 
 
@@ -623,7 +641,8 @@ def mosaic_first_valid(block: np.ndarray, n_bands: int) -> np.ndarray:
     not_fill = qa != QA_FILL
     has_valid = valid.any(axis=0)
     idx = np.where(has_valid, valid.argmax(axis=0), not_fill.argmax(axis=0))
-    return np.take_along_axis(block, idx[None, None], axis=0)[0]
+    mosaic: np.ndarray = np.take_along_axis(block, idx[None, None], axis=0)[0]
+    return mosaic
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,8 +653,8 @@ def mosaic_first_valid(block: np.ndarray, n_bands: int) -> np.ndarray:
 COMPOSITE_RULES = ("min-ndsi", "latest", "median")
 
 
-@njit(inline="always")
-def _clamped_nd(x, y):  # pragma: no cover - compiled
+@_compiled(inline="always")
+def _clamped_nd(x: np.float32, y: np.float32) -> np.float32:  # pragma: no cover - compiled
     """NDSI of one observation as ``normalized_difference`` computes it (negatives clipped to 0;
     NaN where masked or 0/0). ``x < 0`` tests, not ``max()``, so NaN stays NaN."""
     zero = np.float32(0)
@@ -646,8 +665,9 @@ def _clamped_nd(x, y):  # pragma: no cover - compiled
     return (x - y) / (x + y)
 
 
-@njit(**_JIT)
-def _composite_pixels(refl, ig, isw, rule, out, count, chosen, scratch):  # pragma: no cover - compiled
+@_compiled(**_JIT)
+def _composite_pixels(refl: np.ndarray, ig: int, isw: int, rule: int, out: np.ndarray, count: np.ndarray,
+                      chosen: np.ndarray, scratch: np.ndarray) -> None:  # pragma: no cover - compiled
     nt, nb, h, w = refl.shape
     nan = np.float32(np.nan)
     for r in range(h):
@@ -756,8 +776,9 @@ def composite(
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=True)
-def _confusion_planes(pred, ref, valid, by, has_valid, has_by, n_ids, counts):  # pragma: no cover
+@_compiled(nogil=True, cache=True)
+def _confusion_planes(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray, by: np.ndarray, has_valid: bool,
+                      has_by: bool, n_ids: int, counts: np.ndarray) -> None:  # pragma: no cover
     planes, h, w = pred.shape
     for p in range(planes):
         pr = p % ref.shape[0]
@@ -818,8 +839,8 @@ def confusion_counts(
     return counts.reshape(*lead, k)
 
 
-@njit(nogil=True, cache=True)
-def _count_planes(mask, ids, value, n_ids, counts):  # pragma: no cover - compiled
+@_compiled(nogil=True, cache=True)
+def _count_planes(mask: np.ndarray, ids: np.ndarray, value: _Int, n_ids: int, counts: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, h, w = mask.shape
     for p in range(planes):
         pi = p % ids.shape[0]
@@ -845,8 +866,9 @@ def count_by_id(mask: np.ndarray, ids: np.ndarray, n_ids: int, value: int = 1) -
 GLACIER_STATS = ("pixels", "valid", "ice", "edges_x", "edges_y")
 
 
-@njit(nogil=True, cache=True)
-def _glacier_stats_planes(mask, ids, n_ids, halo, nodata, counts):  # pragma: no cover - compiled
+@_compiled(nogil=True, cache=True)
+def _glacier_stats_planes(mask: np.ndarray, ids: np.ndarray, n_ids: int, halo: int, nodata: _Int,
+                          counts: np.ndarray) -> None:  # pragma: no cover - compiled
     planes, h, w = mask.shape
     for p in range(planes):
         pi = p % ids.shape[0]

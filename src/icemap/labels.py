@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap.errors import IcemapError, IcemapWarning, InvalidOutlineWarning
 from icemap.kernels import NO_GLACIER
 
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import pyproj
+    import xarray as xr
+
 __all__ = ["read_outlines", "rasterize_outlines", "glacier_ids", "grid_of", "NO_GLACIER"]
 
 
-def read_outlines(source: Any, *, crs: Any = None, layer: str | None = None) -> Any:
+def read_outlines(source: str | os.PathLike[str] | gpd.GeoDataFrame, *, crs: str | int | pyproj.CRS | None = None,
+                  layer: str | None = None) -> gpd.GeoDataFrame:
     """Read glacier outlines (Shapefile, GeoPackage, GeoJSON, GeoParquet) as a GeoDataFrame.
 
     Parameters
@@ -176,6 +183,8 @@ def _burn_block(block: np.ndarray, shapes: Mapping[tuple[int, int], list[tuple[A
     from rasterio.features import rasterize
     from rasterio.windows import Window, transform as window_transform
 
+    if block_info is None:  # dask passes it: the keyword is in the signature
+        raise RuntimeError("dask called the burn kernel without block_info")
     info = block_info[None]
     (y0, y1), (x0, x1) = info["array-location"]
     out_shape = (y1 - y0, x1 - x0)
@@ -229,8 +238,9 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
 
     transform, (h, w), _ = grid_of(like)
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
-    if getattr(ref, "chunks", None):
-        chunks = (ref.chunks[ref.dims.index("y")], ref.chunks[ref.dims.index("x")])
+    ref_chunks = getattr(ref, "chunks", None)
+    if ref_chunks:
+        chunks = (ref_chunks[ref.dims.index("y")], ref_chunks[ref.dims.index("x")])
     else:
         chunks = da.core.normalize_chunks((get_option("chunksize"),) * 2, (h, w))
     # The polygons enter the graph once, as one dependency of every block (shipped once per
@@ -246,7 +256,7 @@ def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: 
     return out.rio.write_crs(like.rio.crs).rio.write_transform(transform)
 
 
-def check_outlines_overlap(outlines: Any, like: Any) -> Any:
+def check_outlines_overlap(outlines: str | os.PathLike[str] | gpd.GeoDataFrame, like: xr.Dataset | xr.DataArray) -> gpd.GeoDataFrame:
     """Read outlines and refuse them when none overlaps the grid of ``like``.
 
     Outlines of another region (Oetztal outlines on an Athabasca map) rasterise to an all-zero
@@ -273,7 +283,8 @@ def check_outlines_overlap(outlines: Any, like: Any) -> Any:
     return gdf
 
 
-def rasterize_outlines(outlines: Any, like: Any, *, all_touched: bool = False, buffer_m: float = 0.0) -> Any:
+def rasterize_outlines(outlines: str | os.PathLike[str] | gpd.GeoDataFrame, like: xr.Dataset | xr.DataArray, *,
+                       all_touched: bool = False, buffer_m: float = 0.0) -> xr.DataArray:
     """A 0/1 uint8 reference mask on the grid of ``like``, lazily.
 
     Parameters
@@ -299,7 +310,8 @@ def rasterize_outlines(outlines: Any, like: Any, *, all_touched: bool = False, b
     return mask
 
 
-def glacier_ids(outlines: Any, like: Any, *, id_column: str | None = None) -> tuple[Any, Any]:
+def glacier_ids(outlines: str | os.PathLike[str] | gpd.GeoDataFrame, like: xr.Dataset | xr.DataArray, *,
+                id_column: str | None = None) -> tuple[xr.DataArray, pd.DataFrame]:
     """A glacier-id raster (int32, 0 = no glacier) and the table linking ids to outlines.
 
     Returns ``(ids, table)``: ``ids`` is lazy, ``table`` a GeoDataFrame with ``gid`` (the

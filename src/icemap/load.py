@@ -32,7 +32,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -52,6 +52,13 @@ from icemap.errors import EmptySearchError, GridError, LoadError, MissingAssetWa
 from icemap.options import get_option, resolve
 from icemap.reader import OnError, resolve_signer
 from icemap.stac import item_datetime
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyproj
+    import pystac
+    import xarray as xr
+
+    from icemap.reader import Signer
 
 __all__ = ["load", "normalise_items", "grid_for_items", "resolve_engine", "ENGINES", "QA_FILL"]
 
@@ -449,7 +456,7 @@ def _read_stackstac(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sen
         xy_coords="center",
         properties=False,
         band_coords=False,
-        reader=reader,  # type: ignore[arg-type]
+        reader=reader,
         gdal_env=stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_RETRY),
     )
     clean, meta = match_stacked(stack, clean, meta, assets, epsg, bnds)
@@ -585,9 +592,9 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
                 [part[name].data[pos[i]:pos[i] + 1] if i in pos else blank for i in range(len(clean))], axis=0)
     if _QA in arrays:
         arrays[_QA] = class_qa_to_bits(arrays[_QA], sensor)
-    nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
+    band_nodata = [read_as[b][1] if read_as[b][0] != "float32" else _band_nodata(clean, b) for b in bands]
     coords = xr_coords(geobox)  # pixel centres, as odc-stac labels its arrays
-    return _Read(clean, meta, arrays, nodata, coords["y"].values, coords["x"].values)
+    return _Read(clean, meta, arrays, band_nodata, coords["y"].values, coords["x"].values)
 
 
 _PROJ_EXT = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
@@ -795,11 +802,11 @@ def _wrap_cube(refl_out: Any, qa_out: Any, order: list[list[int]], meta: list[di
 
 
 def load(
-    items: Iterable[Any],
+    items: Iterable[pystac.Item | Mapping[str, Any]],
     *,
     bands: Sequence[str] | None = None,
     sensor: str | Sensor | None = None,
-    crs: Any = None,
+    crs: str | int | pyproj.CRS | None = None,
     resolution: float | tuple[float, float] | None = None,
     bounds: Sequence[float] | None = None,
     bbox: Sequence[float] | None = None,
@@ -807,11 +814,11 @@ def load(
     mask_flags: Sequence[str] = MASK_FLAGS_DEFAULT,
     mask_saturated: bool = True,
     mosaic: bool = True,
-    signer: Any = None,
+    signer: Signer | str | None = None,
     on_error: OnError = "raise",
     qa: Literal["qa_pixel"] | None = "qa_pixel",
     engine: Engine | None = None,
-) -> Any:
+) -> xr.Dataset:
     """Turn STAC items into a lazy ``xarray.Dataset`` of masked surface reflectance.
 
     Parameters

@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from icemap.errors import GridMismatchError, MetricsError, NoValidPixelsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
+    import os
 
 __all__ = [
     "OUTCOMES",
@@ -322,14 +328,14 @@ def _reference_and_valid(main_a: Any, main_d: Any, reference: Any, valid: Any) -
 
 
 def confusion(
-    pred: Any,
-    reference: Any,
+    pred: xr.DataArray | np.ndarray,
+    reference: xr.DataArray | np.ndarray,
     *,
-    valid: Any = None,
-    by: Any = None,
-    ids: int | Sequence[int] | None = None,
+    valid: xr.DataArray | np.ndarray | None = None,
+    by: xr.DataArray | np.ndarray | None = None,
+    ids: int | Sequence[int] | np.ndarray | None = None,
     per_time: bool = False,
-) -> Any:
+) -> xr.DataArray:
     """Confusion counts of an ice mask against a reference, lazily.
 
     Parameters
@@ -382,7 +388,7 @@ def confusion(
     return out
 
 
-def _id_operand(pred_a: Any, pred_d: Any, by: Any, ids: int | Sequence[int] | None) -> tuple[Any, np.ndarray | None, int]:
+def _id_operand(pred_a: Any, pred_d: Any, by: Any, ids: int | Sequence[int] | np.ndarray | None) -> tuple[Any, np.ndarray | None, int]:
     """The ``by`` id raster as a dask operand aligned with the prediction, the ids to report, and the largest.
 
     Returns ``(by or None, id values or None, max id)``. Without ``ids`` the largest id of ``by``
@@ -515,7 +521,7 @@ def _px_of(conf: Any, pixel_area_m2: float | None) -> float | None:
     return attrs.get("pixel_area_m2")
 
 
-def scores(confusion: Any, *, pixel_area_m2: float | None = None) -> dict[str, float | int]:
+def scores(confusion: xr.DataArray | Mapping[str, int], *, pixel_area_m2: float | None = None) -> dict[str, float | int]:
     """Accuracy scores from confusion counts, as one flat JSON-ready dict.
 
     Parameters
@@ -578,12 +584,12 @@ def _scores_frame(conf: Any, px: float | None) -> Any:
 
 
 def scores_per_id(
-    confusion: Any,
+    confusion: xr.DataArray,
     *,
     pixel_area_m2: float | None = None,
-    table: Any = None,
+    table: pd.DataFrame | None = None,
     include_none: bool = False,
-) -> Any:
+) -> pd.DataFrame:
     """Scores per glacier id (and per time, if kept), as a pandas DataFrame.
 
     Parameters
@@ -637,16 +643,29 @@ def scores_per_id(
 # ----------------------------------------------------------------------------------------------
 
 
+# Typed by ``per_glacier``: the scores alone, or the scores and the per-glacier table.
+@overload
+def evaluate(pred: xr.Dataset | xr.DataArray, outlines: str | os.PathLike[str] | gpd.GeoDataFrame, *, buffer_m: float = 0.0,
+             all_touched: bool = False, per_glacier: Literal[False] = False, valid: xr.DataArray | np.ndarray | None = None,
+             id_column: str | None = None) -> dict[str, float | int]: ...
+@overload
+def evaluate(pred: xr.Dataset | xr.DataArray, outlines: str | os.PathLike[str] | gpd.GeoDataFrame, *, buffer_m: float = 0.0,
+             all_touched: bool = False, per_glacier: Literal[True], valid: xr.DataArray | np.ndarray | None = None,
+             id_column: str | None = None) -> tuple[dict[str, float | int], pd.DataFrame]: ...
+@overload
+def evaluate(pred: xr.Dataset | xr.DataArray, outlines: str | os.PathLike[str] | gpd.GeoDataFrame, *, buffer_m: float = 0.0,
+             all_touched: bool = False, per_glacier: bool = False, valid: xr.DataArray | np.ndarray | None = None,
+             id_column: str | None = None) -> dict[str, float | int] | tuple[dict[str, float | int], pd.DataFrame]: ...
 def evaluate(
-    pred: Any,
-    outlines: Any,
+    pred: xr.Dataset | xr.DataArray,
+    outlines: str | os.PathLike[str] | gpd.GeoDataFrame,
     *,
     buffer_m: float = 0.0,
     all_touched: bool = False,
     per_glacier: bool = False,
-    valid: Any = None,
+    valid: xr.DataArray | np.ndarray | None = None,
     id_column: str | None = None,
-) -> dict[str, float | int] | tuple[dict[str, float | int], Any]:
+) -> dict[str, float | int] | tuple[dict[str, float | int], pd.DataFrame]:
     """Score an ice mask against glacier outlines rasterised on its own grid.
 
     Parameters
@@ -738,7 +757,8 @@ def _edges(thresholds: Any) -> tuple[np.ndarray, np.ndarray]:
     return t[keep], t32[keep]
 
 
-def confusion_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid: Any = None) -> Any:
+def confusion_sweep(index: xr.DataArray | np.ndarray, reference: xr.DataArray | np.ndarray, *, thresholds: Sequence[float] | np.ndarray | None = None,
+                    valid: xr.DataArray | np.ndarray | None = None) -> xr.DataArray:
     """Confusion counts at many thresholds of an index at once, lazily (one pass).
 
     Parameters
@@ -793,8 +813,8 @@ def confusion_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid
     return out
 
 
-def threshold_sweep(index: Any, reference: Any, *, thresholds: Any = None, valid: Any = None,
-                    pixel_area_m2: float | None = None) -> Any:
+def threshold_sweep(index: xr.DataArray | np.ndarray, reference: xr.DataArray | np.ndarray, *, thresholds: Sequence[float] | np.ndarray | None = None,
+                    valid: xr.DataArray | np.ndarray | None = None, pixel_area_m2: float | None = None) -> pd.DataFrame:
     """Scores of ``index >= t`` against a reference for every threshold ``t`` (one pass).
 
     Study a chose its NDSI threshold (0.2) by maximising F1 on training data; this gives the
@@ -913,16 +933,16 @@ def _smooth(counts: np.ndarray, sigma_bins: float) -> np.ndarray:
 
 
 def unsupervised_threshold(
-    index: Any,
+    index: xr.DataArray | np.ndarray,
     *,
     method: Literal["otsu", "valley"] = "otsu",
-    valid: Any = None,
+    valid: xr.DataArray | np.ndarray | None = None,
     bins: int = 2000,
     range: tuple[float, float] = (-1.0, 1.0),
     smooth: float = 0.02,
     min_separation: float = 0.1,
     min_prominence: float = 0.02,
-) -> tuple[float, Any]:
+) -> tuple[float, pd.DataFrame]:
     """Pick an index threshold from the index's histogram alone (no reference).
 
     Study b read the NDSI threshold off the histogram's two peaks (ice and the rest). Two

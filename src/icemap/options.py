@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, TypedDict, Unpack, overload
 
 from icemap.errors import IcemapError
 
 __all__ = ["OPTIONS", "set_options", "get_option", "resolve", "parse_season"]
 
 
-def parse_season(text: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+def parse_season(text: object) -> tuple[tuple[int, int], tuple[int, int]]:
     """A season window ``"MM-DD/MM-DD"`` -> ``((month, day), (month, day))``, inclusive.
 
     The window may wrap the year end (``"12-01/02-28"``); 02-29 is allowed (it ends February in
@@ -130,6 +130,24 @@ _SPEC: dict[str, tuple[Any, Callable[[Any], bool], str, str]] = {
     ),
 }
 
+class Options(TypedDict, total=False):
+    """The options and their types, for :class:`set_options` (each one's default and why: ``_SPEC``)."""
+
+    ndsi_threshold: float
+    chunksize: int
+    tile: int
+    batch_size: int
+    write_wave: int | None
+    zarr_format: Literal[2, 3]
+    area_buffer_px: float
+    min_observed: float
+    season_north: str
+    season_south: str
+    composite_rule: Literal["min-ndsi", "latest", "median"]
+    engine: Literal["auto", "odc-stac", "stackstac"]
+    resolution: float | None
+
+
 #: The current values (read with :func:`get_option`; change with :func:`set_options`).
 OPTIONS: dict[str, Any] = {name: spec[0] for name, spec in _SPEC.items()}
 
@@ -159,7 +177,7 @@ class set_options:
     ``icemap.options.describe()`` for each one's default and why.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Unpack[Options]) -> None:
         for name, value in kwargs.items():
             _validate(name, value)
         self._old = {name: OPTIONS[name] for name in kwargs}
@@ -172,8 +190,27 @@ class set_options:
         OPTIONS.update(self._old)
 
 
-def get_option(name: str) -> Any:
-    """The current value of one option."""
+# Typed by the option's name (the types of :class:`Options`).
+@overload
+def get_option(name: Literal["chunksize", "tile", "batch_size"]) -> int: ...
+@overload
+def get_option(name: Literal["ndsi_threshold", "area_buffer_px", "min_observed"]) -> float: ...
+@overload
+def get_option(name: Literal["write_wave"]) -> int | None: ...
+@overload
+def get_option(name: Literal["resolution"]) -> float | None: ...
+@overload
+def get_option(name: Literal["zarr_format"]) -> Literal[2, 3]: ...
+@overload
+def get_option(name: Literal["season_north", "season_south"]) -> str: ...
+@overload
+def get_option(name: Literal["composite_rule"]) -> Literal["min-ndsi", "latest", "median"]: ...
+@overload
+def get_option(name: Literal["engine"]) -> Literal["auto", "odc-stac", "stackstac"]: ...
+@overload
+def get_option(name: str) -> object: ...  # a name known only at run time (an unknown one raises)
+def get_option(name: str) -> object:
+    """The current value of one option (typed per name: :class:`Options`)."""
     if name not in OPTIONS:
         raise IcemapError(f"unknown icemap option {name!r}; options: {', '.join(_SPEC)}")
     return OPTIONS[name]

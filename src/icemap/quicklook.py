@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.kernels import stretch_uint8
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import xarray as xr
 
 __all__ = ["credit_line", "false_colour", "method_text", "quicklook", "source_date_range"]
 
@@ -123,12 +127,12 @@ def _coarsen(da: Any, factor: int, how: str) -> Any:
 
 
 def quicklook(
-    cube: Any,
+    cube: xr.Dataset,
     path: str | os.PathLike[str],
     *,
-    ice: Any = None,
-    outlines: Any = None,
-    time: Any = -1,
+    ice: xr.DataArray | None = None,
+    outlines: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+    time: int | str | np.datetime64 = -1,
     max_size: int = 1200,
 ) -> Path:
     """Write a quicklook PNG of one time step.
@@ -179,7 +183,7 @@ def quicklook(
         edges = rasterize(((g.boundary, 1) for g in gdf.geometry), out_shape=img.shape[:2],
                           transform=t, all_touched=True, fill=0, dtype="uint8")
         img[edges == 1] = _OUTLINE_RGB
-    legend = [("false colour SWIR1/NIR/green", None)]
+    legend: list[tuple[str, tuple[int, ...] | None]] = [("false colour SWIR1/NIR/green", None)]
     if ice is not None:
         legend.append(("mapped ice", tuple(int(v) for v in _ICE_RGB)))
     if outlines is not None:

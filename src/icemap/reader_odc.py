@@ -104,7 +104,8 @@ class IcemapDriver(RioDriver):
         with rio_env(**env):
             yield load_state.local_ctx(LocalContext)
 
-    def open(self, src: Any, ctx: Any) -> IcemapRasterReader:
+    # odc-loader calls the reader's methods only (a protocol); ours wraps rasterio's, it does not subclass it.
+    def open(self, src: Any, ctx: Any) -> IcemapRasterReader:  # type: ignore[override]
         return IcemapRasterReader(src, self.signer, self.on_error)
 
     def __getstate__(self) -> dict[str, Any]:

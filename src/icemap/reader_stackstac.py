@@ -22,6 +22,8 @@ class IcemapReader(AutoParallelRioReader):
     Passed to stackstac as ``functools.partial(IcemapReader, signer=..., on_error=...)``.
     """
 
+    url: str  # set by stackstac's reader (stackstac ships no types)
+
     def __init__(self, *, signer: Signer | None = None, on_error: OnError = "raise", **kwargs: Any):
         super().__init__(**kwargs)
         self.signer = signer
@@ -51,10 +53,10 @@ class IcemapReader(AutoParallelRioReader):
         raise error
 
     # stackstac's pickle state lists only its own fields; readers travel between workers.
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+    def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "signer": self.signer, "on_error": self.on_error}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
     def read(self, window: Any, **kwargs: Any) -> Any:

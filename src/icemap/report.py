@@ -15,10 +15,14 @@ import json
 import os
 import time as _time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from icemap._atomic import atomic_write_text
 from icemap.errors import IcemapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import xarray as xr
 
 __all__ = ["provenance", "render_report", "report"]
 
@@ -199,9 +203,9 @@ def render_report(
 
 
 def report(
-    cube: Any,
-    pred: Any,
-    reference: Any,
+    cube: str | os.PathLike[str] | xr.Dataset,
+    pred: str | os.PathLike[str] | xr.Dataset | xr.DataArray,
+    reference: str | os.PathLike[str] | gpd.GeoDataFrame,
     out: str | os.PathLike[str],
     *,
     id_column: str | None = None,
@@ -264,7 +268,7 @@ def report(
     # One map per season-year: its last step (a composite's only one).
     years = series.drop_duplicates("time").set_index("time")["year"]
     times = list(ice["time"].values)
-    last_of_year = {int(y): t for t, y in years.items()}
+    last_of_year = {int(y): t for t, y in zip(years.index.to_numpy(), years.to_numpy())}
     for year, t in sorted(last_of_year.items()):
         i = times.index(np.datetime64(t, "ns"))
         when = str(ice["time"].values[i])[:10]

@@ -448,7 +448,7 @@ def make_sample_region(
     if meta_path.is_file():
         existing = _read_meta(meta_path)
         same = existing is not None and existing.get("params") == params
-        if same and _is_complete(root, existing):
+        if same and existing is not None and _is_complete(root, existing):
             return _region_from_meta(root, existing)
         if not same and not overwrite:
             old = existing.get("params") if existing else "unreadable parameters"
@@ -1009,7 +1009,7 @@ def _cover_fractions(
         r1 = min(h, r0 + strip)
         top = transform.f + r0 * transform.e
         bottom = transform.f + r1 * transform.e
-        sel = [shapes[k] for k in np.flatnonzero((bounds[:, 1] < top) & (bounds[:, 3] > bottom))]
+        sel = [shapes[int(k)] for k in np.flatnonzero((bounds[:, 1] < top) & (bounds[:, 3] > bottom))]
         if not sel:
             continue
         fine_t = transform @ Affine.translation(0, r0) @ Affine.scale(1.0 / s)
@@ -1558,6 +1558,8 @@ def _reflectance(
     vis = scene.visible
     tint = np.float32(_ALTERATION_TINT[band_index])
     if seasonal:
+        if scene.ice_factor is None or scene.snow_clean is None or scene.snow_factor is None:
+            raise RuntimeError("a seasonal scene is drawn with its snow and ice factors")
         ice = sp["ice"] * land.ice_brightness * scene.ice_factor
         snow = (sp["snow"] * scene.snow_clean + sp["firn"] * (1.0 - scene.snow_clean)) * scene.snow_factor
     else:

@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
 
 __all__ = [
     "REGION_COLUMNS",
@@ -70,7 +75,7 @@ def _stats_block(ice: np.ndarray, ids: np.ndarray, n_ids: int) -> np.ndarray:
     return s[:, None, None]
 
 
-def glacier_counts(ice: Any, ids: Any, n_ids: int) -> Any:
+def glacier_counts(ice: xr.DataArray, ids: xr.DataArray, n_ids: int) -> xr.DataArray:
     """Per-glacier counts of every time step, lazily: an int64 DataArray ``(time, stat, gid)``.
 
     Parameters
@@ -219,14 +224,14 @@ def wls_trend(x: Any, y: Any, sigma: Any) -> tuple[float, float, float]:
 
 
 def glacier_series(
-    pred_or_ice: Any,
-    reference: Any,
+    pred_or_ice: str | os.PathLike[str] | xr.Dataset | xr.DataArray,
+    reference: str | os.PathLike[str] | gpd.GeoDataFrame,
     *,
     id_column: str | None = None,
     buffer_px: float | None = None,
     season: str | None = None,
     min_observed: float | None = None,
-) -> Any:
+) -> pd.DataFrame:
     """Ice area of every reference glacier at every time step, with uncertainty and change rates.
 
     Parameters
@@ -374,7 +379,7 @@ def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[
     return value
 
 
-def region_series(table: Any, *, min_observed: float | None = None) -> Any:
+def region_series(table: pd.DataFrame, *, min_observed: float | None = None) -> pd.DataFrame:
     """The region's totals per time step, from a :func:`glacier_series` table.
 
     ``area_km2`` and ``outline_area_km2`` are sums over glaciers. The uncertainty comes twice,
@@ -496,7 +501,7 @@ def _region_trend(rows: list[dict[str, Any]], table: Any, min_observed: float) -
     return row
 
 
-def trends(table: Any, *, min_observed: float | None = None, region: bool = True) -> Any:
+def trends(table: pd.DataFrame, *, min_observed: float | None = None, region: bool = True) -> pd.DataFrame:
     """Per-glacier and regional trends over season-years, by weighted least squares.
 
     Parameters
@@ -565,7 +570,7 @@ def check_table_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_table(table: Any, path: str | os.PathLike[str]) -> Path:
+def write_table(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write a table as CSV or Parquet by suffix, atomically (temporary file, then rename).
 
     Parquet keeps the types (datetime64 times, int years, float NaN); CSV writes ISO times and

@@ -25,10 +25,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from icemap.errors import CatalogError, SearchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import shapely.geometry.base
 
 __all__ = ["Search", "search", "parse_bbox", "parse_intersects", "parse_datetime", "item_datetime", "item_from_files",
            "property_filters", "STAC_TIMEOUT_S", "STAC_RETRIES", "STAC_BACKOFF_S", "STAC_RETRY_STATUS"]
@@ -276,7 +279,8 @@ class Search:
             respect_retry_after_header=True,
         )
         io = StacApiIO(headers=dict(self.headers or {}), timeout=self.timeout, max_retries=retry)
-        dt = _format_range(parse_datetime(self.datetime)) if self.datetime else None
+        rng = parse_datetime(self.datetime) if self.datetime else None
+        dt = _format_range(rng) if rng else None
         try:
             client = Client.open(self.catalog, stac_io=io, timeout=self.timeout)
             if not client.conforms_to("ITEM_SEARCH"):
@@ -811,7 +815,7 @@ def search(
     retries: int = STAC_RETRIES,
     backoff: float = STAC_BACKOFF_S,
     headers: Mapping[str, str] | None = None,
-    intersects: Any = None,
+    intersects: Mapping[str, Any] | shapely.geometry.base.BaseGeometry | str | os.PathLike[str] | None = None,
 ) -> Search:
     """Build a search for Landsat scenes. No request is made until the result is iterated.
 

@@ -34,13 +34,17 @@ import queue
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from icemap.errors import StoreError, StoreWarning
 from icemap.options import get_option
-from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store, resolve_store
+from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store, resolve_store, zarr_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    import zarr
+    import xarray as xr
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "check_not_input", "WriteReport",
            "CubeStatus"]
@@ -96,12 +100,23 @@ def _fmt_time(t: Any) -> str:
     return str(np.datetime_as_string(np.datetime64(t, "s"), unit="s")) + "Z"
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    """The array ``name`` of a store's group; a group there means the store is not one icemap wrote."""
+    import zarr
+
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise StoreError(f"{name!r} in the store is a group, not an array: the store was not written by icemap "
+                         "or is damaged; write it again")
+    return arr
+
+
 def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
     import zarr
 
     try:
-        zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):  # type: ignore[attr-defined]
+        zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
         return False
     return True
 
@@ -229,13 +244,13 @@ def _clear_unfinished(path: str, storage_options: Mapping[str, Any] | None) -> N
         fs.rm(entry, recursive=True)
 
 
-def _create_marked_group(path: str, zarr_format: int, storage_options: Mapping[str, Any] | None) -> None:
+def _create_marked_group(path: str, zarr_format: Literal[2, 3], storage_options: Mapping[str, Any] | None) -> None:
     """Write the empty group with the marker: the first thing written into a new store."""
     import zarr
 
     from icemap import __version__
 
-    zarr.open_group(path, mode="a", zarr_format=zarr_format, storage_options=storage_options,  # type: ignore[arg-type]
+    zarr.open_group(path, mode="a", zarr_format=zarr_format, storage_options=zarr_options(storage_options),
                     use_consolidated=False, attributes={MARKER_ATTR: {"created_by": "icemap",
                                                                       "icemap_version": __version__}})
 
@@ -352,7 +367,7 @@ def _pid_alive(pid: int) -> bool:
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     import zarr
 
-    return decode_attrs(zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False).attrs)
+    return decode_attrs(zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False).attrs)
 
 
 def _fill_for(name: str, dtype: np.dtype) -> Any:
@@ -476,7 +491,7 @@ def _step_writes(ds: Any, group: Any, i: int, index: int) -> list[Any]:
 
     writes = []
     for name in _stepped_vars(ds):
-        arr = group[name]
+        arr = _array(group, name)
         data = ds[name].data[i:i + 1]
         if data.dtype != arr.dtype:
             if not np.can_cast(data.dtype, arr.dtype, casting="same_kind"):
@@ -583,8 +598,8 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
     import dask.array as da
     import zarr
 
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
-    flags_arr = group[_COMPLETE]
+    group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
+    flags_arr = _array(group, _COMPLETE)
     run = uuid.uuid4().hex
     writes = [_step_writes(ds, group, i, index) for i, index, _ in steps]
     y_blocks, x_blocks = writes[0][0].numblocks[-2:]
@@ -703,7 +718,7 @@ def _check_compatible(existing: Any, ds: Any, path: str) -> None:
 
 
 def write_cube(
-    ds: Any,
+    ds: xr.Dataset,
     path: str | os.PathLike[str],
     *,
     zarr_format: Literal[2, 3] | None = None,
@@ -751,7 +766,7 @@ def write_cube(
 
 
 def write_timesteps(
-    ds: Any,
+    ds: xr.Dataset,
     path: str | os.PathLike[str],
     *,
     zarr_format: Literal[2, 3] | None = None,
@@ -792,7 +807,7 @@ def write_timesteps(
 
 
 def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str], cy: int, cx: int,
-                  zarr_format: int, attrs: Mapping[str, Any] | None, settings: Mapping[str, Any] | None,
+                  zarr_format: Literal[2, 3], attrs: Mapping[str, Any] | None, settings: Mapping[str, Any] | None,
                   step_inputs: Mapping[str, Any] | None, storage_options: Mapping[str, Any] | None,
                   progress: Progress | None) -> None:
     """The body of :func:`write_timesteps`, run while the store's lock is held."""
@@ -871,7 +886,8 @@ def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str],
         report.written = _write_steps(ds, path, todo, storage_options, progress)
         # Read back: a step reported written but not flagged in the store was written somewhere
         # else (a worker that resolves the path in another folder or on another machine).
-        flags = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)[_COMPLETE][:]
+        flags = np.asarray(_array(zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options),
+                                                 use_consolidated=False), _COMPLETE)[:])
         lost = [t for _, index, t in todo if not flags[index]]
         if lost:
             raise StoreError(
@@ -897,22 +913,22 @@ def _reset_changed_steps(path: str, ds: Any, existing: Any, new_times: list[str]
     import zarr
 
     before = existing.attrs.get(INPUTS_ATTR, {})
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     for i, t in enumerate(new_times):
         if t in stored_times and t in inputs and before.get(t) != inputs[t]:
             index = stored_times.index(t)
             if complete[index]:
-                group[_COMPLETE][index] = 0
+                _array(group, _COMPLETE)[index] = 0
                 complete[index] = False
             for name in ("item_ids", "platform"):
                 if name in ds.coords and name in group and ds[name].dims == ("time",):
-                    group[name][index] = ds[name].values[i]
+                    _array(group, name)[index] = ds[name].values[i]
 
 
 def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
     import zarr
 
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     new = encode_attrs(json.loads(json.dumps(dict(values), default=str)))
     listed = [k for k in str(group.attrs.get(JSON_ATTR, "")).split(",") if k and k not in values]
     listed += [k for k in new.pop(JSON_ATTR, "").split(",") if k]
@@ -921,14 +937,20 @@ def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[st
     group.attrs.update(new)
 
 
+def _dimension_names(arr: zarr.Array[Any]) -> list[str]:
+    """Dimension names of a Zarr array: v3 metadata, or v2's ``_ARRAY_DIMENSIONS`` attribute."""
+    dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+    return [str(d) for d in dims] if isinstance(dims, (list, tuple)) else []
+
+
 def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, int]:
     """Length along ``time`` of every array of a store that has a time dimension."""
     import zarr
 
-    group = zarr.open_group(path, mode="r", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     lengths = {}
     for name, arr in group.arrays():
-        dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+        dims = _dimension_names(arr)
         if dims and "time" in dims:
             lengths[name] = arr.shape[list(dims).index("time")]
     return lengths
@@ -947,19 +969,19 @@ def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | N
     if not lengths or len(set(lengths.values())) == 1:
         return []
     keep = min(lengths.values())
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
+    group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     fixed = []
     for name, n in lengths.items():
         if n > keep:
-            arr = group[name]
-            dims = getattr(arr.metadata, "dimension_names", None) or arr.attrs.get("_ARRAY_DIMENSIONS")
+            arr = _array(group, name)
+            dims = _dimension_names(arr)
             axis = list(dims).index("time")
             arr.resize(tuple(keep if i == axis else s for i, s in enumerate(arr.shape)))
             fixed.append(name)
     return fixed
 
 
-def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
+def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> xr.Dataset:
     import xarray as xr
 
     if len(set(_time_lengths(path, storage_options).values())) > 1:
@@ -971,7 +993,7 @@ def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> Any:
     # "missing". Float variables are stored with NaN fill, so they read as NaN regardless.
     # Times are decoded on coordinates only: a data variable with CF time units (a composite's
     # source_date, float days) stays the number icemap computes with (see source_dates).
-    ds = xr.open_zarr(
+    ds: xr.Dataset = xr.open_zarr(
         path, storage_options=storage_options, consolidated=False, decode_coords="all", mask_and_scale=False,
         decode_times=False,
     )
@@ -989,7 +1011,7 @@ def open_cube(
     *,
     complete_only: bool = True,
     storage_options: Mapping[str, Any] | None = None,
-) -> Any:
+) -> xr.Dataset:
     """Open a cube (or product) store lazily, with its CRS, time-sorted.
 
     Parameters

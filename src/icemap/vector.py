@@ -11,7 +11,7 @@ its pixel count times the pixel area, so outline areas and counted areas agree e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import os
 from pathlib import Path
@@ -21,6 +21,11 @@ import numpy as np
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.kernels import ICE_NODATA
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
 
 __all__ = [
     "pixel_area_m2",
@@ -41,7 +46,7 @@ VECTOR_FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
-def pixel_area_m2(like: Any) -> float:
+def pixel_area_m2(like: xr.Dataset | xr.DataArray) -> float:
     """Area of one pixel of a cube's grid in m² (projected CRS in metres only)."""
     crs = like.rio.crs
     if crs is None or not crs.is_projected:
@@ -71,7 +76,7 @@ def _counts(ice2d: Any, gid2d: Any, n: int, value: int = 1) -> Any:
     return per_block.sum(axis=(0, 1))
 
 
-def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
+def ice_area_per_glacier(ice: xr.DataArray, ids: xr.DataArray, table: pd.DataFrame) -> pd.DataFrame:
     """Ice area (km²) of every glacier at every time step, as a pandas DataFrame.
 
     Parameters
@@ -112,7 +117,7 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
     return pd.DataFrame(rows)
 
 
-def ice_area_km2(ice: Any) -> Any:
+def ice_area_km2(ice: xr.DataArray) -> xr.DataArray:
     """Total ice area (km²) per time step of an ice mask, lazily (an xarray DataArray)."""
     # A new quantity: none of the mask's attributes (flags, nodata, threshold) describe it.
     area = (ice == 1).sum(dim=("y", "x"), keep_attrs=False) * (pixel_area_m2(ice) / 1e6)
@@ -136,14 +141,14 @@ OUTLINE_COLUMNS = ("glacier_id", "time", "source_item_ids", "method", "threshold
 
 
 def polygonise(
-    ice: Any,
+    ice: xr.DataArray,
     *,
     min_area_m2: float = 0.0,
-    reference: Any = None,
+    reference: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
     id_column: str | None = None,
     buffer_px: float | None = None,
     attrs: dict[str, Any] | None = None,
-) -> Any:
+) -> gpd.GeoDataFrame:
     """Ice outlines with their provenance: one polygon per 4-connected patch of ice, per time step.
 
     Parameters
@@ -293,7 +298,7 @@ def _no_outlines(crs: Any) -> Any:
     return gpd.GeoDataFrame(empty, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
-def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
+def write_vector(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str], *, layer: str | None = None) -> Path:
     """Write a GeoDataFrame as GeoPackage, GeoJSON or GeoParquet by suffix, atomically.
 
     Parameters
@@ -364,7 +369,7 @@ def _select_time(ice: Any, when: Any) -> Any:
     except (ValueError, TypeError):
         raise IcemapError(f"cannot read {when!r} as a date; give YYYY-MM-DD (or a full ISO time) of one of "
                           f"{', '.join(str(t)[:10] for t in times)}") from None
-    if stamp is pd.NaT:
+    if pd.isna(stamp):
         raise IcemapError(f"{when!r} is not a date; give YYYY-MM-DD")
     if stamp.tzinfo is not None:  # store times are UTC without a zone
         stamp = stamp.tz_convert("UTC").tz_localize(None)
@@ -380,7 +385,8 @@ def _select_time(ice: Any, when: Any) -> Any:
     raise IcemapError(f"no time step at {when!r}; the mask has {available}")
 
 
-def area_change(ice: Any, t0: Any, t1: Any, ids: Any, table: Any) -> Any:
+def area_change(ice: xr.DataArray, t0: str | int | np.datetime64, t1: str | int | np.datetime64, ids: xr.DataArray,
+                table: pd.DataFrame) -> pd.DataFrame:
     """Ice area of every glacier at two dates and its change, as a pandas DataFrame.
 
     Parameters

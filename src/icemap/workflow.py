@@ -16,21 +16,30 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Mapping
 
     from icemap.store import Progress, WriteReport
+    import pyproj
+    import pystac
+    import xarray as xr
+
+    from icemap.dem import DemSource
+    from icemap.guards import Guard
+    from icemap.reader import Signer
+    from icemap.stac import Search
+    import geopandas as gpd
 
 __all__ = ["ingest", "map_ndsi", "write_product", "product_settings", "map_cube", "MapResult", "calibrate_threshold"]
 
 
 def ingest(
-    source: Any,
+    source: Search | Sequence[pystac.Item | Mapping[str, Any]],
     out: str | os.PathLike[str],
     *,
     bands: Sequence[str] | None = None,
-    crs: Any = None,
+    crs: str | int | pyproj.CRS | None = None,
     resolution: float | None = None,
     bbox: Sequence[float] | None = None,
     chunksize: int | None = None,
     zarr_format: Literal[2, 3] | None = None,
-    signer: Any = None,
+    signer: Signer | str | None = None,
     on_error: Literal["raise", "nodata"] = "raise",
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
@@ -71,7 +80,7 @@ def ingest(
         params = source.parameters()
         if bbox is None:
             bbox = source.extent  # its bbox, or the bounds of its intersects geometry
-        items = source.item_dicts()
+        items: Sequence[pystac.Item | Mapping[str, Any]] = source.item_dicts()
         if not items:
             raise EmptySearchError(
                 f"the search matched no items ({json.dumps(params)}); widen --bbox/--datetime "
@@ -83,7 +92,7 @@ def ingest(
     chunksize = get_option("chunksize") if chunksize is None else chunksize
     ds = load(items, bands=bands, crs=crs, resolution=resolution, bbox=bbox, chunksize=chunksize,
               signer=signer, on_error=on_error, qa=qa, engine=engine)
-    attrs = {
+    attrs: dict[str, Any] = {
         "icemap_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "search": params,
@@ -128,7 +137,7 @@ def _self_hrefs(items: Sequence[Any]) -> list[str]:
 
 def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], description: str,
                  others: Sequence[tuple[str, str | os.PathLike[str]]] = (),
-                 storage_options: Any = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the STAC Items of a run's products and its Collection (:mod:`icemap.describe`).
 
     ``main`` is the run's store, described with links to ``derived_from``; ``others`` are
@@ -149,13 +158,13 @@ def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], d
 
 
 def map_ndsi(
-    cube: Any,
+    cube: xr.Dataset | xr.DataArray,
     *,
     threshold: float | None = None,
-    guards: Sequence[str] = (),
-    dem: Any = None,
-    **guard_params: Any,
-) -> Any:
+    guards: Sequence[str | Guard] = (),
+    dem: DemSource | None = None,
+    **guard_params: float | None,
+) -> xr.Dataset:
     """The NDSI product of a cube, lazily: ``ndsi`` (float32) and ``ice`` (uint8) on (time, y, x)."""
     import xarray as xr
 
@@ -175,15 +184,15 @@ def map_ndsi(
 
 
 def write_product(
-    product: Any,
+    product: xr.Dataset,
     path: str | os.PathLike[str],
     *,
     zarr_format: Literal[2, 3] | None = None,
     chunksize: int | None = None,
     attrs: dict[str, Any] | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
     settings: Mapping[str, Any] | None = None,
-) -> Any:
+) -> WriteReport:
     """Write a product store resumably, one time step at a time (same rules as cubes).
 
     ``settings`` default to the product's own record of how it was computed (method,
@@ -199,7 +208,7 @@ def write_product(
                            progress=progress, settings=settings)
 
 
-def product_settings(product: Any, **extra: Any) -> dict[str, Any]:
+def product_settings(product: xr.Dataset, **extra: Any) -> dict[str, Any]:
     """The settings that decide a product's pixels, from the attributes its mapper set.
 
     The ice mask's attributes (method, threshold, every guard and its parameters, the DEM
@@ -244,18 +253,18 @@ def map_cube(
     cube_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    method: str = "ndsi",
+    method: Literal["ndsi", "unet"] = "ndsi",
     threshold: float | None = None,
-    guards: Sequence[str] = (),
-    dem: Any = None,
+    guards: Sequence[str | Guard] = (),
+    dem: DemSource | None = None,
     zarr_format: Literal[2, 3] | None = None,
     geotiff_dir: str | os.PathLike[str] | None = None,
     outlines_path: str | os.PathLike[str] | None = None,
     quicklook_path: str | os.PathLike[str] | None = None,
-    reference: Any = None,
-    model: Any = None,
+    reference: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+    model: str | os.PathLike[str] | None = None,
     predict_options: dict[str, Any] | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> MapResult:
     """Map a cube store to a product store, plus optional GeoTIFFs, outlines and a quicklook.
 
@@ -327,7 +336,7 @@ def _open_for_mapping(cube_path: str | os.PathLike[str], method: str, *, outputs
 
 
 def _map_cube_product(cube: Any, method: str, attrs: dict[str, Any], *, threshold: float | None,
-                      guards: Sequence[str], dem: Any, model: Any, predict_options: dict[str, Any] | None) -> Any:
+                      guards: Sequence[str | Guard], dem: Any, model: Any, predict_options: dict[str, Any] | None) -> Any:
     """The lazy product of ``method`` (NDSI or U-Net); the model's identity goes into ``attrs``."""
     from icemap.errors import IcemapError
 

@@ -30,10 +30,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from icemap._atomic import atomic_write_bytes
 from icemap.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+    from icemap.model.unet import UNet
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
            "WEIGHTS", "ONNX_WEIGHTS", "METADATA"]
@@ -94,7 +99,7 @@ class CheckpointMeta:
             )
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def check_cube(self, cube: Any) -> None:
+    def check_cube(self, cube: xr.Dataset | xr.DataArray) -> None:
         """Raise a clear error if the cube lacks a band the model was trained on."""
         refl = cube["reflectance"] if "reflectance" in getattr(cube, "data_vars", {}) else cube
         have = [str(b) for b in refl["band"].values]
@@ -118,7 +123,7 @@ def _check_types(d: dict[str, Any]) -> None:
     def is_str_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
 
-    checks = {
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
         "architecture": (lambda v: isinstance(v, dict), "an object"),
         "channels": (is_str_list, "a non-empty list of names"),
         # Empty for a network whose channels are not cube bands (benchmarks' synthetic inputs).
@@ -165,7 +170,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, fsync=True)
 
 
-def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
+def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
     """Write weights then metadata (with the weights' sha256), each atomically.
 
     The folder's STAC Item is not written here: :func:`icemap.describe.describe_model` adds it

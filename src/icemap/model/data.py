@@ -1450,7 +1450,7 @@ except ImportError:  # pragma: no cover
     _TorchDataset = object  # type: ignore[assignment,misc]
 
 
-class ChipDataset(_TorchDataset):  # type: ignore[misc,valid-type]
+class ChipDataset(_TorchDataset):
     """A torch Dataset of chips: ``(x, y, valid)`` tensors per sample.
 
     ``x`` is (C, P, P) float32, normalised, NaN filled with 0; ``y`` (1, P, P) float32 0/1;

@@ -333,7 +333,7 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
     from icemap.kernels import ice_mask
     from icemap.model.checkpoint import read_metadata
 
-    guards = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
+    guards: dict[str, Any] = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
     threshold = read_metadata(resolve_model(model)).threshold if unet else None
     out: dict[str, Any] = {"pixels": {}}
     for name, (refl, cls) in point_spectra(data_root).items():

@@ -11,11 +11,17 @@ This module needs no torch: it runs on the client while graphs are built.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from icemap.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from icemap.dem import DemSource
+
 
 __all__ = ["CHANNEL_SETS", "DERIVED_CHANNELS", "resolve_channels", "required_bands", "check_bands", "build_inputs",
            "Normalisation", "normalise"]
@@ -84,7 +90,7 @@ def needs_dem(channels: Sequence[str]) -> bool:
     return any(c in ("elevation", "slope") for c in channels)
 
 
-def check_bands(refl: Any, channels: Sequence[str]) -> None:
+def check_bands(refl: xr.DataArray, channels: Sequence[str]) -> None:
     """Raise a clear error if the reflectance lacks a band the channels are built from."""
     have = [str(b) for b in refl["band"].values]
     missing = [b for b in required_bands(channels) if b not in have]
@@ -95,7 +101,8 @@ def check_bands(refl: Any, channels: Sequence[str]) -> None:
         )
 
 
-def build_inputs(cube: Any, channels: Sequence[str], *, dem: Any = None) -> Any:
+def build_inputs(cube: xr.Dataset | xr.DataArray, channels: Sequence[str], *,
+                 dem: DemSource | None = None) -> xr.DataArray:
     """Stack the channels as a lazy float32 DataArray (time, channel, y, x) on the cube grid.
 
     Parameters

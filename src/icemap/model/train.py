@@ -491,7 +491,7 @@ def _dihedral(t: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
 
 
-def _batch(ds: ChipDataset, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(ds: ChipDataset, idx: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     items = [ds[int(i)] for i in idx]
     return (torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items]),
             torch.stack([c for _, _, c in items]))
@@ -697,7 +697,8 @@ def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
     Settings left at their defaults follow the model; a setting given another value than the
     model's is an error, since the weights cannot be loaded into another network.
     """
-    if config.init is None:
+    init = config.init
+    if init is None:
         return config, None
     from icemap.model.checkpoint import load_checkpoint, read_metadata
     from icemap.model.packaged import resolve_model
@@ -720,7 +721,7 @@ def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
             raise ModelError(f"init model {config.init} has {name} {arch.get(name)!r}, not {value!r}; leave "
                              f"--{name.replace('_', '-')} out to fine-tune it")
     config = replace(config, inputs=",".join(meta.channels), **{k: arch[k] for k in _ARCH_FIELDS if k in arch})
-    return config, _StartModel(os.fspath(config.init), os.fspath(folder), model, meta)
+    return config, _StartModel(os.fspath(init), os.fspath(folder), model, meta)
 
 
 def _all_ice_f1(ds: ChipDataset) -> float:
@@ -1374,7 +1375,7 @@ def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarra
     ref = xr.DataArray(np.stack(refs), dims=("time", "y", "x"))
     curve = threshold_sweep(index, ref, thresholds=TUNE_THRESHOLDS, pixel_area_m2=val_ds.source.pixel_area_m2)
     t = best_threshold(curve, "f1")
-    rows = [{"threshold": float(r.threshold), "f1": float(r.f1)} for r in curve.itertuples()]
+    rows = [{"threshold": float(th), "f1": float(f1)} for th, f1 in zip(curve["threshold"], curve["f1"])]
     return float(t), rows
 
 

@@ -58,7 +58,7 @@ class UNetConfig:
     @property
     def multiple(self) -> int:
         """Spatial sizes must be multiples of this."""
-        return 2**self.depth
+        return int(2**self.depth)
 
     @property
     def receptive_field(self) -> int:
@@ -120,7 +120,8 @@ class UNet(nn.Module):
         x = self.dropout(self.bottleneck(x))
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
