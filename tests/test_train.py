@@ -20,9 +20,9 @@ import torch
 
 from icemap.errors import IcemapError, ModelError
 from icemap.model.checkpoint import load_checkpoint, read_metadata
-from icemap.model.data import ChipDataset
+from icemap.lab.data import ChipDataset
 from icemap.model.inputs import Normalisation
-from icemap.model.train import (
+from icemap.lab.train import (
     STATE_DIR,
     EpochRecord,
     TrainConfig,
@@ -220,7 +220,7 @@ def test_predict_window_equals_chip_prediction(trained: Any, data: Any) -> None:
 
 
 def test_experiment_writes_tables(data: Any, sample_region: Any, tmp_path: Path) -> None:
-    from icemap.model.experiment import RunSpec, run_experiment
+    from icemap.lab.experiment import RunSpec, run_experiment
 
     runs = [RunSpec("b3_b6", "original"), RunSpec("ndsi_dem", "extended")]
     res = run_experiment(None, None, tmp_path, runs=runs, config=TrainConfig(**TINY, epochs=2), data=data,
@@ -330,7 +330,7 @@ INIT = dict(chip_size=32, batch_size=4, split_iterations=40, patience=None, n_ha
 
 
 def test_init_default_fine_tunes_with_the_models_inputs_and_normalisation(data: Any, tmp_path: Path) -> None:
-    from icemap.model.default import default_model_dir
+    from icemap.model.packaged import default_model_dir
 
     start = read_metadata(default_model_dir())
     res = train(None, None, tmp_path / "ft", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
@@ -362,7 +362,7 @@ def test_init_conflicts_are_clear_errors(data: Any, tmp_path: Path, bad: dict[st
 
 def test_validation_baselines_count_the_models_pixels(trained: Any, data: Any) -> None:
     import icemap
-    from icemap.model.train import validation_baselines
+    from icemap.lab.train import validation_baselines
 
     norm = Normalisation.from_dict(trained.meta.normalisation)
     val = ChipDataset(data.source, data.samples("val"), ("green", "swir16"), normalisation=norm, multiple=4)
@@ -431,7 +431,7 @@ def test_early_stopping_still_stops_a_learning_model(data: Any, tmp_path: Path) 
 
 
 def test_spectral_augment_on_any_band_channels() -> None:
-    from icemap.model.augment import SpectralAugment, check_augment_channels
+    from icemap.lab.augment import SpectralAugment, check_augment_channels
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(0.05, 0.9, size=(3, 3, 16, 16)).astype(np.float32))

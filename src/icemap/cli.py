@@ -393,9 +393,13 @@ def demo_cmd(
 
 _default_showwarning = warnings.showwarning
 
-# Model commands (train, experiment) live in their own module and register on `app`.
-from icemap import cli_model  # noqa: E402,F401  (imports cli_common, never this module)
-from icemap import cli_report  # noqa: E402,F401  (areas, figure, report; imports cli_common only)
+# The other command groups live in their own modules and register on `app` (each imports
+# cli_common, never this module). `icemap train`, `experiment` and `model import` are the lab's:
+# the CLI face is the one product module that reaches icemap.lab (its commands import the
+# training stack only when they run).
+from icemap import cli_model  # noqa: E402,F401  (model info)
+from icemap import cli_report  # noqa: E402,F401  (areas, figure, report)
+from icemap.lab import cli as lab_cli  # noqa: E402,F401  (train, experiment, model import)
 
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,

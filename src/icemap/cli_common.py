@@ -1,7 +1,8 @@
 """What every ``icemap`` command shares: the typer app, option types, console, progress bar.
 
-:mod:`icemap.cli` (data commands) and :mod:`icemap.cli_model` (model commands) both register
-on :data:`app` from here, so neither imports the other's module for it (no import cycle).
+:mod:`icemap.cli` (data commands), :mod:`icemap.cli_model`, :mod:`icemap.cli_report` and the lab's
+:mod:`icemap.lab.cli` all register on :data:`app` from here, so none imports another's module for it
+(no import cycle).
 Options whose default is an icemap default (chunk size, threshold, Zarr format...) default to
 ``None`` ("not given") and are resolved by the library through :mod:`icemap.options`, so the CLI
 never restates a default.

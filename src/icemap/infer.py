@@ -103,7 +103,7 @@ def model_context(meta: Any) -> tuple[int, int]:
     """``(depth, exact halo)`` of a checkpoint: tiles align on ``2**depth``, halos give exactness.
 
     icemap's U-Net knows its receptive field from its architecture; an imported ONNX network
-    carries the multiple and halo measured (or given) at import (:mod:`icemap.model.onnx_import`).
+    carries the multiple and halo measured (or given) at import (:mod:`icemap.lab.onnx_import`).
     """
     from icemap.errors import ModelError
 
@@ -248,7 +248,7 @@ def predict_array(
     """Ice probability for one window of inputs ``(C, H, W)``: icemap's one inference path.
 
     :func:`predict` runs it on every chunk (with neighbour halos), and every in-memory scorer
-    (:func:`icemap.model.train.predict_window`, the experiment tables, the reports) runs it on
+    (:func:`icemap.lab.train.predict_window`, the experiment tables, the reports) runs it on
     whole windows, so what the studies measure is what ``icemap map --method unet`` ships.
     ``model_ref`` is a :class:`ModelRef` (loaded once per process) or, for a model still in
     training, the ``torch.nn.Module`` itself. ``hide_channel`` zeroes one normalised input
@@ -375,7 +375,7 @@ def predict(
     model
         A checkpoint folder (``icemap train --out``, or ``icemap model import --out`` for a
         network trained elsewhere: docs/models.md) or a :class:`ModelRef`; None or
-        ``"default"`` is the model shipped with icemap (:mod:`icemap.model.default`: six common
+        ``"default"`` is the model shipped with icemap (:mod:`icemap.lab.default`: six common
         bands, runs on Landsat, HLS and Sentinel-2 cubes; its real-data scores are in
         docs/default-model.md).
     halo

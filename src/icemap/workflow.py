@@ -271,7 +271,7 @@ def map_cube(
         threshold (default the model's) and ``dem`` feeds terrain inputs.
     model, predict_options
         The U-Net checkpoint folder (None or ``"default"``: the model shipped with icemap,
-        :mod:`icemap.model.default`) and options of :func:`icemap.infer.predict`
+        :mod:`icemap.lab.default`) and options of :func:`icemap.infer.predict`
         (``batch_size``, ``tta``, ``halo``...).
     geotiff_dir
         Also write one COG per variable and date there.

@@ -9,7 +9,7 @@ runs on every cube icemap makes, without a DEM.
 Training is one command anyone can rerun (seeds, region, chips, augmentation and the weights'
 sha256 end up in ``model.json``'s ``training`` block)::
 
-    python -m icemap.model.default train --out DIR [--work DIR] [--epochs N]
+    python -m icemap.lab.default train --out DIR [--work DIR] [--epochs N]
 
 The data is icemap's procedural sample region (:func:`icemap.sample.make_sample_region`),
 widened where real scenes differ from it by augmenting every training batch
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from icemap.model.augment import SpectralAugment
+from icemap.lab.augment import SpectralAugment
 from icemap.model.packaged import DEFAULT_NAME, default_model_dir, resolve_model
 
 __all__ = [
@@ -80,7 +80,7 @@ TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience
 # Augmentation
 # ----------------------------------------------------------------------------------------------
 
-# SpectralAugment lives in icemap.model.augment (``icemap train --augment spectral`` uses it too);
+# SpectralAugment lives in icemap.lab.augment (``icemap train --augment spectral`` uses it too);
 # it is re-exported here, where the default model's recipe names it.
 
 
@@ -121,7 +121,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     import torch
 
     from icemap.model.checkpoint import read_metadata, save_checkpoint
-    from icemap.model.train import TrainConfig, prepare_data, train
+    from icemap.lab.train import TrainConfig, prepare_data, train
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -148,7 +148,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     # (the loaded model runs in float32 after an exact widening of the stored halves).
     meta = read_metadata(out)
     meta.training.update({
-        "recipe": "python -m icemap.model.default train --out DIR",
+        "recipe": "python -m icemap.lab.default train --out DIR",
         "cube": "generated: make_sample_region(**region), ingested with the six common bands",
         "outlines": "the region's glaciers.gpkg",
         "region": region, "chip_settings": chips, "train_settings": settings,
@@ -469,8 +469,8 @@ def points_markdown(points: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m icemap.model.default train --out DIR`` | ``score [--model DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m icemap.model.default", description=__doc__.splitlines()[0])
+    """``python -m icemap.lab.default train --out DIR`` | ``score [--model DIR]``."""
+    p = argparse.ArgumentParser(prog="python -m icemap.lab.default", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the default model from scratch")
     t.add_argument("--out", required=True, type=Path)

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from icemap.errors import ModelError
-from icemap.model.data import MASK_BUFFERS, ChipDataset
+from icemap.lab.data import MASK_BUFFERS, ChipDataset
 from icemap.model.inputs import CHANNEL_SETS, needs_dem, required_bands, resolve_channels
-from icemap.model.train import (
+from icemap.lab.train import (
     PreparedData,
     TrainConfig,
     TrainResult,
@@ -278,7 +278,7 @@ def run_experiment(
     if len(set(names)) != len(names):
         raise ModelError(f"two runs share a name: {names}")
     if data is None:
-        from icemap.model.train import _open
+        from icemap.lab.train import _open
 
         ds, _ = _open(cube)
         refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
@@ -415,7 +415,7 @@ def score_scene(
     """Score models and NDSI thresholds on every date of a whole scene, in memory.
 
     For scenes that fit in memory (a hold-out region, a real crop): the models run through
-    :func:`icemap.model.train.predict_window`, NDSI through :func:`icemap.index.ice_mask`;
+    :func:`icemap.lab.train.predict_window`, NDSI through :func:`icemap.index.ice_mask`;
     all rows count the pixels where every band the cube has is valid, against the original
     outlines (F1 against the extended mask as an extra column).
 
@@ -444,7 +444,7 @@ def score_scene(
     from icemap.index import ice_mask
     from icemap.labels import rasterize_outlines
     from icemap.metrics import scores
-    from icemap.model.train import _open
+    from icemap.lab.train import _open
     from icemap.sample import CLASS_CODES
 
     ds, _ = _open(cube)

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from icemap.errors import ModelError, ModelNoBetterWarning
-from icemap.model.augment import SpectralAugment
+from icemap.lab.augment import SpectralAugment
 from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
-from icemap.model.data import (
+from icemap.lab.data import (
     CHIP_LAYOUTS,
     GROUPINGS,
     MASK_BUFFERS,
@@ -144,7 +144,7 @@ class TrainConfig:
         Random flips and 90-degree rotations of training chips.
     spectral_augment
         Also the default model's radiometric augmentation
-        (:class:`icemap.model.augment.SpectralAugment`: band gains and offsets, illumination,
+        (:class:`icemap.lab.augment.SpectralAugment`: band gains and offsets, illumination,
         shading, haze, turbid water, noise) on every training batch, so a model trained or
         fine-tuned on one region and sensor holds on others. Needs band inputs (and ndsi/ndwi).
     init
@@ -173,7 +173,7 @@ class TrainConfig:
     split_iterations
         Monte-Carlo iterations of the split (study a: 900).
     overlap
-        Overlap handling of the chips (:func:`icemap.model.data.make_chips`).
+        Overlap handling of the chips (:func:`icemap.lab.data.make_chips`).
     chips
         ``"outline"`` (one chip per outline, study a) or ``"grid"`` (chips edge to edge over
         the outlines, so every labelled pixel is trained on or validated on).
@@ -182,7 +182,7 @@ class TrainConfig:
         ``"location"``: chips are grouped by place only, so a region with one or two large
         glaciers can be split (validation on unseen parts of them); ``"year"``: the latest
         year is the test set and the one before it the validation set
-        (:func:`icemap.model.data.split_by_year`; with two years, no test set).
+        (:func:`icemap.lab.data.split_by_year`; with two years, no test set).
     label_time
         Column of the outlines with each outline's year or date: each cube date is labelled
         by the outlines of its year/date only (:func:`prepare_data`).
@@ -374,10 +374,10 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     label_time
         A column of the outlines with each outline's year or date: every cube date is labelled
         by the outlines of its year (or date) only, and dates without any are left out (listed
-        in ``index.params["dates_without_labels"]``). See :func:`icemap.model.data.label_keys`.
+        in ``index.params["dates_without_labels"]``). See :func:`icemap.lab.data.label_keys`.
 
-    Other parameters are those of :func:`icemap.model.data.make_chips` and
-    :func:`icemap.model.data.split_chips`.
+    Other parameters are those of :func:`icemap.lab.data.make_chips` and
+    :func:`icemap.lab.data.split_chips`.
     """
     from icemap.labels import read_outlines
 
@@ -397,7 +397,7 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     if label_time is not None:
         index = _samples_with_labels(index, gdf, refl, label_time)
     if split == "year":
-        from icemap.model.data import _time_labels
+        from icemap.lab.data import _time_labels
 
         chosen = split_by_year(index, _time_labels(refl))
     else:
@@ -416,7 +416,7 @@ def _samples_with_labels(index: ChipIndex, outlines: Any, refl: Any, column: str
     A date without outlines would otherwise be labelled "no ice" everywhere, a wrong label, not
     a missing one.
     """
-    from icemap.model.data import _time_labels, label_keys
+    from icemap.lab.data import _time_labels, label_keys
 
     keys, mode = label_keys(outlines, column)
     have = set(keys)
@@ -928,9 +928,9 @@ def train(
         ``augment_batch(x, valid, normalisation, rng)`` with the normalised inputs ``x``
         (B, C, H, W), their validity and the epoch's generator (so a resumed run draws what an
         uninterrupted one draws); returns the new ``x``. The default model's spectral,
-        illumination, haze and noise augmentation (:mod:`icemap.model.default`) plugs in here.
+        illumination, haze and noise augmentation (:mod:`icemap.lab.default`) plugs in here.
         It is not part of :class:`TrainConfig`: record its settings in the checkpoint yourself.
-        ``config.spectral_augment`` plugs in :class:`~icemap.model.augment.SpectralAugment`
+        ``config.spectral_augment`` plugs in :class:`~icemap.lab.augment.SpectralAugment`
         when this is not given.
     strict
         When the model scores no better on the validation outlines than NDSI or than calling

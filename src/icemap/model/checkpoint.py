@@ -9,7 +9,7 @@ A checkpoint is a folder::
                           version, and the sha256 of the weights file
 
 A network trained elsewhere and imported with ``icemap model import``
-(:mod:`icemap.model.onnx_import`) is the same folder with ``model.onnx`` (a protobuf
+(:mod:`icemap.lab.onnx_import`) is the same folder with ``model.onnx`` (a protobuf
 message, no pickle either) in place of ``model.safetensors`` and
 ``architecture = {"kind": "onnx", ...}``; :func:`load_checkpoint` returns an
 :class:`~icemap.model.onnx_runner.OnnxRunner` for it, which inference calls like a U-Net.

@@ -1,6 +1,6 @@
 """Where the default U-Net shipped with icemap lives, resolved from the installed package.
 
-Kept apart from :mod:`icemap.model.default` (its training recipe and real-data scoring, which
+Kept apart from :mod:`icemap.lab.default` (its training recipe and real-data scoring, which
 use :mod:`icemap.infer`) so that :mod:`icemap.infer` can resolve ``model=None`` without an
 import cycle. No torch, no xarray: the CLI and the workflow call this before loading anything.
 """
