@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from icemap import __version__
+        from icemap._version import __version__
 
         typer.echo(f"icemap {__version__}")
         raise typer.Exit()

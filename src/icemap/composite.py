@@ -274,7 +274,7 @@ def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Litera
                     storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
                     ) -> WriteReport:
     """Write a composite one year at a time with the store's resumable machinery."""
-    from icemap import __version__
+    from icemap._version import __version__
     from icemap.store import write_timesteps
 
     from icemap.interop import finish_store

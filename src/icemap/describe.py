@@ -114,7 +114,7 @@ def _proj_code(crs: Any) -> str | None:
 
 
 def _processing(lineage: str, created: str | None = None) -> dict[str, Any]:
-    from icemap import __version__
+    from icemap._version import __version__
 
     when = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {
@@ -409,7 +409,7 @@ def write_collection(main: str | os.PathLike[str], products: Sequence[str | os.P
     """
     import pystac
 
-    from icemap import __version__
+    from icemap._version import __version__
 
     at = collection_path(main)
     loaded = []

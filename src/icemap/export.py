@@ -315,7 +315,7 @@ def export_geotiffs(
 
 def _cog_tags(ds: Any, name: str, t: Any, i: int) -> dict[str, str]:
     """Provenance of one exported frame, as GDAL tags: date, method, threshold or model, items."""
-    from icemap import __version__
+    from icemap._version import __version__
 
     var = ds[name]
     tags: dict[str, str] = {"variable": name, "icemap_version": __version__}

@@ -40,7 +40,7 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{font-weigh
 def _versions(method: str | None) -> dict[str, str]:
     from importlib import metadata
 
-    from icemap import __version__
+    from icemap._version import __version__
 
     names = ["numpy", "xarray", "dask", "zarr", "rasterio", "geopandas", "shapely", "pyproj", "numba", "matplotlib"]
     if method == "unet":

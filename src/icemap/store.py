@@ -232,7 +232,7 @@ def _create_marked_group(path: str, zarr_format: int, storage_options: Mapping[s
     """Write the empty group with the marker: the first thing written into a new store."""
     import zarr
 
-    from icemap import __version__
+    from icemap._version import __version__
 
     zarr.open_group(path, mode="a", zarr_format=zarr_format, storage_options=storage_options,  # type: ignore[arg-type]
                     use_consolidated=False, attributes={MARKER_ATTR: {"created_by": "icemap",

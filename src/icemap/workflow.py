@@ -59,7 +59,7 @@ def ingest(
     import json
     from datetime import datetime, timezone
 
-    from icemap import __version__
+    from icemap._version import __version__
     from icemap.errors import EmptySearchError
     from icemap.load import load
     from icemap.options import get_option
@@ -189,7 +189,7 @@ def write_product(
     ``settings`` default to the product's own record of how it was computed (method,
     threshold, guards, model checksum...); a rerun with others is refused.
     """
-    from icemap import __version__
+    from icemap._version import __version__
     from icemap.store import write_timesteps
 
     meta = {"icemap_version": __version__, **(attrs or {})}

@@ -346,7 +346,7 @@ def import_onnx(
     """
     require("onnx", "icemap model import")
     require("ml", "icemap model import")  # the tiling check runs icemap's torch batch loop
-    from icemap import __version__
+    from icemap._version import __version__
     from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, CheckpointMeta, _atomic_write, read_metadata
     from icemap.model.inputs import required_bands, resolve_channels
     from icemap.model.onnx_runner import OnnxRunner

@@ -174,7 +174,7 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     """Write weights then metadata (with the weights' sha256), each atomically."""
     from safetensors.torch import save
 
-    from icemap import __version__
+    from icemap._version import __version__
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
