@@ -219,6 +219,26 @@ def test_predict_window_equals_chip_prediction(trained: Any, data: Any) -> None:
         np.testing.assert_allclose(p[ok], chips[k][ok], atol=1e-5)
 
 
+def test_chip_prediction_is_the_training_forward_pass(trained: Any, data: Any) -> None:
+    """predict_dataset runs chips through infer.predict_array (the product's one forward pass) and
+    gets the probabilities the training batches see: padding around the chip, hidden channels."""
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    ids = data.samples("test")
+    for hide in (None, 1):
+        # multiple=12 pads 32 px chips to 36, 2 px on each side: predict_array must pad the same way.
+        ds = ChipDataset(data.source, ids, ("green", "swir16"), normalisation=norm, multiple=12, hide_channel=hide)
+        assert ds.padded == 36 and ds.offset == 2
+        probs = predict_dataset(trained.model, ds)
+        trained.model.eval()
+        with torch.no_grad():
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            seen = ds.crop(torch.sigmoid(trained.model(x))[:, 0].numpy())
+        valid = np.stack([ds.arrays(i)[2] for i in range(len(ds))])
+        assert probs.shape == seen.shape == valid.shape
+        assert not np.isnan(probs[valid]).any()  # NaN only where an input is nodata
+        np.testing.assert_allclose(probs[valid], seen[valid], atol=1e-5)
+
+
 def test_experiment_writes_tables(data: Any, sample_region: Any, tmp_path: Path) -> None:
     from icemap.lab.experiment import RunSpec, run_experiment
 
@@ -405,7 +425,7 @@ def _collapsed_eval(model: Any, ds: Any, loss_fn: Any, device: Any, amp: bool, b
 def test_early_stopping_never_keeps_a_collapsed_model(data: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from icemap.errors import ModelNoBetterWarning
-    from icemap.model import train as train_mod
+    from icemap.lab import train as train_mod
 
     monkeypatch.setattr(train_mod, "_eval", _collapsed_eval)
     cfg = TrainConfig(**{**TINY, "patience": 1}, epochs=3)

@@ -529,22 +529,29 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b[k] for k in b}
 
 
-@torch.no_grad()
-def predict_dataset(model: UNet, dataset: ChipDataset, *, batch_size: int = 16,
-                    device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
-    """Ice probabilities of every chip, padding removed: (N, S, S) float32."""
-    device = torch.device(device)
-    model.eval()
-    use_amp, dtype = _autocast(device, amp)
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        x, _, _ = _batch(dataset, range(start, min(start + batch_size, len(dataset))))
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
-            logits = model(x.to(device))
-        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    if not out:
-        return np.zeros((0, dataset.size, dataset.size), dtype=np.float32)
-    return dataset.crop(np.concatenate(out)).astype(np.float32)
+def predict_dataset(model: UNet, dataset: ChipDataset, *, device: torch.device | str = "cpu") -> np.ndarray:
+    """Ice probabilities of every chip: (N, S, S) float32, NaN where an input channel is nodata.
+
+    A thin loop over :func:`icemap.infer.predict_array`, the one forward pass of icemap: each
+    chip is one window, its raw inputs normalised, NaN-filled and (``hide_channel``) hidden
+    there exactly as ``icemap.predict`` does on a cube. The chip is padded around (as
+    :class:`ChipDataset` pads it for training) with nodata, which ``predict_array`` fills with
+    0 like the training batches' padding, so these are the probabilities the training and
+    validation passes see (tests/test_train.py checks both agree).
+    """
+    from icemap.infer import predict_array
+
+    depth = model.config.depth
+    p, o, s = dataset.padded, dataset.offset, dataset.size
+    out = np.empty((len(dataset), s, s), dtype=np.float32)
+    for i, sample in enumerate(dataset.samples):
+        raw = dataset.source.inputs(sample, dataset.channels)
+        x = np.full((len(dataset.channels), p, p), np.nan, dtype=np.float32)
+        x[:, o:o + s, o:o + s] = raw
+        out[i] = dataset.crop(predict_array(x, model, dataset.normalisation, depth=depth, halo=0, tile=p,
+                                            batch_size=1, device=str(device),
+                                            hide_channel=dataset.hide_channel)[0])
+    return out
 
 
 def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, mask: str | None = None,
