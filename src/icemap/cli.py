@@ -9,13 +9,17 @@ SIGTERM 143, with one line saying which steps of the store are complete.
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from icemap import cli_common
 from icemap.cli_common import (
     BboxOpt,
     Catalog,
@@ -32,10 +36,13 @@ from icemap.cli_common import (
     _split_list,
     _StepProgress,
     app,
+    interrupted_line,
     os_error_line,
     safe,
 )
-from icemap.errors import IcemapError
+from icemap.errors import IcemapError, IcemapWarning
+from icemap.extras import require
+
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
@@ -224,8 +231,6 @@ def map_cmd(
 ) -> None:
     """Map ice on a cube: `ndsi` or `ice_probability` (float32) and `ice` (uint8; 255 = nodata) per date."""
     if method == "unet":
-        from icemap.extras import require
-
         require("ml", "icemap map --method unet")
     from icemap.cluster import connect
     from icemap.workflow import map_cube
@@ -311,8 +316,6 @@ def _evaluate(pred: str, reference: Path, buffer: float, all_touched: bool, time
 
 
 def _print_scores(result: dict[str, Any], as_json: bool) -> None:
-    import math
-
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
     if as_json:
         json.dump(clean, sys.stdout, default=float)
@@ -397,16 +400,13 @@ _default_showwarning = warnings.showwarning
 # cli_common, never this module). `icemap train`, `experiment` and `model import` are the lab's:
 # the CLI face is the one product module that reaches icemap.lab (its commands import the
 # training stack only when they run).
-from icemap import cli_model  # noqa: E402,F401  (model info)
-from icemap import cli_report  # noqa: E402,F401  (areas, figure, report)
+from icemap import cli_model, cli_report  # noqa: E402,F401  (model info; areas, figure, report)
 from icemap.lab import cli as lab_cli  # noqa: E402,F401  (train, experiment, model import)
 
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: str | None = None) -> None:
     """icemap's own warnings as one line, named by their class (users filter on it); others as Python prints them."""
-    from icemap.errors import IcemapWarning
-
     if issubclass(category, IcemapWarning):
         _console().print(f"[yellow]icemap: warning ({category.__name__}):[/] {safe(message, one_line=True)}",
                          highlight=False, soft_wrap=True)
@@ -423,18 +423,12 @@ class _Terminated(KeyboardInterrupt):
 
 def _interrupted(signum: int) -> None:
     """One line saying which steps are complete and that a rerun resumes; exit 128 + signal."""
-    import signal
-
-    from icemap.cli_common import interrupted_line
-
     _console().print(interrupted_line(signal.Signals(signum).name), highlight=False, markup=False, soft_wrap=True)
     sys.exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``icemap`` console script."""
-    import signal
-
     warnings.showwarning = _show_warning
     received: list[int] = []
 
@@ -454,10 +448,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(argv: list[str] | None, received: list[int]) -> None:
-    import signal
-
-    from icemap import cli_common
-
     cli_common._ACTIVE = None  # an earlier in-process command's store is not this one's
     try:
         # Typer turns KeyboardInterrupt into a return value of 130 when not standalone.
@@ -502,8 +492,6 @@ def _dispatch(argv: list[str] | None, received: list[int]) -> None:
 
 def _from_codec(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while decoding a Zarr chunk (numcodecs or zarr's codecs)."""
-    import traceback
-
     if not isinstance(exc, (RuntimeError, ValueError, TypeError)):
         return False
     frames = traceback.extract_tb(exc.__traceback__)

@@ -10,10 +10,14 @@ never restates a default.
 
 from __future__ import annotations
 
+import errno as _errno
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from icemap._version import __version__
 
 app = typer.Typer(
     name="icemap",
@@ -25,8 +29,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from icemap._version import __version__
-
         typer.echo(f"icemap {__version__}")
         raise typer.Exit()
 
@@ -155,8 +157,6 @@ def interrupted_line(signal_name: str) -> str:
     if active is None or active.out is None:
         return f"icemap: interrupted ({signal_name}); nothing was being written; rerun the same command"
     try:
-        import warnings
-
         from icemap.store import cube_status
 
         with warnings.catch_warnings():
@@ -190,8 +190,6 @@ def os_error_line(exc: OSError) -> str:
     Zarr, GDAL and pandas raise these from deep inside a write (a full disk, a read-only
     mount); the traceback says nothing a user can act on, the path and the errno do.
     """
-    import errno as _errno
-
     from icemap.redact import redact
 
     name = _errno.errorcode.get(exc.errno or -1, "")

@@ -33,17 +33,26 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask.array as da
 import numpy as np
+import xarray as xr
+from pyproj import Transformer
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.fill import fillnodata
 
+from icemap._version import __version__
+from icemap.describe import item_path
 from icemap.errors import BandError, IcemapError
-from icemap.interop import keep_grid
-from icemap.kernels import COMPOSITE_RULES
+from icemap.interop import finish_store, keep_grid, resolve_store
+from icemap.kernels import COMPOSITE_RULES, filled_flag
 from icemap.kernels import composite as composite_kernel
-from icemap.kernels import filled_flag
 from icemap.options import get_option, parse_season, resolve
+from icemap.store import _fmt_time, _group_attrs, _set_attrs, check_not_input, open_cube, write_timesteps
+from icemap.workflow import _exists, describe_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from icemap.store import Progress, WriteReport
@@ -84,8 +93,6 @@ def season_groups(times: Any, season: str) -> dict[int, list[int]]:
 def default_season(cube: Any) -> str:
     """The default window for a cube: option ``season_north`` or ``season_south``, by the
     latitude of the cube's centre (the equator counts as north)."""
-    from pyproj import Transformer
-
     crs = cube.rio.crs
     if crs is None:
         raise IcemapError("the cube has no CRS, so its hemisphere is unknown; give --season MM-DD/MM-DD")
@@ -160,13 +167,8 @@ def composite(
         and for the median rule; :func:`source_dates` gives datetime64), ``item_ids`` per year;
         or, with ``out``, what the write did.
     """
-    import dask.array as da
-    import xarray as xr
-
     source = None
     if isinstance(cube, (str, os.PathLike)):
-        from icemap.store import check_not_input, open_cube
-
         if out is not None:
             check_not_input(out, {"--cube": cube})
         source = os.fspath(cube)
@@ -246,17 +248,11 @@ def composite(
         return ds
     report = write_composite(ds, out, zarr_format=zarr_format, progress=progress)
     if source is not None:
-        from icemap.describe import item_path
-        from icemap.interop import resolve_store
-        from icemap.workflow import _exists, describe_run
-
         store = resolve_store(source)
         link = source if source.endswith(".json") else item_path(store)
         describe_run(out, derived_from=[link if _exists(link) else store],
                      description=f"icemap composite of {os.path.basename(store.rstrip('/'))}")
     else:
-        from icemap.workflow import describe_run
-
         describe_run(out, derived_from=[], description="icemap composite")
     return report
 
@@ -274,12 +270,6 @@ def write_composite(ds: Any, out: str | os.PathLike[str], *, zarr_format: Litera
                     storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
                     ) -> WriteReport:
     """Write a composite one year at a time with the store's resumable machinery."""
-    from icemap._version import __version__
-    from icemap.store import write_timesteps
-
-    from icemap.interop import finish_store
-    from icemap.store import _fmt_time, _group_attrs, _set_attrs
-
     meta = dict(ds.attrs.get("icemap:composite", {}))
     attrs = {"icemap_version": __version__, "icemap:composite": meta}
     # One product per store: the rule, the window, the gap filling and the cube it came from.
@@ -321,11 +311,6 @@ def _halo(max_distance_px: float, smoothing_iterations: int) -> int:
 
 def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations: int) -> np.ndarray:
     """fillnodata on every (y, x) plane of a block; NaN is nodata and stays NaN out of reach."""
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.fill import fillnodata
-
     out = np.array(block, dtype=np.float32, copy=True)
     planes = out.reshape(-1, *out.shape[-2:])
     for p in planes:
@@ -353,9 +338,6 @@ def fill_gaps(ds: Any, *, max_distance_px: float, smoothing_iterations: int = 0)
     Returns the dataset with ``reflectance`` filled and ``filled`` (uint8, (time, y, x)): 1 where
     a band of the pixel was filled, 0 elsewhere.
     """
-    import dask.array as da
-    import xarray as xr
-
     if not isinstance(max_distance_px, (int, float)) or isinstance(max_distance_px, bool) or not (
             0 < max_distance_px <= 1000):
         raise IcemapError(f"the gap-filling distance must be 1-1000 pixels, got {max_distance_px!r}")

@@ -26,9 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from pyproj import Transformer
 
 from icemap.errors import IcemapError
-from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
+from icemap.extras import require
+from icemap.labels import glacier_ids, read_outlines
+from icemap.options import resolve
+from icemap.quicklook import _coarsen, _dates_text, credit_line, false_colour, method_text, source_date_range
+from icemap.series import REGION_ID, _as_ice, trends
+from icemap.vector import _select_time
 
 __all__ = ["FIGURE_FORMATS", "OKABE_ITO", "area_plot", "credit_line", "map_figure", "method_text", "png_bytes",
            "save_figure", "save_png", "source_date_range"]
@@ -44,8 +51,6 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def _require() -> None:
-    from icemap.extras import require
-
     require("report", "figures and reports")
 
 
@@ -55,15 +60,12 @@ def _pick_time(da: Any, time: Any) -> Any:
         if not -n <= int(time) < n:
             raise IcemapError(f"time index {time} out of range for {n} time steps")
         return da.isel(time=int(time))
-    from icemap.vector import _select_time
 
     return da.sel(time=_select_time(da, time))
 
 
 def _graticule(ax: Any, crs: Any, extent: tuple[float, float, float, float]) -> None:
     """Meridians and parallels at a round step, labelled at the map's lower and left edges."""
-    from pyproj import Transformer
-
     left, right, bottom, top = extent
     to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     to_xy = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
@@ -151,15 +153,11 @@ def map_figure(
         Save it with :func:`save_figure` (PNG, PDF or SVG).
     """
     _require()
-    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-
-    from icemap.quicklook import _coarsen, false_colour
-    from icemap.series import _as_ice
 
     if "reflectance" not in cube:
         raise IcemapError("the map needs a cube with `reflectance` (from `icemap ingest`) for its background")
@@ -191,12 +189,8 @@ def map_figure(
     ax.imshow(overlay, extent=extent, interpolation="nearest")
     handles = [Patch(facecolor=_ICE_RGBA, label="mapped ice"), Patch(facecolor=_NODATA_RGBA, label="no data (cloud, fill)")]
     if outlines is not None:
-        from icemap.labels import glacier_ids, read_outlines
-
         gdf = read_outlines(outlines, crs=crs)
         if change is not None:
-            from icemap.series import trends
-
             _, table = glacier_ids(gdf, ice, id_column=id_column)
             trend = change if "rate_pct_per_yr" in change.columns else trends(change, min_observed=min_observed,
                                                                                region=False)
@@ -274,12 +268,8 @@ def area_plot(region_table: Any, glacier_table: Any, *, top: int = 5, dpi: int =
         A data credit line (:func:`credit_line`) at the bottom.
     """
     _require()
-    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from icemap.options import resolve
-    from icemap.series import REGION_ID, trends
 
     if top < 0:
         raise IcemapError(f"top must be >= 0, got {top}")
@@ -356,8 +346,6 @@ def _mark_partial(ax: Any, x: np.ndarray, table: Any, min_observed: float, colou
 
 
 def _decimal_year(times: Any) -> np.ndarray:
-    import pandas as pd
-
     t = pd.DatetimeIndex(times)
     start = pd.DatetimeIndex([f"{y}-01-01" for y in t.year])
     end = pd.DatetimeIndex([f"{y + 1}-01-01" for y in t.year])

@@ -9,12 +9,18 @@ lazy and eager results are equal by construction, and the graph grows by one tas
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import dask.array as da
 import numpy as np
+import xarray as xr
 
+from icemap.dem import dem_on_grid, resolve_dem_href, slope_degrees
 from icemap.errors import BandError, IcemapError
+from icemap.guards import guard_attrs, ice_kernel, required_inputs, resolve_guards
+from icemap.interop import keep_grid
 from icemap.kernels import ICE_NODATA, normalized_difference
 from icemap.options import resolve
 
@@ -28,8 +34,6 @@ __all__ = [
 ]
 
 def _reflectance(cube: Any) -> Any:
-    import xarray as xr
-
     if isinstance(cube, xr.Dataset):
         if "reflectance" not in cube:
             raise IcemapError("the dataset has no 'reflectance' variable; open it with icemap.open_cube")
@@ -68,9 +72,6 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
     copied by the final concatenation; here nothing is allocated and nothing is copied. Runs on
     local threads (the destination is this process's memory), whatever scheduler is active.
     """
-    import dask.array as da
-    import xarray as xr
-
     if out is None:
         return xr.apply_ufunc(kernel, *inputs, dask="parallelized", output_dtypes=[dtype], keep_attrs=False)
     arrays = xr.broadcast(*inputs)
@@ -90,8 +91,6 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
             where = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
             kernel(*b, out=out[where])
             return np.zeros((1,) * out.ndim, np.int8)
-
-        import uuid
 
         # An explicit name: dask would otherwise hash ``out`` (the whole buffer) to name the graph.
         done = da.map_blocks(into, *blocks, dtype=np.int8, chunks=tuple((1,) * len(c) for c in chunks),
@@ -113,7 +112,6 @@ def _index(cube: Any, a: str, b: str, name: str, out: np.ndarray | None = None, 
 def _keep_grid(out: Any, like: Any) -> Any:
     if "spatial_ref" in like.coords and "spatial_ref" not in out.coords:
         out = out.assign_coords(spatial_ref=like["spatial_ref"])
-    from icemap.interop import keep_grid
 
     return keep_grid(out, like)
 
@@ -143,8 +141,6 @@ def _ice_block(
 
     With ``with_ndsi`` the same pass also fills the NDSI, returned first.
     """
-    from icemap.guards import ice_kernel
-
     named = dict(zip(names, arrays))
     if not with_ndsi:
         return ice_kernel(named, threshold, guards, out=out)
@@ -155,10 +151,6 @@ def _ice_block(
 
 def _dem_inputs(dem: Any, refl: Any, need: tuple[str, ...]) -> dict[str, Any]:
     """Elevation and/or slope on the cube grid, chunked like the cube's y/x blocks."""
-    import xarray as xr
-
-    from icemap.dem import dem_on_grid, slope_degrees
-
     chunks = None
     if refl.chunks is not None:
         chunks = (refl.chunks[refl.dims.index("y")], refl.chunks[refl.dims.index("x")])
@@ -262,10 +254,6 @@ def ndsi_and_ice_mask(
 
 def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str | Any], dem: Any,
          guard_params: dict[str, Any], *, with_ndsi: bool, out: np.ndarray | None) -> Any:
-    import xarray as xr
-
-    from icemap.guards import guard_attrs, required_inputs, resolve_guards
-
     if method != "ndsi":
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' (the U-Net runs through icemap.predict)")
     if threshold is not None and not -1.0 <= float(threshold) <= 1.0:
@@ -306,8 +294,6 @@ def _ice(cube: Any, method: str, threshold: float | None, guards: Sequence[str |
         **guard_attrs(resolved),
     }
     if dem is not None and not isinstance(dem, xr.DataArray):
-        from icemap.dem import resolve_dem_href
-
         ice.attrs["guard_dem_source"] = resolve_dem_href(dem)
     ice = _keep_grid(ice, refl)
     if not with_ndsi:

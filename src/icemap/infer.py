@@ -38,15 +38,27 @@ How a region is mapped:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import dask
+import dask.array as da
 import numpy as np
+import xarray as xr
 
+from icemap.cluster import gpu_workers
 from icemap.errors import ModelError
+from icemap.extras import require
+from icemap.interop import keep_grid
 from icemap.kernels import ICE_NODATA, probability_mask
+from icemap.model.checkpoint import load_checkpoint, read_metadata
+from icemap.model.inputs import Normalisation, build_inputs, normalise
+from icemap.model.packaged import resolve_model
+from icemap.options import get_option
+from icemap.plausibility import check_reflectance
 
 __all__ = ["ModelRef", "predict", "predict_array", "default_halo", "model_context", "keep_resources", "ICE_NODATA"]
 
@@ -67,8 +79,6 @@ class ModelRef:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> ModelRef:
-        from icemap.model.checkpoint import read_metadata
-
         meta = read_metadata(path)
         if not meta.weights_sha256:
             raise ModelError(f"checkpoint {path} records no weights sha256; save it again with icemap")
@@ -83,8 +93,6 @@ class ModelRef:
         with _CACHE_LOCK:
             model = _CACHE.get(key)
             if model is None:
-                from icemap.model.checkpoint import load_checkpoint
-
                 # threads: an imported ONNX network's CPU session follows torch's thread policy.
                 model, _ = load_checkpoint(self.path, device=device, expected_sha256=self.sha256,
                                            threads=_cpu_threads() if device == "cpu" else None)
@@ -105,8 +113,6 @@ def model_context(meta: Any) -> tuple[int, int]:
     icemap's U-Net knows its receptive field from its architecture; an imported ONNX network
     carries the multiple and halo measured (or given) at import (:mod:`icemap.lab.onnx_import`).
     """
-    from icemap.errors import ModelError
-
     arch = meta.architecture
     depth = int(arch.get("depth", 4))
     if meta.kind == "onnx":
@@ -199,8 +205,6 @@ def _run_batches(model: Any, windows: list[np.ndarray], device: str, batch_size:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast: Any = torch.autocast("cuda", dtype=dtype)
     else:
-        import contextlib
-
         autocast = contextlib.nullcontext()
     if mc_samples:
         # MC dropout: dropout layers sample, batch norm keeps its running statistics.
@@ -260,8 +264,6 @@ def predict_array(
     ``(2, H', W')`` float32: probability and spread (NaN spread without TTA/MC) for the
     window minus its neighbour halos.
     """
-    from icemap.model.inputs import normalise
-
     top, bottom, left, right = valid or (0, 0, 0, 0)
     C, H, W = x.shape
     oh, ow = H - top - bottom, W - left - right
@@ -347,8 +349,6 @@ def keep_resources() -> Any:
     products inside ``with icemap.infer.keep_resources():`` on clusters with GPU workers;
     ``icemap map`` does this itself. Blockwise fusion still runs and keeps annotations.
     """
-    import dask
-
     return dask.config.set({"optimization.fuse.active": False})
 
 
@@ -412,17 +412,7 @@ def predict(
         ``ice_probability`` float32 (time, y, x), NaN where inputs are nodata; ``ice`` uint8
         (1 ice, 0 not, 255 nodata); ``ice_probability_std`` with ``tta``/``mc_samples``.
     """
-    from icemap.extras import require
-
     require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
-    import dask
-    import dask.array as da
-    import xarray as xr
-
-    from icemap.model.checkpoint import read_metadata
-    from icemap.model.inputs import Normalisation, build_inputs
-
-    from icemap.model.packaged import resolve_model
 
     ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
     meta = read_metadata(ref.path)
@@ -433,7 +423,6 @@ def predict(
     m = 2**depth
     if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
         raise ModelError("mc_samples needs a model trained with dropout > 0 (icemap train --dropout)")
-    from icemap.options import get_option
 
     tile = get_option("tile") if tile is None else tile
     batch_size = get_option("batch_size") if batch_size is None else batch_size
@@ -449,8 +438,6 @@ def predict(
     x = inputs.data
     if not isinstance(x, da.Array):
         # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
-        from icemap.plausibility import check_reflectance
-
         check_reflectance(cube, stacklevel=3)
         x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
     # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
@@ -464,8 +451,6 @@ def predict(
     xo = da.overlap.overlap(x, depth={0: 0, 1: 0, 2: hy, 3: hx}, boundary="none") if hy or hx else x
     norm = Normalisation.from_dict(meta.normalisation)
     if gpu_resources is None:
-        from icemap.cluster import gpu_workers
-
         gpu_resources = gpu_workers()
     # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
     # with its neighbours, which would drop the resource restriction on the way.
@@ -496,6 +481,5 @@ def predict(
                                       {"long_name": "spread of the ice probability over TTA/MC samples"})
     out.attrs = {"method": "unet", "model": ref.path, "model_sha256": ref.sha256,
                  "channels": list(meta.channels), "threshold": thr, "gpu_resources": int(bool(gpu_resources))}
-    from icemap.interop import keep_grid
 
     return keep_grid(out, cube)

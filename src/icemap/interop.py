@@ -34,7 +34,12 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import fsspec
 import numpy as np
+import zarr
+from rioxarray.exceptions import RioXarrayError
+
+from icemap.errors import StoreError
 
 __all__ = ["cf_attrs", "decode_attrs", "encode_attrs", "finish_store", "keep_grid", "resolve_store", "restore_mask"]
 
@@ -65,8 +70,6 @@ _GLOBAL_COORDS = ("spatial_ref",)
 
 def finish_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Name the CRS coordinate for plain readers and consolidate the metadata (v2 or v3)."""
-    import zarr
-
     group = zarr.open_group(path, mode="r+", storage_options=storage_options, use_consolidated=False)
     present = [c for c in _GLOBAL_COORDS if c in group]
     if present:
@@ -174,11 +177,8 @@ def _url(path: str) -> bool:
 def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The Zarr store a STAC Item (``*.json``) describes, by its ``application/vnd+zarr`` asset;
     any other path is returned unchanged."""
-    from icemap.errors import StoreError
-
     if not path.rstrip("/").lower().endswith(".json"):
         return path
-    import fsspec
 
     try:
         with fsspec.open(path, "r", **dict(storage_options or {})) as f:
@@ -207,8 +207,6 @@ def keep_grid(out: Any, like: Any) -> Any:
     areas, bounds and STAC footprints of such products failed or came out as 1 m). In place on a
     shallow copy: rioxarray's default deep-copies the data (a full pass over an in-memory result).
     """
-    from rioxarray.exceptions import RioXarrayError
-
     crs = like.rio.crs if hasattr(like, "rio") else None
     if crs is None:
         return out

@@ -28,9 +28,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers .rio: the grid and CRS of masks built by hand)
+import shapely
+import xarray as xr
 
+from icemap.composite import default_season, season_groups
 from icemap.errors import IcemapError
+from icemap.kernels import GLACIER_STATS, glacier_stats
+from icemap.labels import check_outlines_overlap, glacier_ids
+from icemap.options import get_option, resolve
+from icemap.store import open_cube
+from icemap.vector import pixel_area_m2
 
 __all__ = [
     "REGION_COLUMNS",
@@ -63,8 +74,6 @@ _SECONDS_PER_YEAR = 365.25 * 86400.0
 
 
 def _stats_block(ice: np.ndarray, ids: np.ndarray, n_ids: int) -> np.ndarray:
-    from icemap.kernels import glacier_stats
-
     s = glacier_stats(ice, ids, n_ids, halo=1)
     return s[:, None, None]
 
@@ -87,12 +96,6 @@ def glacier_counts(ice: Any, ids: Any, n_ids: int) -> Any:
         ``stat`` is :data:`icemap.kernels.GLACIER_STATS` (pixels, valid, ice, edges_x,
         edges_y), ``gid`` 0..n_ids (0: outside every outline).
     """
-    import dask.array as da
-    import xarray as xr
-
-    from icemap.kernels import GLACIER_STATS
-    from icemap.options import get_option
-
     ice_d = ice.data
     if not isinstance(ice_d, da.Array):
         size = get_option("chunksize")
@@ -116,12 +119,7 @@ def glacier_counts(ice: Any, ids: Any, n_ids: int) -> Any:
 
 def _as_ice(pred_or_ice: Any) -> Any:
     """The ``ice`` DataArray of a product path, product Dataset or ice mask."""
-    import rioxarray  # noqa: F401  (registers .rio: the grid and CRS of masks built by hand)
-    import xarray as xr
-
     if isinstance(pred_or_ice, (str, os.PathLike)):
-        from icemap.store import open_cube
-
         pred_or_ice = open_cube(pred_or_ice)
     if isinstance(pred_or_ice, xr.Dataset):
         if "ice" not in pred_or_ice:
@@ -144,10 +142,6 @@ def _season_years(ice: Any, times: Any, season: str | None) -> np.ndarray:
     (the ablation season of the grid's hemisphere by default; a wrapping window gives December
     to the next year), else its calendar year. A composite is labelled with its season's last
     day, so its season-year is its year."""
-    import pandas as pd
-
-    from icemap.composite import default_season, season_groups
-
     if season is None:
         season = default_season(ice)
     years = pd.DatetimeIndex(times).year.to_numpy(np.int64).copy()
@@ -273,13 +267,6 @@ def glacier_series(
         For an unknown ``id_column``, a product without ``ice``, a mask without time, or a
         geographic CRS.
     """
-    import pandas as pd
-    import shapely
-
-    from icemap.labels import check_outlines_overlap, glacier_ids
-    from icemap.options import resolve
-    from icemap.vector import pixel_area_m2
-
     ice = _as_ice(pred_or_ice)
     buffer_px = float(resolve("area_buffer_px", buffer_px))
     min_observed = float(resolve("min_observed", min_observed))
@@ -340,8 +327,6 @@ def glacier_series(
 def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[str, ...]) -> float:
     """The ``min_observed`` a series table is read with (given, else the table's own, else the
     option), once the table is known to have ``columns`` (also a table read back from a file)."""
-    from icemap.options import resolve
-
     value = float(resolve("min_observed", min_observed if min_observed is not None
                           else table.attrs.get("min_observed")))
     missing = [c for c in columns if c not in table.columns]
@@ -363,8 +348,6 @@ def region_series(table: Any, *, min_observed: float | None = None) -> Any:
     difference to the outlines: cloud-hidden outline is neither ice nor not ice). Change
     columns follow the rules of :func:`glacier_series` on the region's totals.
     """
-    import pandas as pd
-
     min_observed = _series_min_observed(table, min_observed, ("time", "year", "area_km2", "area_uncertainty_km2",
                                                               "observed_fraction", "outline_area_km2"))
     t = table.assign(_w=table["outline_area_km2"].where(table["observed_fraction"].notna(), 0.0).fillna(0.0),
@@ -503,8 +486,6 @@ def trends(table: Any, *, min_observed: float | None = None, region: bool = True
         bounds. With fewer than two qualifying years the rate is empty (NaN, ``significant``
         NA) and ``reason`` says why.
     """
-    import pandas as pd
-
     min_observed = _series_min_observed(table, min_observed, ("glacier_id", "time", "year", "area_km2",
                                                               "area_uncertainty_km2", "observed_fraction"))
     px_m2 = table.attrs.get("pixel_area_m2")

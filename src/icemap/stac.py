@@ -28,7 +28,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pystac
+import rasterio
+import requests
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+from pystac_client import Client
+from pystac_client.conformance import ConformanceClasses
+from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
+from rasterio.errors import RasterioError
+from rasterio.warp import transform_bounds
+from shapely.errors import GEOSException
+from shapely.geometry import box, mapping, shape
+from shapely.ops import unary_union
+from urllib3 import Retry
+
+from icemap.checks import user_scale_offset
 from icemap.errors import CatalogError, SearchError
+from icemap.redact import redact
 
 __all__ = ["Search", "search", "parse_bbox", "parse_intersects", "parse_datetime", "item_datetime", "item_from_files",
            "property_filters"]
@@ -178,8 +196,6 @@ class Search:
     # -- what the search asks for, as plain data (provenance, CLI --json) ------------------
     def parameters(self) -> dict[str, Any]:
         """The search parameters as JSON-ready data (headers are left out: they may hold keys)."""
-        from icemap.redact import redact
-
         return {
             # Stored in cube attributes and shown in reports: without user info or query tokens.
             "catalog": redact(self.catalog),
@@ -197,7 +213,6 @@ class Search:
         """The lon/lat box a cube of this search covers: ``bbox``, or the bounds of ``intersects``."""
         if self.bbox is not None or self.intersects is None:
             return self.bbox
-        from shapely.geometry import shape
 
         w, s, e, n = shape(self.intersects).bounds
         return (w, s, e, n)
@@ -223,8 +238,6 @@ class Search:
         pystac Items are what the ecosystem takes (``odc.stac.load``, ``stackstac.stack``,
         ``pystac.ItemCollection``); :func:`icemap.load` takes them too.
         """
-        import pystac
-
         out = []
         for d in self.item_dicts():
             try:
@@ -245,12 +258,6 @@ class Search:
         return sorted(self, key=lambda it: (item_datetime(it), it.get("id", "")))
 
     def _api_items(self) -> Iterator[Item]:
-        import requests
-        from pystac_client import Client
-        from pystac_client.exceptions import APIError
-        from pystac_client.stac_api_io import StacApiIO
-        from urllib3 import Retry
-
         retry = Retry(
             total=self.retries,
             connect=self.retries,
@@ -272,7 +279,6 @@ class Search:
                     f"{self.catalog} is a STAC catalog without item search; point --catalog at "
                     "its catalog.json to walk it as a static catalog"
                 )
-            from pystac_client.conformance import ConformanceClasses
 
             server_side = property_filters(
                 self.max_cloud, self.platforms,
@@ -394,9 +400,6 @@ def parse_intersects(geometry: Any) -> dict[str, Any] | None:
     """
     if geometry is None:
         return None
-    from shapely.errors import GEOSException
-    from shapely.geometry import mapping, shape
-    from shapely.ops import unary_union
 
     source = "intersects"
     if isinstance(geometry, (str, os.PathLike)):
@@ -437,8 +440,6 @@ def parse_intersects(geometry: Any) -> dict[str, Any] | None:
 
 def _intersects_geometry(item: Mapping[str, Any], geometry: Mapping[str, Any]) -> bool:
     """Whether an item's footprint (its geometry, else its bbox) meets a lon/lat geometry."""
-    from shapely.geometry import box, shape
-
     area = shape(geometry)
     try:
         if item.get("geometry"):
@@ -460,8 +461,6 @@ def _short_reason(exc: BaseException) -> str:
 def _intersects(item: Mapping[str, Any], bbox: Bbox) -> bool:
     ib = item.get("bbox")
     if ib is None and item.get("geometry"):
-        from shapely.geometry import shape
-
         ib = shape(item["geometry"]).bounds
     if ib is None:
         return True
@@ -521,8 +520,6 @@ def _absolute_hrefs(item: Item, base: Path) -> Item:
 
 
 def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]:
-    import pystac
-
     try:
         root = pystac.read_file(href)
     except Exception as exc:  # pystac raises many types for unreadable/invalid JSON
@@ -591,14 +588,6 @@ def item_from_files(
         A scale without an offset means offset 0, never the sensor table's (Landsat's -0.2
         belongs to Landsat's DNs); scales must be finite, in 1e-7..1, offsets within +-1.
     """
-    import rasterio
-    from rasterio.errors import RasterioError
-    from rasterio.warp import transform_bounds
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
-    from icemap.checks import user_scale_offset
-
     instant = _parse_instant(datetime, end=False)  # validate now
     if instant is None:
         raise CatalogError(f"datetime {datetime!r} is open; give the acquisition time, e.g. 2022-02-01")

@@ -11,16 +11,23 @@ its pixel count times the pixel area, so outline areas and counted areas agree e
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
+import dask
+import dask.array as da
+import geopandas as gpd
 import numpy as np
+import pandas as pd
+from rasterio.features import shapes
+from shapely.geometry import shape
 
 from icemap.errors import IcemapError
-from icemap.kernels import ICE_NODATA
+from icemap.kernels import ICE_NODATA, count_by_id
+from icemap.labels import glacier_ids
+from icemap.options import get_option, resolve
 
 __all__ = [
     "pixel_area_m2",
@@ -51,19 +58,13 @@ def pixel_area_m2(like: Any) -> float:
 
 
 def _count_block(ice: np.ndarray, gid: np.ndarray, n: int, value: int) -> np.ndarray:
-    from icemap.kernels import count_by_id
-
     return count_by_id(ice, gid, n, value).reshape(1, 1, n + 1)
 
 
 def _counts(ice2d: Any, gid2d: Any, n: int, value: int = 1) -> Any:
-    import dask.array as da
-
     ice_d = ice2d.data if hasattr(ice2d, "data") else ice2d
     gid_d = gid2d.data if hasattr(gid2d, "data") else gid2d
     if not isinstance(ice_d, da.Array):
-        from icemap.options import get_option
-
         ice_d = da.from_array(np.asarray(ice_d), chunks=(get_option("chunksize"),) * 2)
     gid_d = da.asarray(gid_d).rechunk(ice_d.chunks)
     per_block = da.map_blocks(_count_block, ice_d, gid_d, n, value, new_axis=2,
@@ -88,9 +89,6 @@ def ice_area_per_glacier(ice: Any, ids: Any, table: Any) -> Any:
         ``outline_area_km2``, ``nodata_area_km2`` (cloud or fill inside the outline, where the
         ice area is a lower bound).
     """
-    import dask
-    import pandas as pd
-
     px_km2 = pixel_area_m2(ice) / 1e6
     n = int(table["gid"].max()) if len(table) else 0
     times = ice["time"].values if "time" in ice.dims else [None]
@@ -184,13 +182,6 @@ def polygonise(
     neighbours are separate outlines. Each time step is computed (and held in memory, as a 2-D
     array) on its own.
     """
-    import geopandas as gpd
-    import pandas as pd
-    from rasterio.features import shapes
-    from shapely.geometry import shape
-
-    from icemap.options import resolve
-
     px_m2 = pixel_area_m2(ice)
     if min_area_m2 < 0:
         raise IcemapError(f"min_area_m2 must be >= 0, got {min_area_m2}")
@@ -205,8 +196,6 @@ def polygonise(
     gid_raster: np.ndarray | None = None
     names: np.ndarray | None = None
     if reference is not None:
-        from icemap.labels import glacier_ids
-
         ids, table = glacier_ids(reference, ice, id_column=id_column)
         gid_raster = np.asarray(ids.values, dtype=np.int32)
         names = np.full(int(table["gid"].max()) + 1, None, dtype=object)
@@ -313,8 +302,6 @@ def write_vector(gdf: Any, path: str | os.PathLike[str], *, layer: str | None = 
 
 def _select_time(ice: Any, when: Any) -> Any:
     """The one time label of ``ice`` that ``when`` names: an exact time, or a day ("2021-02-12")."""
-    import pandas as pd
-
     if "time" not in ice.dims:
         raise IcemapError("area_change needs an ice mask with a time dimension")
     times = pd.DatetimeIndex(ice["time"].values)
@@ -365,8 +352,6 @@ def area_change(ice: Any, t0: Any, t1: Any, ids: Any, table: Any) -> Any:
         fill inside the outline, where the area is a lower bound and the change is uncertain.
         Areas come from :func:`ice_area_per_glacier`, so both tables agree exactly.
     """
-    import pandas as pd
-
     a, b = _select_time(ice, t0), _select_time(ice, t1)
     steps = [a] if a == b else [a, b]
     per = ice_area_per_glacier(ice.sel(time=steps), ids, table)

@@ -7,10 +7,34 @@ nothing here computes pixels itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import fsspec
+import xarray as xr
+
+from icemap._version import __version__
+from icemap.describe import describe_cog, describe_store, describe_vector, item_path, write_collection
+from icemap.errors import EmptySearchError, IcemapError
+from icemap.export import export_geotiffs
+from icemap.index import ndsi, ndsi_and_ice_mask
+from icemap.infer import keep_resources, predict
+from icemap.interop import keep_grid, resolve_store
+from icemap.labels import rasterize_outlines
+from icemap.load import load
+from icemap.metrics import best_threshold, threshold_sweep, unsupervised_threshold
+from icemap.options import get_option
+from icemap.plausibility import check_reflectance
+from icemap.quicklook import quicklook
+from icemap.stac import Search
+from icemap.store import check_not_input, open_cube, write_cube, write_timesteps
+from icemap.vector import polygonise, write_vector
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Mapping
@@ -56,16 +80,6 @@ def ingest(
     :class:`~icemap.errors.ImplausibleReflectanceWarning`. ``engine`` picks the loader engine; both give
     the same cube, so the store does not depend on it (and a rerun may use the other).
     """
-    import json
-    from datetime import datetime, timezone
-
-    from icemap._version import __version__
-    from icemap.errors import EmptySearchError
-    from icemap.load import load
-    from icemap.options import get_option
-    from icemap.stac import Search
-    from icemap.store import write_cube
-
     params: dict[str, Any] | None = None
     if isinstance(source, Search):
         params = source.parameters()
@@ -103,9 +117,6 @@ def ingest(
     report = write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
                         storage_options=storage_options, progress=progress, settings=settings)
     # A few chunks of what was written: a wrong scale or offset is said now, not by an empty map.
-    from icemap.plausibility import check_reflectance
-    from icemap.store import open_cube
-
     check_reflectance(open_cube(out, storage_options=storage_options), where=f"the cube {os.fspath(out)}",
                       stacklevel=3)
     describe_run(out, derived_from=_self_hrefs(items), description="icemap ingest: a cube of surface reflectance",
@@ -135,8 +146,6 @@ def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], d
     ``(kind, path)`` of the files written beside it (``cog``, ``vector``), each derived from the
     store. A run writing to an object store gets the store's Item only.
     """
-    from icemap.describe import describe_cog, describe_store, describe_vector, item_path, write_collection
-
     describe_store(main, derived_from=derived_from, storage_options=storage_options)
     if "://" in os.fspath(main):
         return
@@ -157,17 +166,12 @@ def map_ndsi(
     **guard_params: Any,
 ) -> Any:
     """The NDSI product of a cube, lazily: ``ndsi`` (float32) and ``ice`` (uint8) on (time, y, x)."""
-    import xarray as xr
-
-    from icemap.index import ndsi_and_ice_mask
-
     # One kernel pass per chunk gives both products (the index is not computed twice).
     index, ice = ndsi_and_ice_mask(cube, threshold=threshold, guards=guards, dem=dem, **guard_params)
     product = xr.Dataset({"ndsi": index, "ice": ice})
     for name in ("item_ids", "platform"):
         if name in cube.coords:
             product = product.assign_coords({name: cube[name]})
-    from icemap.interop import keep_grid
 
     product = keep_grid(product, cube)
     product.attrs = {"method": "ndsi", **{k: v for k, v in ice.attrs.items() if k not in ("long_name",)}}
@@ -189,9 +193,6 @@ def write_product(
     ``settings`` default to the product's own record of how it was computed (method,
     threshold, guards, model checksum...); a rerun with others is refused.
     """
-    from icemap._version import __version__
-    from icemap.store import write_timesteps
-
     meta = {"icemap_version": __version__, **(attrs or {})}
     if settings is None:
         settings = product_settings(product)
@@ -216,8 +217,6 @@ def product_settings(product: Any, **extra: Any) -> dict[str, Any]:
 
 def _file_sha256(path: Any) -> str | None:
     """Checksum of a local file (a DEM), so a rerun with another file of the same name is caught."""
-    import hashlib
-
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -285,9 +284,6 @@ def map_cube(
     values that cannot be reflectance give an
     :class:`~icemap.errors.ImplausibleReflectanceWarning` naming ``--scale``/``--offset``.
     """
-    from icemap.errors import IcemapError
-    from icemap.store import check_not_input, open_cube
-
     for output in (out, geotiff_dir, outlines_path, quicklook_path):
         if output is not None:
             check_not_input(output, {"--cube": cube_path, "--dem": dem, "--reference": reference})
@@ -295,7 +291,6 @@ def map_cube(
     attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
     if method not in ("ndsi", "unet"):
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
-    from icemap.plausibility import check_reflectance
 
     # A few chunks of the cube: values that cannot be reflectance would map to nothing (or to
     # everything) without a word; the job reads the whole cube next anyway.
@@ -307,13 +302,9 @@ def map_cube(
     else:
         if guards:
             raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
-        from icemap.infer import predict
 
         product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
         attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
-    import contextlib
-
-    from icemap.infer import keep_resources
 
     routing = keep_resources() if product.attrs.get("gpu_resources") else contextlib.nullcontext()
     pixel_options = {k: v for k, v in (predict_options or {}).items()
@@ -329,27 +320,19 @@ def map_cube(
     result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
     others: list[tuple[str, Any]] = []
     if geotiff_dir is not None:
-        from icemap.export import export_geotiffs
-
         variables = [v for v in ("ice", "ndsi", "ice_probability", "ice_probability_std") if v in stored]
         result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=variables, describe=False)
         others += [("cog", p) for p in result.geotiffs]
     if outlines_path is not None:
-        from icemap.vector import polygonise, write_vector
-
         # The product's provenance (method, threshold, model checksum) and, with reference
         # outlines, each polygon's glacier id travel with the outlines into QGIS or an inventory.
         result.outlines = write_vector(polygonise(stored["ice"], reference=reference, attrs=dict(stored.attrs)),
                                        outlines_path)
         others.append(("vector", result.outlines))
     if quicklook_path is not None:
-        from icemap.quicklook import quicklook
-
         valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
         result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
                                      time=int(valid.argmax()))
-    from icemap.describe import item_path
-    from icemap.interop import resolve_store
 
     source = resolve_store(os.fspath(cube_path))
     source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
@@ -359,14 +342,10 @@ def map_cube(
 
 
 def _store_times(path: str | os.PathLike[str]) -> list[Any]:
-    from icemap.store import open_cube
-
     return list(open_cube(path)["time"].values)
 
 
 def _exists(path: str) -> bool:
-    import fsspec
-
     try:
         fs, root = fsspec.core.url_to_fs(path)
         return bool(fs.exists(root))
@@ -385,11 +364,6 @@ def calibrate_threshold(
 
     Returns ``(threshold, curve)`` with the curve as a pandas DataFrame.
     """
-    from icemap.errors import IcemapError
-    from icemap.index import ndsi
-    from icemap.labels import rasterize_outlines
-    from icemap.metrics import best_threshold, threshold_sweep, unsupervised_threshold
-
     index = ndsi(cube)
     if method == "f1":
         if reference is None:

@@ -8,16 +8,16 @@ into one-line :class:`~icemap.errors.IcemapError` messages) before any chip is r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app, safe
-from icemap.errors import IcemapError
-from icemap.extras import require
 from icemap.cli_model import model_app
-
+from icemap.errors import IcemapError, ModelNoBetterWarning
+from icemap.extras import require
 
 # str, not Path: cubes may live on object stores (pathlib mangles s3:// URLs).
 CubeOpt = Annotated[str, typer.Option("--cube", help="Cube store (path or URL) written by `icemap ingest`.")]
@@ -145,10 +145,8 @@ def train_cmd(
                   split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
                   split=split, restarts=restarts,
                   label_time=label_time)
-    import warnings
 
     from icemap.cluster import connect
-    from icemap.errors import ModelNoBetterWarning
     from icemap.lab.train import train
 
     # The cluster reads and scans the cube (chips, normalisation); torch trains in this process.
@@ -280,8 +278,8 @@ def model_import_cmd(
     """Turn an ONNX network into an icemap model folder (measures its halo; checks tiles equal whole windows)."""
     require("onnx", "icemap model import")
     require("ml", "icemap model import")
-    from icemap.model.checkpoint import read_metadata
     from icemap.lab.onnx_import import import_onnx
+    from icemap.model.checkpoint import read_metadata
 
     folder = import_onnx(onnx_file, out, bands, normalisation=normalisation, halo=halo, multiple=multiple,
                          threshold=threshold, output=output)

@@ -30,9 +30,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dask
 import numpy as np
+import pandas as pd
+import rasterio
+import xarray as xr
+from rasterio.features import rasterize
+from rasterio.windows import Window as RioWindow
+from rasterio.windows import from_bounds
+from rasterio.windows import transform as window_transform
+from scipy import stats
+from shapely import STRtree
+from shapely.geometry import box
+from shapely.geometry import box as _box
 
+from icemap.dem import dem_on_grid
 from icemap.errors import IcemapError, ModelError
+from icemap.index import ndsi, ndwi
+from icemap.labels import _quiet_rasterize_warning, glacier_ids, rasterize_outlines, read_outlines
 from icemap.model.inputs import Normalisation, build_inputs, normalise, required_bands
 
 __all__ = [
@@ -134,8 +149,6 @@ def glacier_table(outlines: Any, like: Any) -> Any:
         ``gid`` (1..N in file order, the id :func:`icemap.labels.glacier_ids` burns),
         ``glacier_id``, ``area_km2``, ``perimeter_m``, ``shape_factor`` and ``geometry``.
     """
-    from icemap.labels import glacier_ids
-
     if like.rio.crs is None or not like.rio.crs.is_projected:
         raise ModelError("chips need a cube in a projected CRS (metres); open it with icemap.open_cube")
     # The id raster stays lazy and is never computed: only the table is used here.
@@ -291,8 +304,6 @@ class CubeScan:
 
 
 def _refl(cube: Any) -> Any:
-    import xarray as xr
-
     if isinstance(cube, xr.Dataset):
         if "reflectance" not in cube:
             raise ModelError("the dataset has no 'reflectance' variable; open the cube with icemap.open_cube")
@@ -309,12 +320,6 @@ def scan_cube(cube: Any, glaciers: Any, *, cell: int = 8) -> CubeScan:
     glaciers, which NDSI calls ice) and ``cloud`` (blue > 0.3 and SWIR1 > 0.2: bright cloud
     that QA_PIXEL missed). One dask reduction; only the coarse counts come into memory.
     """
-    import dask
-    import xarray as xr
-
-    from icemap.index import ndsi, ndwi
-    from icemap.labels import rasterize_outlines
-
     refl = _refl(cube)
     have = {str(b) for b in refl["band"].values}
     band = lambda n: refl.sel(band=n, drop=True)  # noqa: E731
@@ -352,8 +357,6 @@ def _grid(refl: Any) -> tuple[Any, tuple[int, int]]:
 
 
 def _window_box(transform: Any, y0: int, x0: int, size: int) -> Any:
-    from shapely.geometry import box
-
     left, top = transform * (x0, y0)
     right, bottom = transform * (x0 + size, y0 + size)
     return box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
@@ -490,8 +493,6 @@ def make_chips(
     IcemapError
         Outlines that do not overlap the cube.
     """
-    from shapely import STRtree
-
     if overlap not in OVERLAP_MODES:
         raise ModelError(f"overlap must be one of {', '.join(OVERLAP_MODES)}, not {overlap!r}")
     if layout not in CHIP_LAYOUTS:
@@ -638,8 +639,6 @@ def make_chips(
             else:
                 first[g] = i
     if (overlap == "group" or group_by == "location" or layout == "grid") and windows:
-        from shapely.geometry import box as _box
-
         boxes = [_box(w_.x0, w_.y0, w_.x0 + w_.size, w_.y0 + w_.size) for w_ in windows]
         wtree = STRtree(boxes)
         for i, b in enumerate(boxes):
@@ -693,10 +692,6 @@ def _label_coverage(outlines: Any, transform: Any, shape: tuple[int, int], windo
     One uint8 raster of the cube's size: a few MB for a large cube, and it answers the
     question a user must be able to ask (how much of my labels did training see?).
     """
-    from rasterio.features import rasterize
-
-    from icemap.labels import _quiet_rasterize_warning
-
     _quiet_rasterize_warning()
     lab = rasterize([(g, 1) for g in outlines.geometry], out_shape=shape, transform=transform, fill=0,
                     all_touched=False, dtype="uint8")
@@ -781,8 +776,6 @@ _SHAPE_DISTS = ("weibull_max", "beta", "norm", "gamma")
 
 def _fit_best(values: np.ndarray, names: Sequence[str], positive: bool) -> dict[str, Any]:
     """Fit each candidate by maximum likelihood and keep the best KS p-value."""
-    from scipy import stats
-
     best: dict[str, Any] | None = None
     for name in names:
         dist = getattr(stats, name)
@@ -850,8 +843,6 @@ def split_chips(
         samples and glaciers, glacier area, and KS statistic and p-value for area and shape
         against all glaciers, and the objective.
     """
-    from scipy import stats
-
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ModelError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
     if iterations < 1:
@@ -989,8 +980,6 @@ def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], are
     No stratification by glacier area and shape: with a handful of glaciers split into parts
     there is no distribution to match; what is held out is places the model has not seen.
     """
-    from scipy import stats
-
     rng = np.random.default_rng(seed)
     order = [int(g) for g in rng.permutation(np.asarray(with_ice))]
     sets = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
@@ -1062,10 +1051,6 @@ class ChipSource:
 
     def __init__(self, cube: Any, outlines: Any, index: ChipIndex, *, dem: Any = None,
                  cache: bool | None = None, cache_limit_mb: float = 1024.0, label_time: str | None = None) -> None:
-        from shapely import STRtree
-
-        from icemap.labels import read_outlines
-
         self.refl = _refl(cube)
         self.index = index
         transform, shape = _grid(self.refl)
@@ -1101,8 +1086,6 @@ class ChipSource:
 
     def window(self, sample: int) -> Any:
         """The reflectance of a sample: a DataArray (time=1, band, y, x) in memory."""
-        import dask
-
         if sample in self._windows:
             return self._windows[sample]
         s = self.index.samples[sample]
@@ -1117,17 +1100,11 @@ class ChipSource:
 
     def elevation(self, window_id: int) -> Any:
         """The DEM on a window's pixels, (y, x) float32 metres."""
-        import dask
-
         if self.dem is None:
             raise ModelError("these inputs include terrain: pass a DEM (dem=... / --dem)")
         if window_id in self._elev_cache:
             return self._elev_cache[window_id]
         if self._elevation is None:
-            import xarray as xr
-
-            from icemap.dem import dem_on_grid
-
             on_grid = isinstance(self.dem, xr.DataArray) and self.dem.sizes.get("x") == self.refl.sizes["x"] \
                 and self.dem.sizes.get("y") == self.refl.sizes["y"]
             self._elevation = self.dem if on_grid else dem_on_grid(self.dem, self.refl, chunks=256)
@@ -1189,11 +1166,6 @@ class ChipSource:
         (same polygons, buffer and rule), but only the polygons that touch the window are burnt.
         ``key`` (a year or date, with ``label_time``) burns only the outlines of that year or date.
         """
-        from rasterio.features import rasterize
-        from rasterio.windows import Window as RioWindow
-        from rasterio.windows import transform as window_transform
-        from shapely import STRtree
-
         cache_key = (window_id, float(buffer_m), key)
         if cache_key in self._labels:
             return self._labels[cache_key]
@@ -1207,8 +1179,6 @@ class ChipSource:
             hit = [i for i in hit if self._keys[int(i)] == key]
         out = np.zeros((w.size, w.size), dtype=np.uint8)
         if len(hit):
-            from icemap.labels import _quiet_rasterize_warning
-
             _quiet_rasterize_warning()
             out = rasterize([(geoms[i], 1) for i in hit], out_shape=(w.size, w.size),
                             transform=window_transform(RioWindow(w.x0, w.y0, w.size, w.size), self.transform),
@@ -1223,9 +1193,6 @@ class ChipSource:
         The raster must lie on the cube's pixel lattice (same CRS and 30 m grid, any extent);
         pixels outside it read as 255.
         """
-        import rasterio
-        from rasterio.windows import from_bounds
-
         w = self.index.windows[self.index.samples[sample].window]
         box = _window_box(self.transform, w.y0, w.x0, w.size)
         with rasterio.open(path) as src:
@@ -1243,8 +1210,6 @@ def label_keys(outlines: Any, column: str) -> tuple[list[str], str]:
     other values are read as dates (``YYYY-MM-DD``, datetimes) and matched to the cube date
     exactly. An empty or unparsable value is an error that names the row.
     """
-    import pandas as pd
-
     if column not in outlines.columns:
         have = ", ".join(c for c in outlines.columns if c != "geometry")
         raise ModelError(f"the outlines have no column {column!r} (for the label dates); columns: {have}")

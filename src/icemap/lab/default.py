@@ -29,6 +29,7 @@ module level.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import time
@@ -37,9 +38,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers .rio)
+import xarray as xr
 
+from icemap.errors import IcemapError, ModelError
+from icemap.guards import DarkGuard, WaterGuard
+from icemap.infer import ModelRef, _run_batches, predict
+from icemap.kernels import normalized_difference, probability_mask
 from icemap.lab.augment import SpectralAugment
+from icemap.load import load
+from icemap.metrics import evaluate
+from icemap.model.checkpoint import read_metadata, save_checkpoint
+from icemap.model.inputs import Normalisation, normalise
 from icemap.model.packaged import DEFAULT_NAME, default_model_dir, resolve_model
+from icemap.sample import make_sample_region
+from icemap.stac import item_from_files, search
+from icemap.workflow import ingest
 
 __all__ = [
     "CHANNELS",
@@ -90,10 +105,6 @@ TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience
 
 
 def _region_cube(work: Path, region: dict[str, Any]) -> tuple[Path, Path]:
-    from icemap.sample import make_sample_region
-    from icemap.stac import search
-    from icemap.workflow import ingest
-
     reg = make_sample_region(work / "region", **region)
     cube = work / "cube.zarr"
     s = search(str(reg.catalog), collections=reg.collection, bbox=reg.bbox)
@@ -120,7 +131,6 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     """
     import torch
 
-    from icemap.model.checkpoint import read_metadata, save_checkpoint
     from icemap.lab.train import TrainConfig, prepare_data, train
 
     t0 = time.perf_counter()
@@ -175,9 +185,6 @@ _UKIS_CLASSES = {"shadow": 0, "water": 1, "land": 3, "cloud": 4}
 
 
 def _athabasca(root: Path) -> Any:
-    from icemap.load import load
-    from icemap.stac import item_from_files
-
     d = root / "athabasca_hls_l30"
     item = item_from_files({n: d / f"athabasca_2020229_{c}_L30.tif" for n, c in _HLS.items()},
                            id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
@@ -187,10 +194,6 @@ def _athabasca(root: Path) -> Any:
 
 def _liverpool(root: Path) -> Any:
     """The Liverpool crop as a cube; its georeference is only in the MTL (data README)."""
-    import rasterio
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-
     d = root / "xlandsat_liverpool_l2sp"
     stem = "LC08_L2SP_204023_20200927_20201006_02_T1"
     bands = []
@@ -210,9 +213,6 @@ def _liverpool(root: Path) -> Any:
 
 def _ukis(root: Path, name: str) -> tuple[Any, np.ndarray]:
     """A ukis cloud chip as a cube on a dummy 30 m UTM grid (the chips have no georeference)."""
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-
     z = np.load(root / "ukis_csmask_cloud_chips" / f"{name}.npz")
     img = np.moveaxis(z["img"].astype(np.float32), -1, 0)  # blue, green, red, nir, swir16, swir22
     h, w = img.shape[1:]
@@ -252,10 +252,6 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
     reflectance as the data README says (Landsat - 0.2); a band a file lacks (or a blank cell)
     is NaN. Sets and classes are :data:`POINT_FILES`.
     """
-    import csv
-
-    from icemap.errors import IcemapError
-
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, (fname, cols, offset, _) in POINT_FILES.items():
         path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
@@ -278,8 +274,6 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
 def _point_channels(refl: np.ndarray) -> np.ndarray:
     """``(N, 6)`` reflectance -> ``(N, 8)`` model channels (NDSI and NDWI as the cube path
     computes them: :func:`icemap.kernels.normalized_difference` on the bands)."""
-    from icemap.kernels import normalized_difference
-
     g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
     return np.concatenate([refl, normalized_difference(g, s)[:, None], normalized_difference(g, n)[:, None]],
                           axis=1).astype(np.float32)
@@ -295,12 +289,6 @@ def point_unet_probability(refl: np.ndarray, model: str | os.PathLike[str] | Non
     channel is undefined (a missing band, or NDSI/NDWI of two non-positive bands), as the
     cube path leaves such pixels nodata.
     """
-    from icemap.infer import ModelRef, _run_batches
-    from icemap.model.checkpoint import read_metadata
-    from icemap.model.inputs import Normalisation, normalise
-
-    from icemap.errors import ModelError
-
     folder = resolve_model(model)
     meta = read_metadata(folder)
     if tuple(meta.channels) != CHANNELS:
@@ -327,9 +315,7 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
     ``model``) at its threshold on uniform fields (:func:`point_unet_probability`);
     ``unet=False`` leaves it out.
     """
-    from icemap.guards import DarkGuard, WaterGuard
     from icemap.kernels import ice_mask
-    from icemap.model.checkpoint import read_metadata
 
     guards = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
     threshold = read_metadata(resolve_model(model)).threshold if unet else None
@@ -358,8 +344,6 @@ EXTRA_THRESHOLDS: tuple[float, ...] = (0.7, 0.9)
 def _methods(model: str | os.PathLike[str]) -> dict[str, Any]:
     """name -> function(cube) returning the (y, x) uint8 ice mask of the first date."""
     from icemap.index import ice_mask
-    from icemap.infer import predict
-    from icemap.kernels import probability_mask
 
     cache: dict[int, Any] = {}
 
@@ -392,8 +376,6 @@ def real_data_scores(data_root: str | os.PathLike[str], model: str | os.PathLike
         "false_positive_share": {method: {"liverpool water": share, "landsat5 water": ...}},
         "pixels": {class: count}}``; shares are ice-flagged pixels / valid pixels of the class.
     """
-    from icemap.metrics import evaluate
-
     root = Path(data_root)
     model = resolve_model(model)
     methods = _methods(model)
@@ -485,7 +467,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "train":
         path = train_default(args.out, work=args.work, epochs=args.epochs)
-        from icemap.model.checkpoint import read_metadata
 
         print(f"{path}: sha256 {read_metadata(path).weights_sha256}")
     else:

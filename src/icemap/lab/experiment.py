@@ -33,10 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import rasterio
+import xarray as xr
+from rasterio.windows import from_bounds
 
 from icemap.errors import ModelError
+from icemap.index import ice_mask
 from icemap.lab.data import MASK_BUFFERS, ChipDataset
-from icemap.model.inputs import CHANNEL_SETS, needs_dem, required_bands, resolve_channels
 from icemap.lab.train import (
     PreparedData,
     TrainConfig,
@@ -47,6 +51,10 @@ from icemap.lab.train import (
     prepare_data,
     train,
 )
+from icemap.labels import rasterize_outlines
+from icemap.metrics import best_threshold, scores, threshold_sweep
+from icemap.model.inputs import CHANNEL_SETS, Normalisation, needs_dem, required_bands, resolve_channels
+from icemap.sample import CLASS_CODES
 
 __all__ = [
     "STUDY_A_INPUTS",
@@ -140,8 +148,6 @@ def _write(df: Any, out: Path, stem: str, title: str) -> None:
 
 
 def _score_row(c: dict[str, int], px: float) -> dict[str, float]:
-    from icemap.metrics import scores
-
     s = scores(c, pixel_area_m2=px)
     return {k: s[k] for k in _TABLE3_COLS}
 
@@ -168,10 +174,6 @@ def calibrate_ndsi(data: PreparedData, samples: Sequence[int] | None = None) -> 
     Uses :func:`icemap.metrics.threshold_sweep` (every threshold -1.00 ... 1.00 by 0.01 in
     one pass) and :func:`icemap.metrics.best_threshold`. Returns ``(threshold, curve)``.
     """
-    import xarray as xr
-
-    from icemap.metrics import best_threshold, threshold_sweep
-
     samples = data.samples("train") if samples is None else samples
     nd, ref, ok = _ndsi_chips(data, samples)
     index = xr.DataArray(np.where(ok, nd, np.nan).astype(np.float32), dims=("time", "y", "x"))
@@ -182,8 +184,6 @@ def calibrate_ndsi(data: PreparedData, samples: Sequence[int] | None = None) -> 
 
 def _ndsi_masks(data: PreparedData, samples: Sequence[int], threshold: float) -> list[np.ndarray]:
     """icemap.index.ice_mask on each sample's window (the NDSI product as users get it)."""
-    from icemap.index import ice_mask
-
     return [np.asarray(ice_mask(data.source.window(s), threshold=threshold).values[0]) == 1 for s in samples]
 
 
@@ -263,10 +263,6 @@ def run_experiment(
     -------
     ExperimentResult
     """
-    import pandas as pd
-
-    from icemap.sample import CLASS_CODES
-
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +345,6 @@ def run_experiment(
                     quiet=quiet, console=console, title=f"[{k}/{len(runs)}] {run.name}")
         results[run.name] = res
         ch = tuple(res.meta.channels)
-        from icemap.model.inputs import Normalisation
 
         norm = Normalisation.from_dict(res.meta.normalisation)
         ds = ChipDataset(src, test_ids, ch, mask=run.mask, normalisation=norm, multiple=res.model.config.multiple)
@@ -437,15 +432,7 @@ def score_scene(
     (pandas.DataFrame, pandas.DataFrame or None)
         Scores per row, and false positives by truth class.
     """
-    import pandas as pd
-    import rasterio
-    from rasterio.windows import from_bounds
-
-    from icemap.index import ice_mask
-    from icemap.labels import rasterize_outlines
-    from icemap.metrics import scores
     from icemap.lab.train import _open
-    from icemap.sample import CLASS_CODES
 
     ds, _ = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds

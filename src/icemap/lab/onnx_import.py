@@ -46,9 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from icemap._version import __version__
+from icemap.describe import describe_model
 from icemap.errors import ModelError
 from icemap.extras import require
+from icemap.infer import predict_array
+from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, CheckpointMeta, _atomic_write, read_metadata
+from icemap.model.inputs import Normalisation, required_bands, resolve_channels
+from icemap.model.onnx_runner import OnnxRunner
 
 __all__ = ["OnnxInfo", "inspect_onnx", "parse_normalisation", "probe_multiple", "probe_reach", "tiling_error",
            "import_onnx", "TILING_TOLERANCE"]
@@ -97,7 +104,6 @@ def inspect_onnx(data: bytes, n_channels: int, *, source: str = "the ONNX file")
         The file's name, for messages.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model_from_string(data)
@@ -158,7 +164,6 @@ def _embed_external_data(data: bytes, source: Path) -> bytes:
     holds one file, so that its sha256 covers the weights and it can be copied as it is.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model_from_string(data)
@@ -183,8 +188,6 @@ def parse_normalisation(spec: Any, n_channels: int) -> Any:
     models); ``{"mean": [...], "std": [...]}`` as ``(x - mean) / std`` (most published networks).
     ``None``: the network takes surface reflectance as it is (lo 0, hi 1).
     """
-    from icemap.model.inputs import Normalisation
-
     if spec is None:
         return Normalisation([0.0] * n_channels, [1.0] * n_channels, "identity")
     if isinstance(spec, Normalisation):
@@ -289,9 +292,6 @@ def tiling_error(runner: Any, n_channels: int, depth: int, halo: int, *, seed: i
     Both go through :func:`icemap.infer.predict_array`, the predictor that chunked inference uses.
     The window is ragged (not a multiple of the tile or of ``2**depth``), so edge padding is checked too.
     """
-    from icemap.infer import predict_array
-    from icemap.model.inputs import Normalisation
-
     m = 2**depth
     tile = max(2 * m, -(-max(halo, 1) // m) * m)
     h, w = 3 * tile + m // 2 + 1, 2 * tile + m + 3
@@ -346,10 +346,6 @@ def import_onnx(
     """
     require("onnx", "icemap model import")
     require("ml", "icemap model import")  # the tiling check runs icemap's torch batch loop
-    from icemap._version import __version__
-    from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, CheckpointMeta, _atomic_write, read_metadata
-    from icemap.model.inputs import required_bands, resolve_channels
-    from icemap.model.onnx_runner import OnnxRunner
 
     channels = resolve_channels(bands)
     n = len(channels)
@@ -414,7 +410,6 @@ def import_onnx(
     _atomic_write(dest / ONNX_WEIGHTS, data)
     # The JSON last, as save_checkpoint does: a folder with a JSON has the network it describes.
     _atomic_write(dest / METADATA, meta.to_json().encode())
-    from icemap.describe import describe_model
 
     describe_model(dest)  # its STAC Item (MLM extension), model.stac.json
     return dest

@@ -39,10 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from icemap.errors import ModelError, ModelNoBetterWarning
+from icemap.infer import default_halo, predict_array
+from icemap.kernels import confusion_counts, ice_mask
 from icemap.lab.augment import SpectralAugment
-from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
 from icemap.lab.data import (
     CHIP_LAYOUTS,
     GROUPINGS,
@@ -52,11 +56,16 @@ from icemap.lab.data import (
     ChipIndex,
     ChipSource,
     Split,
+    _time_labels,
     fit_normalisation,
+    label_keys,
     make_chips,
     split_by_year,
     split_chips,
 )
+from icemap.labels import read_outlines
+from icemap.metrics import OUTCOMES, best_threshold, scores, threshold_sweep
+from icemap.model.checkpoint import CheckpointMeta, _atomic_write, load_checkpoint, read_metadata, save_checkpoint
 from icemap.model.inputs import (
     Normalisation,
     build_inputs,
@@ -64,7 +73,10 @@ from icemap.model.inputs import (
     required_bands,
     resolve_channels,
 )
+from icemap.model.packaged import resolve_model
 from icemap.model.unet import UNet, UNetConfig
+from icemap.options import resolve
+from icemap.store import open_cube
 
 __all__ = [
     "LOSSES",
@@ -348,8 +360,6 @@ class PreparedData:
 
 def _open(cube: Any) -> tuple[Any, str | None]:
     if isinstance(cube, (str, os.PathLike)):
-        from icemap.store import open_cube
-
         return open_cube(cube), os.fspath(cube)
     return cube, None
 
@@ -379,8 +389,6 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     Other parameters are those of :func:`icemap.lab.data.make_chips` and
     :func:`icemap.lab.data.split_chips`.
     """
-    from icemap.labels import read_outlines
-
     if split not in SPLITS:
         raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     ds, cube_path = _open(cube)
@@ -397,8 +405,6 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     if label_time is not None:
         index = _samples_with_labels(index, gdf, refl, label_time)
     if split == "year":
-        from icemap.lab.data import _time_labels
-
         chosen = split_by_year(index, _time_labels(refl))
     else:
         chosen = split_chips(index, iterations=split_iterations, seed=split_seed)
@@ -416,8 +422,6 @@ def _samples_with_labels(index: ChipIndex, outlines: Any, refl: Any, column: str
     A date without outlines would otherwise be labelled "no ice" everywhere, a wrong label, not
     a missing one.
     """
-    from icemap.lab.data import _time_labels, label_keys
-
     keys, mode = label_keys(outlines, column)
     have = set(keys)
     dates = _time_labels(refl)
@@ -516,9 +520,6 @@ def counts(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict[str, in
     The same counter as :func:`icemap.metrics.confusion` (:func:`icemap.kernels.confusion_counts`),
     pooled over every leading axis.
     """
-    from icemap.kernels import confusion_counts
-    from icemap.metrics import OUTCOMES
-
     p = np.asarray(pred).astype(bool)
     r = np.broadcast_to(np.asarray(ref) != 0, p.shape)
     c = confusion_counts(p, r, valid=np.broadcast_to(valid, p.shape)).reshape(-1, 4).sum(axis=0)
@@ -539,8 +540,6 @@ def predict_dataset(model: UNet, dataset: ChipDataset, *, device: torch.device |
     0 like the training batches' padding, so these are the probabilities the training and
     validation passes see (tests/test_train.py checks both agree).
     """
-    from icemap.infer import predict_array
-
     depth = model.config.depth
     p, o, s = dataset.padded, dataset.offset, dataset.size
     out = np.empty((len(dataset), s, s), dtype=np.float32)
@@ -563,8 +562,6 @@ def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, 
     extended masks against the original outlines); pass precomputed ``probabilities`` to
     score several thresholds or masks without running the model again.
     """
-    from icemap.metrics import scores
-
     probs = predict_dataset(model, dataset, device=device) if probabilities is None else probabilities
     buffer_m = MASK_BUFFERS[mask] if mask is not None else dataset.buffer_m
     total: dict[str, int] = {}
@@ -705,8 +702,6 @@ def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
     """
     if config.init is None:
         return config, None
-    from icemap.model.checkpoint import load_checkpoint, read_metadata
-    from icemap.model.packaged import resolve_model
 
     folder = resolve_model(config.init)
     meta = read_metadata(folder)
@@ -755,10 +750,6 @@ def validation_baselines(ds: ChipDataset, *, ndsi_threshold: float | None = None
         ``{"all_ice": scores, "ndsi": scores + {"threshold": t}}``
         (:func:`icemap.metrics.scores`).
     """
-    from icemap.kernels import ice_mask
-    from icemap.metrics import scores
-    from icemap.options import resolve
-
     t = float(resolve("ndsi_threshold", ndsi_threshold))
     src = ds.source
     has_ndsi = {"green", "swir16"} <= set(src.bands)
@@ -847,9 +838,6 @@ class _Display:
 
     def __enter__(self) -> _Display:
         if not self.quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.console = self.console or Console(stderr=True, soft_wrap=True)
             self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
@@ -1238,9 +1226,6 @@ def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarra
     """
     if config.threshold != "tune":
         return float(config.threshold), None
-    import xarray as xr
-
-    from icemap.metrics import best_threshold, threshold_sweep
 
     refs, idxs = [], []
     for i in range(len(val_ds)):
@@ -1275,9 +1260,6 @@ def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = N
     numpy.ndarray
         (time, y, x) float32 probabilities, NaN where any input channel is nodata.
     """
-    from icemap.infer import default_halo, predict_array
-    from icemap.options import resolve
-
     meta.check_cube(cube)
     x = build_inputs(cube, meta.channels, dem=dem)
     arr = np.asarray(x.values, dtype=np.float32)

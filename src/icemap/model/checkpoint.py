@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icemap._version import __version__
+from icemap.describe import describe_model
 from icemap.errors import ModelError
+from icemap.model.onnx_runner import OnnxRunner
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
            "WEIGHTS", "ONNX_WEIGHTS", "METADATA"]
@@ -109,8 +113,6 @@ def _check_types(d: dict[str, Any]) -> None:
     types; checked once here, a bad file is one ModelError naming the field instead of a
     TypeError deep in inference.
     """
-    import math
-
     def is_str_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
 
@@ -174,8 +176,6 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     """Write weights then metadata (with the weights' sha256), each atomically."""
     from safetensors.torch import save
 
-    from icemap._version import __version__
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -186,7 +186,6 @@ def save_checkpoint(model: Any, meta: CheckpointMeta, folder: str | os.PathLike[
     meta.architecture = dict(model.config.to_dict())
     # The JSON is written last: a folder with a JSON always has the weights it describes.
     _atomic_write(out / METADATA, meta.to_json().encode())
-    from icemap.describe import describe_model
 
     describe_model(out)  # its STAC Item (MLM extension), model.stac.json
     return out
@@ -214,8 +213,6 @@ def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expe
                 "the file is corrupt or was replaced: retrain or copy the whole checkpoint folder again"
             )
     if meta.kind == "onnx":
-        from icemap.model.onnx_runner import OnnxRunner
-
         return OnnxRunner(blob, meta.architecture, device=device, threads=threads), meta
     if meta.kind != "unet":
         raise ModelError(f"checkpoint {folder} holds a model of kind {meta.kind!r}, which this icemap cannot run; "
