@@ -118,9 +118,10 @@ def test_output_grid_and_values(items: list[dict[str, Any]], model_dir: Path) ->
 
 def test_graph_is_lazy_and_holds_no_weights(items: list[dict[str, Any]], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import icemap.model.checkpoint as ckpt
+    import icemap.infer
 
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded while building"))
+    # Patched where the predictor looks it up (icemap.infer imports it at its top).
+    monkeypatch.setattr(icemap.infer, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded while building"))
     cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
     small = make_model(tmp_path / "small", base=4)
     large = make_model(tmp_path / "large", base=32)
