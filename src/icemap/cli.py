@@ -400,7 +400,7 @@ _default_showwarning = warnings.showwarning
 # cli_common, never this module). `icemap train`, `experiment` and `model import` are the lab's:
 # the CLI face is the one product module that reaches icemap.lab (its commands import the
 # training stack only when they run).
-from icemap import cli_model, cli_report  # noqa: E402,F401  (model info; areas, figure, report)
+from icemap import cli_model_info, cli_report  # noqa: E402,F401  (model info; areas, figure, report)
 from icemap.lab import cli as lab_cli  # noqa: E402,F401  (train, experiment, model import)
 
 

@@ -1,6 +1,6 @@
 """What every ``icemap`` command shares: the typer app, option types, console, progress bar.
 
-:mod:`icemap.cli` (data commands), :mod:`icemap.cli_model`, :mod:`icemap.cli_report` and the lab's
+:mod:`icemap.cli` (data commands), :mod:`icemap.cli_model_info`, :mod:`icemap.cli_report` and the lab's
 :mod:`icemap.lab.cli` all register on :data:`app` from here, so none imports another's module for it
 (no import cycle).
 Options whose default is an icemap default (chunk size, threshold, Zarr format...) default to

@@ -1,5 +1,5 @@
 """The lab's commands: ``icemap train``, ``icemap experiment`` and ``icemap model import`` (registered on
-:data:`icemap.cli.app`; ``model import`` on :data:`icemap.cli_model.model_app`).
+:data:`icemap.cli.app`; ``model import`` on :data:`icemap.cli_model_info.model_app`).
 
 Kept apart from :mod:`icemap.cli` so the model commands can grow without touching the data
 commands; torch is imported only when one of them runs. Settings are checked (and turned
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app, safe
-from icemap.cli_model import model_app
+from icemap.cli_model_info import model_app
 from icemap.errors import IcemapError, ModelNoBetterWarning
 from icemap.extras import require
 
