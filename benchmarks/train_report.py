@@ -11,7 +11,7 @@ What it does, with icemap's public API only:
    hold-out region ``make_sample_region(size=512, n_dates=3, seed=1)`` (other terrain, other
    glaciers, never seen in training) and ingests both with all eight bands (lwir11 included,
    for study a's "all bands" inputs).
-2. Runs :func:`icemap.model.experiment.run_experiment` on the training region: study a's five
+2. Runs :func:`icemap.lab.experiment.run_experiment` on the training region: study a's five
    input sets x {original, extended} masks, plus study b's set-up (bands 6-5-2, BCE, Adadelta)
    as an eleventh run, all on one chip set and one Monte-Carlo split (900 iterations). Writes
    Table 3, Table 5 and the false positives by truth class for the test chips.
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from icemap.model.checkpoint import load_checkpoint
-    from icemap.model.experiment import RunSpec, default_runs, run_experiment, score_scene, to_markdown
-    from icemap.model.train import TrainConfig
+    from icemap.lab.experiment import RunSpec, default_runs, run_experiment, score_scene, to_markdown
+    from icemap.lab.train import TrainConfig
 
     settings = dict(SETTINGS, **(QUICK if args.quick else {}))
     work = args.work

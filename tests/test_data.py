@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from icemap.errors import IcemapError, ModelError
-from icemap.model.data import (
+from icemap.lab.data import (
     HARD_NEGATIVE_CATEGORIES,
     ChipDataset,
     ChipSource,

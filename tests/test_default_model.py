@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 import icemap
 from icemap.errors import ModelError
 from icemap.model.checkpoint import METADATA, WEIGHTS, read_metadata, sha256_of
-from icemap.model.default import CHANNELS, SpectralAugment, real_data_scores
+from icemap.lab.default import CHANNELS, SpectralAugment, real_data_scores
 from icemap.model.packaged import default_model_dir, resolve_model
 from icemap.stac import item_from_files, search
 
@@ -143,7 +143,7 @@ def test_runs_on_sentinel2_and_hls_cubes(tmp_path: Path) -> None:
     np.testing.assert_allclose(icemap.predict(s2.compute())["ice_probability"].values, prob, atol=1e-6, rtol=0)
 
     # HLS: the real Athabasca L30 crop through the HLS sensor path; the glacier is found.
-    from icemap.model.default import _athabasca
+    from icemap.lab.default import _athabasca
 
     hls = _athabasca(SHARED_DATA if SHARED_DATA.exists() else shared_path())
     ice = icemap.predict(hls)["ice"].isel(time=0)

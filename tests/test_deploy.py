@@ -22,11 +22,14 @@ import pytest
 import tomllib
 import yaml
 
+from icemap._version import __version__
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S_VERSION = "1.30.0"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-VERSION = PYPROJECT["project"]["version"]
+# The version has one home (pyproject.toml reads it from there too).
+VERSION = __version__
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml") or p.name == ".yamllint")
 
 

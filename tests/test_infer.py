@@ -93,7 +93,7 @@ def test_study_scorer_runs_the_shipped_predictor(items: list[dict[str, Any]], mo
     """The experiment/report path (predict_window, in memory, a model object) gives the
     probabilities that ``icemap.predict`` (chunked, lazy, a model by reference) writes."""
     from icemap.model.checkpoint import load_checkpoint
-    from icemap.model.train import predict_window
+    from icemap.lab.train import predict_window
 
     cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
     shipped = predict(cube, model_dir, tile=32)["ice_probability"].values
@@ -118,9 +118,10 @@ def test_output_grid_and_values(items: list[dict[str, Any]], model_dir: Path) ->
 
 def test_graph_is_lazy_and_holds_no_weights(items: list[dict[str, Any]], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import icemap.model.checkpoint as ckpt
+    import icemap.infer
 
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded while building"))
+    # Patched where the predictor looks it up (icemap.infer imports it at its top).
+    monkeypatch.setattr(icemap.infer, "load_checkpoint", lambda *a, **k: pytest.fail("weights loaded while building"))
     cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
     small = make_model(tmp_path / "small", base=4)
     large = make_model(tmp_path / "large", base=32)
@@ -278,7 +279,7 @@ def test_any_cube_size_equals_whole(items: list[dict[str, Any]], model_dir: Path
 @pytest.fixture(scope="module")
 def athabasca() -> Any:
     """The real HLS L30 Athabasca crop: 18 % of its pixels have a negative band (shadow)."""
-    from icemap.model.default import _athabasca
+    from icemap.lab.default import _athabasca
 
     return _athabasca(shared_path("athabasca_hls_l30").parent)
 

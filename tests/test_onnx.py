@@ -23,7 +23,7 @@ from icemap.errors import IcemapError, ModelError
 from icemap.infer import ModelRef, default_halo, predict, predict_array
 from icemap.model.checkpoint import load_checkpoint, read_metadata
 from icemap.model.inputs import Normalisation, build_inputs
-from icemap.model.onnx_import import TILING_TOLERANCE, import_onnx, probe_reach, tiling_error
+from icemap.lab.onnx_import import TILING_TOLERANCE, import_onnx, probe_reach, tiling_error
 from icemap.model.onnx_runner import OnnxRunner
 from icemap.model.unet import UNetConfig
 from icemap.stac import search

@@ -66,13 +66,13 @@ def test_too_few_values_say_nothing() -> None:
 
 @pytest.fixture(scope="module")
 def athabasca() -> Any:
-    from icemap.model.default import _athabasca
+    from icemap.lab.default import _athabasca
 
     return _athabasca(shared_path("athabasca_hls_l30").parent)
 
 
 def test_real_crops(athabasca: Any) -> None:
-    from icemap.model.default import _liverpool
+    from icemap.lab.default import _liverpool
 
     liverpool = _liverpool(shared_path("xlandsat_liverpool_l2sp").parent)
     with warnings.catch_warnings():

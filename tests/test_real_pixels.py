@@ -19,7 +19,7 @@ import pytest
 from icemap import sample as S
 from icemap.guards import DarkGuard, WaterGuard
 from icemap.kernels import ice_mask, normalized_difference
-from icemap.model.default import POINT_FIELD, POINT_FILES, _point_channels, point_scores, point_spectra, \
+from icemap.lab.default import POINT_FIELD, POINT_FILES, _point_channels, point_scores, point_spectra, \
     point_unet_probability
 from icemap.model.packaged import default_model_dir
 

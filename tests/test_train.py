@@ -20,9 +20,9 @@ import torch
 
 from icemap.errors import IcemapError, ModelError
 from icemap.model.checkpoint import load_checkpoint, read_metadata
-from icemap.model.data import ChipDataset
+from icemap.lab.data import ChipDataset
 from icemap.model.inputs import Normalisation
-from icemap.model.train import (
+from icemap.lab.train import (
     STATE_DIR,
     EpochRecord,
     TrainConfig,
@@ -219,8 +219,28 @@ def test_predict_window_equals_chip_prediction(trained: Any, data: Any) -> None:
         np.testing.assert_allclose(p[ok], chips[k][ok], atol=1e-5)
 
 
+def test_chip_prediction_is_the_training_forward_pass(trained: Any, data: Any) -> None:
+    """predict_dataset runs chips through infer.predict_array (the product's one forward pass) and
+    gets the probabilities the training batches see: padding around the chip, hidden channels."""
+    norm = Normalisation.from_dict(trained.meta.normalisation)
+    ids = data.samples("test")
+    for hide in (None, 1):
+        # multiple=12 pads 32 px chips to 36, 2 px on each side: predict_array must pad the same way.
+        ds = ChipDataset(data.source, ids, ("green", "swir16"), normalisation=norm, multiple=12, hide_channel=hide)
+        assert ds.padded == 36 and ds.offset == 2
+        probs = predict_dataset(trained.model, ds)
+        trained.model.eval()
+        with torch.no_grad():
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            seen = ds.crop(torch.sigmoid(trained.model(x))[:, 0].numpy())
+        valid = np.stack([ds.arrays(i)[2] for i in range(len(ds))])
+        assert probs.shape == seen.shape == valid.shape
+        assert not np.isnan(probs[valid]).any()  # NaN only where an input is nodata
+        np.testing.assert_allclose(probs[valid], seen[valid], atol=1e-5)
+
+
 def test_experiment_writes_tables(data: Any, sample_region: Any, tmp_path: Path) -> None:
-    from icemap.model.experiment import RunSpec, run_experiment
+    from icemap.lab.experiment import RunSpec, run_experiment
 
     runs = [RunSpec("b3_b6", "original"), RunSpec("ndsi_dem", "extended")]
     res = run_experiment(None, None, tmp_path, runs=runs, config=TrainConfig(**TINY, epochs=2), data=data,
@@ -330,7 +350,7 @@ INIT = dict(chip_size=32, batch_size=4, split_iterations=40, patience=None, n_ha
 
 
 def test_init_default_fine_tunes_with_the_models_inputs_and_normalisation(data: Any, tmp_path: Path) -> None:
-    from icemap.model.default import default_model_dir
+    from icemap.model.packaged import default_model_dir
 
     start = read_metadata(default_model_dir())
     res = train(None, None, tmp_path / "ft", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
@@ -362,7 +382,7 @@ def test_init_conflicts_are_clear_errors(data: Any, tmp_path: Path, bad: dict[st
 
 def test_validation_baselines_count_the_models_pixels(trained: Any, data: Any) -> None:
     import icemap
-    from icemap.model.train import validation_baselines
+    from icemap.lab.train import validation_baselines
 
     norm = Normalisation.from_dict(trained.meta.normalisation)
     val = ChipDataset(data.source, data.samples("val"), ("green", "swir16"), normalisation=norm, multiple=4)
@@ -405,7 +425,7 @@ def _collapsed_eval(model: Any, ds: Any, loss_fn: Any, device: Any, amp: bool, b
 def test_early_stopping_never_keeps_a_collapsed_model(data: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from icemap.errors import ModelNoBetterWarning
-    from icemap.model import train as train_mod
+    from icemap.lab import train as train_mod
 
     monkeypatch.setattr(train_mod, "_eval", _collapsed_eval)
     cfg = TrainConfig(**{**TINY, "patience": 1}, epochs=3)
@@ -431,7 +451,7 @@ def test_early_stopping_still_stops_a_learning_model(data: Any, tmp_path: Path) 
 
 
 def test_spectral_augment_on_any_band_channels() -> None:
-    from icemap.model.augment import SpectralAugment, check_augment_channels
+    from icemap.lab.augment import SpectralAugment, check_augment_channels
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(0.05, 0.9, size=(3, 3, 16, 16)).astype(np.float32))

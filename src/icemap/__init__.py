@@ -11,7 +11,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from icemap._version import __version__
 
 # name -> module that defines it
 _API = {
@@ -56,6 +56,10 @@ _API = {
     "report": "icemap.report",
     "composite": "icemap.composite",
     "fill_gaps": "icemap.composite",
+    # The lab (icemap.lab): the face of the package may reach it, the product never does.
+    "train": "icemap.lab.train",
+    "TrainConfig": "icemap.lab.train",
+    "import_onnx": "icemap.lab.onnx_import",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -80,6 +84,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.figures import area_plot, map_figure
     from icemap.report import report
     from icemap.composite import composite, fill_gaps
+    from icemap.lab.onnx_import import import_onnx
+    from icemap.lab.train import TrainConfig, train
 
 
 def __getattr__(name: str) -> Any:

@@ -14,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
 from icemap.errors import BandError
+from icemap.kernels import lookup_classes
 
 __all__ = [
     "Band",
@@ -481,9 +483,6 @@ def class_qa_to_bits(qa: Any, sensor: Sensor) -> Any:
     """
     if not sensor.qa_classes:
         return qa
-    import dask.array as da
-
-    from icemap.kernels import lookup_classes
 
     return da.map_blocks(lookup_classes, qa, _class_lut(sensor.qa_classes), dtype=np.float32)
 
@@ -497,7 +496,6 @@ def translate_class_qa(stack: Any, sensor: Sensor, position: int) -> Any:
     """
     if not sensor.qa_classes:
         return stack
-    import dask.array as da
 
     data = stack.data
     qa = class_qa_to_bits(data[:, position], sensor)

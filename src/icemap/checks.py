@@ -19,6 +19,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rasterio.errors import RasterioError
+from rasterio.warp import transform_bounds
+from shapely.errors import GEOSException
+from shapely.geometry import box, shape
+from shapely.ops import unary_union
+
 from icemap.bands import Sensor
 from icemap.errors import GridError, LoadError, MissingAssetWarning, MixedCRSWarning
 
@@ -81,8 +87,6 @@ def default_bands(items: Sequence[Mapping[str, Any]], sensor: Sensor, method: st
 
 def bbox_polygons(bbox: Sequence[float]) -> list[Any]:
     """A lon/lat bbox as shapely boxes; one across the antimeridian (west > east) as two."""
-    from shapely.geometry import box
-
     w, s, e, n = (float(v) for v in bbox)
     if w > e:
         return [box(w, s, 180.0, n), box(-180.0, s, e, n)]
@@ -95,9 +99,6 @@ def _footprint(item: Mapping[str, Any]) -> Any:
     Footprints that cross the antimeridian or enclose a pole (a span of more than 180 degrees
     of longitude in one ring) are left to the grid test in projected coordinates.
     """
-    from shapely.errors import GEOSException
-    from shapely.geometry import box, shape
-
     geom = item.get("geometry")
     try:
         poly = shape(geom) if geom else (box(*item["bbox"][:2], *item["bbox"][-2:]) if item.get("bbox") else None)
@@ -123,7 +124,6 @@ def check_bbox_hits_footprints(items: Sequence[Mapping[str, Any]], bbox: Sequenc
         return  # cannot decide in lon/lat for some item: the projected test decides
     if any(p.intersects(b) for p in prints for b in boxes):
         return
-    from shapely.ops import unary_union
 
     w, s, e, n = unary_union(prints).bounds
     raise GridError(
@@ -140,9 +140,6 @@ def project_bbox(bbox: Sequence[float], epsg: int) -> tuple[float, float, float,
     CRSs (EPSG:3031, 3413); where it cannot project the box at all, the error names the fix
     instead of a raw rasterio/pyproj exception.
     """
-    from rasterio.errors import RasterioError
-    from rasterio.warp import transform_bounds
-
     w, s, e, n = (float(v) for v in bbox)
     if not (-90 <= s < n <= 90 and -180 <= w <= 180 and -180 <= e <= 180 and w != e):
         raise GridError(f"bbox {tuple(bbox)} is not WEST SOUTH EAST NORTH in degrees (west > east crosses the antimeridian)")

@@ -9,13 +9,17 @@ SIGTERM 143, with one line saying which steps of the store are complete.
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, cast
 
 import typer
 
+from icemap import cli_common
 from icemap.cli_common import (
     BboxOpt,
     Catalog,
@@ -32,17 +36,19 @@ from icemap.cli_common import (
     _split_list,
     _StepProgress,
     app,
+    interrupted_line,
     os_error_line,
     safe,
 )
-from icemap.errors import IcemapError
-from icemap.stac import STAC_RETRIES, STAC_TIMEOUT_S
+from icemap.errors import IcemapError, IcemapWarning
+from icemap.extras import require
+from icemap.redact import printable, redact
+from icemap.stac import STAC_RETRIES, STAC_TIMEOUT_S, NoEPSGError, parse_bbox, search
+
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
                   retries: int = STAC_RETRIES, timeout: float = STAC_TIMEOUT_S, intersects: Path | None = None) -> Any:
-    from icemap.stac import search
-
     return search(
         catalog,
         collections=_split_list(collection),
@@ -130,7 +136,6 @@ def ingest_cmd(
     """
     from icemap.cluster import connect
     from icemap.localfiles import parse_band_map
-    from icemap.stac import parse_bbox
     from icemap.workflow import ingest
 
     if engine is not None:
@@ -174,7 +179,6 @@ def ingest_cmd(
 def _local_items(catalog: str | None, files: list[Path], band_map: str | None, datetimes: list[str] | None,
                  collection: list[str] | None, scale: float | None, offset: float | None, crs: str | None) -> list[Any]:
     from icemap.localfiles import items_from_local_files
-    from icemap.stac import NoEPSGError
 
     if catalog is not None:
         raise IcemapError("give either --catalog or --files, not both")
@@ -225,8 +229,6 @@ def map_cmd(
 ) -> None:
     """Map ice on a cube: `ndsi` or `ice_probability` (float32) and `ice` (uint8; 255 = nodata) per date."""
     if method == "unet":
-        from icemap.extras import require
-
         require("ml", "icemap map --method unet")
     from icemap.cluster import connect
     from icemap.workflow import map_cube
@@ -313,8 +315,6 @@ def _evaluate(pred: str, reference: Path, buffer: float, all_touched: bool, time
 
 
 def _print_scores(result: dict[str, Any], as_json: bool) -> None:
-    import math
-
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
     if as_json:
         json.dump(clean, sys.stdout, default=float)
@@ -395,22 +395,21 @@ def demo_cmd(
 
 _default_showwarning = warnings.showwarning
 
-# Model commands (train, experiment) live in their own module and register on `app`.
-from icemap import cli_model  # noqa: E402,F401  (imports cli_common, never this module)
-from icemap import cli_report  # noqa: E402,F401  (areas, figure, report; imports cli_common only)
+# The other command groups live in their own modules and register on `app` (each imports
+# cli_common, never this module). `icemap train`, `experiment` and `model import` are the lab's:
+# the CLI face is the one product module that reaches icemap.lab (its commands import the
+# training stack only when they run).
+from icemap import cli_model_info, cli_report  # noqa: E402,F401  (model info; areas, figure, report)
+from icemap.lab import cli as lab_cli  # noqa: E402,F401  (train, experiment, model import)
 
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: str | None = None) -> None:
     """icemap's own warnings as one line, named by their class (users filter on it); others as Python prints them."""
-    from icemap.errors import IcemapWarning
-
     if issubclass(category, IcemapWarning):
         _console().print(f"[yellow]icemap: warning ({category.__name__}):[/] {safe(message, one_line=True)}",
                          highlight=False, soft_wrap=True)
     else:
-        from icemap.redact import printable, redact
-
         # Others (GDAL, zarr, dask) as Python prints them, but without secrets or terminal escapes.
         _default_showwarning(printable(redact(message)), category, filename, lineno, file, line)
 
@@ -421,18 +420,12 @@ class _Terminated(KeyboardInterrupt):
 
 def _interrupted(signum: int) -> None:
     """One line saying which steps are complete and that a rerun resumes; exit 128 + signal."""
-    import signal
-
-    from icemap.cli_common import interrupted_line
-
     _console().print(interrupted_line(signal.Signals(signum).name), highlight=False, markup=False, soft_wrap=True)
     sys.exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``icemap`` console script."""
-    import signal
-
     warnings.showwarning = _show_warning
     received: list[int] = []
 
@@ -452,10 +445,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(argv: list[str] | None, received: list[int]) -> None:
-    import signal
-
-    from icemap import cli_common
-
     cli_common._ACTIVE = None  # an earlier in-process command's store is not this one's
     try:
         # Typer turns KeyboardInterrupt into a return value of 130 when not standalone.
@@ -500,8 +489,6 @@ def _dispatch(argv: list[str] | None, received: list[int]) -> None:
 
 def _from_codec(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while decoding a Zarr chunk (numcodecs or zarr's codecs)."""
-    import traceback
-
     if not isinstance(exc, (RuntimeError, ValueError, TypeError)):
         return False
     frames = traceback.extract_tb(exc.__traceback__)

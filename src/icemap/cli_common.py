@@ -1,7 +1,8 @@
 """What every ``icemap`` command shares: the typer app, option types, console, progress bar.
 
-:mod:`icemap.cli` (data commands) and :mod:`icemap.cli_model` (model commands) both register
-on :data:`app` from here, so neither imports the other's module for it (no import cycle).
+:mod:`icemap.cli` (data commands), :mod:`icemap.cli_model_info`, :mod:`icemap.cli_report` and the lab's
+:mod:`icemap.lab.cli` all register on :data:`app` from here, so none imports another's module for it
+(no import cycle).
 Options whose default is an icemap default (chunk size, threshold, Zarr format...) default to
 ``None`` ("not given") and are resolved by the library through :mod:`icemap.options`, so the CLI
 never restates a default.
@@ -9,10 +10,15 @@ never restates a default.
 
 from __future__ import annotations
 
+import errno as _errno
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from icemap._version import __version__
+from icemap.redact import printable, redact
 
 app = typer.Typer(
     name="icemap",
@@ -24,8 +30,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from icemap import __version__
-
         typer.echo(f"icemap {__version__}")
         raise typer.Exit()
 
@@ -82,8 +86,6 @@ def safe(text: Any, *, one_line: bool = False) -> str:
     string the CLI prints that it did not write itself goes through here.
     """
     from rich.markup import escape
-
-    from icemap.redact import printable, redact
 
     return escape(printable(redact(text), one_line=one_line))
 
@@ -154,8 +156,6 @@ def interrupted_line(signal_name: str) -> str:
     if active is None or active.out is None:
         return f"icemap: interrupted ({signal_name}); nothing was being written; rerun the same command"
     try:
-        import warnings
-
         from icemap.store import cube_status
 
         with warnings.catch_warnings():
@@ -189,10 +189,6 @@ def os_error_line(exc: OSError) -> str:
     Zarr, GDAL and pandas raise these from deep inside a write (a full disk, a read-only
     mount); the traceback says nothing a user can act on, the path and the errno do.
     """
-    import errno as _errno
-
-    from icemap.redact import redact
-
     name = _errno.errorcode.get(exc.errno or -1, "")
     what = _ERRNO_ADVICE.get(name) or (exc.strerror or str(exc) or type(exc).__name__)
     paths = [p for p in (exc.filename, exc.filename2) if p is not None]

@@ -15,6 +15,7 @@ import typer
 
 from icemap.cli_common import SchedulerOpt, _console, app, safe
 from icemap.errors import IcemapError
+from icemap.extras import require
 
 PredOpt = Annotated[str, typer.Option("--pred", help="Product store (path or URL) with an `ice` variable (`icemap map`).")]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="Glacier outlines (any vector format): the glaciers to report.")]
@@ -69,8 +70,6 @@ def areas_cmd(
 ) -> None:
     """Ice area of every glacier per time step, with uncertainty and observed share; trends over season-years."""
     if plot is not None:
-        from icemap.extras import require
-
         require("report", "icemap areas --plot")
     _store_exists(pred, "product")
     _exists(reference, "outline file")
@@ -136,8 +135,6 @@ def figure_cmd(
 ) -> None:
     """A map of one time step: false colour, ice, outlines coloured by trend, legend, scale bar, graticule,
     acquisition dates, method, data credit."""
-    from icemap.extras import require
-
     require("report", "icemap figure")
     _store_exists(cube, "cube")
     _store_exists(pred, "product")
@@ -182,8 +179,6 @@ def report_cmd(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """One self-contained HTML page of a run: maps, area plots, per-glacier table, provenance."""
-    from icemap.extras import require
-
     require("report", "icemap report")
     _store_exists(cube, "cube")
     _store_exists(pred, "product")

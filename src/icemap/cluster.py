@@ -51,6 +51,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
+import dask
+import dask.config
+from dask.utils import parse_bytes
+from distributed import Client, LocalCluster
+
 from icemap.errors import IcemapError
 
 __all__ = [
@@ -185,8 +190,6 @@ def parse_scheduler(scheduler: str | None) -> SchedulerSpec:
 
 def _check_memory(base: str, value: str) -> None:
     """A worker memory limit dask understands ('4GiB', '2e9', 'auto'), checked before any worker starts."""
-    from dask.utils import parse_bytes
-
     if str(value).strip().lower() == "auto":
         return
     try:
@@ -292,9 +295,6 @@ def local_cluster(
     which costs torch's allocator about 1.7x in speed. The setting is read when each nanny is
     created, and a nanny reuses it when it restarts a killed worker.
     """
-    import dask
-    from distributed import LocalCluster
-
     if "dashboard_address" in kwargs:
         dashboard = kwargs.pop("dashboard_address")
     # Threads-only clusters talk in-process (inproc://), which takes no host.
@@ -397,8 +397,6 @@ def local_cuda_cluster(
     advertises exactly one ``GPU``; inference tasks annotated ``resources={"GPU": 1}`` then run
     one at a time per device instead of oversubscribing its memory.
     """
-    import dask
-
     dask_cuda = _import_optional("dask_cuda", "dask-cuda", "--scheduler local-cuda")
     if devices is None and cuda_device_count() == 0:
         raise IcemapError(
@@ -483,7 +481,6 @@ def connect(scheduler: str | None, *, timeout: str | float = "20s") -> Iterator[
     if spec.kind == "threads":
         yield None
         return
-    from distributed import Client
 
     if spec.kind == "auto":
         use_cuda = cuda_device_count() > 0 and importlib.util.find_spec("dask_cuda") is not None
@@ -518,8 +515,6 @@ def connect(scheduler: str | None, *, timeout: str | float = "20s") -> Iterator[
         raise IcemapError(f"--scheduler {address!r}: an inproc:// scheduler exists only inside the Python process "
                           "that started it; from another process connect with tcp://HOST:8786")
     if address.startswith("tls://"):
-        import dask.config
-
         if not dask.config.get("distributed.comm.tls.ca-file", None):
             raise IcemapError(
                 f"--scheduler {address!r}: TLS needs certificates; set distributed.comm.tls.ca-file, "

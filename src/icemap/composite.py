@@ -33,21 +33,31 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+import dask.array as da
 import numpy as np
+import xarray as xr
+from pyproj import Transformer
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.fill import fillnodata
 
+from icemap._version import __version__
+from icemap.describe import item_path
 from icemap.errors import BandError, IcemapError
-from icemap.interop import keep_grid
-from icemap.kernels import COMPOSITE_RULES
+from icemap.interop import finish_store, keep_grid, resolve_store
+from icemap.kernels import COMPOSITE_RULES, filled_flag
 from icemap.kernels import composite as composite_kernel
-from icemap.kernels import filled_flag
 from icemap.options import get_option, parse_season, resolve
+from icemap.store import _fmt_time, _group_attrs, _set_attrs, check_not_input, open_cube, write_timesteps
+from icemap.workflow import _exists, describe_run
 
 if TYPE_CHECKING:  # pragma: no cover
-    from icemap.store import Progress, WriteReport
     import xarray as xr
+
+    from icemap.store import Progress, WriteReport
 
 __all__ = ["composite", "default_season", "fill_gaps", "season_groups", "source_dates", "write_composite"]
 
@@ -85,8 +95,6 @@ def season_groups(times: Any, season: str) -> dict[int, list[int]]:
 def default_season(cube: xr.Dataset | xr.DataArray) -> str:
     """The default window for a cube: option ``season_north`` or ``season_south``, by the
     latitude of the cube's centre (the equator counts as north)."""
-    from pyproj import Transformer
-
     crs = cube.rio.crs
     if crs is None:
         raise IcemapError("the cube has no CRS, so its hemisphere is unknown; give --season MM-DD/MM-DD")
@@ -127,7 +135,6 @@ def _open_cube_arg(cube: Any, out: str | os.PathLike[str] | None) -> tuple[Any, 
     """Open ``cube`` when it is a store path (never the output itself); return it and that path."""
     if not isinstance(cube, (str, os.PathLike)):
         return cube, None
-    from icemap.store import check_not_input, open_cube
 
     if out is not None:
         check_not_input(out, {"--cube": cube})
@@ -142,8 +149,6 @@ def _check_composite_inputs(cube: Any, rule: Rule | None,
     Returns ``(reflectance, rule, season, (green, swir16) band positions, {year: time positions})``;
     a season that no time step falls in is an error that names the cube's dates.
     """
-    import xarray as xr
-
     if not isinstance(cube, xr.Dataset) or "reflectance" not in cube:
         raise IcemapError("a composite needs a cube with a 'reflectance' variable; open it with icemap.open_cube")
     refl = cube["reflectance"]
@@ -171,8 +176,6 @@ def _composite_layers(cube: Any, refl: Any, groups: Mapping[int, list[int]],
 
     One kernel task per spatial chunk sees all the year's dates at once (the rule picks per pixel).
     """
-    import dask.array as da
-
     ig, isw = bands
     data = refl.data if isinstance(refl.data, da.Array) else da.from_array(refl.values, chunks=(1, -1, -1, -1))
     nb = refl.sizes["band"]
@@ -193,9 +196,6 @@ def _composite_layers(cube: Any, refl: Any, groups: Mapping[int, list[int]],
 def _composite_dataset(cube: Any, refl: Any, groups: Mapping[int, list[int]], season: str, comps: list[Any],
                        counts: list[Any], dates: list[Any]) -> Any:
     """Stack the yearly layers into the composite Dataset, labelled by each season's last day."""
-    import dask.array as da
-    import xarray as xr
-
     _, end = parse_season(season)
     years = list(groups)
     ids = None
@@ -244,17 +244,11 @@ def _composite_provenance(cube: Any, rule: str, season: str, groups: Mapping[int
 def _describe_composite(out: str | os.PathLike[str], source: str | None) -> None:
     """Write the STAC description of a written composite, linked to its source cube when known."""
     if source is not None:
-        from icemap.describe import item_path
-        from icemap.interop import resolve_store
-        from icemap.workflow import _exists, describe_run
-
         store = resolve_store(source)
         link = source if source.endswith(".json") else item_path(store)
         describe_run(out, derived_from=[link if _exists(link) else store],
                      description=f"icemap composite of {os.path.basename(store.rstrip('/'))}")
     else:
-        from icemap.workflow import describe_run
-
         describe_run(out, derived_from=[], description="icemap composite")
 
 
@@ -332,12 +326,6 @@ def write_composite(ds: xr.Dataset, out: str | os.PathLike[str], *, zarr_format:
                     storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
                     ) -> WriteReport:
     """Write a composite one year at a time with the store's resumable machinery."""
-    from icemap import __version__
-    from icemap.store import write_timesteps
-
-    from icemap.interop import finish_store
-    from icemap.store import _fmt_time, _group_attrs, _set_attrs
-
     meta = dict(ds.attrs.get("icemap:composite", {}))
     attrs = {"icemap_version": __version__, "icemap:composite": meta}
     # One product per store: the rule, the window, the gap filling and the cube it came from.
@@ -379,11 +367,6 @@ def _halo(max_distance_px: float, smoothing_iterations: int) -> int:
 
 def _fill_planes(block: np.ndarray, max_distance_px: float, smoothing_iterations: int) -> np.ndarray:
     """fillnodata on every (y, x) plane of a block; NaN is nodata and stays NaN out of reach."""
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.fill import fillnodata
-
     out = np.array(block, dtype=np.float32, copy=True)
     planes = out.reshape(-1, *out.shape[-2:])
     for p in planes:
@@ -411,9 +394,6 @@ def fill_gaps(ds: xr.Dataset, *, max_distance_px: float, smoothing_iterations: i
     Returns the dataset with ``reflectance`` filled and ``filled`` (uint8, (time, y, x)): 1 where
     a band of the pixel was filled, 0 elsewhere.
     """
-    import dask.array as da
-    import xarray as xr
-
     if not isinstance(max_distance_px, (int, float)) or isinstance(max_distance_px, bool) or not (
             0 < max_distance_px <= 1000):
         raise IcemapError(f"the gap-filling distance must be 1-1000 pixels, got {max_distance_px!r}")

@@ -19,10 +19,18 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import dask.array as da
 import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers .rio)
+import xarray as xr
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
 
 from icemap import kernels
 from icemap.errors import IcemapError
+from icemap.labels import grid_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import pystac
@@ -91,10 +99,6 @@ def resolve_dem_href(source: str | os.PathLike[str] | pystac.Item | pystac.Asset
 
 def _target_grid(like: Any) -> tuple[Any, tuple[int, int], Any, Any, Any]:
     """Transform, shape, CRS, y/x coordinates and spatial chunks of the cube grid."""
-    import xarray as xr
-
-    from icemap.labels import grid_of
-
     if not isinstance(like, (xr.Dataset, xr.DataArray)):
         raise IcemapError(f"'like' must be an xarray cube or DataArray, got {type(like).__name__}")
     ref = like["reflectance"] if isinstance(like, xr.Dataset) and "reflectance" in like else like
@@ -116,11 +120,6 @@ def _warp_block(
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
     """Warp the part of the DEM under one output block (y0:y1, x0:x1) of the target grid."""
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-    from rasterio.windows import Window
-
     if block_info is None:  # dask's meta probe
         return np.empty(block.shape, dtype=np.float32)
     info = block_info[None]
@@ -176,11 +175,6 @@ def dem_on_grid(
         ``elevation`` (y, x) float32 on ``like``'s pixel-centre coordinates, lazily (one GDAL
         warp per block, reading only the source window it needs) when chunked.
     """
-    import dask.array as da
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-    from rasterio.enums import Resampling
-
     if resampling not in Resampling.__members__:
         raise IcemapError(f"unknown resampling {resampling!r}; use one of {', '.join(Resampling.__members__)}")
     transform, (h, w), crs, (ycoord, xcoord), like_chunks = _target_grid(like)
@@ -208,7 +202,6 @@ def dem_on_grid(
         source = "DataArray"
     else:
         href = resolve_dem_href(dem)
-        import rasterio
 
         try:
             with rasterio.open(href) as src_ds:
@@ -250,8 +243,6 @@ def slope_degrees(dem_grid: xr.DataArray) -> xr.DataArray:
     dem_grid
         From :func:`dem_on_grid`: (y, x) elevation in metres with a projected CRS in metres.
     """
-    import dask.array as da
-
     crs = dem_grid.rio.crs
     if crs is None or not crs.is_projected:
         raise IcemapError("slope needs a DEM on a projected grid in metres; use dem_on_grid first")

@@ -11,11 +11,29 @@ special-cased for the sample; it doubles as a smoke test of the whole chain.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from icemap.composite import composite, season_groups
+from icemap.figures import area_plot, credit_line, map_figure, save_png
+from icemap.index import ice_mask
+from icemap.kernels import ICE_NODATA
+from icemap.labels import glacier_ids, read_outlines
+from icemap.quicklook import quicklook
+from icemap.report import report
+from icemap.sample import make_sample_region
+from icemap.series import REGION_ID, glacier_series, region_series, trends, write_table
+from icemap.stac import search
+from icemap.store import open_cube
+from icemap.vector import ice_area_per_glacier
+from icemap.workflow import ingest, map_cube
 
 #: Glaciers printed in the demo's trend table (the largest); trends.csv holds every one.
 TREND_ROWS = 8
@@ -48,8 +66,6 @@ class DemoResult:
     note: str = ""
 
     def print(self, console: Any) -> None:
-        from rich.table import Table
-
         per_date = self.areas.groupby("time")[["ice_area_km2", "outline_area_km2", "nodata_area_km2"]].sum()
         table = Table(title="Ice area on the sample region (NDSI), each acquisition, all glaciers")
         for col in ("date", "ice km²", "outlines km²", "under cloud km²", "seen outlines km²",
@@ -79,10 +95,6 @@ class DemoResult:
                               f"{row.area_uncertainty_rss_km2:.3f}", f"{100 * row.observed_fraction:.1f}", diff)
             console.print(years)
         if self.trends is not None:
-            import pandas as pd
-
-            from icemap.series import REGION_ID
-
             min_obs = 100 * float(self.trends.attrs.get("min_observed", 0.9))
             glaciers = self.trends[self.trends["glacier_id"] != REGION_ID]
             # A region has dozens of glaciers: the largest are printed, every one is in trends.csv.
@@ -117,10 +129,6 @@ class DemoResult:
 
 def _nodata_shares(ice: Any, kind: str) -> Any:
     """Share of nodata (255) pixels of an ice mask, per time step, with the season's year."""
-    import pandas as pd
-
-    from icemap.kernels import ICE_NODATA
-
     shares = (ice == ICE_NODATA).mean(dim=("y", "x")).values
     times = pd.DatetimeIndex(ice["time"].values)
     return pd.DataFrame({"time": times, "kind": kind, "nodata_share": shares})
@@ -142,21 +150,6 @@ def run_demo(
     ``n_dates`` is the number of seasons (years), each with ``per_season`` acquisitions 8 days
     apart, clouds and snow changing between them.
     """
-    import importlib.util
-
-    import pandas as pd
-
-    from icemap.composite import composite, season_groups
-    from icemap.index import ice_mask
-    from icemap.labels import glacier_ids, read_outlines
-    from icemap.quicklook import quicklook
-    from icemap.sample import make_sample_region
-    from icemap.series import glacier_series, region_series, trends, write_table
-    from icemap.stac import search
-    from icemap.store import open_cube
-    from icemap.vector import ice_area_per_glacier
-    from icemap.workflow import ingest, map_cube
-
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,9 +200,6 @@ def run_demo(
     if importlib.util.find_spec("matplotlib") is None:
         result.note = 'figures and the HTML report need matplotlib: pip install "icemap[report]"'
     else:
-        from icemap.figures import area_plot, credit_line, map_figure, save_png
-        from icemap.report import report
-
         comp = open_cube(comp_path)
         result.figures = [
             save_png(map_figure(comp, open_cube(comp_ice), time=-1, outlines=outlines, change=series), out / "map.png"),

@@ -20,14 +20,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from icemap._atomic import atomic_write_text
+import fsspec
+import geopandas as gpd
+import numpy as np
+import pystac
+import rasterio
+import zarr
+from rasterio.warp import transform_bounds
 
+from icemap._atomic import atomic_write_text
+from icemap._version import __version__
+from icemap.errors import IcemapError, ModelError
 from icemap.interop import ZARR, zarr_options
+from icemap.kernels import ICE_NODATA, QA_FILL
+from icemap.model.checkpoint import METADATA, read_metadata
+from icemap.store import open_cube
 
 __all__ = [
     "EXTENSIONS",
@@ -85,19 +98,13 @@ def _href(target: str, item_at: str) -> str:
     return rel if rel.startswith("../") else "./" + rel
 
 def _iso(t: Any) -> str:
-    import numpy as np
-
     return str(np.datetime_as_string(np.datetime64(t, "s"), unit="s")) + "Z"
 
 def _dt(t: Any) -> datetime:
-    import numpy as np
-
     return np.datetime64(t, "s").astype(datetime).replace(tzinfo=timezone.utc)
 
 def _footprint(bounds: Sequence[float], crs: Any) -> tuple[list[float], dict[str, Any]]:
     """Lon/lat bbox and polygon of native ``bounds`` (densified, so curved edges are covered)."""
-    from rasterio.warp import transform_bounds
-
     w, s, e, n = transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)
     ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
     return [w, s, e, n], {"type": "Polygon", "coordinates": [ring]}
@@ -107,8 +114,6 @@ def _proj_code(crs: Any) -> str | None:
     return f"EPSG:{epsg}" if epsg else None
 
 def _processing(lineage: str, created: str | None = None) -> dict[str, Any]:
-    from icemap import __version__
-
     when = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {
         "processing:software": {"icemap": __version__},
@@ -118,8 +123,6 @@ def _processing(lineage: str, created: str | None = None) -> dict[str, Any]:
 
 def _times(props: dict[str, Any], times: Sequence[Any]) -> datetime | None:
     """Set ``start_datetime``/``end_datetime`` for several dates; return the single date or None."""
-    from icemap.errors import IcemapError
-
     if not len(times):
         raise IcemapError("a product without any date cannot be described in STAC")
     if len(times) == 1:
@@ -129,8 +132,6 @@ def _times(props: dict[str, Any], times: Sequence[Any]) -> datetime | None:
     return None
 
 def _band(dtype: Any, nodata: Any, **extra: Any) -> dict[str, Any]:
-    import numpy as np
-
     name = np.dtype(dtype).name
     band: dict[str, Any] = {"data_type": name if name in _RASTER_TYPES else "other", **extra}
     if nodata is not None:
@@ -139,8 +140,6 @@ def _band(dtype: Any, nodata: Any, **extra: Any) -> dict[str, Any]:
     return band
 
 def _links(item: Any, derived_from: Sequence[str | os.PathLike[str]], at: str) -> None:
-    import pystac
-
     for src in derived_from:
         src = os.fspath(src)
         media = "application/json" if src.endswith(".json") else MEDIA_TYPES.get(Path(src.rstrip("/")).suffix.lower())
@@ -150,8 +149,6 @@ def _dump(d: Mapping[str, Any], at: str, storage_options: Mapping[str, Any] | No
     """Write JSON to ``at`` (local path or fsspec URL), atomically where local."""
     text = json.dumps(d, indent=2, default=str) + "\n"
     if _is_url(at):
-        import fsspec
-
         with fsspec.open(at, "w", **dict(storage_options or {})) as f:
             f.write(text)
         return
@@ -165,8 +162,6 @@ def _finish(item: Any, at: str, write: bool, storage_options: Mapping[str, Any] 
 
 def _item(product: str, kind: Sequence[str], geometry: Any, bbox: Any, dt: datetime | None,
           props: dict[str, Any]) -> Any:
-    import pystac
-
     name = Path(product.rstrip("/")).name
     return pystac.Item(id=name, geometry=geometry, bbox=bbox, datetime=dt, properties=props,
                        stac_extensions=[EXTENSIONS[k] for k in kind])
@@ -180,8 +175,6 @@ def _source_items(ds: Any) -> list[str]:
     return ids
 
 def _zarr_format(path: str, storage_options: Mapping[str, Any] | None) -> int:
-    import zarr
-
     group = zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     return int(group.metadata.zarr_format)
 
@@ -212,11 +205,6 @@ def describe_store(
     dict
         The Item, as JSON-ready data.
     """
-    import numpy as np
-    import pystac
-
-    from icemap.store import open_cube
-
     path = os.fspath(path).rstrip("/")
     ds = open_cube(path, storage_options=storage_options)
     crs = ds.rio.crs
@@ -253,7 +241,6 @@ def describe_store(
     sources = _source_items(ds)
     if sources:
         props["icemap:source_items"] = sources
-    from icemap.kernels import ICE_NODATA, QA_FILL
 
     flag_nodata = {"qa_pixel": int(QA_FILL), "ice": int(ICE_NODATA)}
     bands = []
@@ -279,11 +266,6 @@ def describe_store(
 def describe_cog(path: str | os.PathLike[str], *, derived_from: Sequence[str | os.PathLike[str]] = (),
                  write: bool = True) -> dict[str, Any]:
     """The STAC Item of a COG written by :func:`icemap.export.export_geotiffs` (from its tags)."""
-    import pystac
-    import rasterio
-
-    from icemap.errors import IcemapError
-
     path = os.fspath(path)
     with rasterio.open(path) as src:
         tags = src.tags()
@@ -323,10 +305,6 @@ def describe_vector(path: str | os.PathLike[str], *, derived_from: Sequence[str 
     ``times`` are the dates mapped (the product's): a date without ice has no outline, and a
     file without any outline has no footprint (its Item then has no geometry).
     """
-    import geopandas as gpd
-    import numpy as np
-    import pystac
-
     path = os.fspath(path)
     gdf = gpd.read_parquet(path) if path.lower().endswith(".parquet") else gpd.read_file(path)
     props: dict[str, Any] = {"proj:code": _proj_code(gdf.crs)}
@@ -354,9 +332,6 @@ def describe_table(path: str | os.PathLike[str], table: Any, *,
     from); without it the Item has no geometry. ``times`` stands in for a table without a
     ``time`` column (a trends table spans the dates of the series it was fitted to).
     """
-    import numpy as np
-    import pystac
-
     path = os.fspath(path)
     props: dict[str, Any] = {}
     when = table["time"] if times is None else times
@@ -364,8 +339,6 @@ def describe_table(path: str | os.PathLike[str], table: Any, *,
     dt = _times(props, times)
     bbox = geometry = None
     if bbox_of is not None:
-        from icemap.store import open_cube
-
         ds = open_cube(bbox_of)
         bbox, geometry = _footprint(ds.rio.bounds(), ds.rio.crs)
     props.update(_processing(lineage or "icemap areas: ice area per glacier and time step, with uncertainty"))
@@ -386,10 +359,6 @@ def write_collection(main: str | os.PathLike[str], products: Sequence[str | os.P
     Each Item (already written beside its product) gets ``collection`` and a link back.
     Local paths only: a run on an object store writes its Items, not a Collection.
     """
-    import pystac
-
-    from icemap import __version__
-
     at = collection_path(main)
     loaded = []
     for p in products:
@@ -437,13 +406,6 @@ def describe_model(folder: str | os.PathLike[str], *, write: bool = True) -> dic
     (``file:checksum``, a multihash). Written to ``<folder>/model.stac.json``. The model has no
     footprint (geometry null); ``datetime`` is when its weights were written.
     """
-    import re
-
-    import pystac
-
-    from icemap.errors import ModelError
-    from icemap.model.checkpoint import METADATA, read_metadata
-
     root = Path(folder)
     # The one reader of model.json: a folder without one, or with a broken one, is the same
     # ModelError here as when the model is loaded for inference.

@@ -21,11 +21,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import rasterio
+import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
 from icemap._atomic import atomic_path
+from icemap._version import __version__
+from icemap.describe import describe_cog
+from icemap.errors import IcemapError
 from icemap.kernels import ICE_NODATA
+
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
 
@@ -274,10 +279,6 @@ def export_geotiffs(
     of the step), ``variable`` and ``icemap_version``; the band description is the variable's
     ``long_name``. An ice mask (uint8) also gets a colour table (:data:`ICE_COLORMAP`).
     """
-    import xarray as xr
-
-    from icemap.errors import IcemapError
-
     if isinstance(product_ds, xr.DataArray):
         if product_ds.name is None:
             raise IcemapError("a DataArray to export needs a name (it becomes the file prefix)")
@@ -322,8 +323,6 @@ def export_geotiffs(
                                    blocksize=blocksize, tags=_cog_tags(product_ds, name, t, i),
                                    band_names=[str(var.attrs.get("long_name", name))], colormap=colormap))
     if describe:
-        from icemap.describe import describe_cog
-
         for p in dated:
             describe_cog(p, derived_from=derived_from)
     return paths
@@ -331,8 +330,6 @@ def export_geotiffs(
 
 def _cog_tags(ds: Any, name: str, t: Any, i: int) -> dict[str, str]:
     """Provenance of one exported frame, as GDAL tags: date, method, threshold or model, items."""
-    from icemap import __version__
-
     var = ds[name]
     tags: dict[str, str] = {"variable": name, "icemap_version": __version__}
     if t is not None:

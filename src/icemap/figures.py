@@ -26,10 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
+from pyproj import Transformer
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
-from icemap.quicklook import _dates_text, credit_line, method_text, source_date_range
+from icemap.extras import require
+from icemap.labels import glacier_ids, read_outlines
+from icemap.options import resolve
+from icemap.quicklook import _coarsen, _dates_text, credit_line, false_colour, method_text, source_date_range
+from icemap.series import REGION_ID, _as_ice, trends
+from icemap.vector import _select_time
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -51,8 +58,6 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def _require() -> None:
-    from icemap.extras import require
-
     require("report", "figures and reports")
 
 
@@ -62,15 +67,12 @@ def _pick_time(da: Any, time: Any) -> Any:
         if not -n <= int(time) < n:
             raise IcemapError(f"time index {time} out of range for {n} time steps")
         return da.isel(time=int(time))
-    from icemap.vector import _select_time
 
     return da.sel(time=_select_time(da, time))
 
 
 def _graticule(ax: Any, crs: Any, extent: tuple[float, float, float, float]) -> None:
     """Meridians and parallels at a round step, labelled at the map's lower and left edges."""
-    from pyproj import Transformer
-
     left, right, bottom, top = extent
     to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     to_xy = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
@@ -115,8 +117,6 @@ def _map_background(cube: Any, ice_t: Any, max_size: int) -> tuple[np.ndarray, n
 
     Both are averaged down lazily to at most ``max_size`` pixels a side before computing.
     """
-    from icemap.quicklook import _coarsen, false_colour
-
     # The background is the cube's date nearest the product's step: the same date for a product
     # mapped from this cube, a date of that season for a yearly composite.
     frame = cube["reflectance"].sel(time=ice_t["time"].values, method="nearest")
@@ -148,8 +148,6 @@ def _draw_outlines(fig: Any, ax: Any, outlines: Any, change: Any, ice: Any, *, c
     """Draw the reference outlines, yellow or (with ``change``) coloured by trend; return legend handles."""
     from matplotlib.patches import Patch
 
-    from icemap.labels import read_outlines
-
     gdf = read_outlines(outlines, crs=crs)
     if change is not None:
         return _draw_trend_outlines(fig, ax, gdf, change, ice, id_column=id_column, min_observed=min_observed)
@@ -166,9 +164,6 @@ def _draw_trend_outlines(fig: Any, ax: Any, gdf: Any, change: Any, ice: Any, *, 
     """
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Patch
-
-    from icemap.labels import glacier_ids
-    from icemap.series import trends
 
     handles: list[Any] = []
     _, table = glacier_ids(gdf, ice, id_column=id_column)
@@ -219,8 +214,6 @@ def _draw_scale_bar(ax: Any, left: float, right: float, bottom: float, top: floa
 def _label_map(ax: Any, cube: Any, attrs: dict[str, Any], crs: Any, dates: Any, when: Any,
                title: str | None) -> None:
     """Axis labels, the title (dates, method, CRS) and the data credit in the map's lower left."""
-    import pandas as pd
-
     ax.set_xlabel("easting (m)")
     ax.set_ylabel("northing (m)")
     ax.ticklabel_format(style="plain", useOffset=False)
@@ -283,11 +276,8 @@ def map_figure(
         Save it with :func:`save_figure` (PNG, PDF or SVG).
     """
     _require()
-    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from icemap.series import _as_ice
 
     if "reflectance" not in cube:
         raise IcemapError("the map needs a cube with `reflectance` (from `icemap ingest`) for its background")
@@ -335,12 +325,8 @@ def area_plot(region_table: pd.DataFrame, glacier_table: pd.DataFrame, *, top: i
         A data credit line (:func:`credit_line`) at the bottom.
     """
     _require()
-    import pandas as pd
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from icemap.options import resolve
-    from icemap.series import REGION_ID, trends
 
     if top < 0:
         raise IcemapError(f"top must be >= 0, got {top}")
@@ -417,8 +403,6 @@ def _mark_partial(ax: Any, x: np.ndarray, table: Any, min_observed: float, colou
 
 
 def _decimal_year(times: Any) -> np.ndarray:
-    import pandas as pd
-
     t = pd.DatetimeIndex(times)
     start = pd.DatetimeIndex([f"{y}-01-01" for y in t.year])
     end = pd.DatetimeIndex([f"{y + 1}-01-01" for y in t.year])

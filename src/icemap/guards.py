@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from icemap import kernels
 from icemap.errors import IcemapError
 
 __all__ = [
@@ -342,8 +343,6 @@ def ice_kernel(
         says ice but no guard rejected the pixel and some guard's input is missing.
         A pixel one guard rejects is 0 even if another guard could not be evaluated.
     """
-    from icemap import kernels
-
     params: dict[str, Any] = {}
     for g in guards:
         params.update(g.kernel_params())

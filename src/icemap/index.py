@@ -9,12 +9,18 @@ lazy and eager results are equal by construction, and the graph grows by one tas
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask.array as da
 import numpy as np
+import xarray as xr
 
+from icemap.dem import dem_on_grid, resolve_dem_href, slope_degrees
 from icemap.errors import BandError, IcemapError
+from icemap.guards import guard_attrs, ice_kernel, required_inputs, resolve_guards
+from icemap.interop import keep_grid
 from icemap.kernels import ICE_NODATA, normalized_difference
 from icemap.options import resolve
 
@@ -34,8 +40,6 @@ __all__ = [
 ]
 
 def _reflectance(cube: Any) -> Any:
-    import xarray as xr
-
     if isinstance(cube, xr.Dataset):
         if "reflectance" not in cube:
             raise IcemapError("the dataset has no 'reflectance' variable; open it with icemap.open_cube")
@@ -74,9 +78,6 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
     copied by the final concatenation; here nothing is allocated and nothing is copied. Runs on
     local threads (the destination is this process's memory), whatever scheduler is active.
     """
-    import dask.array as da
-    import xarray as xr
-
     if out is None:
         return xr.apply_ufunc(kernel, *inputs, dask="parallelized", output_dtypes=[dtype], keep_attrs=False)
     arrays = xr.broadcast(*inputs)
@@ -99,8 +100,6 @@ def _apply(kernel: Any, inputs: Sequence[Any], dtype: Any, out: np.ndarray | Non
             kernel(*b, out=out[where])
             return np.zeros((1,) * out.ndim, np.int8)
 
-        import uuid
-
         # An explicit name: dask would otherwise hash ``out`` (the whole buffer) to name the graph.
         done = da.map_blocks(into, *blocks, dtype=np.int8, chunks=tuple((1,) * len(c) for c in chunks),
                              name=f"icemap-into-{uuid.uuid4().hex}", meta=np.empty((0,) * out.ndim, np.int8))
@@ -122,7 +121,6 @@ def _index(cube: xr.Dataset | xr.DataArray, a: str, b: str, name: str, out: np.n
 def _keep_grid(out: xr.DataArray, like: xr.Dataset | xr.DataArray) -> xr.DataArray:
     if "spatial_ref" in like.coords and "spatial_ref" not in out.coords:
         out = out.assign_coords(spatial_ref=like["spatial_ref"])
-    from icemap.interop import keep_grid
 
     return keep_grid(out, like)
 
@@ -152,8 +150,6 @@ def _ice_block(
 
     With ``with_ndsi`` the same pass also fills the NDSI, returned first.
     """
-    from icemap.guards import ice_kernel
-
     named = dict(zip(names, arrays))
     if not with_ndsi:
         return ice_kernel(named, threshold, guards, out=out)
@@ -164,10 +160,6 @@ def _ice_block(
 
 def _dem_inputs(dem: Any, refl: Any, need: tuple[str, ...]) -> dict[str, Any]:
     """Elevation and/or slope on the cube grid, chunked like the cube's y/x blocks."""
-    import xarray as xr
-
-    from icemap.dem import dem_on_grid, slope_degrees
-
     chunks = None
     if refl.chunks is not None:
         chunks = (refl.chunks[refl.dims.index("y")], refl.chunks[refl.dims.index("x")])
@@ -275,10 +267,6 @@ def ndsi_and_ice_mask(
 def _ice(cube: xr.Dataset | xr.DataArray, method: str, threshold: float | None, guards: Sequence[str | Guard],
          dem: DemSource | None,
          guard_params: dict[str, Any], *, with_ndsi: bool, out: np.ndarray | None) -> Any:
-    import xarray as xr
-
-    from icemap.guards import guard_attrs, required_inputs, resolve_guards
-
     if method != "ndsi":
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' (the U-Net runs through icemap.predict)")
     if threshold is not None and not -1.0 <= float(threshold) <= 1.0:
@@ -319,8 +307,6 @@ def _ice(cube: xr.Dataset | xr.DataArray, method: str, threshold: float | None, 
         **guard_attrs(resolved),
     }
     if dem is not None and not isinstance(dem, xr.DataArray):
-        from icemap.dem import resolve_dem_href
-
         ice.attrs["guard_dem_source"] = resolve_dem_href(dem)
     ice = _keep_grid(ice, refl)
     if not with_ndsi:

@@ -38,15 +38,27 @@ How a region is mapped:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask
+import dask.array as da
 import numpy as np
+import xarray as xr
 
+from icemap.cluster import gpu_workers
 from icemap.errors import ModelError
+from icemap.extras import require
+from icemap.interop import keep_grid
 from icemap.kernels import ICE_NODATA, probability_mask
+from icemap.model.checkpoint import load_checkpoint, read_metadata
+from icemap.model.inputs import Normalisation, build_inputs, normalise
+from icemap.model.packaged import resolve_model
+from icemap.options import get_option
+from icemap.plausibility import check_reflectance
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -72,8 +84,6 @@ class ModelRef:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> ModelRef:
-        from icemap.model.checkpoint import read_metadata
-
         meta = read_metadata(path)
         if not meta.weights_sha256:
             raise ModelError(f"checkpoint {path} records no weights sha256; save it again with icemap")
@@ -88,8 +98,6 @@ class ModelRef:
         with _CACHE_LOCK:
             model = _CACHE.get(key)
             if model is None:
-                from icemap.model.checkpoint import load_checkpoint
-
                 # threads: an imported ONNX network's CPU session follows torch's thread policy.
                 model, _ = load_checkpoint(self.path, device=device, expected_sha256=self.sha256,
                                            threads=_cpu_threads() if device == "cpu" else None)
@@ -108,10 +116,8 @@ def model_context(meta: Any) -> tuple[int, int]:
     """``(depth, exact halo)`` of a checkpoint: tiles align on ``2**depth``, halos give exactness.
 
     icemap's U-Net knows its receptive field from its architecture; an imported ONNX network
-    carries the multiple and halo measured (or given) at import (:mod:`icemap.model.onnx_import`).
+    carries the multiple and halo measured (or given) at import (:mod:`icemap.lab.onnx_import`).
     """
-    from icemap.errors import ModelError
-
     arch = meta.architecture
     depth = int(arch.get("depth", 4))
     if meta.kind == "onnx":
@@ -204,8 +210,6 @@ def _run_batches(model: Any, windows: list[np.ndarray], device: str, batch_size:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast: Any = torch.autocast("cuda", dtype=dtype)
     else:
-        import contextlib
-
         autocast = contextlib.nullcontext()
     if mc_samples:
         # MC dropout: dropout layers sample, batch norm keeps its running statistics.
@@ -253,7 +257,7 @@ def predict_array(
     """Ice probability for one window of inputs ``(C, H, W)``: icemap's one inference path.
 
     :func:`predict` runs it on every chunk (with neighbour halos), and every in-memory scorer
-    (:func:`icemap.model.train.predict_window`, the experiment tables, the reports) runs it on
+    (:func:`icemap.lab.train.predict_window`, the experiment tables, the reports) runs it on
     whole windows, so what the studies measure is what ``icemap map --method unet`` ships.
     ``model_ref`` is a :class:`ModelRef` (loaded once per process) or, for a model still in
     training, the ``torch.nn.Module`` itself. ``hide_channel`` zeroes one normalised input
@@ -265,8 +269,6 @@ def predict_array(
     ``(2, H', W')`` float32: probability and spread (NaN spread without TTA/MC) for the
     window minus its neighbour halos.
     """
-    from icemap.model.inputs import normalise
-
     top, bottom, left, right = valid or (0, 0, 0, 0)
     C, H, W = x.shape
     oh, ow = H - top - bottom, W - left - right
@@ -352,8 +354,6 @@ def keep_resources() -> Any:
     products inside ``with icemap.infer.keep_resources():`` on clusters with GPU workers;
     ``icemap map`` does this itself. Blockwise fusion still runs and keeps annotations.
     """
-    import dask
-
     return dask.config.set({"optimization.fuse.active": False})
 
 
@@ -363,13 +363,7 @@ def _model_for(model: str | os.PathLike[str] | ModelRef | None, cube: Any) -> tu
     Missing extras (``ml``; ``onnx`` for an imported network) are named before any graph is
     built: the workers would otherwise fail on the first task.
     """
-    from icemap.extras import require
-
     require("ml", "icemap.predict")  # workers need torch and safetensors: say so before building a graph
-
-    from icemap.model.checkpoint import read_metadata
-
-    from icemap.model.packaged import resolve_model
 
     ref = model if isinstance(model, ModelRef) else ModelRef.from_path(resolve_model(model))
     meta = read_metadata(ref.path)
@@ -386,8 +380,6 @@ def _inference_settings(meta: Any, *, halo: int | None, tile: int | None, batch_
     Returns ``(depth, halo, tile, batch_size, threshold)``: halo and tile rounded up to multiples
     of ``2**depth`` (the U-Net's pooling factor), so windows line up with the network's grid.
     """
-    from icemap.options import get_option
-
     depth, exact_halo = model_context(meta)
     m = 2**depth
     if mc_samples and float(meta.architecture.get("dropout", 0)) <= 0:
@@ -410,14 +402,8 @@ def _input_blocks(cube: Any, x: Any, halo: int, m: int) -> tuple[Any, Any, tuple
     Returns ``(x, x_with_halos, (blocks_y, blocks_x))``. An input already in memory is checked
     for plausible reflectance here (it costs nothing); a lazy cube stays lazy.
     """
-    import dask.array as da
-
-    from icemap.options import get_option
-
     if not isinstance(x, da.Array):
         # In memory, the check costs nothing; a lazy cube stays lazy (icemap map checks its store).
-        from icemap.plausibility import check_reflectance
-
         check_reflectance(cube, stacklevel=4)  # the caller of icemap.predict
         x = da.from_array(np.asarray(x), chunks=(1, -1, get_option("chunksize"), get_option("chunksize")))
     # One task per (time, spatial chunk), all channels together, chunk edges on multiples of m.
@@ -439,11 +425,6 @@ def _forward_graph(x: Any, xo: Any, ref: ModelRef, meta: Any, depth: int, halo: 
 
     With ``gpu_resources`` the tasks are annotated to need a ``GPU`` worker resource.
     """
-    import dask
-    import dask.array as da
-
-    from icemap.model.inputs import Normalisation
-
     norm = Normalisation.from_dict(meta.normalisation)
     # "icemap" is not a fusable annotation key: it keeps blockwise fusion from merging this layer
     # with its neighbours, which would drop the resource restriction on the way.
@@ -460,9 +441,6 @@ def _forward_graph(x: Any, xo: Any, ref: ModelRef, meta: Any, depth: int, halo: 
 def _prediction_dataset(both: Any, inputs: Any, ref: ModelRef, meta: Any, thr: float, *, halo: int, tta: bool,
                         mc_samples: int, gpu_resources: bool) -> Any:
     """Wrap probability, ice mask (thresholded in the kernel layer) and spread as a Dataset."""
-    import dask.array as da
-    import xarray as xr
-
     prob = both[:, 0]
     ice = da.map_blocks(probability_mask, prob, thr, dtype=np.uint8)
     coords = {"time": inputs["time"], "y": inputs["y"], "x": inputs["x"]}
@@ -508,7 +486,7 @@ def predict(
     model
         A checkpoint folder (``icemap train --out``, or ``icemap model import --out`` for a
         network trained elsewhere: docs/models.md) or a :class:`ModelRef`; None or
-        ``"default"`` is the model shipped with icemap (:mod:`icemap.model.default`: six common
+        ``"default"`` is the model shipped with icemap (:mod:`icemap.lab.default`: six common
         bands, runs on Landsat, HLS and Sentinel-2 cubes; its real-data scores are in
         docs/default-model.md).
     halo
@@ -545,21 +523,16 @@ def predict(
         ``ice_probability`` float32 (time, y, x), NaN where inputs are nodata; ``ice`` uint8
         (1 ice, 0 not, 255 nodata); ``ice_probability_std`` with ``tta``/``mc_samples``.
     """
-    from icemap.model.inputs import build_inputs
-
     ref, meta = _model_for(model, cube)
     depth, halo, tile, batch_size, thr = _inference_settings(meta, halo=halo, tile=tile, batch_size=batch_size,
                                                              threshold=threshold, mc_samples=mc_samples)
     inputs = build_inputs(cube, meta.channels, dem=dem)
     x, xo, nblocks = _input_blocks(cube, inputs.data, halo, 2**depth)
     if gpu_resources is None:
-        from icemap.cluster import gpu_workers
-
         gpu_resources = gpu_workers()
     both = _forward_graph(x, xo, ref, meta, depth, halo, tile, batch_size, device, tta, mc_samples, nblocks,
                           gpu_resources=gpu_resources)
     out = _prediction_dataset(both, inputs, ref, meta, thr, halo=halo, tta=tta, mc_samples=mc_samples,
                               gpu_resources=gpu_resources)
-    from icemap.interop import keep_grid
 
     return keep_grid(out, cube)

@@ -34,7 +34,13 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import fsspec
 import numpy as np
+import zarr
+from rioxarray.exceptions import RioXarrayError
+
+from icemap.errors import StoreError
+from icemap.kernels import ICE_NODATA
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -70,8 +76,6 @@ _FLAGS: dict[str, dict[str, Any]] = {
 
 def _flags() -> dict[str, dict[str, Any]]:
     """:data:`_FLAGS` with the ice mask's nodata value among its ``flag_values``."""
-    from icemap.kernels import ICE_NODATA
-
     ice = _FLAGS["ice"]
     return {**_FLAGS, "ice": {**ice, "flag_values": [*ice["flag_values"], int(ICE_NODATA)]}}
 
@@ -86,8 +90,6 @@ def zarr_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any] | 
 
 def finish_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Name the CRS coordinate for plain readers and consolidate the metadata (v2 or v3)."""
-    import zarr
-
     group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     present = [c for c in _GLOBAL_COORDS if c in group]
     if present:
@@ -107,7 +109,6 @@ def restore_mask(a: _XrObj) -> _XrObj:
     """
     if not np.issubdtype(a.dtype, np.floating):
         return a
-    from icemap.kernels import ICE_NODATA
 
     attrs = dict(a.attrs)
     out = a.fillna(int(ICE_NODATA)).astype(np.uint8)
@@ -197,11 +198,8 @@ def _url(path: str) -> bool:
 def resolve_store(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The Zarr store a STAC Item (``*.json``) describes, by its ``application/vnd+zarr`` asset;
     any other path is returned unchanged."""
-    from icemap.errors import StoreError
-
     if not path.rstrip("/").lower().endswith(".json"):
         return path
-    import fsspec
 
     try:
         with fsspec.open(path, "r", **dict(storage_options or {})) as f:
@@ -230,8 +228,6 @@ def keep_grid(out: _XrObj, like: xr.Dataset | xr.DataArray) -> _XrObj:
     areas, bounds and STAC footprints of such products failed or came out as 1 m). In place on a
     shallow copy: rioxarray's default deep-copies the data (a full pass over an in-memory result).
     """
-    from rioxarray.exceptions import RioXarrayError
-
     crs = like.rio.crs if hasattr(like, "rio") else None
     if crs is None:
         return out

@@ -8,14 +8,27 @@ regional mask never has to exist whole in memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import dask
+import dask.array as da
+import geopandas as gpd
 import numpy as np
+import pyogrio
+import shapely
+import xarray as xr
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
 
-from icemap.errors import IcemapError, IcemapWarning, InvalidOutlineWarning
+from icemap.errors import IcemapError, IcemapWarning, InvalidOutlineWarning, NoOverlapError
 from icemap.kernels import NO_GLACIER
+from icemap.options import get_option
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -39,8 +52,6 @@ def read_outlines(source: str | os.PathLike[str] | gpd.GeoDataFrame, *, crs: str
     layer
         Layer of a multi-layer file (GeoPackage).
     """
-    import geopandas as gpd
-
     if isinstance(source, gpd.GeoDataFrame):
         gdf = source
     else:
@@ -87,10 +98,6 @@ def _repair(gdf: Any) -> Any:
     polygonal parts of the repair are kept (make_valid may return lines where a ring
     touches itself); an outline with none left is refused with its id.
     """
-    import warnings
-
-    import shapely
-
     bad = ~gdf.geometry.is_valid.to_numpy()
     if not bad.any():
         return gdf
@@ -117,8 +124,6 @@ def _repair(gdf: Any) -> Any:
 
 
 def _geoseries(geoms: Any, like: Any) -> Any:
-    import geopandas as gpd
-
     return gpd.GeoSeries(geoms, index=like.index, crs=like.crs, name=like.geometry.name)
 
 
@@ -128,10 +133,6 @@ def _outline_layer(path: str) -> str | None:
     A layer called like an inventory (``glaciers``, ``outlines``, ``rgi``...) wins; otherwise
     the first layer is used and a warning says how to pick another.
     """
-    import warnings
-
-    import pyogrio
-
     try:
         layers = [str(name) for name, _ in pyogrio.list_layers(path)]
     except Exception:  # not a multi-layer container: let read_file report problems
@@ -168,10 +169,6 @@ def _quiet_rasterize_warning() -> None:
     runs). Only that message is filtered, in whichever process rasterises (workers too); the
     filter list is checked each time because test runners and notebooks reset it.
     """
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-
     for f in warnings.filters:
         if f[0] == "ignore" and f[1] is not None and f[1].pattern == _SPURIOUS:
             return
@@ -180,9 +177,6 @@ def _quiet_rasterize_warning() -> None:
 
 def _burn_block(block: np.ndarray, shapes: Mapping[tuple[int, int], list[tuple[Any, int]]], transform: Any,
                 all_touched: bool, dtype: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
-    from rasterio.features import rasterize
-    from rasterio.windows import Window, transform as window_transform
-
     if block_info is None:  # dask passes it: the keyword is in the signature
         raise RuntimeError("dask called the burn kernel without block_info")
     info = block_info[None]
@@ -208,8 +202,6 @@ def _shapes_per_block(gdf: Any, values: np.ndarray, transform: Any,
     intersects, so nothing is lost. File order is kept because later polygons overwrite earlier
     ones where outlines overlap.
     """
-    import shapely
-
     geoms = np.asarray(gdf.geometry.array, dtype=object)
     ye = np.concatenate([[0], np.cumsum(chunks[0])])
     xe = np.concatenate([[0], np.cumsum(chunks[1])])
@@ -227,15 +219,6 @@ def _shapes_per_block(gdf: Any, values: np.ndarray, transform: Any,
 
 
 def _burn(gdf: Any, values: np.ndarray, like: Any, *, all_touched: bool, dtype: str) -> Any:
-    import hashlib
-
-    import dask
-    import shapely
-    import dask.array as da
-    import xarray as xr
-
-    from icemap.options import get_option
-
     transform, (h, w), _ = grid_of(like)
     ref = like if isinstance(like, xr.DataArray) else like.get("reflectance", like)
     ref_chunks = getattr(ref, "chunks", None)
@@ -263,8 +246,6 @@ def check_outlines_overlap(outlines: str | os.PathLike[str] | gpd.GeoDataFrame, 
     reference, and scores against it (F1 0, reference area 0 km²) look like a result. Returns
     the outlines (in their own CRS) for the rasterisers, so the file is read once.
     """
-    from icemap.errors import NoOverlapError
-
     gdf = read_outlines(outlines)
     crs = like.rio.crs
     left, bottom, right, top = like.rio.bounds()

@@ -34,10 +34,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask.array as da
 import numpy as np
+import odc.stac
+import pystac
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from affine import Affine
+from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 
 from icemap import kernels
-from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, class_qa_to_bits, get_sensor, translate_class_qa
+from icemap.bands import MASK_FLAGS_DEFAULT, Sensor, class_qa_to_bits, get_sensor, qa_flag_bits, translate_class_qa
 from icemap.checks import (
     check_bbox_hits_footprints,
     check_grid,
@@ -49,8 +59,10 @@ from icemap.checks import (
     warn_mixed_crs,
 )
 from icemap.errors import EmptySearchError, GridError, LoadError, MissingAssetWarning, NoQAWarning
+from icemap.extras import require
 from icemap.options import get_option, resolve
-from icemap.reader import OnError, resolve_signer
+from icemap.reader import GDAL_RETRY, OnError, resolve_signer
+from icemap.reader_odc import IcemapDriver
 from icemap.stac import item_datetime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,9 +249,6 @@ def _clean_asset(src: Mapping[str, Any], *, scale: float, offset: float, nodata:
 
 
 def _parse_crs(crs: Any) -> int:
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
     try:
         epsg = CRS.from_user_input(crs).to_epsg()
     except CRSError as exc:
@@ -261,8 +270,6 @@ def _check_oversampling(epsg: int, res: tuple[float, float], sensor: Sensor) -> 
     reference: items' own ``proj:transform`` may describe a thumbnail. Grids in degrees are not
     compared (their units are not the table's metres).
     """
-    from pyproj import CRS
-
     axes = CRS.from_epsg(epsg).axis_info
     if not axes or axes[0].unit_name not in ("metre", "meter"):
         return
@@ -363,8 +370,6 @@ def _scale_and_mask(dn: Sequence[Any], nodata: Sequence[float | None], scale: np
     ``dn[j]`` is float32 with NaN where nothing was read (``nodata[j]`` None), or integers as
     read with ``nodata[j]`` there.
     """
-    import dask.array as da
-
     qa_bits = int(_qa_bits(mask_flags)) if qa is not None else 0
     per_band = []
     for j, band in enumerate(bands):
@@ -391,8 +396,6 @@ def _scale_mask_block(dn: np.ndarray, scale: np.ndarray, offset: np.ndarray, qa:
 
 def _qa_bits(flags: Sequence[str]) -> int:
     """The QA_PIXEL bits of ``flags`` as one integer (validates the names)."""
-    from icemap.bands import qa_flag_bits
-
     return qa_flag_bits(flags)
 
 
@@ -410,8 +413,6 @@ def resolve_engine(engine: str | None) -> Literal["odc-stac", "stackstac"]:
     """
     name = resolve("engine", engine)
     if name == "stackstac":
-        from icemap.extras import require
-
         require("stackstac", "engine='stackstac' (CLI --engine stackstac)")
         return "stackstac"
     return "odc-stac"
@@ -436,7 +437,6 @@ def _read_stackstac(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sen
     """stackstac: one float32 stack of every asset (NaN where nothing was read)."""
     import stackstac
 
-    from icemap.reader import GDAL_RETRY
     from icemap.reader_stackstac import IcemapReader
 
     reader = functools.partial(IcemapReader, signer=signer, on_error=on_error)
@@ -505,14 +505,6 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
     QA_PIXEL is read as uint16 with :data:`QA_FILL` where nothing was read, QA_RADSAT as uint16
     with 0 (no saturation), a class-valued QA band (SCL) as float32 with NaN, as stackstac does.
     """
-    import odc.stac
-    import pystac
-    from affine import Affine
-    from odc.geo.geobox import GeoBox
-    from odc.geo.xr import xr_coords
-
-    from icemap.reader_odc import IcemapDriver
-
     clean, meta = keep_overlapping(clean, meta, epsg, bnds)
     width, height = check_grid(epsg, res, bnds)
     left, _, _, top = bnds
@@ -566,8 +558,6 @@ def _read_odc(clean: list[dict[str, Any]], meta: list[dict[str, Any]], sensor: S
             driver=IcemapDriver(signer, on_error),
             fail_on_error=True,
         )
-
-    import dask.array as da
 
     if all(name in it["assets"] for it in clean for name in assets):
         ds = odc_load(items, list(assets))
@@ -716,8 +706,6 @@ def _qa_uint16(qa_raw: Any, refl: Any) -> Any:
     Without a QA band (``qa=None`` or HLS without Fmask) the QA layer is built from the
     reflectance itself so that fill pixels stay marked as fill.
     """
-    import dask.array as da
-
     if qa_raw is None:
         return da.map_blocks(kernels.qa_from_reflectance, refl, drop_axis=1, dtype=np.uint16)
     if qa_raw.dtype == np.uint16:
@@ -731,8 +719,6 @@ def _mosaic_steps(refl: Any, qa: Any, meta: list[dict[str, Any]], mosaic: bool,
 
     Returns the stacked reflectance and QA arrays and, per time step, the item indices merged.
     """
-    import dask.array as da
-
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(meta):
         groups[_group_key(m) if mosaic else (i,)].append(i)
@@ -757,8 +743,6 @@ def _wrap_cube(refl_out: Any, qa_out: Any, order: list[list[int]], meta: list[di
                bands: list[str], sensor_t: Sensor, mask_flags: Sequence[str], *, has_radsat: bool, has_qa: bool,
                epsg: int, res: tuple[float, float]) -> Any:
     """Wrap the arrays as the ``xarray.Dataset`` :func:`load` returns, CRS and transform written."""
-    import xarray as xr
-
     times = np.array(
         [np.datetime64(meta[idx[0]]["datetime"].replace(tzinfo=None), "ns") for idx in order]
     )
@@ -795,8 +779,6 @@ def _wrap_cube(refl_out: Any, qa_out: Any, order: list[list[int]], meta: list[di
     ds = ds.rio.write_crs(f"EPSG:{epsg}")
     # From the grid itself, not recalculated from coordinates: a grid one pixel wide or high has
     # no coordinate spacing to measure, and rioxarray then assumes 1 unit (1 m2 pixel areas).
-    from affine import Affine
-
     x0, y0 = float(read.x[0]), float(read.y[0])
     return ds.rio.write_transform(Affine(res[0], 0.0, x0 - res[0] / 2, 0.0, -res[1], y0 + res[1] / 2))
 
@@ -871,8 +853,6 @@ def load(
         pixel-centre ``x``/``y`` coordinates, with ``spatial_ref`` holding the CRS and
         ``item_ids`` per time step.
     """
-    import rioxarray  # noqa: F401  (registers the .rio accessor)
-
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
     chunksize = _check_load_args(on_error, qa, chunksize)

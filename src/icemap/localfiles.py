@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from icemap.bands import get_sensor
 from icemap.errors import CatalogError
+from icemap.stac import item_from_files
 
 __all__ = ["parse_band_map", "items_from_local_files"]
 
@@ -71,9 +73,6 @@ def items_from_local_files(
     scale, offset, nodata, crs
         As :func:`icemap.stac.item_from_files`.
     """
-    from icemap.bands import get_sensor
-    from icemap.stac import item_from_files
-
     mapping = parse_band_map(band_map)
     sensor = get_sensor(collection)
     for name in mapping:

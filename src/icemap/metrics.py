@@ -31,15 +31,28 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+import dask
+import dask.array as da
 import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401
+import xarray as xr
+from pyproj import CRS
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import find_peaks
 
 from icemap.errors import GridMismatchError, MetricsError, NoValidPixelsError
+from icemap.interop import restore_mask
+from icemap.kernels import confusion_counts, threshold_histogram
+from icemap.labels import check_outlines_overlap, glacier_ids, rasterize_outlines
+from icemap.vector import pixel_area_m2
 
 if TYPE_CHECKING:  # pragma: no cover
+    import os
+
     import geopandas as gpd
     import pandas as pd
     import xarray as xr
-    import os
 
 __all__ = [
     "OUTCOMES",
@@ -99,8 +112,6 @@ DEFAULT_THRESHOLDS: np.ndarray = np.round(np.arange(-100, 101) / 100.0, 2)
 def _confusion_block(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None,
                      by: np.ndarray | None, n_ids: int) -> np.ndarray:
     """:func:`icemap.kernels.confusion_counts` of one block, shaped (*lead, 1, 1, k) for blockwise."""
-    from icemap.kernels import confusion_counts
-
     counts = confusion_counts(pred, ref, valid, by, n_ids)
     return counts.reshape(*counts.shape[:-1], 1, 1, counts.shape[-1])
 
@@ -108,8 +119,6 @@ def _confusion_block(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None
 def _bin_block(index: np.ndarray, ref: np.ndarray | None, valid: np.ndarray | None,
                edges: np.ndarray) -> np.ndarray:
     """:func:`icemap.kernels.threshold_histogram` of one block, shaped (*lead, 1, 1, k)."""
-    from icemap.kernels import threshold_histogram
-
     counts = threshold_histogram(index, edges, ref, valid)
     return counts.reshape(*counts.shape[:-1], 1, 1, counts.shape[-1])
 
@@ -127,8 +136,6 @@ def _block_counts(kernel: Any, main: Any, extras: Sequence[Any], k: int, keep_le
     block is handed to every leading block: no broadcast copy in the graph) or an array of
     main's full shape, chunked like it. Returns a dask array (*lead, k) or (k,).
     """
-    import dask.array as da
-
     nd = main.ndim
     letters = "abcdefghijklmnopqrstuvw"[: nd - 2] + "yx"
     args: list[Any] = [main, letters]
@@ -166,8 +173,6 @@ def _block_counts(kernel: Any, main: Any, extras: Sequence[Any], k: int, keep_le
 
 
 def _as_dataarray(x: Any, what: str) -> Any:
-    import xarray as xr
-
     if isinstance(x, xr.DataArray):
         return x
     if isinstance(x, xr.Dataset):
@@ -184,8 +189,6 @@ def _as_dataarray(x: Any, what: str) -> Any:
 
 def _crs_of(a: Any) -> Any:
     try:
-        import rioxarray  # noqa: F401
-
         return a.rio.crs
     except Exception:  # no accessor, or a grid rioxarray cannot read: nothing to compare
         return None
@@ -193,8 +196,6 @@ def _crs_of(a: Any) -> Any:
 
 def _same_crs(a: Any, b: Any) -> bool:
     """CRS equality that accepts equivalent definitions (a custom UTM WKT vs its EPSG code)."""
-    from pyproj import CRS
-
     if a == b:
         return True
     try:
@@ -257,8 +258,6 @@ def _check_int(a: Any, what: str, hint: str) -> Any:
 
 
 def _dask(a: Any, chunks: Any = None) -> Any:
-    import dask.array as da
-
     data = a.data if hasattr(a, "data") and not isinstance(a, np.ndarray) else a
     if isinstance(data, da.Array):
         return data if chunks is None else data.rechunk(chunks)
@@ -269,15 +268,11 @@ def _dask(a: Any, chunks: Any = None) -> Any:
 
 
 def _is_lazy(*arrays: Any) -> bool:
-    import dask.array as da
-
     return any(a is not None and isinstance(getattr(a, "data", a), da.Array) for a in arrays)
 
 
 def _operand(main: Any, main_d: Any, other: Any, what: str) -> Any:
     """``other`` as a dask array chunked like ``main``: (y, x) as it is, else main's full shape."""
-    import dask.array as da
-
     other = _as_dataarray(other, what)
     _check_grid(main, other, what)
     if set(other.dims) == {"y", "x"}:
@@ -300,8 +295,6 @@ def _main(a: Any, what: str) -> Any:
 
 
 def _pixel_area(like: Any) -> float | None:
-    from icemap.vector import pixel_area_m2
-
     try:
         return float(pixel_area_m2(like))
     except Exception:  # no CRS, geographic CRS, plain arrays: areas stay unknown (NaN)
@@ -421,8 +414,6 @@ def _id_operand(pred_a: Any, pred_d: Any, by: Any, ids: int | Sequence[int] | np
 def _confusion_array(counts: Any, pred_a: Any, by_id: bool, id_values: np.ndarray | None, n_ids: int,
                      per_time: bool) -> Any:
     """Label the summed counts: dims ``([time,] outcome[, id])``, the pixel area in the attributes."""
-    import xarray as xr
-
     lead = list(pred_a.dims[:-2]) if per_time else []
     if by_id:
         counts = counts.reshape(*counts.shape[:-1], n_ids + 1, 4)
@@ -578,7 +569,6 @@ def _scores_frame(conf: Any, px: float | None) -> Any:
     frame = frame[list(OUTCOMES)]
     arr = _score_arrays(frame["tp"].to_numpy(), frame["fp"].to_numpy(), frame["fn"].to_numpy(),
                         frame["tn"].to_numpy(), px)
-    import pandas as pd
 
     return pd.DataFrame({k: arr[k] for k in SCORE_KEYS}, index=frame.index)
 
@@ -698,12 +688,6 @@ def evaluate(
     The reference and the id raster are rasterised lazily onto ``pred``'s grid, so they can
     never disagree with it; the whole comparison is one pass over the prediction.
     """
-    import dask
-
-    from icemap.labels import check_outlines_overlap, glacier_ids, rasterize_outlines
-
-    from icemap.interop import restore_mask
-
     # A mask opened with plain xr.open_zarr is float with NaN for 255: make it uint8 again.
     pred_a = restore_mask(_as_dataarray(pred, "pred"))
     if _crs_of(pred_a) is None:
@@ -785,9 +769,6 @@ def confusion_sweep(index: xr.DataArray | np.ndarray, reference: xr.DataArray | 
     pixels at or above / below each threshold) and FP/TN (the same for non-ice) for all
     thresholds. Counts equal ``confusion(index >= t, reference)`` exactly.
     """
-    import dask.array as da
-    import xarray as xr
-
     idx_a, idx_d = _index_da(index)
     shown, edges = _edges(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     ref_a, ref_d, valid_d = _reference_and_valid(idx_a, idx_d, reference, valid)
@@ -881,9 +862,6 @@ def index_histogram(index: Any, *, bins: int = 2000, range: tuple[float, float] 
     xarray.DataArray
         int64 counts, dim ``bin`` with coords ``left``, ``right`` and ``centre``.
     """
-    import dask.array as da
-    import xarray as xr
-
     if int(bins) < 3:
         raise MetricsError(f"bins must be at least 3, got {bins}")
     lo, hi = float(range[0]), float(range[1])
@@ -927,8 +905,6 @@ def _otsu(counts: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def _smooth(counts: np.ndarray, sigma_bins: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter1d
-
     return gaussian_filter1d(counts.astype(np.float64), sigma_bins, mode="constant")
 
 
@@ -986,9 +962,6 @@ def unsupervised_threshold(
     MetricsError
         ``"valley"`` on a histogram with fewer than two peaks.
     """
-    import pandas as pd
-    from scipy.signal import find_peaks
-
     if method not in ("otsu", "valley"):
         raise MetricsError(f"method must be 'otsu' or 'valley', got {method!r}")
     hist = index_histogram(index, bins=bins, range=range, valid=valid).compute()

@@ -11,6 +11,7 @@ Importing this module imports nothing heavy (it must stay cheap: ``import icemap
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict, Unpack, overload
@@ -27,8 +28,6 @@ def parse_season(text: object) -> tuple[tuple[int, int], tuple[int, int]]:
     every year). The format lives here, beside the options that hold season windows, so the
     options and :mod:`icemap.composite` read it one way.
     """
-    import datetime as dt
-
     parts = text.split("/") if isinstance(text, str) else []
     out = []
     for part in parts:

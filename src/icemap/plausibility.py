@@ -26,7 +26,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
+import xarray as xr
 
 from icemap.errors import ImplausibleReflectanceWarning
 
@@ -134,8 +136,6 @@ def _window(chunks: tuple[int, ...] | None, size: int) -> slice:
 
 def _sample(cube: Any) -> list[tuple[str, np.ndarray]]:
     """One window of reflectance per sampled date: ``[(date, (band, y, x) values), ...]``."""
-    import xarray as xr
-
     refl = cube["reflectance"] if isinstance(cube, xr.Dataset) else cube
     if "band" in refl.dims:
         keep = [b for b in refl["band"].values if not str(b).startswith(_NOT_REFLECTANCE_PREFIX)]
@@ -156,8 +156,6 @@ def _sample(cube: Any) -> list[tuple[str, np.ndarray]]:
     stride = max(1, int(np.sqrt((ys.stop - ys.start) * (xs.stop - xs.start) / SAMPLE_PIXELS)))
     pieces = [data[t, :, ys, xs][:, ::stride, ::stride] for t in steps]
     if lazy:
-        import dask
-
         pieces = list(dask.compute(*pieces))
     times = refl["time"].values if "time" in refl.coords else steps
     return [(str(times[t])[:10], np.asarray(p)) for t, p in zip(steps, pieces)]

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.features import rasterize
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
 from icemap.kernels import stretch_uint8
+from icemap.labels import read_outlines
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -87,8 +91,6 @@ def source_date_range(cube: Any, time: Any) -> tuple[Any, Any]:
     A composite (a cube with ``source_date``) takes each pixel from one of its season's dates:
     the range of those dates. A cube of single acquisitions: that step's own date, twice.
     """
-    import pandas as pd
-
     if "source_date" in cube:
         days = cube["source_date"].sel(time=time, method="nearest")
         lo, hi = (float(v) for v in (days.min(skipna=True).values, days.max(skipna=True).values))
@@ -155,8 +157,6 @@ def quicklook(
     The footer names the date(s) (a composite: the range of its per-pixel ``source_date``),
     the step's ``item_ids``, the method of ``ice`` (from its attributes) and a legend.
     """
-    from PIL import Image
-
     refl = cube["reflectance"]
     frame = refl.isel(time=time) if isinstance(time, int) else refl.sel(time=time)
     factor = int(np.ceil(max(frame.sizes["y"], frame.sizes["x"]) / max_size))
@@ -172,10 +172,6 @@ def quicklook(
     img = rgb.astype(np.uint8)
     img[nodata] = _NODATA_RGB
     if outlines is not None:
-        from rasterio.features import rasterize
-
-        from icemap.labels import read_outlines
-
         gdf = read_outlines(outlines, crs=cube.rio.crs)
         t = small.rio.transform(recalc=True) if hasattr(small, "rio") else None
         if t is None:
@@ -210,8 +206,6 @@ def _footer_lines(cube: Any, frame: Any, ice: Any) -> list[str]:
 
 def _with_footer(img: Any, lines: list[str], legend: list[tuple[str, tuple[int, ...] | None]]) -> Any:
     """The picture with a white footer: text lines, then colour swatches with their labels."""
-    from PIL import Image, ImageDraw, ImageFont
-
     width = max(img.width, 480)
     size = 12 if width >= 600 else 10
     font = ImageFont.load_default(size=size)

@@ -12,13 +12,23 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 import time as _time
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
+
 from icemap._atomic import atomic_write_text
+from icemap._version import __version__
 from icemap.errors import IcemapError
+from icemap.figures import area_plot, credit_line, map_figure, png_bytes
+from icemap.redact import redact_attrs
+from icemap.series import _as_ice, check_table_path, glacier_series, region_series, trends, write_table
+from icemap.store import open_cube
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -43,10 +53,6 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dt{font-weigh
 
 
 def _versions(method: str | None) -> dict[str, str]:
-    from importlib import metadata
-
-    from icemap import __version__
-
     names = ["numpy", "xarray", "dask", "zarr", "rasterio", "geopandas", "shapely", "pyproj", "numba", "matplotlib"]
     if method == "unet":
         names.append("torch")
@@ -65,10 +71,6 @@ def provenance(cube: Any, product: Any, reference: Any = None) -> dict[str, Any]
     Taken from the stores' own attributes (written by ``icemap ingest`` and ``icemap map``), so
     the report states what was done, not what the defaults are today.
     """
-    import pandas as pd
-
-    from icemap.redact import redact_attrs
-
     # Redacted again here: stores written before redaction existed may hold a keyed catalog URL.
     attrs = redact_attrs({k: v for k, v in product.attrs.items() if not str(k).startswith("icemap:")})
     method = attrs.get("method")
@@ -101,10 +103,6 @@ def _img(png: bytes, alt: str, caption: str) -> str:
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
-    import math
-
-    import pandas as pd
-
     if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
         return "&ndash;"
     if isinstance(v, float):
@@ -241,13 +239,6 @@ def report(
     pathlib.Path
         The page written.
     """
-    from icemap.figures import area_plot, map_figure, png_bytes
-    import numpy as np
-
-    from icemap.figures import credit_line
-    from icemap.series import _as_ice, check_table_path, glacier_series, region_series, trends, write_table
-    from icemap.store import open_cube
-
     start = _time.perf_counter()
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

@@ -94,6 +94,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd  # imported here: only region generation needs it
 import numpy as np
 import scipy.fft as sfft
 import shapely
@@ -1939,8 +1940,6 @@ def _write_collection(
 
 
 def _write_outlines(path: Path, glaciers: Sequence[_Glacier], lakes: Sequence[_Lake]) -> None:
-    import geopandas as gpd  # imported here: only region generation needs it
-
     glacier_df = gpd.GeoDataFrame(
         {
             "gid": np.arange(1, len(glaciers) + 1, dtype=np.int32),

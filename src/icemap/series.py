@@ -28,10 +28,21 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask.array as da
 import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers .rio: the grid and CRS of masks built by hand)
+import shapely
+import xarray as xr
 
 from icemap._atomic import atomic_path
+from icemap.composite import default_season, season_groups
 from icemap.errors import IcemapError
+from icemap.kernels import GLACIER_STATS, glacier_stats
+from icemap.labels import check_outlines_overlap, glacier_ids
+from icemap.options import get_option, resolve
+from icemap.store import open_cube
+from icemap.vector import pixel_area_m2
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -69,8 +80,6 @@ _SECONDS_PER_YEAR = 365.25 * 86400.0
 
 
 def _stats_block(ice: np.ndarray, ids: np.ndarray, n_ids: int) -> np.ndarray:
-    from icemap.kernels import glacier_stats
-
     s = glacier_stats(ice, ids, n_ids, halo=1)
     return s[:, None, None]
 
@@ -93,12 +102,6 @@ def glacier_counts(ice: xr.DataArray, ids: xr.DataArray, n_ids: int) -> xr.DataA
         ``stat`` is :data:`icemap.kernels.GLACIER_STATS` (pixels, valid, ice, edges_x,
         edges_y), ``gid`` 0..n_ids (0: outside every outline).
     """
-    import dask.array as da
-    import xarray as xr
-
-    from icemap.kernels import GLACIER_STATS
-    from icemap.options import get_option
-
     ice_d = ice.data
     if not isinstance(ice_d, da.Array):
         size = get_option("chunksize")
@@ -122,12 +125,7 @@ def glacier_counts(ice: xr.DataArray, ids: xr.DataArray, n_ids: int) -> xr.DataA
 
 def _as_ice(pred_or_ice: Any) -> Any:
     """The ``ice`` DataArray of a product path, product Dataset or ice mask."""
-    import rioxarray  # noqa: F401  (registers .rio: the grid and CRS of masks built by hand)
-    import xarray as xr
-
     if isinstance(pred_or_ice, (str, os.PathLike)):
-        from icemap.store import open_cube
-
         pred_or_ice = open_cube(pred_or_ice)
     if isinstance(pred_or_ice, xr.Dataset):
         if "ice" not in pred_or_ice:
@@ -150,10 +148,6 @@ def _season_years(ice: Any, times: Any, season: str | None) -> np.ndarray:
     (the ablation season of the grid's hemisphere by default; a wrapping window gives December
     to the next year), else its calendar year. A composite is labelled with its season's last
     day, so its season-year is its year."""
-    import pandas as pd
-
-    from icemap.composite import default_season, season_groups
-
     if season is None:
         season = default_season(ice)
     years = pd.DatetimeIndex(times).year.to_numpy(np.int64).copy()
@@ -279,10 +273,6 @@ def glacier_series(
         For an unknown ``id_column``, a product without ``ice``, a mask without time, or a
         geographic CRS.
     """
-    from icemap.labels import check_outlines_overlap, glacier_ids
-    from icemap.options import resolve
-    from icemap.vector import pixel_area_m2
-
     ice = _as_ice(pred_or_ice)
     buffer_px = float(resolve("area_buffer_px", buffer_px))
     min_observed = float(resolve("min_observed", min_observed))
@@ -302,8 +292,6 @@ def _series_rows(ice: Any, ids: Any, table: Any, *, px_m2: float, buffer_px: flo
     The counts come from one :func:`glacier_counts` pass; the uncertainty is the ice's
     pixel-edge perimeter times ``buffer_px`` pixels.
     """
-    import pandas as pd
-
     t = ice.rio.transform(recalc=True)
     dx, dy = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
     counts = glacier_counts(ice, ids, int(table["gid"].max())).values  # (time, stat, gid)
@@ -333,8 +321,6 @@ def _share_on_grid(table: Any, ice: Any) -> np.ndarray:
 
     An outline half off the image can be at most half observed, whatever its pixels say.
     """
-    import shapely
-
     grid = shapely.box(*ice.rio.bounds())
     geoms = np.asarray(table.geometry.array, dtype=object)
     inside = shapely.within(geoms, grid)
@@ -369,8 +355,6 @@ def _with_step_changes(frame: Any, min_observed: float) -> Any:
 def _series_min_observed(table: Any, min_observed: float | None, columns: tuple[str, ...]) -> float:
     """The ``min_observed`` a series table is read with (given, else the table's own, else the
     option), once the table is known to have ``columns`` (also a table read back from a file)."""
-    from icemap.options import resolve
-
     value = float(resolve("min_observed", min_observed if min_observed is not None
                           else table.attrs.get("min_observed")))
     missing = [c for c in columns if c not in table.columns]
@@ -392,8 +376,6 @@ def region_series(table: pd.DataFrame, *, min_observed: float | None = None) -> 
     difference to the outlines: cloud-hidden outline is neither ice nor not ice). Change
     columns follow the rules of :func:`glacier_series` on the region's totals.
     """
-    import pandas as pd
-
     min_observed = _series_min_observed(table, min_observed, ("time", "year", "area_km2", "area_uncertainty_km2",
                                                               "observed_fraction", "outline_area_km2"))
     t = table.assign(_w=table["outline_area_km2"].where(table["observed_fraction"].notna(), 0.0).fillna(0.0),
@@ -532,8 +514,6 @@ def trends(table: pd.DataFrame, *, min_observed: float | None = None, region: bo
         bounds. With fewer than two qualifying years the rate is empty (NaN, ``significant``
         NA) and ``reason`` says why.
     """
-    import pandas as pd
-
     min_observed = _series_min_observed(table, min_observed, ("glacier_id", "time", "year", "area_km2",
                                                               "area_uncertainty_km2", "observed_fraction"))
     px_m2 = table.attrs.get("pixel_area_m2")

@@ -28,7 +28,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import pystac
+import rasterio
+import requests
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+from pystac_client import Client
+from pystac_client.conformance import ConformanceClasses
+from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
+from rasterio.errors import RasterioError
+from rasterio.warp import transform_bounds
+from shapely.errors import GEOSException
+from shapely.geometry import box, mapping, shape
+from shapely.ops import unary_union
+from urllib3 import Retry
+
+from icemap.checks import user_scale_offset
 from icemap.errors import CatalogError, SearchError
+from icemap.redact import redact
 
 if TYPE_CHECKING:  # pragma: no cover
     import shapely.geometry.base
@@ -193,8 +211,6 @@ class Search:
     # -- what the search asks for, as plain data (provenance, CLI --json) ------------------
     def parameters(self) -> dict[str, Any]:
         """The search parameters as JSON-ready data (headers are left out: they may hold keys)."""
-        from icemap.redact import redact
-
         return {
             # Stored in cube attributes and shown in reports: without user info or query tokens.
             "catalog": redact(self.catalog),
@@ -212,7 +228,6 @@ class Search:
         """The lon/lat box a cube of this search covers: ``bbox``, or the bounds of ``intersects``."""
         if self.bbox is not None or self.intersects is None:
             return self.bbox
-        from shapely.geometry import shape
 
         w, s, e, n = shape(self.intersects).bounds
         return (w, s, e, n)
@@ -238,8 +253,6 @@ class Search:
         pystac Items are what the ecosystem takes (``odc.stac.load``, ``stackstac.stack``,
         ``pystac.ItemCollection``); :func:`icemap.load` takes them too.
         """
-        import pystac
-
         out = []
         for d in self.item_dicts():
             try:
@@ -260,12 +273,6 @@ class Search:
         return sorted(self, key=lambda it: (item_datetime(it), it.get("id", "")))
 
     def _api_items(self) -> Iterator[Item]:
-        import requests
-        from pystac_client import Client
-        from pystac_client.exceptions import APIError
-        from pystac_client.stac_api_io import StacApiIO
-        from urllib3 import Retry
-
         retry = Retry(
             total=self.retries,
             connect=self.retries,
@@ -288,7 +295,6 @@ class Search:
                     f"{self.catalog} is a STAC catalog without item search; point --catalog at "
                     "its catalog.json to walk it as a static catalog"
                 )
-            from pystac_client.conformance import ConformanceClasses
 
             server_side = property_filters(
                 self.max_cloud, self.platforms,
@@ -410,9 +416,6 @@ def parse_intersects(geometry: Any) -> dict[str, Any] | None:
     """
     if geometry is None:
         return None
-    from shapely.errors import GEOSException
-    from shapely.geometry import mapping, shape
-    from shapely.ops import unary_union
 
     source = "intersects"
     if isinstance(geometry, (str, os.PathLike)):
@@ -453,8 +456,6 @@ def parse_intersects(geometry: Any) -> dict[str, Any] | None:
 
 def _intersects_geometry(item: Mapping[str, Any], geometry: Mapping[str, Any]) -> bool:
     """Whether an item's footprint (its geometry, else its bbox) meets a lon/lat geometry."""
-    from shapely.geometry import box, shape
-
     area = shape(geometry)
     try:
         if item.get("geometry"):
@@ -476,8 +477,6 @@ def _short_reason(exc: BaseException) -> str:
 def _intersects(item: Mapping[str, Any], bbox: Bbox) -> bool:
     ib = item.get("bbox")
     if ib is None and item.get("geometry"):
-        from shapely.geometry import shape
-
         ib = shape(item["geometry"]).bounds
     if ib is None:
         return True
@@ -537,8 +536,6 @@ def _absolute_hrefs(item: Item, base: Path) -> Item:
 
 
 def _walk_pystac(href: str, collections: Sequence[str] | None) -> Iterator[Item]:
-    import pystac
-
     try:
         root = pystac.read_file(href)
     except Exception as exc:  # pystac raises many types for unreadable/invalid JSON
@@ -588,9 +585,6 @@ def _read_headers(sources: Mapping[str, tuple[Path, int]]) -> _Sources:
     Also checks that each file exists, has a UTF-8 name (GDAL needs one) and holds the band
     index asked of it.
     """
-    import rasterio
-    from rasterio.errors import RasterioError
-
     headers: _Sources = {}
     for name, (f, index) in sources.items():
         if not f.exists():
@@ -628,9 +622,6 @@ def _one_grid(headers: _Sources) -> tuple[Path, tuple[Any, ...]]:
 
 def _files_epsg(crs: Any, file_crs: Any, first: Path) -> tuple[Any, int]:
     """The item's CRS and EPSG code: ``crs=`` where it names the files' own CRS, else the files'."""
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
     try:
         target = CRS.from_user_input(crs if crs is not None else file_crs) if (crs or file_crs) else None
     except CRSError as exc:
@@ -654,8 +645,6 @@ def _files_epsg(crs: Any, file_crs: Any, first: Path) -> tuple[Any, int]:
 
 def _footprint(target: Any, b: Any) -> tuple[list[float], dict[str, Any]]:
     """The lon/lat bbox and GeoJSON footprint of the grid's bounds ``b`` in CRS ``target``."""
-    from rasterio.warp import transform_bounds
-
     # Densified edges: a polar grid's footprint reaches past its corners, and GDAL reports a box
     # across the antimeridian with west > east (STAC's convention) and one around a pole to +-90.
     w, s, e, n = transform_bounds(target, "EPSG:4326", b.left, b.bottom, b.right, b.top, densify_pts=21)
@@ -730,8 +719,6 @@ def item_from_files(
         A scale without an offset means offset 0, never the sensor table's (Landsat's -0.2
         belongs to Landsat's DNs); scales must be finite, in 1e-7..1, offsets within +-1.
     """
-    from icemap.checks import user_scale_offset
-
     instant = _parse_instant(datetime, end=False)  # validate now
     if instant is None:
         raise CatalogError(f"datetime {datetime!r} is open; give the acquisition time, e.g. 2022-02-01")

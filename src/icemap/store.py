@@ -31,20 +31,34 @@ import json
 import logging
 import os
 import queue
+import socket
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import dask
+import dask.array as da
+import dask.base
+import fsspec
 import numpy as np
+import rioxarray  # noqa: F401  (registers .rio: a dataset built by hand may not have it yet)
+import xarray as xr
+import zarr
+from dask.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
 
+from icemap._version import __version__
 from icemap.errors import StoreError, StoreWarning
-from icemap.options import get_option
 from icemap.interop import JSON_ATTR, cf_attrs, decode_attrs, encode_attrs, finish_store, resolve_store, zarr_options
+from icemap.options import get_option
 
 if TYPE_CHECKING:  # pragma: no cover
-    import zarr
     import xarray as xr
+    import zarr
 
 __all__ = ["write_cube", "write_timesteps", "open_cube", "cube_status", "check_not_input", "WriteReport",
            "CubeStatus"]
@@ -102,8 +116,6 @@ def _fmt_time(t: Any) -> str:
 
 def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     """The array ``name`` of a store's group; a group there means the store is not one icemap wrote."""
-    import zarr
-
     arr = group[name]
     if not isinstance(arr, zarr.Array):
         raise StoreError(f"{name!r} in the store is a group, not an array: the store was not written by icemap "
@@ -112,8 +124,6 @@ def _array(group: zarr.Group, name: str) -> zarr.Array[Any]:
 
 
 def _store_exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
-    import zarr
-
     try:
         zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
@@ -129,9 +139,6 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
     folder (prefix) holding anything but a Zarr store, is therefore refused; an empty folder is
     fine. A local parent that is a file gives a clear error instead of NotADirectoryError.
     """
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     try:
         fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     except (ImportError, ValueError) as exc:
@@ -151,8 +158,6 @@ def _check_target_is_free(path: str, storage_options: Mapping[str, Any] | None) 
 
 def _check_parents(path: str, root: str) -> None:
     """A local parent that is a file gives a clear error instead of NotADirectoryError."""
-    from pathlib import Path
-
     for parent in Path(root).parents:
         if parent.exists():
             if not parent.is_dir():
@@ -185,8 +190,6 @@ def check_not_input(out: str | os.PathLike[str], inputs: Mapping[str, Any]) -> N
     would destroy the input. ``inputs`` maps option names (``"--cube"``) to paths; None
     values are skipped.
     """
-    from pathlib import Path
-
     def key(p: Any) -> tuple[str, ...]:
         text = os.fspath(p)
         if _is_local(text):
@@ -222,8 +225,6 @@ def _clear_unfinished(path: str, storage_options: Mapping[str, Any] | None) -> N
     folders that are Zarr arrays or groups); a file someone put there stops it, and the
     store is left exactly as it is.
     """
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     entries = fs.ls(root, detail=False)
     foreign = []
@@ -246,10 +247,6 @@ def _clear_unfinished(path: str, storage_options: Mapping[str, Any] | None) -> N
 
 def _create_marked_group(path: str, zarr_format: Literal[2, 3], storage_options: Mapping[str, Any] | None) -> None:
     """Write the empty group with the marker: the first thing written into a new store."""
-    import zarr
-
-    from icemap import __version__
-
     zarr.open_group(path, mode="a", zarr_format=zarr_format, storage_options=zarr_options(storage_options),
                     use_consolidated=False, attributes={MARKER_ATTR: {"created_by": "icemap",
                                                                       "icemap_version": __version__}})
@@ -290,12 +287,6 @@ def _store_lock(path: str, storage_options: Mapping[str, Any] | None) -> Iterato
     other filesystems (object stores have no locks) the file is created if absent and taken
     over when its PID is dead on this host; that is a best effort, not atomic.
     """
-    import socket
-    from datetime import datetime, timezone
-
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     lock = root.rstrip("/") + LOCK_SUFFIX
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -365,8 +356,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _group_attrs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    import zarr
-
     return decode_attrs(zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False).attrs)
 
 
@@ -387,8 +376,6 @@ def _stepped_vars(ds: Any) -> list[str]:
 
 def _prepare(ds: Any, chunksize: int | None) -> Any:
     """Align dask chunks to the Zarr chunks we are about to declare, and clean coordinates."""
-    import rioxarray  # noqa: F401  (registers .rio: a dataset built by hand may not have it yet)
-
     if ds.rio.crs is None:
         raise StoreError("the dataset has no CRS; load it with icemap.load or set one with ds.rio.write_crs")
     names = _stepped_vars(ds)
@@ -487,8 +474,6 @@ def _step_writes(ds: Any, group: Any, i: int, index: int) -> list[Any]:
     region checks would only repeat themselves for every step. Coordinates along ``time``
     were written with the template or the append.
     """
-    import uuid
-
     writes = []
     for name in _stepped_vars(ds):
         arr = _array(group, name)
@@ -567,7 +552,6 @@ def _wave_size(step_chunks: int) -> int:
     if option is not None:
         _log.debug("a wave holds %d chunks: the write_wave option", option)
         return max(int(option), 1)
-    import dask
 
     threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     _log.debug("a wave holds %d chunks: two per thread of the local scheduler (%d threads)", 2 * threads, threads)
@@ -593,11 +577,6 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
     fully written, and ``progress`` (called in step order, as each flag lands) can stop the
     run after any step.
     """
-    import uuid
-
-    import dask.array as da
-    import zarr
-
     group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     flags_arr = _array(group, _COMPLETE)
     run = uuid.uuid4().hex
@@ -639,8 +618,6 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
 def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, labels: Mapping[int, str],
                   step_done: Callable[[str], None]) -> None:
     """Compute one wave; call ``step_done`` for each flag, in step order, as it lands."""
-    import dask
-
     client = _distributed_client()
     if client is not None:
         futures = client.compute(targets)
@@ -656,8 +633,6 @@ def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, la
             client.cancel(futures)
             raise
         return
-
-    from dask.callbacks import Callback
 
     reported: queue.SimpleQueue[int] = queue.SimpleQueue()
     told: set[str] = set()
@@ -685,8 +660,6 @@ def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, la
 
 def _distributed_client() -> Any:
     """The distributed Client that ``compute`` would use now, or None for a local scheduler."""
-    import dask.base
-
     scheduler = dask.base.get_scheduler()
     owner = getattr(scheduler, "__self__", None)
     if owner is None or type(owner).__module__.split(".")[0] != "distributed":
@@ -811,8 +784,6 @@ def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str],
                   step_inputs: Mapping[str, Any] | None, storage_options: Mapping[str, Any] | None,
                   progress: Progress | None) -> None:
     """The body of :func:`write_timesteps`, run while the store's lock is held."""
-    import zarr
-
     exists = _store_exists(path, storage_options)
     if exists:
         # Nothing is changed in a store before it is known to be icemap's.
@@ -910,8 +881,6 @@ def _reset_changed_steps(path: str, ds: Any, existing: Any, new_times: list[str]
     Their per-step labels (``item_ids``, ``platform``) are rewritten now; the pixels are
     written again by the run, and the inputs record is updated once they are.
     """
-    import zarr
-
     before = existing.attrs.get(INPUTS_ATTR, {})
     group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     for i, t in enumerate(new_times):
@@ -926,8 +895,6 @@ def _reset_changed_steps(path: str, ds: Any, existing: Any, new_times: list[str]
 
 
 def _set_attrs(path: str, values: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
-    import zarr
-
     group = zarr.open_group(path, mode="r+", storage_options=zarr_options(storage_options), use_consolidated=False)
     new = encode_attrs(json.loads(json.dumps(dict(values), default=str)))
     listed = [k for k in str(group.attrs.get(JSON_ATTR, "")).split(",") if k and k not in values]
@@ -945,8 +912,6 @@ def _dimension_names(arr: zarr.Array[Any]) -> list[str]:
 
 def _time_lengths(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, int]:
     """Length along ``time`` of every array of a store that has a time dimension."""
-    import zarr
-
     group = zarr.open_group(path, mode="r", storage_options=zarr_options(storage_options), use_consolidated=False)
     lengths = {}
     for name, arr in group.arrays():
@@ -963,8 +928,6 @@ def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | N
     that disagree. The extra rows were never marked complete, so cutting every array back to
     the shortest length loses no finished data; the rerun appends those dates again.
     """
-    import zarr
-
     lengths = _time_lengths(path, storage_options)
     if not lengths or len(set(lengths.values())) == 1:
         return []
@@ -982,8 +945,6 @@ def _repair_interrupted_append(path: str, storage_options: Mapping[str, Any] | N
 
 
 def _open_raw(path: str, storage_options: Mapping[str, Any] | None) -> xr.Dataset:
-    import xarray as xr
-
     if len(set(_time_lengths(path, storage_options).values())) > 1:
         raise StoreError(
             f"{path}: an append of new dates was interrupted (arrays disagree on the number of "
@@ -1023,8 +984,6 @@ def open_cube(
         Hide time steps whose writing was interrupted (they read as fill). A
         :class:`~icemap.errors.StoreWarning` names them; rerun the ingest to finish them.
     """
-    import rioxarray  # noqa: F401
-
     import icemap.accessor  # noqa: F401  (registers cube.icemap)
 
     # Absolute: the lazy reads may run on workers started in another folder. A cube's STAC

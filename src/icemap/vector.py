@@ -11,16 +11,23 @@ its pixel count times the pixel area, so outline areas and counted areas agree e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import dask
+import dask.array as da
+import geopandas as gpd
 import numpy as np
+import pandas as pd
+from rasterio.features import shapes
+from shapely.geometry import shape
 
 from icemap._atomic import atomic_path
 from icemap.errors import IcemapError
-from icemap.kernels import ICE_NODATA
+from icemap.kernels import ICE_NODATA, count_by_id
+from icemap.labels import glacier_ids
+from icemap.options import get_option, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -56,19 +63,13 @@ def pixel_area_m2(like: xr.Dataset | xr.DataArray) -> float:
 
 
 def _count_block(ice: np.ndarray, gid: np.ndarray, n: int, value: int) -> np.ndarray:
-    from icemap.kernels import count_by_id
-
     return count_by_id(ice, gid, n, value).reshape(1, 1, n + 1)
 
 
 def _counts(ice2d: Any, gid2d: Any, n: int, value: int = 1) -> Any:
-    import dask.array as da
-
     ice_d = ice2d.data if hasattr(ice2d, "data") else ice2d
     gid_d = gid2d.data if hasattr(gid2d, "data") else gid2d
     if not isinstance(ice_d, da.Array):
-        from icemap.options import get_option
-
         ice_d = da.from_array(np.asarray(ice_d), chunks=(get_option("chunksize"),) * 2)
     gid_d = da.asarray(gid_d).rechunk(ice_d.chunks)
     per_block = da.map_blocks(_count_block, ice_d, gid_d, n, value, new_axis=2,
@@ -93,9 +94,6 @@ def ice_area_per_glacier(ice: xr.DataArray, ids: xr.DataArray, table: pd.DataFra
         ``outline_area_km2``, ``nodata_area_km2`` (cloud or fill inside the outline, where the
         ice area is a lower bound).
     """
-    import dask
-    import pandas as pd
-
     px_km2 = pixel_area_m2(ice) / 1e6
     n = int(table["gid"].max()) if len(table) else 0
     times = ice["time"].values if "time" in ice.dims else [None]
@@ -189,11 +187,6 @@ def polygonise(
     neighbours are separate outlines. Each time step is computed (and held in memory, as a 2-D
     array) on its own.
     """
-    import geopandas as gpd
-    import pandas as pd
-
-    from icemap.options import resolve
-
     px_m2 = pixel_area_m2(ice)
     if min_area_m2 < 0:
         raise IcemapError(f"min_area_m2 must be >= 0, got {min_area_m2}")
@@ -229,7 +222,6 @@ def _glacier_key(ice: Any, reference: Any, id_column: str | None) -> tuple[np.nd
     """
     if reference is None:
         return np.ones(ice.shape[-2:], np.int32), None
-    from icemap.labels import glacier_ids
 
     ids, table = glacier_ids(reference, ice, id_column=id_column)
     gid_raster = np.asarray(ids.values, dtype=np.int32)
@@ -244,8 +236,6 @@ def _outline_rows(ice: Any, key: np.ndarray, names: np.ndarray | None, provenanc
 
     Each row carries its step's UTC time and source items besides the mask's provenance.
     """
-    import pandas as pd
-
     items = ice["item_ids"] if "item_ids" in ice.coords else None
     rows: list[dict[str, Any]] = []
     for i, t in enumerate(_times(ice)):
@@ -266,9 +256,6 @@ def _outline_rows(ice: Any, key: np.ndarray, names: np.ndarray | None, provenanc
 def _step_outlines(mask: np.ndarray, key: np.ndarray, names: np.ndarray | None, step: dict[str, Any], *,
                    transform: Any, px_m2: float, min_area_m2: float, buffer_m: float) -> list[dict[str, Any]]:
     """The outline rows of one time step: one per 4-connected patch of ``mask`` within one key value."""
-    from rasterio.features import shapes
-    from shapely.geometry import shape
-
     rows: list[dict[str, Any]] = []
     for geom, value in shapes(key, mask=mask, connectivity=4, transform=transform):
         poly = shape(geom)
@@ -286,9 +273,6 @@ def _step_outlines(mask: np.ndarray, key: np.ndarray, names: np.ndarray | None, 
 
 def _no_outlines(crs: Any) -> Any:
     """An empty outline table with the columns and dtypes of a full one (so concatenation keeps types)."""
-    import geopandas as gpd
-    import pandas as pd
-
     empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in OUTLINE_COLUMNS})
     empty["time"] = pd.Series([], dtype="datetime64[ns, UTC]")
     empty["threshold"] = pd.Series([], dtype="float64")
@@ -355,8 +339,6 @@ def write_vector(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str], *, layer: 
 
 def _select_time(ice: Any, when: Any) -> Any:
     """The one time label of ``ice`` that ``when`` names: an exact time, or a day ("2021-02-12")."""
-    import pandas as pd
-
     if "time" not in ice.dims:
         raise IcemapError("area_change needs an ice mask with a time dimension")
     times = pd.DatetimeIndex(ice["time"].values)
@@ -408,8 +390,6 @@ def area_change(ice: xr.DataArray, t0: str | int | np.datetime64, t1: str | int 
         fill inside the outline, where the area is a lower bound and the change is uncertain.
         Areas come from :func:`ice_area_per_glacier`, so both tables agree exactly.
     """
-    import pandas as pd
-
     a, b = _select_time(ice, t0), _select_time(ice, t1)
     steps = [a] if a == b else [a, b]
     per = ice_area_per_glacier(ice.sel(time=steps), ids, table)

@@ -7,15 +7,39 @@ nothing here computes pixels itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import fsspec
+import xarray as xr
+
+from icemap._version import __version__
+from icemap.describe import describe_cog, describe_store, describe_vector, item_path, write_collection
+from icemap.errors import EmptySearchError, IcemapError
+from icemap.export import export_geotiffs
+from icemap.index import ndsi, ndsi_and_ice_mask
+from icemap.infer import keep_resources, predict
+from icemap.interop import keep_grid, resolve_store
+from icemap.labels import rasterize_outlines
+from icemap.load import load
+from icemap.metrics import best_threshold, threshold_sweep, unsupervised_threshold
+from icemap.options import get_option
+from icemap.plausibility import check_reflectance
+from icemap.quicklook import quicklook
+from icemap.stac import Search
+from icemap.store import check_not_input, open_cube, write_cube, write_timesteps
+from icemap.vector import polygonise, write_vector
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Mapping
 
-    from icemap.store import Progress, WriteReport
+    import geopandas as gpd
     import pyproj
     import pystac
     import xarray as xr
@@ -24,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from icemap.guards import Guard
     from icemap.reader import Signer
     from icemap.stac import Search
-    import geopandas as gpd
+    from icemap.store import Progress, WriteReport
 
 __all__ = ["ingest", "map_ndsi", "write_product", "product_settings", "map_cube", "MapResult", "calibrate_threshold"]
 
@@ -65,16 +89,6 @@ def ingest(
     :class:`~icemap.errors.ImplausibleReflectanceWarning`. ``engine`` picks the loader engine; both give
     the same cube, so the store does not depend on it (and a rerun may use the other).
     """
-    import json
-    from datetime import datetime, timezone
-
-    from icemap import __version__
-    from icemap.errors import EmptySearchError
-    from icemap.load import load
-    from icemap.options import get_option
-    from icemap.stac import Search
-    from icemap.store import write_cube
-
     params: dict[str, Any] | None = None
     if isinstance(source, Search):
         params = source.parameters()
@@ -112,9 +126,6 @@ def ingest(
     report = write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
                         storage_options=storage_options, progress=progress, settings=settings)
     # A few chunks of what was written: a wrong scale or offset is said now, not by an empty map.
-    from icemap.plausibility import check_reflectance
-    from icemap.store import open_cube
-
     check_reflectance(open_cube(out, storage_options=storage_options), where=f"the cube {os.fspath(out)}",
                       stacklevel=3)
     describe_run(out, derived_from=_self_hrefs(items), description="icemap ingest: a cube of surface reflectance",
@@ -144,8 +155,6 @@ def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], d
     ``(kind, path)`` of the files written beside it (``cog``, ``vector``), each derived from the
     store. A run writing to an object store gets the store's Item only.
     """
-    from icemap.describe import describe_cog, describe_store, describe_vector, item_path, write_collection
-
     describe_store(main, derived_from=derived_from, storage_options=storage_options)
     if "://" in os.fspath(main):
         return
@@ -166,17 +175,12 @@ def map_ndsi(
     **guard_params: float | None,
 ) -> xr.Dataset:
     """The NDSI product of a cube, lazily: ``ndsi`` (float32) and ``ice`` (uint8) on (time, y, x)."""
-    import xarray as xr
-
-    from icemap.index import ndsi_and_ice_mask
-
     # One kernel pass per chunk gives both products (the index is not computed twice).
     index, ice = ndsi_and_ice_mask(cube, threshold=threshold, guards=guards, dem=dem, **guard_params)
     product = xr.Dataset({"ndsi": index, "ice": ice})
     for name in ("item_ids", "platform"):
         if name in cube.coords:
             product = product.assign_coords({name: cube[name]})
-    from icemap.interop import keep_grid
 
     product = keep_grid(product, cube)
     product.attrs = {"method": "ndsi", **{k: v for k, v in ice.attrs.items() if k not in ("long_name",)}}
@@ -198,9 +202,6 @@ def write_product(
     ``settings`` default to the product's own record of how it was computed (method,
     threshold, guards, model checksum...); a rerun with others is refused.
     """
-    from icemap import __version__
-    from icemap.store import write_timesteps
-
     meta = {"icemap_version": __version__, **(attrs or {})}
     if settings is None:
         settings = product_settings(product)
@@ -225,8 +226,6 @@ def product_settings(product: xr.Dataset, **extra: Any) -> dict[str, Any]:
 
 def _file_sha256(path: Any) -> str | None:
     """Checksum of a local file (a DEM), so a rerun with another file of the same name is caught."""
-    import hashlib
-
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -280,7 +279,7 @@ def map_cube(
         threshold (default the model's) and ``dem`` feeds terrain inputs.
     model, predict_options
         The U-Net checkpoint folder (None or ``"default"``: the model shipped with icemap,
-        :mod:`icemap.model.default`) and options of :func:`icemap.infer.predict`
+        :mod:`icemap.lab.default`) and options of :func:`icemap.infer.predict`
         (``batch_size``, ``tta``, ``halo``...).
     geotiff_dir
         Also write one COG per variable and date there.
@@ -294,8 +293,6 @@ def map_cube(
     values that cannot be reflectance give an
     :class:`~icemap.errors.ImplausibleReflectanceWarning` naming ``--scale``/``--offset``.
     """
-    from icemap.store import open_cube
-
     cube = _open_for_mapping(cube_path, method, outputs=(out, geotiff_dir, outlines_path, quicklook_path),
                              dem=dem, reference=reference)
     attrs: dict[str, Any] = {"source_cube": os.fspath(cube_path), "method": method}
@@ -318,16 +315,12 @@ def _open_for_mapping(cube_path: str | os.PathLike[str], method: str, *, outputs
     A few chunks of the cube are checked for plausible reflectance first: values that cannot be
     reflectance would map to nothing (or to everything) without a word.
     """
-    from icemap.errors import IcemapError
-    from icemap.store import check_not_input, open_cube
-
     for output in outputs:
         if output is not None:
             check_not_input(output, {"--cube": cube_path, "--dem": dem, "--reference": reference})
     cube = open_cube(cube_path)
     if method not in ("ndsi", "unet"):
         raise IcemapError(f"unknown method {method!r}; use 'ndsi' or 'unet'")
-    from icemap.plausibility import check_reflectance
 
     # A few chunks of the cube: values that cannot be reflectance would map to nothing (or to
     # everything) without a word; the job reads the whole cube next anyway.
@@ -338,15 +331,12 @@ def _open_for_mapping(cube_path: str | os.PathLike[str], method: str, *, outputs
 def _map_cube_product(cube: Any, method: str, attrs: dict[str, Any], *, threshold: float | None,
                       guards: Sequence[str | Guard], dem: Any, model: Any, predict_options: dict[str, Any] | None) -> Any:
     """The lazy product of ``method`` (NDSI or U-Net); the model's identity goes into ``attrs``."""
-    from icemap.errors import IcemapError
-
     if method == "ndsi":
         if model is not None:
             raise IcemapError("--model is for --method unet; the NDSI method takes no model")
         return map_ndsi(cube, threshold=threshold, guards=guards, dem=dem)
     if guards:
         raise IcemapError("--guards apply to the NDSI method; the U-Net learns its own")
-    from icemap.infer import predict
 
     product = predict(cube, model, threshold=threshold, dem=dem, **(predict_options or {}))
     attrs.update({"model": product.attrs["model"], "model_sha256": product.attrs["model_sha256"]})
@@ -357,10 +347,6 @@ def _write_mapped_product(product: Any, out: str | os.PathLike[str], cube_path: 
                           attrs: dict[str, Any], *, dem: Any, predict_options: dict[str, Any] | None,
                           zarr_format: Literal[2, 3] | None, progress: Any) -> Any:
     """Write the product store with the settings a resumed run must match (and GPU routing kept)."""
-    import contextlib
-
-    from icemap.infer import keep_resources
-
     routing = keep_resources() if product.attrs.get("gpu_resources") else contextlib.nullcontext()
     pixel_options = {k: v for k, v in (predict_options or {}).items()
                      if k in ("tta", "halo", "mc_samples") and v not in (None, False, 0)}
@@ -382,22 +368,16 @@ def _write_map_extras(result: MapResult, cube: Any, stored: Any, *, geotiff_dir:
     """
     others: list[tuple[str, Any]] = []
     if geotiff_dir is not None:
-        from icemap.export import export_geotiffs
-
         variables = [v for v in ("ice", "ndsi", "ice_probability", "ice_probability_std") if v in stored]
         result.geotiffs = export_geotiffs(stored, geotiff_dir, variables=variables, describe=False)
         others += [("cog", p) for p in result.geotiffs]
     if outlines_path is not None:
-        from icemap.vector import polygonise, write_vector
-
         # The product's provenance (method, threshold, model checksum) and, with reference
         # outlines, each polygon's glacier id travel with the outlines into QGIS or an inventory.
         result.outlines = write_vector(polygonise(stored["ice"], reference=reference, attrs=dict(stored.attrs)),
                                        outlines_path)
         others.append(("vector", result.outlines))
     if quicklook_path is not None:
-        from icemap.quicklook import quicklook
-
         valid = cube["reflectance"].isel(band=0).notnull().mean(dim=("y", "x")).values
         result.quicklook = quicklook(cube, quicklook_path, ice=stored["ice"], outlines=reference,
                                      time=int(valid.argmax()))
@@ -407,9 +387,6 @@ def _write_map_extras(result: MapResult, cube: Any, stored: Any, *, geotiff_dir:
 def _describe_map(out: str | os.PathLike[str], cube_path: str | os.PathLike[str], method: str,
                   others: list[tuple[str, Any]]) -> None:
     """Describe the run in STAC, derived from the cube's Item (or store) and listing the extras."""
-    from icemap.describe import item_path
-    from icemap.interop import resolve_store
-
     source = resolve_store(os.fspath(cube_path))
     source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
     describe_run(out, derived_from=[source_item if _exists(source_item) else source],
@@ -417,14 +394,10 @@ def _describe_map(out: str | os.PathLike[str], cube_path: str | os.PathLike[str]
 
 
 def _store_times(path: str | os.PathLike[str]) -> list[Any]:
-    from icemap.store import open_cube
-
     return list(open_cube(path)["time"].values)
 
 
 def _exists(path: str) -> bool:
-    import fsspec
-
     try:
         fs, root = fsspec.core.url_to_fs(path)
         return bool(fs.exists(root))
@@ -443,11 +416,6 @@ def calibrate_threshold(
 
     Returns ``(threshold, curve)`` with the curve as a pandas DataFrame.
     """
-    from icemap.errors import IcemapError
-    from icemap.index import ndsi
-    from icemap.labels import rasterize_outlines
-    from icemap.metrics import best_threshold, threshold_sweep, unsupervised_threshold
-
     index = ndsi(cube)
     if method == "f1":
         if reference is None:

@@ -9,7 +9,7 @@ A checkpoint is a folder::
                           version, and the sha256 of the weights file
 
 A network trained elsewhere and imported with ``icemap model import``
-(:mod:`icemap.model.onnx_import`) is the same folder with ``model.onnx`` (a protobuf
+(:mod:`icemap.lab.onnx_import`) is the same folder with ``model.onnx`` (a protobuf
 message, no pickle either) in place of ``model.safetensors`` and
 ``architecture = {"kind": "onnx", ...}``; :func:`load_checkpoint` returns an
 :class:`~icemap.model.onnx_runner.OnnxRunner` for it, which inference calls like a U-Net.
@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from icemap._atomic import atomic_write_bytes
+from icemap._version import __version__
 from icemap.errors import ModelError
+from icemap.model.onnx_runner import OnnxRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
+
     from icemap.model.unet import UNet
 
 __all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
@@ -118,8 +122,6 @@ def _check_types(d: dict[str, Any]) -> None:
     types; checked once here, a bad file is one ModelError naming the field instead of a
     TypeError deep in inference.
     """
-    import math
-
     def is_str_list(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
 
@@ -178,8 +180,6 @@ def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike
     """
     from safetensors.torch import save
 
-    from icemap import __version__
-
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -217,8 +217,6 @@ def load_checkpoint(folder: str | os.PathLike[str], *, device: str = "cpu", expe
                 "the file is corrupt or was replaced: retrain or copy the whole checkpoint folder again"
             )
     if meta.kind == "onnx":
-        from icemap.model.onnx_runner import OnnxRunner
-
         return OnnxRunner(blob, meta.architecture, device=device, threads=threads), meta
     if meta.kind != "unet":
         raise ModelError(f"checkpoint {folder} holds a model of kind {meta.kind!r}, which this icemap cannot run; "

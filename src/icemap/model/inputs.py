@@ -14,8 +14,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import xarray as xr
 
+from icemap.dem import dem_on_grid, slope_degrees
 from icemap.errors import ModelError
+from icemap.index import ndsi, ndwi
+from icemap.kernels import normalise_channels
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -115,17 +119,12 @@ def build_inputs(cube: xr.Dataset | xr.DataArray, channels: Sequence[str], *,
         DEM file, DataArray on the cube grid, or anything :func:`icemap.dem.dem_on_grid`
         takes; needed for ``elevation``/``slope``.
     """
-    import xarray as xr
-
-    from icemap.index import ndsi, ndwi
-
     refl = cube["reflectance"] if isinstance(cube, xr.Dataset) else cube
     check_bands(refl, channels)
     terrain: dict[str, Any] = {}
     if needs_dem(channels):
         if dem is None:
             raise ModelError(f"inputs {list(channels)} include terrain: pass a DEM (dem=... / --dem)")
-        from icemap.dem import dem_on_grid, slope_degrees
 
         elevation = dem if isinstance(dem, xr.DataArray) and dem.sizes.get("x") == refl.sizes["x"] else dem_on_grid(dem, refl)
         terrain = {"elevation": elevation, "slope": slope_degrees(elevation)}
@@ -188,6 +187,4 @@ def normalise(x: np.ndarray, norm: Normalisation, channel_axis: int = -3) -> tup
     ``nodata`` is True where any channel was NaN: those pixels are restored as nodata in the
     output. The fill is per pixel, so a pixel's value never depends on where a tile starts.
     """
-    from icemap.kernels import normalise_channels
-
     return normalise_channels(x, norm.lo, norm.hi, channel_axis)

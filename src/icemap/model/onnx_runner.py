@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from icemap.errors import ModelError
 
@@ -36,7 +37,6 @@ def refuse_external_data(model: bytes) -> None:
     a model folder's network never needs any; one that names some was edited after import.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         proto = onnx.load_model_from_string(model)

@@ -1,17 +1,21 @@
 """Where the default U-Net shipped with icemap lives, resolved from the installed package.
 
-Kept apart from :mod:`icemap.model.default` (its training recipe and real-data scoring, which
+Kept apart from :mod:`icemap.lab.default` (its training recipe and real-data scoring, which
 use :mod:`icemap.infer`) so that :mod:`icemap.infer` can resolve ``model=None`` without an
-import cycle. No torch, no xarray: the CLI and the workflow call this before loading anything.
+import cycle. No torch: the workflow calls this before loading a network.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
+from importlib.resources import as_file, files
 from pathlib import Path
 
 from icemap.errors import ModelError
+from icemap.model.checkpoint import METADATA, WEIGHTS
 
 __all__ = ["DEFAULT_NAME", "default_model_dir", "resolve_model"]
 
@@ -34,9 +38,6 @@ def default_model_dir() -> Path:
     a temporary folder (``as_file``), which lives until the interpreter exits.
     """
     global _EXTRACTED_PATH
-    from importlib.resources import as_file, files
-
-    from icemap.model.checkpoint import METADATA, WEIGHTS
 
     res = files("icemap").joinpath(*_PACKAGE_DIR)
     if isinstance(res, Path):
@@ -56,8 +57,6 @@ def default_model_dir() -> Path:
 
 
 def _tmpdir() -> str:  # pragma: no cover - zipped installs only
-    import atexit
-    import tempfile
 
     path = tempfile.mkdtemp(prefix="icemap-default-model-")
     atexit.register(shutil.rmtree, path, True)

@@ -46,9 +46,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from icemap._version import __version__
+from icemap.describe import describe_model
 from icemap.errors import ModelError
 from icemap.extras import require
+from icemap.infer import predict_array
+from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, CheckpointMeta, _atomic_write, read_metadata
+from icemap.model.inputs import Normalisation, required_bands, resolve_channels
+from icemap.model.onnx_runner import OnnxRunner
 
 if TYPE_CHECKING:
     from icemap.model.checkpoint import CheckpointMeta
@@ -101,7 +108,6 @@ def inspect_onnx(data: bytes, n_channels: int, *, source: str = "the ONNX file")
         The file's name, for messages.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model_from_string(data)
@@ -162,7 +168,6 @@ def _embed_external_data(data: bytes, source: Path) -> bytes:
     holds one file, so that its sha256 covers the weights and it can be copied as it is.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load_model_from_string(data)
@@ -187,8 +192,6 @@ def parse_normalisation(spec: Any, n_channels: int) -> Any:
     models); ``{"mean": [...], "std": [...]}`` as ``(x - mean) / std`` (most published networks).
     ``None``: the network takes surface reflectance as it is (lo 0, hi 1).
     """
-    from icemap.model.inputs import Normalisation
-
     if spec is None:
         return Normalisation([0.0] * n_channels, [1.0] * n_channels, "identity")
     if isinstance(spec, Normalisation):
@@ -293,9 +296,6 @@ def tiling_error(runner: Any, n_channels: int, depth: int, halo: int, *, seed: i
     Both go through :func:`icemap.infer.predict_array`, the predictor that chunked inference uses.
     The window is ragged (not a multiple of the tile or of ``2**depth``), so edge padding is checked too.
     """
-    from icemap.infer import predict_array
-    from icemap.model.inputs import Normalisation
-
     m = 2**depth
     tile = max(2 * m, -(-max(halo, 1) // m) * m)
     h, w = 3 * tile + m // 2 + 1, 2 * tile + m + 3
@@ -350,10 +350,6 @@ def import_onnx(
     """
     require("onnx", "icemap model import")
     require("ml", "icemap model import")  # the tiling check runs icemap's torch batch loop
-    from icemap import __version__
-    from icemap.model.checkpoint import METADATA, CheckpointMeta, read_metadata
-    from icemap.model.inputs import required_bands, resolve_channels
-    from icemap.model.onnx_runner import OnnxRunner
 
     channels = resolve_channels(bands)
     n = len(channels)
@@ -446,9 +442,6 @@ def _fit_tiling(runner: OnnxRunner, n_channels: int, first: int, *, fixed: bool,
 
 def _write_model_folder(dest: Path, data: bytes, meta: CheckpointMeta) -> None:
     """The network, then its model.json, then its STAC Item (``model.stac.json``)."""
-    from icemap.describe import describe_model
-    from icemap.model.checkpoint import METADATA, ONNX_WEIGHTS, _atomic_write
-
     dest.mkdir(parents=True, exist_ok=True)
     _atomic_write(dest / ONNX_WEIGHTS, data)
     # The JSON last, as save_checkpoint does: a folder with a JSON has the network it describes.

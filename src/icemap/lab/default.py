@@ -9,7 +9,7 @@ runs on every cube icemap makes, without a DEM.
 Training is one command anyone can rerun (seeds, region, chips, augmentation and the weights'
 sha256 end up in ``model.json``'s ``training`` block)::
 
-    python -m icemap.model.default train --out DIR [--work DIR] [--epochs N]
+    python -m icemap.lab.default train --out DIR [--work DIR] [--epochs N]
 
 The data is icemap's procedural sample region (:func:`icemap.sample.make_sample_region`),
 widened where real scenes differ from it by augmenting every training batch
@@ -29,6 +29,7 @@ module level.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import time
@@ -37,9 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers .rio)
+import xarray as xr
 
-from icemap.model.augment import SpectralAugment
+from icemap.describe import describe_model
+from icemap.errors import IcemapError, ModelError
+from icemap.guards import DarkGuard, WaterGuard
+from icemap.infer import ModelRef, _run_batches, predict
+from icemap.kernels import ICE_NODATA, normalized_difference, probability_mask
+from icemap.lab.augment import SpectralAugment
+from icemap.load import load
+from icemap.metrics import evaluate
+from icemap.model.checkpoint import read_metadata, save_checkpoint
+from icemap.model.inputs import Normalisation, normalise
 from icemap.model.packaged import DEFAULT_NAME, default_model_dir, resolve_model
+from icemap.sample import make_sample_region
+from icemap.stac import item_from_files, search
+from icemap.workflow import ingest
 
 __all__ = [
     "CHANNELS",
@@ -80,7 +96,7 @@ TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience
 # Augmentation
 # ----------------------------------------------------------------------------------------------
 
-# SpectralAugment lives in icemap.model.augment (``icemap train --augment spectral`` uses it too);
+# SpectralAugment lives in icemap.lab.augment (``icemap train --augment spectral`` uses it too);
 # it is re-exported here, where the default model's recipe names it.
 
 
@@ -90,10 +106,6 @@ TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience
 
 
 def _region_cube(work: Path, region: dict[str, Any]) -> tuple[Path, Path]:
-    from icemap.sample import make_sample_region
-    from icemap.stac import search
-    from icemap.workflow import ingest
-
     reg = make_sample_region(work / "region", **region)
     cube = work / "cube.zarr"
     s = search(str(reg.catalog), collections=reg.collection, bbox=reg.bbox)
@@ -120,9 +132,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     """
     import torch
 
-    from icemap.describe import describe_model
-    from icemap.model.checkpoint import read_metadata, save_checkpoint
-    from icemap.model.train import TrainConfig, prepare_data, train
+    from icemap.lab.train import TrainConfig, prepare_data, train
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -149,7 +159,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     # (the loaded model runs in float32 after an exact widening of the stored halves).
     meta = read_metadata(out)
     meta.training.update({
-        "recipe": "python -m icemap.model.default train --out DIR",
+        "recipe": "python -m icemap.lab.default train --out DIR",
         "cube": "generated: make_sample_region(**region), ingested with the six common bands",
         "outlines": "the region's glaciers.gpkg",
         "region": region, "chip_settings": chips, "train_settings": settings,
@@ -177,9 +187,6 @@ _UKIS_CLASSES = {"shadow": 0, "water": 1, "land": 3, "cloud": 4}
 
 
 def _athabasca(root: Path) -> Any:
-    from icemap.load import load
-    from icemap.stac import item_from_files
-
     d = root / "athabasca_hls_l30"
     item = item_from_files({n: d / f"athabasca_2020229_{c}_L30.tif" for n, c in _HLS.items()},
                            id="HLS.L30.athabasca.2020229.v2.0", datetime="2020-08-16T00:00:00Z",
@@ -189,10 +196,6 @@ def _athabasca(root: Path) -> Any:
 
 def _liverpool(root: Path) -> Any:
     """The Liverpool crop as a cube; its georeference is only in the MTL (data README)."""
-    import rasterio
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-
     d = root / "xlandsat_liverpool_l2sp"
     stem = "LC08_L2SP_204023_20200927_20201006_02_T1"
     bands = []
@@ -212,9 +215,6 @@ def _liverpool(root: Path) -> Any:
 
 def _ukis(root: Path, name: str) -> tuple[Any, np.ndarray]:
     """A ukis cloud chip as a cube on a dummy 30 m UTM grid (the chips have no georeference)."""
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-
     z = np.load(root / "ukis_csmask_cloud_chips" / f"{name}.npz")
     img = np.moveaxis(z["img"].astype(np.float32), -1, 0)  # blue, green, red, nir, swir16, swir22
     h, w = img.shape[1:]
@@ -254,10 +254,6 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
     reflectance as the data README says (Landsat - 0.2); a band a file lacks (or a blank cell)
     is NaN. Sets and classes are :data:`POINT_FILES`.
     """
-    import csv
-
-    from icemap.errors import IcemapError
-
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, (fname, cols, offset, _) in POINT_FILES.items():
         path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
@@ -280,8 +276,6 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
 def _point_channels(refl: np.ndarray) -> np.ndarray:
     """``(N, 6)`` reflectance -> ``(N, 8)`` model channels (NDSI and NDWI as the cube path
     computes them: :func:`icemap.kernels.normalized_difference` on the bands)."""
-    from icemap.kernels import normalized_difference
-
     g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
     return np.concatenate([refl, normalized_difference(g, s)[:, None], normalized_difference(g, n)[:, None]],
                           axis=1).astype(np.float32)
@@ -297,12 +291,6 @@ def point_unet_probability(refl: np.ndarray, model: str | os.PathLike[str] | Non
     channel is undefined (a missing band, or NDSI/NDWI of two non-positive bands), as the
     cube path leaves such pixels nodata.
     """
-    from icemap.infer import ModelRef, _run_batches
-    from icemap.model.checkpoint import read_metadata
-    from icemap.model.inputs import Normalisation, normalise
-
-    from icemap.errors import ModelError
-
     folder = resolve_model(model)
     meta = read_metadata(folder)
     if tuple(meta.channels) != CHANNELS:
@@ -329,9 +317,7 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
     ``model``) at its threshold on uniform fields (:func:`point_unet_probability`);
     ``unet=False`` leaves it out.
     """
-    from icemap.guards import DarkGuard, WaterGuard
     from icemap.kernels import ice_mask
-    from icemap.model.checkpoint import read_metadata
 
     guards: dict[str, Any] = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
     threshold = read_metadata(resolve_model(model)).threshold if unet else None
@@ -343,10 +329,10 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
                                         "NDSI 0.4 + guards": ice_mask(g, s, 0.4, nir08=n, **guards)}
         if unet and np.isfinite(refl).all(axis=1).any():
             p = point_unet_probability(refl, model)
-            calls["default U-Net"] = np.where(np.isfinite(p), (p >= threshold).astype(np.uint8), np.uint8(255))
+            calls["default U-Net"] = np.where(np.isfinite(p), (p >= threshold).astype(np.uint8), ICE_NODATA)
         out[name], out["pixels"][name] = {}, {}
         for method, mask in calls.items():
-            ok = mask != 255
+            ok = mask != ICE_NODATA
             out[name][method] = {c: float((mask[(cls == k) & ok] == 1).mean()) for k, c in classes.items()}
             out["pixels"][name][method] = {c: int(((cls == k) & ok).sum()) for k, c in classes.items()}
     return out
@@ -360,8 +346,6 @@ EXTRA_THRESHOLDS: tuple[float, ...] = (0.7, 0.9)
 def _methods(model: str | os.PathLike[str]) -> dict[str, Any]:
     """name -> function(cube) returning the (y, x) uint8 ice mask of the first date."""
     from icemap.index import ice_mask
-    from icemap.infer import predict
-    from icemap.kernels import probability_mask
 
     cache: dict[int, Any] = {}
 
@@ -394,8 +378,6 @@ def real_data_scores(data_root: str | os.PathLike[str], model: str | os.PathLike
         "false_positive_share": {method: {"liverpool water": share, "landsat5 water": ...}},
         "pixels": {class: count}}``; shares are ice-flagged pixels / valid pixels of the class.
     """
-    from icemap.metrics import evaluate
-
     root = Path(data_root)
     model = resolve_model(model)
     methods = _methods(model)
@@ -420,7 +402,7 @@ def real_data_scores(data_root: str | os.PathLike[str], model: str | os.PathLike
         row: dict[str, float] = {}
         for scene, (cube, classes) in controls.items():
             ice = np.asarray(fn(cube).values)
-            ok = ice != 255
+            ok = ice != ICE_NODATA
             for cls, where in classes.items():
                 sel = where & ok
                 row[f"{scene} {cls}"] = float((ice[sel] == 1).sum() / max(int(sel.sum()), 1))
@@ -471,8 +453,8 @@ def points_markdown(points: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m icemap.model.default train --out DIR`` | ``score [--model DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m icemap.model.default", description=__doc__.splitlines()[0])
+    """``python -m icemap.lab.default train --out DIR`` | ``score [--model DIR]``."""
+    p = argparse.ArgumentParser(prog="python -m icemap.lab.default", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the default model from scratch")
     t.add_argument("--out", required=True, type=Path)
@@ -487,7 +469,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "train":
         path = train_default(args.out, work=args.work, epochs=args.epochs)
-        from icemap.model.checkpoint import read_metadata
 
         print(f"{path}: sha256 {read_metadata(path).weights_sha256}")
     else:

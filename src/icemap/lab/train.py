@@ -40,11 +40,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from icemap.describe import describe_model
 from icemap.errors import ModelError, ModelNoBetterWarning
-from icemap.model.augment import SpectralAugment
-from icemap.model.checkpoint import CheckpointMeta, _atomic_write, save_checkpoint
-from icemap.model.data import (
+from icemap.infer import default_halo, predict_array
+from icemap.kernels import ICE_NODATA, confusion_counts, ice_mask
+from icemap.lab.augment import SpectralAugment
+from icemap.lab.data import (
     CHIP_LAYOUTS,
     GROUPINGS,
     MASK_BUFFERS,
@@ -53,11 +58,16 @@ from icemap.model.data import (
     ChipIndex,
     ChipSource,
     Split,
+    _time_labels,
     fit_normalisation,
+    label_keys,
     make_chips,
     split_by_year,
     split_chips,
 )
+from icemap.labels import read_outlines
+from icemap.metrics import OUTCOMES, best_threshold, scores, threshold_sweep
+from icemap.model.checkpoint import CheckpointMeta, _atomic_write, load_checkpoint, read_metadata, save_checkpoint
 from icemap.model.inputs import (
     Normalisation,
     build_inputs,
@@ -65,7 +75,10 @@ from icemap.model.inputs import (
     required_bands,
     resolve_channels,
 )
+from icemap.model.packaged import resolve_model
 from icemap.model.unet import UNet, UNetConfig
+from icemap.options import resolve
+from icemap.store import open_cube
 
 __all__ = [
     "LOSSES",
@@ -145,7 +158,7 @@ class TrainConfig:
         Random flips and 90-degree rotations of training chips.
     spectral_augment
         Also the default model's radiometric augmentation
-        (:class:`icemap.model.augment.SpectralAugment`: band gains and offsets, illumination,
+        (:class:`icemap.lab.augment.SpectralAugment`: band gains and offsets, illumination,
         shading, haze, turbid water, noise) on every training batch, so a model trained or
         fine-tuned on one region and sensor holds on others. Needs band inputs (and ndsi/ndwi).
     init
@@ -174,7 +187,7 @@ class TrainConfig:
     split_iterations
         Monte-Carlo iterations of the split (study a: 900).
     overlap
-        Overlap handling of the chips (:func:`icemap.model.data.make_chips`).
+        Overlap handling of the chips (:func:`icemap.lab.data.make_chips`).
     chips
         ``"outline"`` (one chip per outline, study a) or ``"grid"`` (chips edge to edge over
         the outlines, so every labelled pixel is trained on or validated on).
@@ -183,7 +196,7 @@ class TrainConfig:
         ``"location"``: chips are grouped by place only, so a region with one or two large
         glaciers can be split (validation on unseen parts of them); ``"year"``: the latest
         year is the test set and the one before it the validation set
-        (:func:`icemap.model.data.split_by_year`; with two years, no test set).
+        (:func:`icemap.lab.data.split_by_year`; with two years, no test set).
     label_time
         Column of the outlines with each outline's year or date: each cube date is labelled
         by the outlines of its year/date only (:func:`prepare_data`).
@@ -349,8 +362,6 @@ class PreparedData:
 
 def _open(cube: Any) -> tuple[Any, str | None]:
     if isinstance(cube, (str, os.PathLike)):
-        from icemap.store import open_cube
-
         return open_cube(cube), os.fspath(cube)
     return cube, None
 
@@ -375,13 +386,11 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     label_time
         A column of the outlines with each outline's year or date: every cube date is labelled
         by the outlines of its year (or date) only, and dates without any are left out (listed
-        in ``index.params["dates_without_labels"]``). See :func:`icemap.model.data.label_keys`.
+        in ``index.params["dates_without_labels"]``). See :func:`icemap.lab.data.label_keys`.
 
-    Other parameters are those of :func:`icemap.model.data.make_chips` and
-    :func:`icemap.model.data.split_chips`.
+    Other parameters are those of :func:`icemap.lab.data.make_chips` and
+    :func:`icemap.lab.data.split_chips`.
     """
-    from icemap.labels import read_outlines
-
     if split not in SPLITS:
         raise ModelError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     ds, cube_path = _open(cube)
@@ -398,8 +407,6 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     if label_time is not None:
         index = _samples_with_labels(index, gdf, refl, label_time)
     if split == "year":
-        from icemap.model.data import _time_labels
-
         chosen = split_by_year(index, _time_labels(refl))
     else:
         chosen = split_chips(index, iterations=split_iterations, seed=split_seed)
@@ -417,8 +424,6 @@ def _samples_with_labels(index: ChipIndex, outlines: Any, refl: Any, column: str
     A date without outlines would otherwise be labelled "no ice" everywhere, a wrong label, not
     a missing one.
     """
-    from icemap.model.data import _time_labels, label_keys
-
     keys, mode = label_keys(outlines, column)
     have = set(keys)
     dates = _time_labels(refl)
@@ -517,9 +522,6 @@ def counts(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict[str, in
     The same counter as :func:`icemap.metrics.confusion` (:func:`icemap.kernels.confusion_counts`),
     pooled over every leading axis.
     """
-    from icemap.kernels import confusion_counts
-    from icemap.metrics import OUTCOMES
-
     p = np.asarray(pred).astype(bool)
     r = np.broadcast_to(np.asarray(ref) != 0, p.shape)
     c = confusion_counts(p, r, valid=np.broadcast_to(valid, p.shape)).reshape(-1, 4).sum(axis=0)
@@ -530,22 +532,27 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b[k] for k in b}
 
 
-@torch.no_grad()
-def predict_dataset(model: UNet, dataset: ChipDataset, *, batch_size: int = 16,
-                    device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
-    """Ice probabilities of every chip, padding removed: (N, S, S) float32."""
-    device = torch.device(device)
-    model.eval()
-    use_amp, dtype = _autocast(device, amp)
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        x, _, _ = _batch(dataset, range(start, min(start + batch_size, len(dataset))))
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
-            logits = model(x.to(device))
-        out.append(torch.sigmoid(logits.float())[:, 0].cpu().numpy())
-    if not out:
-        return np.zeros((0, dataset.size, dataset.size), dtype=np.float32)
-    return dataset.crop(np.concatenate(out)).astype(np.float32)
+def predict_dataset(model: UNet, dataset: ChipDataset, *, device: torch.device | str = "cpu") -> np.ndarray:
+    """Ice probabilities of every chip: (N, S, S) float32, NaN where an input channel is nodata.
+
+    A thin loop over :func:`icemap.infer.predict_array`, the one forward pass of icemap: each
+    chip is one window, its raw inputs normalised, NaN-filled and (``hide_channel``) hidden
+    there exactly as ``icemap.predict`` does on a cube. The chip is padded around (as
+    :class:`ChipDataset` pads it for training) with nodata, which ``predict_array`` fills with
+    0 like the training batches' padding, so these are the probabilities the training and
+    validation passes see (tests/test_train.py checks both agree).
+    """
+    depth = model.config.depth
+    p, o, s = dataset.padded, dataset.offset, dataset.size
+    out = np.empty((len(dataset), s, s), dtype=np.float32)
+    for i, sample in enumerate(dataset.samples):
+        raw = dataset.source.inputs(sample, dataset.channels)
+        x = np.full((len(dataset.channels), p, p), np.nan, dtype=np.float32)
+        x[:, o:o + s, o:o + s] = raw
+        out[i] = dataset.crop(predict_array(x, model, dataset.normalisation, depth=depth, halo=0, tile=p,
+                                            batch_size=1, device=str(device),
+                                            hide_channel=dataset.hide_channel)[0])
+    return out
 
 
 def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, mask: str | None = None,
@@ -557,8 +564,6 @@ def score_dataset(model: UNet, dataset: ChipDataset, threshold: float = 0.5, *, 
     extended masks against the original outlines); pass precomputed ``probabilities`` to
     score several thresholds or masks without running the model again.
     """
-    from icemap.metrics import scores
-
     probs = predict_dataset(model, dataset, device=device) if probabilities is None else probabilities
     buffer_m = MASK_BUFFERS[mask] if mask is not None else dataset.buffer_m
     total: dict[str, int] = {}
@@ -700,8 +705,6 @@ def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
     init = config.init
     if init is None:
         return config, None
-    from icemap.model.checkpoint import load_checkpoint, read_metadata
-    from icemap.model.packaged import resolve_model
 
     folder = resolve_model(config.init)
     meta = read_metadata(folder)
@@ -750,10 +753,6 @@ def validation_baselines(ds: ChipDataset, *, ndsi_threshold: float | None = None
         ``{"all_ice": scores, "ndsi": scores + {"threshold": t}}``
         (:func:`icemap.metrics.scores`).
     """
-    from icemap.kernels import ice_mask
-    from icemap.metrics import scores
-    from icemap.options import resolve
-
     t = float(resolve("ndsi_threshold", ndsi_threshold))
     src = ds.source
     has_ndsi = {"green", "swir16"} <= set(src.bands)
@@ -842,9 +841,6 @@ class _Display:
 
     def __enter__(self) -> _Display:
         if not self.quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.console = self.console or Console(stderr=True, soft_wrap=True)
             self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
@@ -930,9 +926,9 @@ def train(
         ``augment_batch(x, valid, normalisation, rng)`` with the normalised inputs ``x``
         (B, C, H, W), their validity and the epoch's generator (so a resumed run draws what an
         uninterrupted one draws); returns the new ``x``. The default model's spectral,
-        illumination, haze and noise augmentation (:mod:`icemap.model.default`) plugs in here.
+        illumination, haze and noise augmentation (:mod:`icemap.lab.default`) plugs in here.
         It is not part of :class:`TrainConfig`: record its settings in the checkpoint yourself.
-        ``config.spectral_augment`` plugs in :class:`~icemap.model.augment.SpectralAugment`
+        ``config.spectral_augment`` plugs in :class:`~icemap.lab.augment.SpectralAugment`
         when this is not given.
     strict
         When the model scores no better on the validation outlines than NDSI or than calling
@@ -1312,8 +1308,6 @@ def _training_record(run: _Run, progress: _Progress, *, threshold_curve: Any, te
 
 def _save_model(model: Any, meta: CheckpointMeta, out: Path) -> Path:
     """Write the checkpoint, then its STAC Item (``model.stac.json``), which reads the checkpoint."""
-    from icemap.describe import describe_model
-
     path = save_checkpoint(model, meta, out)
     describe_model(path)
     return path
@@ -1362,14 +1356,11 @@ def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarra
     """
     if config.threshold != "tune":
         return float(config.threshold), None
-    import xarray as xr
-
-    from icemap.metrics import best_threshold, threshold_sweep
 
     refs, idxs = [], []
     for i in range(len(val_ds)):
         _, y, valid = val_ds.arrays(i)
-        refs.append(np.where(valid, y, 255).astype(np.uint8))
+        refs.append(np.where(valid, y, ICE_NODATA).astype(np.uint8))
         idxs.append(np.where(valid, probs[i], np.nan).astype(np.float32))
     index = xr.DataArray(np.stack(idxs), dims=("time", "y", "x"))
     ref = xr.DataArray(np.stack(refs), dims=("time", "y", "x"))
@@ -1399,9 +1390,6 @@ def predict_window(model: UNet, meta: CheckpointMeta, cube: Any, *, dem: Any = N
     numpy.ndarray
         (time, y, x) float32 probabilities, NaN where any input channel is nodata.
     """
-    from icemap.infer import default_halo, predict_array
-    from icemap.options import resolve
-
     meta.check_cube(cube)
     x = build_inputs(cube, meta.channels, dem=dem)
     arr = np.asarray(x.values, dtype=np.float32)

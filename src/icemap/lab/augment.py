@@ -2,7 +2,7 @@
 
 :class:`SpectralAugment` widens what a U-Net sees beyond the scenes it is trained on: sensor
 band responses, TOA versus surface reflectance, illumination, terrain shading, haze, turbid
-water and noise. The shipped default model is trained with it (:mod:`icemap.model.default`),
+water and noise. The shipped default model is trained with it (:mod:`icemap.lab.default`),
 and ``icemap train --augment spectral`` applies the same augmentation to a user's own training,
 so a model fine-tuned from the default one keeps the robustness it was trained for.
 

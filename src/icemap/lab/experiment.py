@@ -33,11 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import rasterio
+import xarray as xr
+from rasterio.windows import from_bounds
 
 from icemap.errors import ModelError
-from icemap.model.data import MASK_BUFFERS, ChipDataset
-from icemap.model.inputs import CHANNEL_SETS, needs_dem, required_bands, resolve_channels
-from icemap.model.train import (
+from icemap.index import ice_mask
+from icemap.kernels import ICE_NODATA
+from icemap.lab.data import MASK_BUFFERS, ChipDataset
+from icemap.lab.train import (
     PreparedData,
     TrainConfig,
     TrainResult,
@@ -47,6 +52,10 @@ from icemap.model.train import (
     prepare_data,
     train,
 )
+from icemap.labels import rasterize_outlines
+from icemap.metrics import best_threshold, scores, threshold_sweep
+from icemap.model.inputs import CHANNEL_SETS, Normalisation, needs_dem, required_bands, resolve_channels
+from icemap.sample import CLASS_CODES
 
 __all__ = [
     "STUDY_A_INPUTS",
@@ -140,8 +149,6 @@ def _write(df: Any, out: Path, stem: str, title: str) -> None:
 
 
 def _score_row(c: dict[str, int], px: float) -> dict[str, float]:
-    from icemap.metrics import scores
-
     s = scores(c, pixel_area_m2=px)
     return {k: s[k] for k in _TABLE3_COLS}
 
@@ -168,22 +175,16 @@ def calibrate_ndsi(data: PreparedData, samples: Sequence[int] | None = None) -> 
     Uses :func:`icemap.metrics.threshold_sweep` (every threshold -1.00 ... 1.00 by 0.01 in
     one pass) and :func:`icemap.metrics.best_threshold`. Returns ``(threshold, curve)``.
     """
-    import xarray as xr
-
-    from icemap.metrics import best_threshold, threshold_sweep
-
     samples = data.samples("train") if samples is None else samples
     nd, ref, ok = _ndsi_chips(data, samples)
     index = xr.DataArray(np.where(ok, nd, np.nan).astype(np.float32), dims=("time", "y", "x"))
-    reference = xr.DataArray(np.where(ok, ref, 255).astype(np.uint8), dims=("time", "y", "x"))
+    reference = xr.DataArray(np.where(ok, ref, ICE_NODATA).astype(np.uint8), dims=("time", "y", "x"))
     curve = threshold_sweep(index, reference, pixel_area_m2=data.source.pixel_area_m2)
     return best_threshold(curve, "f1"), curve
 
 
 def _ndsi_masks(data: PreparedData, samples: Sequence[int], threshold: float) -> list[np.ndarray]:
     """icemap.index.ice_mask on each sample's window (the NDSI product as users get it)."""
-    from icemap.index import ice_mask
-
     return [np.asarray(ice_mask(data.source.window(s), threshold=threshold).values[0]) == 1 for s in samples]
 
 
@@ -310,7 +311,7 @@ def _experiment_data(cube: Any, outlines: Any, runs: Sequence[RunSpec], config: 
     if data is not None:
         _check_runs(runs, data.source.bands, dem if dem is not None else data.source.dem)
         return data
-    from icemap.model.train import _open
+    from icemap.lab.train import _open
 
     ds, _ = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
@@ -365,8 +366,6 @@ class _TestChips:
 
     def fp_row(self, method: str, preds: Sequence[np.ndarray]) -> dict[str, Any]:
         """Pixels of each truth class outside the outlines, and the share called ice."""
-        from icemap.sample import CLASS_CODES
-
         row: dict[str, Any] = {"method": method}
         for cls in FP_CLASSES:
             code = CLASS_CODES[cls]
@@ -400,8 +399,6 @@ def _score_run(run: RunSpec, res: TrainResult, data: PreparedData, test: _TestCh
                fp_rows: list[dict[str, Any]], ablation: list[dict[str, Any]]) -> None:
     """A trained run's Table 3 row, its false positives, and its Table 5 rows (each channel
     hidden in turn: its normalised value set to 0), appended to the tables."""
-    from icemap.model.inputs import Normalisation
-
     src = data.source
     ch = tuple(res.meta.channels)
     norm = Normalisation.from_dict(res.meta.normalisation)
@@ -429,8 +426,6 @@ def _score_run(run: RunSpec, res: TrainResult, data: PreparedData, test: _TestCh
 def _write_tables(out: Path, rows: list[dict[str, Any]], ablation: list[dict[str, Any]],
                   fp_rows: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
     """Tables 3 and 5 and the false-positive table, as CSV and Markdown in ``out``."""
-    import pandas as pd
-
     table3 = pd.DataFrame(rows)
     table5 = pd.DataFrame(ablation, columns=["model", "hidden", "f1", "delta_f1", "precision", "recall",
                                              "area_diff_pct"])
@@ -460,7 +455,7 @@ def score_scene(
     """Score models and NDSI thresholds on every date of a whole scene, in memory.
 
     For scenes that fit in memory (a hold-out region, a real crop): the models run through
-    :func:`icemap.model.train.predict_window`, NDSI through :func:`icemap.index.ice_mask`;
+    :func:`icemap.lab.train.predict_window`, NDSI through :func:`icemap.index.ice_mask`;
     all rows count the pixels where every band the cube has is valid, against the original
     outlines (F1 against the extended mask as an extra column).
 
@@ -482,15 +477,7 @@ def score_scene(
     (pandas.DataFrame, pandas.DataFrame or None)
         Scores per row, and false positives by truth class.
     """
-    import pandas as pd
-    import rasterio
-    from rasterio.windows import from_bounds
-
-    from icemap.index import ice_mask
-    from icemap.labels import rasterize_outlines
-    from icemap.metrics import scores
-    from icemap.model.train import _open
-    from icemap.sample import CLASS_CODES
+    from icemap.lab.train import _open
 
     ds, _ = _open(cube)
     refl = ds["reflectance"] if "reflectance" in getattr(ds, "data_vars", {}) else ds
@@ -510,7 +497,7 @@ def score_scene(
                 left, top = transform * (0, 0)
                 right, bottom = transform * (w, h)
                 win = from_bounds(left, bottom, right, top, transform=src_t.transform).round_offsets().round_lengths()
-                truths.append(src_t.read(1, window=win, boundless=True, fill_value=255))
+                truths.append(src_t.read(1, window=win, boundless=True, fill_value=CLASS_CODES["fill"]))
 
     def row(name: str, pred: np.ndarray, threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
         c_o = counts(pred, np.broadcast_to(ref_o, pred.shape), valid)

@@ -1,4 +1,5 @@
-"""The ``icemap train``, ``icemap experiment`` and ``icemap model`` commands (registered on :data:`icemap.cli.app`).
+"""The lab's commands: ``icemap train``, ``icemap experiment`` and ``icemap model import`` (registered on
+:data:`icemap.cli.app`; ``model import`` on :data:`icemap.cli_model_info.model_app`).
 
 Kept apart from :mod:`icemap.cli` so the model commands can grow without touching the data
 commands; torch is imported only when one of them runs. Settings are checked (and turned
@@ -7,19 +8,21 @@ into one-line :class:`~icemap.errors.IcemapError` messages) before any chip is r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from icemap.cli_common import QuietOpt, SchedulerOpt, _console, _split_list, app, safe
-from icemap.errors import IcemapError
+from icemap.cli_model_info import model_app
+from icemap.errors import IcemapError, ModelNoBetterWarning
 from icemap.extras import require
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from icemap.model.train import TrainResult
+    from icemap.lab.train import TrainResult
 
 
 # str, not Path: cubes may live on object stores (pathlib mangles s3:// URLs).
@@ -54,7 +57,7 @@ AUGMENT_CHOICES: dict[str, dict[str, bool]] = {
 
 
 def _config(**kw: Any) -> Any:
-    from icemap.model.train import TrainConfig
+    from icemap.lab.train import TrainConfig
 
     threshold = kw.pop("threshold")
     kw["patience"] = kw["patience"] or None
@@ -148,11 +151,9 @@ def train_cmd(
                   split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
                   split=split, restarts=restarts,
                   label_time=label_time)
-    import warnings
 
     from icemap.cluster import connect
-    from icemap.errors import ModelNoBetterWarning
-    from icemap.model.train import train
+    from icemap.lab.train import train
 
     # The cluster reads and scans the cube (chips, normalisation); torch trains in this process.
     # The no-better warning is printed below, beside the scores it is about.
@@ -259,7 +260,7 @@ def experiment_cmd(
                   lr=lr, seed=seed, depth=depth, base=base, patience=patience, threshold=threshold,
                   overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
                   split_iterations=split_iterations, device=device)
-    from icemap.model.experiment import STUDY_A_INPUTS, default_runs, run_experiment, to_markdown
+    from icemap.lab.experiment import STUDY_A_INPUTS, default_runs, run_experiment, to_markdown
 
     runs = default_runs(_split_list(inputs) or STUDY_A_INPUTS, _split_list(masks) or ("original", "extended"))
     region = None
@@ -279,12 +280,7 @@ def experiment_cmd(
               highlight=False)
 
 
-# -- icemap model ...: import a network trained elsewhere, inspect a model folder -------------------
-model_app = typer.Typer(name="model", help="Import a network trained elsewhere (ONNX); inspect a model folder.",
-                        no_args_is_help=True)
-app.add_typer(model_app, name="model")
-
-
+# -- icemap model import: a network trained elsewhere ----------------------------------------------
 @model_app.command("import")
 def model_import_cmd(
     onnx_file: Annotated[Path, typer.Argument(help="ONNX network: input batch x bands x H x W (dynamic H, W), "
@@ -305,8 +301,8 @@ def model_import_cmd(
     """Turn an ONNX network into an icemap model folder (measures its halo; checks tiles equal whole windows)."""
     require("onnx", "icemap model import")
     require("ml", "icemap model import")
+    from icemap.lab.onnx_import import import_onnx
     from icemap.model.checkpoint import read_metadata
-    from icemap.model.onnx_import import import_onnx
 
     folder = import_onnx(onnx_file, out, bands, normalisation=normalisation, halo=halo, multiple=multiple,
                          threshold=threshold, output=output)
@@ -317,40 +313,3 @@ def model_import_cmd(
         f"multiple {a['multiple']} px, halo {a['halo']} px ({'measured' if a['halo_source'] == 'probe' else 'given'}); "
         f"tiles equal whole windows to {a['tiling_max_diff']:.1e}; sha256 {meta.weights_sha256[:12]}...",
         highlight=False)
-
-
-@model_app.command("info")
-def model_info_cmd(
-    folder: Annotated[Path, typer.Argument(help="Model folder (icemap train or icemap model import).", show_default=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="Print model.json as JSON.")] = False,
-) -> None:
-    """Show what a model folder holds: kind, inputs, normalisation, threshold, tiling, checksum."""
-    from icemap.model.checkpoint import read_metadata
-
-    meta = read_metadata(folder)
-    con = _console(stderr=False)
-    if as_json:
-        from icemap.redact import printable
-
-        con.print(printable(meta.to_json()), highlight=False, markup=False)
-        return
-    a = meta.architecture
-    if meta.kind == "onnx":
-        net = (f"ONNX ({a.get('producer') or 'unknown producer'}, opset {a.get('opset')}), {a.get('output_kind')} "
-               f"output; multiple {a.get('multiple')} px, halo {a.get('halo')} px ({a.get('halo_source')})")
-    else:
-        from icemap.infer import model_context
-
-        depth, halo = model_context(meta)
-        net = ", ".join(f"{k} {v}" for k, v in a.items())
-        net = f"icemap U-Net ({net}); multiple {2**depth} px, halo {halo} px (from the architecture)"
-    norm = meta.normalisation
-    lines = [("model", str(folder)), ("network", net), ("channels", ", ".join(meta.channels)),
-             ("bands", ", ".join(meta.bands)),
-             ("normalisation", f"{norm.get('method')}: lo {norm.get('lo')}, hi {norm.get('hi')}"),
-             ("threshold", f"{meta.threshold:g}"), ("weights", f"{meta.weights_file}, sha256 {meta.weights_sha256}")]
-    if meta.validation:
-        lines.append(("validation", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in meta.validation.items())))
-    for key, value in lines:
-        con.print(f"[bold]{key}[/]: {safe(value)}", highlight=False)

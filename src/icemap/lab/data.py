@@ -30,10 +30,26 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dask
 import numpy as np
+import pandas as pd
+import rasterio
+import xarray as xr
+from rasterio.features import rasterize
+from rasterio.windows import Window as RioWindow
+from rasterio.windows import from_bounds
+from rasterio.windows import transform as window_transform
+from scipy import stats
+from shapely import STRtree
+from shapely.geometry import box
+from shapely.geometry import box as _box
 
+from icemap.dem import dem_on_grid
 from icemap.errors import IcemapError, ModelError
+from icemap.index import ndsi, ndwi
+from icemap.labels import _quiet_rasterize_warning, glacier_ids, rasterize_outlines, read_outlines
 from icemap.model.inputs import Normalisation, build_inputs, normalise, required_bands
+from icemap.sample import CLASS_CODES
 
 __all__ = [
     "MASK_BUFFERS",
@@ -134,8 +150,6 @@ def glacier_table(outlines: Any, like: Any) -> Any:
         ``gid`` (1..N in file order, the id :func:`icemap.labels.glacier_ids` burns),
         ``glacier_id``, ``area_km2``, ``perimeter_m``, ``shape_factor`` and ``geometry``.
     """
-    from icemap.labels import glacier_ids
-
     if like.rio.crs is None or not like.rio.crs.is_projected:
         raise ModelError("chips need a cube in a projected CRS (metres); open it with icemap.open_cube")
     # The id raster stays lazy and is never computed: only the table is used here.
@@ -291,8 +305,6 @@ class CubeScan:
 
 
 def _refl(cube: Any) -> Any:
-    import xarray as xr
-
     if isinstance(cube, xr.Dataset):
         if "reflectance" not in cube:
             raise ModelError("the dataset has no 'reflectance' variable; open the cube with icemap.open_cube")
@@ -309,12 +321,6 @@ def scan_cube(cube: Any, glaciers: Any, *, cell: int = 8) -> CubeScan:
     glaciers, which NDSI calls ice) and ``cloud`` (blue > 0.3 and SWIR1 > 0.2: bright cloud
     that QA_PIXEL missed). One dask reduction; only the coarse counts come into memory.
     """
-    import dask
-    import xarray as xr
-
-    from icemap.index import ndsi, ndwi
-    from icemap.labels import rasterize_outlines
-
     refl = _refl(cube)
     have = {str(b) for b in refl["band"].values}
     band = lambda n: refl.sel(band=n, drop=True)  # noqa: E731
@@ -352,8 +358,6 @@ def _grid(refl: Any) -> tuple[Any, tuple[int, int]]:
 
 
 def _window_box(transform: Any, y0: int, x0: int, size: int) -> Any:
-    from shapely.geometry import box
-
     left, top = transform * (x0, y0)
     right, bottom = transform * (x0 + size, y0 + size)
     return box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
@@ -579,8 +583,6 @@ class _WindowPlacer:
     claimed: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        from shapely import STRtree
-
         self.tree = STRtree(list(self.inside.geometry.buffer(_TOUCH_BUFFER_M)))
         self.geoms = list(self.inside.geometry)
         self.gids = self.inside["gid"].to_numpy()
@@ -722,9 +724,6 @@ def _group_windows(windows: list[Window], *, grouped_by_pixels: bool,
             else:
                 first[g] = i
     if grouped_by_pixels and windows:
-        from shapely import STRtree
-        from shapely.geometry import box as _box
-
         boxes = [_box(w_.x0, w_.y0, w_.x0 + w_.size, w_.y0 + w_.size) for w_ in windows]
         wtree = STRtree(boxes)
         for i, b in enumerate(boxes):
@@ -779,10 +778,6 @@ def _label_coverage(outlines: Any, transform: Any, shape: tuple[int, int], windo
     One uint8 raster of the cube's size: a few MB for a large cube, and it answers the
     question a user must be able to ask (how much of my labels did training see?).
     """
-    from rasterio.features import rasterize
-
-    from icemap.labels import _quiet_rasterize_warning
-
     _quiet_rasterize_warning()
     lab = rasterize([(g, 1) for g in outlines.geometry], out_shape=shape, transform=transform, fill=0,
                     all_touched=False, dtype="uint8")
@@ -867,8 +862,6 @@ _SHAPE_DISTS = ("weibull_max", "beta", "norm", "gamma")
 
 def _fit_best(values: np.ndarray, names: Sequence[str], positive: bool) -> dict[str, Any]:
     """Fit each candidate by maximum likelihood and keep the best KS p-value."""
-    from scipy import stats
-
     best: dict[str, Any] | None = None
     for name in names:
         dist = getattr(stats, name)
@@ -1040,8 +1033,6 @@ def _monte_carlo_split(m: _SplitMeasures, dist_area: dict[str, Any], dist_shape:
     distributions, in standardised (log area, shape) space; the objective is the largest
     two-sample KS statistic of any set against all glaciers, for area or shape.
     """
-    from scipy import stats
-
     all_area, all_shape = m.all_area, m.all_shape
     la = np.log(all_area)
     mu = np.array([la.mean(), all_shape.mean()])
@@ -1098,8 +1089,6 @@ def _monte_carlo_split(m: _SplitMeasures, dist_area: dict[str, Any], dist_shape:
 def _ks_against_all(m: _SplitMeasures, sets: dict[str, list[int]]) -> dict[str, dict[str, float]]:
     """Per set, scipy's two-sample KS statistic and p-value of its glaciers' area and shape
     against all glaciers (1 and 0 for a set without glaciers)."""
-    from scipy import stats
-
     all_area, all_shape = m.all_area, m.all_shape
     out = {}
     for name, gs in sets.items():
@@ -1133,8 +1122,6 @@ def _location_split(index: ChipIndex, with_ice: list[int], empty: list[int], are
     No stratification by glacier area and shape: with a handful of glaciers split into parts
     there is no distribution to match; what is held out is places the model has not seen.
     """
-    from scipy import stats
-
     rng = np.random.default_rng(seed)
     order = [int(g) for g in rng.permutation(np.asarray(with_ice))]
     sets = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
@@ -1206,10 +1193,6 @@ class ChipSource:
 
     def __init__(self, cube: Any, outlines: Any, index: ChipIndex, *, dem: Any = None,
                  cache: bool | None = None, cache_limit_mb: float = 1024.0, label_time: str | None = None) -> None:
-        from shapely import STRtree
-
-        from icemap.labels import read_outlines
-
         self.refl = _refl(cube)
         self.index = index
         transform, shape = _grid(self.refl)
@@ -1245,8 +1228,6 @@ class ChipSource:
 
     def window(self, sample: int) -> Any:
         """The reflectance of a sample: a DataArray (time=1, band, y, x) in memory."""
-        import dask
-
         if sample in self._windows:
             return self._windows[sample]
         s = self.index.samples[sample]
@@ -1261,17 +1242,11 @@ class ChipSource:
 
     def elevation(self, window_id: int) -> Any:
         """The DEM on a window's pixels, (y, x) float32 metres."""
-        import dask
-
         if self.dem is None:
             raise ModelError("these inputs include terrain: pass a DEM (dem=... / --dem)")
         if window_id in self._elev_cache:
             return self._elev_cache[window_id]
         if self._elevation is None:
-            import xarray as xr
-
-            from icemap.dem import dem_on_grid
-
             on_grid = isinstance(self.dem, xr.DataArray) and self.dem.sizes.get("x") == self.refl.sizes["x"] \
                 and self.dem.sizes.get("y") == self.refl.sizes["y"]
             self._elevation = self.dem if on_grid else dem_on_grid(self.dem, self.refl, chunks=256)
@@ -1333,11 +1308,6 @@ class ChipSource:
         (same polygons, buffer and rule), but only the polygons that touch the window are burnt.
         ``key`` (a year or date, with ``label_time``) burns only the outlines of that year or date.
         """
-        from rasterio.features import rasterize
-        from rasterio.windows import Window as RioWindow
-        from rasterio.windows import transform as window_transform
-        from shapely import STRtree
-
         cache_key = (window_id, float(buffer_m), key)
         if cache_key in self._labels:
             return self._labels[cache_key]
@@ -1351,8 +1321,6 @@ class ChipSource:
             hit = [i for i in hit if self._keys[int(i)] == key]
         out = np.zeros((w.size, w.size), dtype=np.uint8)
         if len(hit):
-            from icemap.labels import _quiet_rasterize_warning
-
             _quiet_rasterize_warning()
             out = rasterize([(geoms[i], 1) for i in hit], out_shape=(w.size, w.size),
                             transform=window_transform(RioWindow(w.x0, w.y0, w.size, w.size), self.transform),
@@ -1365,11 +1333,8 @@ class ChipSource:
         """A class raster (e.g. the sample region's truth) read on a sample's window.
 
         The raster must lie on the cube's pixel lattice (same CRS and 30 m grid, any extent);
-        pixels outside it read as 255.
+        pixels outside it read as the sample truth's ``fill`` class.
         """
-        import rasterio
-        from rasterio.windows import from_bounds
-
         w = self.index.windows[self.index.samples[sample].window]
         box = _window_box(self.transform, w.y0, w.x0, w.size)
         with rasterio.open(path) as src:
@@ -1377,7 +1342,7 @@ class ChipSource:
             if abs(win.col_off - round(win.col_off)) > 1e-3 or abs(win.row_off - round(win.row_off)) > 1e-3:
                 raise ModelError(f"{path} is not on the cube's pixel grid; reproject it first")
             win = win.round_offsets().round_lengths()
-            return src.read(1, window=win, boundless=True, fill_value=255)
+            return src.read(1, window=win, boundless=True, fill_value=CLASS_CODES["fill"])
 
 
 def label_keys(outlines: Any, column: str) -> tuple[list[str], str]:
@@ -1387,8 +1352,6 @@ def label_keys(outlines: Any, column: str) -> tuple[list[str], str]:
     other values are read as dates (``YYYY-MM-DD``, datetimes) and matched to the cube date
     exactly. An empty or unparsable value is an error that names the row.
     """
-    import pandas as pd
-
     if column not in outlines.columns:
         have = ", ".join(c for c in outlines.columns if c != "geometry")
         raise ModelError(f"the outlines have no column {column!r} (for the label dates); columns: {have}")
