@@ -43,12 +43,14 @@ from icemap.cli_common import (
 from icemap.errors import IcemapError, IcemapWarning
 from icemap.extras import require
 from icemap.redact import printable, redact
-from icemap.stac import STAC_RETRIES, STAC_TIMEOUT_S, NoEPSGError, parse_bbox, search
+from icemap.retry import STAC_RETRIES, STAC_TIMEOUT_S
 
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
                   retries: int = STAC_RETRIES, timeout: float = STAC_TIMEOUT_S, intersects: Path | None = None) -> Any:
+    from icemap.stac import search  # the STAC stack loads when a search is built, not at the CLI's start
+
     return search(
         catalog,
         collections=_split_list(collection),
@@ -163,6 +165,8 @@ def ingest_cmd(
     band_list = _split_list(bands)
     if files and band_list is None:
         band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order
+    from icemap.stac import parse_bbox
+
     with connect(scheduler), _StepProgress(quiet, "ingest", out=str(out)) as progress:
         report = ingest(
             source, str(out), bands=band_list, crs=crs, resolution=resolution, chunksize=chunksize,
@@ -179,6 +183,7 @@ def ingest_cmd(
 def _local_items(catalog: str | None, files: list[Path], band_map: str | None, datetimes: list[str] | None,
                  collection: list[str] | None, scale: float | None, offset: float | None, crs: str | None) -> list[Any]:
     from icemap.localfiles import items_from_local_files
+    from icemap.stac import NoEPSGError
 
     if catalog is not None:
         raise IcemapError("give either --catalog or --files, not both")

@@ -29,6 +29,7 @@ from typing import Literal
 
 from icemap.errors import LoadError, MissingAssetWarning
 from icemap.redact import redact, redact_url
+from icemap.retry import GDAL_RETRY
 
 __all__ = ["resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY",
            "unreadable_error", "warn_unreadable", "sign_href"]
@@ -36,12 +37,6 @@ __all__ = ["resolve_signer", "redact_url", "redact_text", "OnError", "GDAL_RETRY
 Signer = Callable[[str], str]
 OnError = Literal["raise", "nodata"]
 
-#: GDAL settings every read runs with: retry an HTTP request that failed with a transient
-#: status (429, 500, 502, 503, 504) or a dropped connection up to 10 times, 0.5 s apart and
-#: longer (GDAL backs off), instead of failing a whole job on one hiccup of an object store
-#: (odc-stac's own cloud defaults, applied here to both engines and whatever else the user set).
-#: Local files are unaffected. The user's own values (``rasterio.Env``) win over these.
-GDAL_RETRY: dict[str, str] = {"GDAL_HTTP_MAX_RETRY": "10", "GDAL_HTTP_RETRY_DELAY": "0.5"}
 
 _SIGNER_ALIASES = {
     "planetary-computer": "planetary_computer:sign_url",

@@ -47,6 +47,7 @@ from urllib3 import Retry
 from icemap.checks import user_scale_offset
 from icemap.errors import CatalogError, SearchError
 from icemap.redact import redact
+from icemap.retry import STAC_BACKOFF_S, STAC_RETRIES, STAC_RETRY_STATUS, STAC_TIMEOUT_S
 
 if TYPE_CHECKING:  # pragma: no cover
     import shapely.geometry.base
@@ -57,19 +58,6 @@ __all__ = ["Search", "search", "parse_bbox", "parse_intersects", "parse_datetime
 Bbox = tuple[float, float, float, float]
 Item = dict[str, Any]
 
-# The one home of the STAC request settings: search(), Search and the CLI's --timeout/--retries
-# take their defaults from here. A slow or briefly failing API (Planetary Computer under load,
-# a gateway restarting) answers within 30 s and comes back within 5 retries backing off from
-# 0.5 s (0.5, 1, 2, 4, 8 s: about 15 s in all); a dead one fails in well under a minute.
-# GDAL's retries of pixel reads live in icemap.reader.GDAL_RETRY.
-#: Seconds to wait for each STAC request.
-STAC_TIMEOUT_S: float = 30.0
-#: Retries of failed connections, time-outs and :data:`STAC_RETRY_STATUS` answers.
-STAC_RETRIES: int = 5
-#: Backoff factor: the n-th retry waits ``STAC_BACKOFF_S * 2**n`` seconds.
-STAC_BACKOFF_S: float = 0.5
-#: HTTP statuses a STAC request is retried on (timeout, rate limit, server errors).
-STAC_RETRY_STATUS: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
 
 
 def parse_bbox(bbox: Sequence[float] | str | None) -> Bbox | None:
