@@ -148,7 +148,7 @@ def test_model_folder_item_with_mlm(tmp_path: Path) -> None:
     import hashlib
     import shutil
 
-    from icemap.describe import MODEL_ITEM, describe_model
+    from icemap.model.item import MODEL_ITEM, describe_model
     from icemap.errors import ModelError
     from icemap.model.packaged import default_model_dir
 

@@ -42,7 +42,7 @@ import rasterio
 import rioxarray  # noqa: F401  (registers .rio)
 import xarray as xr
 
-from icemap.describe import describe_model
+from icemap.model.item import describe_model
 from icemap.errors import IcemapError, ModelError
 from icemap.guards import DarkGuard, WaterGuard
 from icemap.infer import ModelRef, _run_batches, predict

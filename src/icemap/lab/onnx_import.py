@@ -49,7 +49,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from icemap._version import __version__
-from icemap.describe import describe_model
+from icemap.model.item import describe_model
 from icemap.errors import ModelError
 from icemap.extras import require
 from icemap.infer import predict_array

@@ -44,7 +44,7 @@ import xarray as xr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from icemap.describe import describe_model
+from icemap.model.item import describe_model
 from icemap.errors import ModelError, ModelNoBetterWarning
 from icemap.infer import default_halo, predict_array
 from icemap.kernels import ICE_NODATA, confusion_counts, ice_mask

@@ -175,7 +175,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
     """Write weights then metadata (with the weights' sha256), each atomically.
 
-    The folder's STAC Item is not written here: :func:`icemap.describe.describe_model` adds it
+    The folder's STAC Item is not written here: :func:`icemap.model.item.describe_model` adds it
     (``icemap train`` and the default-model recipe call it after this).
     """
     from safetensors.torch import save
@@ -189,7 +189,7 @@ def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike
     meta.icemap_version = __version__
     meta.architecture = dict(model.config.to_dict())
     # The JSON is written last: a folder with a JSON always has the weights it describes.
-    # Its STAC Item (model.stac.json) is the writer's to add (icemap.describe.describe_model,
+    # Its STAC Item (model.stac.json) is the writer's to add (icemap.model.item.describe_model,
     # as training does): the network runtime stands below the STAC layer, which reads it.
     _atomic_write(out / METADATA, meta.to_json().encode())
     return out
