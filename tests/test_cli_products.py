@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,15 @@ import icemap
 from icemap.labels import read_outlines
 from icemap.stac import search
 
+from .conftest import icemap_cli
+
 EVALUATE_KEYS = {
     "f1", "precision", "recall", "iou", "balanced_accuracy", "overall_accuracy", "kappa",
     "missed_alarm", "false_alarm", "ice_area_km2", "reference_area_km2", "area_diff_pct",
 }
 
 
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+_icemap = icemap_cli
 
 
 @pytest.fixture(scope="module")
