@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import icemap
 from icemap.errors import StoreError, StoreWarning
 from icemap.stac import search
 
-from .conftest import StacServer
+from .conftest import StacServer, icemap_cli
 
 
 def _items(region: Any) -> list[dict[str, Any]]:
@@ -212,8 +210,7 @@ def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path
     _assert_same_cube(icemap.open_cube(tmp_path / "c.zarr").compute(), reference)
 
 
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+_icemap = icemap_cli
 
 
 def test_cli_ingest_from_api_resumes(stac_api: StacServer, sample_region: Any, tmp_path: Path, reference: Any) -> None:
