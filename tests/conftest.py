@@ -124,12 +124,17 @@ def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path
     """
     import contextlib
     import io
+    import logging
     import traceback
     import warnings
 
     from icemap import cli
 
     out, err = io.StringIO(), io.StringIO()
+    # A process without logging configuration prints WARNING records on stderr (logging's
+    # last-resort handler); under pytest the root logger has capture handlers instead.
+    log_handler = logging.StreamHandler(err)
+    log_handler.setLevel(logging.WARNING)
     saved_env = dict(os.environ)
     saved_cwd = os.getcwd()
     code: int = 0
@@ -142,6 +147,7 @@ def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path
                 os.environ.update(env)
             if cwd is not None:
                 os.chdir(cwd)
+            logging.getLogger().addHandler(log_handler)
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
                     cli.main(list(args))
@@ -157,6 +163,7 @@ def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path
                     traceback.print_exc(file=sys.stderr)
                     code = 1
         finally:
+            logging.getLogger().removeHandler(log_handler)
             os.chdir(saved_cwd)
             os.environ.clear()
             os.environ.update(saved_env)
