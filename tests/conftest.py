@@ -47,6 +47,19 @@ settings.load_profile(os.environ.get("ICEMAP_HYPOTHESIS_PROFILE", "ci" if IN_CI 
 FUZZ_TRIED: Counter[str] = Counter()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist each worker counts its own fuzz cases: hand them to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fuzz_tried"] = dict(FUZZ_TRIED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """(xdist controller) add a finished worker's fuzz tally to this session's."""
+    FUZZ_TRIED.update(getattr(node, "workeroutput", {}).get("fuzz_tried", {}))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Report how many fuzz cases ran and how they ended (a suite that tried nothing proves nothing)."""
     if FUZZ_TRIED:
@@ -193,6 +206,77 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if TEST_ENV == "stackstac":
         pytest.fail('stackstac is missing in the stackstac test environment: pip install -e ".[test,stackstac]"')
     pytest.skip('needs stackstac (pip install "icemap[stackstac]"); CI runs it in .ci/run\'s stackstac environment')
+
+
+# -- markers and scheduling ------------------------------------------------------------------------
+#: Whole modules that carry a marker (``-m "not slow"`` is the fast core; ``-m lab`` the training
+#: stack). Single slow tests elsewhere say so themselves (``@pytest.mark.slow``).
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_engines": ("engines", "slow"),
+    "test_faults": ("slow",),
+    "test_notebook": ("slow",),
+    "test_demo": ("slow",),
+    "test_benchmarks": ("slow",),
+    "test_fuzz": ("slow",),
+    "test_train": ("lab", "slow"),
+    "test_default_model": ("lab", "slow"),
+    "test_onnx": ("slow",),
+}
+#: Marks that make a test slow wherever it is: it starts a process cluster, a real process or
+#: an engine, or reads the real scenes in ../shared/data.
+SLOW_MARKERS = ("cluster", "process", "engines")
+
+#: Modules started first (longest first) so that no long module is left running alone at the
+#: end of a parallel run. Measured serially; every other module keeps pytest's order after these.
+FIRST: tuple[str, ...] = (
+    "test_engines", "test_faults", "test_security", "test_train", "test_fuzz", "test_demo", "test_benchmarks",
+    "test_infer", "test_report", "test_cli_products", "test_notebook", "test_composite", "test_onnx",
+    "test_grids", "test_store",
+)
+
+#: Modules whose tests must share one xdist worker however their fixtures are scoped: they start
+#: engines (SLURM, gateway, MPI daemons) that must not run twice side by side.
+SERIAL_GROUPS: dict[str, str] = {"test_engines": "engines"}
+
+
+def _module_name(item: pytest.Item) -> str:
+    return item.path.stem
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses a module- or class-scoped fixture (built once per module and worker)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for defs in info.name2fixturedefs.values():
+        if defs and defs[-1].scope in ("module", "class", "package"):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by module, and the order and grouping pytest-xdist schedules by.
+
+    * ``MODULE_MARKERS`` and ``SLOW_MARKERS`` add ``slow``, ``engines`` and ``lab``.
+    * ``xdist_group``: the tests of a module that builds module-scoped fixtures (a cube, a
+      cluster, a trained model) run on one worker, so the fixture is built once, not once per
+      worker (``--dist loadgroup``); other tests are spread one by one.
+    * The longest modules come first (``FIRST``; ``--no-loadscope-reorder`` keeps this order).
+    """
+    for item in items:
+        module = _module_name(item)
+        for name in MODULE_MARKERS.get(module, ()):
+            item.add_marker(name)
+        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) and not item.get_closest_marker("slow"):
+            item.add_marker("slow")
+        if module in SERIAL_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS[module]))
+        elif _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(module))
+    rank = {m: i for i, m in enumerate(FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(_module_name(it), len(FIRST)), order[id(it)]))
 
 
 @pytest.fixture(scope="session")
