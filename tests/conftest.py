@@ -221,10 +221,10 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_train": ("lab", "slow"),
     "test_default_model": ("lab", "slow"),
     "test_onnx": ("slow",),
+    "test_extras": ("process",),  # a fresh interpreter without torch or matplotlib each
 }
-#: Marks that make a test slow wherever it is: it starts a process cluster, a real process or
-#: an engine, or reads the real scenes in ../shared/data.
-SLOW_MARKERS = ("cluster", "process", "engines")
+#: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
+SLOW_MARKERS = ("process", "engines")
 
 #: Modules started first (longest first) so that no long module is left running alone at the
 #: end of a parallel run. Measured serially; every other module keeps pytest's order after these.

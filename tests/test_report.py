@@ -243,6 +243,7 @@ def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
     assert not errors, errors
 
 
+@pytest.mark.process
 def test_missing_report_extra_is_named_first(tmp_path: Path) -> None:
     """Without matplotlib, `icemap report` says which extra to install, before any other check."""
     site = tmp_path / "site"
