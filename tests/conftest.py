@@ -120,6 +120,13 @@ _PYTHON_DEFAULT_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
 )
 
 
+def _print_warning(msg: Any) -> None:
+    """Python's own display of a warning: formatted, on (the current) sys.stderr."""
+    import warnings
+
+    sys.stderr.write(warnings._formatwarnmsg(msg))  # type: ignore[attr-defined]
+
+
 def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
                timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     """``icemap ARGS`` run in this process through ``icemap.cli.main(argv)``, as
@@ -155,6 +162,10 @@ def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path
         warnings.resetwarnings()
         for action, category, module in reversed(_PYTHON_DEFAULT_FILTERS):
             warnings.filterwarnings(action, category=category, module=module)  # type: ignore[arg-type]
+        if hasattr(warnings, "_showwarnmsg_impl"):
+            # pytest records warnings through this hook; a process prints them on stderr (the
+            # CLI's own display hands other libraries' warnings to it). Restored on exit.
+            warnings._showwarnmsg_impl = _print_warning  # type: ignore[attr-defined]
         try:
             if env:
                 os.environ.update(env)
@@ -237,6 +248,9 @@ FIRST: tuple[str, ...] = (
 #: Modules whose tests must share one xdist worker however their fixtures are scoped: they start
 #: engines (SLURM, gateway, MPI daemons) that must not run twice side by side.
 SERIAL_GROUPS: dict[str, str] = {"test_engines": "engines"}
+#: Session fixtures built for one module's tests: those tests share a worker, so the fixture is
+#: built once in the whole run (a session fixture is otherwise built once per worker).
+SESSION_FIXTURE_GROUPS: dict[str, str] = {"demo_run": "demo"}
 
 
 def _module_name(item: pytest.Item) -> str:
@@ -270,8 +284,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(name)
         if any(item.get_closest_marker(m) for m in SLOW_MARKERS) and not item.get_closest_marker("slow"):
             item.add_marker("slow")
+        fixture_groups = [g for f, g in SESSION_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())]
         if module in SERIAL_GROUPS:
             item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS[module]))
+        elif fixture_groups:
+            item.add_marker(pytest.mark.xdist_group(fixture_groups[0]))
         elif _uses_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(module))
     rank = {m: i for i, m in enumerate(FIRST)}
@@ -321,6 +338,36 @@ def sample_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from icemap.sample import make_sample_region
 
     return make_sample_region(tmp_path_factory.mktemp("region"), size=160, n_dates=3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def sample_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample region ingested as the CLI does by default (every band, 64 px chunks), once
+    per session (per xdist worker). Shared: tests read it; a test that changes a store copies it
+    first. Its files are made read-only so that a test writing into it fails loudly."""
+    from icemap.stac import search
+    from icemap.workflow import ingest
+
+    path = tmp_path_factory.mktemp("sample-cube") / "cube.zarr"
+    ingest(search(str(sample_region.catalog)).item_dicts(), path, chunksize=64)
+    for f in path.rglob("*"):
+        if f.is_file():
+            f.chmod(0o444)
+    return path
+
+
+#: Arguments of the session's one demo run (small: 160 px, 2 seasons of 2 acquisitions).
+DEMO_ARGS = ("--size", "160", "--years", "2", "--per-season", "2", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``icemap demo`` once per session: its output folder and the finished command (in-process).
+    Tests read the outputs; tests/test_demo.py's last test reruns it in the same folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    res = icemap_cli("demo", "--out", str(out), *DEMO_ARGS)
+    assert res.returncode == 0, res.stderr
+    return out, res
 
 
 # -- STAC API on loopback -----------------------------------------------------------------------

@@ -15,7 +15,6 @@ from rasterio.features import rasterize
 
 import icemap
 from icemap.labels import read_outlines
-from icemap.stac import search
 
 from .conftest import icemap_cli
 
@@ -29,10 +28,8 @@ _icemap = icemap_cli
 
 
 @pytest.fixture(scope="module")
-def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cube") / "cube.zarr"
-    icemap.ingest(search(sample_region.catalog).item_dicts(), path, chunksize=64)
-    return path
+def cube_path(sample_cube: Path) -> Path:
+    return sample_cube
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,12 @@ require_module("matplotlib", "report")
 
 
 @pytest.fixture(scope="module")
-def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(sample_region: Any, sample_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A cube, its NDSI product, and outlines whose ids need escaping, reported through the CLI."""
     from icemap.workflow import map_cube
 
     folder = tmp_path_factory.mktemp("report")
-    cube = folder / "cube.zarr"
-    icemap.ingest(icemap.search(str(sample_region.catalog)).item_dicts(), cube, chunksize=64)
+    cube = sample_cube
     map_cube(cube, folder / "ice.zarr")
     outlines = gpd.read_file(sample_region.outlines, layer="glaciers")
     # RGI-style ids, one with characters that must be escaped in HTML.

@@ -29,11 +29,9 @@ def _assert_same_cube(a: Any, b: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """An uninterrupted ingest of the sample region, to compare everything else with."""
-    path = tmp_path_factory.mktemp("ref") / "cube.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
-    return icemap.open_cube(path).compute()
+def reference(sample_cube: Path) -> Any:
+    """An uninterrupted ingest of the sample region (the session's), to compare everything else with."""
+    return icemap.open_cube(sample_cube).compute()
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

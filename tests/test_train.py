@@ -52,13 +52,8 @@ def _one_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from icemap.stac import search
-    from icemap.workflow import ingest
-
-    path = tmp_path_factory.mktemp("train-cube") / "cube.zarr"
-    ingest(search(str(sample_region.catalog)), path, chunksize=64)
-    return path
+def cube_path(sample_cube: Path) -> Path:
+    return sample_cube
 
 
 @pytest.fixture(scope="module")
