@@ -233,50 +233,33 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_default_model": ("lab", "slow"),
     "test_onnx": ("slow",),
     "test_extras": ("process",),  # a fresh interpreter without torch or matplotlib each
+    "test_store_state": ("slow",),
 }
 #: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
 SLOW_MARKERS = ("process", "engines")
 
 #: Modules started first (longest first) so that no long module is left running alone at the
-#: end of a parallel run. Measured serially; every other module keeps pytest's order after these.
+#: end of a parallel run (pytest-xdist, ``--dist loadfile``: each module runs on one worker, so
+#: its module fixtures are built once, the engines never run twice side by side and the demo
+#: runs once). Measured serially; every other module keeps pytest's order after these.
 FIRST: tuple[str, ...] = (
-    "test_engines", "test_faults", "test_security", "test_train", "test_fuzz", "test_demo", "test_benchmarks",
-    "test_infer", "test_report", "test_cli_products", "test_notebook", "test_composite", "test_onnx",
-    "test_grids", "test_store",
+    "test_engines", "test_faults", "test_security", "test_store", "test_train", "test_cli_products",
+    "test_fuzz", "test_benchmarks", "test_demo", "test_infer", "test_report", "test_grids", "test_composite",
+    "test_onnx", "test_store_state", "test_notebook",
 )
-
-#: Modules whose tests must share one xdist worker however their fixtures are scoped: they start
-#: engines (SLURM, gateway, MPI daemons) that must not run twice side by side.
-SERIAL_GROUPS: dict[str, str] = {"test_engines": "engines"}
-#: Session fixtures built for one module's tests: those tests share a worker, so the fixture is
-#: built once in the whole run (a session fixture is otherwise built once per worker).
-SESSION_FIXTURE_GROUPS: dict[str, str] = {"demo_run": "demo"}
 
 
 def _module_name(item: pytest.Item) -> str:
     return item.path.stem
 
 
-def _uses_module_fixture(item: pytest.Item) -> bool:
-    """Whether ``item`` uses a module- or class-scoped fixture (built once per module and worker)."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return False
-    for defs in info.name2fixturedefs.values():
-        if defs and defs[-1].scope in ("module", "class", "package"):
-            return True
-    return False
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Markers by module, and the order and grouping pytest-xdist schedules by.
+    """Markers by module, and the order pytest-xdist hands modules out in.
 
     * ``MODULE_MARKERS`` and ``SLOW_MARKERS`` add ``slow``, ``engines`` and ``lab``.
-    * ``xdist_group``: the tests of a module that builds module-scoped fixtures (a cube, a
-      cluster, a trained model) run on one worker, so the fixture is built once, not once per
-      worker (``--dist loadgroup``); other tests are spread one by one.
-    * The longest modules come first (``FIRST``; ``--no-loadscope-reorder`` keeps this order).
+    * The longest modules come first (``FIRST``; ``--no-loadscope-reorder`` keeps this order
+      instead of xdist's largest-count-first).
     """
     for item in items:
         module = _module_name(item)
@@ -284,13 +267,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(name)
         if any(item.get_closest_marker(m) for m in SLOW_MARKERS) and not item.get_closest_marker("slow"):
             item.add_marker("slow")
-        fixture_groups = [g for f, g in SESSION_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())]
-        if module in SERIAL_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS[module]))
-        elif fixture_groups:
-            item.add_marker(pytest.mark.xdist_group(fixture_groups[0]))
-        elif _uses_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(module))
     rank = {m: i for i, m in enumerate(FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda it: (rank.get(_module_name(it), len(FIRST)), order[id(it)]))
