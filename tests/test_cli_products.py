@@ -157,7 +157,15 @@ def test_map_unknown_guard(cube_path: Path, tmp_path: Path) -> None:
 def test_evaluate_on_a_cluster_equals_threads(product: dict[str, Path], sample_region: Any) -> None:
     args = ["evaluate", "--pred", str(product["out"]), "--reference", str(sample_region.outlines), "--json"]
     threads = _icemap(*args)
-    cluster = _icemap(*args, "--scheduler", "local?workers=2&threads=1")
+    # Two in-process workers behind a TCP scheduler (the CLI refuses inproc:// addresses); the
+    # `local?workers=...` form that starts worker processes is tests/test_cluster.py's.
+    from distributed import Client
+
+    from icemap.cluster import local_cluster
+
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+                       protocol="tcp") as lc, Client(lc, set_as_default=False):
+        cluster = _icemap(*args, "--scheduler", lc.scheduler_address)
     assert threads.returncode == 0 and cluster.returncode == 0, cluster.stderr
     assert json.loads(cluster.stdout) == json.loads(threads.stdout)
 

@@ -203,7 +203,9 @@ def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path
 
     from icemap.cluster import local_cluster
 
-    with local_cluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster):
+    # In-process workers: distributed's scheduling of the ingest is what is compared here; worker
+    # processes writing the same store (one of them killed) are tests/test_faults.py's.
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=False) as cluster, Client(cluster):
         icemap.ingest(_items(sample_region), tmp_path / "c.zarr", chunksize=64)
     _assert_same_cube(icemap.open_cube(tmp_path / "c.zarr").compute(), reference)
 
