@@ -237,6 +237,8 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
 }
 #: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
 SLOW_MARKERS = ("process", "engines")
+#: Module fixtures that start worker processes (tests/test_cluster.py, tests/test_security.py).
+PROCESS_CLUSTER_FIXTURES = {"client", "cluster_client"}
 
 #: Modules started first (longest first) so that no long module is left running alone at the
 #: end of a parallel run (pytest-xdist, ``--dist loadfile``: each module runs on one worker, so
@@ -265,7 +267,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = _module_name(item)
         for name in MODULE_MARKERS.get(module, ()):
             item.add_marker(name)
-        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) and not item.get_closest_marker("slow"):
+        # A test marked `cluster` itself (not by its module) starts one; so does one using a
+        # module's process cluster.
+        starts_cluster = any(m.name == "cluster" for m in getattr(item, "own_markers", ())) or bool(
+            PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if (starts_cluster or any(item.get_closest_marker(m) for m in SLOW_MARKERS)) \
+                and not item.get_closest_marker("slow"):
             item.add_marker("slow")
     rank = {m: i for i, m in enumerate(FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
