@@ -327,7 +327,7 @@ def sample_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def sample_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample region ingested as the CLI does by default (every band, 64 px chunks), once
     per session (per xdist worker). Shared: tests read it; a test that changes a store copies it
-    first. Its files are made read-only so that a test writing into it fails loudly."""
+    first. Its files are made read-only, so that a test writing into it fails (except as root)."""
     from icemap.stac import search
     from icemap.workflow import ingest
 
