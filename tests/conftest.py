@@ -237,6 +237,41 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
 }
 #: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
 SLOW_MARKERS = ("process", "engines")
+#: Single tests over ~8 s of a parallel run on this 2-core machine (module::function, every
+#: parametrization): out of the fast core.
+SLOW_TESTS = frozenset({
+    "test_composite::test_cli_composite_then_map_beats_every_single_date",
+    "test_composite::test_default_season_follows_the_hemisphere",
+    "test_composite::test_map_unet_runs_on_a_composite",
+    "test_composite::test_resume_after_interruption",
+    "test_data::test_split_seed_changes_the_split_and_more_iterations_never_worsen",
+    "test_grids::test_mixed_crs_warns_with_the_grid_size",
+    "test_grids::test_real_items_in_three_utm_zones_warn",
+    "test_guards::test_sample_region_guards_cut_lake_and_shadow_false_positives",
+    "test_infer::test_any_cube_size_equals_whole",
+    "test_infer::test_cli_map_unet_resumes",
+    "test_infer::test_halo_sizes",
+    "test_interop::test_consolidated_metadata_follows_appends_and_resumes",
+    "test_interop::test_plain_xarray_opens_every_store_with_its_crs",
+    "test_load::test_chunked_equals_whole",
+    "test_loader_engines::test_stackstac_is_only_imported_for_its_engine",
+    "test_metrics::test_any_chunking_gives_identical_counts",
+    "test_metrics::test_sweep_equals_ice_mask_plus_confusion",
+    "test_products::test_accessor_delegates_to_the_api",
+    "test_report::test_figures_from_the_cli_and_api",
+    "test_report::test_report_is_self_contained_and_escaped",
+    "test_security::test_api_key_header_is_sent_but_never_stored",
+    "test_security::test_onnx_naming_external_data_is_refused_even_beside_the_working_directory",
+    "test_security::test_secrets_planted_in_every_command_never_come_out",
+    "test_series::test_series_equals_numpy_on_the_sample_region",
+    "test_store::test_cli_ingest_from_api_resumes",
+    "test_store::test_half_written_step_is_redone",
+    "test_store::test_interrupted_run_reads_back_right_and_resumes",
+    "test_store::test_rerun_skips_complete_steps",
+    "test_store::test_round_trip_equals_loaded_cube",
+    "test_store::test_unfinished_store_of_icemap_is_started_again",
+    "test_store::test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order",
+})
 #: Module fixtures that start worker processes (tests/test_cluster.py, tests/test_security.py).
 PROCESS_CLUSTER_FIXTURES = {"client", "cluster_client"}
 
@@ -271,7 +306,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # module's process cluster.
         starts_cluster = any(m.name == "cluster" for m in getattr(item, "own_markers", ())) or bool(
             PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
-        if (starts_cluster or any(item.get_closest_marker(m) for m in SLOW_MARKERS)) \
+        measured_slow = f"{module}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS
+        if (starts_cluster or measured_slow or any(item.get_closest_marker(m) for m in SLOW_MARKERS)) \
                 and not item.get_closest_marker("slow"):
             item.add_marker("slow")
     rank = {m: i for i, m in enumerate(FIRST)}
