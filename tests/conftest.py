@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,19 @@ settings.load_profile(os.environ.get("ICEMAP_HYPOTHESIS_PROFILE", "ci" if IN_CI 
 
 #: Outcomes of the fuzz cases tried in this session ("api:cube", "cli:GridError"...).
 FUZZ_TRIED: Counter[str] = Counter()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist each worker counts its own fuzz cases: hand them to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fuzz_tried"] = dict(FUZZ_TRIED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """(xdist controller) add a finished worker's fuzz tally to this session's."""
+    FUZZ_TRIED.update(getattr(node, "workeroutput", {}).get("fuzz_tried", {}))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -83,10 +96,102 @@ def require_module(name: str, extra: str) -> Any:
         pytest.skip(msg)
 
 
-def run_icemap(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``icemap ARGS`` in a fresh interpreter, as a user runs it: output captured, never raising."""
+def run_icemap(*args: str, timeout: float = 300, env: Mapping[str, str] | None = None,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``icemap ARGS`` in a fresh interpreter, as a user runs it: output captured, never raising.
+
+    For what only a real process shows (the console script, signals, a traceback-free exit as
+    the operating system sees it, variables read at import). Tests mark themselves ``process``;
+    everything else goes through :func:`icemap_cli` (in-process, seconds cheaper per call).
+    """
     return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, cwd=cwd, env=None if env is None else dict(env))
+
+
+#: Python's default warning filters (``python -W`` unset): a fresh ``icemap`` process shows
+#: UserWarnings and icemap's own once per place and hides Deprecation/Pending/Import/Resource
+#: warnings outside ``__main__``. pytest's filters (``error``, recording) must not leak in.
+_PYTHON_DEFAULT_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+
+
+def _print_warning(msg: Any) -> None:
+    """Python's own display of a warning: formatted, on (the current) sys.stderr."""
+    import warnings
+
+    sys.stderr.write(warnings._formatwarnmsg(msg))  # type: ignore[attr-defined]
+
+
+def icemap_cli(*args: str, env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """``icemap ARGS`` run in this process through ``icemap.cli.main(argv)``, as
+    :func:`run_icemap` runs it in a new one: the same exit code, stdout and stderr.
+
+    * ``SystemExit`` gives the exit code (``None`` is 0); an exception that escapes ``main``
+      is what a real process would print: its traceback on stderr and exit code 1, so the
+      tests' "no traceback" checks keep their meaning.
+    * ``env`` adds variables for the call (``COLUMNS``...) and ``cwd`` changes directory for
+      it; both are restored. Variables read only at import time need :func:`run_icemap`.
+    * Warnings are filtered as in a fresh interpreter and ``warnings.showwarning`` (which
+      ``main`` replaces) is given back, so one call cannot change the next test.
+    * ``timeout`` is accepted for the subprocess helpers' signature; pytest-timeout bounds
+      the test instead.
+    """
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from icemap import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    # A process without logging configuration prints WARNING records on stderr (logging's
+    # last-resort handler); under pytest the root logger has capture handlers instead.
+    log_handler = logging.StreamHandler(err)
+    log_handler.setLevel(logging.WARNING)
+    saved_env = dict(os.environ)
+    saved_cwd = os.getcwd()
+    code: int = 0
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in reversed(_PYTHON_DEFAULT_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)  # type: ignore[arg-type]
+        if hasattr(warnings, "_showwarnmsg_impl"):
+            # pytest records warnings through this hook; a process prints them on stderr (the
+            # CLI's own display hands other libraries' warnings to it). Restored on exit.
+            warnings._showwarnmsg_impl = _print_warning  # type: ignore[attr-defined]
+        try:
+            if env:
+                os.environ.update(env)
+            if cwd is not None:
+                os.chdir(cwd)
+            logging.getLogger().addHandler(log_handler)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    cli.main(list(args))
+                except SystemExit as exc:
+                    if exc.code is None:
+                        code = 0
+                    elif isinstance(exc.code, int):
+                        code = exc.code
+                    else:  # sys.exit("message"): Python prints it and exits 1
+                        print(exc.code, file=sys.stderr)
+                        code = 1
+                except Exception:  # what the interpreter would print for an uncaught exception
+                    traceback.print_exc(file=sys.stderr)
+                    code = 1
+        finally:
+            logging.getLogger().removeHandler(log_handler)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["icemap", *args], code, out.getvalue(), err.getvalue())
 
 
 # -- the stackstac engine (an extra that pins pandas < 3) ------------------------------------------
@@ -112,6 +217,102 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if TEST_ENV == "stackstac":
         pytest.fail('stackstac is missing in the stackstac test environment: pip install -e ".[test,stackstac]"')
     pytest.skip('needs stackstac (pip install "icemap[stackstac]"); CI runs it in .ci/run\'s stackstac environment')
+
+
+# -- markers and scheduling ------------------------------------------------------------------------
+#: Whole modules that carry a marker (``-m "not slow"`` is the fast core; ``-m lab`` the training
+#: stack). Single slow tests elsewhere say so themselves (``@pytest.mark.slow``).
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_engines": ("engines", "slow"),
+    "test_faults": ("slow",),
+    "test_notebook": ("slow",),
+    "test_demo": ("slow",),
+    "test_benchmarks": ("slow",),
+    "test_fuzz": ("slow",),
+    "test_train": ("lab", "slow"),
+    "test_default_model": ("lab", "slow"),
+    "test_onnx": ("slow",),
+    "test_extras": ("process",),  # a fresh interpreter without torch or matplotlib each
+    "test_store_state": ("slow",),
+}
+#: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
+SLOW_MARKERS = ("process", "engines")
+#: Single tests over ~8 s of a parallel run on this 2-core machine (module::function, every
+#: parametrization): out of the fast core.
+SLOW_TESTS = frozenset({
+    "test_composite::test_cli_composite_then_map_beats_every_single_date",
+    "test_composite::test_default_season_follows_the_hemisphere",
+    "test_composite::test_map_unet_runs_on_a_composite",
+    "test_composite::test_resume_after_interruption",
+    "test_data::test_split_seed_changes_the_split_and_more_iterations_never_worsen",
+    "test_grids::test_mixed_crs_warns_with_the_grid_size",
+    "test_grids::test_real_items_in_three_utm_zones_warn",
+    "test_guards::test_sample_region_guards_cut_lake_and_shadow_false_positives",
+    "test_infer::test_any_cube_size_equals_whole",
+    "test_infer::test_cli_map_unet_resumes",
+    "test_infer::test_halo_sizes",
+    "test_interop::test_consolidated_metadata_follows_appends_and_resumes",
+    "test_interop::test_plain_xarray_opens_every_store_with_its_crs",
+    "test_load::test_chunked_equals_whole",
+    "test_loader_engines::test_stackstac_is_only_imported_for_its_engine",
+    "test_metrics::test_any_chunking_gives_identical_counts",
+    "test_metrics::test_sweep_equals_ice_mask_plus_confusion",
+    "test_products::test_accessor_delegates_to_the_api",
+    "test_report::test_figures_from_the_cli_and_api",
+    "test_report::test_report_is_self_contained_and_escaped",
+    "test_security::test_api_key_header_is_sent_but_never_stored",
+    "test_security::test_onnx_naming_external_data_is_refused_even_beside_the_working_directory",
+    "test_security::test_secrets_planted_in_every_command_never_come_out",
+    "test_series::test_series_equals_numpy_on_the_sample_region",
+    "test_store::test_cli_ingest_from_api_resumes",
+    "test_store::test_half_written_step_is_redone",
+    "test_store::test_interrupted_run_reads_back_right_and_resumes",
+    "test_store::test_rerun_skips_complete_steps",
+    "test_store::test_round_trip_equals_loaded_cube",
+    "test_store::test_unfinished_store_of_icemap_is_started_again",
+    "test_store::test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order",
+})
+#: Module fixtures that start worker processes (tests/test_cluster.py, tests/test_security.py).
+PROCESS_CLUSTER_FIXTURES = {"client", "cluster_client"}
+
+#: Modules started first (longest first) so that no long module is left running alone at the
+#: end of a parallel run (pytest-xdist, ``--dist loadfile``: each module runs on one worker, so
+#: its module fixtures are built once, the engines never run twice side by side and the demo
+#: runs once). Measured serially; every other module keeps pytest's order after these.
+FIRST: tuple[str, ...] = (
+    "test_engines", "test_faults", "test_security", "test_store", "test_train", "test_cli_products",
+    "test_fuzz", "test_benchmarks", "test_demo", "test_infer", "test_report", "test_grids", "test_composite",
+    "test_onnx", "test_store_state", "test_notebook",
+)
+
+
+def _module_name(item: pytest.Item) -> str:
+    return item.path.stem
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by module, and the order pytest-xdist hands modules out in.
+
+    * ``MODULE_MARKERS`` and ``SLOW_MARKERS`` add ``slow``, ``engines`` and ``lab``.
+    * The longest modules come first (``FIRST``; ``--no-loadscope-reorder`` keeps this order
+      instead of xdist's largest-count-first).
+    """
+    for item in items:
+        module = _module_name(item)
+        for name in MODULE_MARKERS.get(module, ()):
+            item.add_marker(name)
+        # A test marked `cluster` itself (not by its module) starts one; so does one using a
+        # module's process cluster.
+        starts_cluster = any(m.name == "cluster" for m in getattr(item, "own_markers", ())) or bool(
+            PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
+        measured_slow = f"{module}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS
+        if (starts_cluster or measured_slow or any(item.get_closest_marker(m) for m in SLOW_MARKERS)) \
+                and not item.get_closest_marker("slow"):
+            item.add_marker("slow")
+    rank = {m: i for i, m in enumerate(FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(_module_name(it), len(FIRST)), order[id(it)]))
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +357,36 @@ def sample_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from icemap.sample import make_sample_region
 
     return make_sample_region(tmp_path_factory.mktemp("region"), size=160, n_dates=3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def sample_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample region ingested as the CLI does by default (every band, 64 px chunks), once
+    per session (per xdist worker). Shared: tests read it; a test that changes a store copies it
+    first. Its files are made read-only, so that a test writing into it fails (except as root)."""
+    from icemap.stac import search
+    from icemap.workflow import ingest
+
+    path = tmp_path_factory.mktemp("sample-cube") / "cube.zarr"
+    ingest(search(str(sample_region.catalog)).item_dicts(), path, chunksize=64)
+    for f in path.rglob("*"):
+        if f.is_file():
+            f.chmod(0o444)
+    return path
+
+
+#: Arguments of the session's one demo run (small: 160 px, 2 seasons of 2 acquisitions).
+DEMO_ARGS = ("--size", "160", "--years", "2", "--per-season", "2", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``icemap demo`` once per session: its output folder and the finished command (in-process).
+    Tests read the outputs; tests/test_demo.py's last test reruns it in the same folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    res = icemap_cli("demo", "--out", str(out), *DEMO_ARGS)
+    assert res.returncode == 0, res.stderr
+    return out, res
 
 
 # -- STAC API on loopback -----------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ from rasterio.features import rasterize
 
 import icemap
 from icemap.labels import read_outlines
-from icemap.stac import search
+
+from .conftest import icemap_cli
 
 EVALUATE_KEYS = {
     "f1", "precision", "recall", "iou", "balanced_accuracy", "overall_accuracy", "kappa",
@@ -24,15 +24,12 @@ EVALUATE_KEYS = {
 }
 
 
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+_icemap = icemap_cli
 
 
 @pytest.fixture(scope="module")
-def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cube") / "cube.zarr"
-    icemap.ingest(search(sample_region.catalog).item_dicts(), path, chunksize=64)
-    return path
+def cube_path(sample_cube: Path) -> Path:
+    return sample_cube
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +157,15 @@ def test_map_unknown_guard(cube_path: Path, tmp_path: Path) -> None:
 def test_evaluate_on_a_cluster_equals_threads(product: dict[str, Path], sample_region: Any) -> None:
     args = ["evaluate", "--pred", str(product["out"]), "--reference", str(sample_region.outlines), "--json"]
     threads = _icemap(*args)
-    cluster = _icemap(*args, "--scheduler", "local?workers=2&threads=1")
+    # Two in-process workers behind a TCP scheduler (the CLI refuses inproc:// addresses); the
+    # `local?workers=...` form that starts worker processes is tests/test_cluster.py's.
+    from distributed import Client
+
+    from icemap.cluster import local_cluster
+
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
+                       protocol="tcp") as lc, Client(lc, set_as_default=False):
+        cluster = _icemap(*args, "--scheduler", lc.scheduler_address)
     assert threads.returncode == 0 and cluster.returncode == 0, cluster.stderr
     assert json.loads(cluster.stdout) == json.loads(threads.stdout)
 

@@ -10,8 +10,6 @@ the best single date's.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from icemap.options import parse_season
 from icemap.sample import make_sample_region
 from icemap.stac import search
 
-from .conftest import raise_if_dask_computes, require_module
+from .conftest import icemap_cli, raise_if_dask_computes, require_module
 
 PER_SEASON = 3
 
@@ -237,8 +235,7 @@ def test_resume_after_interruption(cube_path: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap", *args], capture_output=True, text=True, timeout=300, check=False)
+_cli = icemap_cli
 
 
 def _on_cube_grid(path: Path, cube: Any) -> np.ndarray:

@@ -25,13 +25,8 @@ from icemap.model.inputs import Normalisation
 
 
 @pytest.fixture(scope="module")
-def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from icemap.stac import search
-    from icemap.workflow import ingest
-
-    path = tmp_path_factory.mktemp("data-cube") / "cube.zarr"
-    ingest(search(str(sample_region.catalog)), path, chunksize=64)
-    return path
+def cube_path(sample_cube: Path) -> Path:
+    return sample_cube
 
 
 @pytest.fixture(scope="module")

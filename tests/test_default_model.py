@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from icemap.lab.default import CHANNELS, SpectralAugment, real_data_scores
 from icemap.model.packaged import default_model_dir, resolve_model
 from icemap.stac import item_from_files, search
 
-from .conftest import REPO, SHARED_DATA, shared_path
+from .conftest import REPO, SHARED_DATA, icemap_cli, shared_path
 
 DOC = REPO / "docs" / "default-model.md"
 COMMON_BANDS = ("blue", "green", "red", "nir08", "swir16", "swir22")
@@ -98,8 +96,7 @@ def landsat_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_cli_map_unet_without_model(landsat_cube: Path, tmp_path: Path) -> None:
     out = tmp_path / "unet.zarr"
-    res = subprocess.run([sys.executable, "-m", "icemap.cli", "map", "--cube", str(landsat_cube), "--method", "unet",
-                          "--out", str(out), "--quiet"], check=False, capture_output=True, text=True, timeout=300)
+    res = icemap_cli("map", "--cube", str(landsat_cube), "--method", "unet", "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
     prod = icemap.open_cube(out)
     assert prod.attrs["model_sha256"] == read_metadata(default_model_dir()).weights_sha256

@@ -1,40 +1,48 @@
-"""`icemap demo`: the main job end to end through the command line."""
+"""`icemap demo`: the main job end to end through the command line.
+
+The demo runs once per session (``demo_run`` in tests/conftest.py, in-process through
+``icemap.cli.main``); each test reads its outputs, the last one reruns it in the same folder.
+"""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 import icemap
 from icemap.labels import glacier_ids
 from icemap.vector import pixel_area_m2
 
+from .conftest import DEMO_ARGS, icemap_cli
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    res = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--years", "2",
-         "--per-season", "2", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+Demo = tuple[Path, subprocess.CompletedProcess[str]]
+
+
+def _outlines(out: Path) -> gpd.GeoDataFrame:
+    region = icemap.open_sample_region(out / "region")
+    return gpd.read_file(region.outlines, layer="glaciers")
+
+
+def test_demo_prints_its_three_tables(demo_run: Demo) -> None:
+    _, res = demo_run
     assert "Ice area on the sample region" in res.stdout and "One map per year" in res.stdout
     assert "Trends over season-years" in res.stdout and "clean ice" in res.stdout
     assert "change %/yr" not in res.stdout  # no date-to-date rates
 
+
+def test_demo_areas_add_up_to_the_mask(demo_run: Demo) -> None:
+    out, _ = demo_run
     cube = icemap.open_cube(out / "cube.zarr")
     assert cube.sizes["time"] == 4 and cube.rio.crs.to_epsg() == 32719
 
     areas = pd.read_csv(out / "ice_area_per_glacier.csv", parse_dates=["time"])
-    region = icemap.open_sample_region(out / "region")
-    import geopandas as gpd
-
-    outlines = gpd.read_file(region.outlines, layer="glaciers")
+    outlines = _outlines(out)
     assert set(areas["glacier_id"]) == set(outlines["glacier_id"])
     # Per-glacier areas add up to the region's ice area counted directly on the mask.
     ice = icemap.ice_mask(cube)
@@ -47,6 +55,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     merged = areas.drop_duplicates("glacier_id").merge(outlines[["glacier_id", "area_km2"]], on="glacier_id")
     np.testing.assert_allclose(merged["outline_area_km2"], merged["area_km2"], rtol=1e-9)
 
+
+def test_demo_quicklook(demo_run: Demo) -> None:
+    out, _ = demo_run
     with Image.open(out / "quicklook.png") as img:
         assert img.mode == "RGB" and min(img.size) >= 100
         pixels = np.asarray(img)
@@ -55,6 +66,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert (pixels[-10:] == 255).all(axis=-1).mean() > 0.5  # a white footer with the date and legend
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a flat fill
 
+
+def test_demo_yearly_maps_series_trends_and_report(demo_run: Demo) -> None:
+    out, _ = demo_run
+    cube = icemap.open_cube(out / "cube.zarr")
+    outlines = _outlines(out)
     # One map per year, with fewer gaps than any acquisition of its season.
     yearly = icemap.open_cube(out / "composite-ice.zarr")["ice"]
     assert yearly.sizes["time"] == 2 and yearly.rio.crs == cube.rio.crs
@@ -75,16 +91,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         with Image.open(out / name) as img:
             assert min(img.size) >= 200
 
-    # A second run reuses the region and the complete cube.
-    again = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "demo", "--out", str(out), "--size", "160", "--years", "2",
-         "--per-season", "2", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+
+def test_demo_rerun_reuses_the_region_and_cube(demo_run: Demo) -> None:
+    """Last in this module: it runs the demo again in the same folder."""
+    out, _ = demo_run
+    again = icemap_cli("demo", "--out", str(out), *DEMO_ARGS)
     assert again.returncode == 0, again.stderr
 
 
 def np_approx(value: float) -> object:
-    import pytest
-
     return pytest.approx(value, rel=1e-9, abs=1e-12)

@@ -34,7 +34,7 @@ from icemap.cluster import local_cluster
 from icemap.errors import StoreWarning
 from icemap.stac import STAC_RETRIES, search
 
-from .conftest import StacServer
+from .conftest import StacServer, icemap_cli
 from .faultproxy import GATE_ENV, FaultProxy, KillOnExecute, gated_signer, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +48,11 @@ def _cli(*args: str) -> list[str]:
 
 
 def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    # cwd=REPO: `tests.faultproxy` (the signer) must be importable by the CLI process.
-    return subprocess.run(_cli(*args), check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+    """In-process (a worker or client killed mid-run needs its own process: see ``_cli``).
+
+    cwd=REPO: `tests.faultproxy` (the signer) is importable there.
+    """
+    return icemap_cli(*args, env=env, cwd=REPO)
 
 
 def assert_stores_identical(a: str | Path, b: str | Path,
@@ -156,6 +158,7 @@ def _after_restart(client: Any, killed: int) -> dict[str, Any]:
 
 
 # -- a worker dies mid-task ------------------------------------------------------------------------
+@pytest.mark.process
 @pytest.mark.parametrize("command", ["map", "ingest"])
 def test_worker_killed_mid_task(command: str, cluster_client: Any, sample_region: Any, reference_cube: Path,
                                 reference_product: Path, tmp_path: Path) -> None:
@@ -193,6 +196,7 @@ def test_worker_killed_mid_task(command: str, cluster_client: Any, sample_region
 
 
 # -- the client dies mid-ingest ----------------------------------------------------------------------
+@pytest.mark.process
 def test_client_killed_mid_ingest_resumes(sample_region: Any, reference_cube: Path, tmp_path: Path) -> None:
     out = tmp_path / "cube.zarr"
     gate = tmp_path / "gate"

@@ -353,6 +353,7 @@ FIXED = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", sorted(FIXED))
 def test_fuzz_cli_process(name: str, tmp_path: Path, report: Counter[str]) -> None:
     case = FIXED[name]

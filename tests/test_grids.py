@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import icemap
 from icemap.errors import GridError, IcemapError, MixedCRSWarning, NoOverlapError
 from icemap.stac import item_from_files, search
 
-from .conftest import REPO, shared_path
+from .conftest import REPO, icemap_cli, shared_path
 from .rasters import make_scene, read_expected
 
 W, H, RES = 48, 40, 30.0
@@ -133,8 +131,7 @@ def test_outlines_that_miss_the_prediction(tmp_path: Path) -> None:
     # The CLI says the same in one line, exit 1.
     store = tmp_path / "ice.zarr"
     icemap.write_product(icemap.ice_mask(cube).to_dataset(name="ice"), store)
-    out = subprocess.run([sys.executable, "-m", "icemap.cli", "evaluate", "--pred", str(store), "--reference",
-                          str(oetztal)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = icemap_cli("evaluate", "--pred", str(store), "--reference", str(oetztal), cwd=REPO)
     assert out.returncode == 1 and "no reference outline overlaps" in out.stderr
     # One error line; a warning may name RGI outlines that needed make_valid (a few are bow ties).
     lines = [ln for ln in out.stderr.strip().splitlines() if not ln.startswith("icemap: warning (InvalidOutline")]

@@ -20,7 +20,7 @@ from icemap.model.inputs import Normalisation, build_inputs
 from icemap.model.unet import UNet, UNetConfig
 from icemap.stac import search
 
-from .conftest import raise_if_dask_computes, shared_path
+from .conftest import icemap_cli, raise_if_dask_computes, shared_path
 
 
 def make_model(folder: Path, *, base: int = 4, depth: int = 3, seed: int = 0, dropout: float = 0.0) -> Path:
@@ -214,18 +214,18 @@ def test_cli_map_unet_resumes(items: list[dict[str, Any]], model_dir: Path, tmp_
     cube_path = tmp_path / "cube.zarr"
     icemap.ingest(items, cube_path, bands=["green", "swir16", "nir08"], chunksize=64)
     out = tmp_path / "unet.zarr"
-    args = [sys.executable, "-m", "icemap.cli", "map", "--cube", str(cube_path), "--method", "unet", "--model",
-            str(model_dir), "--out", str(out), "--batch-size", "4", "--tile", "32", "--quiet"]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    args = ["map", "--cube", str(cube_path), "--method", "unet", "--model", str(model_dir), "--out", str(out),
+            "--batch-size", "4", "--tile", "32", "--quiet"]
+    res = icemap_cli(*args)
     assert res.returncode == 0, res.stderr
     prod = icemap.open_cube(out)
     assert set(prod.data_vars) >= {"ice_probability", "ice"}
     direct = predict(icemap.open_cube(cube_path), model_dir)["ice_probability"].values
     np.testing.assert_allclose(prod["ice_probability"].values, direct, atol=2e-6, rtol=0)
     assert prod.attrs["model_sha256"] == read_metadata(model_dir).weights_sha256
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    again = icemap_cli(*args)
     assert again.returncode == 0 and "wrote 0 time step(s)" in again.stderr
-    missing = subprocess.run([*args[:9], str(tmp_path / "nomodel"), *args[10:]], capture_output=True, text=True)
+    missing = icemap_cli(*args[:6], str(tmp_path / "nomodel"), *args[7:])
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr
 
 

@@ -17,7 +17,7 @@ import zarr
 
 import icemap
 
-from .conftest import REPO, require_module, run_icemap
+from .conftest import REPO, icemap_cli, require_module
 
 # Runs in a fresh interpreter that never imports icemap: what a user with plain xarray sees.
 PLAIN = """
@@ -241,8 +241,23 @@ def test_accessor_predict_uses_the_default_model(sample_region: Any) -> None:
     assert str(via_accessor.value) == str(direct.value)
 
 
+@pytest.mark.process
+@pytest.mark.parametrize("entry", ["script", "-m icemap", "-m icemap.cli"])
+def test_entry_points_run_the_cli(entry: str) -> None:
+    """The console script and both ``python -m`` forms reach the same command line (the rest of
+    the suite calls ``icemap.cli.main`` in-process): the version, and a usage error as exit 2."""
+    exe = [str(Path(sys.executable).with_name("icemap"))] if entry == "script" else [sys.executable, *entry.split()]
+    if entry == "script" and not Path(exe[0]).exists():
+        pytest.fail(f"the icemap console script is not installed beside {sys.executable}: pip install -e .")
+    out = subprocess.run([*exe, "--version"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == f"icemap {icemap.__version__}", out.stderr
+    bad = subprocess.run([*exe, "search", "--no-such-option"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode == 2 and "No such option" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_version_option() -> None:
-    out = run_icemap("--version")
+    out = icemap_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"icemap {icemap.__version__}"
 
 

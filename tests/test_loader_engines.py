@@ -160,12 +160,12 @@ def test_real_liverpool_crop_without_nodata_tags_same_cube(liverpool: dict[str, 
 
 @pytest.mark.stackstac
 def test_cli_ingest_engines_write_the_same_store(sample_region: Any, tmp_path: Path) -> None:
-    from .conftest import run_icemap
+    from .conftest import icemap_cli
 
     cubes = []
     for engine in ("odc-stac", "stackstac"):
         out = tmp_path / f"{engine}.zarr"
-        done = run_icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--bands", "green,swir16",
+        done = icemap_cli("ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--bands", "green,swir16",
                           "--engine", engine, "--quiet")
         assert done.returncode == 0, done.stderr
         cubes.append(icemap.open_cube(out).compute())
@@ -176,9 +176,9 @@ def test_cli_ingest_engines_write_the_same_store(sample_region: Any, tmp_path: P
 
 
 def test_cli_unknown_engine_is_one_line(sample_region: Any, tmp_path: Path) -> None:
-    from .conftest import run_icemap
+    from .conftest import icemap_cli
 
-    done = run_icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "c.zarr"),
+    done = icemap_cli("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "c.zarr"),
                       "--engine", "gdal")
     assert done.returncode != 0 and "engine must be auto, odc-stac or stackstac" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "c.zarr").exists()

@@ -9,8 +9,6 @@ networks it cannot tile with one-line errors.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from icemap.model.onnx_runner import OnnxRunner
 from icemap.model.unet import UNetConfig
 from icemap.stac import search
 
+from .conftest import icemap_cli
 from .stacschemas import validate as validate_stac
 from .test_infer import make_model
 
@@ -212,8 +211,7 @@ def test_chunked_equals_whole_on_a_cluster(items: list[dict[str, Any]], imported
     assert np.nanmax(np.abs(seams - whole)) > 1e-3
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+_cli = icemap_cli
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], args: list[str], text: str) -> None:

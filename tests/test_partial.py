@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from icemap.errors import LoadError, MissingAssetWarning, NoQAWarning
 from icemap.interop import decode_attrs
 from icemap.stac import item_from_files
 
-from .conftest import REPO, shared_path
+from .conftest import REPO, icemap_cli, shared_path
 
 pytestmark = pytest.mark.shared_data
 
@@ -90,11 +88,10 @@ def test_cli_ingest_no_qa_records_it(liverpool: dict[str, Path], tmp_path: Path)
     items = tmp_path / "item.json"
     items.write_text(json.dumps(_liverpool_item(liverpool)))
     out = tmp_path / "cube.zarr"
-    cmd = [sys.executable, "-m", "icemap.cli", "ingest", "--catalog", str(items), "--bands", "green,swir16",
-           "--out", str(out), "--quiet"]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    cmd = ["ingest", "--catalog", str(items), "--bands", "green,swir16", "--out", str(out), "--quiet"]
+    refused = icemap_cli(*cmd, cwd=REPO)
     assert refused.returncode == 1 and "--no-qa" in refused.stderr and "Traceback" not in refused.stderr
-    done = subprocess.run([*cmd, "--no-qa"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = icemap_cli(*cmd, "--no-qa", cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("NoQAWarning") == 1
     # One line, named by class, without Python's "file:line: ... warnings.warn(" form.

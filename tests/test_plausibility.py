@@ -139,10 +139,10 @@ def test_cli_ingest_and_map_files(tmp_path: Path, scale: float, offset: float, s
 
 def test_cli_prints_the_warning(tmp_path: Path) -> None:
     """As a user sees it: one line naming the warning class and the options."""
-    from .conftest import run_icemap
+    from .conftest import icemap_cli
 
     tif = _landsat_tif(tmp_path)
-    res = run_icemap("ingest", "--files", str(tif), "--band-map", BAND_MAP, "--datetime", "2021-07-01",
+    res = icemap_cli("ingest", "--files", str(tif), "--band-map", BAND_MAP, "--datetime", "2021-07-01",
                      "--scale", "2.75e-5", "--offset", "0", "--out", str(tmp_path / "cube.zarr"), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "warning (ImplausibleReflectanceWarning)" in res.stderr and "--offset" in res.stderr

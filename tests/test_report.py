@@ -27,19 +27,18 @@ import pytest
 import icemap
 from icemap.errors import IcemapError
 
-from .conftest import IN_CI, require_module, run_icemap
+from .conftest import IN_CI, require_module, icemap_cli
 
 require_module("matplotlib", "report")
 
 
 @pytest.fixture(scope="module")
-def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run(sample_region: Any, sample_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A cube, its NDSI product, and outlines whose ids need escaping, reported through the CLI."""
     from icemap.workflow import map_cube
 
     folder = tmp_path_factory.mktemp("report")
-    cube = folder / "cube.zarr"
-    icemap.ingest(icemap.search(str(sample_region.catalog)).item_dicts(), cube, chunksize=64)
+    cube = sample_cube
     map_cube(cube, folder / "ice.zarr")
     outlines = gpd.read_file(sample_region.outlines, layer="glaciers")
     # RGI-style ids, one with characters that must be escaped in HTML.
@@ -48,7 +47,7 @@ def run(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     ref = folder / "rgi.gpkg"
     outlines.drop(columns=["glacier_id"]).to_file(ref, layer="glaciers")
     out = folder / "report.html"
-    res = run_icemap("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
+    res = icemap_cli("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
                   "--out", str(out), "--series-out", str(folder / "series.parquet"))
     assert res.returncode == 0, res.stderr
     return {"cube": cube, "pred": folder / "ice.zarr", "reference": ref, "html": out, "ids": list(outlines["RGIId"]),
@@ -87,7 +86,7 @@ def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
 def test_report_refuses_bad_output_before_computing(run: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(IcemapError, match="HTML page"):
         icemap.report(run["cube"], run["pred"], run["reference"], tmp_path / "report.pdf")
-    res = run_icemap("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
+    res = icemap_cli("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
                   "--reference", str(run["reference"]), "--out", str(tmp_path / "r.html"))
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -98,7 +97,7 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
     from PIL import Image
 
     png = tmp_path / "map.png"
-    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0",
+    res = icemap_cli("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(png), "--time", "0",
                      "--dpi", "120")
     assert res.returncode == 0, res.stderr
     with Image.open(png) as im:
@@ -106,12 +105,12 @@ def test_figures_from_the_cli_and_api(run: dict[str, Any], tmp_path: Path) -> No
         assert tuple(round(v) for v in im.info["dpi"]) == (120, 120)  # pHYs: the size a layout program uses
     for fmt, magic in (("pdf", b"%PDF-"), ("svg", b"<?xml")):
         out = tmp_path / f"map.{fmt}"
-        res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(out),
+        res = icemap_cli("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(out),
                          "--format", fmt)
         assert res.returncode == 0, res.stderr
         head = out.read_bytes()[:400]
         assert head.startswith(magic) and (fmt != "svg" or b"<svg" in out.read_bytes()[:2000])
-    res = run_icemap("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(tmp_path / "m.png"),
+    res = icemap_cli("figure", "--cube", str(run["cube"]), "--pred", str(run["pred"]), "--out", str(tmp_path / "m.png"),
                      "--format", "pdf")
     assert res.returncode == 1 and "--format" in res.stderr and not (tmp_path / "m.png").exists()
 
@@ -243,6 +242,7 @@ def test_report_renders_in_chromium(run: dict[str, Any], browser: Any) -> None:
     assert not errors, errors
 
 
+@pytest.mark.process
 def test_missing_report_extra_is_named_first(tmp_path: Path) -> None:
     """Without matplotlib, `icemap report` says which extra to install, before any other check."""
     site = tmp_path / "site"

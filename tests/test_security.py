@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from icemap.errors import IcemapError, LoadError, ModelError, SearchError, Store
 from icemap.load import load  # the function; `icemap.load` may be the submodule, by import order
 from icemap.stac import search
 
-from .conftest import StacServer
+from .conftest import StacServer, icemap_cli, run_icemap
 from .faultproxy import SAS_BASE_ENV, SAS_LOG_ENV, SAS_TOKEN_ENV, FaultProxy, SignedFileServer, sas_signer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +36,9 @@ SECRET = "S3CR3T-sig-7f3a9c"
 PUBLIC = "https://landsat.blob.example.invalid/c2l2"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # cwd=REPO: `tests.faultproxy` (the signers) is importable there, as for a user's own module.
+    return icemap_cli(*args, env=env, cwd=REPO)
 
 
 def _store_metadata(path: Path) -> str:
@@ -87,6 +86,7 @@ def _unset_env(keys: list[str]) -> None:
 
 # -- secrets ---------------------------------------------------------------------------------------
 @pytest.mark.cluster
+@pytest.mark.process
 def test_signed_urls_stay_out_of_graphs_logs_and_stores(blob_items: tuple[Path, list[dict[str, Any]]],
                                                          cluster_client: Any, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,9 +112,11 @@ def test_signed_urls_stay_out_of_graphs_logs_and_stores(blob_items: tuple[Path, 
             items_file = tmp_path / "items.ndjson"
             items_file.write_text("".join(json.dumps(it) + "\n" for it in items))
             out = tmp_path / "cube.zarr"
-            res = _cli("ingest", "--catalog", str(items_file), "--out", str(out), "--chunksize", "64",
-                       "--signer", "tests.faultproxy:sas_signer", "--scheduler", cluster_client.scheduler.address,
-                       env={**env, "DASK_LOGGING__DISTRIBUTED": "debug"})
+            # A real process: dask reads DASK_LOGGING__DISTRIBUTED at import, and its log handlers
+            # write to the process's stderr.
+            res = run_icemap("ingest", "--catalog", str(items_file), "--out", str(out), "--chunksize", "64",
+                             "--signer", "tests.faultproxy:sas_signer", "--scheduler", cluster_client.scheduler.address,
+                             env={**os.environ, **env, "DASK_LOGGING__DISTRIBUTED": "debug"}, cwd=REPO)
             worker_pids = set(cluster_client.run(os.getpid).values())
             worker_logs = json.dumps(cluster_client.get_worker_logs(), default=str)
             scheduler_logs = json.dumps(cluster_client.get_scheduler_logs(), default=str)

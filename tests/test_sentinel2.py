@@ -9,7 +9,6 @@ reads and the ESA rules (DN * 1e-4, minus 0.1 from baseline 04.00; SCL classes 0
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import icemap
 from icemap.bands import SENTINEL2_L2A, get_sensor
 from icemap.errors import CatalogError, NoQAWarning
 
-from .conftest import REPO
+from .conftest import REPO, icemap_cli
 from .rasters import write_tif
 
 ES_KEYS = {"blue": "blue", "green": "green", "red": "red", "nir": "nir", "nir08": "nir08", "swir16": "swir16",
@@ -125,8 +124,7 @@ def test_item_from_files_multiband(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", "ingest", *args, "--quiet"], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    return icemap_cli("ingest", *args, "--quiet", cwd=REPO)
 
 
 def test_cli_ingest_local_multiband_files(tmp_path: Path) -> None:

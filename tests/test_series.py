@@ -25,7 +25,7 @@ from icemap.kernels import glacier_stats
 from icemap.series import (REGION_ID, SERIES_COLUMNS, TREND_COLUMNS, glacier_counts, glacier_series, region_series,
                            trends, wls_trend, write_table)
 
-from .conftest import raise_if_dask_computes, run_icemap
+from .conftest import raise_if_dask_computes, icemap_cli
 
 YEAR_S = 365.25 * 86400
 
@@ -223,7 +223,7 @@ def test_csv_and_parquet_round_trip(synthetic: tuple[xr.DataArray, gpd.GeoDataFr
 
 def test_cli_areas_writes_series_and_region(stores: dict[str, Path], sample_region: Any) -> None:
     out, region = stores["folder"] / "series.csv", stores["folder"] / "region.parquet"
-    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+    res = icemap_cli("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
                   "--out", str(out), "--region-out", str(region))
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(out, dtype={"glacier_id": str})
@@ -252,7 +252,7 @@ def test_cli_areas_bad_input_is_one_line(case: str, stores: dict[str, Path], sam
         extra, match = ["--id-column", "RGIId"], "no column 'RGIId'"
     else:
         out, match = str(tmp_path / "s.xlsx"), "use .csv or .parquet"
-    res = run_icemap("areas", "--pred", pred, "--reference", ref, "--out", out, *extra)
+    res = icemap_cli("areas", "--pred", pred, "--reference", ref, "--out", out, *extra)
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert match in res.stderr
@@ -380,7 +380,7 @@ def test_region_trend_is_not_made_by_cloud() -> None:
 
 def test_cli_areas_writes_trends(stores: dict[str, Path], sample_region: Any) -> None:
     out, tr = stores["folder"] / "s2.csv", stores["folder"] / "trends.parquet"
-    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+    res = icemap_cli("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
                      "--out", str(out), "--trends", str(tr), "--min-observed", "0.5")
     assert res.returncode == 0, res.stderr
     back = pd.read_parquet(tr)
@@ -389,7 +389,7 @@ def test_cli_areas_writes_trends(stores: dict[str, Path], sample_region: Any) ->
     want = trends(pd.read_csv(out, parse_dates=["time"], dtype={"glacier_id": str}), min_observed=0.5)
     pd.testing.assert_frame_equal(back, want, check_dtype=False)
     csv = stores["folder"] / "trends.csv"
-    res = run_icemap("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
+    res = icemap_cli("areas", "--pred", str(stores["pred"]), "--reference", str(sample_region.outlines),
                      "--out", str(out), "--trends", str(csv), "--min-observed", "2")
     assert res.returncode == 1 and "min_observed must be" in res.stderr and not csv.exists()
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

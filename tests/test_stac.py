@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from icemap.errors import CatalogError, SearchError
 from icemap.stac import item_datetime, parse_datetime, search
 
-from .conftest import StacServer, shared_path
+from .conftest import StacServer, icemap_cli, shared_path
 
 
 # -- built, not run ------------------------------------------------------------------------------
@@ -140,11 +138,8 @@ def test_unreachable_api_gives_clear_error() -> None:
 
 
 def test_cli_search_json(stac_api: StacServer) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "search", "--catalog", stac_api.url, "--collection",
-         "landsat-c2-l2", "--datetime", "2019-01-01/2019-12-31", "--json"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = icemap_cli("search", "--catalog", stac_api.url, "--collection", "landsat-c2-l2", "--datetime",
+                     "2019-01-01/2019-12-31", "--json")
     assert out.returncode == 0, out.stderr
     fc = json.loads(out.stdout)
     assert fc["type"] == "FeatureCollection"
@@ -152,10 +147,7 @@ def test_cli_search_json(stac_api: StacServer) -> None:
 
 
 def test_cli_bad_bbox_exits_nonzero() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "search", "--catalog", "x", "--bbox", "5", "0", "5", "1"],
-        capture_output=True, text=True, timeout=60,
-    )
+    out = icemap_cli("search", "--catalog", "x", "--bbox", "5", "0", "5", "1")
     assert out.returncode == 1
     assert "no width" in out.stderr and "Traceback" not in out.stderr
 
@@ -164,11 +156,7 @@ def test_cli_retries_and_timeout_reach_the_search() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "icemap.cli", "search", "--catalog", f"http://127.0.0.1:{port}/",
-         "--retries", "0", "--timeout", "2"],
-        capture_output=True, text=True, timeout=60,
-    )
+    out = icemap_cli("search", "--catalog", f"http://127.0.0.1:{port}/", "--retries", "0", "--timeout", "2")
     assert out.returncode == 1 and "failed after 0 retries" in out.stderr
 
 
@@ -354,10 +342,9 @@ def test_intersects_geometry_api_and_static_catalog(stac_api: StacServer, sample
     path = tmp_path / "area.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": tri,
                                                                            "properties": {}}]}))
-    out = subprocess.run([sys.executable, "-m", "icemap.cli", "search", "--catalog", str(sample_region.catalog),
-                          "--intersects", str(path), "--json"], capture_output=True, text=True, timeout=120)
+    out = icemap_cli("search", "--catalog", str(sample_region.catalog), "--intersects", str(path), "--json")
     assert out.returncode == 0, out.stderr
     assert {f["id"] for f in json.loads(out.stdout)["features"]} == region_ids
-    bad = subprocess.run([sys.executable, "-m", "icemap.cli", "search", "--catalog", str(sample_region.catalog),
-                          "--intersects", str(tmp_path / "missing.geojson")], capture_output=True, text=True, timeout=120)
+    bad = icemap_cli("search", "--catalog", str(sample_region.catalog), "--intersects",
+                     str(tmp_path / "missing.geojson"))
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

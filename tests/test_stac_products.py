@@ -17,7 +17,7 @@ import icemap
 from icemap.describe import COG, ZARR, collection_path, item_path
 from icemap.interop import resolve_store
 
-from .conftest import run_icemap
+from .conftest import icemap_cli
 from .stacschemas import validate
 
 
@@ -105,20 +105,20 @@ def test_open_cube_and_map_accept_a_cube_item(run: dict[str, Path], tmp_path: Pa
     xr.testing.assert_identical(via_item, icemap.open_cube(run["cube"]))
     assert resolve_store(str(run["cube"])) == str(run["cube"])
     out = tmp_path / "ice.zarr"
-    res = run_icemap("map", "--cube", item_path(run["cube"]), "--out", str(out), "--quiet")
+    res = icemap_cli("map", "--cube", item_path(run["cube"]), "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(icemap.open_cube(out)["ice"].values, icemap.open_cube(run["ice"])["ice"].values)
     validate(_load(item_path(out)))
     # An Item without a Zarr asset is a one-line error, not a traceback.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"type": "Feature", "assets": {}}))
-    res = run_icemap("map", "--cube", str(bad), "--out", str(tmp_path / "x.zarr"))
+    res = icemap_cli("map", "--cube", str(bad), "--out", str(tmp_path / "x.zarr"))
     assert res.returncode == 1 and "Zarr asset" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_areas_tables_get_items(run: dict[str, Path], sample_region: Any, tmp_path: Path) -> None:
     out, region = tmp_path / "areas.csv", tmp_path / "region.csv"
-    res = run_icemap("areas", "--pred", str(run["ice"]), "--reference", str(sample_region.outlines),
+    res = icemap_cli("areas", "--pred", str(run["ice"]), "--reference", str(sample_region.outlines),
                      "--out", str(out), "--region-out", str(region))
     assert res.returncode == 0, res.stderr
     for path in (out, region):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import icemap
 from icemap.errors import StoreError, StoreWarning
 from icemap.stac import search
 
-from .conftest import StacServer
+from .conftest import StacServer, icemap_cli
 
 
 def _items(region: Any) -> list[dict[str, Any]]:
@@ -31,11 +29,9 @@ def _assert_same_cube(a: Any, b: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """An uninterrupted ingest of the sample region, to compare everything else with."""
-    path = tmp_path_factory.mktemp("ref") / "cube.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
-    return icemap.open_cube(path).compute()
+def reference(sample_cube: Path) -> Any:
+    """An uninterrupted ingest of the sample region (the session's), to compare everything else with."""
+    return icemap.open_cube(sample_cube).compute()
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -236,13 +232,14 @@ def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path
 
     from icemap.cluster import local_cluster
 
-    with local_cluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster):
+    # In-process workers: distributed's scheduling of the ingest is what is compared here; worker
+    # processes writing the same store (one of them killed) are tests/test_faults.py's.
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=False) as cluster, Client(cluster):
         icemap.ingest(_items(sample_region), tmp_path / "c.zarr", chunksize=64)
     _assert_same_cube(icemap.open_cube(tmp_path / "c.zarr").compute(), reference)
 
 
-def _icemap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300)
+_icemap = icemap_cli
 
 
 def test_cli_ingest_from_api_resumes(stac_api: StacServer, sample_region: Any, tmp_path: Path, reference: Any) -> None:

@@ -281,6 +281,7 @@ def slow(href):
 '''
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_cli_interrupt_says_what_is_complete_and_a_rerun_finishes(sig: signal.Signals, code: int, region: Any,
                                                                   cube: Path, tmp_path: Path) -> None:

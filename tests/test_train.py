@@ -7,9 +7,7 @@ Everything runs on the shared 160 px sample region with a tiny U-Net (base 4, de
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,8 @@ from icemap.lab.train import (
 )
 from icemap.model.unet import UNet
 
+from .conftest import icemap_cli
+
 TINY = dict(inputs="b3_b6", chip_size=32, depth=2, base=4, batch_size=4, split_iterations=40, patience=None,
             n_hard_negative=2, n_random=1, seed=1)
 
@@ -52,13 +52,8 @@ def _one_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cube_path(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from icemap.stac import search
-    from icemap.workflow import ingest
-
-    path = tmp_path_factory.mktemp("train-cube") / "cube.zarr"
-    ingest(search(str(sample_region.catalog)), path, chunksize=64)
-    return path
+def cube_path(sample_cube: Path) -> Path:
+    return sample_cube
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +256,7 @@ def test_experiment_writes_tables(data: Any, sample_region: Any, tmp_path: Path)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return icemap_cli(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_cli_train_end_to_end(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:
