@@ -1,7 +1,9 @@
 """Missing optional dependencies are reported at once, before any work, in one line.
 
 The import of safetensors (or torch) is made to fail in the subprocess with a
-``sitecustomize`` that sets ``sys.modules[name] = None``: the packages stay installed.
+``sitecustomize`` whose import hook raises ModuleNotFoundError for it, as a missing package does
+(``sys.modules[name] = None`` would leave a None there that other libraries trip over, e.g.
+scipy's array-API helpers look torch up in sys.modules): the packages stay installed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from .conftest import REPO
 def _run_without(module: str, args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {module!r} or name.startswith({module + '.'!r}):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.monotonic()
