@@ -237,40 +237,67 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
 }
 #: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
 SLOW_MARKERS = ("process", "engines")
-#: Single tests over ~8 s of a parallel run on this 2-core machine (module::function, every
-#: parametrization): out of the fast core.
+#: Single tests (all parametrizations together) over ~3 s of a parallel run on this 2-core
+#: machine (module::function): out of the fast core, so that ``-m "not slow"`` stays near 2 min.
 SLOW_TESTS = frozenset({
+    "test_cli_products::test_map_writes_ndsi_and_ice_on_the_cube_grid",
     "test_composite::test_cli_composite_then_map_beats_every_single_date",
     "test_composite::test_default_season_follows_the_hemisphere",
+    "test_composite::test_equals_independent_numpy_on_the_sample_region",
     "test_composite::test_map_unet_runs_on_a_composite",
     "test_composite::test_resume_after_interruption",
+    "test_data::test_grid_chips_cover_every_labelled_pixel",
+    "test_data::test_scan_counts_valid_pixels",
     "test_data::test_split_seed_changes_the_split_and_more_iterations_never_worsen",
-    "test_grids::test_mixed_crs_warns_with_the_grid_size",
-    "test_grids::test_real_items_in_three_utm_zones_warn",
+    "test_deploy::test_gateway_commands_exist",
+    "test_guards::test_dem_guard_chunked_equals_whole_and_is_lazy",
     "test_guards::test_sample_region_guards_cut_lake_and_shadow_false_positives",
     "test_infer::test_any_cube_size_equals_whole",
     "test_infer::test_cli_map_unet_resumes",
+    "test_infer::test_cli_maps_tiny_cubes",
     "test_infer::test_halo_sizes",
+    "test_infer::test_output_grid_and_values",
+    "test_infer::test_study_scorer_runs_the_shipped_predictor",
     "test_interop::test_consolidated_metadata_follows_appends_and_resumes",
+    "test_interop::test_opened_stores_go_to_netcdf_and_back",
     "test_interop::test_plain_xarray_opens_every_store_with_its_crs",
+    "test_interop::test_plain_xarray_reads_cf_metadata_and_integer_flags",
+    "test_kernels::test_index_layer_lazy_eager_and_into_agree",
     "test_load::test_chunked_equals_whole",
+    "test_loader_engines::test_cli_ingest_engines_write_the_same_store",
+    "test_loader_engines::test_missing_band_same_cube",
+    "test_loader_engines::test_sample_region_same_cube",
     "test_loader_engines::test_stackstac_is_only_imported_for_its_engine",
     "test_metrics::test_any_chunking_gives_identical_counts",
     "test_metrics::test_sweep_equals_ice_mask_plus_confusion",
+    "test_model::test_inputs_from_cube",
+    "test_plausibility::test_cli_ingest_and_map_files",
     "test_products::test_accessor_delegates_to_the_api",
+    "test_readme::test_public_functions_win_over_same_named_submodules",
     "test_report::test_figures_from_the_cli_and_api",
     "test_report::test_report_is_self_contained_and_escaped",
+    "test_report::test_report_renders_in_chromium",
     "test_security::test_api_key_header_is_sent_but_never_stored",
     "test_security::test_onnx_naming_external_data_is_refused_even_beside_the_working_directory",
     "test_security::test_secrets_planted_in_every_command_never_come_out",
     "test_series::test_series_equals_numpy_on_the_sample_region",
+    "test_stac_products::test_every_item_and_collection_validates_offline",
+    "test_store::test_append_new_dates",
     "test_store::test_cli_ingest_from_api_resumes",
     "test_store::test_half_written_step_is_redone",
+    "test_store::test_interrupted_append_is_repaired",
     "test_store::test_interrupted_run_reads_back_right_and_resumes",
+    "test_store::test_other_grid_is_refused",
     "test_store::test_rerun_skips_complete_steps",
     "test_store::test_round_trip_equals_loaded_cube",
     "test_store::test_unfinished_store_of_icemap_is_started_again",
+    "test_store::test_unfinished_store_with_a_user_file_is_left_alone",
     "test_store::test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order",
+    "test_store_safety::test_composite_year_whose_dates_changed_is_computed_again",
+    "test_store_safety::test_foreign_outputs_are_refused_and_untouched",
+    "test_store_safety::test_relative_paths_are_made_absolute",
+    "test_store_safety::test_rerun_with_other_settings_is_refused_naming_them",
+    "test_store_safety::test_sigterm_during_map_and_composite",
 })
 #: Module fixtures that start worker processes (tests/test_cluster.py, tests/test_security.py).
 PROCESS_CLUSTER_FIXTURES = {"client", "cluster_client"}
@@ -353,10 +380,27 @@ def raise_if_dask_computes() -> Iterator[None]:
 # -- sample region -----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def sample_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A small sample region (3 dates, the first split into two scenes), generated once."""
+    """A small sample region (3 dates, the first split into two scenes), generated once.
+
+    160 px: the checks of what the maps say (guards, metrics, chips, areas, any-size U-Net
+    crops) are calibrated on its lakes, shadows and glaciers.
+    """
     from icemap.sample import make_sample_region
 
     return make_sample_region(tmp_path_factory.mktemp("region"), size=160, n_dates=3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_region(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The same kind of region at 112 px, for the tests of how stores, runs and clusters behave.
+
+    With the tests' 64 px chunks a time step is 2 x 2 chunks, the last row and column ragged
+    (48 px): chunk edges and partial chunks are still exercised, with less than half the dask
+    tasks of the 160 px region's 3 x 3 (a chunk costs ~10 tasks; an ingest takes ~2 s, not ~4.5 s).
+    """
+    from icemap.sample import make_sample_region
+
+    return make_sample_region(tmp_path_factory.mktemp("small-region"), size=112, n_dates=3, seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -471,9 +515,9 @@ def sample_items_for_api(region: Any, n_extra: int = 0) -> tuple[dict[str, Any],
 
 
 @pytest.fixture(scope="session")
-def stac_api(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacServer]:
-    """A real STAC API (rustac) on loopback serving the sample region plus 24 extra items."""
-    collection, items = sample_items_for_api(sample_region, n_extra=24)
+def stac_api(small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacServer]:
+    """A real STAC API (rustac) on loopback serving the small sample region plus 24 extra items."""
+    collection, items = sample_items_for_api(small_region, n_extra=24)
     server = serve_items(tmp_path_factory.mktemp("stac-api"), collection, items)
     yield server
     server.proc.terminate()

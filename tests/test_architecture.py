@@ -8,7 +8,7 @@ import ast
 import functools
 from pathlib import Path
 
-from .conftest import REPO
+from .conftest import FIRST, MODULE_MARKERS, REPO, SLOW_TESTS
 
 SRC = REPO / "src" / "icemap"
 
@@ -254,6 +254,8 @@ IN_FUNCTION = {
     # layer on cubes; at module level one name would shadow the other.
     ("icemap.lab.default", "icemap.kernels"): "ice_mask, the kernel",
     ("icemap.lab.default", "icemap.index"): "ice_mask, the dask layer",
+    # scipy.signal loads scipy.stats (about 1 s): every command that imports metrics would pay it.
+    ("icemap.metrics", "scipy.signal"): "find_peaks, for the valley threshold only",
 }
 
 
@@ -347,3 +349,16 @@ def test_the_version_comes_from_a_leaf_module() -> None:
     assert {"icemap", "icemap.store", "icemap.workflow", "icemap.model.checkpoint"} <= readers
     # The face itself is imported by its own accessor only (it delegates to the public API).
     assert {m for m, t, *_ in statements if t == "icemap" and m != "icemap"} <= {"icemap.accessor"}
+
+
+def test_the_suites_lists_name_real_tests() -> None:
+    """conftest's marker and order lists name modules and test functions that exist: a renamed
+    test would otherwise drop out of them silently (back into the fast core, or to the end)."""
+    tests = REPO / "tests"
+    for module in (*FIRST, *MODULE_MARKERS):
+        assert (tests / f"{module}.py").exists(), module
+    for entry in SLOW_TESTS:
+        module, func = entry.split("::")
+        tree = ast.parse((tests / f"{module}.py").read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert func in defined, f"SLOW_TESTS names {entry}, which does not exist"

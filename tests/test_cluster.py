@@ -11,13 +11,13 @@ are present.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import dask
 import pytest
 
 from icemap.cluster import (
@@ -33,20 +33,27 @@ from icemap.cluster import (
 )
 from icemap.errors import IcemapError
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import icemap_cli
+
 pytestmark = pytest.mark.cluster
-
-
-def _icemap(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "icemap.cli", *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    """A real cluster started the way the CLI starts one: ``connect("local?...")``."""
-    with connect("local?workers=2&threads=1") as c:
-        yield c
+    """A real cluster started the way the CLI starts one: ``connect("local?...")``.
+
+    It starts after a plain ``LocalCluster`` would have run in this process: distributed's
+    nannies leave ``MALLOC_TRIM_THRESHOLD_=65536`` in the parent's environment, which the
+    torch-friendly check below must not see in icemap's workers.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MALLOC_TRIM_THRESHOLD_", str(dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_")))
+    try:
+        with connect("local?workers=2&threads=1") as c:
+            assert "MALLOC_TRIM_THRESHOLD_" not in os.environ  # gone, so restarted workers do not get it
+            yield c
+    finally:
+        mp.undo()
 
 
 # -- parsing (no I/O) ---------------------------------------------------------------------------
@@ -92,9 +99,9 @@ def test_bad_scheduler_strings_are_refused_before_anything_starts(text: str, mat
         parse_scheduler(text)
 
 
-def test_cli_bad_scheduler_is_one_line_error(sample_region: Any, tmp_path: Path) -> None:
-    res = _icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "c.zarr"),
-                  "--quiet", "--scheduler", "http://127.0.0.1:8787")
+def test_cli_bad_scheduler_is_one_line_error(small_region: Any, tmp_path: Path) -> None:
+    res = icemap_cli("ingest", "--catalog", str(small_region.catalog), "--out", str(tmp_path / "c.zarr"),
+                     "--quiet", "--scheduler", "http://127.0.0.1:8787")
     assert res.returncode == 1
     assert "dashboard" in res.stderr and "tcp://" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "c.zarr").exists()
@@ -327,7 +334,7 @@ def test_gateway_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- the CLI on a cluster started elsewhere --------------------------------------------------------
-def test_cli_progress_through_a_running_scheduler(client: Any, sample_region: Any, tmp_path: Path) -> None:
+def test_cli_progress_through_a_running_scheduler(client: Any, small_region: Any, tmp_path: Path) -> None:
     """``--scheduler tcp://...``: the work runs on that cluster and progress shows per time step."""
 
     def transitions(dask_scheduler: Any) -> int:
@@ -335,12 +342,12 @@ def test_cli_progress_through_a_running_scheduler(client: Any, sample_region: An
 
     before = client.run_on_scheduler(transitions)
     out = tmp_path / "c.zarr"
-    res = _icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--chunksize", "64",
-                  "--scheduler", client.scheduler.address, env={"COLUMNS": "120"})
+    res = icemap_cli("ingest", "--catalog", str(small_region.catalog), "--out", str(out), "--chunksize", "64",
+                     "--scheduler", client.scheduler.address, env={"COLUMNS": "120"})
     assert res.returncode == 0, res.stderr
     # The rich bar, fed once per time step, ends at 3/3 with the last step's label.
     assert "ingest" in res.stderr and "3/3" in res.stderr
-    assert sample_region.datetimes[-1][:10] in res.stderr
+    assert small_region.datetimes[-1][:10] in res.stderr
     assert "wrote 3 time step(s)" in res.stderr
     # The tasks really ran on this cluster, not on a threaded scheduler in the CLI process.
     assert client.run_on_scheduler(transitions) - before > 100

@@ -58,11 +58,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local(sample_region: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def local(small_region: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Cube, NDSI and U-Net products made in this process on dask's threaded scheduler."""
     folder = tmp_path_factory.mktemp("engines-local")
     paths = {"cube": folder / "cube.zarr", "ndsi": folder / "ndsi.zarr", "unet": folder / "unet.zarr"}
-    icemap.ingest(search(str(sample_region.catalog)), paths["cube"], chunksize=int(CHUNK), bands=BANDS.split(","))
+    icemap.ingest(search(str(small_region.catalog)), paths["cube"], chunksize=int(CHUNK), bands=BANDS.split(","))
     icemap.map_cube(paths["cube"], paths["ndsi"])
     icemap.map_cube(paths["cube"], paths["unet"], method="unet", model=model_dir, predict_options=UNET_OPTIONS)
     return paths
@@ -111,7 +111,7 @@ def recipe_env(slurm: Slurm, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def region_job(slurm: Slurm, sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def region_job(slurm: Slurm, small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """icemap-region.sbatch submitted as a user would, on the sample region; its folder and log.
 
     The job is the driver: it runs slurm_cluster.py, which submits one CPU worker job and runs
@@ -120,7 +120,7 @@ def region_job(slurm: Slurm, sample_region: Any, tmp_path_factory: pytest.TempPa
     folder = tmp_path_factory.mktemp("region-job")
     (folder / "logs").mkdir()  # the job's --output folder, made by the user before sbatch
     out = folder / "andes"
-    env = recipe_env(slurm, ICEMAP_REPO=str(REPO), OUT=str(out), CATALOG=str(sample_region.catalog),
+    env = recipe_env(slurm, ICEMAP_REPO=str(REPO), OUT=str(out), CATALOG=str(small_region.catalog),
                      INGEST_OPTIONS=f"--chunksize {CHUNK} --bands {BANDS}", CPU_JOBS="1", GPU_JOBS="0",
                      CLUSTER_OPTIONS="--worker-timeout 90")
     start = time.monotonic()
@@ -213,7 +213,7 @@ def test_gateway_values_run_icemap(local: dict[str, Path], model_dir: Path, tmp_
 
 # -- MPI ------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(300)
-def test_mpi_region_sbatch_job(slurm: Slurm, sample_region: Any, model_dir: Path, local: dict[str, Path],
+def test_mpi_region_sbatch_job(slurm: Slurm, small_region: Any, model_dir: Path, local: dict[str, Path],
                                tmp_path: Path) -> None:
     """icemap-region-mpi.sbatch: ``mpirun -np 4`` inside a SLURM job runs mpi_run.py (dask-mpi):
     scheduler, client, a CPU worker rank and a ``GPU=1`` rank; ingest, then the U-Net map."""
@@ -221,7 +221,7 @@ def test_mpi_region_sbatch_job(slurm: Slurm, sample_region: Any, model_dir: Path
     out = tmp_path / "andes"
     env = {**recipe_env(slurm), **mpi_env(
         SLURM_CONF=str(slurm.conf), ICEMAP_REPO=str(REPO), ICEMAP_VENV=sys.prefix, OUT=str(out),
-        CATALOG=str(sample_region.catalog), INGEST_OPTIONS=f"--chunksize {CHUNK} --bands {BANDS}",
+        CATALOG=str(small_region.catalog), INGEST_OPTIONS=f"--chunksize {CHUNK} --bands {BANDS}",
         MAP_OPTIONS=f"--method unet --model {model_dir}",
         MPI_OPTIONS="--interface lo --gpu-ranks 1 --dashboard-address 127.0.0.1:0 --worker-timeout 60")}
     start = time.monotonic()

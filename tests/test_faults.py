@@ -114,10 +114,10 @@ def cluster_client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def reference_cube(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_cube(small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted ingest, made exactly as the CLI makes it (same search, same signer)."""
     path = tmp_path_factory.mktemp("faults-ref") / "cube.zarr"
-    icemap.ingest(search(str(sample_region.catalog)), path, chunksize=64, signer=gated_signer)
+    icemap.ingest(search(str(small_region.catalog)), path, chunksize=64, signer=gated_signer)
     return path
 
 
@@ -160,7 +160,7 @@ def _after_restart(client: Any, killed: int) -> dict[str, Any]:
 # -- a worker dies mid-task ------------------------------------------------------------------------
 @pytest.mark.process
 @pytest.mark.parametrize("command", ["map", "ingest"])
-def test_worker_killed_mid_task(command: str, cluster_client: Any, sample_region: Any, reference_cube: Path,
+def test_worker_killed_mid_task(command: str, cluster_client: Any, small_region: Any, reference_cube: Path,
                                 reference_product: Path, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     plugin = KillOnExecute(str(marker), nth=4)
@@ -171,7 +171,7 @@ def test_worker_killed_mid_task(command: str, cluster_client: Any, sample_region
             args = ["map", "--cube", str(reference_cube), "--out", str(out)]
             reference = reference_product
         else:
-            args = ["ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--chunksize", "64",
+            args = ["ingest", "--catalog", str(small_region.catalog), "--out", str(out), "--chunksize", "64",
                     "--signer", SIGNER]
             reference = reference_cube
         proc = subprocess.Popen(_cli(*args, "--scheduler", cluster_client.scheduler.address),
@@ -197,12 +197,12 @@ def test_worker_killed_mid_task(command: str, cluster_client: Any, sample_region
 
 # -- the client dies mid-ingest ----------------------------------------------------------------------
 @pytest.mark.process
-def test_client_killed_mid_ingest_resumes(sample_region: Any, reference_cube: Path, tmp_path: Path) -> None:
+def test_client_killed_mid_ingest_resumes(small_region: Any, reference_cube: Path, tmp_path: Path) -> None:
     out = tmp_path / "cube.zarr"
     gate = tmp_path / "gate"
     gate.write_text("closed")
-    later_dates = ",".join(_date_keys(sample_region)[1:])
-    args = ["ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--chunksize", "64",
+    later_dates = ",".join(_date_keys(small_region)[1:])
+    args = ["ingest", "--catalog", str(small_region.catalog), "--out", str(out), "--chunksize", "64",
             "--signer", SIGNER, "--quiet"]
     # The gate holds every read of the 2nd and 3rd dates, so the kill lands after step 1
     # is complete and before step 2 is: deterministic, whatever the machine's speed.
@@ -266,7 +266,7 @@ def test_cli_permanently_failing_api_is_a_clear_error(stac_api: StacServer, tmp_
 # -- unreadable assets on a distributed cluster ------------------------------------------------------
 # This process's client is connected to the same scheduler and receives the forwarded warnings too.
 @pytest.mark.filterwarnings("ignore::icemap.errors.MissingAssetWarning")
-def test_unreadable_and_missing_cogs_on_a_cluster(cluster_client: Any, sample_region: Any, tmp_path: Path) -> None:
+def test_unreadable_and_missing_cogs_on_a_cluster(cluster_client: Any, small_region: Any, tmp_path: Path) -> None:
     """The unreadable-asset policy, with the reads done by worker processes.
 
     By default: exit 1 with a one-line error naming the asset (the LoadError must survive the
@@ -275,8 +275,8 @@ def test_unreadable_and_missing_cogs_on_a_cluster(cluster_client: Any, sample_re
     worker's log.
     """
     region = tmp_path / "region"
-    shutil.copytree(sample_region.root, region)
-    last = _date_keys(sample_region)[-1]
+    shutil.copytree(small_region.root, region)
+    last = _date_keys(small_region)[-1]
     corrupt = next(p for p in region.rglob("*_SR_B6.TIF") if last in p.name)  # swir16
     missing = next(p for p in region.rglob("*_SR_B3.TIF") if last in p.name)  # green
     corrupt.write_bytes(b"II*\x00 not a tiff any more")

@@ -45,9 +45,9 @@ def _plain_open(*paths: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stores(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def stores(small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("interop")
-    items = icemap.search(sample_region.catalog).items()
+    items = icemap.search(small_region.catalog).items()
     cube = icemap.load(items, bands=["green", "swir16", "nir08"], chunksize=64)
     paths = {}
     for fmt in (2, 3):
@@ -72,8 +72,8 @@ def test_plain_xarray_opens_every_store_with_its_crs(stores: dict[str, Path]) ->
         assert "spatial_ref" in g["coords"] and g["times"] == ours.sizes["time"]
 
 
-def test_consolidated_metadata_follows_appends_and_resumes(sample_region: Any, tmp_path: Path) -> None:
-    items = icemap.search(sample_region.catalog).items()
+def test_consolidated_metadata_follows_appends_and_resumes(small_region: Any, tmp_path: Path) -> None:
+    items = icemap.search(small_region.catalog).items()
     cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
     path = tmp_path / "c.zarr"
     icemap.write_cube(cube.isel(time=[0]), path, zarr_format=2)
@@ -91,14 +91,14 @@ def test_consolidated_metadata_follows_appends_and_resumes(sample_region: Any, t
     assert len(report.written) == 1
 
 
-def test_evaluate_and_accessor_take_plain_xarray_objects(stores: dict[str, Path], sample_region: Any) -> None:
+def test_evaluate_and_accessor_take_plain_xarray_objects(stores: dict[str, Path], small_region: Any) -> None:
     import warnings
 
     import xarray as xr
 
     import icemap.accessor  # noqa: F401  (as `import icemap` does when xarray came first)
 
-    outlines = sample_region.outlines
+    outlines = small_region.outlines
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain = xr.open_zarr(stores["ice3"])["ice"]
@@ -229,10 +229,10 @@ def test_area_has_its_own_attributes_and_one_date_keeps_its_time(stores: dict[st
     np.testing.assert_allclose(gdf["area_km2"].sum(), float(one.icemap.area_km2()))
 
 
-def test_accessor_predict_uses_the_default_model(sample_region: Any) -> None:
+def test_accessor_predict_uses_the_default_model(small_region: Any) -> None:
     from icemap.errors import ModelError
 
-    cube = icemap.load(icemap.search(sample_region.catalog).items(), bands=["green", "swir16"])
+    cube = icemap.load(icemap.search(small_region.catalog).items(), bands=["green", "swir16"])
     # Both refuse the same way: the default model's bands are missing (no model was demanded).
     with pytest.raises(ModelError) as direct:
         icemap.predict(cube)
@@ -261,10 +261,10 @@ def test_version_option() -> None:
     assert out.returncode == 0 and out.stdout.strip() == f"icemap {icemap.__version__}"
 
 
-def test_search_items_are_pystac_items_that_odc_stac_loads(sample_region: Any) -> None:
+def test_search_items_are_pystac_items_that_odc_stac_loads(small_region: Any) -> None:
     import pystac
 
-    s = icemap.search(sample_region.catalog)
+    s = icemap.search(small_region.catalog)
     items = s.items()
     dicts = s.item_dicts()
     assert items and all(isinstance(it, pystac.Item) for it in items)

@@ -82,8 +82,8 @@ def test_antarctic_scene_is_almost_all_cloud() -> None:
     assert masked[valid].mean() >= 0.99
 
 
-def test_load_is_lazy(sample_region: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_load_is_lazy(small_region: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = search(small_region.catalog).item_dicts()
     opened: list[str] = []
     real_open = rasterio.open
     monkeypatch.setattr(rasterio, "open", lambda *a, **k: opened.append(str(a[0])) or real_open(*a, **k))
@@ -94,33 +94,33 @@ def test_load_is_lazy(sample_region: Any, monkeypatch: pytest.MonkeyPatch) -> No
     assert ds["reflectance"].dtype == np.float32 and ds["qa_pixel"].dtype == np.uint16
 
 
-def test_chunked_equals_whole(sample_region: Any) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_chunked_equals_whole(small_region: Any) -> None:
+    items = search(small_region.catalog).item_dicts()
     small = icemap.load(items, chunksize=48).compute()
     whole = icemap.load(items, chunksize=4096).compute()
     assert small["reflectance"].equals(whole["reflectance"])
     assert small["qa_pixel"].equals(whole["qa_pixel"])
 
 
-def test_grid_is_native_and_snapped(sample_region: Any) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_grid_is_native_and_snapped(small_region: Any) -> None:
+    items = search(small_region.catalog).item_dicts()
     ds = icemap.load(items)
     t = ds.rio.transform()
-    assert (t.c, t.f) == (sample_region.transform[2], sample_region.transform[5])
-    assert (ds.sizes["y"], ds.sizes["x"]) == sample_region.shape
+    assert (t.c, t.f) == (small_region.transform[2], small_region.transform[5])
+    assert (ds.sizes["y"], ds.sizes["x"]) == small_region.shape
     # A lon/lat bbox inside the region gives a grid aligned with the scenes' pixels.
-    w, s, e, n = sample_region.bbox
+    w, s, e, n = small_region.bbox
     sub = icemap.load(items, bbox=(w + (e - w) * 0.25, s + (n - s) * 0.25, e - (e - w) * 0.25, n - (n - s) * 0.25))
     st = sub.rio.transform()
     assert ((st.c - t.c) / 30) % 1 == 0 and ((st.f - t.f) / 30) % 1 == 0
     assert sub.sizes["x"] < ds.sizes["x"]
 
 
-def test_same_day_same_path_is_mosaicked(sample_region: Any) -> None:
-    items = search(sample_region.catalog).item_dicts()
-    assert len(items) == len(sample_region.datetimes) + 1
+def test_same_day_same_path_is_mosaicked(small_region: Any) -> None:
+    items = search(small_region.catalog).item_dicts()
+    assert len(items) == len(small_region.datetimes) + 1
     ds = icemap.load(items, bands=["green"], chunksize=64)
-    assert ds.sizes["time"] == len(sample_region.datetimes)
+    assert ds.sizes["time"] == len(small_region.datetimes)
     first = ds.isel(time=0).compute()
     assert "," in str(first["item_ids"].values)  # both scene ids recorded
     # The two halves cover the grid together: no fill remains after the mosaic.
@@ -133,21 +133,21 @@ def test_same_day_same_path_is_mosaicked(sample_region: Any) -> None:
 
 
 @pytest.mark.parametrize("key", ["proj:epsg", "proj:code"])
-def test_items_with_either_projection_key_load(sample_region: Any, key: str) -> None:
+def test_items_with_either_projection_key_load(small_region: Any, key: str) -> None:
     # pystac >= 1.12 rewrites proj:epsg to proj:code; stackstac 0.5 reads only proj:epsg.
-    items = search(sample_region.catalog).item_dicts()
-    epsg = int(sample_region.crs.split(":")[1])
+    items = search(small_region.catalog).item_dicts()
+    epsg = int(small_region.crs.split(":")[1])
     for it in items:
         it["properties"].pop("proj:epsg", None)
         it["properties"].pop("proj:code", None)
         it["properties"][key] = epsg if key == "proj:epsg" else f"EPSG:{epsg}"
     ds = icemap.load(items)
     assert ds.rio.crs.to_epsg() == epsg
-    assert (ds.sizes["y"], ds.sizes["x"]) == sample_region.shape
+    assert (ds.sizes["y"], ds.sizes["x"]) == small_region.shape
 
 
-def test_missing_band_warns_and_gives_nodata(sample_region: Any) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_missing_band_warns_and_gives_nodata(small_region: Any) -> None:
+    items = search(small_region.catalog).item_dicts()
     del items[-1]["assets"]["swir22"]
     with pytest.warns(MissingAssetWarning, match=items[-1]["id"]):
         ds = icemap.load(items, bands=["green", "swir22"])
@@ -158,8 +158,8 @@ def test_missing_band_warns_and_gives_nodata(sample_region: Any) -> None:
         icemap.load(items, bands=["lwir11"])
 
 
-def test_unreadable_asset_error_or_nodata(sample_region: Any, tmp_path: Path) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_unreadable_asset_error_or_nodata(small_region: Any, tmp_path: Path) -> None:
+    items = search(small_region.catalog).item_dicts()
     bad = tmp_path / "corrupt_SR_B3.TIF"
     bad.write_bytes(b"II*\x00 this is not a tiff")
     items[-1]["assets"]["green"]["href"] = str(bad)
@@ -182,10 +182,10 @@ def sign_for_test(href: str) -> str:
     return str(SIGNED_DIR / Path(href).name)
 
 
-def test_signing_happens_at_read_time_only(sample_region: Any, tmp_path: Path) -> None:
+def test_signing_happens_at_read_time_only(small_region: Any, tmp_path: Path) -> None:
     global SIGNED_DIR
     SIGNED_DIR = tmp_path / "token-S3CR3T"
-    items = search(sample_region.catalog).item_dicts()[-1:]
+    items = search(small_region.catalog).item_dicts()[-1:]
     SIGNED_DIR.mkdir()
     for asset in items[0]["assets"].values():
         shutil.copy(asset["href"], SIGNED_DIR / Path(asset["href"]).name)
@@ -209,8 +209,8 @@ def test_bad_arguments() -> None:
             icemap.load([{"id": "x"}], on_error="ignore")  # type: ignore[arg-type]
 
 
-def test_pickled_graph_is_small(sample_region: Any) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_pickled_graph_is_small(small_region: Any) -> None:
+    items = search(small_region.catalog).item_dicts()
     ds = icemap.load(items, chunksize=64)
     size = len(pickle.dumps(dict(ds["reflectance"].data.__dask_graph__())))
     n_chunks = ds["reflectance"].data.npartitions

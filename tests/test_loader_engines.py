@@ -60,16 +60,16 @@ def assert_same_cube(a: Any, b: Any) -> None:
     {"mask_flags": ("fill",), "resolution": 60},
     {"crs": "EPSG:32718"},  # the neighbouring UTM zone: every pixel reprojected
 ], ids=["default", "chunks48", "no-mosaic", "fill-only-60m", "reprojected"])
-def test_sample_region_same_cube(sample_region: Any, kwargs: dict[str, Any]) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_sample_region_same_cube(small_region: Any, kwargs: dict[str, Any]) -> None:
+    items = search(small_region.catalog).item_dicts()
     assert_same_cube(*load_both(items, **kwargs))
 
 
 @pytest.mark.stackstac
-def test_item_outside_the_grid_is_left_out_by_both(sample_region: Any) -> None:
+def test_item_outside_the_grid_is_left_out_by_both(small_region: Any) -> None:
     # An item whose raster lies 30 km east of the requested bounds holds no pixel of the grid:
     # stackstac leaves it out on its own, odc-stac through icemap's rule (same time steps).
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     far = json.loads(json.dumps(items[-1]))
     far["id"], far["properties"]["datetime"] = "far-east", "2024-01-01T14:30:00Z"
     far["properties"]["proj:transform"][2] += 30_000.0
@@ -81,8 +81,8 @@ def test_item_outside_the_grid_is_left_out_by_both(sample_region: Any) -> None:
 
 
 @pytest.mark.stackstac
-def test_no_qa_and_unreadable_asset_same_cube(sample_region: Any, tmp_path: Path) -> None:
-    items = search(sample_region.catalog).item_dicts()
+def test_no_qa_and_unreadable_asset_same_cube(small_region: Any, tmp_path: Path) -> None:
+    items = search(small_region.catalog).item_dicts()
     a, b = load_both(items, bands=["green", "swir16"], qa=None)
     assert a.attrs["cloud_masked"] == 0
     assert_same_cube(a, b)
@@ -96,9 +96,9 @@ def test_no_qa_and_unreadable_asset_same_cube(sample_region: Any, tmp_path: Path
 
 @pytest.mark.stackstac
 @pytest.mark.parametrize("which", [-1, 0], ids=["last-item", "first-item"])
-def test_missing_band_same_cube(sample_region: Any, which: int) -> None:
+def test_missing_band_same_cube(small_region: Any, which: int) -> None:
     # odc-stac learns the bands from the first item: one that lacks a band must not hide it.
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     del items[which]["assets"]["swir22"]
     del items[which]["assets"]["qa_radsat"]
     a, b = load_both(items, bands=["green", "swir22"], mosaic=False)
@@ -159,13 +159,13 @@ def test_real_liverpool_crop_without_nodata_tags_same_cube(liverpool: dict[str, 
 
 
 @pytest.mark.stackstac
-def test_cli_ingest_engines_write_the_same_store(sample_region: Any, tmp_path: Path) -> None:
+def test_cli_ingest_engines_write_the_same_store(small_region: Any, tmp_path: Path) -> None:
     from .conftest import icemap_cli
 
     cubes = []
     for engine in ("odc-stac", "stackstac"):
         out = tmp_path / f"{engine}.zarr"
-        done = icemap_cli("ingest", "--catalog", str(sample_region.catalog), "--out", str(out), "--bands", "green,swir16",
+        done = icemap_cli("ingest", "--catalog", str(small_region.catalog), "--out", str(out), "--bands", "green,swir16",
                           "--engine", engine, "--quiet")
         assert done.returncode == 0, done.stderr
         cubes.append(icemap.open_cube(out).compute())
@@ -175,21 +175,21 @@ def test_cli_ingest_engines_write_the_same_store(sample_region: Any, tmp_path: P
     assert a.rio.transform() == b.rio.transform() and list(a["item_ids"].values) == list(b["item_ids"].values)
 
 
-def test_cli_unknown_engine_is_one_line(sample_region: Any, tmp_path: Path) -> None:
+def test_cli_unknown_engine_is_one_line(small_region: Any, tmp_path: Path) -> None:
     from .conftest import icemap_cli
 
-    done = icemap_cli("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "c.zarr"),
+    done = icemap_cli("ingest", "--catalog", str(small_region.catalog), "--out", str(tmp_path / "c.zarr"),
                       "--engine", "gdal")
     assert done.returncode != 0 and "engine must be auto, odc-stac or stackstac" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "c.zarr").exists()
 
 
 # -- odc-stac's own behaviour -----------------------------------------------------------------------
-def test_dns_are_read_as_native_integers(sample_region: Any) -> None:
+def test_dns_are_read_as_native_integers(small_region: Any) -> None:
     from icemap.bands import get_sensor
     from icemap.load import _read_odc, grid_for_items, normalise_items
 
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     sensor = get_sensor("landsat-c2-l2")
     clean, meta = normalise_items(items, sensor, ["green", "swir16"])
     epsg, res, bnds = grid_for_items(meta, resolution=30)
@@ -199,19 +199,19 @@ def test_dns_are_read_as_native_integers(sample_region: Any) -> None:
     assert read.nodata == [0.0, 0.0]
 
 
-def test_stackstac_is_only_imported_for_its_engine(sample_region: Any) -> None:
+def test_stackstac_is_only_imported_for_its_engine(small_region: Any) -> None:
     code = (
         "import sys, icemap; from icemap.stac import search\n"
-        f"ds = icemap.load(search({str(sample_region.catalog)!r}).item_dicts(), bands=['green'])\n"
+        f"ds = icemap.load(search({str(small_region.catalog)!r}).item_dicts(), bands=['green'])\n"
         "ds.compute(); print('stackstac' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_missing_stackstac_names_the_extra(sample_region: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_stackstac_names_the_extra(small_region: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "stackstac", None)  # as if not installed
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     with pytest.raises(MissingExtraError, match=r'pip install "icemap\[stackstac\]"'):
         icemap.load(items, engine="stackstac")
     with pytest.raises(IcemapError, match="engine must be auto, odc-stac or stackstac"):
@@ -239,8 +239,8 @@ class _FlakyFiles(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("fail_first,retries", [(2, "5"), (2, "0")], ids=["retried", "no-retries"])
-def test_transient_http_errors_are_retried(sample_region: Any, fail_first: int, retries: str) -> None:
-    items = search(sample_region.catalog).item_dicts()[-1:]
+def test_transient_http_errors_are_retried(small_region: Any, fail_first: int, retries: str) -> None:
+    items = search(small_region.catalog).item_dicts()[-1:]
     folder = Path(items[0]["assets"]["green"]["href"]).parent
     handler = type("Handler", (_FlakyFiles,), {"fail_first": fail_first, "failed": 0,
                                                "flaky": Path(items[0]["assets"]["green"]["href"]).name})
@@ -251,7 +251,7 @@ def test_transient_http_errors_are_retried(sample_region: Any, fail_first: int, 
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         for asset in items[0]["assets"].values():
             asset["href"] = url + Path(asset["href"]).name
-        expected = icemap.load(search(sample_region.catalog).item_dicts()[-1:], bands=["green"]).compute()
+        expected = icemap.load(search(small_region.catalog).item_dicts()[-1:], bands=["green"]).compute()
         # The user's own GDAL settings win over icemap's retry defaults (a short delay here).
         with rasterio.Env(GDAL_HTTP_RETRY_DELAY="0.05", GDAL_HTTP_MAX_RETRY=retries,
                           GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", CPL_VSIL_CURL_CACHE_SIZE="0"):
@@ -289,12 +289,12 @@ def test_driver_defaults_retry_and_pickles_by_reference() -> None:
 
 
 @pytest.mark.stackstac
-def test_plain_stackstac_stacks_search_items(sample_region: Any) -> None:
+def test_plain_stackstac_stacks_search_items(small_region: Any) -> None:
     """``icemap.search(...).items()`` are pystac Items that plain ``stackstac.stack`` accepts
     (icemap keeps ``proj:epsg`` beside pystac's ``proj:code``, the only key stackstac 0.5 reads)."""
     import stackstac
 
-    items = search(sample_region.catalog).items()
+    items = search(small_region.catalog).items()
     ours = icemap.load(items, bands=["green"])
     stack = stackstac.stack(items, assets=["green"])
     assert stack.sizes["time"] == len(items) and int(stack.attrs["crs"].split(":")[1]) == ours.rio.crs.to_epsg()

@@ -51,10 +51,10 @@ def _store_metadata(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def blob_items(sample_region: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def blob_items(small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """The sample COGs in one 'container' folder, and items pointing at their public URLs."""
     folder = tmp_path_factory.mktemp("blobs")
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     for it in items:
         for asset in it["assets"].values():
             src = Path(asset["href"])
@@ -152,10 +152,10 @@ def test_refused_signature_error_names_the_asset_not_the_token(blob_items: tuple
     assert server.refused >= 1
 
 
-def test_api_key_header_is_sent_but_never_stored(stac_api: StacServer, sample_region: Any, tmp_path: Path) -> None:
+def test_api_key_header_is_sent_but_never_stored(stac_api: StacServer, small_region: Any, tmp_path: Path) -> None:
     key = "KEY-0123456789abcdef"
     with FaultProxy(stac_api.url, ["ok"], max_seconds=120) as proxy:
-        s = search(proxy.url, collections="landsat-c2-l2", bbox=sample_region.bbox, datetime="2020-01-01/..",
+        s = search(proxy.url, collections="landsat-c2-l2", bbox=small_region.bbox, datetime="2020-01-01/..",
                    headers={"X-API-Key": key})
         assert key not in repr(s) and key not in json.dumps(s.parameters())
         icemap.ingest(s, tmp_path / "c.zarr", chunksize=64)
@@ -202,8 +202,8 @@ def test_pickle_disguised_as_safetensors_is_refused_unexecuted(container: str, t
 
 # -- paths and URLs ----------------------------------------------------------------------------------
 @pytest.fixture()
-def items(sample_region: Any) -> list[dict[str, Any]]:
-    return search(sample_region.catalog).item_dicts()
+def items(small_region: Any) -> list[dict[str, Any]]:
+    return search(small_region.catalog).item_dicts()
 
 
 def test_out_on_a_folder_of_other_files_is_refused(items: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -228,11 +228,11 @@ def test_out_on_or_inside_a_file_is_refused(where: str, items: list[dict[str, An
     assert a_file.read_text() == "keep me"
 
 
-def test_cli_refuses_bad_out_and_catalog_scheme(sample_region: Any, tmp_path: Path) -> None:
+def test_cli_refuses_bad_out_and_catalog_scheme(small_region: Any, tmp_path: Path) -> None:
     precious = tmp_path / "my-data"
     precious.mkdir()
     (precious / "keep.txt").write_text("keep")
-    res = _cli("ingest", "--catalog", str(sample_region.catalog), "--out", str(precious), "--quiet")
+    res = _cli("ingest", "--catalog", str(small_region.catalog), "--out", str(precious), "--quiet")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "not a Zarr store" in res.stderr and (precious / "keep.txt").exists()
 
@@ -247,8 +247,8 @@ def test_unsupported_catalog_schemes(catalog: str) -> None:
         search(catalog)
 
 
-def test_file_url_catalog_is_a_local_path(sample_region: Any) -> None:
-    assert search(Path(sample_region.catalog).as_uri()).item_dicts() == search(sample_region.catalog).item_dicts()
+def test_file_url_catalog_is_a_local_path(small_region: Any) -> None:
+    assert search(Path(small_region.catalog).as_uri()).item_dicts() == search(small_region.catalog).item_dicts()
 
 
 def test_scheduler_strings_are_validated() -> None:
@@ -264,7 +264,7 @@ PASSWORD = "PASSW0RD-userinfo-4e1"
 QUERY_TOKEN = "QUERY-token-2b7d"
 
 
-def test_secrets_planted_in_every_command_never_come_out(stac_api: StacServer, sample_region: Any,
+def test_secrets_planted_in_every_command_never_come_out(stac_api: StacServer, small_region: Any,
                                                          tmp_path: Path) -> None:
     """Keys in the catalog URL, signer output and signer errors: grep stdout, stderr, stores, report, COGs."""
     import rasterio
@@ -276,22 +276,22 @@ def test_secrets_planted_in_every_command_never_come_out(stac_api: StacServer, s
     dead = f"http://alice:{PASSWORD}@127.0.0.1:9/stac?token={QUERY_TOKEN}&api_key={QUERY_TOKEN}"
     file_items = tmp_path / "items.ndjson"
     with open(file_items, "w") as f:
-        for it in search(sample_region.catalog).item_dicts():
+        for it in search(small_region.catalog).item_dicts():
             for asset in it["assets"].values():
                 asset["href"] = Path(asset["href"]).resolve().as_uri()  # file:// links
             f.write(json.dumps(it) + "\n")
     cube, prod = tmp_path / "cube.zarr", tmp_path / "ice.zarr"
     runs = [
-        _cli("search", "-c", keyed, "--bbox", *map(str, sample_region.bbox), "--collection", "landsat-c2-l2"),
+        _cli("search", "-c", keyed, "--bbox", *map(str, small_region.bbox), "--collection", "landsat-c2-l2"),
         _cli("search", "-c", dead, "--retries", "0"),
-        _cli("ingest", "-c", keyed, "--bbox", *map(str, sample_region.bbox), "--collection", "landsat-c2-l2",
+        _cli("ingest", "-c", keyed, "--bbox", *map(str, small_region.bbox), "--collection", "landsat-c2-l2",
              "--datetime", "2020-01-01/..", "-o", str(cube), "--chunksize", "64", "--quiet"),
         _cli("ingest", "-c", str(file_items), "-o", str(tmp_path / "s1.zarr"), "--signer",
              "tests.faultproxy:leaky_signer", "--quiet"),
         _cli("ingest", "-c", str(file_items), "-o", str(tmp_path / "s2.zarr"), "--signer",
              "tests.faultproxy:appending_signer", "--quiet"),
         _cli("map", "--cube", str(cube), "-o", str(prod), "--geotiff", str(tmp_path / "tif"), "--quiet"),
-        _cli("report", "--cube", str(cube), "--pred", str(prod), "--reference", str(sample_region.outlines),
+        _cli("report", "--cube", str(cube), "--pred", str(prod), "--reference", str(small_region.outlines),
              "-o", str(tmp_path / "report.html")),
         _cli("status", str(cube)),
     ]
@@ -330,10 +330,10 @@ def test_redact_removes_every_kind_of_secret() -> None:
 
 
 @pytest.fixture(scope="module")
-def crafted_catalog(tmp_path_factory: pytest.TempPathFactory, sample_region: Any) -> Path:
+def crafted_catalog(tmp_path_factory: pytest.TempPathFactory, small_region: Any) -> Path:
     """Items whose ids and properties carry rich markup and terminal escapes (OSC 8 hyperlinks)."""
     folder = tmp_path_factory.mktemp("crafted")
-    items = search(sample_region.catalog).item_dicts()
+    items = search(small_region.catalog).item_dicts()
     items[0]["id"] = "[link=https://evil.example]click[/link]\x1b]8;;https://evil.example\x1b\\x\x1b]8;;\x1b\\"
     items[0]["properties"]["platform"] = "[bold red]landsat-8[/] [/unbalanced]"
     items[1]["properties"]["eo:cloud_cover"] = "[red]"

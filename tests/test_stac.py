@@ -86,16 +86,16 @@ def test_earth_search_response_collection_filter() -> None:
 
 
 # -- static catalog ----------------------------------------------------------------------------
-def test_static_catalog_walk(sample_region: Any) -> None:
-    items = search(sample_region.catalog, collections=sample_region.collection).item_dicts()
-    assert [i["id"] for i in items] == list(sample_region.item_ids)
+def test_static_catalog_walk(small_region: Any) -> None:
+    items = search(small_region.catalog, collections=small_region.collection).item_dicts()
+    assert [i["id"] for i in items] == list(small_region.item_ids)
     for it in items:
         for asset in it["assets"].values():
             assert not asset["href"].startswith("./")
             assert __import__("os").path.exists(asset["href"]), asset["href"]
-    assert search(sample_region.catalog, bbox=[10, 10, 11, 11]).item_dicts() == []
-    first_day = sample_region.datetimes[0][:10]
-    same_day = search(sample_region.catalog, datetime=first_day).item_dicts()
+    assert search(small_region.catalog, bbox=[10, 10, 11, 11]).item_dicts() == []
+    first_day = small_region.datetimes[0][:10]
+    same_day = search(small_region.catalog, datetime=first_day).item_dicts()
     assert len(same_day) == 2  # the first date comes as two scenes of one path
 
 
@@ -119,9 +119,9 @@ def test_api_filters_match_local_filtering(stac_api: StacServer) -> None:
     assert from_api == expected and expected
 
 
-def test_api_bbox_and_max_items(stac_api: StacServer, sample_region: Any) -> None:
+def test_api_bbox_and_max_items(stac_api: StacServer, small_region: Any) -> None:
     assert search(stac_api.url, bbox=[10, 10, 11, 11]).item_dicts() == []
-    inside = search(stac_api.url, bbox=sample_region.bbox, max_items=3).item_dicts()
+    inside = search(stac_api.url, bbox=small_region.bbox, max_items=3).item_dicts()
     assert len(inside) == 3
 
 
@@ -317,34 +317,34 @@ def _polygon(w: float, s: float, e: float, n: float) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
 
 
-def test_intersects_geometry_api_and_static_catalog(stac_api: StacServer, sample_region: Any, tmp_path: Any) -> None:
+def test_intersects_geometry_api_and_static_catalog(stac_api: StacServer, small_region: Any, tmp_path: Any) -> None:
     from shapely.geometry import shape
 
-    w, s, e, n = sample_region.bbox
+    w, s, e, n = small_region.bbox
     # A triangle in the south-west corner: the north scene of the split first date misses it.
     tri = {"type": "Polygon", "coordinates": [[[w, s], [w + (e - w) * 0.3, s], [w, s + (n - s) * 0.3], [w, s]]]}
-    for source in (stac_api.url, sample_region.catalog):
+    for source in (stac_api.url, small_region.catalog):
         everything = {i["id"] for i in search(source).item_dicts()}
         hits = search(source, intersects=tri).item_dicts()
         ids = {i["id"] for i in hits}
         assert ids and ids < everything
         assert all(shape(i["geometry"]).intersects(shape(tri)) for i in hits)
         assert search(source, intersects=shape(_polygon(10, 10, 11, 11))).item_dicts() == []
-    region_ids = {i["id"] for i in search(sample_region.catalog, intersects=tri).item_dicts()}
+    region_ids = {i["id"] for i in search(small_region.catalog, intersects=tri).item_dicts()}
     api_ids = {i["id"] for i in search(stac_api.url, intersects=tri, collections="landsat-c2-l2").item_dicts()}
     assert region_ids <= api_ids  # the API also holds copies of the last scene on other dates
-    s1 = search(sample_region.catalog, intersects={"type": "Feature", "geometry": tri, "properties": {}})
+    s1 = search(small_region.catalog, intersects={"type": "Feature", "geometry": tri, "properties": {}})
     assert s1.extent == shape(tri).bounds and s1.parameters()["intersects"]["type"] == "Polygon"
     with pytest.raises(SearchError, match="bbox or intersects, not both"):
-        search(stac_api.url, bbox=sample_region.bbox, intersects=tri)
+        search(stac_api.url, bbox=small_region.bbox, intersects=tri)
     with pytest.raises(SearchError, match="outside lon"):
         search(stac_api.url, intersects=_polygon(400_000, 6_000_000, 410_000, 6_010_000))
     path = tmp_path / "area.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": tri,
                                                                            "properties": {}}]}))
-    out = icemap_cli("search", "--catalog", str(sample_region.catalog), "--intersects", str(path), "--json")
+    out = icemap_cli("search", "--catalog", str(small_region.catalog), "--intersects", str(path), "--json")
     assert out.returncode == 0, out.stderr
     assert {f["id"] for f in json.loads(out.stdout)["features"]} == region_ids
-    bad = icemap_cli("search", "--catalog", str(sample_region.catalog), "--intersects",
+    bad = icemap_cli("search", "--catalog", str(small_region.catalog), "--intersects",
                      str(tmp_path / "missing.geojson"))
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

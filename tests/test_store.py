@@ -29,14 +29,16 @@ def _assert_same_cube(a: Any, b: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(sample_cube: Path) -> Any:
-    """An uninterrupted ingest of the sample region (the session's), to compare everything else with."""
-    return icemap.open_cube(sample_cube).compute()
+def reference(small_region: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An uninterrupted ingest of the small region (64 px chunks, every band), to compare everything else with."""
+    path = tmp_path_factory.mktemp("store-reference") / "cube.zarr"
+    icemap.ingest(_items(small_region), path, chunksize=64)
+    return icemap.open_cube(path).compute()
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
-def test_round_trip_equals_loaded_cube(sample_region: Any, tmp_path: Path, zarr_format: int) -> None:
-    items = _items(sample_region)
+def test_round_trip_equals_loaded_cube(small_region: Any, tmp_path: Path, zarr_format: int) -> None:
+    items = _items(small_region)
     loaded = icemap.load(items, chunksize=64)
     report = icemap.write_cube(loaded, tmp_path / "c.zarr", zarr_format=zarr_format)
     assert report.created and len(report.written) == loaded.sizes["time"]
@@ -55,11 +57,11 @@ def test_round_trip_equals_loaded_cube(sample_region: Any, tmp_path: Path, zarr_
     assert cube["reflectance"].data.chunksize == (1, 1, 64, 64)
 
 
-def test_rerun_skips_complete_steps(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_rerun_skips_complete_steps(small_region: Any, tmp_path: Path, reference: Any) -> None:
     path = tmp_path / "c.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
+    icemap.ingest(_items(small_region), path, chunksize=64)
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and "reflectance" in p.parts}
-    report = icemap.ingest(_items(sample_region), path, chunksize=64)
+    report = icemap.ingest(_items(small_region), path, chunksize=64)
     assert report.written == [] and len(report.skipped) == reference.sizes["time"]
     after = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file() and "reflectance" in p.parts}
     assert before == after
@@ -69,7 +71,7 @@ class Boom(Exception):
     pass
 
 
-def test_interrupted_run_reads_back_right_and_resumes(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_interrupted_run_reads_back_right_and_resumes(small_region: Any, tmp_path: Path, reference: Any) -> None:
     path = tmp_path / "c.zarr"
 
     def stop_after_first(done: int, total: int, label: str) -> None:
@@ -77,7 +79,7 @@ def test_interrupted_run_reads_back_right_and_resumes(sample_region: Any, tmp_pa
             raise Boom()
 
     with pytest.raises(Boom):
-        icemap.ingest(_items(sample_region), path, chunksize=64, progress=stop_after_first)
+        icemap.ingest(_items(small_region), path, chunksize=64, progress=stop_after_first)
     with pytest.warns(StoreWarning, match="2 time step"):
         partial = icemap.open_cube(path)
     assert partial.sizes["time"] == 1
@@ -85,14 +87,14 @@ def test_interrupted_run_reads_back_right_and_resumes(sample_region: Any, tmp_pa
     status = icemap.cube_status(path)
     assert status.complete == (True, False, False)
 
-    report = icemap.ingest(_items(sample_region), path, chunksize=64)
+    report = icemap.ingest(_items(small_region), path, chunksize=64)
     assert len(report.written) == 2 and len(report.skipped) == 1
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
 @pytest.mark.parametrize("wave", [1, 3])
 def test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order(
-        sample_region: Any, tmp_path: Path, reference: Any, wave: int) -> None:
+        small_region: Any, tmp_path: Path, reference: Any, wave: int) -> None:
     """Bounded waves (one chunk, or slabs that straddle two steps) change nothing but memory:
     same values, and each step is flagged, in order, only after all of its slabs."""
     from icemap.store import _waves
@@ -107,7 +109,7 @@ def test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order(
         seen.append((done, tuple(bool(f) for f in flags)))
 
     with icemap.set_options(write_wave=wave):
-        report = icemap.ingest(_items(sample_region), path, chunksize=64, progress=record)
+        report = icemap.ingest(_items(small_region), path, chunksize=64, progress=record)
     n = reference.sizes["time"]
     assert len(report.written) == n
     assert seen == [(k, tuple(i < k for i in range(n))) for k in range(1, n + 1)]
@@ -143,10 +145,10 @@ def _info(caplog: pytest.LogCaptureFixture) -> list[Any]:
     return [r for r in caplog.records if r.name == "icemap.store" and r.levelname == "INFO"]
 
 
-def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_half_written_step_is_redone(small_region: Any, tmp_path: Path, reference: Any) -> None:
     """A crash in the middle of a step: some chunks written, some garbage, flag not set."""
     path = tmp_path / "c.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
+    icemap.ingest(_items(small_region), path, chunksize=64)
     group = zarr.open_group(str(path), mode="r+")
     group["complete"][1] = 0
     refl = group["reflectance"]
@@ -154,20 +156,20 @@ def test_half_written_step_is_redone(sample_region: Any, tmp_path: Path, referen
     with pytest.warns(StoreWarning):
         shown = icemap.open_cube(path)
     assert 42.0 not in shown["reflectance"].values
-    icemap.ingest(_items(sample_region), path, chunksize=64)
+    icemap.ingest(_items(small_region), path, chunksize=64)
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
-def test_unfinished_store_of_icemap_is_started_again(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_unfinished_store_of_icemap_is_started_again(small_region: Any, tmp_path: Path, reference: Any) -> None:
     path = tmp_path / "c.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
+    icemap.ingest(_items(small_region), path, chunksize=64)
     group = zarr.open_group(str(path), mode="r+")
     del group.attrs["icemap:layout"]  # as if killed while writing the template
     assert "icemap:store" in group.attrs  # the marker, written first
     with pytest.raises(StoreError, match="not a finished"):
         icemap.open_cube(path)
     with pytest.warns(StoreWarning, match="starting it again"):
-        icemap.ingest(_items(sample_region), path, chunksize=64)
+        icemap.ingest(_items(small_region), path, chunksize=64)
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
@@ -175,19 +177,19 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_unfinished_store_with_a_user_file_is_left_alone(sample_region: Any, tmp_path: Path) -> None:
+def test_unfinished_store_with_a_user_file_is_left_alone(small_region: Any, tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    icemap.ingest(_items(sample_region), path, chunksize=64)
+    icemap.ingest(_items(small_region), path, chunksize=64)
     group = zarr.open_group(str(path), mode="r+")
     del group.attrs["icemap:layout"]
     (path / "notes.txt").write_text("mine")
     before = _tree(path)
     with pytest.raises(StoreError, match="notes.txt"):
-        icemap.ingest(_items(sample_region), path, chunksize=64)
+        icemap.ingest(_items(small_region), path, chunksize=64)
     assert _tree(path) == before
 
 
-def test_foreign_zarr_store_is_never_touched(sample_region: Any, tmp_path: Path) -> None:
+def test_foreign_zarr_store_is_never_touched(small_region: Any, tmp_path: Path) -> None:
     """A Zarr store icemap did not write (no marker) is refused, byte for byte unchanged."""
     import xarray as xr
 
@@ -195,14 +197,14 @@ def test_foreign_zarr_store_is_never_touched(sample_region: Any, tmp_path: Path)
     xr.Dataset({"a": (("t", "y"), np.arange(6.0).reshape(2, 3))}).to_zarr(path, consolidated=False)
     before = _tree(path)
     with pytest.raises(StoreError, match="did not create"):
-        icemap.ingest(_items(sample_region), path, chunksize=64)
+        icemap.ingest(_items(small_region), path, chunksize=64)
     assert _tree(path) == before
 
 
-def test_append_new_dates(sample_region: Any, tmp_path: Path, reference: Any) -> None:
-    items = _items(sample_region)
+def test_append_new_dates(small_region: Any, tmp_path: Path, reference: Any) -> None:
+    items = _items(small_region)
     path = tmp_path / "c.zarr"
-    last_day = sample_region.datetimes[-1][:10]
+    last_day = small_region.datetimes[-1][:10]
     early = [i for i in items if not i["properties"]["datetime"].startswith(last_day)]
     icemap.ingest(early, path, chunksize=64)
     assert icemap.open_cube(path).sizes["time"] == reference.sizes["time"] - 1
@@ -211,8 +213,8 @@ def test_append_new_dates(sample_region: Any, tmp_path: Path, reference: Any) ->
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
 
 
-def test_other_grid_is_refused(sample_region: Any, tmp_path: Path) -> None:
-    items = _items(sample_region)
+def test_other_grid_is_refused(small_region: Any, tmp_path: Path) -> None:
+    items = _items(small_region)
     path = tmp_path / "c.zarr"
     icemap.ingest(items, path, chunksize=64)
     with pytest.raises(StoreError, match="bands"):
@@ -227,7 +229,7 @@ def test_open_missing_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
-def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_local_cluster_ingest_equals_threaded(small_region: Any, tmp_path: Path, reference: Any) -> None:
     from distributed import Client
 
     from icemap.cluster import local_cluster
@@ -235,16 +237,16 @@ def test_local_cluster_ingest_equals_threaded(sample_region: Any, tmp_path: Path
     # In-process workers: distributed's scheduling of the ingest is what is compared here; worker
     # processes writing the same store (one of them killed) are tests/test_faults.py's.
     with local_cluster(n_workers=2, threads_per_worker=1, processes=False) as cluster, Client(cluster):
-        icemap.ingest(_items(sample_region), tmp_path / "c.zarr", chunksize=64)
+        icemap.ingest(_items(small_region), tmp_path / "c.zarr", chunksize=64)
     _assert_same_cube(icemap.open_cube(tmp_path / "c.zarr").compute(), reference)
 
 
 _icemap = icemap_cli
 
 
-def test_cli_ingest_from_api_resumes(stac_api: StacServer, sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_cli_ingest_from_api_resumes(stac_api: StacServer, small_region: Any, tmp_path: Path, reference: Any) -> None:
     out = tmp_path / "api.zarr"
-    w, s, e, n = sample_region.bbox
+    w, s, e, n = small_region.bbox
     args = ["ingest", "--catalog", stac_api.url, "--collection", "landsat-c2-l2",
             "--bbox", str(w), str(s), str(e), str(n), "--datetime", "2020-01-01/..",
             "--out", str(out), "--chunksize", "64", "--quiet"]
@@ -266,16 +268,16 @@ def test_cli_ingest_from_api_resumes(stac_api: StacServer, sample_region: Any, t
         (["--datetime", "1990-01-01/1990-12-31"], "matched no items"),
     ],
 )
-def test_cli_ingest_bad_input(sample_region: Any, tmp_path: Path, extra: list[str], message: str) -> None:
-    res = _icemap("ingest", "--catalog", str(sample_region.catalog), "--out", str(tmp_path / "x.zarr"), "--quiet", *extra)
+def test_cli_ingest_bad_input(small_region: Any, tmp_path: Path, extra: list[str], message: str) -> None:
+    res = _icemap("ingest", "--catalog", str(small_region.catalog), "--out", str(tmp_path / "x.zarr"), "--quiet", *extra)
     assert res.returncode == 1
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_cli_unreadable_asset_exit_code(sample_region: Any, tmp_path: Path) -> None:
+def test_cli_unreadable_asset_exit_code(small_region: Any, tmp_path: Path) -> None:
     region = tmp_path / "region"
-    shutil.copytree(sample_region.root, region)
+    shutil.copytree(small_region.root, region)
     victim = next(region.rglob("*_SR_B3.TIF"))
     victim.write_bytes(b"not a tiff at all")
     res = _icemap("ingest", "--catalog", str(region / "catalog.json"), "--out", str(tmp_path / "x.zarr"), "--quiet")
@@ -286,11 +288,11 @@ def test_cli_unreadable_asset_exit_code(sample_region: Any, tmp_path: Path) -> N
     assert ok.returncode == 0, ok.stderr
 
 
-def test_interrupted_append_is_repaired(sample_region: Any, tmp_path: Path, reference: Any) -> None:
+def test_interrupted_append_is_repaired(small_region: Any, tmp_path: Path, reference: Any) -> None:
     """A crash between the resizes of an append leaves arrays of different lengths."""
-    items = _items(sample_region)
+    items = _items(small_region)
     path = tmp_path / "c.zarr"
-    last_day = sample_region.datetimes[-1][:10]
+    last_day = small_region.datetimes[-1][:10]
     icemap.ingest([i for i in items if not i["properties"]["datetime"].startswith(last_day)], path, chunksize=64)
     group = zarr.open_group(str(path), mode="r+")
     refl = group["reflectance"]

@@ -39,7 +39,6 @@ import rioxarray  # noqa: F401
 import xarray as xr
 from pyproj import CRS
 from scipy.ndimage import gaussian_filter1d
-from scipy.signal import find_peaks
 
 from icemap.errors import GridMismatchError, MetricsError, NoValidPixelsError
 from icemap.interop import restore_mask
@@ -983,6 +982,10 @@ def unsupervised_threshold(
         return float(left[k]), curve
     sm = _smooth(counts, max(smooth / width, 1e-9))
     curve["smoothed"] = sm
+    # scipy.signal costs about 1 s at import (it loads scipy.stats): every `icemap` command
+    # would pay it for this one method of this one function.
+    from scipy.signal import find_peaks
+
     peaks, props = find_peaks(np.concatenate([[0.0], sm, [0.0]]), prominence=min_prominence * sm.max())
     peaks = peaks - 1
     if peaks.size < 2:
