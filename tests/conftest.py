@@ -237,7 +237,7 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
 }
 #: Marks that make a test slow wherever it is: it starts a real icemap process or an engine.
 SLOW_MARKERS = ("process", "engines")
-#: Single tests (all parametrizations together) over ~3 s of a parallel run on this 2-core
+#: Single tests (all parametrizations together) over ~2.3 s of a parallel run on this 2-core
 #: machine (module::function): out of the fast core, so that ``-m "not slow"`` stays near 2 min.
 SLOW_TESTS = frozenset({
     "test_cli_products::test_map_writes_ndsi_and_ice_on_the_cube_grid",
@@ -246,7 +246,9 @@ SLOW_TESTS = frozenset({
     "test_composite::test_equals_independent_numpy_on_the_sample_region",
     "test_composite::test_map_unet_runs_on_a_composite",
     "test_composite::test_resume_after_interruption",
+    "test_data::test_dataset_reads_one_window_lazily",
     "test_data::test_grid_chips_cover_every_labelled_pixel",
+    "test_data::test_location_split_holds_out_places_of_one_large_glacier",
     "test_data::test_scan_counts_valid_pixels",
     "test_data::test_split_seed_changes_the_split_and_more_iterations_never_worsen",
     "test_deploy::test_gateway_commands_exist",
@@ -258,6 +260,7 @@ SLOW_TESTS = frozenset({
     "test_infer::test_halo_sizes",
     "test_infer::test_output_grid_and_values",
     "test_infer::test_study_scorer_runs_the_shipped_predictor",
+    "test_infer::test_tta_and_mc_dropout",
     "test_interop::test_consolidated_metadata_follows_appends_and_resumes",
     "test_interop::test_opened_stores_go_to_netcdf_and_back",
     "test_interop::test_plain_xarray_opens_every_store_with_its_crs",
@@ -273,7 +276,9 @@ SLOW_TESTS = frozenset({
     "test_model::test_inputs_from_cube",
     "test_plausibility::test_cli_ingest_and_map_files",
     "test_products::test_accessor_delegates_to_the_api",
+    "test_products::test_export_geotiffs_cogs_equal_product",
     "test_readme::test_public_functions_win_over_same_named_submodules",
+    "test_real_pixels::test_unet_on_real_pixels",
     "test_report::test_figures_from_the_cli_and_api",
     "test_report::test_report_is_self_contained_and_escaped",
     "test_report::test_report_renders_in_chromium",
@@ -297,6 +302,7 @@ SLOW_TESTS = frozenset({
     "test_store_safety::test_foreign_outputs_are_refused_and_untouched",
     "test_store_safety::test_relative_paths_are_made_absolute",
     "test_store_safety::test_rerun_with_other_settings_is_refused_naming_them",
+    "test_store_safety::test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over",
     "test_store_safety::test_sigterm_during_map_and_composite",
 })
 #: Module fixtures that start worker processes (tests/test_cluster.py, tests/test_security.py).
@@ -305,11 +311,13 @@ PROCESS_CLUSTER_FIXTURES = {"client", "cluster_client"}
 #: Modules started first (longest first) so that no long module is left running alone at the
 #: end of a parallel run (pytest-xdist, ``--dist loadfile``: each module runs on one worker, so
 #: its module fixtures are built once, the engines never run twice side by side and the demo
-#: runs once). Measured serially; every other module keeps pytest's order after these.
+#: runs once). Measured in a parallel run (module totals, longest first); every other module keeps
+#: pytest's order after these.
 FIRST: tuple[str, ...] = (
-    "test_engines", "test_faults", "test_security", "test_store", "test_train", "test_cli_products",
-    "test_fuzz", "test_benchmarks", "test_demo", "test_infer", "test_report", "test_grids", "test_composite",
-    "test_onnx", "test_store_state", "test_notebook",
+    "test_engines", "test_infer", "test_faults", "test_store_safety", "test_fuzz", "test_benchmarks",
+    "test_composite", "test_store", "test_onnx", "test_train", "test_security", "test_demo", "test_notebook",
+    "test_interop", "test_data", "test_metrics", "test_report", "test_cli_products", "test_loader_engines",
+    "test_products", "test_extras", "test_cluster", "test_guards", "test_default_model",
 )
 
 

@@ -105,10 +105,18 @@ def _date_keys(region: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster_client() -> Iterator[Any]:
-    """2 worker processes under nannies (which restart killed workers), 2 threads each."""
+    """2 worker processes under nannies (which restart killed workers), 2 threads each.
+
+    ``lost-worker-timeout`` is long here: when a worker leaves, the cluster object schedules a
+    check for 15 s later that closes the worker's nanny if no worker of that name is registered
+    then. A check left from one test's kill fired during the next test's restart (the two
+    kills less than 15 s apart) and closed a nanny that was restarting its worker.
+    """
+    import dask
     from distributed import Client
 
-    with local_cluster(n_workers=2, threads_per_worker=2, processes=True) as cluster, \
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "10 minutes"}), \
+            local_cluster(n_workers=2, threads_per_worker=2, processes=True) as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
 
