@@ -33,25 +33,31 @@ require_module("matplotlib", "report")
 
 
 @pytest.fixture(scope="module")
-def run(sample_region: Any, sample_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A cube, its NDSI product, and outlines whose ids need escaping, reported through the CLI."""
+def inputs(sample_region: Any, sample_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A cube, its NDSI product, and outlines whose ids need escaping: what a report reads."""
     from icemap.workflow import map_cube
 
     folder = tmp_path_factory.mktemp("report")
-    cube = sample_cube
-    map_cube(cube, folder / "ice.zarr")
+    map_cube(sample_cube, folder / "ice.zarr")
     outlines = gpd.read_file(sample_region.outlines, layer="glaciers")
     # RGI-style ids, one with characters that must be escaped in HTML.
     outlines["RGIId"] = [f"RGI60-17.{i:05d}" for i in range(1, len(outlines) + 1)]
     outlines.loc[0, "RGIId"] = "RGI60-17.<b>&1</b>"
     ref = folder / "rgi.gpkg"
     outlines.drop(columns=["glacier_id"]).to_file(ref, layer="glaciers")
+    return {"cube": sample_cube, "pred": folder / "ice.zarr", "reference": ref, "ids": list(outlines["RGIId"]),
+            "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def run(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` reported through the CLI (the report page and its series)."""
+    folder = inputs["folder"]
     out = folder / "report.html"
-    res = icemap_cli("report", "--cube", str(cube), "--pred", str(folder / "ice.zarr"), "--reference", str(ref),
-                  "--out", str(out), "--series-out", str(folder / "series.parquet"))
+    res = icemap_cli("report", "--cube", str(inputs["cube"]), "--pred", str(inputs["pred"]), "--reference",
+                     str(inputs["reference"]), "--out", str(out), "--series-out", str(folder / "series.parquet"))
     assert res.returncode == 0, res.stderr
-    return {"cube": cube, "pred": folder / "ice.zarr", "reference": ref, "html": out, "ids": list(outlines["RGIId"]),
-            "folder": folder, "series": folder / "series.parquet"}
+    return {**inputs, "html": out, "series": folder / "series.parquet"}
 
 
 def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
@@ -83,11 +89,11 @@ def test_report_is_self_contained_and_escaped(run: dict[str, Any]) -> None:
     assert "area_uncertainty_sum_km2" in text and "area_uncertainty_rss_km2" in text
 
 
-def test_report_refuses_bad_output_before_computing(run: dict[str, Any], tmp_path: Path) -> None:
+def test_report_refuses_bad_output_before_computing(inputs: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(IcemapError, match="HTML page"):
-        icemap.report(run["cube"], run["pred"], run["reference"], tmp_path / "report.pdf")
-    res = icemap_cli("report", "--cube", str(run["cube"]), "--pred", str(tmp_path / "none.zarr"),
-                  "--reference", str(run["reference"]), "--out", str(tmp_path / "r.html"))
+        icemap.report(inputs["cube"], inputs["pred"], inputs["reference"], tmp_path / "report.pdf")
+    res = icemap_cli("report", "--cube", str(inputs["cube"]), "--pred", str(tmp_path / "none.zarr"),
+                     "--reference", str(inputs["reference"]), "--out", str(tmp_path / "r.html"))
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
