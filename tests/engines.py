@@ -52,12 +52,12 @@ T = TypeVar("T")
 DAEMON_START_S = 30.0
 STOP_S = 10.0
 
-# slurmctld and slurmd use fixed ports (one SLURM cluster per machine at a time).
 # `sbatch --wait` polls the controller after 2 s, then 8 s, then every 32 s, unless the poll
 # interval has reached half of MinJobAge (SLURM's sbatch.c, _job_wait): with SLURM's default
 # of 300 s a 15 s job is seen to end after 42 s. 4 s keeps the poll at 2 s and a finished job's
 # record for at least two polls; it is the test node's setting, not a site's.
 MIN_JOB_AGE_S = 4
+# slurmctld and slurmd use fixed ports (one SLURM cluster per machine at a time).
 SLURMCTLD_PORT = 6817
 SLURMD_PORT = 6818
 
