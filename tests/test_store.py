@@ -302,3 +302,50 @@ def test_interrupted_append_is_repaired(small_region: Any, tmp_path: Path, refer
     with pytest.warns(StoreWarning, match="repaired an interrupted append"):
         icemap.ingest(items, path, chunksize=64)
     _assert_same_cube(icemap.open_cube(path).compute(), reference)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_layout_from_placeholders_is_the_layout_of_the_data(small_region: Any, tmp_path: Path,
+                                                           zarr_format: int) -> None:
+    """The store's layout is written from empty stand-ins of the lazy variables (no graph of
+    reads and kernels built and thrown away); every metadata and coordinate file is byte for
+    byte what xarray writes from the real cube and product."""
+    from icemap.store import _encoding, _layout_template, _prepare
+    from icemap.workflow import map_ndsi
+
+    cube = icemap.load(_items(small_region), chunksize=64)
+    product = map_ndsi(cube)
+    for name, ds in (("cube", cube), ("product", product)):
+        prepared, (cy, cx) = _prepare(ds, None)
+        enc = _encoding(prepared, cy, cx, zarr_format)
+        trees = []
+        for kind, template in (("real", prepared), ("placeholders", _layout_template(prepared))):
+            out = tmp_path / f"{name}-{kind}.zarr"
+            template.to_zarr(out, compute=False, encoding=enc, zarr_format=zarr_format, consolidated=False)
+            trees.append(_tree(out))
+        assert trees[0] == trees[1], name
+        assert any("reflectance" in k or "ice" in k for k in trees[0])
+
+
+def test_a_job_opens_each_store_once(small_region: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ingest opens the cube it wrote once (plausibility check and STAC Item); map opens the
+    cube once and its product once (extras and STAC Item): opens are a job's fixed cost."""
+    import icemap.store
+
+    opened: list[str] = []
+    real = icemap.store._open_raw
+
+    def counting(path: str, storage_options: Any) -> Any:
+        opened.append(Path(path).name)
+        return real(path, storage_options)
+
+    monkeypatch.setattr(icemap.store, "_open_raw", counting)
+    icemap.ingest(_items(small_region), tmp_path / "cube.zarr", chunksize=64)
+    assert opened == ["cube.zarr"]
+    opened.clear()
+    icemap.map_cube(tmp_path / "cube.zarr", tmp_path / "ice.zarr", outlines_path=tmp_path / "ice.gpkg")
+    assert sorted(opened) == ["cube.zarr", "ice.zarr"]

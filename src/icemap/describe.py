@@ -30,6 +30,7 @@ import geopandas as gpd
 import numpy as np
 import pystac
 import rasterio
+import xarray as xr
 import zarr
 from rasterio.warp import transform_bounds
 
@@ -181,6 +182,7 @@ def describe_store(
     lineage: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     write: bool = True,
+    dataset: xr.Dataset | None = None,
 ) -> dict[str, Any]:
     """The STAC Item of a Zarr store (cube, product or composite), written beside it.
 
@@ -195,6 +197,9 @@ def describe_store(
         How it was made, in words (``processing:lineage``); default from the store's attributes.
     write
         Write the Item to :func:`item_path` (the default); else only return it.
+    dataset
+        The store as :func:`~icemap.store.open_cube` opened it, when the caller has it open
+        already (a job describing what it just wrote): one open per store and job.
 
     Returns
     -------
@@ -202,7 +207,7 @@ def describe_store(
         The Item, as JSON-ready data.
     """
     path = os.fspath(path).rstrip("/")
-    ds = open_cube(path, storage_options=storage_options)
+    ds = dataset if dataset is not None else open_cube(path, storage_options=storage_options)
     crs = ds.rio.crs
     bounds = ds.rio.bounds()
     bbox, geometry = _footprint(bounds, crs)

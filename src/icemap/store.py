@@ -466,6 +466,23 @@ def _store_block(block: np.ndarray, target: Any, index: int, block_info: Any = N
     return np.ones((1,) * block.ndim, np.uint8)
 
 
+def _layout_template(ds: Any) -> Any:
+    """``ds`` with each dask variable replaced by an empty array of the same shape, chunks and dtype.
+
+    xarray writes the store's layout from it (arrays, coordinates, CF encodings, attributes),
+    so the layout stays xarray's own. What ``to_zarr(compute=False)`` would otherwise do with
+    the real variables is build, merge and optimise their whole graph (every read and kernel
+    task) into a write it returns and icemap discards: the pixels go in by
+    :func:`_step_writes`. Placeholders make that a few tasks per chunk, nothing upstream.
+    """
+    def empty(var: Any) -> Any:
+        return var.copy(data=da.empty(var.shape, dtype=var.dtype, chunks=var.chunks))
+
+    lazy_coords = {name: empty(var) for name, var in ds.coords.items() if var.chunks is not None}
+    return ds.assign_coords(lazy_coords).assign(
+        {name: empty(var) for name, var in ds.data_vars.items() if var.chunks is not None})
+
+
 def _step_writes(ds: Any, group: Any, i: int, index: int) -> list[Any]:
     """Tasks that put time step ``i`` of ``ds`` at ``index`` of the store, one per chunk.
 
@@ -809,7 +826,7 @@ def _write_locked(ds: Any, path: str, report: WriteReport, new_times: list[str],
     if not exists:
         _create_marked_group(path, zarr_format, storage_options)
         enc = _encoding(ds, cy, cx, zarr_format)
-        tmpl = ds.copy()
+        tmpl = _layout_template(ds)
         tmpl.attrs = {**decode_attrs(ds.attrs), **dict(attrs or {}), "icemap:chunks": [cy, cx],
                       MARKER_ATTR: _group_attrs(path, storage_options)[MARKER_ATTR]}
         if settings is not None:
@@ -1006,10 +1023,14 @@ def open_cube(
             )
             ds = ds.isel(time=np.flatnonzero(done))
     # Small per-time-step labels are read now: lazy copies only confuse chunk bookkeeping.
-    ds = ds.assign_coords({c: ds[c].load() for c in ("item_ids", "platform") if c in ds.coords})
-    ds = ds.sortby("time")
+    labels = [c for c in ("item_ids", "platform") if c in ds.coords]
+    ds = ds.assign_coords(dict(zip(labels, dask.compute(*[ds[c] for c in labels]))))  # one compute
+    # Stores are written in time order, so this rarely reorders; sortby would still put an
+    # index-array getitem over every chunk of every variable (one more task per chunk).
+    if not ds.indexes["time"].is_monotonic_increasing:
+        ds = ds.sortby("time")
     crs = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
-    if crs is not None:
+    if crs is not None and ds.rio.crs is None:
         ds = ds.rio.write_crs(crs)
     return ds
 

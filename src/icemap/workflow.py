@@ -126,10 +126,10 @@ def ingest(
     report = write_cube(ds, out, zarr_format=zarr_format, chunksize=chunksize, attrs=attrs,
                         storage_options=storage_options, progress=progress, settings=settings)
     # A few chunks of what was written: a wrong scale or offset is said now, not by an empty map.
-    check_reflectance(open_cube(out, storage_options=storage_options), where=f"the cube {os.fspath(out)}",
-                      stacklevel=3)
+    stored = open_cube(out, storage_options=storage_options)
+    check_reflectance(stored, where=f"the cube {os.fspath(out)}", stacklevel=3)
     describe_run(out, derived_from=_self_hrefs(items), description="icemap ingest: a cube of surface reflectance",
-                 storage_options=storage_options)
+                 storage_options=storage_options, stored=stored)
     return report
 
 
@@ -148,21 +148,24 @@ def _self_hrefs(items: Sequence[Any]) -> list[str]:
 
 def describe_run(main: str | os.PathLike[str], *, derived_from: Sequence[str], description: str,
                  others: Sequence[tuple[str, str | os.PathLike[str]]] = (),
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, stored: xr.Dataset | None = None) -> None:
     """Write the STAC Items of a run's products and its Collection (:mod:`icemap.describe`).
 
     ``main`` is the run's store, described with links to ``derived_from``; ``others`` are
     ``(kind, path)`` of the files written beside it (``cog``, ``vector``), each derived from the
-    store. A run writing to an object store gets the store's Item only.
+    store. A run writing to an object store gets the store's Item only. ``stored`` is the
+    store as the job opened it after writing, if it did (it is then not opened again).
     """
-    describe_store(main, derived_from=derived_from, storage_options=storage_options)
+    if stored is None:
+        stored = open_cube(main, storage_options=storage_options)
+    describe_store(main, derived_from=derived_from, storage_options=storage_options, dataset=stored)
     if "://" in os.fspath(main):
         return
     for kind, path in others:
         if kind == "cog":
             describe_cog(path, derived_from=[item_path(main)])
         else:
-            describe_vector(path, derived_from=[item_path(main)], times=_store_times(main))
+            describe_vector(path, derived_from=[item_path(main)], times=list(stored["time"].values))
     write_collection(main, [main, *(p for _, p in others)], description=description)
 
 
@@ -304,7 +307,7 @@ def map_cube(
     result = MapResult(product=Path(out), written=report.written, skipped=report.skipped)
     others = _write_map_extras(result, cube, stored, geotiff_dir=geotiff_dir, outlines_path=outlines_path,
                                quicklook_path=quicklook_path, reference=reference)
-    _describe_map(out, cube_path, method, others)
+    _describe_map(out, cube_path, method, others, stored)
     return result
 
 
@@ -385,16 +388,13 @@ def _write_map_extras(result: MapResult, cube: Any, stored: Any, *, geotiff_dir:
 
 
 def _describe_map(out: str | os.PathLike[str], cube_path: str | os.PathLike[str], method: str,
-                  others: list[tuple[str, Any]]) -> None:
+                  others: list[tuple[str, Any]], stored: xr.Dataset) -> None:
     """Describe the run in STAC, derived from the cube's Item (or store) and listing the extras."""
     source = resolve_store(os.fspath(cube_path))
     source_item = os.fspath(cube_path) if os.fspath(cube_path).endswith(".json") else item_path(source)
     describe_run(out, derived_from=[source_item if _exists(source_item) else source],
-                 description=f"icemap map ({method}): ice maps of {Path(source).name}", others=others)
-
-
-def _store_times(path: str | os.PathLike[str]) -> list[Any]:
-    return list(open_cube(path)["time"].values)
+                 description=f"icemap map ({method}): ice maps of {Path(source).name}", others=others,
+                 stored=stored)
 
 
 def _exists(path: str) -> bool:
