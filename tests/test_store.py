@@ -117,8 +117,8 @@ def test_waves_of_slabs_write_the_same_store_and_flag_steps_in_order(
 
 
 def test_wave_size_is_chosen_in_one_place_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
-    """Local scheduler: the option, else two chunks per thread; distributed: one whole step,
-    and a write_wave the user set there is reported as not applied (never silently dropped)."""
+    """The option, else two chunks per thread: of the local scheduler, or of every worker of a
+    distributed cluster; the choice and its reason are logged."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -126,19 +126,78 @@ def test_wave_size_is_chosen_in_one_place_and_says_why(caplog: pytest.LogCapture
 
     caplog.set_level("DEBUG", logger="icemap.store")
     with dask.config.set(scheduler="threads", num_workers=3):
-        assert _wave_size(40) == 6
-        assert "two per thread" in caplog.text
+        assert _wave_size() == 6
+        assert "two per thread of the local scheduler (3 threads)" in caplog.text
         with icemap.set_options(write_wave=5):
-            assert _wave_size(40) == 5
+            assert _wave_size() == 5
     caplog.clear()
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster):
-        assert _wave_size(40) == 40
-        assert not _info(caplog)
+        assert _wave_size() == 8
+        assert "two per thread of the distributed cluster (4 threads)" in caplog.text
         with icemap.set_options(write_wave=5):
-            assert _wave_size(40) == 40
-        (info,) = _info(caplog)
-        assert "write_wave=5 is not applied" in info.getMessage()
+            assert _wave_size() == 5
+
+
+#: Calls of :func:`_counted` per (block, run): computed on in-process workers, so they are seen here.
+CALLS: dict[tuple[Any, ...], int] = {}
+
+
+def _counted(block: np.ndarray, run: str, block_info: Any = None) -> np.ndarray:
+    where = tuple(block_info[0]["chunk-location"])
+    CALLS[(run, where)] = CALLS.get((run, where), 0) + 1
+    return block * 2
+
+
+def test_distributed_waves_compute_shared_halo_tasks_once(small_region: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a distributed cluster a store write goes in bounded waves too. Waves of one chunk
+    share every halo (a neighbourhood product reads the next chunk's block): each block is
+    computed once, held while a later wave needs it, never resubmitted, and the store equals
+    the threaded write with each step flagged in order."""
+    import uuid
+
+    import xarray as xr
+    from distributed import Client, LocalCluster
+
+    cube = icemap.open_cube(_product_source(small_region, tmp_path))
+    run = uuid.uuid4().hex
+    doubled = cube["reflectance"].isel(band=0).data.map_blocks(_counted, run=run, dtype=np.float32)
+    smooth = doubled.map_overlap(lambda b: b - np.roll(b, 1, axis=-1), depth={0: 0, 1: 2, 2: 2}, boundary="none",
+                                 dtype=np.float32)
+    product = xr.Dataset({"edge": (("time", "y", "x"), smooth)}, coords=cube.drop_vars("band").coords)
+    product = product.rio.write_crs(cube.rio.crs)
+    labels: list[str] = []
+    submitted: list[int] = []
+    real_get = Client.get
+
+    def spy(self: Any, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        if any(str(name).startswith("icemap-wave") for name in getattr(dsk, "layers", ())):
+            submitted.append(len(keys))
+        return real_get(self, dsk, keys, **kwargs)
+
+    monkeypatch.setattr(Client, "get", spy)
+    with icemap.set_options(write_wave=1):
+        icemap.write_timesteps(product, tmp_path / "threads.zarr")
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+                Client(cluster):
+            CALLS.clear()
+            report = icemap.write_timesteps(product, tmp_path / "cluster.zarr",
+                                            progress=lambda done, total, label: labels.append(label))
+    blocks = int(np.prod(doubled.numblocks))
+    steps, rows, cols = doubled.numblocks
+    assert len(submitted) == steps * rows  # waves of one chunk are at least one row: one per row
+    assert len(CALLS) == blocks and set(CALLS.values()) == {1}, CALLS
+    assert labels == report.written == [str(t)[:19] + "Z" for t in product["time"].values]
+    a = icemap.open_cube(tmp_path / "threads.zarr")["edge"].values
+    np.testing.assert_array_equal(icemap.open_cube(tmp_path / "cluster.zarr")["edge"].values, a)
+    assert np.isfinite(a).any()
+
+
+def _product_source(region: Any, tmp_path: Path) -> Path:
+    path = tmp_path / "cube.zarr"
+    icemap.ingest(_items(region), path, chunksize=32, bands=["green"])
+    return path
 
 
 def _info(caplog: pytest.LogCaptureFixture) -> list[Any]:

@@ -26,6 +26,7 @@ would be written by two tasks at once, and zarr 3 silently loses one of the two 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -34,7 +35,7 @@ import queue
 import socket
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +49,10 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers .rio: a dataset built by hand may not have it yet)
 import xarray as xr
 import zarr
+from dask.base import collections_to_expr
 from dask.callbacks import Callback
+from dask.core import flatten, get_dependencies, reverse_dict
+from dask.highlevelgraph import HighLevelGraph
 from fsspec.implementations.local import LocalFileSystem
 
 from icemap._version import __version__
@@ -530,27 +534,14 @@ def _waves(steps: int, rows: int, row_chunks: int, max_chunks: int) -> list[list
     return waves
 
 
-def _wave_size(step_chunks: int) -> int:
-    """Spatial chunks one wave of a store write may hold, and why (logged at DEBUG/INFO).
+def _wave_size() -> int:
+    """Spatial chunks one wave of a store write may hold, and why (logged at DEBUG).
 
-    The one place that decides it, for every store write (:func:`_write_steps`):
-
-    * on a **distributed** cluster, one whole time step (``step_chunks``): slabs of one step in
-      successive computes share upstream tasks (a U-Net's halo reads), and a key resubmitted
-      while the cluster was still releasing it failed on a dask-gateway worker with a
-      ``KeyError``. Whole steps share none, so memory is bounded by one step there. A
-      ``write_wave`` option set by the user is not applied there, and an INFO record says so;
-    * else the ``write_wave`` option when set;
-    * else two chunks per thread of the local scheduler. Two per thread keep every thread busy
-      while a wave's last chunks are written (measured on the 4096-px map job: within 2 % of one
-      unbounded graph), and bound what reads can run ahead (NDSI ingest, 512 -> 2048 px, when
-      waves of slabs still ran on clusters too: peak worker memory x1.11, x1.19 with four per
-      thread, x1.37 with no waves).
-
-    Parameters
-    ----------
-    step_chunks
-        Spatial chunks of one time step (row blocks x column blocks).
+    The one place that decides it, for every store write (:func:`_write_steps`): the
+    ``write_wave`` option when set, else two chunks per thread (of the local scheduler, or of
+    every worker of a distributed cluster). Two per thread keep every thread busy while a
+    wave's last chunks are written (measured on the 4096-px map job: within 2 % of one
+    unbounded graph), and a wave's memory does not grow with the area.
 
     Returns
     -------
@@ -558,20 +549,17 @@ def _wave_size(step_chunks: int) -> int:
         At least 1.
     """
     option = get_option("write_wave")
-    if _distributed_client() is not None:
-        if option is not None:
-            _log.info("write_wave=%s is not applied on a distributed cluster: a wave is one whole time step "
-                      "(%d chunks), so slabs of a step never share upstream tasks across computes",
-                      option, step_chunks)
-        else:
-            _log.debug("distributed cluster: a wave is one whole time step (%d chunks)", step_chunks)
-        return max(int(step_chunks), 1)
     if option is not None:
         _log.debug("a wave holds %d chunks: the write_wave option", option)
         return max(int(option), 1)
-
-    threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
-    _log.debug("a wave holds %d chunks: two per thread of the local scheduler (%d threads)", 2 * threads, threads)
+    client = _distributed_client()
+    if client is not None:
+        threads = sum(client.nthreads().values()) or 1
+        where = "of the distributed cluster"
+    else:
+        threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        where = "of the local scheduler"
+    _log.debug("a wave holds %d chunks: two per thread %s (%d threads)", 2 * threads, where, threads)
     return max(2 * threads, 1)
 
 
@@ -585,8 +573,8 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
     the work lets a scheduler run reads ahead of the writes that free them (distributed does
     not hold back reads that are not root tasks, as the loader's are), so a worker's memory
     would grow with the area; a wave holds at most a few chunks per thread (the
-    ``write_wave`` option, default two per thread), whatever the area. On a distributed
-    cluster a wave is one whole time step, as before the waves (:func:`_wave_size` decides).
+    ``write_wave`` option, default two per thread, :func:`_wave_size`), whatever the area, on
+    the local scheduler and on a distributed cluster alike.
 
     Each step's ``complete`` flag is a task of the wave holding the step's last slab; it
     depends on that wave's store tasks of the step *and* on the previous step's flag, so
@@ -607,7 +595,8 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
         if progress is not None:
             progress(len(done), len(steps), label)
 
-    for wave in _waves(len(steps), y_blocks, x_blocks, _wave_size(y_blocks * x_blocks)):
+    waves: list[tuple[list[Any], list[tuple[Any, str]]]] = []
+    for wave in _waves(len(steps), y_blocks, x_blocks, _wave_size()):
         targets: list[Any] = []
         flags: list[tuple[Any, str]] = []
         previous: list[Any] = []
@@ -626,31 +615,102 @@ def _write_steps(ds: Any, path: str, steps: list[tuple[int, int, str]],
             previous = [flag]
             targets.append(flag)
             flags.append((flag, label))
-        # Computed together: one optimisation pass sees that a step's products share their
-        # kernel task (NDSI and ice from one pass) and keeps it shared.
-        _compute_wave(targets, flags, run, labels, step_done)
+        waves.append((targets, flags))
+    client = _distributed_client()
+    if client is not None:
+        _compute_waves_distributed(client, waves, step_done)
+    else:
+        for targets, flags in waves:
+            _compute_wave(targets, flags, run, labels, step_done)
     return done
+
+
+def _compute_waves_distributed(client: Any, waves: list[tuple[list[Any], list[tuple[Any, str]]]],
+                               step_done: Callable[[str], None]) -> None:
+    """Compute the waves one after the other on a distributed cluster, sharing what they share.
+
+    Slabs of one step share upstream tasks (a U-Net's halo: slices of the neighbouring row's
+    reads). Submitted wave by wave as separate graphs, such a key would be released by the
+    cluster after one wave and resubmitted by the next, and a key resubmitted while the
+    cluster is still releasing it failed on a dask-gateway worker with a ``KeyError``. So:
+
+    * every wave is cut from **one optimised graph** of all the waves: one optimisation pass
+      sees that a step's products share their kernel task (NDSI and ice from one pass), and a
+      key has the same name in every wave that needs it;
+    * a key that a later wave reads is **held** (a future) from the wave that computes it
+      until the last wave that needs it is done, and later waves are submitted without its
+      definition, so it is computed once and never resubmitted. What is held is only the
+      frontier the later waves read (a halo slice, the previous slab's flag), not its upstream.
+
+    Memory is then bounded by two waves in flight plus the keys held for the next ones,
+    whatever the area.
+    """
+    everything = [t for targets, _ in waves for t in targets]
+    graph = dict(collections_to_expr(everything, optimize_graph=True).optimize().__dask_graph__())
+    dependencies = {k: get_dependencies(graph, k) for k in graph}
+    dependents = reverse_dict(dependencies)
+    wave_keys = [[k for t in targets for k in flatten(t.__dask_keys__())] for targets, _ in waves]
+    last_use: dict[Any, int] = {}
+    for w, keys in enumerate(wave_keys):
+        for k in _upstream(keys, dependencies, stop={}):
+            last_use[k] = w
+    held: dict[Any, Any] = {}
+    in_flight: collections.deque[tuple[int, list[Any]]] = collections.deque()
+
+    def finish_oldest() -> None:
+        nonlocal held
+        w, futures = in_flight.popleft()
+        targets, flags = waves[w]
+        labels_of = {id(t): label for t, label in flags}
+        # In order: flags are chained, so they land in step order anyway. No default client
+        # is needed (the Client may be set through dask.config only).
+        for fut, target in zip(futures, targets):
+            fut.result()
+            if id(target) in labels_of:
+                step_done(labels_of[id(target)])
+        held = {k: f for k, f in held.items() if last_use[k] > w}
+
+    try:
+        for w, keys in enumerate(wave_keys):
+            todo = _upstream(keys, dependencies, stop=held)
+            targets_here = set(keys)
+            keep = [k for k in todo if k not in targets_here and last_use[k] > w
+                    and any(d not in todo and d not in held and last_use[d] > w for d in dependents[k])]
+            # A named HighLevelGraph: as a plain dict, the client would tokenize every task of
+            # it to name the submission (0.05-0.1 s a wave on a small job, more than its work).
+            wave = HighLevelGraph.from_collections(f"icemap-wave-{uuid.uuid4().hex}", {k: graph[k] for k in todo})
+            futures = client.get(wave, [*keys, *keep], sync=False)
+            held.update(zip(keep, futures[len(keys):]))
+            held.update((k, f) for k, f in zip(keys, futures) if last_use[k] > w)
+            in_flight.append((w, futures))
+            # Two waves in flight: the cluster starts the next wave's reads while the last
+            # chunks of this one are written (no idle workers at a wave's end, which one
+            # round trip to the scheduler per wave would cost), and memory is two waves.
+            if len(in_flight) > 1:
+                finish_oldest()
+        while in_flight:
+            finish_oldest()
+    except BaseException:
+        client.cancel([f for _, futures in in_flight for f in futures] + list(held.values()))
+        raise
+
+
+def _upstream(keys: Sequence[Any], dependencies: Mapping[Any, set[Any]], stop: Mapping[Any, Any]) -> set[Any]:
+    """``keys`` and every task they need, not looking past the keys in ``stop`` (held results)."""
+    seen: set[Any] = set()
+    todo = [k for k in keys if k not in stop]
+    while todo:
+        k = todo.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        todo.extend(d for d in dependencies[k] if d not in stop and d not in seen)
+    return seen
 
 
 def _compute_wave(targets: list[Any], flags: list[tuple[Any, str]], run: str, labels: Mapping[int, str],
                   step_done: Callable[[str], None]) -> None:
-    """Compute one wave; call ``step_done`` for each flag, in step order, as it lands."""
-    client = _distributed_client()
-    if client is not None:
-        futures = client.compute(targets)
-        labels_of = {id(t): label for t, label in flags}
-        try:
-            # In order: flags are chained, so they land in step order anyway. No default
-            # client is needed (the Client may be set through dask.config only).
-            for fut, target in zip(futures, targets):
-                fut.result()
-                if id(target) in labels_of:
-                    step_done(labels_of[id(target)])
-        except BaseException:
-            client.cancel(futures)
-            raise
-        return
-
+    """Compute one wave on the local scheduler; call ``step_done`` for each flag, in step order, as it lands."""
     reported: queue.SimpleQueue[int] = queue.SimpleQueue()
     told: set[str] = set()
 
