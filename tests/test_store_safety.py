@@ -281,6 +281,14 @@ def slow(href):
 '''
 
 
+def _default_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a shell gives them (default, unblocked),
+    whatever the test process inherited or set (an ignored SIGINT survives exec)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+
+
 @pytest.mark.process
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_cli_interrupt_says_what_is_complete_and_a_rerun_finishes(sig: signal.Signals, code: int, region: Any,
@@ -291,7 +299,11 @@ def test_cli_interrupt_says_what_is_complete_and_a_rerun_finishes(sig: signal.Si
            "ICEMAP_TEST_FIRST_DATE": "20210212"}
     cmd = [sys.executable, "-m", "icemap.cli", "ingest", "--catalog", str(region.catalog), "--out", str(out),
            "--chunksize", "32", "--signer", "slowsigner:slow", "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    # How this process hands SIGINT down (a child inherits an ignored or blocked SIGINT), for
+    # the failure message: twice in full runs the child ran to the end as if never interrupted.
+    inherited = (signal.getsignal(signal.SIGINT), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -308,7 +320,7 @@ def test_cli_interrupt_says_what_is_complete_and_a_rerun_finishes(sig: signal.Si
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == code, err
+    assert proc.returncode == code, (err, inherited, {k: v for k, v in env.items() if k.startswith(("DASK", "ICEMAP"))})
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"interrupted ({sig.name}) during ingest" in lines[0] and "rerun the same command to resume" in lines[0]
