@@ -673,6 +673,8 @@ def _compute_waves_distributed(client: Any, waves: list[tuple[list[Any], list[tu
     try:
         for w, keys in enumerate(wave_keys):
             todo = _upstream(keys, dependencies, stop=held)
+            # A wave's own targets (slab sums, flags) are never read by a later wave: each
+            # wave chains its flags from scratch, and the waves run in step order.
             targets_here = set(keys)
             keep = [k for k in todo if k not in targets_here and last_use[k] > w
                     and any(d not in todo and d not in held and last_use[d] > w for d in dependents[k])]
@@ -681,7 +683,6 @@ def _compute_waves_distributed(client: Any, waves: list[tuple[list[Any], list[tu
             wave = HighLevelGraph.from_collections(f"icemap-wave-{uuid.uuid4().hex}", {k: graph[k] for k in todo})
             futures = client.get(wave, [*keys, *keep], sync=False)
             held.update(zip(keep, futures[len(keys):]))
-            held.update((k, f) for k, f in zip(keys, futures) if last_use[k] > w)
             in_flight.append((w, futures))
             # Two waves in flight: the cluster starts the next wave's reads while the last
             # chunks of this one are written (no idle workers at a wave's end, which one
