@@ -692,7 +692,11 @@ def _compute_waves_distributed(client: Any, waves: list[tuple[list[Any], list[tu
         while in_flight:
             finish_oldest()
     except BaseException:
-        client.cancel([f for _, futures in in_flight for f in futures] + list(held.values()))
+        # Only the waves' targets are cancelled (nothing depends on them); held keys are just
+        # released. Cancelling a held key cancels its dependents in the next wave's submission
+        # too, which the scheduler refuses with an AssertionError (seen on a failed read).
+        client.cancel([f for w, futures in in_flight for f in futures[:len(wave_keys[w])]])
+        held.clear()
         raise
 
 
