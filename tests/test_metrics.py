@@ -334,6 +334,17 @@ def test_best_threshold_picks_the_optimum_and_the_middle_of_ties() -> None:
     assert m.best_threshold(curve, "false_alarm") == 0.4  # lower is better
 
 
+def test_best_threshold_with_a_tolerance_takes_the_top_of_the_plateau() -> None:
+    import pandas as pd
+
+    curve = pd.DataFrame({"threshold": [0.1, 0.3, 0.5, 0.7, 0.9], "f1": [0.90, 0.987, 0.990, 0.986, 0.95]})
+    assert m.best_threshold(curve) == 0.5
+    assert m.best_threshold(curve, tolerance=0.005) == 0.7  # 0.986 is within 0.005 of 0.990; 0.95 is not
+    assert m.best_threshold(curve, tolerance=0.05) == 0.9
+    with pytest.raises(m.MetricsError, match="tolerance"):
+        m.best_threshold(curve, tolerance=-0.1)
+
+
 def _two_modes(seed: int, low: float, high: float, share_high: float, n: int = 40_000) -> np.ndarray:
     rng = np.random.default_rng(seed)
     k = int(n * share_high)

@@ -823,14 +823,23 @@ def threshold_sweep(index: xr.DataArray | np.ndarray, reference: xr.DataArray | 
     return frame
 
 
-def best_threshold(curve: Any, metric: str = "f1", *, maximize: bool | None = None) -> float:
+def best_threshold(curve: Any, metric: str = "f1", *, maximize: bool | None = None,
+                   tolerance: float = 0.0) -> float:
     """The threshold of a sweep curve with the best ``metric`` (F1 by default).
 
     Ties (flat optimum) resolve to the middle of the tied thresholds, so the choice does not
     drift to one end of a plateau. Lower is better for ``missed_alarm``, ``false_alarm`` and
     ``|area_diff_pct|`` (pass ``"abs_area_diff_pct"``); higher for the rest unless ``maximize``
     says otherwise.
+
+    With ``tolerance > 0`` every threshold whose ``metric`` is within ``tolerance`` of the best
+    counts as tied, and the *highest* of them is chosen: the most conservative call the curve
+    cannot tell from the best. A validation set that lacks the hard cases (dark, hazy water that
+    looks like shaded snow) scores a wide plateau of thresholds alike; the middle of that plateau
+    is arbitrary, and the top of it is the choice that flags the least.
     """
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise MetricsError(f"tolerance must be a number >= 0, got {tolerance}")
     if metric == "abs_area_diff_pct":
         values = -np.abs(curve["area_diff_pct"].to_numpy(dtype=np.float64))
     else:
@@ -844,8 +853,11 @@ def best_threshold(curve: Any, metric: str = "f1", *, maximize: bool | None = No
     if np.isnan(values).all():
         raise NoValidPixelsError(f"{metric} is undefined at every threshold")
     best = np.nanmax(values)
+    thresholds = curve["threshold"].to_numpy()
+    if tolerance > 0:
+        return float(thresholds[values >= best - tolerance].max())
     tied = np.flatnonzero(values == best)
-    return float(curve["threshold"].to_numpy()[tied[len(tied) // 2]])
+    return float(thresholds[tied[len(tied) // 2]])
 
 
 def index_histogram(index: Any, *, bins: int = 2000, range: tuple[float, float] = (-1.0, 1.0),
