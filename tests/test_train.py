@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from icemap.errors import IcemapError, ModelError
+from icemap.errors import IcemapError, ModelError, ModelNoBetterWarning
 from icemap.model.checkpoint import load_checkpoint, read_metadata
 from icemap.lab.data import ChipDataset
 from icemap.model.inputs import Normalisation
@@ -354,14 +355,16 @@ def test_init_default_fine_tunes_with_the_models_inputs_and_normalisation(data: 
     init = meta.training["init"]
     assert init["model"] == "default" and init["weights_sha256"] == start.weights_sha256
     assert meta.training["lr"] == pytest.approx(0.001)  # a tenth of Adam's 0.01 when fine-tuning
+    assert meta.threshold == 0.5 != start.threshold  # --threshold, not the starting model's (see _start_model)
     # The starting model competes as epoch 0: the result is never worse on validation.
     assert meta.validation["f1_at_0_5"] >= init["start_val_f1"]
     default_model, _ = load_checkpoint(default_model_dir())
     same = all(torch.equal(v, default_model.state_dict()[k]) for k, v in res.model.state_dict().items())
     assert same == (res.best_epoch == 0)
     # Rerun: the same weights, byte for byte (CPU training is deterministic).
-    again = train(None, None, tmp_path / "ft2", TrainConfig(**INIT, epochs=1), data=data, quiet=True)
+    again = train(None, None, tmp_path / "ft2", TrainConfig(**INIT, epochs=1, threshold=0.3), data=data, quiet=True)
     assert again.meta.weights_sha256 == res.meta.weights_sha256
+    assert again.meta.threshold == 0.3
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -544,6 +547,48 @@ def test_labels_per_year_pick_each_dates_outlines(cube_path: Path, sample_region
     gdf.assign(year=1999).to_file(path2, layer="glaciers")
     with pytest.raises(ModelError, match="no cube date .* has outlines of its year"):
         prepare_data(cube_path, path2, chip_size=32, split_iterations=20, label_time="year")
+
+
+def test_labels_apart_from_the_outlines_that_place_the_chips(cube_path: Path, sample_region: Any,
+                                                             tmp_path: Path) -> None:
+    """``labels=``: chips and split come from the outlines, the labels of each date from the label file."""
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.geometry import box
+
+    from icemap.labels import rasterize_outlines
+    from icemap.store import open_cube
+
+    refl = open_cube(cube_path)["reflectance"]
+    dates = [str(t)[:10] for t in refl["time"].values]
+    gdf = gpd.read_file(sample_region.outlines, layer="glaciers")
+    x0, y0, x1, y1 = gdf.total_bounds
+    # Each date: the glaciers plus a square of "snow" of its own, in a different place per date.
+    squares = [box(x0 + 300 * k, y0, x0 + 300 * k + 600, y0 + 600) for k in range(len(dates))]
+    labels = pd.concat([gdf.assign(date=d) for d in dates]
+                       + [gpd.GeoDataFrame({"date": [d], "glacier_id": [f"SNOW-{k}"]}, geometry=[sq], crs=gdf.crs)
+                          for k, (d, sq) in enumerate(zip(dates, squares))], ignore_index=True)
+    path = tmp_path / "labels.gpkg"
+    labels.to_file(path, layer="labels")
+    d = prepare_data(cube_path, sample_region.outlines, chip_size=32, split_seed=1, split_iterations=20,
+                     label_time="date", labels=path)
+    plain = prepare_data(cube_path, sample_region.outlines, chip_size=32, split_seed=1, split_iterations=20)
+    assert d.index.windows == plain.index.windows and d.split.report == plain.split.report
+    assert d.labels_path == str(path) and d.outlines_path == str(sample_region.outlines)
+    truth = {t: np.asarray(rasterize_outlines(labels[labels.date == t], refl).values) > 0 for t in dates}
+    for i, s in enumerate(d.index.samples):
+        w = d.index.windows[s.window]
+        want = truth[dates[s.time]][w.y0:w.y0 + w.size, w.x0:w.x0 + w.size]
+        np.testing.assert_array_equal(d.source.sample_labels(i) > 0, want)
+    with warnings.catch_warnings():  # one epoch learns nothing; the rule is what is checked here
+        warnings.simplefilter("ignore", ModelNoBetterWarning)
+        res = train(None, None, tmp_path / "m", TrainConfig(**TINY, epochs=1, threshold="tune",
+                                                             threshold_tolerance=0.01), data=d, quiet=True)
+    assert res.meta.training["labels"] == str(path)
+    assert res.meta.training["threshold_rule"] == "highest threshold within 0.01 of the best validation F1"
+    curve = res.meta.training["threshold_curve"]
+    best = max(r["f1"] for r in curve)
+    assert res.threshold == max(r["threshold"] for r in curve if r["f1"] >= best - 0.01)
 
 
 def test_split_by_year_holds_out_the_latest_years(cube_path: Path, sample_region: Any, tmp_path: Path) -> None:

@@ -123,6 +123,9 @@ def train_cmd(
     dropout: Annotated[float, typer.Option("--dropout", help="Bottleneck dropout (also enables MC-dropout at inference).")] = 0.0,
     patience: PatienceOpt = 10,
     threshold: ThresholdOpt = "0.5",
+    threshold_tolerance: Annotated[float, typer.Option(
+        "--threshold-tolerance", help="With --threshold tune: the highest threshold whose validation F1 is "
+        "within this of the best (0 = the best itself).")] = 0.0,
     overlap: OverlapOpt = "independent",
     chips: Annotated[str, typer.Option(
         "--chips", help="outline (one chip per outline) or grid (chips edge to edge over the outlines: every "
@@ -147,7 +150,8 @@ def train_cmd(
     cfg = _config(inputs=inputs, mask=mask, epochs=epochs, chip_size=chip_size, batch_size=batch_size,
                   loss=loss, optimizer=optimizer, lr=lr, seed=seed, depth=depth, base=base, dropout=dropout,
                   patience=patience,
-                  threshold=threshold, overlap=overlap, n_hard_negative=hard_negatives, n_random=random_chips,
+                  threshold=threshold, threshold_tolerance=threshold_tolerance, overlap=overlap,
+                  n_hard_negative=hard_negatives, n_random=random_chips,
                   split_iterations=split_iterations, device=device, init=init, augment=augment, chips=chips,
                   split=split, restarts=restarts,
                   label_time=label_time)

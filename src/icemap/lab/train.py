@@ -167,15 +167,23 @@ class TrainConfig:
         channels, architecture and normalisation (the normalisation is not refitted, so the
         weights see the inputs they were trained on); ``inputs``, ``depth``, ``base``,
         ``batch_norm`` and ``dropout`` left at their defaults follow the model, set to other
-        values they are an error. The learning rate defaults to a tenth of the optimizer's
-        (a fine-tune, not a new start), and the starting model competes in early stopping,
-        so a fine-tune never ends worse on validation than the model it started from.
+        values they are an error. The decision threshold is ``threshold``, not the model's:
+        fine-tuning moves the network's probabilities (``"tune"`` chooses it on validation).
+        The learning rate defaults to a tenth of the optimizer's (a fine-tune, not a new
+        start), and the starting model competes in early stopping (validation F1 at 0.5 every
+        epoch), so a fine-tune never ends worse on that score than the model it started from.
     normalisation
         ``"minmax"`` (study a) or ``"percentile"`` (1st-99th), fitted on the training chips.
     threshold
         Decision threshold on the ice probability: a number (0.5 by default), or ``"tune"``
         to pick the best F1 on the validation set among 0.05, 0.10 ... 0.95. The test set is
         never used for choices.
+    threshold_tolerance
+        With ``threshold="tune"``: every threshold whose validation F1 is within this much of
+        the best counts as equally good, and the highest of them is chosen
+        (:func:`icemap.metrics.best_threshold`). 0 (default) picks the best F1 itself. A
+        synthetic validation set scores a wide plateau of thresholds alike; the top of the
+        plateau is the choice that flags least of what it lacks (the default model uses 0.005).
     seed
         Seeds the weights, shuffling, augmentation and dropout.
     restarts
@@ -228,6 +236,7 @@ class TrainConfig:
     init: str | None = None
     normalisation: str = "minmax"
     threshold: float | str = 0.5
+    threshold_tolerance: float = 0.0
     seed: int = 0
     restarts: int = 1
     split_seed: int | None = None
@@ -281,6 +290,10 @@ class TrainConfig:
                     raise ModelError(f"threshold must be a number in (0, 1) or 'tune', not {self.threshold!r}") from None
         if not isinstance(self.threshold, str) and not 0.0 < float(self.threshold) < 1.0:
             raise ModelError(f"threshold must be in (0, 1) or 'tune', got {self.threshold}")
+        if not (math.isfinite(self.threshold_tolerance) and 0.0 <= self.threshold_tolerance < 1.0):
+            raise ModelError(f"threshold tolerance must be in [0, 1), got {self.threshold_tolerance}")
+        if self.threshold_tolerance and self.threshold != "tune":
+            raise ModelError("a threshold tolerance applies only to threshold='tune' (--threshold tune)")
         try:
             UNetConfig(in_channels=1, depth=self.depth, base=self.base, batch_norm=self.batch_norm,
                        dropout=self.dropout)
@@ -355,6 +368,8 @@ class PreparedData:
     outlines_path: str | None = None
     dem_path: str | None = None
     chip_params: dict[str, Any] = field(default_factory=dict)
+    #: The label outlines burnt into the chips, when they are not ``outlines`` (see :func:`prepare_data`).
+    labels_path: str | None = None
 
     def samples(self, which: str) -> list[int]:
         return self.split.samples(self.index, which)
@@ -371,7 +386,7 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
                  times: Sequence[int | str] | None = None, split_seed: int = 0,
                  split_iterations: int = 900, channels: Sequence[str] | None = None, dem: Any = None,
                  cache: bool | None = None, layout: str = "outline", split: str = "glacier",
-                 label_time: str | None = None) -> PreparedData:
+                 label_time: str | None = None, labels: Any = None) -> PreparedData:
     """Cut chips, split them and set up the reader.
 
     Parameters
@@ -387,6 +402,15 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
         A column of the outlines with each outline's year or date: every cube date is labelled
         by the outlines of its year (or date) only, and dates without any are left out (listed
         in ``index.params["dates_without_labels"]``). See :func:`icemap.lab.data.label_keys`.
+        With ``labels``, the column is one of the label outlines.
+    labels
+        Label outlines (file or GeoDataFrame) burnt into the chips instead of ``outlines``.
+        ``outlines`` still place the chips and group them for the split (whole glaciers held
+        out); ``labels`` say what is ice on each date. The default model's recipe labels a
+        date's glaciers together with that date's snow off them this way
+        (:func:`icemap.lab.default.visible_ice_labels`); cut from such a file, every snow patch
+        would become a "glacier" of its own, and one glacier's copies for each date could land
+        on both sides of the split.
 
     Other parameters are those of :func:`icemap.lab.data.make_chips` and
     :func:`icemap.lab.data.split_chips`.
@@ -404,17 +428,20 @@ def prepare_data(cube: Any, outlines: Any, *, chip_size: int = 128, overlap: str
     index = make_chips(ds, gdf, size=chip_size, overlap=overlap, n_random=n_random,
                        n_hard_negative=n_hard_negative, min_valid=min_valid, times=times, seed=split_seed,
                        layout=layout, group_by="glacier" if split == "glacier" else "location")
+    labels_path = os.fspath(labels) if isinstance(labels, (str, os.PathLike)) else None
+    label_gdf = gdf if labels is None else read_outlines(labels, crs=refl.rio.crs) if labels_path else labels
     if label_time is not None:
-        index = _samples_with_labels(index, gdf, refl, label_time)
+        index = _samples_with_labels(index, label_gdf, refl, label_time)
     if split == "year":
         chosen = split_by_year(index, _time_labels(refl))
     else:
         chosen = split_chips(index, iterations=split_iterations, seed=split_seed)
-    source = ChipSource(ds, gdf, index, dem=dem, cache=cache, label_time=label_time)
+    source = ChipSource(ds, label_gdf, index, dem=dem, cache=cache, label_time=label_time)
     return PreparedData(
         cube=ds, outlines=gdf, index=index, split=chosen, source=source, cube_path=cube_path,
         outlines_path=outlines_path, dem_path=os.fspath(dem) if isinstance(dem, (str, os.PathLike)) else None,
         chip_params=dict(index.params, split_seed=split_seed, split_iterations=split_iterations),
+        labels_path=labels_path,
     )
 
 
@@ -724,6 +751,9 @@ def _start_model(config: TrainConfig) -> tuple[TrainConfig, _StartModel | None]:
             raise ModelError(f"init model {config.init} has {name} {arch.get(name)!r}, not {value!r}; leave "
                              f"--{name.replace('_', '-')} out to fine-tune it")
     config = replace(config, inputs=",".join(meta.channels), **{k: arch[k] for k in _ARCH_FIELDS if k in arch})
+    # The threshold is not taken from the starting model: fine-tuning moves the network's
+    # probabilities. The Athabasca fine-tune of docs/adapt-model.md, at the shipped model's 0.95,
+    # mapped 1-3 % of the glacier; at 0.5, 95 % of the half it trained on.
     return config, _StartModel(os.fspath(init), os.fspath(folder), model, meta)
 
 
@@ -1291,12 +1321,13 @@ def _training_record(run: _Run, progress: _Progress, *, threshold_curve: Any, te
     config, data = run.config, run.data
     return {
         "cube": data.cube_path, "outlines": data.outlines_path, "dem": data.dem_path,
+        **({"labels": data.labels_path} if data.labels_path else {}),
         "config": run.cfg, "loss": config.loss, "optimizer": config.optimizer, "lr": config.learning_rate,
         "epochs": config.epochs, "epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
         "stopped_early": progress.stopped, "resumed_from_epoch": resumed_from,
         "split_seed": data.chip_params.get("split_seed"), "chips": data.index.summary(),
         "chip_params": data.chip_params, "split": data.split.report,
-        "threshold_rule": "tuned on validation F1" if config.threshold == "tune" else "fixed",
+        "threshold_rule": _threshold_rule(config),
         "threshold_curve": threshold_curve, "normalisation_fit": f"{config.normalisation} over the training chips",
         "device": str(run.device),
         "mixed_precision": str(run.amp_dtype).replace("torch.", "") if run.use_amp else "off",
@@ -1348,8 +1379,17 @@ def _train_restarts(config: TrainConfig, out: Path, data: PreparedData, *, dem: 
     return replace(best, checkpoint=path, seconds=time.perf_counter() - t_start)
 
 
+def _threshold_rule(config: TrainConfig) -> str:
+    """How the threshold was chosen, in words, for the checkpoint's provenance."""
+    if config.threshold != "tune":
+        return "fixed"
+    if config.threshold_tolerance:
+        return f"highest threshold within {config.threshold_tolerance:g} of the best validation F1"
+    return "tuned on validation F1"
+
+
 def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarray) -> tuple[float, list[dict[str, float]] | None]:
-    """The decision threshold: fixed, or the best validation F1 over :data:`TUNE_THRESHOLDS`.
+    """The decision threshold: fixed, or chosen on the validation F1 over :data:`TUNE_THRESHOLDS`.
 
     Tuning uses :func:`icemap.metrics.threshold_sweep` on the validation probabilities, the
     same sweep the NDSI baseline is calibrated with, so both get the same kind of choice.
@@ -1365,7 +1405,7 @@ def _choose_threshold(config: TrainConfig, val_ds: ChipDataset, probs: np.ndarra
     index = xr.DataArray(np.stack(idxs), dims=("time", "y", "x"))
     ref = xr.DataArray(np.stack(refs), dims=("time", "y", "x"))
     curve = threshold_sweep(index, ref, thresholds=TUNE_THRESHOLDS, pixel_area_m2=val_ds.source.pixel_area_m2)
-    t = best_threshold(curve, "f1")
+    t = best_threshold(curve, "f1", tolerance=config.threshold_tolerance)
     rows = [{"threshold": float(th), "f1": float(f1)} for th, f1 in zip(curve["threshold"], curve["f1"])]
     return float(t), rows
 
