@@ -15,17 +15,21 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
 import tomllib
+import xarray as xr
 from rasterio.transform import from_origin
 
 import icemap
 from icemap.errors import ModelError
 from icemap.model.checkpoint import METADATA, WEIGHTS, read_metadata, sha256_of
-from icemap.lab.default import CHANNELS, SpectralAugment, real_data_scores
+from icemap.lab.default import CHANNELS, SpectralAugment, real_data_scores, visible_ice_labels
+from icemap.labels import rasterize_outlines
 from icemap.model.packaged import default_model_dir, resolve_model
+from icemap.sample import CLASS_CODES, make_sample_region
 from icemap.stac import item_from_files, search
 
 from .conftest import REPO, SHARED_DATA, icemap_cli, shared_path
@@ -220,3 +224,32 @@ def test_targets(scores: dict[str, Any]) -> None:
             assert share > WATER_MAX_PCT and doc[control] == MISSED_WATER[control], control
         else:
             assert share <= WATER_MAX_PCT, control
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe's labels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_visible_ice_labels_are_the_glaciers_and_each_dates_snow_off_them(tmp_path: Path) -> None:
+    """Burnt at pixel centres, a date's labels are exactly (inside an outline) or (truth class
+    snow or ice) on that date, and the dates differ where the snow moved."""
+    reg = make_sample_region(tmp_path / "region", size=96, n_dates=2, seed=7, surface="seasonal")
+    path = visible_ice_labels(reg, tmp_path / "labels.gpkg")
+    labels = gpd.read_file(path, layer="labels")
+    assert sorted(set(labels["date"])) == sorted(reg.dates)
+    with rasterio.open(reg.glacier_ids) as src:
+        on_glacier = src.read(1) > 0
+        like = xr.DataArray(np.zeros(on_glacier.shape, np.uint8), dims=("y", "x"), coords={
+            "x": src.transform.c + src.transform.a * (np.arange(src.width) + 0.5),
+            "y": src.transform.f + src.transform.e * (np.arange(src.height) + 0.5)}).rio.write_crs(src.crs)
+    burnt = {}
+    for date in reg.dates:
+        with rasterio.open(reg.truth(date)) as src:
+            cls = src.read(1)
+        want = on_glacier | np.isin(cls, [CLASS_CODES["snow"], CLASS_CODES["ice"]])
+        burnt[date] = np.asarray(rasterize_outlines(labels[labels["date"] == date], like).values) > 0
+        np.testing.assert_array_equal(burnt[date], want, err_msg=date)
+        assert (want & ~on_glacier).any(), f"{date}: no snow off the glaciers to label"
+    a, b = (burnt[d] for d in reg.dates)
+    assert (a != b).any()

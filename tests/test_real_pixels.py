@@ -19,7 +19,7 @@ import pytest
 from icemap import sample as S
 from icemap.guards import DarkGuard, WaterGuard
 from icemap.kernels import ice_mask, normalized_difference
-from icemap.lab.default import POINT_FIELD, POINT_FILES, _point_channels, point_scores, point_spectra, \
+from icemap.lab.default import CHANNELS, POINT_FIELD, POINT_FILES, _point_channels, point_scores, point_spectra, \
     point_unet_probability
 from icemap.model.packaged import default_model_dir
 
@@ -116,11 +116,20 @@ def test_unet_normalisation_keeps_real_pixels_in_range(spectra: dict[str, Any]) 
         assert nodata.mean() < 0.005
         for cls in ("snow", "ice", "rock/debris"):
             code = {v: k for k, v in POINT_FILES[name][3].items()}[cls]
-            zz = z[(codes == code) & ~nodata]
+            pts = (codes == code) & ~nodata
+            zz = z[pts]
             inside = ((zz >= -0.5) & (zz <= 1.5)).mean(axis=0)
-            # The six bands and NDSI; NDWI (last) is looser: dark real bare ice (NIR ~0.1, NDWI
-            # up to 0.6) lies beyond the generator's NDWI range for a few percent of the points.
-            assert (inside[:-1] >= 0.99).all(), (name, cls, inside)
+            # The six bands; NDSI and NDWI are looser, each for a named reason.
+            assert (inside[:6] >= 0.99).all(), (name, cls, inside)
+            # NDSI: a point whose green is at or below 0 after the offset sits at the index's
+            # limit, -1, beyond the training range (whose 1st percentile is -0.31). That is dark
+            # rock, 1.3 % of the Landsat rock/debris points; no other point is out of range.
+            ndsi = CHANNELS.index("ndsi")
+            out = (zz[:, ndsi] < -0.5) | (zz[:, ndsi] > 1.5)
+            assert out.mean() < 0.02, (name, cls, out.mean())
+            assert (np.abs(ch[pts, ndsi][out]) == 1.0).all(), (name, cls)
+            # NDWI: dark real bare ice (NIR ~0.1, NDWI up to 0.6) and dark rock lie beyond the
+            # generator's NDWI range for a few percent of the points.
             assert inside[-1] >= 0.97, (name, cls, inside)
 
 
