@@ -98,8 +98,8 @@ CHIP_SETTINGS: dict[str, Any] = {"chip_size": 96, "n_hard_negative": 32, "n_rand
 #: The U-Net and optimisation: small (0.5 M parameters, about 1 MB in float16), Dice + BCE
 #: (BCE keeps the hard-negative chips, which have no ice, in the gradient). Three seeds, the
 #: best validation F1 kept. Threshold: the highest whose validation F1 is within 0.005 of the
-#: best. With snow labelled ice, the synthetic validation F1 is flat (0.985-0.990) from 0.05 to
-#: 0.85, so its best point is arbitrary; the top of the plateau is the choice that flags least
+#: best. With snow labelled ice, the synthetic validation F1 is flat (0.985-0.992 over the
+#: seeds tried) from 0.05 to 0.95, so its best point is arbitrary; the top of the plateau is the choice that flags least
 #: of what the generator lacks (dark hazy water, deep shade), which is what moved the real
 #: water and shadow controls from seed to seed (docs/default-model.md, runs H).
 TRAIN_SETTINGS: dict[str, Any] = {"depth": 4, "base": 8, "epochs": 40, "patience": 10, "loss": "dice+bce",
