@@ -268,6 +268,55 @@ def test_docs_point_table_is_what_icemap_computes(shares: dict[str, Any],
             assert float(cells[i].split(" (")[0]) == pytest.approx(100 * row[cls], abs=8.0), (name, cls)
 
 
+def test_docs_per_site_table_is_what_icemap_computes(shares: dict[str, Any]) -> None:
+    """The per-glacier table: NDSI and guard rows recomputed exactly; every site of every set is
+    there; and each method's per-site counts and shares add up to the per-set table's row."""
+    import re
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "default-model.md").read_text()
+    body = re.search(r"<!-- points-by-site -->(.*?)<!-- /points-by-site -->", text, re.DOTALL)
+    assert body, "docs/default-model.md lacks the per-site table markers"
+    rows = {}
+    for line in body.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[(cells[0], cells[1], cells[2])] = cells[3:]
+    columns = [*POINT_FILES["landsat"][3].values(), "not snow"]
+
+    def parse(cell: str) -> tuple[float, int] | None:
+        return (float(cell.split(" (")[0]), int(cell.split("(")[1].rstrip(")"))) if cell else None
+
+    for name in POINT_FILES:
+        assert {(n, s) for n, s, _ in rows if n == name} == {(name, s) for s in shares["by_site"][name]}
+        for site, methods in shares["by_site"][name].items():
+            for method, row in methods.items():
+                cells = rows[(name, site, method)]
+                for cls, share in row.items():
+                    got = parse(cells[columns.index(cls)])
+                    n = shares["site_pixels"][name][site][method][cls]
+                    assert (got is None) == (n == 0), (name, site, method, cls)
+                    if got is not None:
+                        assert got[1] == n and got[0] == pytest.approx(100 * share, abs=0.051), (name, site, cls)
+    points = _doc_points()
+    for (name, site, method), cells in rows.items():
+        if method != "default U-Net":
+            continue
+        per_set = points[(name, method)]
+        for cls in columns:
+            parts = [parse(c[columns.index(cls)]) for (n, _, m), c in rows.items() if n == name and m == method]
+            parts = [p for p in parts if p]
+            if not parts:
+                continue
+            total = sum(k for _, k in parts)
+            called = sum(v * k for v, k in parts) / total
+            cell = next(c for c in per_set if c.startswith("not snow: ")) if cls == "not snow" else \
+                per_set[columns.index(cls)]
+            want = parse(cell.replace("not snow: ", ""))
+            assert want is not None and total == want[1], (name, cls)
+            assert called == pytest.approx(want[0], abs=0.06), (name, cls)
+
+
 def test_point_spectra_without_the_data_says_where(tmp_path: Any) -> None:
     from icemap.errors import IcemapError
 

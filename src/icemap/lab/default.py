@@ -73,12 +73,14 @@ __all__ = [
     "default_model_dir",
     "main",
     "point_scores",
+    "point_sites",
     "point_spectra",
     "point_unet_probability",
     "points_markdown",
     "real_data_scores",
     "resolve_model",
     "scores_markdown",
+    "sites_markdown",
     "train_default",
     "visible_ice_labels",
 ]
@@ -335,6 +337,17 @@ def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarr
     return out
 
 
+def point_sites(data_root: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The glacier each real labelled pixel was taken at: ``{set: site names (N,)}``, in the
+    order of :func:`point_spectra` (the files' ``site_name`` column)."""
+    out: dict[str, np.ndarray] = {}
+    for name, (fname, _, _, _) in POINT_FILES.items():
+        path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
+        with open(path, newline="") as f:
+            out[name] = np.array([r["site_name"] for r in csv.DictReader(f)])
+    return out
+
+
 def _point_channels(refl: np.ndarray) -> np.ndarray:
     """``(N, 6)`` reflectance -> ``(N, 8)`` model channels (NDSI and NDWI as the cube path
     computes them: :func:`icemap.kernels.normalized_difference` on the bands)."""
@@ -373,17 +386,19 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
                  unet: bool = True) -> dict[str, Any]:
     """Share of each real class called ice by NDSI 0.4, NDSI 0.4 + guards and the U-Net.
 
-    Returns ``{set: {method: {class name: share}}, "pixels": {set: {method: {class: n}}}}``:
-    the share of the class's points a method calls ice, of those it can decide (NDSI needs
-    green and swir16; the U-Net all six bands). The U-Net row is the default model (or
-    ``model``) at its threshold on uniform fields (:func:`point_unet_probability`);
-    ``unet=False`` leaves it out.
+    Returns ``{set: {method: {class name: share}}, "pixels": {set: {method: {class: n}}},
+    "by_site": {set: {site: {method: {class: share}}}}, "site_pixels": {set: {site: {method:
+    {class: n}}}}}``: the share of the class's points a method calls ice, of those it can
+    decide (NDSI needs green and swir16; the U-Net all six bands), per point set and per
+    glacier of each set. The U-Net row is the default model (or ``model``) at its threshold on
+    uniform fields (:func:`point_unet_probability`); ``unet=False`` leaves it out.
     """
     from icemap.kernels import ice_mask
 
     guards: dict[str, Any] = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
     threshold = read_metadata(resolve_model(model)).threshold if unet else None
-    out: dict[str, Any] = {"pixels": {}}
+    out: dict[str, Any] = {"pixels": {}, "by_site": {}, "site_pixels": {}}
+    sites = point_sites(data_root)
     for name, (refl, cls) in point_spectra(data_root).items():
         classes = POINT_FILES[name][3]
         g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
@@ -392,12 +407,26 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
         if unet and np.isfinite(refl).all(axis=1).any():
             p = point_unet_probability(refl, model)
             calls["default U-Net"] = np.where(np.isfinite(p), (p >= threshold).astype(np.uint8), ICE_NODATA)
-        out[name], out["pixels"][name] = {}, {}
-        for method, mask in calls.items():
-            ok = mask != ICE_NODATA
-            out[name][method] = {c: float((mask[(cls == k) & ok] == 1).mean()) for k, c in classes.items()}
-            out["pixels"][name][method] = {c: int(((cls == k) & ok).sum()) for k, c in classes.items()}
+        out[name], out["pixels"][name] = _shares(calls, cls, classes, np.ones(len(cls), bool))
+        out["by_site"][name], out["site_pixels"][name] = {}, {}
+        for site in sorted(set(sites[name])):
+            out["by_site"][name][site], out["site_pixels"][name][site] = _shares(calls, cls, classes,
+                                                                                 sites[name] == site)
     return out
+
+
+def _shares(calls: dict[str, np.ndarray], cls: np.ndarray, classes: dict[int, str],
+            where: np.ndarray) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
+    """Per method: share of each class's decided points (within ``where``) called ice, and their count."""
+    shares: dict[str, dict[str, float]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for method, mask in calls.items():
+        ok = (mask != ICE_NODATA) & where
+        n = {c: int(((cls == k) & ok).sum()) for k, c in classes.items()}
+        shares[method] = {c: float((mask[(cls == k) & ok] == 1).sum() / n[c]) if n[c] else float("nan")
+                          for k, c in classes.items()}
+        counts[method] = n
+    return shares, counts
 
 
 #: Other U-Net thresholds scored for the docs (information for users choosing --threshold;
@@ -509,6 +538,23 @@ def points_markdown(points: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sites_markdown(points: dict[str, Any]) -> str:
+    """The per-glacier real-pixel table of docs/default-model.md (``<!-- points-by-site -->``),
+    from :func:`point_scores`: percent of each class called ice at each site, by method."""
+    lines = ["<!-- points-by-site -->", "| point set | site | method | " + " | ".join(
+        f"{c} (n)" for c in _TRAINING_CLASSES.values()) + " | not snow (n) |",
+             "|---|---|---" + "|---" * (len(_TRAINING_CLASSES) + 1) + "|"]
+    for name in POINT_FILES:
+        for site, methods in points["by_site"][name].items():
+            for method, row in methods.items():
+                n = points["site_pixels"][name][site][method]
+                cells = [f"{100 * row[c]:.1f} ({n[c]})" if n.get(c) else "" for c in _TRAINING_CLASSES.values()]
+                cells.append(f"{100 * row['not snow']:.1f} ({n['not snow']})" if n.get("not snow") else "")
+                lines.append(f"| {name} | {site} | {method} | " + " | ".join(cells) + " |")
+    lines.append("<!-- /points-by-site -->")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -541,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(scores_markdown(scores))
             if args.points:
                 print("\n" + points_markdown(scores["points"]))
+                print("\n" + sites_markdown(scores["points"]))
         else:
             print(json.dumps(scores, indent=2))
     return 0
