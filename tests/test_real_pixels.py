@@ -234,20 +234,26 @@ def test_seasonal_simulator_renders_the_real_spectra() -> None:
 # -- the page's real-pixel table ----------------------------------------------------------------
 
 
-def _doc_points() -> dict[tuple[str, str], list[str]]:
-    """docs/default-model.md's points table: (point set, method) -> cells."""
+def _doc_table(marker: str, n_keys: int) -> dict[tuple[str, ...], list[str]]:
+    """A table of docs/default-model.md between ``<!-- marker -->`` comments: its first
+    ``n_keys`` cells -> the other cells."""
     import re
 
     from .conftest import REPO
 
     text = (REPO / "docs" / "default-model.md").read_text()
-    body = re.search(r"<!-- points -->(.*?)<!-- /points -->", text, re.DOTALL)
-    assert body, "docs/default-model.md lacks the points table markers"
+    body = re.search(rf"<!-- {marker} -->(.*?)<!-- /{marker} -->", text, re.DOTALL)
+    assert body, f"docs/default-model.md lacks the {marker} table markers"
     rows = {}
     for line in body.group(1).strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[(cells[0], cells[1])] = cells[2:]
+        rows[tuple(cells[:n_keys])] = cells[n_keys:]
     return rows
+
+
+def _doc_points() -> dict[tuple[str, ...], list[str]]:
+    """docs/default-model.md's points table: (point set, method) -> cells."""
+    return _doc_table("points", 2)
 
 
 def test_docs_point_table_is_what_icemap_computes(shares: dict[str, Any],
@@ -271,17 +277,7 @@ def test_docs_point_table_is_what_icemap_computes(shares: dict[str, Any],
 def test_docs_per_site_table_is_what_icemap_computes(shares: dict[str, Any]) -> None:
     """The per-glacier table: NDSI and guard rows recomputed exactly; every site of every set is
     there; and each method's per-site counts and shares add up to the per-set table's row."""
-    import re
-
-    from .conftest import REPO
-
-    text = (REPO / "docs" / "default-model.md").read_text()
-    body = re.search(r"<!-- points-by-site -->(.*?)<!-- /points-by-site -->", text, re.DOTALL)
-    assert body, "docs/default-model.md lacks the per-site table markers"
-    rows = {}
-    for line in body.group(1).strip().splitlines()[2:]:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[(cells[0], cells[1], cells[2])] = cells[3:]
+    rows = _doc_table("points-by-site", 3)
     columns = [*POINT_FILES["landsat"][3].values(), "not snow"]
 
     def parse(cell: str) -> tuple[float, int] | None:

@@ -311,41 +311,47 @@ POINT_FILES: dict[str, tuple[str, tuple[str | None, ...], float, dict[int, str]]
 POINT_FIELD = 32
 
 
-def point_spectra(data_root: str | os.PathLike[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The real labelled pixels as reflectance: ``{set: (refl (N, 6), class (N,))}``.
-
-    Bands are the six common bands (:data:`CHANNELS`' first six), corrected to surface
-    reflectance as the data README says (Landsat - 0.2); a band a file lacks (or a blank cell)
-    is NaN. Sets and classes are :data:`POINT_FILES`.
-    """
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, (fname, cols, offset, _) in POINT_FILES.items():
+def _point_rows(data_root: str | os.PathLike[str]) -> dict[str, list[dict[str, str]]]:
+    """The rows of every :data:`POINT_FILES` file, read once: ``{set: rows}``."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for name, (fname, _, _, _) in POINT_FILES.items():
         path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
         if not path.is_file():
             raise IcemapError(f"{path} is missing; pass the folder that holds rgi_benchmark_glacier_spectra/ "
                               "(score --data DIR)")
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            out[name] = list(csv.DictReader(f))
+    return out
 
-        def num(r: dict[str, str], c: str | None) -> float:
-            v = r.get(c, "") if c else ""
-            return float(v) if v not in ("", "nan", "NaN") else np.nan
 
-        refl = np.array([[num(r, c) for c in cols] for r in rows], dtype=np.float32) + np.float32(offset)
-        cls = np.array([int(float(r["class"])) for r in rows], dtype=np.int16)
+def point_spectra(data_root: str | os.PathLike[str],
+                  rows: dict[str, list[dict[str, str]]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The real labelled pixels as reflectance: ``{set: (refl (N, 6), class (N,))}``.
+
+    Bands are the six common bands (:data:`CHANNELS`' first six), corrected to surface
+    reflectance as the data README says (Landsat - 0.2); a band a file lacks (or a blank cell)
+    is NaN. Sets and classes are :data:`POINT_FILES`. ``rows`` are the files already read.
+    """
+    rows = rows if rows is not None else _point_rows(data_root)
+
+    def num(r: dict[str, str], c: str | None) -> float:
+        v = r.get(c, "") if c else ""
+        return float(v) if v not in ("", "nan", "NaN") else np.nan
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (_, cols, offset, _) in POINT_FILES.items():
+        refl = np.array([[num(r, c) for c in cols] for r in rows[name]], dtype=np.float32) + np.float32(offset)
+        cls = np.array([int(float(r["class"])) for r in rows[name]], dtype=np.int16)
         out[name] = (refl, cls)
     return out
 
 
-def point_sites(data_root: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def point_sites(data_root: str | os.PathLike[str],
+                rows: dict[str, list[dict[str, str]]] | None = None) -> dict[str, np.ndarray]:
     """The glacier each real labelled pixel was taken at: ``{set: site names (N,)}``, in the
     order of :func:`point_spectra` (the files' ``site_name`` column)."""
-    out: dict[str, np.ndarray] = {}
-    for name, (fname, _, _, _) in POINT_FILES.items():
-        path = Path(data_root) / "rgi_benchmark_glacier_spectra" / fname
-        with open(path, newline="") as f:
-            out[name] = np.array([r["site_name"] for r in csv.DictReader(f)])
-    return out
+    rows = rows if rows is not None else _point_rows(data_root)
+    return {name: np.array([r["site_name"] for r in rows[name]]) for name in POINT_FILES}
 
 
 def _point_channels(refl: np.ndarray) -> np.ndarray:
@@ -398,8 +404,9 @@ def point_scores(data_root: str | os.PathLike[str], model: str | os.PathLike[str
     guards: dict[str, Any] = {**WaterGuard().kernel_params(), **DarkGuard().kernel_params()}  # --guards water,dark
     threshold = read_metadata(resolve_model(model)).threshold if unet else None
     out: dict[str, Any] = {"pixels": {}, "by_site": {}, "site_pixels": {}}
-    sites = point_sites(data_root)
-    for name, (refl, cls) in point_spectra(data_root).items():
+    rows = _point_rows(data_root)
+    sites = point_sites(data_root, rows)
+    for name, (refl, cls) in point_spectra(data_root, rows).items():
         classes = POINT_FILES[name][3]
         g, n, s = refl[:, 1], refl[:, 3], refl[:, 4]
         calls: dict[str, np.ndarray] = {"NDSI 0.4": ice_mask(g, s, 0.4),
