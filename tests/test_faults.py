@@ -262,8 +262,18 @@ def test_cli_search_through_flaky_api(stac_api: StacServer) -> None:
 
 
 def test_cli_permanently_failing_api_is_a_clear_error(stac_api: StacServer, tmp_path: Path) -> None:
+    """Every retry is spent, backing off as ``--backoff`` says, then one clear error.
+
+    ``--backoff 0.05`` instead of the default 0.5: the same retries, waiting 1.5 s in all instead
+    of 15 (urllib3 waits ``backoff * 2**(n-1)`` before the n-th retry, nothing before the first).
+    """
+    backoff = 0.05
     with FaultProxy(stac_api.url, [503], max_requests=100, max_seconds=120) as proxy:
-        res = _run("ingest", "--catalog", proxy.url, "--out", str(tmp_path / "c.zarr"), "--quiet", timeout=120)
+        t0 = time.monotonic()
+        res = _run("ingest", "--catalog", proxy.url, "--out", str(tmp_path / "c.zarr"), "--quiet",
+                   "--backoff", str(backoff), timeout=120)
+        elapsed = time.monotonic() - t0
+    assert elapsed >= sum(backoff * 2 ** (n - 1) for n in range(2, STAC_RETRIES + 1))  # the waits happened
     assert res.returncode == 1
     assert f"failed after {STAC_RETRIES} retries" in res.stderr and "503" in res.stderr
     assert "Traceback" not in res.stderr

@@ -152,12 +152,14 @@ def test_cli_bad_bbox_exits_nonzero() -> None:
     assert "no width" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_retries_and_timeout_reach_the_search() -> None:
+def test_cli_retries_timeout_and_backoff_reach_the_search() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = icemap_cli("search", "--catalog", f"http://127.0.0.1:{port}/", "--retries", "0", "--timeout", "2")
     assert out.returncode == 1 and "failed after 0 retries" in out.stderr
+    bad = icemap_cli("search", "--catalog", f"http://127.0.0.1:{port}/", "--backoff", "-1")
+    assert bad.returncode == 1 and "backoff must be 0 or more seconds" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.shared_data

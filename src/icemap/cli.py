@@ -21,6 +21,7 @@ import typer
 
 from icemap import cli_common
 from icemap.cli_common import (
+    BackoffOpt,
     BboxOpt,
     Catalog,
     CollectionOpt,
@@ -43,12 +44,13 @@ from icemap.cli_common import (
 from icemap.errors import IcemapError, IcemapWarning
 from icemap.extras import require
 from icemap.redact import printable, redact
-from icemap.retry import STAC_RETRIES, STAC_TIMEOUT_S
+from icemap.retry import STAC_BACKOFF_S, STAC_RETRIES, STAC_TIMEOUT_S
 
 
 def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetime: str | None,
                   max_cloud: float | None, platform: list[str] | None, max_items: int | None = None,
-                  retries: int = STAC_RETRIES, timeout: float = STAC_TIMEOUT_S, intersects: Path | None = None) -> Any:
+                  retries: int = STAC_RETRIES, timeout: float = STAC_TIMEOUT_S, intersects: Path | None = None,
+                  backoff: float = STAC_BACKOFF_S) -> Any:
     from icemap.stac import search  # the STAC stack loads when a search is built, not at the CLI's start
 
     return search(
@@ -61,6 +63,7 @@ def _build_search(catalog: str, collection: list[str] | None, bbox: Any, datetim
         max_items=max_items,
         retries=retries,
         timeout=timeout,
+        backoff=backoff,
         intersects=intersects,
     )
 
@@ -78,10 +81,11 @@ def search_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a GeoJSON FeatureCollection.")] = False,
     retries: RetriesOpt = STAC_RETRIES,
     timeout: TimeoutOpt = STAC_TIMEOUT_S,
+    backoff: BackoffOpt = STAC_BACKOFF_S,
 ) -> None:
     """Find scenes and list them (id, date, cloud cover, platform)."""
     s = _build_search(catalog, collection, bbox, datetime, max_cloud, platform, max_items, retries, timeout,
-                      intersects=intersects)
+                      intersects=intersects, backoff=backoff)
     items = s.item_dicts()
     if as_json:
         json.dump({"type": "FeatureCollection", "features": items}, sys.stdout)
@@ -129,6 +133,7 @@ def ingest_cmd(
     engine: Annotated[Optional[str], typer.Option("--engine", help="Loader engine: auto (odc-stac), odc-stac or stackstac (pip install \"icemap[stackstac]\"); both give the same cube.")] = None,
     retries: RetriesOpt = STAC_RETRIES,
     timeout: TimeoutOpt = STAC_TIMEOUT_S,
+    backoff: BackoffOpt = STAC_BACKOFF_S,
     scheduler: SchedulerOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -161,7 +166,7 @@ def ingest_cmd(
         if datetime and len(datetime) > 1:
             raise IcemapError("give --datetime once for a search (START/END); repeat it only with --files")
         source = _build_search(catalog, collection, bbox, datetime[0] if datetime else None, max_cloud, platform,
-                               retries=retries, timeout=timeout, intersects=intersects)
+                               retries=retries, timeout=timeout, backoff=backoff, intersects=intersects)
     band_list = _split_list(bands)
     if files and band_list is None:
         band_list = list(parse_band_map(band_map or ""))  # the bands the user mapped, in their order

@@ -738,7 +738,7 @@ def item_from_files(
 
 
 def _check_search_numbers(max_cloud: float | None, max_items: int | None, limit: int, timeout: float,
-                          retries: int) -> float | None:
+                          retries: int, backoff: float) -> float | None:
     """Validate :func:`search`'s numbers now, not at iteration; return ``max_cloud`` as a float."""
     if max_cloud is not None:
         try:
@@ -755,6 +755,8 @@ def _check_search_numbers(max_cloud: float | None, max_items: int | None, limit:
         raise SearchError(f"timeout must be positive seconds, got {timeout}")
     if retries < 0:
         raise SearchError(f"retries must be 0 or more, got {retries}")
+    if not backoff >= 0:  # (NaN too)
+        raise SearchError(f"backoff must be 0 or more seconds, got {backoff}")
     return max_cloud
 
 
@@ -838,7 +840,7 @@ def search(
         collections = [collections]
     if isinstance(platforms, str):
         platforms = [platforms]
-    max_cloud = _check_search_numbers(max_cloud, max_items, limit, timeout, retries)
+    max_cloud = _check_search_numbers(max_cloud, max_items, limit, timeout, retries, backoff)
     parse_datetime(datetime)  # validate now, not at iteration
     area = parse_intersects(intersects)
     if area is not None and bbox is not None:
