@@ -118,6 +118,10 @@ class Config:
     #: One untimed call of each side before the timed ones (full). The smoke only checks that
     #: everything runs, so it skips them: half its time.
     warmup: bool = True
+    #: Bytes the memory-bandwidth probe copies (a quarter of it for the parallel ceiling). Full:
+    #: far beyond any cache, as a measurement must be. The smoke only runs the code: 8 MiB, not
+    #: the 3.7 s that 256 MiB takes there.
+    probe_bytes: int = 256 * 2**20
 
 
 FULL = Config(
@@ -131,7 +135,7 @@ SMOKE = Config(
     unet_size=128, unet_chunk=64, unet_depth=2, unet_base=4, unet_tile=32, unet_batch=4,
     unet_overlap=8, scaling_ndsi=(64, 128), scaling_unet=(64, 128), scaling_chunk_ndsi=64,
     scaling_chunk_unet=64, jobs_size=128, jobs_seed=3, jobs_chunk=64, repeat=1, fresh_cluster=False,
-    warmup=False,
+    warmup=False, probe_bytes=8 * 2**20,
 )
 
 
@@ -187,7 +191,7 @@ def loadavg() -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------
 # NDSI: icemap (dask, all cores) vs numpy (one core) vs the memory-bandwidth limit
 # ---------------------------------------------------------------------------------------------
-def copy_bandwidth(nbytes: int = 256 * 2**20, threads: int = 1, repeat: int = 5) -> float:
+def copy_bandwidth(nbytes: int, threads: int = 1, repeat: int = 5) -> float:
     """Bytes per second a copy moves (read + write), with ``threads`` threads on slices."""
     n = nbytes // 4
     src = np.ones(n, np.float32)
@@ -207,7 +211,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, threads: int = 1, repeat: int = 5)
     return 2 * src.nbytes / best
 
 
-def parallel_ceiling(threads: int, nbytes: int = 64 * 2**20, repeat: int = 5) -> float:
+def parallel_ceiling(threads: int, nbytes: int, repeat: int = 5) -> float:
     """Best speed-up ``threads`` threads get over one on allocation-free element-wise numpy.
 
     ``np.add``/``np.multiply`` with ``out=`` on slices (no temporaries, GIL released): the most a
@@ -301,8 +305,8 @@ def section_ndsi(cfg: Config) -> list[Row]:
             "ice_kernel": ice_kernel_alone, "icemap_ice": icemap_ice, "numpy_ice": numpy_ice,
             "dask_floor": dask_floor,
         }, cfg.repeat, warmup=cfg.warmup)
-    bw = max(copy_bandwidth(threads=1), copy_bandwidth(threads=ncores))
-    ceiling = parallel_ceiling(ncores)
+    bw = max(copy_bandwidth(cfg.probe_bytes, threads=1), copy_bandwidth(cfg.probe_bytes, threads=ncores))
+    ceiling = parallel_ceiling(ncores, nbytes=cfg.probe_bytes // 4)
     limit_ndsi = n_px * 12 / bw  # read 2 x float32, write 1 x float32
     limit_ice = n_px * 9 / bw  # read 2 x float32, write 1 x uint8
     mpx = n_px / 1e6
