@@ -25,8 +25,17 @@ from rasterio.transform import from_origin
 
 import icemap
 from icemap.errors import ModelError
-from icemap.model.checkpoint import METADATA, WEIGHTS, read_metadata, sha256_of
-from icemap.lab.default import CHANNELS, SpectralAugment, real_data_scores, visible_ice_labels
+from icemap.model.checkpoint import METADATA, WEIGHTS, read_metadata, sha256_of, write_metadata
+from icemap.lab.default import (
+    CHANNELS,
+    THRESHOLD_SELECTION,
+    SpectralAugment,
+    lowest_passing_threshold,
+    real_data_scores,
+    select_threshold,
+    selection_markdown,
+    visible_ice_labels,
+)
 from icemap.labels import rasterize_outlines
 from icemap.model.packaged import default_model_dir, resolve_model
 from icemap.sample import CLASS_CODES, make_sample_region
@@ -158,7 +167,7 @@ def test_runs_on_sentinel2_and_hls_cubes(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 #: docs/default-model.md's table, rows as written there (3 decimals; shares in percent, 2 decimals).
-METHODS = ("default U-Net", "default U-Net at 0.7", "default U-Net at 0.9", "NDSI 0.4", "NDSI 0.4 + guards")
+METHODS = ("default U-Net", "default U-Net at 0.5", "default U-Net at 0.95", "NDSI 0.4", "NDSI 0.4 + guards")
 CONTROLS = ("liverpool water", "landsat5 water", "sentinel2 water", "landsat5 shadow", "sentinel2 shadow",
             "landsat5 cloud", "sentinel2 cloud")
 #: Scores can move in the last digit with torch's thread count (sums in another order).
@@ -224,6 +233,73 @@ def test_targets(scores: dict[str, Any]) -> None:
             assert share > WATER_MAX_PCT and doc[control] == MISSED_WATER[control], control
         else:
             assert share <= WATER_MAX_PCT, control
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped threshold: chosen on the real selection set
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lowest_passing_threshold_is_the_lowest_with_every_control_in_bounds() -> None:
+    grid = [0.5, 0.6, 0.7, 0.8]
+    shares = {"water": [0.02, 0.004, 0.001, 0.0], "shadow": [0.001, 0.006, 0.004, 0.0], "ice": [0.9, 0.8, 0.7, 0.6]}
+    # 0.6 passes on water but not on shadow: every control must be within the bound.
+    assert lowest_passing_threshold(shares, grid, ["water", "shadow"], 0.005) == 0.7
+    assert lowest_passing_threshold(shares, grid, ["water"], 0.005) == 0.6
+    assert lowest_passing_threshold(shares, grid, ["water", "shadow"], 0.05) == 0.5
+    with pytest.raises(ModelError, match="retrain it"):
+        lowest_passing_threshold({"water": [0.3, 0.2, 0.1, 0.02]}, grid, ["water"], 0.005)
+
+
+@pytest.mark.shared_data
+@pytest.mark.lab
+def test_shipped_threshold_is_what_the_rule_chooses_on_the_selection_set(tmp_path: Path) -> None:
+    """The recipe's last step, rerun on a copy of the shipped model put back at training's synthetic
+    threshold, chooses the shipped threshold, records what it read, and the page shows that record."""
+    shared_path("rgi_benchmark_glacier_spectra")
+    shared_path("ukis_csmask_cloud_chips")
+    shipped = read_metadata(default_model_dir())
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes((default_model_dir() / WEIGHTS).read_bytes())
+    meta = read_metadata(default_model_dir())
+    synthetic = shipped.training["threshold_selection"]["synthetic_threshold"]
+    meta.threshold = synthetic
+    del meta.training["threshold_selection"]
+    write_metadata(meta, folder)
+
+    record = select_threshold(folder, SHARED_DATA)
+    again = read_metadata(folder)
+    assert again.threshold == record["threshold"] == shipped.threshold
+    assert again.weights_sha256 == shipped.weights_sha256  # the weights are untouched
+    assert record["synthetic_threshold"] == synthetic
+    assert {k: record[k] for k in THRESHOLD_SELECTION} == THRESHOLD_SELECTION
+    recorded = shipped.training["threshold_selection"]["shares"]
+    for name, shares in record["shares"].items():
+        np.testing.assert_allclose(shares, recorded[name], atol=5e-4, err_msg=name)
+    # Every control within the bound at the chosen threshold, one of them over it just below.
+    i = THRESHOLD_SELECTION["grid"].index(record["threshold"])
+    assert all(record["shares"][c][i] <= THRESHOLD_SELECTION["max_control_share"] for c in record["controls"])
+    if i:
+        assert any(record["shares"][c][i - 1] > THRESHOLD_SELECTION["max_control_share"] for c in record["controls"])
+    # docs/default-model.md shows the shipped record.
+    table = re.search(r"<!-- threshold-selection -->.*?<!-- /threshold-selection -->", DOC.read_text(), re.DOTALL)
+    assert table and table.group(0) == selection_markdown(shipped.training["threshold_selection"])
+
+
+def test_write_metadata_refuses_a_json_for_other_weights(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes((default_model_dir() / WEIGHTS).read_bytes())
+    meta = read_metadata(default_model_dir())
+    meta.threshold = 0.4
+    write_metadata(meta, folder)
+    assert read_metadata(folder).threshold == 0.4
+    (folder / WEIGHTS).write_bytes(b"other weights")
+    meta.threshold = 0.3
+    with pytest.raises(ModelError, match="is not the weights this metadata describes"):
+        write_metadata(meta, folder)
+    assert read_metadata(folder).threshold == 0.4  # nothing written
 
 
 # ----------------------------------------------------------------------------------------------

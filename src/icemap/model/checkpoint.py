@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from icemap.model.unet import UNet
 
-__all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "sha256_of",
+__all__ = ["CheckpointMeta", "save_checkpoint", "load_checkpoint", "read_metadata", "write_metadata", "sha256_of",
            "WEIGHTS", "ONNX_WEIGHTS", "METADATA"]
 
 WEIGHTS = "model.safetensors"
@@ -191,6 +191,24 @@ def save_checkpoint(model: UNet, meta: CheckpointMeta, folder: str | os.PathLike
     # The JSON is written last: a folder with a JSON always has the weights it describes.
     # Its STAC Item (model.stac.json) is the writer's to add (icemap.model.item.describe_model,
     # as training does): the network runtime stands below the STAC layer, which reads it.
+    _atomic_write(out / METADATA, meta.to_json().encode())
+    return out
+
+
+def write_metadata(meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path:
+    """Rewrite a checkpoint's JSON (a new threshold, more provenance), its weights untouched.
+
+    The weights on disk must still be the ones ``meta`` names (its sha256): a JSON describing
+    other weights is refused, never written.
+    """
+    out = Path(folder)
+    wpath = out / meta.weights_file
+    if not wpath.is_file():
+        raise ModelError(f"checkpoint {folder} has no {meta.weights_file}: write the weights first (save_checkpoint)")
+    digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    if digest != meta.weights_sha256:
+        raise ModelError(f"{wpath} (sha256 {digest[:12]}...) is not the weights this metadata describes "
+                         f"({str(meta.weights_sha256)[:12]}...); read the metadata of this folder again")
     _atomic_write(out / METADATA, meta.to_json().encode())
     return out
 
