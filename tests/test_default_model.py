@@ -235,6 +235,25 @@ def test_targets(scores: dict[str, Any]) -> None:
             assert share <= WATER_MAX_PCT, control
 
 
+@pytest.mark.shared_data
+def test_greenland_ice_sheet_interior_is_ice() -> None:
+    """A real scene far from the generator: the Greenland ice sheet interior (a full Landsat 8 C2 L2
+    scene downsampled to 515 m), every clear pixel snow or ice. docs/default-model.md quotes the
+    share the default model calls ice (99.9 %)."""
+    from .test_load import usgs_item
+
+    scene = "LC08_L2SP_005009_20150710_20200908_02_T2"
+    with rasterio.open(next(shared_path("landsat_c2l2_fullscene_downsampled", scene).glob("*_SR_B3.TIF"))) as src:
+        res = (src.transform.a, -src.transform.e)
+    cube = icemap.load([usgs_item(scene)], bands=list(COMMON_BANDS), resolution=res).compute()
+    clear = np.isfinite(cube["reflectance"].values[0]).all(axis=0)  # QA cloud, shadow and fill are NaN
+    ice = icemap.predict(cube)["ice"].values[0]
+    share = 100 * float((ice[clear] == 1).mean())
+    assert clear.sum() > 50_000 and share >= 99.5
+    text = DOC.read_text()
+    assert f"{int(clear.sum()):,} clear".replace(",", " ") in text and f"{share:.1f} % of the clear" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # The shipped threshold: chosen on the real selection set
 # ----------------------------------------------------------------------------------------------
