@@ -30,6 +30,7 @@ from icemap.lab.default import (
     CHANNELS,
     THRESHOLD_SELECTION,
     SpectralAugment,
+    choose_restart,
     lowest_passing_threshold,
     real_data_scores,
     select_threshold,
@@ -268,6 +269,21 @@ def test_lowest_passing_threshold_is_the_lowest_with_every_control_in_bounds() -
     assert lowest_passing_threshold(shares, grid, ["water", "shadow"], 0.05) == 0.5
     with pytest.raises(ModelError, match="retrain it"):
         lowest_passing_threshold({"water": [0.3, 0.2, 0.1, 0.02]}, grid, ["water"], 0.005)
+
+
+def test_choose_restart_takes_the_most_glacier_among_passing_restarts() -> None:
+    """The recipe's restart choice on the real selection set: a restart no threshold saves is out
+    (here the best synthetic F1), then the most glacier wins; ties go to synthetic F1, then the
+    lower seed; no passing restart is an error, never a shipped model."""
+    runs = [{"seed": 0, "val_f1": 0.984, "threshold": 0.9, "glacier_share": 0.74},
+            {"seed": 1, "val_f1": 0.990, "threshold": None, "glacier_share": None},
+            {"seed": 2, "val_f1": 0.985, "threshold": 0.9, "glacier_share": 0.85}]
+    assert choose_restart(runs)["seed"] == 2
+    tie = [dict(runs[0], glacier_share=0.85), runs[2]]
+    assert choose_restart(tie)["seed"] == 2  # same glacier share: the better validation F1
+    assert choose_restart([dict(runs[2], seed=3), runs[2]])["seed"] == 2  # then the lower seed
+    with pytest.raises(ModelError, match="retrain with other seeds"):
+        choose_restart([runs[1]])
 
 
 @pytest.mark.shared_data

@@ -187,9 +187,9 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
         Overrides of :data:`TRAIN_SETTINGS` (``epochs``), :data:`REGION`, :data:`CHIP_SETTINGS`,
         :data:`TRAIN_SETTINGS` and the augmentation, for quick trial runs.
     real_data
-        The real data folder (``../shared/data``): the threshold is then chosen on its selection
-        set (:func:`select_threshold`), as the shipped model's was. ``None`` keeps the threshold
-        training chose on synthetic validation chips (trial runs).
+        The real data folder (``../shared/data``): the restart and its threshold are then chosen
+        on its selection set (:func:`select_on_real_data`), as the shipped model's were. ``None``
+        keeps training's choices on synthetic validation chips (trial runs).
     """
     import torch
 
@@ -231,6 +231,10 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
         "region": region, "chip_settings": chips, "train_settings": settings,
         "augmentation": augment.to_dict(), "weights_dtype": "float16",
         "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+        # The instruction set torch's and numpy's kernels ran with: a run is reproducible (same
+        # sha256) on the same one; AVX2 and AVX-512 hosts sum in other orders, from the
+        # generated region on (docs/default-model.md).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seconds_data": round(t_data, 1), "seconds_total": round(time.perf_counter() - t0, 1),
     })
     # Each restart's folder relative to the model folder: the record ships inside the package.
@@ -239,7 +243,7 @@ def train_default(out: str | os.PathLike[str], *, work: str | os.PathLike[str] |
     model = result.model.half()
     save_checkpoint(model, meta, out)
     if real_data is not None:
-        select_threshold(out, real_data)  # on the stored float16 weights, as every score is
+        select_on_real_data(out, real_data, work)  # on float16 weights, as every score is
     describe_model(out)  # its STAC Item again: the weights changed
     return out
 
@@ -518,26 +522,111 @@ def lowest_passing_threshold(shares: Mapping[str, Sequence[float]], grid: Sequen
                      "(another seed) rather than ship it")
 
 
+def _selection(folder: Path, data_root: str | os.PathLike[str]) -> dict[str, Any]:
+    """What :data:`THRESHOLD_SELECTION` finds for one model: every share it read, and the chosen
+    threshold with the mean share of the glacier classes there (``None`` for both when no
+    threshold passes)."""
+    shares = selection_shares(data_root, folder)
+    try:
+        chosen: float | None = lowest_passing_threshold(shares, THRESHOLD_SELECTION["grid"],
+                                                        THRESHOLD_SELECTION["controls"],
+                                                        THRESHOLD_SELECTION["max_control_share"])
+    except ModelError:
+        chosen = None
+    glacier = None
+    if chosen is not None:
+        i = THRESHOLD_SELECTION["grid"].index(chosen)
+        glacier = float(np.mean([shares[g][i] for g in THRESHOLD_SELECTION["glacier"]]))
+    return {"shares": shares, "threshold": chosen, "glacier_share": glacier}
+
+
+def _write_selection(folder: Path, found: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Write a passing selection's threshold and record into ``folder``'s ``model.json``."""
+    meta = read_metadata(folder)
+    before = meta.training.get("threshold_selection", {}).get("synthetic_threshold", meta.threshold)
+    record = {"rule": "lowest grid threshold with every selection control at most max_control_share ice",
+              **THRESHOLD_SELECTION, "shares": found["shares"], "threshold": found["threshold"],
+              "glacier_share": found["glacier_share"], "synthetic_threshold": before,
+              "held_out": "every Sentinel-2 set, HLS Athabasca, Liverpool, the validation glaciers", **extra}
+    meta.threshold = found["threshold"]
+    meta.training["threshold_selection"] = record
+    write_metadata(meta, folder)
+    return record
+
+
 def select_threshold(model: str | os.PathLike[str], data_root: str | os.PathLike[str]) -> dict[str, Any]:
     """Choose ``model``'s threshold by :data:`THRESHOLD_SELECTION` and write it to its ``model.json``.
 
     The choice and everything it read go to ``training["threshold_selection"]`` (the rule, the
     shares at each grid threshold, the threshold training's synthetic rule had given); the
-    weights are untouched. Rerunning it gives the same threshold.
+    weights are untouched. Rerunning it gives the same threshold. A model for which no threshold
+    passes is an error (:func:`lowest_passing_threshold`'s), and nothing is written.
     """
     folder = Path(model)
-    meta = read_metadata(folder)
-    shares = selection_shares(data_root, folder)
-    chosen = lowest_passing_threshold(shares, THRESHOLD_SELECTION["grid"], THRESHOLD_SELECTION["controls"],
-                                      THRESHOLD_SELECTION["max_control_share"])
-    before = meta.training.get("threshold_selection", {}).get("synthetic_threshold", meta.threshold)
-    record = {"rule": "lowest grid threshold with every selection control at most max_control_share ice",
-              **THRESHOLD_SELECTION, "shares": shares, "threshold": chosen, "synthetic_threshold": before,
-              "held_out": "every Sentinel-2 set, HLS Athabasca, Liverpool, the validation glaciers"}
-    meta.threshold = chosen
-    meta.training["threshold_selection"] = record
-    write_metadata(meta, folder)
-    return record
+    found = _selection(folder, data_root)
+    if found["threshold"] is None:  # raise the rule's own error, naming the controls
+        lowest_passing_threshold(found["shares"], THRESHOLD_SELECTION["grid"], THRESHOLD_SELECTION["controls"],
+                                 THRESHOLD_SELECTION["max_control_share"])
+    return _write_selection(folder, found)
+
+
+def choose_restart(candidates: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The restart the real selection set prefers: among those with a passing threshold, the most
+    glacier (mean share of the glacier classes at that threshold); ties go to the better synthetic
+    validation F1, then the lower seed. An error when no restart passes.
+
+    ``candidates``: one dict per restart with ``seed``, ``val_f1``, ``threshold`` (``None`` when
+    none passes) and ``glacier_share``.
+    """
+    passing = [c for c in candidates if c["threshold"] is not None]
+    if not passing:
+        raise ModelError(f"none of the {len(candidates)} restart(s) (seeds {[c['seed'] for c in candidates]}) keeps "
+                         f"every real control at most {100 * THRESHOLD_SELECTION['max_control_share']:.1f} % ice at "
+                         "any threshold: retrain with other seeds (TRAIN_SETTINGS seed/restarts) rather than ship one")
+    return max(passing, key=lambda c: (c["glacier_share"], c["val_f1"], -c["seed"]))
+
+
+#: The recipe's own provenance in ``model.json``'s training block (what :func:`train_default`
+#: adds to a run's record); kept when the real selection set prefers another restart.
+_RECIPE_KEYS = ("recipe", "cube", "outlines", "labels", "region", "chip_settings", "train_settings", "augmentation",
+                "weights_dtype", "torch_version", "torch_threads", "cpu_capability", "seconds_data", "seconds_total",
+                "restarts")
+
+
+def select_on_real_data(out: str | os.PathLike[str], data_root: str | os.PathLike[str],
+                        work: str | os.PathLike[str]) -> dict[str, Any]:
+    """The recipe's last step: choose the restart and its threshold on the real selection set.
+
+    Every restart of the training run in ``out`` (``training["restarts"]``; the model itself when
+    there were none) is stored as float16, as the shipped weights are, in ``work``, and gets the
+    threshold of :data:`THRESHOLD_SELECTION`; :func:`choose_restart` picks one. When it is not
+    the restart synthetic validation F1 picked, its weights and its own run record replace those
+    in ``out`` (the recipe's provenance, :data:`_RECIPE_KEYS`, is kept). The record of every
+    restart goes to ``training["threshold_selection"]["restarts"]``. Returns that record.
+    """
+    from icemap.model.checkpoint import load_checkpoint
+
+    out, work = Path(out), Path(work)
+    meta = read_metadata(out)
+    runs = meta.training.get("restarts") or [{"seed": int(meta.training["config"]["seed"]), "folder": ".",
+                                               "val_f1": float(meta.validation.get("f1", float("nan")))}]
+    candidates = []
+    for r in runs:
+        model, run_meta = load_checkpoint(out / r["folder"])
+        f16 = work / "real-selection" / f"seed-{r['seed']}"
+        save_checkpoint(model.half(), run_meta, f16)
+        found = _selection(f16, data_root)
+        candidates.append({"seed": int(r["seed"]), "val_f1": float(r["val_f1"]), "folder": f16, **found})
+    best = choose_restart(candidates)
+    synthetic_seed = int(meta.training.get("chosen_seed", best["seed"]))
+    if best["seed"] != synthetic_seed:
+        model, run_meta = load_checkpoint(best["folder"])
+        run_meta.training.update({k: meta.training[k] for k in _RECIPE_KEYS if k in meta.training})
+        run_meta.training["chosen_seed"] = best["seed"]
+        save_checkpoint(model.half(), run_meta, out)  # the float16 values again: the same bytes
+    summary = [{"seed": c["seed"], "val_f1": c["val_f1"], "threshold": c["threshold"],
+                "glacier_share": c["glacier_share"]} for c in candidates]
+    return _write_selection(out, best, restarts=summary, synthetic_seed=synthetic_seed, chosen_seed=best["seed"])
 
 
 def selection_markdown(record: dict[str, Any]) -> str:
