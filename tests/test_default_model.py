@@ -322,6 +322,17 @@ def test_shipped_threshold_is_what_the_rule_chooses_on_the_selection_set(tmp_pat
     assert table and table.group(0) == selection_markdown(shipped.training["threshold_selection"])
 
 
+def test_recipe_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m icemap.lab.default``: a wrong folder or missing data is a one-line error and exit 1."""
+    from icemap.lab.default import main
+
+    assert main(["threshold", "--model", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "error: no checkpoint at" in err and "Traceback" not in err
+    assert main(["score", "--data", str(tmp_path)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
 def test_write_metadata_refuses_a_json_for_other_weights(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()

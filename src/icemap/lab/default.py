@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -790,6 +791,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--points", action="store_true",
                    help="also score the hand-labelled real pixels (rgi_benchmark_glacier_spectra)")
     args = p.parse_args(argv)
+    try:
+        _run_command(args)
+    except IcemapError as exc:  # what a user can get wrong (a folder, missing data): one line, no traceback
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_command(args: argparse.Namespace) -> None:
     if args.cmd == "train":
         path = train_default(args.out, work=args.work, epochs=args.epochs,
                              real_data=None if args.synthetic_threshold else args.data)
@@ -810,7 +820,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n" + sites_markdown(scores["points"]))
         else:
             print(json.dumps(scores, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
