@@ -68,7 +68,7 @@ SchedulerOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries of failed/timed-out/5xx STAC requests.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for each STAC request.")]
-BackoffOpt = Annotated[float, typer.Option("--backoff", help="Backoff factor of the STAC retries: the n-th retry waits BACKOFF * 2**n seconds.")]
+BackoffOpt = Annotated[float, typer.Option("--backoff", help="Backoff factor of the STAC retries: BACKOFF * 2**(n-1) seconds before the n-th retry, none before the first.")]
 
 
 def _console(stderr: bool = True) -> Any:

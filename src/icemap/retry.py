@@ -11,13 +11,14 @@ from __future__ import annotations
 __all__ = ["STAC_TIMEOUT_S", "STAC_RETRIES", "STAC_BACKOFF_S", "STAC_RETRY_STATUS", "GDAL_RETRY"]
 
 # A slow or briefly failing API (Planetary Computer under load, a gateway restarting) answers
-# within 30 s and comes back within 5 retries backing off from 0.5 s (0.5, 1, 2, 4, 8 s: about
-# 15 s in all); a dead one fails in well under a minute.
+# within 30 s and comes back within 5 retries backing off from 0.5 s (urllib3 waits 0, 1, 2, 4,
+# 8 s before them: 15 s in all, measured); a dead one fails in well under a minute.
 #: Seconds to wait for each STAC request.
 STAC_TIMEOUT_S: float = 30.0
 #: Retries of failed connections, time-outs and :data:`STAC_RETRY_STATUS` answers.
 STAC_RETRIES: int = 5
-#: Backoff factor: the n-th retry waits ``STAC_BACKOFF_S * 2**n`` seconds.
+#: Backoff factor: urllib3 waits ``STAC_BACKOFF_S * 2**(n-1)`` seconds before the n-th retry
+#: (nothing before the first).
 STAC_BACKOFF_S: float = 0.5
 #: HTTP statuses a STAC request is retried on (timeout, rate limit, server errors).
 STAC_RETRY_STATUS: tuple[int, ...] = (408, 429, 500, 502, 503, 504)

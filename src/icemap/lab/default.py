@@ -483,25 +483,32 @@ THRESHOLD_SELECTION: dict[str, Any] = {
 }
 
 
-def selection_shares(data_root: str | os.PathLike[str],
-                     model: str | os.PathLike[str] | None = None) -> dict[str, list[float]]:
+def _selection_inputs(data_root: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+    """The selection set read once: Landsat point reflectance and classes, the ukis Landsat-5 cube
+    and its class mask (the restarts of one recipe run all score on them)."""
+    refl, cls = point_spectra(data_root)["landsat"]
+    cube, msk = _ukis(Path(data_root), "landsat5")
+    return refl, cls, cube, msk
+
+
+def selection_shares(data_root: str | os.PathLike[str], model: str | os.PathLike[str] | None = None, *,
+                     inputs: tuple[np.ndarray, np.ndarray, Any, np.ndarray] | None = None) -> dict[str, list[float]]:
     """Share of each selection-set class called ice at each threshold of the grid.
 
     The selection set is :data:`THRESHOLD_SELECTION`'s: the Landsat points (through
     :func:`point_unet_probability`, as the docs' point table scores them) and the ukis Landsat-5
     chips (through :func:`icemap.predict`, as ``icemap map`` runs). Returns ``{class: [share at
     each grid threshold]}`` for the controls and the glacier classes, decided by
-    :func:`icemap.kernels.probability_mask` as the product decides a pixel.
+    :func:`icemap.kernels.probability_mask` as the product decides a pixel. ``inputs``: the
+    selection set already read (:func:`_selection_inputs`).
     """
     folder = resolve_model(model)
-    root = Path(data_root)
+    refl, cls, cube, msk = inputs if inputs is not None else _selection_inputs(data_root)
     grid = THRESHOLD_SELECTION["grid"]
     probs: dict[str, np.ndarray] = {}
-    refl, cls = point_spectra(root)["landsat"]
     p = point_unet_probability(refl, folder)
     for k, c in _TRAINING_CLASSES.items():
         probs[f"landsat {c}"] = p[(cls == k) & np.isfinite(p)]
-    cube, msk = _ukis(root, "landsat5")
     prob = predict(cube, folder, device="cpu")["ice_probability"].isel(time=0).values
     for c in ("water", "shadow", "cloud"):
         probs[f"landsat5 {c}"] = prob[(msk == _UKIS_CLASSES[c]) & np.isfinite(prob)]
@@ -523,21 +530,19 @@ def lowest_passing_threshold(shares: Mapping[str, Sequence[float]], grid: Sequen
                      "(another seed) rather than ship it")
 
 
-def _selection(folder: Path, data_root: str | os.PathLike[str]) -> dict[str, Any]:
+def _selection(folder: Path, data_root: str | os.PathLike[str], *,
+               inputs: tuple[np.ndarray, np.ndarray, Any, np.ndarray] | None = None) -> dict[str, Any]:
     """What :data:`THRESHOLD_SELECTION` finds for one model: every share it read, and the chosen
-    threshold with the mean share of the glacier classes there (``None`` for both when no
-    threshold passes)."""
-    shares = selection_shares(data_root, folder)
+    threshold with the mean share of the glacier classes there; when no threshold passes, both
+    are ``None`` and ``error`` says why (the rule's own message)."""
+    shares = selection_shares(data_root, folder, inputs=inputs)
     try:
-        chosen: float | None = lowest_passing_threshold(shares, THRESHOLD_SELECTION["grid"],
-                                                        THRESHOLD_SELECTION["controls"],
-                                                        THRESHOLD_SELECTION["max_control_share"])
-    except ModelError:
-        chosen = None
-    glacier = None
-    if chosen is not None:
-        i = THRESHOLD_SELECTION["grid"].index(chosen)
-        glacier = float(np.mean([shares[g][i] for g in THRESHOLD_SELECTION["glacier"]]))
+        chosen = lowest_passing_threshold(shares, THRESHOLD_SELECTION["grid"], THRESHOLD_SELECTION["controls"],
+                                          THRESHOLD_SELECTION["max_control_share"])
+    except ModelError as exc:
+        return {"shares": shares, "threshold": None, "glacier_share": None, "error": str(exc)}
+    i = THRESHOLD_SELECTION["grid"].index(chosen)
+    glacier = float(np.mean([shares[g][i] for g in THRESHOLD_SELECTION["glacier"]]))
     return {"shares": shares, "threshold": chosen, "glacier_share": glacier}
 
 
@@ -565,9 +570,8 @@ def select_threshold(model: str | os.PathLike[str], data_root: str | os.PathLike
     """
     folder = Path(model)
     found = _selection(folder, data_root)
-    if found["threshold"] is None:  # raise the rule's own error, naming the controls
-        lowest_passing_threshold(found["shares"], THRESHOLD_SELECTION["grid"], THRESHOLD_SELECTION["controls"],
-                                 THRESHOLD_SELECTION["max_control_share"])
+    if found["threshold"] is None:
+        raise ModelError(f"{folder}: {found['error']}")
     return _write_selection(folder, found)
 
 
@@ -611,12 +615,13 @@ def select_on_real_data(out: str | os.PathLike[str], data_root: str | os.PathLik
     meta = read_metadata(out)
     runs = meta.training.get("restarts") or [{"seed": int(meta.training["config"]["seed"]), "folder": ".",
                                                "val_f1": float(meta.validation.get("f1", float("nan")))}]
+    inputs = _selection_inputs(data_root)  # read once for every restart
     candidates = []
     for r in runs:
         model, run_meta = load_checkpoint(out / r["folder"])
         f16 = work / "real-selection" / f"seed-{r['seed']}"
         save_checkpoint(model.half(), run_meta, f16)
-        found = _selection(f16, data_root)
+        found = _selection(f16, data_root, inputs=inputs)
         candidates.append({"seed": int(r["seed"]), "val_f1": float(r["val_f1"]), "folder": f16, **found})
     best = choose_restart(candidates)
     synthetic_seed = int(meta.training.get("chosen_seed", best["seed"]))
@@ -625,8 +630,7 @@ def select_on_real_data(out: str | os.PathLike[str], data_root: str | os.PathLik
         run_meta.training.update({k: meta.training[k] for k in _RECIPE_KEYS if k in meta.training})
         run_meta.training["chosen_seed"] = best["seed"]
         save_checkpoint(model.half(), run_meta, out)  # the float16 values again: the same bytes
-    summary = [{"seed": c["seed"], "val_f1": c["val_f1"], "threshold": c["threshold"],
-                "glacier_share": c["glacier_share"]} for c in candidates]
+    summary = [{k: c[k] for k in ("seed", "val_f1", "threshold", "glacier_share")} for c in candidates]
     return _write_selection(out, best, restarts=summary, synthetic_seed=synthetic_seed, chosen_seed=best["seed"])
 
 

@@ -205,7 +205,7 @@ def write_metadata(meta: CheckpointMeta, folder: str | os.PathLike[str]) -> Path
     wpath = out / meta.weights_file
     if not wpath.is_file():
         raise ModelError(f"checkpoint {folder} has no {meta.weights_file}: write the weights first (save_checkpoint)")
-    digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    digest = sha256_of(wpath)
     if digest != meta.weights_sha256:
         raise ModelError(f"{wpath} (sha256 {digest[:12]}...) is not the weights this metadata describes "
                          f"({str(meta.weights_sha256)[:12]}...); read the metadata of this folder again")
