@@ -75,7 +75,8 @@ def test_chunked_equals_whole_on_a_cluster(items: list[dict[str, Any]], model_di
 
 
 def test_halo_sizes(items: list[dict[str, Any]], model_dir: Path) -> None:
-    cube = icemap.load(items, bands=["green", "swir16"], chunksize=64)
+    # Read once (persist keeps the dask chunks): every halo below predicts from the same pixels.
+    cube = icemap.load(items, bands=["green", "swir16"], chunksize=64).persist()
     expected = whole_array(cube, model_dir)
     meta = read_metadata(model_dir)
     rf = UNetConfig(**meta.architecture).receptive_field

@@ -302,7 +302,8 @@ def test_reference_blocks_are_released_early(per_time: bool) -> None:
 
 # -- threshold calibration ---------------------------------------------------------------------
 def test_sweep_equals_ice_mask_plus_confusion(sample_region: Any) -> None:
-    ds = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "swir16"], chunksize=64)
+    # Read once (persist keeps the dask chunks): the sweep and every mask compute from the same pixels.
+    ds = icemap.load(search(sample_region.catalog).item_dicts(), bands=["green", "swir16"], chunksize=64).persist()
     with rasterio.open(sample_region.truth(sample_region.dates[0])) as f:
         cls = f.read(1)
     ref = np.where(cls == ICE, 1, 0).astype(np.uint8)

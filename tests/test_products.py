@@ -258,7 +258,8 @@ def test_accessor_delegates_to_the_api(sample_region: Any) -> None:
     import icemap
     from icemap.stac import search
 
-    cube = icemap.load(search(sample_region.catalog).item_dicts(), chunksize=64)
+    # Read once (persist keeps the dask chunks): each side below computes from the same pixels.
+    cube = icemap.load(search(sample_region.catalog).item_dicts(), chunksize=64).persist()
     np.testing.assert_array_equal(cube.icemap.ndsi().values, icemap.ndsi(cube).values)
     ice = cube.icemap.ice_mask(threshold=0.3, guards=["water"])
     np.testing.assert_array_equal(ice.values, icemap.ice_mask(cube, threshold=0.3, guards=["water"]).values)
