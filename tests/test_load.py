@@ -132,6 +132,28 @@ def test_same_day_same_path_is_mosaicked(small_region: Any) -> None:
     np.testing.assert_array_equal(first["reflectance"].values[0][only_a], a[only_a])
 
 
+def test_mosaic_day_costs_few_tasks_beyond_reading_its_scenes(small_region: Any) -> None:
+    """Merging the scenes of a day adds at most ~3 tasks per output chunk to reading them.
+
+    Counted on optimised graphs (as ``compute`` sends them): a two-scene day against its two
+    scenes loaded as separate steps (the same reads, scaling and masking, no merge). Merging by
+    concatenating and rechunking the scenes took 4 tasks per output chunk on top (now 2.6).
+    """
+    import dask
+
+    items = search(small_region.catalog).item_dicts()[:2]  # the day of two scenes
+
+    def tasks(ds: Any) -> int:
+        (opt,) = dask.optimize(ds["reflectance"].data)
+        return len(opt.__dask_graph__())
+
+    merged = icemap.load(items, chunksize=32)
+    separate = icemap.load(items, chunksize=32, mosaic=False)
+    assert merged.sizes["time"] == 1 and separate.sizes["time"] == 2
+    n_chunks = merged["reflectance"].data.npartitions
+    assert tasks(merged) <= tasks(separate) + 3 * n_chunks, (tasks(merged), tasks(separate), n_chunks)
+
+
 @pytest.mark.parametrize("key", ["proj:epsg", "proj:code"])
 def test_items_with_either_projection_key_load(small_region: Any, key: str) -> None:
     # pystac >= 1.12 rewrites proj:epsg to proj:code; stackstac 0.5 reads only proj:epsg.

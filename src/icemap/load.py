@@ -729,14 +729,30 @@ def _mosaic_steps(refl: Any, qa: Any, meta: list[dict[str, Any]], mosaic: bool,
             refl_steps.append(refl[idx[0]])
             qa_steps.append(qa[idx[0]])
             continue
-        both = da.concatenate([refl[idx], qa[idx][:, None].astype(np.float32)], axis=1)
-        both = both.rechunk({0: len(idx), 1: 1})
-        merged = da.map_blocks(
-            kernels.mosaic_first_valid, both.rechunk({1: nb + 1}), nb, drop_axis=0, dtype=np.float32
-        ).rechunk({0: 1})
-        refl_steps.append(merged[:nb])
+        # One task per spatial block takes every band and the QA of every scene of the day
+        # (blockwise contracts the band axis: its blocks arrive concatenated) and returns the
+        # merged bands with QA last. Concatenating and rechunking the scenes first gave the
+        # same pixels through 4 tasks per output chunk on top of the reads (now 2.6); the
+        # sample region's cube (one such day of three) went from 1381 to 1037 tasks.
+        scenes: list[Any] = []
+        for i in idx:
+            scenes += [refl[i], "byx", qa[i], "yx"]
+        merged = da.blockwise(
+            _mosaic_block, "cyx", *scenes, new_axes={"c": nb + 1}, concatenate=True, n_bands=nb,
+            dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+        )
+        refl_steps.append(merged[:nb].rechunk({0: 1}))
         qa_steps.append(merged[nb].astype(np.uint16))
     return da.stack(refl_steps), da.stack(qa_steps), order
+
+
+def _mosaic_block(*blocks: np.ndarray, n_bands: int) -> np.ndarray:
+    """One spatial block of a several-scene day: ``blocks`` are each scene's bands ``(band, y, x)``
+    and QA ``(y, x)``, alternating, in scene order; returns ``(band + 1, y, x)``, QA last, as
+    :func:`icemap.kernels.mosaic_first_valid` merges them (QA is exact in float32: 16 bits)."""
+    stacked = np.stack([np.concatenate([refl, qa[None].astype(np.float32)])
+                        for refl, qa in zip(blocks[::2], blocks[1::2], strict=True)])
+    return kernels.mosaic_first_valid(stacked, n_bands)
 
 
 def _wrap_cube(refl_out: Any, qa_out: Any, order: list[list[int]], meta: list[dict[str, Any]], read: _Read,
