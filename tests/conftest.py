@@ -326,6 +326,13 @@ def _module_name(item: pytest.Item) -> str:
     return item.path.stem
 
 
+def _starts_cluster(item: pytest.Item) -> bool:
+    """A test marked `cluster` itself (not by its module: tests/test_cluster.py's are in-process
+    and quick) starts one; so does one using a module's process cluster."""
+    return any(m.name == "cluster" for m in getattr(item, "own_markers", ())) or bool(
+        PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers by module, and the order pytest-xdist hands modules out in.
@@ -338,10 +345,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = _module_name(item)
         for name in MODULE_MARKERS.get(module, ()):
             item.add_marker(name)
-        # A test marked `cluster` itself (not by its module) starts one; so does one using a
-        # module's process cluster.
-        starts_cluster = any(m.name == "cluster" for m in getattr(item, "own_markers", ())) or bool(
-            PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
+        starts_cluster = _starts_cluster(item)
         measured_slow = f"{module}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS
         if (starts_cluster or measured_slow or any(item.get_closest_marker(m) for m in SLOW_MARKERS)) \
                 and not item.get_closest_marker("slow"):
@@ -402,8 +406,7 @@ def _workers_from_a_forkserver(request: pytest.FixtureRequest) -> Iterator[None]
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         get_mp_context().set_forkserver_preload(FORKSERVER_PRELOAD)
-        if any(item.get_closest_marker("cluster") or PROCESS_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
-               for item in request.session.items):
+        if any(_starts_cluster(item) for item in request.session.items):
             forkserver.ensure_running()  # returns at once; the server imports in the background
         yield
 
